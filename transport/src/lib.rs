@@ -1,0 +1,233 @@
+//! livemig-transport: a zero-copy transport for memory pages and storage chunks.
+//!
+//! Layers (arrows point down):
+//! - [`Transport`]: the one API every backend implements — connect/accept with an
+//!   authenticated handshake, post writes of local scatter-gather lists into the peer's
+//!   exposed regions, post small control messages, poll completions, a bounded window of
+//!   outstanding work requests with selective signaling.
+//! - Backends: [`tcp`] (Ethernet fallback: vectored writes straight from registered memory,
+//!   reads straight into exposed regions) and `verbs` (RDMA WRITE on rdma-core).
+//! - Pure parts, no I/O: [`bitmap`], [`coalesce`] (dirty pages to work requests), [`window`]
+//!   (back-pressure), [`wire`] (frame codec), [`auth`] (challenge-response).
+//!
+//! Ordering contract shared by all backends (it is what RC queue pairs give): a control
+//! message is delivered to the peer only after every write posted before it has been placed
+//! in the peer's memory. Migration engines rely on this to announce "round done".
+
+pub mod auth;
+pub mod bitmap;
+pub mod coalesce;
+pub mod conformance;
+pub mod region;
+pub mod tcp;
+#[cfg(feature = "verbs")]
+pub mod verbs;
+pub mod window;
+pub mod wire;
+
+use std::time::Duration;
+
+pub use bitmap::PageBitmap;
+pub use coalesce::{CoalesceConfig, Coalescer, WorkRequest};
+pub use region::{Access, Backing, Region, RegionError, RegionId, RegionInfo, RegionTable, Registration};
+pub use window::{SendWindow, WindowConfig};
+
+/// Which backend carries a connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum TransportKind {
+    /// TCP sockets.
+    Tcp,
+    /// RDMA verbs (RC queue pairs).
+    Verbs,
+}
+
+impl std::fmt::Display for TransportKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            TransportKind::Tcp => "tcp",
+            TransportKind::Verbs => "verbs",
+        })
+    }
+}
+
+/// A piece of a local registered region, one scatter-gather element.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    /// Byte offset in the local region.
+    pub offset: u64,
+    /// Length in bytes.
+    pub len: u32,
+}
+
+/// One write work request: gather `segments` of local region `local` (in order) and place
+/// them contiguously at `remote_offset` of the peer's exposed region `remote`.
+#[derive(Debug, Clone, Copy)]
+pub struct WriteRequest<'a> {
+    /// Local region the segments refer to.
+    pub local: RegionId,
+    /// The scatter-gather list.
+    pub segments: &'a [Segment],
+    /// Peer region id (from the peer's exposed table).
+    pub remote: RegionId,
+    /// Destination offset in the peer region.
+    pub remote_offset: u64,
+}
+
+impl WriteRequest<'_> {
+    /// Total bytes of the request.
+    pub fn bytes(&self) -> u64 {
+        self.segments.iter().map(|s| s.len as u64).sum()
+    }
+}
+
+/// Counters every backend keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+pub struct TransportStats {
+    /// Write work requests posted.
+    pub writes_posted: u64,
+    /// Write work requests completed.
+    pub writes_completed: u64,
+    /// Payload bytes posted in writes.
+    pub bytes_posted: u64,
+    /// Signaled requests (completions generated).
+    pub signaled: u64,
+    /// Control messages sent.
+    pub messages_sent: u64,
+    /// Control messages received.
+    pub messages_received: u64,
+    /// Payload bytes the peer wrote into our exposed regions.
+    pub bytes_received: u64,
+    /// Times a post had to wait for the window.
+    pub window_stalls: u64,
+}
+
+/// Transport errors shared by all backends.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransportError {
+    /// Socket or device I/O failed.
+    #[error("{op} failed")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The handshake failed (auth, version, regions).
+    #[error("handshake with {peer} failed")]
+    Handshake {
+        /// Peer address.
+        peer: String,
+        /// Why.
+        #[source]
+        source: auth::HandshakeError,
+    },
+    /// The peer sent something the protocol forbids.
+    #[error("peer sent an invalid frame")]
+    Protocol(#[from] wire::DecodeError),
+    /// The peer broke the connection or closed it.
+    #[error("peer disconnected: {0}")]
+    Disconnected(String),
+    /// The peer reported an error and closed.
+    #[error("peer aborted: {0}")]
+    PeerAborted(String),
+    /// A local request names a region or range that is not registered.
+    #[error("local region {region} has no range [{offset}, +{len})")]
+    LocalRange {
+        /// Region id.
+        region: RegionId,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A request names a remote range the peer did not expose for writing.
+    #[error("peer region {region} does not expose [{offset}, +{len}) for writing")]
+    RemoteRange {
+        /// Region id.
+        region: RegionId,
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+    },
+    /// A request exceeds a protocol or device limit.
+    #[error("request too large: {0}")]
+    TooLarge(String),
+    /// Nothing arrived within the time limit.
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, &'static str),
+    /// A work request completed with an error status (verbs).
+    #[error("work request {wr_id} ({opcode}) completed with status {status}: {status_str}")]
+    Completion {
+        /// The failing work request id.
+        wr_id: u64,
+        /// Opcode name.
+        opcode: &'static str,
+        /// Numeric status.
+        status: u32,
+        /// Status string from the provider.
+        status_str: String,
+    },
+    /// A verbs device problem (no device, port down, memlock).
+    #[error("RDMA device: {0}")]
+    Device(String),
+}
+
+/// A completion event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Completion {
+    /// All writes with ids `<= upto` are complete (placed in the peer's memory).
+    pub upto: u64,
+}
+
+/// The transport API. One connected endpoint; both ends may write and message.
+pub trait Transport: Send {
+    /// Which backend this is.
+    fn kind(&self) -> TransportKind;
+
+    /// The regions the peer exposed (from the handshake).
+    fn peer_regions(&self) -> &[RegionInfo];
+
+    /// Posts write work requests in order. Returns the id of the last one (ids increase by
+    /// one per request from 1). Blocks for back-pressure while the window is full.
+    fn post_writes(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError>;
+
+    /// Sends a small control message, ordered after all writes posted before it.
+    fn send_message(&mut self, msg: &[u8]) -> Result<(), TransportError>;
+
+    /// Receives the next control message; `None` on timeout.
+    fn recv_message(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, TransportError>;
+
+    /// Drains available completions without blocking; returns the highest completed id.
+    fn poll_completions(&mut self) -> Result<u64, TransportError>;
+
+    /// Waits until every posted write has completed.
+    fn flush(&mut self) -> Result<(), TransportError>;
+
+    /// Counters.
+    fn stats(&self) -> TransportStats;
+
+    /// Local registration cache (regions that may be sent from or are exposed).
+    fn regions(&self) -> &RegionTable;
+}
+
+/// Checks a write request against the peer's exposed table (shared by backends).
+pub fn check_remote(
+    peer: &[RegionInfo],
+    remote: RegionId,
+    offset: u64,
+    len: u64,
+) -> Result<&RegionInfo, TransportError> {
+    let r = peer
+        .iter()
+        .find(|r| r.id == remote)
+        .filter(|r| r.access.remote_write)
+        .ok_or(TransportError::RemoteRange { region: remote, offset, len })?;
+    match offset.checked_add(len) {
+        Some(end) if end <= r.len => Ok(r),
+        _ => Err(TransportError::RemoteRange { region: remote, offset, len }),
+    }
+}
+pub use tcp::{TcpConfig, TcpListener, TcpTransport};
