@@ -165,8 +165,8 @@ impl Coalescer {
         let mut cur = offset;
         while cur < max_end_bytes && (segments.len() as u32) < self.cfg.max_sges {
             let mut seg_end = max_end_bytes;
-            if self.cfg.sge_boundary != 0 {
-                seg_end = seg_end.min((cur / self.cfg.sge_boundary + 1) * self.cfg.sge_boundary);
+            if let Some(chunk) = cur.checked_div(self.cfg.sge_boundary) {
+                seg_end = seg_end.min((chunk + 1) * self.cfg.sge_boundary);
             }
             if self.cfg.max_sge_bytes != 0 {
                 seg_end = seg_end.min(cur + self.cfg.max_sge_bytes);

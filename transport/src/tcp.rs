@@ -415,10 +415,12 @@ impl TcpTransport {
     fn send_frame(&mut self, stream: usize, head: &[u8], wrs: &[WriteRequest<'_>]) -> Result<(), TransportError> {
         let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(1 + wrs.len());
         iov.push(IoSlice::new(head));
-        let mut keep = Vec::new();
+        let mut keep: Vec<Arc<crate::Region>> = Vec::new();
         for w in wrs {
-            let r =
-                self.regions.get(w.local).ok_or(TransportError::LocalRange { region: w.local, offset: 0, len: 0 })?;
+            let r = match keep.last() {
+                Some(r) if r.id() == w.local => r.clone(),
+                _ => self.regions.get(w.local).ok_or(TransportError::LocalRange { region: w.local, offset: 0, len: 0 })?,
+            };
             for s in w.segments {
                 // SAFETY: the segment was bounds-checked against this region in post_writes;
                 // the region is kept alive by `keep` until the write returns. The bytes are
@@ -637,9 +639,19 @@ impl Transport for TcpTransport {
     fn post_writes(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError> {
         self.check_ended()?;
         // Validate everything before sending anything.
+        let mut cached: Option<Arc<crate::Region>> = None;
         for w in wrs {
-            let r =
-                self.regions.get(w.local).ok_or(TransportError::LocalRange { region: w.local, offset: 0, len: 0 })?;
+            let r = match &cached {
+                Some(r) if r.id() == w.local => r.clone(),
+                _ => {
+                    let r = self
+                        .regions
+                        .get(w.local)
+                        .ok_or(TransportError::LocalRange { region: w.local, offset: 0, len: 0 })?;
+                    cached = Some(r.clone());
+                    r
+                }
+            };
             for s in w.segments {
                 if !r.contains(s.offset, s.len as u64) {
                     return Err(TransportError::LocalRange { region: w.local, offset: s.offset, len: s.len as u64 });

@@ -1110,6 +1110,11 @@ pub struct SendBatch {
     first_sge: Vec<usize>,
 }
 
+// SAFETY: the raw pointers inside the stored WRs (`next`, `sg_list`) are only written and
+// followed inside `QueuePair::post_send`, which recomputes them from the vectors first; moving
+// the batch to another thread moves the vectors they point into along with it.
+unsafe impl Send for SendBatch {}
+
 impl std::fmt::Debug for SendBatch {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SendBatch").field("wrs", &self.wrs.len()).field("sges", &self.sges.len()).finish()
@@ -1156,10 +1161,10 @@ impl SendBatch {
         wr.num_sge = sges.len() as c_int;
         let mut flags = fl(0);
         if signaled {
-            flags = flags | fl::IBV_SEND_SIGNALED;
+            flags |= fl::IBV_SEND_SIGNALED;
         }
         if inline {
-            flags = flags | fl::IBV_SEND_INLINE;
+            flags |= fl::IBV_SEND_INLINE;
         }
         wr.send_flags = flags.0;
         match op {

@@ -1,0 +1,518 @@
+//! `livemig bench pages` / `livemig bench chunks`.
+
+use std::io::IsTerminal;
+use std::num::{NonZeroU32, NonZeroU8, NonZeroUsize};
+use std::process::{Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use livemig_engine::connect::{self, Listener, TransportChoice, TransportOptions};
+use livemig_transport::auth::Secret;
+use livemig_transport::{
+    Access, CoalesceConfig, Coalescer, PageBitmap, Region, RegionTable, TcpConfig, Transport, WindowConfig,
+    WriteRequest,
+};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+
+/// Which pages are dirty.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pattern {
+    /// Every page.
+    Seq,
+    /// Each page with probability 1/2 (seeded).
+    Random,
+    /// Runs of N dirty pages separated by N clean pages.
+    Runs(usize),
+}
+
+impl std::str::FromStr for Pattern {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "seq" => Ok(Pattern::Seq),
+            "random" => Ok(Pattern::Random),
+            _ => match s.strip_prefix("runs:").map(str::parse::<usize>) {
+                Some(Ok(n)) if n > 0 => Ok(Pattern::Runs(n)),
+                _ => Err(format!("unknown pattern {s:?}: use seq, random or runs:N")),
+            },
+        }
+    }
+}
+
+impl std::fmt::Display for Pattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Pattern::Seq => f.write_str("seq"),
+            Pattern::Random => f.write_str("random"),
+            Pattern::Runs(n) => write!(f, "runs:{n}"),
+        }
+    }
+}
+
+/// Parses sizes like `256M`, `4K`, `1G`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let (num, mul) = match s.chars().last() {
+        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.trim_end_matches(['i', 'I', 'B', 'b']).parse().map_err(|_| format!("bad size {s:?}"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+/// Options of `livemig bench pages|chunks`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct BenchArgs {
+    /// Listen on ADDR and serve as the destination.
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["connect", "loopback"])]
+    pub listen: Option<String>,
+    /// Connect to ADDR and send.
+    #[arg(long, value_name = "ADDR", conflicts_with = "loopback")]
+    pub connect: Option<String>,
+    /// Run both ends on this machine (the destination in a child process).
+    #[arg(long)]
+    pub loopback: bool,
+    /// tcp, verbs or auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportChoice,
+    /// Region size (both ends must agree).
+    #[arg(long, value_parser = parse_size)]
+    pub size: Option<u64>,
+    /// Page size (chunk size for `chunks`).
+    #[arg(long, value_parser = parse_size)]
+    pub page_size: Option<u64>,
+    /// Dirty pattern: seq, random, runs:N.
+    #[arg(long, default_value = "random")]
+    pub pattern: Pattern,
+    /// Maximum outstanding work requests.
+    #[arg(long, default_value_t = 2048)]
+    pub window: usize,
+    /// Parallel TCP streams.
+    #[arg(long, default_value_t = 1)]
+    pub streams: u8,
+    /// Seconds to keep sending.
+    #[arg(long, default_value_t = 5.0)]
+    pub duration: f64,
+    /// Maximum bytes merged into one work request (QEMU: 2 MiB).
+    #[arg(long, value_parser = parse_size, default_value = "2M")]
+    pub max_write: u64,
+    /// Send every page as its own work request (the baseline for the coalescing ratio).
+    #[arg(long)]
+    pub no_coalesce: bool,
+    /// Signal one completion per N work requests.
+    #[arg(long, default_value_t = 16)]
+    pub signal_every: u32,
+    /// Socket buffer bytes (default: kernel autotuning).
+    #[arg(long, value_parser = parse_size)]
+    pub sock_buf: Option<u64>,
+    /// Shared-secret file (else $LIVEMIG_SECRET; --loopback makes a random one).
+    #[arg(long)]
+    pub secret_file: Option<std::path::PathBuf>,
+    /// Machine-readable output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// What the sender measured.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// pages or chunks.
+    pub kind: &'static str,
+    /// Backend used.
+    pub transport: String,
+    /// Why it was chosen.
+    pub transport_note: String,
+    /// Region bytes.
+    pub region_bytes: u64,
+    /// Page (chunk) size.
+    pub page_size: u64,
+    /// Pattern.
+    pub pattern: String,
+    /// Dirty pages per pass.
+    pub dirty_pages: u64,
+    /// Full passes sent.
+    pub passes: u64,
+    /// Seconds from first post to last completion.
+    pub seconds: f64,
+    /// Payload bytes moved.
+    pub bytes: u64,
+    /// GB/s (10^9 bytes).
+    pub gbytes_per_s: f64,
+    /// Gbit/s.
+    pub gbits_per_s: f64,
+    /// Pages per second.
+    pub pages_per_s: f64,
+    /// Work requests posted.
+    pub work_requests: u64,
+    /// Pages per work request.
+    pub coalescing_ratio: f64,
+    /// Sender CPU seconds (user+system) during the transfer.
+    pub sender_cpu_s: f64,
+    /// Receiver CPU seconds during the transfer (as reported by it).
+    pub receiver_cpu_s: f64,
+    /// Times posting waited for the window.
+    pub window_stalls: u64,
+    /// Single-thread memcpy of the same bytes on this host, GB/s (a ceiling).
+    pub memcpy_gbytes_per_s: f64,
+    /// Destination checksum equals the source's.
+    pub checksum_match: bool,
+    /// The checksum (SHA-256 of the whole region).
+    pub checksum: String,
+}
+
+fn cpu_seconds() -> f64 {
+    // SAFETY: getrusage writes into the zeroed struct we pass; RUSAGE_SELF is always valid.
+    let ru = unsafe {
+        let mut ru: libc::rusage = std::mem::zeroed();
+        libc::getrusage(libc::RUSAGE_SELF, &mut ru);
+        ru
+    };
+    let tv = |t: libc::timeval| t.tv_sec as f64 + t.tv_usec as f64 / 1e6;
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn region_checksum(r: &Region) -> String {
+    // SAFETY: called when the transfer is over: no one writes the region.
+    let bytes = unsafe { r.as_slice() };
+    let mut h = Sha256::new();
+    for c in bytes.chunks(1 << 20) {
+        h.update(c);
+    }
+    h.finalize().iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn bitmap_for(pattern: Pattern, pages: usize) -> PageBitmap {
+    let mut bm = PageBitmap::new(pages);
+    match pattern {
+        Pattern::Seq => bm.set_range(0, pages),
+        Pattern::Random => {
+            use rand::{Rng, SeedableRng};
+            let mut rng = rand::rngs::StdRng::seed_from_u64(0x5eed);
+            for p in 0..pages {
+                if rng.gen_bool(0.5) {
+                    bm.set(p);
+                }
+            }
+        }
+        Pattern::Runs(n) => {
+            let mut p = 0;
+            while p < pages {
+                bm.set_range(p, n);
+                p += 2 * n;
+            }
+        }
+    }
+    bm
+}
+
+fn memcpy_gbps(r: &Region, bytes: u64) -> f64 {
+    let len = (r.len() as usize).min(bytes.max(1 << 20) as usize);
+    let mut dst = vec![0u8; len];
+    // SAFETY: the region is idle (called before and after the transfer only).
+    let src = unsafe { &r.as_slice()[..len] };
+    dst.copy_from_slice(src); // warm-up: fault the destination in
+    let t = Instant::now();
+    let mut n = 0u64;
+    while t.elapsed() < Duration::from_millis(300) {
+        dst.copy_from_slice(src);
+        n += len as u64;
+    }
+    std::hint::black_box(&dst);
+    n as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// Defaults that differ between `pages` and `chunks`.
+#[derive(Debug, Clone, Copy)]
+pub struct Kind {
+    /// "pages" or "chunks".
+    pub name: &'static str,
+    /// Default region size.
+    pub size: u64,
+    /// Default page/chunk size.
+    pub page_size: u64,
+}
+
+/// Page benchmark defaults.
+pub const PAGES: Kind = Kind { name: "pages", size: 256 << 20, page_size: 4096 };
+/// Chunk benchmark defaults (storage chunks of 1 MiB in a file-backed region).
+pub const CHUNKS: Kind = Kind { name: "chunks", size: 1 << 30, page_size: 1 << 20 };
+
+fn options(a: &BenchArgs) -> Result<TransportOptions> {
+    let window = WindowConfig {
+        max_wrs: NonZeroUsize::new(a.window).context("--window must be at least 1")?,
+        max_bytes: 256 << 20,
+        signal_every: NonZeroU32::new(a.signal_every).context("--signal-every must be at least 1")?,
+    };
+    let tcp = TcpConfig {
+        streams: NonZeroU8::new(a.streams).context("--streams must be at least 1")?,
+        window,
+        socket_buffer: a.sock_buf.map(|b| b as usize),
+        ..Default::default()
+    };
+    Ok(TransportOptions { choice: a.transport, io_timeout: tcp.io_timeout, tcp })
+}
+
+fn make_region(kind: Kind, id: u32, len: u64, ps: u32, access: Access) -> Result<Arc<Region>> {
+    let r = if kind.name == "chunks" {
+        // Storage chunks: a real file (an image) mapped shared, unlinked right away.
+        let dir = std::env::temp_dir();
+        let path = dir.join(format!("livemig-bench-{}-{id}.img", std::process::id()));
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(&path)
+            .with_context(|| format!("creating {}", path.display()))?;
+        let _ = std::fs::remove_file(&path);
+        Region::file(id, f, len, ps, access)?
+    } else {
+        Region::anonymous(id, len, ps, access)?
+    };
+    Ok(Arc::new(r))
+}
+
+fn secret(a: &BenchArgs) -> Result<Secret> {
+    Secret::load(a.secret_file.as_deref()).context("loading the shared secret")
+}
+
+/// Entry point of `livemig bench pages|chunks`.
+pub fn run(kind: Kind, a: &BenchArgs) -> Result<()> {
+    let size = a.size.unwrap_or(kind.size);
+    let ps = a.page_size.unwrap_or(kind.page_size);
+    if !(ps as u32).is_power_of_two() || ps > u32::MAX as u64 || size % ps != 0 || size == 0 {
+        bail!("--size {size} must be a positive multiple of --page-size {ps}, a power of two");
+    }
+    let (tkind, note) = connect::resolve(a.transport);
+    let opts = options(a)?;
+    if let Some(addr) = &a.listen {
+        let r = make_region(kind, 2, size, ps as u32, Access::REMOTE_WRITE)?;
+        let table = RegionTable::new();
+        let _reg = table.register(r.clone())?;
+        let l = Listener::bind(tkind, addr)?;
+        // The bound address on stdout lets a parent (--loopback) or a script find us.
+        println!("listening {} {}", l.local_addr()?, tkind);
+        eprintln!("{note}");
+        let mut t = l.accept(&opts, &secret(a)?, &table)?;
+        return serve(t.as_mut(), &r);
+    }
+    let (addr, child) = if a.loopback {
+        let (addr, child) = spawn_listener(kind, a, size, ps)?;
+        (addr, Some(child))
+    } else if let Some(c) = &a.connect {
+        (c.clone(), None)
+    } else {
+        bail!("give --listen ADDR, --connect ADDR or --loopback");
+    };
+    let report = send(kind, a, &opts, tkind, note, &addr, size, ps)?;
+    if let Some(mut c) = child {
+        let st = c.wait()?;
+        if !st.success() {
+            bail!("the destination process failed: {st}");
+        }
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print_report(&report);
+    }
+    if !report.checksum_match {
+        bail!("checksum mismatch: the destination differs from the source");
+    }
+    Ok(())
+}
+
+fn spawn_listener(kind: Kind, a: &BenchArgs, size: u64, ps: u64) -> Result<(String, std::process::Child)> {
+    // One random secret for both ends of this run, handed to the child in its environment.
+    let secret_hex = random_hex();
+    std::env::set_var(livemig_transport::auth::SECRET_ENV, &secret_hex);
+    let exe = std::env::current_exe()?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["bench", kind.name, "--listen", "127.0.0.1:0", "--size", &size.to_string()])
+        .args(["--page-size", &ps.to_string(), "--transport", transport_arg(a.transport)])
+        .args(["--streams", &a.streams.to_string(), "--window", &a.window.to_string()])
+        .env(livemig_transport::auth::SECRET_ENV, &secret_hex)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit());
+    if let Some(b) = a.sock_buf {
+        cmd.args(["--sock-buf", &b.to_string()]);
+    }
+    let mut child = cmd.spawn().context("starting the destination process")?;
+    let out = child.stdout.take().context("child stdout")?;
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
+    let addr = line.split_whitespace().nth(1).context("the destination did not report its address")?.to_string();
+    Ok((addr, child))
+}
+
+fn random_hex() -> String {
+    use rand::RngCore;
+    let mut b = [0u8; 24];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn transport_arg(c: TransportChoice) -> &'static str {
+    match c {
+        TransportChoice::Tcp => "tcp",
+        TransportChoice::Verbs => "verbs",
+        TransportChoice::Auto => "auto",
+    }
+}
+
+/// Destination side: wait for CHECK, compare checksums, answer.
+fn serve(t: &mut dyn Transport, r: &Region) -> Result<()> {
+    let cpu0 = cpu_seconds();
+    loop {
+        let m = t.recv_message(None)?.context("the sender went away")?;
+        let text = String::from_utf8_lossy(&m).to_string();
+        if let Some(theirs) = text.strip_prefix("CHECK ") {
+            let ours = region_checksum(r);
+            let verdict = if ours == theirs { "OK" } else { "MISMATCH" };
+            let cpu = cpu_seconds() - cpu0;
+            t.send_message(format!("{verdict} {ours} {cpu:.3}").as_bytes())?;
+            // wait for the sender to close
+            let _ = t.recv_message(Some(Duration::from_secs(10)));
+            if verdict != "OK" {
+                bail!("checksum mismatch: source {theirs}, destination {ours}");
+            }
+            return Ok(());
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn send(
+    kind: Kind,
+    a: &BenchArgs,
+    opts: &TransportOptions,
+    tkind: livemig_transport::TransportKind,
+    note: String,
+    addr: &str,
+    size: u64,
+    ps: u64,
+) -> Result<BenchReport> {
+    let r = make_region(kind, 1, size, ps as u32, Access::LOCAL)?;
+    let table = RegionTable::new();
+    let _reg = table.register(r.clone())?;
+    let bm = bitmap_for(a.pattern, r.pages());
+    livemig_transport::conformance::fill_pages(&r, &bm, 0xfeed);
+    let cfg = if a.no_coalesce {
+        CoalesceConfig::per_page(ps as u32)
+    } else {
+        CoalesceConfig { page_size: ps as u32, max_write_bytes: a.max_write.max(ps), max_sges: 16, ..Default::default() }
+    };
+    let co = Coalescer::new(cfg)?;
+    let mut wrs = Vec::new();
+    let cst = co.coalesce(&bm, &mut wrs);
+    let reqs: Vec<WriteRequest<'_>> =
+        wrs.iter().map(|w| WriteRequest { local: 1, segments: &w.segments, remote: 2, remote_offset: w.offset }).collect();
+    let memcpy = memcpy_gbps(&r, cst.pages * ps);
+    if !a.json {
+        eprintln!("{note}");
+    }
+    let mut t = connect::connect(tkind, addr, opts, &secret(a)?, &table)?;
+    let pb = if a.json || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new((a.duration * 10.0) as u64)
+    };
+    pb.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} sending {msg} [{bar:30}] {elapsed}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let cpu0 = cpu_seconds();
+    let start = Instant::now();
+    let dur = Duration::from_secs_f64(a.duration.max(0.0));
+    let mut passes = 0u64;
+    loop {
+        for chunk in reqs.chunks(512) {
+            t.post_writes(chunk)?;
+        }
+        passes += 1;
+        let el = start.elapsed();
+        pb.set_position((el.as_secs_f64() * 10.0) as u64);
+        pb.set_message(format!(
+            "{:.2} GB/s",
+            (passes * cst.pages * ps) as f64 / el.as_secs_f64().max(1e-9) / 1e9
+        ));
+        if el >= dur {
+            break;
+        }
+    }
+    t.flush()?;
+    let secs = start.elapsed().as_secs_f64();
+    let cpu = cpu_seconds() - cpu0;
+    pb.finish_and_clear();
+    let stats = t.stats();
+    let sum = region_checksum(&r);
+    t.send_message(format!("CHECK {sum}").as_bytes())?;
+    let reply = t.recv_message(Some(Duration::from_secs(120)))?.context("no checksum verdict from the destination")?;
+    let reply = String::from_utf8_lossy(&reply).to_string();
+    let mut it = reply.split_whitespace();
+    let verdict = it.next().unwrap_or("");
+    let _their_sum = it.next();
+    let rcpu: f64 = it.next().and_then(|c| c.parse().ok()).unwrap_or(f64::NAN);
+    let bytes = passes * cst.pages * ps;
+    Ok(BenchReport {
+        kind: kind.name,
+        transport: tkind.to_string(),
+        transport_note: note,
+        region_bytes: size,
+        page_size: ps,
+        pattern: a.pattern.to_string(),
+        dirty_pages: cst.pages,
+        passes,
+        seconds: secs,
+        bytes,
+        gbytes_per_s: bytes as f64 / secs / 1e9,
+        gbits_per_s: bytes as f64 * 8.0 / secs / 1e9,
+        pages_per_s: (passes * cst.pages) as f64 / secs,
+        work_requests: stats.writes_posted,
+        coalescing_ratio: cst.ratio(),
+        sender_cpu_s: cpu,
+        receiver_cpu_s: rcpu,
+        window_stalls: stats.window_stalls,
+        memcpy_gbytes_per_s: memcpy,
+        checksum_match: verdict == "OK",
+        checksum: sum,
+    })
+}
+
+fn print_report(r: &BenchReport) {
+    println!("livemig bench {} — {} ({})", r.kind, r.transport, r.transport_note);
+    println!(
+        "  region {} MiB, {} B {}, pattern {}, {} dirty per pass, {} passes in {:.2} s",
+        r.region_bytes >> 20,
+        r.page_size,
+        if r.kind == "chunks" { "chunks" } else { "pages" },
+        r.pattern,
+        r.dirty_pages,
+        r.passes,
+        r.seconds
+    );
+    println!(
+        "  throughput {:.3} GB/s = {:.2} Gb/s, {:.0} {}/s",
+        r.gbytes_per_s, r.gbits_per_s, r.pages_per_s, r.kind
+    );
+    println!(
+        "  work requests {}, coalescing {:.2} {} per request, window stalls {}",
+        r.work_requests, r.coalescing_ratio, r.kind, r.window_stalls
+    );
+    println!(
+        "  CPU: sender {:.2} s ({:.0}%), receiver {:.2} s ({:.0}%)",
+        r.sender_cpu_s,
+        100.0 * r.sender_cpu_s / r.seconds,
+        r.receiver_cpu_s,
+        100.0 * r.receiver_cpu_s / r.seconds
+    );
+    println!("  memcpy ceiling (1 thread): {:.2} GB/s", r.memcpy_gbytes_per_s);
+    println!(
+        "  checksum {} ({})",
+        &r.checksum[..16],
+        if r.checksum_match { "destination matches source" } else { "MISMATCH" }
+    );
+}

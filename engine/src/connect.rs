@@ -1,0 +1,123 @@
+//! Choosing and connecting a transport backend (`--transport tcp|verbs|auto`).
+
+use std::time::Duration;
+
+use livemig_transport::auth::Secret;
+use livemig_transport::{RegionTable, TcpConfig, TcpListener, TcpTransport, Transport, TransportError, TransportKind};
+
+/// The `--transport` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum TransportChoice {
+    /// TCP sockets.
+    Tcp,
+    /// RDMA verbs (RC queue pairs).
+    Verbs,
+    /// Verbs when an active RDMA device exists, TCP otherwise.
+    Auto,
+}
+
+/// Backend settings shared by both ends.
+#[derive(Debug, Clone)]
+pub struct TransportOptions {
+    /// Requested backend.
+    pub choice: TransportChoice,
+    /// TCP settings (window, streams, socket buffers).
+    pub tcp: TcpConfig,
+    /// How long a silent peer is tolerated.
+    pub io_timeout: Duration,
+}
+
+/// Resolves `auto`; returns the backend and a sentence explaining the choice.
+pub fn resolve(choice: TransportChoice) -> (TransportKind, String) {
+    match choice {
+        TransportChoice::Tcp => (TransportKind::Tcp, "transport: tcp (requested)".into()),
+        TransportChoice::Verbs => (TransportKind::Verbs, "transport: verbs (requested)".into()),
+        TransportChoice::Auto => {
+            if verbs_available() {
+                (TransportKind::Verbs, "transport: verbs (auto: an active RDMA device was found)".into())
+            } else {
+                (TransportKind::Tcp, "transport: tcp (auto: no active RDMA device on this host)".into())
+            }
+        }
+    }
+}
+
+#[cfg(feature = "verbs")]
+fn verbs_available() -> bool {
+    livemig_transport::verbs::active_device_present()
+}
+#[cfg(not(feature = "verbs"))]
+fn verbs_available() -> bool {
+    false
+}
+
+/// A listening endpoint of either backend.
+#[derive(Debug)]
+pub enum Listener {
+    /// TCP.
+    Tcp(TcpListener),
+    /// Verbs (out-of-band TCP listener for the QP exchange).
+    #[cfg(feature = "verbs")]
+    Verbs(livemig_transport::verbs::VerbsListener),
+}
+
+impl Listener {
+    /// Binds `addr` for `kind`.
+    pub fn bind(kind: TransportKind, addr: &str) -> Result<Listener, TransportError> {
+        match kind {
+            TransportKind::Tcp => Ok(Listener::Tcp(TcpListener::bind(addr)?)),
+            #[cfg(feature = "verbs")]
+            TransportKind::Verbs => Ok(Listener::Verbs(livemig_transport::verbs::VerbsListener::bind(addr)?)),
+            #[cfg(not(feature = "verbs"))]
+            TransportKind::Verbs => Err(TransportError::Device("this build has no verbs support".into())),
+        }
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<std::net::SocketAddr, TransportError> {
+        match self {
+            Listener::Tcp(l) => l.local_addr(),
+            #[cfg(feature = "verbs")]
+            Listener::Verbs(l) => l.local_addr(),
+        }
+    }
+
+    /// Accepts one authenticated session exposing `regions`.
+    pub fn accept(
+        &self,
+        opts: &TransportOptions,
+        secret: &Secret,
+        regions: &RegionTable,
+    ) -> Result<Box<dyn Transport>, TransportError> {
+        match self {
+            Listener::Tcp(l) => Ok(Box::new(l.accept(&opts.tcp, secret, regions)?)),
+            #[cfg(feature = "verbs")]
+            Listener::Verbs(l) => Ok(Box::new(l.accept(&verbs_config(opts), secret, regions)?)),
+        }
+    }
+}
+
+#[cfg(feature = "verbs")]
+fn verbs_config(opts: &TransportOptions) -> livemig_transport::verbs::VerbsConfig {
+    livemig_transport::verbs::VerbsConfig { window: opts.tcp.window, ..Default::default() }
+}
+
+/// Connects to `addr` with `kind`.
+pub fn connect(
+    kind: TransportKind,
+    addr: &str,
+    opts: &TransportOptions,
+    secret: &Secret,
+    regions: &RegionTable,
+) -> Result<Box<dyn Transport>, TransportError> {
+    match kind {
+        TransportKind::Tcp => Ok(Box::new(TcpTransport::connect(addr, &opts.tcp, secret, regions)?)),
+        #[cfg(feature = "verbs")]
+        TransportKind::Verbs => {
+            Ok(Box::new(livemig_transport::verbs::VerbsTransport::connect(addr, &verbs_config(opts), secret, regions)?))
+        }
+        #[cfg(not(feature = "verbs"))]
+        TransportKind::Verbs => Err(TransportError::Device("this build has no verbs support".into())),
+    }
+}

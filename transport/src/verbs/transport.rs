@@ -1,0 +1,1170 @@
+//! [`VerbsTransport`]: the [`Transport`] implementation on one RC queue pair, and
+//! [`VerbsListener`] for the accepting side. See the module doc of [`super`] for the design.
+
+use std::collections::VecDeque;
+use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{fence, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::device::{
+    self, status, CompletionChannel, CompletionQueue, Context, Endpoint, MemoryRegion, MrAccess, PreparedQueuePair,
+    ProtectionDomain, QpCaps, QueuePair, SendBatch, SendOp, Sge, VerbsError, WorkCompletion,
+};
+use super::registration::MrCache;
+use super::{error_chain, CompletionMode, VerbsConfig};
+use crate::auth::{self, HandshakeError, HandshakeParams, Secret};
+use crate::region::{Access, Region, RegionInfo, RegionTable};
+use crate::wire::{self, close_code, DecodeError, Frame, FrameType, Role, VerbsInfo};
+use crate::window::SendWindow;
+use crate::{
+    check_remote, CoalesceConfig, Transport, TransportError, TransportKind, TransportStats, WriteRequest,
+};
+
+/// In-band message header length.
+const MSG_HEADER: usize = 16;
+/// In-band header kind: a control-message fragment.
+const KIND_MSG: u8 = 1;
+/// In-band header flag: more fragments follow.
+const FLAG_MORE: u8 = 1;
+/// Magic of the setup blob exchanged in a MSG frame over TCP.
+const SETUP_MAGIC: [u8; 4] = *b"LMVB";
+/// Setup blob: magic [4] | version u8 | 0 [3] | credit_addr u64 | credit_rkey u32 | recv_buf u32.
+const SETUP_LEN: usize = 24;
+/// Offset of the credit word (the peer writes our consumed count here) in the control page.
+const CREDIT_WORD: u64 = 0;
+/// Offset of the local source of a non-inline credit return in the control page.
+const CREDIT_SRC: u64 = 64;
+/// Most receive credits a peer may grant (bounds our bookkeeping against a hostile VERBS).
+const MAX_PEER_CREDITS: u32 = 1 << 16;
+/// Longest chain handed to one ibv_post_send.
+const MAX_CHAIN: usize = 64;
+/// Busy-poll mode: how often the TCP socket is checked for the peer's EOF.
+const PEER_CHECK_EVERY: Duration = Duration::from_millis(5);
+/// Longest single sleep in event mode (so the TCP socket and deadlines are rechecked).
+const MAX_SLEEP: Duration = Duration::from_millis(50);
+/// Bound on the drain of outstanding sends in `Drop`.
+const DROP_DRAIN: Duration = Duration::from_secs(5);
+
+fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
+    move |source| TransportError::Io { op, source }
+}
+
+fn verbs_err(e: VerbsError) -> TransportError {
+    match e {
+        VerbsError::Verb { op, source } => TransportError::Io { op, source },
+        other => TransportError::Device(error_chain(&other)),
+    }
+}
+
+/// Why the connection is unusable (sticky). Kept as data so every later call can report it.
+#[derive(Debug, Clone)]
+enum Broken {
+    Completion { wr_id: u64, opcode: &'static str, status: u32, status_str: String },
+    Disconnected(String),
+    Aborted(String),
+    Protocol(DecodeError),
+    Fatal(String),
+}
+
+impl Broken {
+    fn error(&self) -> TransportError {
+        match self {
+            Broken::Completion { wr_id, opcode, status, status_str } => TransportError::Completion {
+                wr_id: *wr_id,
+                opcode,
+                status: *status,
+                status_str: status_str.clone(),
+            },
+            Broken::Disconnected(s) => TransportError::Disconnected(s.clone()),
+            Broken::Aborted(s) => TransportError::PeerAborted(s.clone()),
+            Broken::Protocol(d) => TransportError::Protocol(d.clone()),
+            Broken::Fatal(s) => TransportError::Device(s.clone()),
+        }
+    }
+}
+
+/// A registered buffer cut into equal slots (receive ring, send ring, control page).
+#[derive(Debug)]
+struct Ring {
+    mr: MemoryRegion,
+    slot: u32,
+    count: u32,
+}
+
+impl Ring {
+    fn new(pd: &Arc<ProtectionDomain>, count: u32, slot: u32, access: MrAccess) -> Result<Ring, TransportError> {
+        let bytes = (count as u64 * slot as u64).div_ceil(4096).max(1) * 4096;
+        // Not in any RegionTable: private to the transport. The id is unused.
+        let mem = Region::anonymous(u32::MAX, bytes, 4096, Access::LOCAL)
+            .map_err(|e| TransportError::Device(format!("allocating a {bytes}-byte buffer ring: {}", error_chain(&e))))?;
+        let mr = MemoryRegion::register(pd, Arc::new(mem), 0, bytes, access).map_err(verbs_err)?;
+        Ok(Ring { mr, slot, count })
+    }
+    fn addr(&self, i: u32) -> u64 {
+        debug_assert!(i < self.count);
+        self.mr.addr() + i as u64 * self.slot as u64
+    }
+    fn ptr(&self, i: u32) -> *mut u8 {
+        debug_assert!(i < self.count);
+        // SAFETY: slot `i < count` lies inside the mapping (sized count × slot, rounded up).
+        unsafe { self.mr.region().as_ptr().add(i as usize * self.slot as usize) }
+    }
+    fn bytes(&self) -> u64 {
+        self.mr.len()
+    }
+}
+
+/// What a send-queue entry was, for completion bookkeeping and error reports.
+#[derive(Debug, Clone, Copy)]
+enum SqKind {
+    Write { id: u64 },
+    Msg { slot: Option<u32> },
+    Credit,
+    Flush,
+}
+
+impl SqKind {
+    fn opcode(&self) -> &'static str {
+        match self {
+            SqKind::Write { .. } => "RDMA_WRITE",
+            SqKind::Msg { .. } => "SEND",
+            SqKind::Credit => "RDMA_WRITE (credit return)",
+            SqKind::Flush => "RDMA_WRITE (flush marker)",
+        }
+    }
+}
+
+/// Send-queue occupancy. Every WR gets a sequence number as its wr_id; completions are
+/// cumulative, so a signaled completion of `seq` retires every entry `<= seq`.
+#[derive(Debug)]
+struct SendQueue {
+    depth: u64,
+    next: u64,
+    completed: u64,
+    last_signaled: u64,
+    last_write_seq: u64,
+    entries: VecDeque<(u64, SqKind)>,
+    free_slots: Vec<u32>,
+}
+
+impl SendQueue {
+    fn outstanding(&self) -> u64 {
+        self.next - 1 - self.completed
+    }
+    fn has_room(&self, n: u64) -> bool {
+        self.outstanding() + n <= self.depth
+    }
+    /// Signal at least every half queue, so a full queue always has a completion coming.
+    fn must_signal(&self) -> bool {
+        self.next - self.last_signaled >= (self.depth / 2).max(1)
+    }
+    fn push(&mut self, kind: SqKind, signaled: bool) -> u64 {
+        let seq = self.next;
+        self.next += 1;
+        if signaled {
+            self.last_signaled = seq;
+        }
+        if let SqKind::Write { .. } = kind {
+            self.last_write_seq = seq;
+        }
+        self.entries.push_back((seq, kind));
+        seq
+    }
+    fn kind_of(&self, seq: u64) -> Option<SqKind> {
+        self.entries.iter().find(|(s, _)| *s == seq).map(|(_, k)| *k)
+    }
+}
+
+/// Receive-side state.
+#[derive(Debug, Default)]
+struct RecvState {
+    /// Completed receives not yet consumed: (slot, byte_len).
+    arrived: VecDeque<(u32, u32)>,
+    /// Fragments of a message being reassembled.
+    partial: Vec<u8>,
+    /// Receive buffers consumed and re-posted (what the credit word tells the peer).
+    consumed: u64,
+    /// Last consumed count written to the peer.
+    reported: u64,
+}
+
+/// The peer's side of the credit scheme.
+#[derive(Debug)]
+struct PeerInfo {
+    credits: u32,
+    recv_buf: u32,
+    credit_addr: u64,
+    credit_rkey: u32,
+}
+
+/// Accepts verbs connections (the out-of-band TCP listener).
+#[derive(Debug)]
+pub struct VerbsListener {
+    inner: std::net::TcpListener,
+}
+
+impl VerbsListener {
+    /// Binds the out-of-band listening socket.
+    pub fn bind(addr: impl ToSocketAddrs) -> Result<Self, TransportError> {
+        let inner = std::net::TcpListener::bind(addr).map_err(io_err("binding the listening socket"))?;
+        Ok(VerbsListener { inner })
+    }
+
+    /// The bound address.
+    pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
+        self.inner.local_addr().map_err(io_err("reading the local address"))
+    }
+
+    /// Accepts one connection: authenticates it, exposes the remote-writable regions of
+    /// `regions` (registered with the device, addr+rkey sent to the peer) and connects a QP.
+    pub fn accept(&self, cfg: &VerbsConfig, secret: &Secret, regions: &RegionTable) -> Result<VerbsTransport, TransportError> {
+        let (s, addr) = self.inner.accept().map_err(io_err("accepting a connection"))?;
+        VerbsTransport::establish(s, addr.to_string(), Role::Acceptor, cfg, secret, regions)
+    }
+}
+
+/// A connected verbs endpoint.
+pub struct VerbsTransport {
+    // Drop order matters: the QP goes first (in Drop::drop), then registrations, CQs, the
+    // channel, the PD and the context. The Arcs inside the device wrappers enforce the same.
+    qp: Option<QueuePair>,
+    cache: MrCache,
+    recv_ring: Ring,
+    send_ring: Ring,
+    ctrl: Ring,
+    send_cq: Arc<CompletionQueue>,
+    recv_cq: Arc<CompletionQueue>,
+    channel: Option<Arc<CompletionChannel>>,
+    _pd: Arc<ProtectionDomain>,
+    ctx: Arc<Context>,
+    sock: TcpStream,
+    cfg: VerbsConfig,
+    peer: String,
+    peer_regions: Vec<RegionInfo>,
+    regions: RegionTable,
+    remote: PeerInfo,
+    max_sge: u32,
+    max_inline: u32,
+    window: SendWindow,
+    sq: SendQueue,
+    rx: RecvState,
+    stats: TransportStats,
+    broken: Option<Broken>,
+    /// SENDs posted (message fragments): what the peer's credit word is compared with.
+    sends_posted: u64,
+    batch: SendBatch,
+    sges: Vec<Sge>,
+    wcs: Vec<WorkCompletion>,
+    last_peer_check: Instant,
+}
+
+impl std::fmt::Debug for VerbsTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VerbsTransport")
+            .field("peer", &self.peer)
+            .field("device", &self.ctx)
+            .field("qp", &self.qp)
+            .field("stats", &self.stats)
+            .field("broken", &self.broken)
+            .finish()
+    }
+}
+
+fn tune(s: &TcpStream, timeout: Duration) -> Result<(), TransportError> {
+    s.set_nodelay(true).map_err(io_err("setting TCP_NODELAY"))?;
+    s.set_read_timeout(Some(timeout)).map_err(io_err("setting the read timeout"))?;
+    s.set_write_timeout(Some(timeout)).map_err(io_err("setting the write timeout"))?;
+    let fd = s.as_raw_fd();
+    let set = |level: i32, opt: i32, val: i32| {
+        // SAFETY: `fd` is the open socket of `s`; the value is a live i32 whose size is passed.
+        let rc = unsafe {
+            libc::setsockopt(fd, level, opt, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
+        };
+        if rc != 0 {
+            Err(std::io::Error::last_os_error())
+        } else {
+            Ok(())
+        }
+    };
+    // The socket is the liveness channel of the connection: a vanished host must show up.
+    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1).map_err(io_err("setting SO_KEEPALIVE"))?;
+    let idle = (timeout.as_secs() / 3).clamp(1, 7200) as i32;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle).map_err(io_err("setting TCP_KEEPIDLE"))?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, idle).map_err(io_err("setting TCP_KEEPINTVL"))?;
+    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3).map_err(io_err("setting TCP_KEEPCNT"))?;
+    Ok(())
+}
+
+fn encode_setup(credit_addr: u64, credit_rkey: u32, recv_buf: u32) -> Vec<u8> {
+    let mut b = Vec::with_capacity(SETUP_LEN);
+    b.extend_from_slice(&SETUP_MAGIC);
+    b.extend_from_slice(&[1, 0, 0, 0]);
+    b.extend_from_slice(&credit_addr.to_le_bytes());
+    b.extend_from_slice(&credit_rkey.to_le_bytes());
+    b.extend_from_slice(&recv_buf.to_le_bytes());
+    b
+}
+
+fn decode_setup(b: &[u8]) -> Result<(u64, u32, u32), DecodeError> {
+    if b.len() != SETUP_LEN {
+        return Err(DecodeError::BadLength { kind: FrameType::Msg, len: b.len() as u32, expected: SETUP_LEN as u32 });
+    }
+    if b[0..4] != SETUP_MAGIC {
+        return Err(DecodeError::Invalid { field: "verbs setup magic", value: u32::from_le_bytes(b[0..4].try_into().expect("4")) as u64 });
+    }
+    if b[4] != 1 {
+        return Err(DecodeError::Invalid { field: "verbs setup version", value: b[4] as u64 });
+    }
+    let addr = u64::from_le_bytes(b[8..16].try_into().expect("8"));
+    let rkey = u32::from_le_bytes(b[16..20].try_into().expect("4"));
+    let recv_buf = u32::from_le_bytes(b[20..24].try_into().expect("4"));
+    if (recv_buf as usize) <= MSG_HEADER {
+        return Err(DecodeError::Invalid { field: "receive buffer size", value: recv_buf as u64 });
+    }
+    Ok((addr, rkey, recv_buf))
+}
+
+/// In-band message header.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct MsgHeader {
+    more: bool,
+    len: u32,
+    bytes_written: u64,
+}
+
+impl MsgHeader {
+    fn encode(&self) -> [u8; MSG_HEADER] {
+        let mut b = [0u8; MSG_HEADER];
+        b[0] = KIND_MSG;
+        b[1] = if self.more { FLAG_MORE } else { 0 };
+        b[4..8].copy_from_slice(&self.len.to_le_bytes());
+        b[8..16].copy_from_slice(&self.bytes_written.to_le_bytes());
+        b
+    }
+    fn decode(b: &[u8]) -> Result<MsgHeader, DecodeError> {
+        if b.len() < MSG_HEADER {
+            return Err(DecodeError::Truncated { need: MSG_HEADER, have: b.len() });
+        }
+        if b[0] != KIND_MSG {
+            return Err(DecodeError::Invalid { field: "verbs message kind", value: b[0] as u64 });
+        }
+        if b[1] & !FLAG_MORE != 0 || b[2] != 0 || b[3] != 0 {
+            return Err(DecodeError::Invalid { field: "verbs message flags", value: u32::from_le_bytes(b[0..4].try_into().expect("4")) as u64 });
+        }
+        let len = u32::from_le_bytes(b[4..8].try_into().expect("4"));
+        if len as usize != b.len() - MSG_HEADER {
+            return Err(DecodeError::Invalid { field: "verbs message length", value: len as u64 });
+        }
+        Ok(MsgHeader { more: b[1] & FLAG_MORE != 0, len, bytes_written: u64::from_le_bytes(b[8..16].try_into().expect("8")) })
+    }
+}
+
+fn expect_frame(s: &mut TcpStream, peer: &str, kind: FrameType, what: &'static str) -> Result<Frame, TransportError> {
+    let f = auth::read_frame(s).map_err(|e| match e {
+        HandshakeError::Io(e) => TransportError::Disconnected(format!("{peer} closed the connection during verbs setup: {e}")),
+        HandshakeError::Protocol(d) => TransportError::Protocol(d),
+        other => TransportError::Handshake { peer: peer.to_owned(), source: other },
+    })?;
+    match f {
+        Frame::Close { code, reason } if code == close_code::NORMAL => {
+            Err(TransportError::Disconnected(format!("{peer} closed the connection during verbs setup: {reason}")))
+        }
+        Frame::Close { reason, .. } => Err(TransportError::PeerAborted(reason)),
+        f if f.kind() == kind => Ok(f),
+        f => Err(TransportError::Protocol(DecodeError::Unexpected { got: f.kind(), expected: what })),
+    }
+}
+
+impl VerbsTransport {
+    /// Connects to a [`VerbsListener`] at `addr`: authenticates, exchanges region tables and
+    /// queue-pair endpoints over TCP, and connects an RC queue pair.
+    pub fn connect(addr: impl ToSocketAddrs, cfg: &VerbsConfig, secret: &Secret, regions: &RegionTable) -> Result<VerbsTransport, TransportError> {
+        let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(io_err("resolving the peer address"))?.collect();
+        let target = *addrs.first().ok_or_else(|| TransportError::Disconnected("address resolved to nothing".into()))?;
+        let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
+        Self::establish(s, target.to_string(), Role::Connector, cfg, secret, regions)
+    }
+
+    fn establish(
+        mut sock: TcpStream,
+        peer: String,
+        role: Role,
+        cfg: &VerbsConfig,
+        secret: &Secret,
+        regions: &RegionTable,
+    ) -> Result<VerbsTransport, TransportError> {
+        tune(&sock, cfg.io_timeout)?;
+        let local = match LocalSetup::new(cfg, regions) {
+            Ok(l) => l,
+            Err(e) => {
+                // Tell the peer why instead of just dropping the socket.
+                let _ = auth::write_frame(&mut sock, &Frame::Close { code: close_code::REFUSED, reason: format!("verbs setup failed: {}", error_chain(&e)) });
+                return Err(e);
+            }
+        };
+        let mut session = [0u8; 8];
+        getrandom::getrandom(&mut session).map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
+        let params = HandshakeParams {
+            role,
+            stream: 0,
+            streams: 1,
+            session: if role == Role::Connector { u64::from_le_bytes(session) } else { 0 },
+            exposed: local.exposed.clone(),
+        };
+        let out = auth::handshake(&mut sock, secret, &params).map_err(|source| TransportError::Handshake { peer: peer.clone(), source })?;
+
+        let ep = local.qp.endpoint();
+        let info = VerbsInfo {
+            qpn: ep.qpn,
+            psn: ep.psn,
+            lid: ep.lid,
+            mtu: ep.mtu,
+            gid_index: ep.gid_index,
+            gid: ep.gid,
+            max_sge: local.max_sge,
+            credits: local.recv_ring.count,
+        };
+        auth::write_frame(&mut sock, &Frame::Verbs(info)).map_err(io_err("sending the VERBS frame"))?;
+        let Frame::Verbs(theirs) = expect_frame(&mut sock, &peer, FrameType::Verbs, "VERBS")? else { unreachable!("kind checked") };
+        if theirs.credits == 0 || theirs.credits > MAX_PEER_CREDITS {
+            return Err(TransportError::Protocol(DecodeError::Invalid { field: "verbs credits", value: theirs.credits as u64 }));
+        }
+        let remote_ep = Endpoint { qpn: theirs.qpn, psn: theirs.psn, lid: theirs.lid, gid: theirs.gid, gid_index: theirs.gid_index, mtu: theirs.mtu };
+        let qp = local.qp.connect(&remote_ep).map_err(verbs_err)?;
+
+        // RTS reached: send our setup blob (credit word, buffer size); the peer's blob tells us
+        // its QP is in RTS too.
+        let setup = encode_setup(local.ctrl.addr(0) + CREDIT_WORD, local.ctrl.mr.rkey(), local.recv_ring.slot);
+        auth::write_frame(&mut sock, &Frame::Msg(setup)).map_err(io_err("sending the verbs setup"))?;
+        let Frame::Msg(blob) = expect_frame(&mut sock, &peer, FrameType::Msg, "verbs setup MSG")? else { unreachable!("kind checked") };
+        let (credit_addr, credit_rkey, recv_buf) = decode_setup(&blob)?;
+
+        tracing::debug!(
+            %peer, device = local.ctx.name(), qpn = ep.qpn, remote_qpn = theirs.qpn,
+            path_mtu = device::mtu_bytes(qp.path_mtu()), credits = theirs.credits, "verbs connection established"
+        );
+        let caps = qp.caps();
+        let depth = local.sq_depth as u64;
+        let free_slots = (0..local.send_ring.count).rev().collect();
+        Ok(VerbsTransport {
+            qp: Some(qp),
+            cache: local.cache,
+            recv_ring: local.recv_ring,
+            send_ring: local.send_ring,
+            ctrl: local.ctrl,
+            send_cq: local.send_cq,
+            recv_cq: local.recv_cq,
+            channel: local.channel,
+            _pd: local.pd,
+            ctx: local.ctx,
+            sock,
+            cfg: cfg.clone(),
+            peer,
+            peer_regions: out.peer_regions,
+            regions: regions.clone(),
+            remote: PeerInfo { credits: theirs.credits, recv_buf, credit_addr, credit_rkey },
+            max_sge: caps.max_send_sge.min(local.max_sge).max(1),
+            max_inline: caps.max_inline,
+            window: SendWindow::new(cfg.window),
+            sq: SendQueue { depth, next: 1, completed: 0, last_signaled: 0, last_write_seq: 0, entries: VecDeque::new(), free_slots },
+            rx: RecvState::default(),
+            stats: TransportStats::default(),
+            broken: None,
+            sends_posted: 0,
+            batch: SendBatch::new(),
+            sges: Vec::new(),
+            wcs: Vec::with_capacity(64),
+            last_peer_check: Instant::now(),
+        })
+    }
+
+    /// Peer address (of the out-of-band socket).
+    pub fn peer(&self) -> &str {
+        &self.peer
+    }
+
+    /// Device name, port and GID index in use.
+    pub fn device(&self) -> (&str, u8, u8) {
+        (self.ctx.name(), self.ctx.port(), self.ctx.gid_index())
+    }
+
+    /// Path MTU in bytes.
+    pub fn path_mtu(&self) -> u32 {
+        self.qp.as_ref().map_or(0, |q| device::mtu_bytes(q.path_mtu()))
+    }
+
+    /// Scatter-gather elements allowed per write.
+    pub fn max_sge(&self) -> u32 {
+        self.max_sge
+    }
+
+    /// Bytes currently pinned (registered) by this connection.
+    pub fn pinned_bytes(&self) -> u64 {
+        self.cache.pinned()
+    }
+
+    /// Chunks registered on demand so far.
+    pub fn registered_chunks(&self) -> usize {
+        self.cache.chunk_count()
+    }
+
+    /// Adapts a coalescer configuration to this connection: at most `max_sge` elements per
+    /// work request, elements cut at the registration chunk size (on-demand mode), writes no
+    /// larger than the port's message limit.
+    pub fn coalesce_config(&self, mut c: CoalesceConfig) -> CoalesceConfig {
+        c.max_sges = c.max_sges.min(self.max_sge).max(1);
+        let b = self.cfg.sge_boundary();
+        if b != 0 {
+            c.sge_boundary = b;
+        }
+        let max_msg = self.ctx.limits().max_msg_sz as u64;
+        if max_msg != 0 {
+            c.max_write_bytes = c.max_write_bytes.min(max_msg / c.page_size as u64 * c.page_size as u64).max(c.page_size as u64);
+        }
+        c
+    }
+
+    fn qp(&self) -> &QueuePair {
+        self.qp.as_ref().expect("the QP lives until drop")
+    }
+
+    fn usable(&self) -> Result<(), TransportError> {
+        match &self.broken {
+            Some(b) => Err(b.error()),
+            None => Ok(()),
+        }
+    }
+
+    fn set_broken(&mut self, b: Broken) {
+        if self.broken.is_none() {
+            tracing::debug!(peer = %self.peer, reason = ?b, "verbs connection broken");
+            self.broken = Some(b);
+        }
+    }
+
+    /// Credits the peer has granted and we have not used.
+    fn credits_available(&self) -> u64 {
+        // SAFETY: CREDIT_WORD is an aligned 8-byte slot inside the control page, which stays
+        // mapped for our lifetime. The peer's NIC writes it by RDMA; a volatile read plus an
+        // acquire fence observes the latest value, and a monotonic counter tolerates staleness.
+        let consumed = unsafe { std::ptr::read_volatile(self.ctrl.ptr(0).add(CREDIT_WORD as usize) as *const u64) };
+        fence(Ordering::Acquire);
+        let sent = self.sends_posted;
+        let consumed = consumed.min(sent); // a lying peer cannot make us overrun it
+        (self.remote.credits as u64).saturating_sub(sent - consumed)
+    }
+
+    // ---- send queue -------------------------------------------------------------------
+
+    /// Hands the pending chain to the device.
+    fn post_batch(&mut self) -> Result<(), TransportError> {
+        if self.batch.is_empty() {
+            return Ok(());
+        }
+        let qp = self.qp.as_ref().expect("the QP lives until drop");
+        // SAFETY: every non-inline SGE in the batch was produced by `MrCache::sges` or points
+        // into one of our rings; those registrations (and the Arc<Region> mappings they hold)
+        // live in `self` and are dropped only after the QP is destroyed (Drop), and the cache
+        // never deregisters an MR while the connection lives. Inline SGEs point to buffers
+        // of the caller that are alive for this call (messages and credits post at once).
+        let r = unsafe { qp.post_send(&mut self.batch) };
+        if let Err(e) = r {
+            let msg = error_chain(&e);
+            self.set_broken(Broken::Fatal(msg.clone()));
+            return Err(TransportError::Io { op: "ibv_post_send", source: e.source });
+        }
+        Ok(())
+    }
+
+    fn push_wr(&mut self, kind: SqKind, op: SendOp, sges: &[Sge], signaled: bool, inline: bool) -> u64 {
+        let signaled = signaled || self.sq.must_signal();
+        let seq = self.sq.push(kind, signaled);
+        self.batch.push(seq, op, sges, signaled, inline);
+        if signaled && matches!(kind, SqKind::Write { .. } | SqKind::Flush) {
+            self.stats.signaled += 1;
+        }
+        seq
+    }
+
+    fn retire(&mut self, seq: u64) {
+        let mut upto_write = 0;
+        while let Some(&(s, k)) = self.sq.entries.front() {
+            if s > seq {
+                break;
+            }
+            self.sq.entries.pop_front();
+            match k {
+                SqKind::Write { id } => upto_write = id,
+                SqKind::Msg { slot: Some(slot) } => self.sq.free_slots.push(slot),
+                _ => {}
+            }
+        }
+        self.sq.completed = self.sq.completed.max(seq);
+        if upto_write > self.window.completed() {
+            self.window.on_complete(upto_write);
+            self.stats.writes_completed = self.window.completed();
+        }
+    }
+
+    fn classify(&mut self, wc: &WorkCompletion, kind: Option<SqKind>) -> Broken {
+        let status_str = device::wc_status_str(wc.status);
+        let opcode = kind.map_or(if wc.opcode >= 128 { "RECV" } else { "unknown" }, |k| k.opcode());
+        let wr_id = match kind {
+            Some(SqKind::Write { id }) => id,
+            _ => wc.wr_id,
+        };
+        self.check_peer(true);
+        let gone = matches!(self.broken, Some(Broken::Disconnected(_) | Broken::Aborted(_)));
+        let what = format!("work request {wr_id} ({opcode}) completed with {status_str} (status {})", wc.status);
+        if gone {
+            return self.broken.clone().expect("set above");
+        }
+        match wc.status {
+            status::RETRY_EXC_ERR | status::RNR_RETRY_EXC_ERR => {
+                Broken::Disconnected(format!("{} stopped responding: {what}", self.peer))
+            }
+            status::WR_FLUSH_ERR => Broken::Disconnected(format!("the queue pair to {} entered the error state: {what}", self.peer)),
+            _ => Broken::Completion { wr_id, opcode, status: wc.status, status_str },
+        }
+    }
+
+    /// Polls both CQs once (until empty); records completions and errors.
+    fn poll_cqs(&mut self) -> Result<usize, TransportError> {
+        let mut total = 0;
+        let mut wcs = std::mem::take(&mut self.wcs);
+        loop {
+            wcs.clear();
+            let n = self.send_cq.poll(&mut wcs).map_err(verbs_err)?;
+            total += n;
+            for wc in &wcs {
+                if wc.ok() {
+                    self.retire(wc.wr_id);
+                } else if self.broken.is_none() {
+                    let kind = self.sq.kind_of(wc.wr_id);
+                    let b = self.classify(wc, kind);
+                    self.set_broken(b);
+                }
+            }
+            if n < 32 {
+                break;
+            }
+        }
+        loop {
+            wcs.clear();
+            let n = self.recv_cq.poll(&mut wcs).map_err(verbs_err)?;
+            total += n;
+            for wc in &wcs {
+                if wc.ok() && wc.wr_id < self.recv_ring.count as u64 {
+                    self.rx.arrived.push_back((wc.wr_id as u32, wc.byte_len));
+                } else if self.broken.is_none() {
+                    let b = self.classify(wc, None);
+                    self.set_broken(b);
+                }
+            }
+            if n < 32 {
+                break;
+            }
+        }
+        self.wcs = wcs;
+        Ok(total)
+    }
+
+    /// Looks at the out-of-band socket without blocking: EOF or CLOSE means the peer is gone.
+    fn check_peer(&mut self, force: bool) {
+        if matches!(self.broken, Some(Broken::Disconnected(_) | Broken::Aborted(_))) {
+            return;
+        }
+        if !force && self.last_peer_check.elapsed() < PEER_CHECK_EVERY {
+            return;
+        }
+        self.last_peer_check = Instant::now();
+        let mut b = [0u8; 1];
+        // SAFETY: the socket is open; `b` is a valid 1-byte buffer; MSG_PEEK leaves the data.
+        let n = unsafe { libc::recv(self.sock.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        let gone = match n {
+            0 => Some(Broken::Disconnected(format!("{} closed the connection without CLOSE", self.peer))),
+            n if n > 0 => match auth::read_frame(&mut self.sock) {
+                Ok(Frame::Close { code, reason }) if code == close_code::NORMAL => {
+                    Some(Broken::Disconnected(format!("{} closed the connection{}", self.peer, if reason.is_empty() { String::new() } else { format!(": {reason}") })))
+                }
+                Ok(Frame::Close { reason, .. }) => Some(Broken::Aborted(reason)),
+                Ok(other) => Some(Broken::Protocol(DecodeError::Unexpected { got: other.kind(), expected: "CLOSE" })),
+                Err(HandshakeError::Protocol(d)) => Some(Broken::Protocol(d)),
+                Err(e) => Some(Broken::Disconnected(format!("{}: {}", self.peer, error_chain(&e)))),
+            },
+            _ => {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted => None,
+                    _ => Some(Broken::Disconnected(format!("{}: {e}", self.peer))),
+                }
+            }
+        };
+        if let Some(g) = gone {
+            // The peer being gone explains any error completion seen afterwards; but an error
+            // completion recorded earlier keeps its precise status.
+            self.set_broken(g);
+        }
+    }
+
+    /// Makes progress without blocking.
+    fn progress(&mut self) -> Result<(), TransportError> {
+        self.poll_cqs()?;
+        self.check_peer(false);
+        Ok(())
+    }
+
+    /// Sleeps until a completion, socket activity or `deadline` (at most MAX_SLEEP).
+    fn block(&mut self, deadline: Option<Instant>) -> Result<(), TransportError> {
+        match (self.cfg.completion, &self.channel) {
+            (CompletionMode::Event, Some(ch)) => {
+                let ch = ch.clone();
+                self.send_cq.arm().map_err(verbs_err)?;
+                self.recv_cq.arm().map_err(verbs_err)?;
+                // A completion that arrived before arming raises no event: look once more.
+                if self.poll_cqs()? > 0 {
+                    return Ok(());
+                }
+                let mut sleep = MAX_SLEEP;
+                if let Some(d) = deadline {
+                    sleep = sleep.min(d.saturating_duration_since(Instant::now()));
+                }
+                let mut fds = [
+                    libc::pollfd { fd: ch.fd(), events: libc::POLLIN, revents: 0 },
+                    libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                ];
+                // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
+                let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, sleep.as_millis().max(1) as i32) };
+                if rc < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() != std::io::ErrorKind::Interrupted {
+                        return Err(TransportError::Io { op: "poll on the completion channel", source: e });
+                    }
+                }
+                if fds[0].revents != 0 {
+                    ch.drain_events().map_err(verbs_err)?;
+                }
+                if fds[1].revents != 0 {
+                    self.check_peer(true);
+                }
+            }
+            _ => std::thread::yield_now(),
+        }
+        Ok(())
+    }
+
+    /// Waits until `done` holds. Errors: the connection broke, or `what` did not happen within
+    /// `io_timeout`.
+    fn wait_until(&mut self, what: &'static str, mut done: impl FnMut(&mut Self) -> bool) -> Result<(), TransportError> {
+        let limit = self.cfg.io_timeout;
+        let deadline = Instant::now() + limit;
+        loop {
+            self.progress()?;
+            if done(self) {
+                return Ok(());
+            }
+            self.usable()?;
+            if Instant::now() >= deadline {
+                return Err(TransportError::Timeout(limit, what));
+            }
+            // Never sleep while owing the peer credits: it may be waiting for them.
+            self.return_credits(true)?;
+            self.block(Some(deadline))?;
+        }
+    }
+
+    /// Waits for room for `n` more send-queue entries (posting the pending chain first).
+    fn sq_room(&mut self, n: u64) -> Result<(), TransportError> {
+        if self.sq.has_room(n) {
+            return Ok(());
+        }
+        self.post_batch()?;
+        self.wait_until("send queue space", |t| t.sq.has_room(n))
+    }
+
+    // ---- credits ----------------------------------------------------------------------
+
+    /// Writes our consumed count into the peer's credit word when half the ring is owed
+    /// (or any is owed and `force`).
+    fn return_credits(&mut self, force: bool) -> Result<(), TransportError> {
+        let owed = self.rx.consumed - self.rx.reported;
+        let threshold = (self.recv_ring.count as u64 / 2).max(1);
+        if owed == 0 || (!force && owed < threshold) || self.broken.is_some() || !self.sq.has_room(1) {
+            return Ok(());
+        }
+        self.post_batch()?;
+        let value = self.rx.consumed;
+        let op = SendOp::Write { remote_addr: self.remote.credit_addr, rkey: self.remote.credit_rkey };
+        let bytes = value.to_le_bytes();
+        if self.max_inline >= 8 {
+            let sge = Sge { addr: bytes.as_ptr() as u64, len: 8, lkey: 0 };
+            self.push_wr(SqKind::Credit, op, &[sge], false, true);
+        } else {
+            // No inline support: send from the control page. Only a newer (larger) value can
+            // replace it before the device reads it, which is still a valid credit count.
+            let src = self.ctrl.ptr(0).wrapping_add(CREDIT_SRC as usize);
+            // SAFETY: CREDIT_SRC..+8 lies inside the control page; aligned u64 store.
+            unsafe { std::ptr::write_volatile(src as *mut u64, value) };
+            let sge = Sge { addr: self.ctrl.addr(0) + CREDIT_SRC, len: 8, lkey: self.ctrl.mr.lkey() };
+            self.push_wr(SqKind::Credit, op, &[sge], false, false);
+        }
+        // Post now: an inline source (`bytes`) must be alive during the post.
+        self.post_batch()?;
+        self.rx.reported = value;
+        Ok(())
+    }
+
+    // ---- receive ----------------------------------------------------------------------
+
+    fn repost(&mut self, slot: u32) -> Result<(), TransportError> {
+        if self.broken.is_some() {
+            return Ok(()); // the QP is in error; the buffer would be flushed at once
+        }
+        let (addr, len, lkey) = (self.recv_ring.addr(slot), self.recv_ring.slot, self.recv_ring.mr.lkey());
+        // SAFETY: the slot lies inside the receive ring's registration (local write); the ring
+        // outlives the QP (field order + Drop), and we do not touch the slot again until its
+        // next receive completion.
+        unsafe { self.qp().post_recv(slot as u64, addr, len, lkey) }.map_err(verbs_err)
+    }
+
+    /// Consumes arrived fragments; returns a whole message once its last fragment is in.
+    fn try_assemble(&mut self) -> Result<Option<Vec<u8>>, TransportError> {
+        while let Some((slot, len)) = self.rx.arrived.pop_front() {
+            if len as usize > self.recv_ring.slot as usize {
+                let d = DecodeError::Invalid { field: "verbs message size", value: len as u64 };
+                self.set_broken(Broken::Protocol(d.clone()));
+                return Err(TransportError::Protocol(d));
+            }
+            // SAFETY: the receive into `slot` completed (we polled its completion) and the slot
+            // is re-posted only below, after the copy; `len` is within the slot (checked).
+            let buf = unsafe { std::slice::from_raw_parts(self.recv_ring.ptr(slot), len as usize) };
+            let h = match MsgHeader::decode(buf) {
+                Ok(h) => h,
+                Err(d) => {
+                    self.set_broken(Broken::Protocol(d.clone()));
+                    return Err(TransportError::Protocol(d));
+                }
+            };
+            if self.rx.partial.len() + h.len as usize > wire::MAX_MESSAGE as usize {
+                let d = DecodeError::TooLong { kind: FrameType::Msg, len: (self.rx.partial.len() + h.len as usize) as u64, max: wire::MAX_MESSAGE as u64 };
+                self.set_broken(Broken::Protocol(d.clone()));
+                return Err(TransportError::Protocol(d));
+            }
+            self.rx.partial.extend_from_slice(&buf[MSG_HEADER..]);
+            self.repost(slot)?;
+            self.rx.consumed += 1;
+            self.stats.bytes_received = self.stats.bytes_received.max(h.bytes_written);
+            self.return_credits(false)?;
+            if !h.more {
+                self.stats.messages_received += 1;
+                return Ok(Some(std::mem::take(&mut self.rx.partial)));
+            }
+        }
+        Ok(None)
+    }
+
+    // ---- writes -----------------------------------------------------------------------
+
+    fn post_writes_impl(&mut self, wrs: &[WriteRequest<'_>], check_peer_table: bool) -> Result<u64, TransportError> {
+        self.progress()?;
+        self.usable()?;
+        // Validate and map everything before posting anything.
+        let max_msg = self.ctx.limits().max_msg_sz as u64;
+        let mut targets = Vec::with_capacity(wrs.len());
+        let mut sges = std::mem::take(&mut self.sges);
+        sges.clear();
+        let mut ranges = Vec::with_capacity(wrs.len());
+        let res = (|| {
+            for w in wrs {
+                let bytes = w.bytes();
+                if max_msg != 0 && bytes > max_msg {
+                    return Err(TransportError::TooLarge(format!("{bytes}-byte write exceeds the port's message limit {max_msg}")));
+                }
+                let (addr, rkey) = if check_peer_table {
+                    let r = check_remote(&self.peer_regions, w.remote, w.remote_offset, bytes)?;
+                    (r.addr + w.remote_offset, r.rkey)
+                } else {
+                    // Test-only: no bounds check, so the responder's access check is exercised.
+                    let r = self.peer_regions.iter().find(|r| r.id == w.remote).ok_or(TransportError::RemoteRange {
+                        region: w.remote,
+                        offset: w.remote_offset,
+                        len: bytes,
+                    })?;
+                    (r.addr.wrapping_add(w.remote_offset), r.rkey)
+                };
+                targets.push((addr, rkey));
+                let start = sges.len();
+                for s in w.segments {
+                    self.cache.sges(w.local, *s, &mut sges)?;
+                }
+                let n = sges.len() - start;
+                if n > self.max_sge as usize {
+                    return Err(TransportError::TooLarge(format!(
+                        "write needs {n} scatter-gather elements, the queue pair allows {} (use VerbsTransport::coalesce_config)",
+                        self.max_sge
+                    )));
+                }
+                ranges.push(start..sges.len());
+            }
+            Ok(())
+        })();
+        if let Err(e) = res {
+            self.sges = sges;
+            return Err(e);
+        }
+        let res = (|| {
+            for (i, w) in wrs.iter().enumerate() {
+                let bytes = w.bytes();
+                if !self.window.can_post(bytes) || !self.sq.has_room(1) || self.batch.len() >= MAX_CHAIN {
+                    self.post_batch()?;
+                }
+                if !self.window.can_post(bytes) || !self.sq.has_room(1) {
+                    self.stats.window_stalls += 1;
+                    self.wait_until("write completions (window full)", |t| t.window.can_post(bytes) && t.sq.has_room(1))?;
+                }
+                let (id, signaled) = self.window.on_post(bytes, self.sq.must_signal());
+                let (remote_addr, rkey) = targets[i];
+                self.push_wr(SqKind::Write { id }, SendOp::Write { remote_addr, rkey }, &sges[ranges[i].clone()], signaled, false);
+                self.stats.writes_posted += 1;
+                self.stats.bytes_posted += bytes;
+            }
+            self.post_batch()
+        })();
+        self.sges = sges;
+        res?;
+        Ok(self.window.last_posted())
+    }
+
+    /// Test-only: posts writes without checking the peer's region table, so that a bad remote
+    /// range reaches the responder and fails there (remote access error).
+    #[cfg(test)]
+    pub(crate) fn post_writes_unchecked(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError> {
+        self.post_writes_impl(wrs, false)
+    }
+
+    /// Test-only: tampers with the peer's advertised table.
+    #[cfg(test)]
+    pub(crate) fn peer_regions_mut(&mut self) -> &mut Vec<RegionInfo> {
+        &mut self.peer_regions
+    }
+
+    fn send_fragment(&mut self, hdr: MsgHeader, payload: &[u8]) -> Result<(), TransportError> {
+        self.wait_until("a receive credit from the peer", |t| {
+            t.credits_available() > 0
+                && t.sq.has_room(1)
+                && (MSG_HEADER + payload.len() <= t.max_inline as usize || !t.sq.free_slots.is_empty())
+        })?;
+        self.post_batch()?;
+        let h = hdr.encode();
+        if MSG_HEADER + payload.len() <= self.max_inline as usize {
+            let mut sges = vec![Sge { addr: h.as_ptr() as u64, len: MSG_HEADER as u32, lkey: 0 }];
+            if !payload.is_empty() {
+                sges.push(Sge { addr: payload.as_ptr() as u64, len: payload.len() as u32, lkey: 0 });
+            }
+            self.push_wr(SqKind::Msg { slot: None }, SendOp::Send, &sges, false, true);
+        } else {
+            let slot = self.sq.free_slots.pop().expect("checked by the wait");
+            let p = self.send_ring.ptr(slot);
+            // SAFETY: a free slot is not referenced by any outstanding send; header + payload
+            // fit the slot (fragments are sized to it), and the sources are separate buffers.
+            unsafe {
+                std::ptr::copy_nonoverlapping(h.as_ptr(), p, MSG_HEADER);
+                std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(MSG_HEADER), payload.len());
+            }
+            let sge = Sge { addr: self.send_ring.addr(slot), len: (MSG_HEADER + payload.len()) as u32, lkey: self.send_ring.mr.lkey() };
+            self.push_wr(SqKind::Msg { slot: Some(slot) }, SendOp::Send, &[sge], true, false);
+        }
+        // Post now: inline sources (`h`, `payload`) are only borrowed for this call.
+        self.post_batch()?;
+        self.sends_posted += 1;
+        Ok(())
+    }
+}
+
+/// Device resources prepared before the handshake.
+struct LocalSetup {
+    qp: PreparedQueuePair,
+    cache: MrCache,
+    exposed: Vec<RegionInfo>,
+    recv_ring: Ring,
+    send_ring: Ring,
+    ctrl: Ring,
+    send_cq: Arc<CompletionQueue>,
+    recv_cq: Arc<CompletionQueue>,
+    channel: Option<Arc<CompletionChannel>>,
+    pd: Arc<ProtectionDomain>,
+    ctx: Arc<Context>,
+    sq_depth: u32,
+    max_sge: u32,
+}
+
+impl LocalSetup {
+    fn new(cfg: &VerbsConfig, regions: &RegionTable) -> Result<LocalSetup, TransportError> {
+        let ctx = Context::open(&cfg.selection()).map_err(verbs_err)?;
+        let lim = ctx.limits();
+        let pd = ProtectionDomain::new(&ctx).map_err(verbs_err)?;
+        let channel = match cfg.completion {
+            CompletionMode::Event => Some(CompletionChannel::new(&ctx).map_err(verbs_err)?),
+            CompletionMode::BusyPoll => None,
+        };
+        let recv_n = cfg.recv_buffers.get();
+        let send_n = cfg.send_buffers.get();
+        let buf = cfg.message_buffer.get().max(MSG_HEADER as u32 + 64);
+        // Window writes + message slots + inline messages/credit returns/flush markers.
+        let sq_depth = (cfg.window.max_wrs.get() as u64 + send_n as u64 + 32).min(u32::MAX as u64) as u32;
+        if sq_depth > lim.max_qp_wr || recv_n > lim.max_qp_wr {
+            return Err(TransportError::Device(format!(
+                "window of {} WRs + {send_n} send buffers needs a send queue of {sq_depth} (receive queue {recv_n}); {} allows {}",
+                cfg.window.max_wrs,
+                ctx.name(),
+                lim.max_qp_wr
+            )));
+        }
+        let send_cq = CompletionQueue::new(&ctx, sq_depth, channel.as_ref()).map_err(verbs_err)?;
+        let recv_cq = CompletionQueue::new(&ctx, recv_n, channel.as_ref()).map_err(verbs_err)?;
+        let max_sge = cfg.max_sge.get().min(lim.max_sge).max(1);
+        let caps = QpCaps { max_send_wr: sq_depth, max_recv_wr: recv_n, max_send_sge: max_sge, max_recv_sge: 1, max_inline: cfg.max_inline };
+        let qp = PreparedQueuePair::new(&pd, &send_cq, &recv_cq, caps).map_err(verbs_err)?;
+
+        let mut cache = MrCache::new(pd.clone(), cfg.registration, regions.clone());
+        let ring_bytes = |n: u32, s: u32| (n as u64 * s as u64).div_ceil(4096).max(1) * 4096;
+        cache.account(ring_bytes(recv_n, buf) + ring_bytes(send_n, buf) + 4096)?;
+        let exposed = cache.setup()?;
+        let recv_ring = Ring::new(&pd, recv_n, buf, MrAccess::LocalWrite)?;
+        let send_ring = Ring::new(&pd, send_n, buf, MrAccess::LocalRead)?;
+        let ctrl = Ring::new(&pd, 1, 4096, MrAccess::RemoteWrite)?;
+        for slot in 0..recv_n {
+            // SAFETY: the slot lies inside the receive ring's registration (local write). The
+            // ring is moved into the transport, which destroys the QP before dropping it, and
+            // nothing reads the slot before its receive completes.
+            unsafe { qp.post_recv(slot as u64, recv_ring.addr(slot), buf, recv_ring.mr.lkey()) }.map_err(verbs_err)?;
+        }
+        debug_assert!(ring_bytes(recv_n, buf) == recv_ring.bytes());
+        Ok(LocalSetup { qp, cache, exposed, recv_ring, send_ring, ctrl, send_cq, recv_cq, channel, pd, ctx, sq_depth, max_sge })
+    }
+}
+
+impl Transport for VerbsTransport {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Verbs
+    }
+
+    fn peer_regions(&self) -> &[RegionInfo] {
+        &self.peer_regions
+    }
+
+    fn post_writes(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError> {
+        self.post_writes_impl(wrs, true)
+    }
+
+    fn send_message(&mut self, msg: &[u8]) -> Result<(), TransportError> {
+        self.progress()?;
+        self.usable()?;
+        if msg.len() > wire::MAX_MESSAGE as usize {
+            return Err(TransportError::TooLarge(format!("{}-byte message exceeds {}", msg.len(), wire::MAX_MESSAGE)));
+        }
+        let frag = (self.remote.recv_buf.min(self.send_ring.slot) as usize - MSG_HEADER).max(1);
+        let mut chunks: Vec<&[u8]> = msg.chunks(frag).collect();
+        if chunks.is_empty() {
+            chunks.push(&[]);
+        }
+        let n = chunks.len();
+        for (i, c) in chunks.into_iter().enumerate() {
+            let hdr = MsgHeader { more: i + 1 < n, len: c.len() as u32, bytes_written: self.stats.bytes_posted };
+            self.send_fragment(hdr, c)?;
+        }
+        self.stats.messages_sent += 1;
+        Ok(())
+    }
+
+    fn recv_message(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, TransportError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        loop {
+            if let Some(m) = self.try_assemble()? {
+                return Ok(Some(m));
+            }
+            self.progress()?;
+            if let Some(m) = self.try_assemble()? {
+                return Ok(Some(m));
+            }
+            self.usable()?;
+            self.return_credits(true)?;
+            if deadline.is_some_and(|d| Instant::now() >= d) {
+                return Ok(None);
+            }
+            self.block(deadline)?;
+        }
+    }
+
+    fn poll_completions(&mut self) -> Result<u64, TransportError> {
+        self.progress()?;
+        if self.window.completed() < self.window.last_posted() {
+            self.usable()?;
+        }
+        Ok(self.window.completed())
+    }
+
+    fn flush(&mut self) -> Result<(), TransportError> {
+        let target = self.window.last_posted();
+        self.progress()?;
+        if self.window.completed() >= target {
+            return Ok(());
+        }
+        self.usable()?;
+        self.post_batch()?;
+        if self.window.unsignaled_tail() && self.sq.last_signaled < self.sq.last_write_seq {
+            // Nothing outstanding will generate a completion: add a signaled zero-length WRITE
+            // (to the peer's credit word, always a valid target) behind the tail.
+            self.sq_room(1)?;
+            let op = SendOp::Write { remote_addr: self.remote.credit_addr, rkey: self.remote.credit_rkey };
+            self.push_wr(SqKind::Flush, op, &[], true, false);
+            self.post_batch()?;
+        }
+        self.wait_until("write completions (flush)", |t| t.window.completed() >= target)
+    }
+
+    fn stats(&self) -> TransportStats {
+        self.stats
+    }
+
+    fn regions(&self) -> &RegionTable {
+        &self.regions
+    }
+}
+
+impl Drop for VerbsTransport {
+    fn drop(&mut self) {
+        // 1. Let outstanding sends finish (bounded) so a last message reaches the peer.
+        if self.broken.is_none() && self.post_batch().is_ok() && self.sq.outstanding() > 0 {
+            let all_signaled = self.sq.last_signaled + 1 >= self.sq.next;
+            let ok = all_signaled || {
+                let op = SendOp::Write { remote_addr: self.remote.credit_addr, rkey: self.remote.credit_rkey };
+                if self.sq.has_room(1) {
+                    self.push_wr(SqKind::Flush, op, &[], true, false);
+                    self.post_batch().is_ok()
+                } else {
+                    true // a signaled entry is outstanding (must_signal), wait for it
+                }
+            };
+            if ok {
+                let deadline = Instant::now() + DROP_DRAIN.min(self.cfg.io_timeout);
+                while self.sq.outstanding() > 0 && self.broken.is_none() && Instant::now() < deadline {
+                    if self.progress().is_err() || self.block(Some(deadline)).is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        // 2. Tell the peer (orderly close) and end the liveness channel.
+        let _ = auth::write_frame(&mut self.sock, &Frame::Close { code: close_code::NORMAL, reason: String::new() });
+        let _ = self.sock.shutdown(Shutdown::Both);
+        // 3. Flush and destroy the QP before any memory registration or CQ goes away.
+        if let Some(qp) = self.qp.take() {
+            let _ = qp.set_error();
+            drop(qp);
+        }
+        // The remaining fields drop in declaration order: MRs, rings, CQs, channel, PD, context.
+    }
+}
