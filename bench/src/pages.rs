@@ -289,6 +289,7 @@ pub fn run(kind: Kind, a: &BenchArgs) -> Result<()> {
     let (tkind, note) = connect::resolve(a.transport);
     let opts = options(a)?;
     if let Some(addr) = &a.listen {
+        let secret = secret(a)?;
         let r = make_region(kind, 2, size, ps as u32, Access::REMOTE_WRITE)?;
         let table = RegionTable::new();
         let _reg = table.register(r.clone())?;
@@ -296,7 +297,7 @@ pub fn run(kind: Kind, a: &BenchArgs) -> Result<()> {
         // The bound address on stdout lets a parent (--loopback) or a script find us.
         println!("listening {} {}", l.local_addr()?, tkind);
         eprintln!("{note}");
-        let mut t = l.accept(&opts, &secret(a)?, &table)?;
+        let mut t = l.accept(&opts, &secret, &table)?;
         return serve(t.as_mut(), &r);
     }
     let (addr, child) = if a.loopback {

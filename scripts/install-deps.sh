@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Installs what livemig needs on Debian 12 (run as root, or with sudo available).
+#  - build: libibverbs-dev librdmacm-dev libclang-dev pkg-config (rdma-sys bindgen), clang
+#  - RDMA tests: qemu-system-x86 + linux-image-amd64 (a kernel with rdma_rxe) + busybox-static,
+#    cpio, kmod, rdma-core, ibverbs-providers, ibverbs-utils, perftest, iproute2
+#  - benchmarks/tests: iperf3, iproute2 (netns, veth, tc)
+set -euo pipefail
+SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
+PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
+      ibverbs-utils perftest iproute2 iperf3 qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3)
+missing=()
+for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if [[ ${#missing[@]} -gt 0 ]]; then
+  echo "installing: ${missing[*]}" >&2
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+fi
+command -v cargo >/dev/null || { echo "Rust (cargo) is required: https://rustup.rs" >&2; exit 1; }
+rustup component add rustfmt clippy >/dev/null 2>&1 || true

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The project's test command (README, CI):
+#  1. unit + integration tests on the host (TCP backend, conformance, adversarial peers,
+#     two-process transfers, dirty tracking, workloads, policies, pre-copy migrations);
+#     verbs tests skip on the host with a visible message (no RDMA device here);
+#  2. every fuzz target for FUZZ_SECONDS (default 20) each;
+#  3. the verbs tests inside a Soft-RoCE guest (tests/rxe), where a missing device fails.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+echo "== host tests" >&2
+cargo test --workspace --features livemig-engine/fault-injection
+echo "== fuzzing (${FUZZ_SECONDS:-20}s per target)" >&2
+fuzz/run.sh "${FUZZ_SECONDS:-20}"
+if [[ ${SKIP_RXE:-0} == 1 ]]; then
+  echo "== Soft-RoCE guest tests SKIPPED (SKIP_RXE=1)" >&2
+else
+  echo "== verbs tests in a Soft-RoCE guest" >&2
+  tests/rxe/run-verbs-tests.sh
+fi
+echo "== all tests passed" >&2
