@@ -100,7 +100,7 @@ impl Listener {
 
 #[cfg(feature = "verbs")]
 fn verbs_config(opts: &TransportOptions) -> livemig_transport::verbs::VerbsConfig {
-    livemig_transport::verbs::VerbsConfig { window: opts.tcp.window, ..Default::default() }
+    livemig_transport::verbs::VerbsConfig { window: opts.tcp.window, io_timeout: opts.io_timeout, ..Default::default() }
 }
 
 /// Connects to `addr` with `kind`.

@@ -231,3 +231,5 @@ pub fn check_remote(
     }
 }
 pub use tcp::{TcpConfig, TcpListener, TcpTransport};
+#[cfg(feature = "verbs")]
+pub use verbs::{VerbsConfig, VerbsListener, VerbsTransport};

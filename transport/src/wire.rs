@@ -34,6 +34,12 @@
 //!               | max_sge u32 | credits u32                                      (36)
 //! ```
 //!
+//! Verbs setup: after the handshake each side sends VERBS, then one MSG whose 24-byte body is
+//! `"LMVB" | version u8 = 1 | 0 u8[3] | credit_addr u64 | credit_rkey u32 | recv_buf u32`
+//! (where the peer RDMA-writes returned message credits, and the receive buffer size); it also
+//! signals "my queue pair is ready". The out-of-band TCP socket then stays open to detect a
+//! vanished peer.
+//!
 //! `aux` must be 0 for every type but WRITE.
 //!
 //! Decoders never panic: they return a typed [`DecodeError`] for bad magic, an unsupported

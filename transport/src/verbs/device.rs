@@ -690,6 +690,10 @@ pub enum MrAccess {
     LocalWrite,
     /// The peer may RDMA WRITE into it (exposed regions).
     RemoteWrite,
+    /// The peer may RDMA READ it.
+    RemoteRead,
+    /// The peer may RDMA WRITE and READ it.
+    RemoteReadWrite,
 }
 
 impl MrAccess {
@@ -700,6 +704,8 @@ impl MrAccess {
             MrAccess::LocalWrite => f::IBV_ACCESS_LOCAL_WRITE,
             // REMOTE_WRITE requires LOCAL_WRITE.
             MrAccess::RemoteWrite => f::IBV_ACCESS_LOCAL_WRITE | f::IBV_ACCESS_REMOTE_WRITE,
+            MrAccess::RemoteRead => f::IBV_ACCESS_REMOTE_READ,
+            MrAccess::RemoteReadWrite => f::IBV_ACCESS_LOCAL_WRITE | f::IBV_ACCESS_REMOTE_WRITE | f::IBV_ACCESS_REMOTE_READ,
         })
         .0 as c_int
     }
@@ -1014,7 +1020,17 @@ impl PreparedQueuePair {
 
     /// Moves the QP to RTR and RTS towards `remote` (timeout 14, retry_cnt 7, rnr_retry 7).
     /// Path MTU: the smaller of both ports' active MTUs.
-    pub fn connect(self, remote: &Endpoint) -> Result<QueuePair, VerbsError> {
+    ///
+    /// Only the connected [`QueuePair`] can send; a prepared one cannot:
+    ///
+    /// ```compile_fail,E0599
+    /// use livemig_transport::verbs::device::{PreparedQueuePair, SendBatch};
+    /// fn send_early(qp: &PreparedQueuePair, batch: &mut SendBatch) {
+    ///     // error[E0599]: no method named `post_send` found for `PreparedQueuePair`
+    ///     let _ = unsafe { qp.post_send(batch) };
+    /// }
+    /// ```
+    pub fn connect(self, remote: Endpoint) -> Result<QueuePair, VerbsError> {
         let ctx = self.qp.pd.context().clone();
         let path_mtu = self.local.mtu.min(remote.mtu).clamp(1, 5);
         use sys::ibv_qp_attr_mask as m;
@@ -1064,7 +1080,7 @@ impl PreparedQueuePair {
             m::IBV_QP_STATE | m::IBV_QP_SQ_PSN | m::IBV_QP_TIMEOUT | m::IBV_QP_RETRY_CNT | m::IBV_QP_RNR_RETRY | m::IBV_QP_MAX_QP_RD_ATOMIC,
             "ibv_modify_qp(RTS)",
         )?;
-        Ok(QueuePair { qp: self.qp, local: self.local, remote: *remote, path_mtu })
+        Ok(QueuePair { qp: self.qp, local: self.local, remote, path_mtu })
     }
 }
 

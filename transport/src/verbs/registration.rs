@@ -170,16 +170,22 @@ impl MrCache {
     pub fn setup(&mut self) -> Result<Vec<RegionInfo>, TransportError> {
         let all = self.table.all();
         let pin_all = self.mode == RegistrationMode::PinAll;
-        let total: u64 = all.iter().filter(|r| pin_all || r.access().remote_write).map(|r| r.len()).sum();
+        let remote = |r: &Region| r.access().remote_write || r.access().remote_read;
+        let total: u64 = all.iter().filter(|r| pin_all || remote(r)).map(|r| r.len()).sum();
         check_memlock(self.pinned, total, self.limit).map_err(TransportError::Device)?;
         let mut exposed = Vec::new();
         for r in &all {
-            let remote = r.access().remote_write;
-            if !(pin_all || remote) {
+            if !(pin_all || remote(r)) {
                 continue;
             }
-            let mr = self.register(r, 0, r.len(), if remote { MrAccess::RemoteWrite } else { MrAccess::LocalRead })?;
-            if remote || r.access().remote_read {
+            let access = match (r.access().remote_write, r.access().remote_read) {
+                (true, true) => MrAccess::RemoteReadWrite,
+                (true, false) => MrAccess::RemoteWrite,
+                (false, true) => MrAccess::RemoteRead,
+                (false, false) => MrAccess::LocalRead,
+            };
+            let mr = self.register(r, 0, r.len(), access)?;
+            if remote(r) {
                 exposed.push(RegionInfo {
                     id: r.id(),
                     len: r.len(),
@@ -241,6 +247,12 @@ impl MrCache {
             }
         }
         Ok(())
+    }
+
+    /// Test-only: pretend RLIMIT_MEMLOCK is `limit` (root in the test guest is exempt).
+    #[cfg(test)]
+    pub(crate) fn set_limit_for_test(&mut self, limit: Option<u64>) {
+        self.limit = limit;
     }
 
     /// Chunks registered on demand so far.

@@ -432,7 +432,7 @@ impl VerbsTransport {
             return Err(TransportError::Protocol(DecodeError::Invalid { field: "verbs credits", value: theirs.credits as u64 }));
         }
         let remote_ep = Endpoint { qpn: theirs.qpn, psn: theirs.psn, lid: theirs.lid, gid: theirs.gid, gid_index: theirs.gid_index, mtu: theirs.mtu };
-        let qp = local.qp.connect(&remote_ep).map_err(verbs_err)?;
+        let qp = local.qp.connect(remote_ep).map_err(verbs_err)?;
 
         // RTS reached: send our setup blob (credit word, buffer size); the peer's blob tells us
         // its QP is in RTS too.
@@ -1166,5 +1166,66 @@ impl Drop for VerbsTransport {
             drop(qp);
         }
         // The remaining fields drop in declaration order: MRs, rings, CQs, channel, PD, context.
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn message_header_round_trip_and_rejects() {
+        let h = MsgHeader { more: true, len: 3, bytes_written: 1 << 40 };
+        let mut b = h.encode().to_vec();
+        b.extend_from_slice(b"abc");
+        assert_eq!(MsgHeader::decode(&b).unwrap(), h);
+        assert!(matches!(MsgHeader::decode(&b[..10]), Err(DecodeError::Truncated { .. })));
+        let mut bad = b.clone();
+        bad[0] = 9;
+        assert!(MsgHeader::decode(&bad).is_err(), "unknown kind");
+        let mut bad = b.clone();
+        bad[1] = 2;
+        assert!(MsgHeader::decode(&bad).is_err(), "unknown flag");
+        assert!(MsgHeader::decode(&b[..MSG_HEADER + 2]).is_err(), "length mismatch");
+        let empty = MsgHeader { more: false, len: 0, bytes_written: 0 };
+        assert_eq!(MsgHeader::decode(&empty.encode()).unwrap(), empty);
+    }
+
+    #[test]
+    fn setup_blob_round_trip_and_rejects() {
+        let b = encode_setup(0x7f00_0000_1000, 0x1234, 16 << 10);
+        assert_eq!(b.len(), SETUP_LEN);
+        assert_eq!(decode_setup(&b).unwrap(), (0x7f00_0000_1000, 0x1234, 16 << 10));
+        assert!(decode_setup(&b[..20]).is_err());
+        let mut bad = b.clone();
+        bad[0] = b'X';
+        assert!(decode_setup(&bad).is_err());
+        let mut bad = b.clone();
+        bad[4] = 2;
+        assert!(decode_setup(&bad).is_err(), "unknown version");
+        assert!(decode_setup(&encode_setup(1, 1, 8)).is_err(), "receive buffer smaller than a header");
+    }
+
+    #[test]
+    fn send_queue_accounting() {
+        let mut q = SendQueue {
+            depth: 8,
+            next: 1,
+            completed: 0,
+            last_signaled: 0,
+            last_write_seq: 0,
+            entries: VecDeque::new(),
+            free_slots: vec![],
+        };
+        let mut signaled = vec![];
+        for i in 0..8 {
+            let s = q.must_signal();
+            signaled.push(s);
+            q.push(SqKind::Write { id: i + 1 }, s);
+        }
+        assert!(!q.has_room(1));
+        assert_eq!(signaled.iter().filter(|s| **s).count(), 2, "a signal every half queue: {signaled:?}");
+        assert!(matches!(q.kind_of(3), Some(SqKind::Write { id: 3 })));
+        assert_eq!(q.outstanding(), 8);
     }
 }
