@@ -7,7 +7,7 @@
 set -euo pipefail
 SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
-      ibverbs-utils perftest iproute2 iperf3 qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3)
+      ibverbs-utils perftest iproute2 iperf3 jq qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [[ ${#missing[@]} -gt 0 ]]; then

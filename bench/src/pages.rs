@@ -404,13 +404,20 @@ fn send(
     let cfg = if a.no_coalesce {
         CoalesceConfig::per_page(ps as u32)
     } else {
-        CoalesceConfig { page_size: ps as u32, max_write_bytes: a.max_write.max(ps), max_sges: 16, ..Default::default() }
+        CoalesceConfig {
+            page_size: ps as u32,
+            max_write_bytes: a.max_write.max(ps),
+            max_sges: 16,
+            ..Default::default()
+        }
     };
     let co = Coalescer::new(cfg)?;
     let mut wrs = Vec::new();
     let cst = co.coalesce(&bm, &mut wrs);
-    let reqs: Vec<WriteRequest<'_>> =
-        wrs.iter().map(|w| WriteRequest { local: 1, segments: &w.segments, remote: 2, remote_offset: w.offset }).collect();
+    let reqs: Vec<WriteRequest<'_>> = wrs
+        .iter()
+        .map(|w| WriteRequest { local: 1, segments: &w.segments, remote: 2, remote_offset: w.offset })
+        .collect();
     let memcpy = memcpy_gbps(&r, cst.pages * ps);
     if !a.json {
         eprintln!("{note}");
@@ -436,10 +443,7 @@ fn send(
         passes += 1;
         let el = start.elapsed();
         pb.set_position((el.as_secs_f64() * 10.0) as u64);
-        pb.set_message(format!(
-            "{:.2} GB/s",
-            (passes * cst.pages * ps) as f64 / el.as_secs_f64().max(1e-9) / 1e9
-        ));
+        pb.set_message(format!("{:.2} GB/s", (passes * cst.pages * ps) as f64 / el.as_secs_f64().max(1e-9) / 1e9));
         if el >= dur {
             break;
         }
@@ -495,10 +499,7 @@ fn print_report(r: &BenchReport) {
         r.passes,
         r.seconds
     );
-    println!(
-        "  throughput {:.3} GB/s = {:.2} Gb/s, {:.0} {}/s",
-        r.gbytes_per_s, r.gbits_per_s, r.pages_per_s, r.kind
-    );
+    println!("  throughput {:.3} GB/s = {:.2} Gb/s, {:.0} {}/s", r.gbytes_per_s, r.gbits_per_s, r.pages_per_s, r.kind);
     println!(
         "  work requests {}, coalescing {:.2} {} per request, window stalls {}",
         r.work_requests, r.coalescing_ratio, r.kind, r.window_stalls

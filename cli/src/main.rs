@@ -11,6 +11,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Cmd {
+    /// Live-migrate a running workload to a destination (pre-copy).
+    Migrate(livemig_engine::precopy::cli::MigrateArgs),
+    /// Serve as a migration destination.
+    Receive(livemig_engine::precopy::cli::ReceiveArgs),
     /// Transfer benchmarks in the spirit of perftest/iperf3.
     Bench {
         #[command(subcommand)]
@@ -36,6 +40,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
+        Cmd::Migrate(a) => livemig_engine::precopy::cli::run_migrate(&a),
+        Cmd::Receive(a) => livemig_engine::precopy::cli::run_receive(&a),
         Cmd::Bench { what: BenchCmd::Pages(a) } => livemig_bench::pages::run(livemig_bench::pages::PAGES, &a),
         Cmd::Bench { what: BenchCmd::Chunks(a) } => livemig_bench::pages::run(livemig_bench::pages::CHUNKS, &a),
     }

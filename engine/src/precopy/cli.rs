@@ -1,0 +1,362 @@
+//! `livemig migrate` (source) and `livemig receive` (destination).
+
+use std::io::Write;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use livemig_transport::auth::Secret;
+use livemig_transport::{Access, CoalesceConfig, Region, RegionTable, TcpConfig};
+
+use super::{dest, source, Outcome};
+use crate::connect::{self, Listener, TransportChoice, TransportOptions};
+use crate::policy::{KvmConfig, PolicyConfig, PolicyKind};
+use crate::workload::{Workload, WorkloadKind, WorkloadParams};
+
+/// Local region id of the source region.
+pub const SOURCE_REGION: u32 = 1;
+/// Exposed region id of the destination region.
+pub const DEST_REGION: u32 = 2;
+
+/// Parses sizes like `256M`, `4K`, `1G`, `4096`.
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let t = s.trim_end_matches(['i', 'I', 'B', 'b']);
+    let (num, mul) = match t.chars().last() {
+        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
+        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
+        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
+}
+
+/// The `--workload` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkloadChoice {
+    /// Sequential writer.
+    Seq,
+    /// Uniform random writer.
+    Random,
+    /// Reader (dirties only its header page).
+    Readonly,
+    /// No workload: migrate idle memory.
+    None,
+}
+
+impl WorkloadChoice {
+    fn kind(self) -> Option<WorkloadKind> {
+        match self {
+            WorkloadChoice::Seq => Some(WorkloadKind::Seq),
+            WorkloadChoice::Random => Some(WorkloadKind::Random),
+            WorkloadChoice::Readonly => Some(WorkloadKind::Readonly),
+            WorkloadChoice::None => None,
+        }
+    }
+    fn as_str(self) -> &'static str {
+        match self {
+            WorkloadChoice::Seq => "seq",
+            WorkloadChoice::Random => "random",
+            WorkloadChoice::Readonly => "readonly",
+            WorkloadChoice::None => "none",
+        }
+    }
+}
+
+/// Options of `livemig migrate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct MigrateArgs {
+    /// Destination address (a `livemig receive --listen` endpoint).
+    #[arg(long, value_name = "ADDR", required_unless_present = "local", conflicts_with = "local")]
+    pub to: Option<String>,
+    /// Start both ends on this machine (the destination in a child process).
+    #[arg(long)]
+    pub local: bool,
+    /// With --local: run each end in its own network namespace, joined by a veth pair shaped
+    /// to RATE with tc (e.g. 1gbit, 10gbit, 500mbit). Needs root.
+    #[arg(long, value_name = "RATE", requires = "local")]
+    pub link: Option<String>,
+    /// tcp, verbs or auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportChoice,
+    /// Workload running in the region.
+    #[arg(long, value_enum, default_value = "random")]
+    pub workload: WorkloadChoice,
+    /// Workload threads.
+    #[arg(long, default_value_t = 1)]
+    pub threads: u32,
+    /// Region size.
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    pub size: u64,
+    /// Page size.
+    #[arg(long, value_parser = parse_size, default_value = "4096")]
+    pub page_size: u64,
+    /// Working set written by the workload (default: half the region).
+    #[arg(long, value_parser = parse_size)]
+    pub wss: Option<u64>,
+    /// Workload rate in pages/s over all threads (0 = flat out).
+    #[arg(long, default_value_t = 0)]
+    pub rate: u64,
+    /// Convergence policy: ibrahim, kvm, xen.
+    #[arg(long, default_value = "ibrahim")]
+    pub policy: PolicyKind,
+    /// Give up after this many seconds (kvm: abort, the source keeps running; ibrahim:
+    /// force stop-and-copy). 0 = no limit.
+    #[arg(long, default_value_t = 0)]
+    pub max_time: u64,
+    /// kvm downtime limit in ms.
+    #[arg(long, default_value_t = 300)]
+    pub downtime_ms: u64,
+    /// Seconds of workload warm-up measured before migrating.
+    #[arg(long, default_value_t = 2.0)]
+    pub warmup: f64,
+    /// Seconds the destination measures the resumed workload.
+    #[arg(long, default_value_t = 2.0)]
+    pub after: f64,
+    /// Shared-secret file (else $LIVEMIG_SECRET; --local makes a random one).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Machine-readable summary on stdout (progress lines go to stderr).
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Options of `livemig receive`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ReceiveArgs {
+    /// Address to listen on (port 0 picks one; the bound address is printed first).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// tcp, verbs or auto.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub transport: TransportChoice,
+    /// Size of the exposed region (must match the source's).
+    #[arg(long, value_parser = parse_size, default_value = "256M")]
+    pub size: u64,
+    /// Page size (must match the source's).
+    #[arg(long, value_parser = parse_size, default_value = "4096")]
+    pub page_size: u64,
+    /// Seconds to measure the resumed workload before reporting its rate.
+    #[arg(long, default_value_t = 2.0)]
+    pub after: f64,
+    /// Shared-secret file (else $LIVEMIG_SECRET).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Machine-readable report on stderr.
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl MigrateArgs {
+    /// The policy configuration these flags select.
+    pub fn policy_config(&self) -> PolicyConfig {
+        let max_time = NonZeroU64::new(self.max_time.saturating_mul(1000));
+        match self.policy.default_config() {
+            PolicyConfig::Kvm(_) => PolicyConfig::Kvm(KvmConfig {
+                downtime_limit_ms: self.downtime_ms,
+                max_time_ms: max_time,
+                ..Default::default()
+            }),
+            PolicyConfig::Ibrahim(mut c) => {
+                c.max_time_ms = max_time;
+                PolicyConfig::Ibrahim(c)
+            }
+            other => other,
+        }
+    }
+
+    /// The workload parameters, `None` for `--workload none`.
+    pub fn workload_params(&self) -> Result<Option<WorkloadParams>> {
+        let Some(kind) = self.workload.kind() else { return Ok(None) };
+        let pages = self.size / self.page_size;
+        let wss = self.wss.unwrap_or(self.size / 2) / self.page_size;
+        let wss = wss.clamp(1, pages.saturating_sub(1).max(1));
+        Ok(Some(WorkloadParams {
+            kind,
+            working_set_pages: NonZeroU64::new(wss).context("--wss must be at least one page")?,
+            rate_pages_per_sec: self.rate,
+            threads: NonZeroU32::new(self.threads).context("--threads must be at least 1")?,
+            seed: 0x11fe,
+        }))
+    }
+
+    /// Arguments that re-create this source run against `to` (used by `--local --link`).
+    pub fn source_argv(&self, to: &str) -> Vec<String> {
+        let mut v: Vec<String> = vec!["migrate".into(), "--to".into(), to.into()];
+        let mut kv = |k: &str, val: String| {
+            v.push(k.into());
+            v.push(val);
+        };
+        kv("--transport", transport_arg(self.transport).into());
+        kv("--workload", self.workload.as_str().into());
+        kv("--threads", self.threads.to_string());
+        kv("--size", self.size.to_string());
+        kv("--page-size", self.page_size.to_string());
+        if let Some(w) = self.wss {
+            kv("--wss", w.to_string());
+        }
+        kv("--rate", self.rate.to_string());
+        kv("--policy", self.policy.to_string());
+        kv("--max-time", self.max_time.to_string());
+        kv("--downtime-ms", self.downtime_ms.to_string());
+        kv("--warmup", self.warmup.to_string());
+        kv("--after", self.after.to_string());
+        if let Some(f) = &self.secret_file {
+            kv("--secret-file", f.display().to_string());
+        }
+        if self.json {
+            v.push("--json".into());
+        }
+        v
+    }
+}
+
+/// `--transport` value as text.
+pub fn transport_arg(c: TransportChoice) -> &'static str {
+    match c {
+        TransportChoice::Tcp => "tcp",
+        TransportChoice::Verbs => "verbs",
+        TransportChoice::Auto => "auto",
+    }
+}
+
+/// Transport settings for migration sessions.
+pub fn transport_options(choice: TransportChoice) -> TransportOptions {
+    let tcp = TcpConfig::default();
+    TransportOptions { choice, io_timeout: tcp.io_timeout, tcp }
+}
+
+fn page_size(p: u64) -> Result<u32> {
+    if !p.is_power_of_two() || p > (1 << 30) || (p as usize) < crate::workload::MIN_PAGE_SIZE {
+        bail!("--page-size {p} must be a power of two between 512 and 1 GiB");
+    }
+    Ok(p as u32)
+}
+
+fn secs(s: f64) -> Duration {
+    Duration::from_secs_f64(s.max(0.0))
+}
+
+/// Entry point of `livemig migrate`.
+pub fn run_migrate(a: &MigrateArgs) -> Result<()> {
+    if a.local {
+        return crate::local::run(a);
+    }
+    let to = a.to.as_deref().context("give --to ADDR or --local")?;
+    let secret = Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
+    run_source(a, to, &secret)
+}
+
+/// The source side against a listening destination at `to`.
+pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
+    let ps = page_size(a.page_size)?;
+    if a.size == 0 || a.size % ps as u64 != 0 {
+        bail!("--size {} must be a positive multiple of the page size {ps}", a.size);
+    }
+    let (kind, note) = connect::resolve(a.transport);
+    let region = Arc::new(Region::anonymous(SOURCE_REGION, a.size, ps, Access::LOCAL)?);
+    let table = RegionTable::new();
+    let _reg = table.register(region.clone())?;
+    let mut workload = match a.workload_params()? {
+        Some(p) => {
+            let mut w = Workload::init(region.clone(), p).context("starting the workload")?;
+            w.start().context("starting the workload")?;
+            Some(w)
+        }
+        None => None,
+    };
+    let mut t = connect::connect(kind, to, &transport_options(a.transport), secret, &table)
+        .with_context(|| format!("connecting to {to}"))?;
+    let mut err = std::io::stderr();
+    let _ = writeln!(err, "{note}");
+    let _ = writeln!(
+        err,
+        "migrating {} MiB ({} workload, wss {} MiB, rate {}) to {to} with policy {}; warming up {:.1} s",
+        a.size >> 20,
+        a.workload.as_str(),
+        workload.as_ref().map_or(0, |w| w.params().working_set_pages.get() * ps as u64) >> 20,
+        if a.rate == 0 { "flat out".to_string() } else { format!("{} pg/s", a.rate) },
+        a.policy,
+        a.warmup
+    );
+    let cfg = source::SourceConfig {
+        policy: a.policy_config(),
+        coalesce: CoalesceConfig { page_size: ps, ..Default::default() },
+        warmup: secs(a.warmup),
+        reply_timeout: super::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
+    };
+    let json = a.json;
+    let mut on_line = |l: &super::IterationLine| {
+        if json {
+            eprintln!("{l}");
+        } else {
+            println!("{l}");
+        }
+    };
+    let res = source::migrate(t.as_mut(), &region, workload.as_mut(), &cfg, &mut on_line);
+    let summary = match res {
+        Ok(s) => s,
+        Err(e) => {
+            let running = workload.as_ref().map(|w| w.state().to_string()).unwrap_or_else(|| "none".into());
+            return Err(anyhow::Error::new(e).context(format!("migration failed (source workload: {running})")));
+        }
+    };
+    if json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        print!("{}", summary.render());
+    }
+    if summary.outcome == Outcome::Aborted {
+        let running = workload.as_ref().map(|w| w.state().to_string()).unwrap_or_else(|| "none".into());
+        bail!("migration aborted: {} (source workload {running})", summary.end_reason);
+    }
+    Ok(())
+}
+
+/// Entry point of `livemig receive`.
+pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
+    let ps = page_size(a.page_size)?;
+    let (kind, note) = connect::resolve(a.transport);
+    let secret = Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
+    let region = Arc::new(Region::anonymous(DEST_REGION, a.size, ps, Access::REMOTE_WRITE)?);
+    let table = RegionTable::new();
+    let _reg = table.register(region.clone())?;
+    let l = Listener::bind(kind, &a.listen)?;
+    // The first stdout line lets a parent (--local) or a script find us; the rest goes to
+    // stderr so a parent may close the pipe.
+    println!("listening {} {}", l.local_addr()?, kind);
+    std::io::stdout().flush()?;
+    eprintln!("{note}");
+    let mut t = l.accept(&transport_options(a.transport), &secret, &table)?;
+    let cfg = dest::DestConfig { rate_window: secs(a.after), ..Default::default() };
+    let mut on_iter = |i: u32, p: u64, d: u64| tracing::debug!(iter = i, pages = p, dirty = d, "interval received");
+    let mut rep = dest::receive(t.as_mut(), &region, &cfg, &mut on_iter).context("receiving the migration")?;
+    if a.json {
+        let v = serde_json::json!({
+            "iterations": rep.iterations,
+            "zero_pages": rep.zero_pages,
+            "bytes_received": rep.bytes_received,
+            "checksum": rep.checksum,
+            "verify_ms": rep.verify_ms,
+            "after_rate": rep.after_rate,
+        });
+        eprintln!("{v}");
+    } else {
+        eprintln!(
+            "destination: verified {} after {} intervals ({:.1} MiB received, {} zero pages); checksum+resume {:.1} ms; workload {}",
+            &rep.checksum[..16],
+            rep.iterations,
+            rep.bytes_received as f64 / (1 << 20) as f64,
+            rep.zero_pages,
+            rep.verify_ms,
+            rep.after_rate.map_or("none".into(), |r| format!("resumed at {r:.0} pg/s"))
+        );
+    }
+    if let Some(w) = rep.workload.as_mut() {
+        w.stop().context("stopping the workload")?;
+    }
+    Ok(())
+}

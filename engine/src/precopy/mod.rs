@@ -1,0 +1,327 @@
+//! Pre-copy live migration of a running workload (issue 4; the paper's section 7 and
+//! Algorithm 2).
+//!
+//! # Data flow
+//!
+//! ```text
+//!   source process                                   destination process
+//!   region (workload runs in it)                     region (exposed REMOTE_WRITE)
+//!   dirty tracker (userfaultfd WP)
+//!   policy (ibrahim | kvm | xen, pure)
+//!        │ Begin{len, page size, workload} ─────────────▶ checks size/page size
+//!        │ ◀──────────────────────────────── Accept | Refuse{reason}
+//!   first pass: zero pages → Zero{runs}; others → coalesced writes ───▶ placed by transport
+//!   interval i: window from policy, post ≤ window dirty pages, flush,
+//!               harvest dirty log, IntervalReport → Decision
+//!        │ IterationDone{i, pages, dirty} ──────────────▶ progress
+//!   StopAndCopy: pause workload (downtime starts), final harvest, send, flush,
+//!        │ Final{checksum, resume} ─────────────────────▶ checksum whole region
+//!        │ ◀──────────────────────────────── Verified{ok, checksum}
+//!        │ ◀──────────────────────────────── Resumed     (downtime ends; workload runs there)
+//!   source workload stops for good
+//!        │ ◀──────────────────────────────── WorkloadRate{pages/s after}
+//!        │ Done ────────────────────────────────────────▶
+//!   Abort (policy gave up) or a transport error: tracking stops, the source workload keeps
+//!   running (resumed if it was paused), Abort{reason} is sent when the link still works.
+//! ```
+//!
+//! The policies are pure state machines ([`crate::policy`]); [`source`] and [`dest`] are the
+//! thin drivers that read the clock and move bytes. Which transport backend carries the
+//! session does not matter to them: they only see `dyn Transport`.
+//!
+//! **Zero pages.** The destination region is a fresh anonymous mapping, hence already zero,
+//! so a `Zero` announcement is only counted there. Writing zeros on receipt would be wrong:
+//! the transport orders a message after the writes posted *before* it, not before the writes
+//! posted after it, so a later write of the same page could already be placed when the
+//! message is read. The final checksum covers the zero pages too.
+
+pub mod checksum;
+pub mod cli;
+pub mod dest;
+pub mod proto;
+pub mod source;
+
+use std::time::Duration;
+
+use serde::Serialize;
+
+pub use dest::{receive, DestConfig, DestError, DestReport};
+pub use proto::{decode, Msg, ProtoError};
+pub use source::{migrate, SourceConfig, SourceError};
+
+/// The pre-copy phase a failure happened in (for error messages).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum Phase {
+    /// Begin/Accept.
+    Handshake,
+    /// Iterative rounds (the workload runs at the source).
+    Precopy,
+    /// The workload is paused; the last dirty pages and the checksum are in flight.
+    StopAndCopy,
+    /// After the destination resumed.
+    Resumed,
+}
+
+impl std::fmt::Display for Phase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Phase::Handshake => "handshake",
+            Phase::Precopy => "pre-copy",
+            Phase::StopAndCopy => "stop-and-copy",
+            Phase::Resumed => "after resume",
+        })
+    }
+}
+
+/// Why a destination cannot take the source's region. Checked on both sides: by the source
+/// against the regions the destination exposed at the transport handshake, and by the
+/// destination against `Begin`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Mismatch {
+    /// The destination exposes no writable region.
+    #[error("the destination exposes no writable region")]
+    NoRegion,
+    /// The destination region is smaller.
+    #[error("the destination region ({dst} bytes) is smaller than the source region ({src} bytes)")]
+    TooSmall {
+        /// Source bytes.
+        src: u64,
+        /// Destination bytes.
+        dst: u64,
+    },
+    /// A workload needs equal sizes: its header records the region's page count.
+    #[error("the destination region ({dst} bytes) differs from the source region ({src} bytes); a workload resumes only in a region of the same size")]
+    SizeDiffers {
+        /// Source bytes.
+        src: u64,
+        /// Destination bytes.
+        dst: u64,
+    },
+    /// Page sizes differ.
+    #[error("the destination page size {dst} differs from the source page size {src}")]
+    PageSize {
+        /// Source page size.
+        src: u32,
+        /// Destination page size.
+        dst: u32,
+    },
+}
+
+/// Pure check: may a region of `dest_len` bytes with `dest_page` pages receive the source's?
+pub fn check_fit(
+    source_len: u64,
+    source_page: u32,
+    workload: bool,
+    dest_len: u64,
+    dest_page: u32,
+) -> Result<(), Mismatch> {
+    if dest_page != source_page {
+        return Err(Mismatch::PageSize { src: source_page, dst: dest_page });
+    }
+    if dest_len < source_len {
+        return Err(Mismatch::TooSmall { src: source_len, dst: dest_len });
+    }
+    if workload && dest_len != source_len {
+        return Err(Mismatch::SizeDiffers { src: source_len, dst: dest_len });
+    }
+    Ok(())
+}
+
+/// One pre-copy interval, as printed on its progress line.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+pub struct IterationLine {
+    /// Interval number, from 1.
+    pub iter: u32,
+    /// Milliseconds since the migration started.
+    pub at_ms: u64,
+    /// Data pages written in the interval.
+    pub sent: u64,
+    /// Zero pages announced in the interval (first pass).
+    pub zero: u64,
+    /// Dirty-set size after the harvest (`remaining`).
+    pub dirty: u64,
+    /// Pages sent that were also sent in the previous interval.
+    pub retransmitted: u64,
+    /// Active length of the interval (post + wait), ms.
+    pub interval_ms: f64,
+    /// Window for the next interval (`None` = whole dirty set).
+    pub window: Option<u64>,
+    /// Pages written by the workload per second during the interval.
+    pub workload_rate: f64,
+}
+
+impl std::fmt::Display for IterationLine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let window = self.window.map_or("all".to_string(), |w| w.to_string());
+        write!(
+            f,
+            "iter {:>3} {:>7.1}s  sent {:>8}  zero {:>7}  dirty {:>8}  retx {:>8}  interval {:>7.1} ms  window {:>8}  workload {:>9.0} pg/s",
+            self.iter,
+            self.at_ms as f64 / 1000.0,
+            self.sent,
+            self.zero,
+            self.dirty,
+            self.retransmitted,
+            self.interval_ms,
+            window,
+            self.workload_rate
+        )
+    }
+}
+
+/// Workload throughput around the migration, in pages touched per second.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
+pub struct WorkloadRates {
+    /// Before the migration started (warm-up at the source).
+    pub before: f64,
+    /// During pre-copy (at the source, with dirty tracking armed).
+    pub during: f64,
+    /// After resuming at the destination (reported by it); `None` if not measured.
+    pub after: Option<f64>,
+}
+
+impl WorkloadRates {
+    /// Slowdown during pre-copy, in percent of the rate before (0 when nothing ran before).
+    pub fn slowdown_percent(&self) -> f64 {
+        if self.before <= 0.0 {
+            0.0
+        } else {
+            (self.before - self.during) / self.before * 100.0
+        }
+    }
+}
+
+/// How the migration ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Outcome {
+    /// Stop-and-copy ran, checksums matched, the destination resumed.
+    Completed,
+    /// The policy gave up; the source workload kept running.
+    Aborted,
+}
+
+/// The final summary of a migration, printed by the source.
+#[derive(Debug, Clone, Serialize)]
+pub struct Summary {
+    /// Completed or aborted.
+    pub outcome: Outcome,
+    /// Policy name.
+    pub policy: String,
+    /// Transport backend.
+    pub transport: String,
+    /// Dirty-tracking mechanism.
+    pub tracker: String,
+    /// Region bytes.
+    pub region_bytes: u64,
+    /// Page size.
+    pub page_size: u32,
+    /// Seconds from the start of pre-copy to the end (resume or abort).
+    pub total_s: f64,
+    /// Downtime: from pausing the workload to the destination's `Resumed` (ms).
+    pub downtime_ms: Option<f64>,
+    /// Part of the downtime spent sending the last dirty set (ms).
+    pub final_transfer_ms: Option<f64>,
+    /// Pages sent in stop-and-copy.
+    pub final_pages: Option<u64>,
+    /// Payload bytes written in total.
+    pub bytes: u64,
+    /// Data pages written in total.
+    pub pages_sent: u64,
+    /// Zero pages announced instead of sent.
+    pub zero_pages: u64,
+    /// Pre-copy intervals.
+    pub iterations: u32,
+    /// Short label of the rule that ended pre-copy (`a`, `b`, `c`, `kvm-downtime`, …).
+    pub end_rule: String,
+    /// Its full description.
+    pub end_reason: String,
+    /// Workload throughput before/during/after.
+    pub workload: WorkloadRates,
+    /// Slowdown during pre-copy, percent.
+    pub slowdown_percent: f64,
+    /// The checksum both ends agreed on (hex), when completed.
+    pub checksum: Option<String>,
+    /// The per-interval lines.
+    pub intervals: Vec<IterationLine>,
+}
+
+impl Summary {
+    /// Human-readable multi-line summary.
+    pub fn render(&self) -> String {
+        let mut s = String::new();
+        let verdict = match self.outcome {
+            Outcome::Completed => "completed",
+            Outcome::Aborted => "ABORTED (source still running)",
+        };
+        let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+        s +=
+            &format!("migration {verdict}: policy {} over {}, tracker {}\n", self.policy, self.transport, self.tracker);
+        s += &format!("  region         {:.0} MiB, {} B pages\n", mb(self.region_bytes), self.page_size);
+        s += &format!("  total time     {:.2} s\n", self.total_s);
+        match self.downtime_ms {
+            Some(d) => {
+                s += &format!(
+                    "  downtime       {:.1} ms ({} pages in stop-and-copy, {:.1} ms sending them)\n",
+                    d,
+                    self.final_pages.unwrap_or(0),
+                    self.final_transfer_ms.unwrap_or(0.0)
+                )
+            }
+            None => s += "  downtime       none (the workload never stopped)\n",
+        }
+        s += &format!(
+            "  bytes          {:.1} MiB ({} pages sent, {} zero pages as flags)\n",
+            mb(self.bytes),
+            self.pages_sent,
+            self.zero_pages
+        );
+        s += &format!("  iterations     {}\n", self.iterations);
+        s += &format!("  ended by       {} [{}]\n", self.end_reason, self.end_rule);
+        let after = self.workload.after.map_or("n/a".into(), |a| format!("{a:.0}"));
+        s += &format!(
+            "  workload       before {:.0} pg/s, during {:.0} pg/s, after {} pg/s; slowdown {:.1} %\n",
+            self.workload.before, self.workload.during, after, self.slowdown_percent
+        );
+        if let Some(c) = &self.checksum {
+            s += &format!("  checksum       {c} (verified by the destination)\n");
+        }
+        s
+    }
+}
+
+/// Hex of a checksum.
+pub fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Default time to wait for a control reply.
+pub const REPLY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Whether this build corrupts a page in flight when `LIVEMIG_CORRUPT_PAGE` is set
+/// (cargo feature `fault-injection`; test builds only).
+pub const FAULT_INJECTION: bool = cfg!(feature = "fault-injection");
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fit_rules() {
+        assert_eq!(check_fit(100, 4096, true, 100, 4096), Ok(()));
+        assert_eq!(check_fit(100, 4096, false, 200, 4096), Ok(()));
+        assert!(matches!(check_fit(100, 4096, false, 50, 4096), Err(Mismatch::TooSmall { .. })));
+        assert!(matches!(check_fit(100, 4096, true, 200, 4096), Err(Mismatch::SizeDiffers { .. })));
+        assert!(matches!(check_fit(100, 4096, false, 100, 8192), Err(Mismatch::PageSize { .. })));
+    }
+
+    #[test]
+    fn slowdown() {
+        let r = WorkloadRates { before: 100.0, during: 75.0, after: None };
+        assert!((r.slowdown_percent() - 25.0).abs() < 1e-9);
+        assert_eq!(WorkloadRates::default().slowdown_percent(), 0.0);
+    }
+}

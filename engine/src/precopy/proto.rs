@@ -1,0 +1,469 @@
+//! The pre-copy session's control messages, carried by [`Transport::send_message`]
+//! (ordered after every write posted before them).
+//!
+//! Page data never travels in these messages: it is placed by transport writes. The messages
+//! open the session, announce zero pages, mark rounds, and run the switchover.
+//!
+//! # Frame layout
+//!
+//! ```text
+//! byte 0..4   magic  "LMPC"
+//! byte 4      version (VERSION; decoders accept MIN_VERSION..=VERSION)
+//! byte 5      message type (see `Msg`)
+//! byte 6..    payload, little-endian, fixed layout per type:
+//!   1 Begin          region_len u64 | page_size u32 | flags u8 (bit0: a workload runs in page 0)
+//!   2 Accept         -
+//!   3 Refuse         reason: text
+//!   4 Zero           n u32 (≤ MAX_ZERO_RUNS) | n × (first_page u64 | pages u32)
+//!   5 IterationDone  iter u32 | pages u64 | dirty u64
+//!   6 Final          checksum [32] | flags u8 (bit0: resume the workload)
+//!   7 Verified       ok u8 (0|1) | destination checksum [32]
+//!   8 Resumed        -
+//!   9 WorkloadRate   pages_per_sec u64 | over_ms u32
+//!  10 Done           -
+//!  11 Abort          reason: text
+//! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
+//! ```
+//!
+//! A frame is at most [`MAX_FRAME`] bytes; trailing bytes are an error. Every decoder
+//! returns a typed [`ProtoError`] and never panics (see the fuzz-style unit test).
+//!
+//! [`Transport::send_message`]: livemig_transport::Transport::send_message
+
+/// Frame magic.
+pub const MAGIC: [u8; 4] = *b"LMPC";
+/// Protocol version this build speaks.
+pub const VERSION: u8 = 1;
+/// Oldest version this build decodes.
+pub const MIN_VERSION: u8 = 1;
+/// Longest reason text, in bytes.
+pub const MAX_TEXT: usize = 512;
+/// Most zero-page runs in one `Zero` message.
+pub const MAX_ZERO_RUNS: usize = 4096;
+/// Largest frame: a full `Zero` message.
+pub const MAX_FRAME: usize = 6 + 4 + MAX_ZERO_RUNS * 12;
+
+const HEADER: usize = 6;
+
+/// A run of zero pages: `pages` pages starting at `first`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ZeroRun {
+    /// First page index.
+    pub first: u64,
+    /// Number of pages (≥ 1).
+    pub pages: u32,
+}
+
+/// A pre-copy control message.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Msg {
+    /// Source → destination: opens the migration.
+    Begin {
+        /// Bytes of the source region.
+        region_len: u64,
+        /// Source page size.
+        page_size: u32,
+        /// A workload lives in the region (page 0 holds its header) and must be resumed.
+        workload: bool,
+    },
+    /// Destination → source: the region fits.
+    Accept,
+    /// Destination → source: the migration is refused.
+    Refuse {
+        /// Why.
+        reason: String,
+    },
+    /// Source → destination: these pages are all zeros (sent as a flag, not as data).
+    Zero {
+        /// Runs of zero pages (at most [`MAX_ZERO_RUNS`]).
+        runs: Vec<ZeroRun>,
+    },
+    /// Source → destination: one pre-copy interval is complete.
+    IterationDone {
+        /// Interval number, from 1.
+        iter: u32,
+        /// Data pages written in it.
+        pages: u64,
+        /// Dirty pages left after it.
+        dirty: u64,
+    },
+    /// Source → destination: stop-and-copy is over; compare this checksum.
+    Final {
+        /// Whole-region checksum at the source (see `checksum::region_checksum`).
+        checksum: [u8; 32],
+        /// Resume the workload after verifying.
+        resume: bool,
+    },
+    /// Destination → source: checksum verdict.
+    Verified {
+        /// The destination's checksum equals the source's.
+        ok: bool,
+        /// The destination's checksum.
+        checksum: [u8; 32],
+    },
+    /// Destination → source: the workload runs at the destination (downtime ends).
+    Resumed,
+    /// Destination → source: the resumed workload's rate.
+    WorkloadRate {
+        /// Pages touched per second at the destination.
+        pages_per_sec: u64,
+        /// Measured over this many milliseconds.
+        over_ms: u32,
+    },
+    /// Source → destination: the session is over.
+    Done,
+    /// Either way: the migration is abandoned.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A control message could not be decoded.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ProtoError {
+    /// Fewer bytes than the layout needs.
+    #[error("message truncated: {need} bytes needed, {got} present")]
+    Truncated {
+        /// Bytes needed.
+        need: usize,
+        /// Bytes present.
+        got: usize,
+    },
+    /// Larger than [`MAX_FRAME`].
+    #[error("message of {0} bytes exceeds the {MAX_FRAME}-byte limit")]
+    TooLarge(usize),
+    /// Wrong magic.
+    #[error("not a pre-copy message (magic {0:02x?})")]
+    BadMagic([u8; 4]),
+    /// Unsupported version.
+    #[error("pre-copy protocol version {0} is not supported (this build speaks {MIN_VERSION}..={VERSION})")]
+    Version(u8),
+    /// Unknown message type.
+    #[error("unknown message type {0}")]
+    UnknownType(u8),
+    /// A field is out of range.
+    #[error("invalid {field}: {value}")]
+    Invalid {
+        /// Which field.
+        field: &'static str,
+        /// The value found.
+        value: u64,
+    },
+    /// Text is not UTF-8.
+    #[error("reason text is not UTF-8")]
+    Utf8,
+    /// Bytes after the payload.
+    #[error("{0} trailing bytes after the message")]
+    Trailing(usize),
+}
+
+struct Reader<'a> {
+    b: &'a [u8],
+    pos: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        let end = self.pos.checked_add(n).filter(|&e| e <= self.b.len());
+        let end = end.ok_or(ProtoError::Truncated { need: self.pos.saturating_add(n), got: self.b.len() })?;
+        let s = &self.b[self.pos..end];
+        self.pos = end;
+        Ok(s)
+    }
+    fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.take(2)?.try_into().expect("2 bytes")))
+    }
+    fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.take(4)?.try_into().expect("4 bytes")))
+    }
+    fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.take(8)?.try_into().expect("8 bytes")))
+    }
+    fn sum(&mut self) -> Result<[u8; 32], ProtoError> {
+        Ok(self.take(32)?.try_into().expect("32 bytes"))
+    }
+    fn flag(&mut self, field: &'static str) -> Result<bool, ProtoError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(ProtoError::Invalid { field, value: v as u64 }),
+        }
+    }
+    fn text(&mut self) -> Result<String, ProtoError> {
+        let n = self.u16()? as usize;
+        if n > MAX_TEXT {
+            return Err(ProtoError::Invalid { field: "text length", value: n as u64 });
+        }
+        String::from_utf8(self.take(n)?.to_vec()).map_err(|_| ProtoError::Utf8)
+    }
+}
+
+fn put_text(out: &mut Vec<u8>, s: &str) {
+    // Truncate at a char boundary so the encoder never produces what the decoder refuses.
+    let mut end = s.len().min(MAX_TEXT);
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    out.extend_from_slice(&(end as u16).to_le_bytes());
+    out.extend_from_slice(&s.as_bytes()[..end]);
+}
+
+impl Msg {
+    fn code(&self) -> u8 {
+        match self {
+            Msg::Begin { .. } => 1,
+            Msg::Accept => 2,
+            Msg::Refuse { .. } => 3,
+            Msg::Zero { .. } => 4,
+            Msg::IterationDone { .. } => 5,
+            Msg::Final { .. } => 6,
+            Msg::Verified { .. } => 7,
+            Msg::Resumed => 8,
+            Msg::WorkloadRate { .. } => 9,
+            Msg::Done => 10,
+            Msg::Abort { .. } => 11,
+        }
+    }
+
+    /// A short name for errors and logs.
+    pub fn name(&self) -> &'static str {
+        match self {
+            Msg::Begin { .. } => "Begin",
+            Msg::Accept => "Accept",
+            Msg::Refuse { .. } => "Refuse",
+            Msg::Zero { .. } => "Zero",
+            Msg::IterationDone { .. } => "IterationDone",
+            Msg::Final { .. } => "Final",
+            Msg::Verified { .. } => "Verified",
+            Msg::Resumed => "Resumed",
+            Msg::WorkloadRate { .. } => "WorkloadRate",
+            Msg::Done => "Done",
+            Msg::Abort { .. } => "Abort",
+        }
+    }
+
+    /// Encodes the message. Texts longer than [`MAX_TEXT`] are truncated; a `Zero` message
+    /// must hold at most [`MAX_ZERO_RUNS`] runs of at least one page (debug-asserted; the
+    /// source builds them in bounded batches).
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64);
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.code());
+        match self {
+            Msg::Begin { region_len, page_size, workload } => {
+                out.extend_from_slice(&region_len.to_le_bytes());
+                out.extend_from_slice(&page_size.to_le_bytes());
+                out.push(*workload as u8);
+            }
+            Msg::Accept | Msg::Resumed | Msg::Done => {}
+            Msg::Refuse { reason } | Msg::Abort { reason } => put_text(&mut out, reason),
+            Msg::Zero { runs } => {
+                debug_assert!(runs.len() <= MAX_ZERO_RUNS && runs.iter().all(|r| r.pages > 0));
+                out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+                for r in runs {
+                    out.extend_from_slice(&r.first.to_le_bytes());
+                    out.extend_from_slice(&r.pages.to_le_bytes());
+                }
+            }
+            Msg::IterationDone { iter, pages, dirty } => {
+                out.extend_from_slice(&iter.to_le_bytes());
+                out.extend_from_slice(&pages.to_le_bytes());
+                out.extend_from_slice(&dirty.to_le_bytes());
+            }
+            Msg::Final { checksum, resume } => {
+                out.extend_from_slice(checksum);
+                out.push(*resume as u8);
+            }
+            Msg::Verified { ok, checksum } => {
+                out.push(*ok as u8);
+                out.extend_from_slice(checksum);
+            }
+            Msg::WorkloadRate { pages_per_sec, over_ms } => {
+                out.extend_from_slice(&pages_per_sec.to_le_bytes());
+                out.extend_from_slice(&over_ms.to_le_bytes());
+            }
+        }
+        out
+    }
+}
+
+/// Decodes one control message. Never panics, whatever the input.
+pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
+    if b.len() > MAX_FRAME {
+        return Err(ProtoError::TooLarge(b.len()));
+    }
+    if b.len() < HEADER {
+        return Err(ProtoError::Truncated { need: HEADER, got: b.len() });
+    }
+    let magic: [u8; 4] = b[..4].try_into().expect("4 bytes");
+    if magic != MAGIC {
+        return Err(ProtoError::BadMagic(magic));
+    }
+    if !(MIN_VERSION..=VERSION).contains(&b[4]) {
+        return Err(ProtoError::Version(b[4]));
+    }
+    let mut r = Reader { b, pos: HEADER };
+    let msg = match b[5] {
+        1 => {
+            let region_len = r.u64()?;
+            let page_size = r.u32()?;
+            if page_size == 0 || !page_size.is_power_of_two() {
+                return Err(ProtoError::Invalid { field: "page size", value: page_size as u64 });
+            }
+            let workload = r.flag("workload flag")?;
+            Msg::Begin { region_len, page_size, workload }
+        }
+        2 => Msg::Accept,
+        3 => Msg::Refuse { reason: r.text()? },
+        4 => {
+            let n = r.u32()? as usize;
+            if n > MAX_ZERO_RUNS {
+                return Err(ProtoError::Invalid { field: "zero run count", value: n as u64 });
+            }
+            let mut runs = Vec::with_capacity(n);
+            for _ in 0..n {
+                let first = r.u64()?;
+                let pages = r.u32()?;
+                if pages == 0 {
+                    return Err(ProtoError::Invalid { field: "zero run length", value: 0 });
+                }
+                runs.push(ZeroRun { first, pages });
+            }
+            Msg::Zero { runs }
+        }
+        5 => Msg::IterationDone { iter: r.u32()?, pages: r.u64()?, dirty: r.u64()? },
+        6 => {
+            let checksum = r.sum()?;
+            Msg::Final { checksum, resume: r.flag("resume flag")? }
+        }
+        7 => {
+            let ok = r.flag("verdict")?;
+            Msg::Verified { ok, checksum: r.sum()? }
+        }
+        8 => Msg::Resumed,
+        9 => Msg::WorkloadRate { pages_per_sec: r.u64()?, over_ms: r.u32()? },
+        10 => Msg::Done,
+        11 => Msg::Abort { reason: r.text()? },
+        t => return Err(ProtoError::UnknownType(t)),
+    };
+    if r.pos != b.len() {
+        return Err(ProtoError::Trailing(b.len() - r.pos));
+    }
+    Ok(msg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn samples() -> Vec<Msg> {
+        vec![
+            Msg::Begin { region_len: 64 << 20, page_size: 4096, workload: true },
+            Msg::Accept,
+            Msg::Refuse { reason: "destination region is smaller".into() },
+            Msg::Zero { runs: vec![ZeroRun { first: 1, pages: 3 }, ZeroRun { first: 100, pages: 1 }] },
+            Msg::Zero { runs: vec![] },
+            Msg::IterationDone { iter: 3, pages: 1234, dirty: 99 },
+            Msg::Final { checksum: [7; 32], resume: true },
+            Msg::Verified { ok: false, checksum: [9; 32] },
+            Msg::Resumed,
+            Msg::WorkloadRate { pages_per_sec: 1_000_000, over_ms: 2000 },
+            Msg::Done,
+            Msg::Abort { reason: "kvm: timeout (120 s) — ünïcode".into() },
+        ]
+    }
+
+    #[test]
+    fn round_trips() {
+        for m in samples() {
+            assert_eq!(decode(&m.encode()), Ok(m.clone()), "{}", m.name());
+        }
+        let full = Msg::Zero { runs: vec![ZeroRun { first: u64::MAX, pages: u32::MAX }; MAX_ZERO_RUNS] };
+        let enc = full.encode();
+        assert_eq!(enc.len(), MAX_FRAME);
+        assert_eq!(decode(&enc), Ok(full));
+    }
+
+    #[test]
+    fn long_text_is_truncated_on_a_char_boundary() {
+        let m = Msg::Abort { reason: "é".repeat(MAX_TEXT) };
+        let Ok(Msg::Abort { reason }) = decode(&m.encode()) else { panic!() };
+        assert!(reason.len() <= MAX_TEXT && reason.chars().all(|c| c == 'é'));
+    }
+
+    #[test]
+    fn typed_errors() {
+        let good = Msg::Begin { region_len: 1, page_size: 4096, workload: false }.encode();
+        assert!(matches!(decode(&good[..3]), Err(ProtoError::Truncated { .. })));
+        assert!(matches!(decode(&good[..good.len() - 1]), Err(ProtoError::Truncated { .. })));
+        let mut b = good.clone();
+        b[0] = b'X';
+        assert!(matches!(decode(&b), Err(ProtoError::BadMagic(_))));
+        let mut b = good.clone();
+        b[4] = 9;
+        assert_eq!(decode(&b), Err(ProtoError::Version(9)));
+        let mut b = good.clone();
+        b[5] = 200;
+        assert_eq!(decode(&b), Err(ProtoError::UnknownType(200)));
+        let mut b = good.clone();
+        b.push(0);
+        assert_eq!(decode(&b), Err(ProtoError::Trailing(1)));
+        let mut b = good.clone();
+        b[14..18].copy_from_slice(&3000u32.to_le_bytes());
+        assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "page size", .. })));
+        let mut b = good;
+        *b.last_mut().unwrap() = 2;
+        assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "workload flag", .. })));
+        let mut z = Msg::Zero { runs: vec![] }.encode();
+        z[6..10].copy_from_slice(&(MAX_ZERO_RUNS as u32 + 1).to_le_bytes());
+        assert!(matches!(decode(&z), Err(ProtoError::Invalid { .. })));
+        assert!(matches!(decode(&vec![0; MAX_FRAME + 1]), Err(ProtoError::TooLarge(_))));
+        let mut t = Msg::Refuse { reason: String::new() }.encode();
+        t[6..8].copy_from_slice(&(MAX_TEXT as u16 + 1).to_le_bytes());
+        assert!(matches!(decode(&t), Err(ProtoError::Invalid { field: "text length", .. })));
+    }
+
+    /// Random and mutated inputs: the decoder returns, never panics, and whatever it accepts
+    /// re-encodes to the same bytes.
+    #[test]
+    fn fuzz_random_and_mutated() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(0xf022);
+        let seeds: Vec<Vec<u8>> = samples().iter().map(Msg::encode).collect();
+        for i in 0..200_000 {
+            let b: Vec<u8> = if i % 2 == 0 {
+                let mut b = seeds[rng.gen_range(0..seeds.len())].clone();
+                for _ in 0..rng.gen_range(1..4) {
+                    match rng.gen_range(0..3) {
+                        0 if !b.is_empty() => {
+                            let j = rng.gen_range(0..b.len());
+                            b[j] = rng.gen();
+                        }
+                        1 => b.truncate(rng.gen_range(0..=b.len())),
+                        _ => b.push(rng.gen()),
+                    }
+                }
+                b
+            } else {
+                let n = rng.gen_range(0..64);
+                let mut b: Vec<u8> = (0..n).map(|_| rng.gen()).collect();
+                if n >= 6 && rng.gen_bool(0.5) {
+                    b[..4].copy_from_slice(&MAGIC);
+                    b[4] = VERSION;
+                    b[5] = rng.gen_range(0..13);
+                }
+                b
+            };
+            if let Ok(m) = decode(&b) {
+                assert_eq!(m.encode(), b, "{m:?}");
+            }
+        }
+    }
+}

@@ -1,0 +1,567 @@
+//! The source driver: pre-copy rounds under a convergence policy, then stop-and-copy.
+//!
+//! This is the thin I/O layer around the pure [`ConvergencePolicy`]: it reads the clock,
+//! harvests the dirty log, posts writes and exchanges the [`proto`](super::proto) messages.
+//! See the module doc of [`precopy`](super) for the message flow.
+//!
+//! Failure contract: on a policy abort, a transport error or a refused handshake the source
+//! workload keeps running (it is resumed if the failure hit during stop-and-copy) and dirty
+//! tracking is disarmed.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livemig_transport::{
+    CoalesceConfig, Coalescer, PageBitmap, Region, RegionId, Transport, TransportError, WorkRequest, WriteRequest,
+};
+
+use super::proto::{self, Msg, ZeroRun, MAX_ZERO_RUNS};
+use super::{check_fit, hex, IterationLine, Mismatch, Outcome, Phase, Summary, WorkloadRates};
+use crate::dirty::{open_tracker, DirtyError, DirtySource};
+use crate::policy::{self, ConvergencePolicy, Decision, IntervalReport, PolicyConfig, RetransmitTracker};
+use crate::workload::{Workload, WorkloadError};
+
+/// Source-side settings.
+#[derive(Debug, Clone)]
+pub struct SourceConfig {
+    /// Convergence policy and its parameters.
+    pub policy: PolicyConfig,
+    /// How dirty pages become writes.
+    pub coalesce: CoalesceConfig,
+    /// Measure the workload's rate for this long before migrating (0 = skip).
+    pub warmup: Duration,
+    /// How long to wait for a control reply from the destination.
+    pub reply_timeout: Duration,
+}
+
+impl Default for SourceConfig {
+    fn default() -> Self {
+        SourceConfig {
+            policy: PolicyConfig::default(),
+            coalesce: CoalesceConfig::default(),
+            warmup: Duration::from_secs(2),
+            reply_timeout: super::REPLY_TIMEOUT,
+        }
+    }
+}
+
+/// Why a migration failed at the source. In every case the source workload is running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SourceError {
+    /// The destination's exposed region cannot take ours (checked before sending anything).
+    #[error("the destination cannot take this region")]
+    Incompatible(#[source] Mismatch),
+    /// The destination refused `Begin`.
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    /// The source region is not registered with the transport.
+    #[error("source region {0} is not registered with the transport")]
+    NotRegistered(RegionId),
+    /// The coalescer configuration is invalid.
+    #[error("invalid coalescing configuration")]
+    Coalesce(#[source] livemig_transport::coalesce::CoalesceConfigError),
+    /// The transport failed (destination died, link cut, …).
+    #[error("transport failed during {phase}")]
+    Transport {
+        /// Where.
+        phase: Phase,
+        /// Why.
+        #[source]
+        source: TransportError,
+    },
+    /// The destination sent an undecodable message.
+    #[error("the destination sent an invalid message during {phase}")]
+    Protocol {
+        /// Where.
+        phase: Phase,
+        /// Why.
+        #[source]
+        source: proto::ProtoError,
+    },
+    /// The destination sent a message out of turn.
+    #[error("unexpected {got} from the destination while waiting for {expected} during {phase}")]
+    Unexpected {
+        /// Where.
+        phase: Phase,
+        /// What was expected.
+        expected: &'static str,
+        /// What came.
+        got: &'static str,
+    },
+    /// No reply in time.
+    #[error("no {expected} from the destination within {timeout:?} during {phase}")]
+    Timeout {
+        /// Where.
+        phase: Phase,
+        /// What was expected.
+        expected: &'static str,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The destination gave up.
+    #[error("the destination aborted during {phase}: {reason}")]
+    PeerAborted {
+        /// Where.
+        phase: Phase,
+        /// Its reason.
+        reason: String,
+    },
+    /// The destination's memory differs from ours after stop-and-copy.
+    #[error("checksum mismatch: source {source_sum}, destination {dest_sum}; the source workload resumed")]
+    ChecksumMismatch {
+        /// Ours (hex).
+        source_sum: String,
+        /// Theirs (hex).
+        dest_sum: String,
+    },
+    /// Dirty tracking failed.
+    #[error("dirty tracking failed")]
+    Dirty(#[source] DirtyError),
+    /// Pausing or resuming the workload failed.
+    #[error("workload control failed")]
+    Workload(#[source] WorkloadError),
+}
+
+/// Migrates `region` (registered in `t.regions()`, with `workload` running in it, if any)
+/// to the peer of `t`. Calls `on_interval` once per pre-copy interval. Returns the summary
+/// of a completed or policy-aborted migration; every other ending is an error.
+pub fn migrate(
+    t: &mut dyn Transport,
+    region: &Arc<Region>,
+    mut workload: Option<&mut Workload>,
+    cfg: &SourceConfig,
+    on_interval: &mut dyn FnMut(&IterationLine),
+) -> Result<Summary, SourceError> {
+    let ps = region.page_size();
+    let pages = region.pages();
+    if t.regions().get(region.id()).is_none() {
+        return Err(SourceError::NotRegistered(region.id()));
+    }
+    let coalescer = Coalescer::new(cfg.coalesce).map_err(SourceError::Coalesce)?;
+    // Refuse before sending anything: the transport handshake told us what the peer exposes.
+    let remote = pick_remote(t, region, workload.is_some()).map_err(SourceError::Incompatible)?;
+
+    let touched = |w: &Option<&mut Workload>| w.as_ref().map_or(0, |w| w.pages_touched());
+    let before = if workload.is_some() && !cfg.warmup.is_zero() {
+        let (n0, t0) = (touched(&workload), Instant::now());
+        std::thread::sleep(cfg.warmup);
+        (touched(&workload) - n0) as f64 / t0.elapsed().as_secs_f64()
+    } else {
+        0.0
+    };
+
+    let phase = Phase::Handshake;
+    send(t, phase, &Msg::Begin { region_len: region.len(), page_size: ps, workload: workload.is_some() })?;
+    match recv(t, phase, "Accept", cfg.reply_timeout)? {
+        Msg::Accept => {}
+        Msg::Refuse { reason } => return Err(SourceError::Refused(reason)),
+        other => return Err(unexpected(phase, "Accept", &other)),
+    }
+
+    let mut tracker = open_tracker(region).map_err(SourceError::Dirty)?;
+    let mut s = Sender {
+        region: region.clone(),
+        remote,
+        coalescer,
+        pending: PageBitmap::full(pages),
+        never_sent: PageBitmap::full(pages),
+        never_sent_n: pages,
+        batch: PageBitmap::new(pages),
+        cursor: 0,
+        retx: RetransmitTracker::new(pages),
+        page_buf: vec![0u8; ps as usize],
+        wrs: Vec::new(),
+        bytes: 0,
+        pages_sent: 0,
+        zero_pages: 0,
+    };
+    let mut policy = policy::build(&cfg.policy, policy::RegionInfo::new(pages, ps as usize));
+    let start = Instant::now();
+    let touched0 = touched(&workload);
+    let mut summary = Summary {
+        outcome: Outcome::Aborted,
+        policy: policy.name().to_string(),
+        transport: t.kind().to_string(),
+        tracker: tracker.mechanism().to_string(),
+        region_bytes: region.len(),
+        page_size: ps,
+        total_s: 0.0,
+        downtime_ms: None,
+        final_transfer_ms: None,
+        final_pages: None,
+        bytes: 0,
+        pages_sent: 0,
+        zero_pages: 0,
+        iterations: 0,
+        end_rule: String::new(),
+        end_reason: String::new(),
+        workload: WorkloadRates { before, ..Default::default() },
+        slowdown_percent: 0.0,
+        checksum: None,
+        intervals: Vec::new(),
+    };
+
+    // Pre-copy. Errors here leave the workload running; the tracker disarms on drop.
+    tracker.start().map_err(SourceError::Dirty)?;
+    let decision =
+        precopy_rounds(t, &mut s, tracker.as_mut(), policy.as_mut(), &workload, start, &mut summary, on_interval);
+    let reason = match decision {
+        Err(e) => {
+            tracker.stop();
+            if !matches!(e, SourceError::Transport { .. }) {
+                let _ = t.send_message(&Msg::Abort { reason: e.to_string() }.encode());
+            }
+            return Err(e);
+        }
+        Ok(Decision::StopAndCopy(r)) => r,
+        Ok(Decision::Abort(r)) => {
+            tracker.stop();
+            let _ = t.send_message(&Msg::Abort { reason: format!("pre-copy did not converge: {r}") }.encode());
+            let elapsed = start.elapsed();
+            summary.workload.during = (touched(&workload) - touched0) as f64 / elapsed.as_secs_f64();
+            return Ok(finish(summary, &s, elapsed, r));
+        }
+        Ok(_) => unreachable!("precopy_rounds returns only final decisions"),
+    };
+
+    // Stop-and-copy: downtime starts with the pause.
+    let paused_at = Instant::now();
+    if let Some(w) = workload.as_mut() {
+        w.pause().map_err(SourceError::Workload)?;
+    }
+    summary.workload.during = (touched(&workload) - touched0) as f64 / paused_at.duration_since(start).as_secs_f64();
+    let res = stop_and_copy(t, &mut s, tracker.as_mut(), &mut workload, cfg, start, paused_at, &mut summary);
+    tracker.stop();
+    if let Err(e) = res {
+        // The destination did not take over: the source stays authoritative.
+        if let Some(w) = workload.as_mut() {
+            if w.state() == crate::workload::RunState::Paused {
+                w.resume().map_err(SourceError::Workload)?;
+            }
+        }
+        if !matches!(e, SourceError::Transport { .. }) {
+            let _ = t.send_message(&Msg::Abort { reason: e.to_string() }.encode());
+        }
+        return Err(e);
+    }
+    summary.outcome = Outcome::Completed;
+    let elapsed = start.elapsed();
+    Ok(finish(summary, &s, elapsed, reason))
+}
+
+fn finish(mut summary: Summary, s: &Sender, elapsed: Duration, reason: policy::Reason) -> Summary {
+    if summary.total_s == 0.0 {
+        summary.total_s = elapsed.as_secs_f64();
+    }
+    summary.bytes = s.bytes;
+    summary.pages_sent = s.pages_sent;
+    summary.zero_pages = s.zero_pages;
+    summary.end_rule = reason.label().to_string();
+    summary.end_reason = reason.to_string();
+    summary.slowdown_percent = summary.workload.slowdown_percent();
+    summary
+}
+
+fn pick_remote(t: &dyn Transport, region: &Region, workload: bool) -> Result<RegionId, Mismatch> {
+    let mut best = Err(Mismatch::NoRegion);
+    for r in t.peer_regions().iter().filter(|r| r.access.remote_write) {
+        match check_fit(region.len(), region.page_size(), workload, r.len, r.page_size) {
+            Ok(()) => return Ok(r.id),
+            Err(e) => best = Err(e),
+        }
+    }
+    best
+}
+
+/// Sending state: the pending (dirty) set, first-pass bookkeeping, totals.
+struct Sender {
+    region: Arc<Region>,
+    remote: RegionId,
+    coalescer: Coalescer,
+    /// Dirty pages not yet sent (starts full: the first pass).
+    pending: PageBitmap,
+    /// Pages never sent at all (zero detection applies to them only).
+    never_sent: PageBitmap,
+    never_sent_n: usize,
+    /// Pages selected for the current batch.
+    batch: PageBitmap,
+    /// Where the next interval starts taking pages (round robin, so a window smaller than
+    /// the dirty set still reaches every page).
+    cursor: usize,
+    retx: RetransmitTracker,
+    page_buf: Vec<u8>,
+    wrs: Vec<WorkRequest>,
+    bytes: u64,
+    pages_sent: u64,
+    zero_pages: u64,
+}
+
+/// Counts of one batch.
+#[derive(Debug, Default, Clone, Copy)]
+struct Batch {
+    data: usize,
+    zero: usize,
+    post_time: Duration,
+    wait_time: Duration,
+}
+
+impl Sender {
+    fn is_zero(&mut self, page: usize) -> bool {
+        let ps = self.page_buf.len();
+        self.region.read_at((page * ps) as u64, &mut self.page_buf);
+        self.page_buf.iter().all(|&b| b == 0)
+    }
+
+    /// Takes up to `budget` data pages from the pending set, announces never-sent zero pages
+    /// as flags, posts the rest as coalesced writes and waits for them.
+    fn send_batch(&mut self, t: &mut dyn Transport, budget: usize, phase: Phase) -> Result<Batch, SourceError> {
+        let mut b = Batch::default();
+        let t0 = Instant::now();
+        self.batch.clear_all();
+        let mut zero_runs: Vec<ZeroRun> = Vec::new();
+        while b.data < budget {
+            let p = match self.pending.next_one(self.cursor).or_else(|| self.pending.next_one(0)) {
+                Some(p) => p,
+                None => break,
+            };
+            self.pending.clear(p);
+            self.cursor = p + 1;
+            self.retx.record_sent(p);
+            if self.never_sent.get(p) {
+                self.never_sent.clear(p);
+                self.never_sent_n -= 1;
+                if self.is_zero(p) {
+                    b.zero += 1;
+                    match zero_runs.last_mut() {
+                        Some(r) if r.first + r.pages as u64 == p as u64 && r.pages < u32::MAX => r.pages += 1,
+                        _ => {
+                            if zero_runs.len() == MAX_ZERO_RUNS {
+                                send(t, phase, &Msg::Zero { runs: std::mem::take(&mut zero_runs) })?;
+                            }
+                            zero_runs.push(ZeroRun { first: p as u64, pages: 1 });
+                        }
+                    }
+                    continue;
+                }
+            }
+            self.batch.set(p);
+            b.data += 1;
+        }
+        if !zero_runs.is_empty() {
+            send(t, phase, &Msg::Zero { runs: zero_runs })?;
+        }
+        // Post in slices so the work-request list stays small.
+        let local = self.region.id();
+        let mut from = 0;
+        while from < self.batch.len() {
+            self.wrs.clear();
+            let (next, st) = self.coalescer.coalesce_from(&self.batch, from, 8192, &mut self.wrs);
+            from = next;
+            if st.wrs == 0 {
+                break;
+            }
+            let reqs: Vec<WriteRequest<'_>> = self
+                .wrs
+                .iter()
+                .map(|w| WriteRequest { local, segments: &w.segments, remote: self.remote, remote_offset: w.offset })
+                .collect();
+            for chunk in reqs.chunks(256) {
+                t.post_writes(chunk).map_err(|source| SourceError::Transport { phase, source })?;
+            }
+            self.bytes += self.wrs.iter().map(|w| w.len).sum::<u64>();
+        }
+        b.post_time = t0.elapsed();
+        let t1 = Instant::now();
+        t.flush().map_err(|source| SourceError::Transport { phase, source })?;
+        b.wait_time = t1.elapsed();
+        self.pages_sent += b.data as u64;
+        self.zero_pages += b.zero as u64;
+        Ok(b)
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn precopy_rounds(
+    t: &mut dyn Transport,
+    s: &mut Sender,
+    tracker: &mut dyn DirtySource,
+    policy: &mut dyn ConvergencePolicy,
+    workload: &Option<&mut Workload>,
+    start: Instant,
+    summary: &mut Summary,
+    on_interval: &mut dyn FnMut(&IterationLine),
+) -> Result<Decision, SourceError> {
+    let phase = Phase::Precopy;
+    let touched = || workload.as_ref().map_or(0, |w| w.pages_touched());
+    let mut iter = 0u32;
+    loop {
+        iter += 1;
+        let started = Instant::now();
+        let touched0 = touched();
+        let modified = s.pending.count_ones();
+        let budget = policy.send_window().unwrap_or(usize::MAX).max(1);
+        let bytes0 = s.bytes;
+        let b = s.send_batch(t, budget, phase)?;
+        // The sample: harvest the dirty log into the pending set.
+        tracker.collect(&mut s.pending).map_err(SourceError::Dirty)?;
+        let remaining = s.pending.count_ones();
+        let retransmitted = s.retx.finish_interval();
+        let report = IntervalReport {
+            now: start.elapsed(),
+            pages_posted: b.data,
+            post_time: b.post_time,
+            wait_time: b.wait_time,
+            modified,
+            retransmitted,
+            remaining,
+            bytes_sent: s.bytes - bytes0,
+            first_pass_done: s.never_sent_n == 0,
+        };
+        let decision = policy.handle_interval(&report);
+        send(t, phase, &Msg::IterationDone { iter, pages: b.data as u64, dirty: remaining as u64 })?;
+        let line = IterationLine {
+            iter,
+            at_ms: start.elapsed().as_millis() as u64,
+            sent: b.data as u64,
+            zero: b.zero as u64,
+            dirty: remaining as u64,
+            retransmitted: retransmitted as u64,
+            interval_ms: report.period().as_secs_f64() * 1e3,
+            window: match decision {
+                Decision::Continue { window } => window.map(|w| w as u64),
+                _ => None,
+            },
+            workload_rate: (touched() - touched0) as f64 / started.elapsed().as_secs_f64().max(1e-9),
+        };
+        on_interval(&line);
+        summary.intervals.push(line);
+        summary.iterations = iter;
+        match decision {
+            Decision::Continue { .. } => {}
+            d => return Ok(d),
+        }
+        if let Some(p) = policy.pacing_period() {
+            let next = started + p;
+            let now = Instant::now();
+            if next > now {
+                std::thread::sleep(next - now);
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn stop_and_copy(
+    t: &mut dyn Transport,
+    s: &mut Sender,
+    tracker: &mut dyn DirtySource,
+    workload: &mut Option<&mut Workload>,
+    cfg: &SourceConfig,
+    start: Instant,
+    paused_at: Instant,
+    summary: &mut Summary,
+) -> Result<(), SourceError> {
+    let phase = Phase::StopAndCopy;
+    tracker.collect(&mut s.pending).map_err(SourceError::Dirty)?;
+    let final_pages = s.pending.count_ones();
+    let b = s.send_batch(t, usize::MAX, phase)?;
+    summary.final_pages = Some((b.data + b.zero) as u64);
+    summary.final_transfer_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
+    debug_assert_eq!(b.data + b.zero, final_pages);
+    #[cfg(feature = "fault-injection")]
+    fault::corrupt_in_flight(t, s)?;
+    // SAFETY: the workload is paused and every write from the region has completed (flushed
+    // in send_batch); nothing else writes the source region.
+    let sum = unsafe { super::checksum::region_checksum(&s.region, s.region.len()) };
+    send(t, phase, &Msg::Final { checksum: sum, resume: workload.is_some() })?;
+    match recv(t, phase, "Verified", cfg.reply_timeout)? {
+        Msg::Verified { ok: true, checksum } if checksum == sum => {}
+        Msg::Verified { checksum, .. } => {
+            return Err(SourceError::ChecksumMismatch { source_sum: hex(&sum), dest_sum: hex(&checksum) })
+        }
+        other => return Err(unexpected(phase, "Verified", &other)),
+    }
+    match recv(t, phase, "Resumed", cfg.reply_timeout)? {
+        Msg::Resumed => {}
+        other => return Err(unexpected(phase, "Resumed", &other)),
+    }
+    summary.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
+    // The migration is over when the destination runs; what follows only measures.
+    summary.total_s = start.elapsed().as_secs_f64();
+    summary.checksum = Some(hex(&sum));
+    // The workload lives at the destination now; the source copy never runs again.
+    if let Some(w) = workload.as_deref_mut() {
+        w.stop().map_err(SourceError::Workload)?;
+    }
+    let phase = Phase::Resumed;
+    if workload.is_some() {
+        match recv(t, phase, "WorkloadRate", cfg.reply_timeout) {
+            Ok(Msg::WorkloadRate { pages_per_sec, .. }) => summary.workload.after = Some(pages_per_sec as f64),
+            Ok(other) => tracing::warn!(got = other.name(), "expected WorkloadRate"),
+            Err(e) => tracing::warn!(error = %e, "no workload rate from the destination"),
+        }
+    }
+    let _ = t.send_message(&Msg::Done.encode());
+    Ok(())
+}
+
+fn send(t: &mut dyn Transport, phase: Phase, m: &Msg) -> Result<(), SourceError> {
+    t.send_message(&m.encode()).map_err(|source| SourceError::Transport { phase, source })
+}
+
+fn recv(t: &mut dyn Transport, phase: Phase, expected: &'static str, timeout: Duration) -> Result<Msg, SourceError> {
+    let bytes = t
+        .recv_message(Some(timeout))
+        .map_err(|source| SourceError::Transport { phase, source })?
+        .ok_or(SourceError::Timeout { phase, expected, timeout })?;
+    match proto::decode(&bytes).map_err(|source| SourceError::Protocol { phase, source })? {
+        Msg::Abort { reason } => Err(SourceError::PeerAborted { phase, reason }),
+        m => Ok(m),
+    }
+}
+
+fn unexpected(phase: Phase, expected: &'static str, got: &Msg) -> SourceError {
+    SourceError::Unexpected { phase, expected, got: got.name() }
+}
+
+#[cfg(feature = "fault-injection")]
+mod fault {
+    //! Test builds only: `LIVEMIG_CORRUPT_PAGE=N` overwrites page N at the destination with a
+    //! copy that has one byte flipped, just before `Final`, so the checksums must differ.
+    use std::sync::Arc;
+
+    use livemig_transport::{Access, Region, Segment, Transport, WriteRequest};
+
+    use super::{Phase, Sender, SourceError};
+
+    /// Local id of the scratch page region (outside the ids the CLI and tests use).
+    const SCRATCH_ID: u32 = u32::MAX - 7;
+
+    pub(super) fn corrupt_in_flight(t: &mut dyn Transport, s: &Sender) -> Result<(), SourceError> {
+        let Some(page) = std::env::var("LIVEMIG_CORRUPT_PAGE").ok().and_then(|v| v.parse::<u64>().ok()) else {
+            return Ok(());
+        };
+        let ps = s.region.page_size();
+        if page >= s.region.pages() as u64 {
+            return Ok(());
+        }
+        let scratch = Arc::new(Region::anonymous(SCRATCH_ID, ps as u64, ps, Access::LOCAL).expect("scratch page"));
+        let mut buf = vec![0u8; ps as usize];
+        s.region.read_at(page * ps as u64, &mut buf);
+        buf[ps as usize / 2] ^= 0x5a;
+        scratch.write_at(0, &buf);
+        let _reg = t.regions().register(scratch).expect("scratch id is free");
+        tracing::warn!(page, "fault injection: corrupting one page in flight");
+        let seg = [Segment { offset: 0, len: ps }];
+        let phase = Phase::StopAndCopy;
+        t.post_writes(&[WriteRequest {
+            local: SCRATCH_ID,
+            segments: &seg,
+            remote: s.remote,
+            remote_offset: page * ps as u64,
+        }])
+        .map_err(|source| SourceError::Transport { phase, source })?;
+        t.flush().map_err(|source| SourceError::Transport { phase, source })
+    }
+}

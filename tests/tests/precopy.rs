@@ -1,0 +1,256 @@
+//! Pre-copy live migration end to end, in process: the source and the destination run in two
+//! threads connected by the TCP transport over loopback (the engine sees only `dyn
+//! Transport`, so the same drivers run over verbs).
+
+use std::num::{NonZeroU32, NonZeroU64};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use livemig_engine::connect::{connect, Listener, TransportChoice, TransportOptions};
+use livemig_engine::policy::{IbrahimConfig, KvmConfig, PolicyConfig};
+use livemig_engine::precopy::checksum::checksum_bytes;
+use livemig_engine::precopy::proto::{self, Msg};
+use livemig_engine::precopy::{
+    dest, hex, migrate, receive, DestConfig, DestError, DestReport, Mismatch, Outcome, SourceConfig, SourceError,
+};
+use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
+use livemig_transport::auth::Secret;
+use livemig_transport::{Access, Region, RegionTable, Registration, TcpConfig, Transport, TransportKind};
+
+const MIB: u64 = 1 << 20;
+
+fn secret() -> Secret {
+    Secret::new("precopy-test-secret").unwrap()
+}
+
+fn opts() -> TransportOptions {
+    let tcp = TcpConfig { io_timeout: Duration::from_secs(10), ..Default::default() };
+    TransportOptions { choice: TransportChoice::Tcp, io_timeout: tcp.io_timeout, tcp }
+}
+
+/// A destination listening on loopback; `serve` runs on the accepted transport.
+fn spawn_dest<T: Send + 'static>(
+    len: u64,
+    page_size: u32,
+    serve: impl FnOnce(&mut dyn Transport, &Arc<Region>) -> T + Send + 'static,
+) -> (String, JoinHandle<T>) {
+    let region = Arc::new(Region::anonymous(2, len, page_size, Access::REMOTE_WRITE).unwrap());
+    let table = RegionTable::new();
+    let reg = table.register(region.clone()).unwrap();
+    let l = Listener::bind(TransportKind::Tcp, "127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = std::thread::spawn(move || {
+        let _reg = reg;
+        let mut t = l.accept(&opts(), &secret(), &table).expect("accept");
+        serve(t.as_mut(), &region)
+    });
+    (addr, h)
+}
+
+fn dest_receiver(len: u64, page_size: u32) -> (String, JoinHandle<Result<DestReport, DestError>>) {
+    spawn_dest(len, page_size, |t, r| {
+        let cfg = DestConfig { rate_window: Duration::from_millis(300), reply_timeout: Duration::from_secs(30) };
+        receive(t, r, &cfg, &mut |_, _, _| {})
+    })
+}
+
+struct Src {
+    region: Arc<Region>,
+    _reg: Registration,
+    t: Box<dyn Transport>,
+    workload: Workload,
+}
+
+fn source(addr: &str, len: u64, page_size: u32, kind: WorkloadKind, wss_pages: u64) -> Src {
+    let region = Arc::new(Region::anonymous(1, len, page_size, Access::LOCAL).unwrap());
+    let table = RegionTable::new();
+    let reg = table.register(region.clone()).unwrap();
+    let params = WorkloadParams {
+        kind,
+        working_set_pages: NonZeroU64::new(wss_pages).unwrap(),
+        rate_pages_per_sec: 0,
+        threads: NonZeroU32::new(2).unwrap(),
+        seed: 7,
+    };
+    let mut workload = Workload::init(region.clone(), params).unwrap();
+    workload.start().unwrap();
+    let t = connect(TransportKind::Tcp, addr, &opts(), &secret(), &table).expect("connect");
+    Src { region, _reg: reg, t, workload }
+}
+
+fn cfg(policy: PolicyConfig) -> SourceConfig {
+    SourceConfig {
+        policy,
+        warmup: Duration::from_millis(200),
+        reply_timeout: Duration::from_secs(30),
+        ..Default::default()
+    }
+}
+
+/// The workload's counter keeps increasing: it is running.
+fn assert_still_running(w: &Workload) {
+    assert_eq!(w.state(), RunState::Running);
+    let n = w.pages_touched();
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(w.pages_touched() > n, "the source workload stopped");
+}
+
+#[test]
+fn ibrahim_migrates_a_random_writer_and_the_workload_continues() {
+    let len = 64 * MIB;
+    let (addr, dst) = dest_receiver(len, 4096);
+    let mut s = source(&addr, len, 4096, WorkloadKind::Random, 4096);
+    let policy = PolicyConfig::Ibrahim(IbrahimConfig {
+        sampling_period_ms: NonZeroU64::new(200).unwrap(),
+        ..Default::default()
+    });
+    let mut lines = Vec::new();
+    let summary = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |l| lines.push(*l))
+        .expect("migration");
+    let rep = dst.join().unwrap().expect("destination");
+
+    assert_eq!(summary.outcome, Outcome::Completed);
+    assert_eq!(summary.policy, "ibrahim");
+    assert!(!lines.is_empty() && lines.len() as u32 == summary.iterations);
+    assert!(summary.downtime_ms.is_some_and(|d| d > 0.0));
+    assert!(["a", "b", "c"].contains(&summary.end_rule.as_str()), "{}", summary.end_rule);
+    // Zero pages went as flags: the untouched tail of the region was never written.
+    assert!(summary.zero_pages >= (len / 4096 - 4097) - 16, "{} zero pages", summary.zero_pages);
+    assert!(summary.workload.before > 0.0 && summary.workload.after.is_some_and(|a| a > 0.0));
+
+    // The source stopped at the switchover; its memory is what the destination verified.
+    assert_eq!(s.workload.state(), RunState::Idle);
+    // SAFETY: the source workload is stopped and the transport idle.
+    let src_sum = hex(&checksum_bytes(unsafe { s.region.as_slice() }));
+    assert_eq!(summary.checksum.as_deref(), Some(src_sum.as_str()));
+    assert_eq!(rep.checksum, src_sum);
+
+    // The destination continues the source's counters.
+    let at_switch = s.workload.pages_written();
+    let w = rep.workload.expect("resumed workload");
+    assert_eq!(w.state(), RunState::Running);
+    std::thread::sleep(Duration::from_millis(50));
+    assert!(w.pages_written() > at_switch, "{} <= {at_switch}", w.pages_written());
+}
+
+#[test]
+fn kvm_that_cannot_converge_aborts_and_the_source_keeps_running() {
+    let len = 64 * MIB;
+    let (addr, dst) = dest_receiver(len, 4096);
+    let mut s = source(&addr, len, 4096, WorkloadKind::Random, 8192);
+    // A zero downtime limit is unattainable with a running writer; the bandwidth cap keeps
+    // intervals long (100 ms) and the backlog large, so even a workload thread starved by a
+    // busy 2-core test machine cannot make one interval look clean.
+    let policy = PolicyConfig::Kvm(KvmConfig {
+        downtime_limit_ms: 0,
+        max_bandwidth: NonZeroU64::new(40 << 20),
+        max_time_ms: NonZeroU64::new(3000),
+        ..Default::default()
+    });
+    let t0 = Instant::now();
+    let summary =
+        migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |_| {}).expect("aborted summary");
+    assert!(t0.elapsed() < Duration::from_secs(20));
+    assert_eq!(summary.outcome, Outcome::Aborted);
+    assert_eq!(summary.end_rule, "timeout");
+    assert!(summary.downtime_ms.is_none());
+    assert_still_running(&s.workload);
+    match dst.join().unwrap() {
+        Err(DestError::SourceAborted(reason)) => assert!(reason.contains("timeout"), "{reason}"),
+        other => panic!("destination: {other:?}"),
+    }
+}
+
+#[test]
+fn destination_dying_mid_precopy_is_a_clear_error_and_the_source_keeps_running() {
+    let len = 64 * MIB;
+    // A destination that accepts, then dies after the first interval.
+    let (addr, dst) = spawn_dest(len, 4096, |t, _| {
+        let m = proto::decode(&t.recv_message(Some(Duration::from_secs(30))).unwrap().unwrap()).unwrap();
+        assert!(matches!(m, Msg::Begin { .. }));
+        t.send_message(&Msg::Accept.encode()).unwrap();
+        loop {
+            let m = t.recv_message(Some(Duration::from_secs(30))).unwrap().unwrap();
+            if let Ok(Msg::IterationDone { .. }) = proto::decode(&m) {
+                return; // dropping the transport closes the connection
+            }
+        }
+    });
+    let mut s = source(&addr, len, 4096, WorkloadKind::Random, 8192);
+    let policy = PolicyConfig::Kvm(KvmConfig { downtime_limit_ms: 0, ..Default::default() });
+    let t0 = Instant::now();
+    let err = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |_| {}).unwrap_err();
+    dst.join().unwrap();
+    assert!(t0.elapsed() < Duration::from_secs(25), "took {:?}", t0.elapsed());
+    assert!(matches!(err, SourceError::Transport { .. }), "{err:?}");
+    eprintln!("source error: {:#}", anyhow_chain(&err));
+    assert_still_running(&s.workload);
+}
+
+fn anyhow_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+#[test]
+fn smaller_destination_is_refused_before_anything_is_sent() {
+    let (addr, dst) = dest_receiver(32 * MIB, 4096);
+    let mut s = source(&addr, 64 * MIB, 4096, WorkloadKind::Seq, 1024);
+    let err = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Incompatible(Mismatch::TooSmall { .. })), "{err:?}");
+    assert_eq!(s.t.stats().bytes_posted, 0);
+    assert_eq!(s.t.stats().messages_sent, 0);
+    assert_still_running(&s.workload);
+    drop(s);
+    assert!(dst.join().unwrap().is_err());
+}
+
+#[test]
+fn page_size_mismatch_is_refused() {
+    let (addr, dst) = dest_receiver(64 * MIB, 8192);
+    let mut s = source(&addr, 64 * MIB, 4096, WorkloadKind::Seq, 1024);
+    let err = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
+        .unwrap_err();
+    assert!(matches!(err, SourceError::Incompatible(Mismatch::PageSize { src: 4096, dst: 8192 })), "{err:?}");
+    assert_still_running(&s.workload);
+    drop(s);
+    assert!(dst.join().unwrap().is_err());
+}
+
+/// The destination checks `Begin` itself too (a source that skipped its own check).
+#[test]
+fn destination_refuses_a_bad_begin() {
+    for (begin, want) in [
+        (Msg::Begin { region_len: 64 * MIB, page_size: 4096, workload: true }, "smaller"),
+        (Msg::Begin { region_len: 16 * MIB, page_size: 8192, workload: false }, "page size"),
+    ] {
+        let (addr, dst) = dest_receiver(32 * MIB, 4096);
+        let region = Arc::new(Region::anonymous(1, MIB, 4096, Access::LOCAL).unwrap());
+        let table = RegionTable::new();
+        let _reg = table.register(region).unwrap();
+        let mut t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).unwrap();
+        t.send_message(&begin.encode()).unwrap();
+        let reply = proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()).unwrap();
+        let Msg::Refuse { reason } = reply else { panic!("{reply:?}") };
+        assert!(reason.contains(want), "{reason}");
+        assert!(matches!(dst.join().unwrap(), Err(DestError::Refused(_))));
+    }
+}
+
+/// Garbage instead of `Begin` is a typed protocol error, not a panic.
+#[test]
+fn destination_rejects_garbage() {
+    let (addr, dst) = dest_receiver(MIB, 4096);
+    let table = RegionTable::new();
+    let mut t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).unwrap();
+    t.send_message(b"LMPC\x01\x01short").unwrap();
+    assert!(matches!(dst.join().unwrap(), Err(DestError::Protocol { .. })));
+    let _ = dest::DestConfig::default();
+}
