@@ -419,7 +419,11 @@ impl TcpTransport {
         for w in wrs {
             let r = match keep.last() {
                 Some(r) if r.id() == w.local => r.clone(),
-                _ => self.regions.get(w.local).ok_or(TransportError::LocalRange { region: w.local, offset: 0, len: 0 })?,
+                _ => self.regions.get(w.local).ok_or(TransportError::LocalRange {
+                    region: w.local,
+                    offset: 0,
+                    len: 0,
+                })?,
             };
             for s in w.segments {
                 // SAFETY: the segment was bounds-checked against this region in post_writes;
@@ -644,10 +648,11 @@ impl Transport for TcpTransport {
             let r = match &cached {
                 Some(r) if r.id() == w.local => r.clone(),
                 _ => {
-                    let r = self
-                        .regions
-                        .get(w.local)
-                        .ok_or(TransportError::LocalRange { region: w.local, offset: 0, len: 0 })?;
+                    let r = self.regions.get(w.local).ok_or(TransportError::LocalRange {
+                        region: w.local,
+                        offset: 0,
+                        len: 0,
+                    })?;
                     cached = Some(r.clone());
                     r
                 }

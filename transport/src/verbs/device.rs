@@ -273,7 +273,14 @@ impl RawCtx {
         let mut e: sys::ibv_gid_entry = unsafe { std::mem::zeroed() };
         // SAFETY: the context is open; `e` is a valid out-pointer of the size we pass.
         let rc = unsafe {
-            _ibv_query_gid_ex(self.0.as_ptr(), port as u32, index as u32, &mut e, 0, std::mem::size_of::<sys::ibv_gid_entry>())
+            _ibv_query_gid_ex(
+                self.0.as_ptr(),
+                port as u32,
+                index as u32,
+                &mut e,
+                0,
+                std::mem::size_of::<sys::ibv_gid_entry>(),
+            )
         };
         if rc == 0 {
             // SAFETY: `raw` is the byte view of the GID union; every bit pattern is valid.
@@ -369,7 +376,13 @@ impl Context {
         Err(VerbsError::NoActivePort { what: if looked.is_empty() { names.join(", ") } else { looked.join(", ") } })
     }
 
-    fn pick_gid(raw: &RawCtx, dev: &str, port: u8, pi: &PortInfo, want: Option<u8>) -> Result<(u8, [u8; 16]), VerbsError> {
+    fn pick_gid(
+        raw: &RawCtx,
+        dev: &str,
+        port: u8,
+        pi: &PortInfo,
+        want: Option<u8>,
+    ) -> Result<(u8, [u8; 16]), VerbsError> {
         let no_gid = |why: String| VerbsError::NoGid { device: dev.to_owned(), port, why };
         if let Some(idx) = want {
             return match raw.query_gid(port, idx as i32) {
@@ -395,7 +408,9 @@ impl Context {
                 _ => {}
             }
         }
-        fallback.ok_or_else(|| no_gid("no RoCE v2 IPv4-mapped GID (configure an IPv4 address on the netdev or pass gid_index)".into()))
+        fallback.ok_or_else(|| {
+            no_gid("no RoCE v2 IPv4-mapped GID (configure an IPv4 address on the netdev or pass gid_index)".into())
+        })
     }
 
     /// Device name.
@@ -630,7 +645,11 @@ impl std::fmt::Debug for CompletionQueue {
 
 impl CompletionQueue {
     /// Creates a CQ with room for `cqe` entries, optionally bound to a completion channel.
-    pub fn new(ctx: &Arc<Context>, cqe: u32, channel: Option<&Arc<CompletionChannel>>) -> Result<Arc<Self>, VerbsError> {
+    pub fn new(
+        ctx: &Arc<Context>,
+        cqe: u32,
+        channel: Option<&Arc<CompletionChannel>>,
+    ) -> Result<Arc<Self>, VerbsError> {
         let max = ctx.limits.max_cqe.max(1);
         if cqe > max {
             return Err(VerbsError::Limit(format!("a CQ of {cqe} entries exceeds the device maximum {max}")));
@@ -651,10 +670,19 @@ impl CompletionQueue {
         // SAFETY: the CQ is live and `wc` has room for N entries.
         let got = unsafe { sys::ibv_poll_cq(self.cq.as_ptr(), N as c_int, wc.as_mut_ptr()) };
         if got < 0 {
-            return Err(VerbsError::Verb { op: "ibv_poll_cq", source: std::io::Error::other("poll_cq returned an error") });
+            return Err(VerbsError::Verb {
+                op: "ibv_poll_cq",
+                source: std::io::Error::other("poll_cq returned an error"),
+            });
         }
         for w in &wc[..got as usize] {
-            out.push(WorkCompletion { wr_id: w.wr_id, status: w.status, opcode: w.opcode, byte_len: w.byte_len, vendor_err: w.vendor_err });
+            out.push(WorkCompletion {
+                wr_id: w.wr_id,
+                status: w.status,
+                opcode: w.opcode,
+                byte_len: w.byte_len,
+                vendor_err: w.vendor_err,
+            });
         }
         Ok(got as usize)
     }
@@ -705,7 +733,9 @@ impl MrAccess {
             // REMOTE_WRITE requires LOCAL_WRITE.
             MrAccess::RemoteWrite => f::IBV_ACCESS_LOCAL_WRITE | f::IBV_ACCESS_REMOTE_WRITE,
             MrAccess::RemoteRead => f::IBV_ACCESS_REMOTE_READ,
-            MrAccess::RemoteReadWrite => f::IBV_ACCESS_LOCAL_WRITE | f::IBV_ACCESS_REMOTE_WRITE | f::IBV_ACCESS_REMOTE_READ,
+            MrAccess::RemoteReadWrite => {
+                f::IBV_ACCESS_LOCAL_WRITE | f::IBV_ACCESS_REMOTE_WRITE | f::IBV_ACCESS_REMOTE_READ
+            }
         })
         .0 as c_int
     }
@@ -742,7 +772,13 @@ impl std::fmt::Debug for MemoryRegion {
 
 impl MemoryRegion {
     /// Registers (pins) `[offset, offset+len)` of `mem`.
-    pub fn register(pd: &Arc<ProtectionDomain>, mem: Arc<Region>, offset: u64, len: u64, access: MrAccess) -> Result<Self, VerbsError> {
+    pub fn register(
+        pd: &Arc<ProtectionDomain>,
+        mem: Arc<Region>,
+        offset: u64,
+        len: u64,
+        access: MrAccess,
+    ) -> Result<Self, VerbsError> {
         if len == 0 || !mem.contains(offset, len) {
             return Err(VerbsError::Limit(format!(
                 "cannot register [{offset}, +{len}) of the {}-byte region {}",
@@ -870,7 +906,12 @@ impl Qp {
         unsafe { (*self.qp.as_ptr()).qp_num }
     }
 
-    fn modify(&self, attr: &mut sys::ibv_qp_attr, mask: sys::ibv_qp_attr_mask, op: &'static str) -> Result<(), VerbsError> {
+    fn modify(
+        &self,
+        attr: &mut sys::ibv_qp_attr,
+        mask: sys::ibv_qp_attr_mask,
+        op: &'static str,
+    ) -> Result<(), VerbsError> {
         // SAFETY: the QP is live and `attr` is a valid, initialised attribute struct whose
         // fields named by `mask` are set.
         let rc = unsafe { sys::ibv_modify_qp(self.qp.as_ptr(), attr, mask.0 as c_int) };
@@ -940,7 +981,10 @@ impl PreparedQueuePair {
             )));
         }
         if caps.max_send_sge > lim.max_sge || caps.max_recv_sge > lim.max_sge {
-            return Err(VerbsError::Limit(format!("{} SGEs exceed the device maximum {}", caps.max_send_sge, lim.max_sge)));
+            return Err(VerbsError::Limit(format!(
+                "{} SGEs exceed the device maximum {}",
+                caps.max_send_sge, lim.max_sge
+            )));
         }
         // SAFETY: an all-zero ibv_qp_init_attr is valid (NULL pointers, zero integers).
         let mut ia: sys::ibv_qp_init_attr = unsafe { std::mem::zeroed() };
@@ -979,12 +1023,18 @@ impl PreparedQueuePair {
         a.qp_state = sys::ibv_qp_state::IBV_QPS_INIT;
         a.pkey_index = 0;
         a.port_num = ctx.port;
-        a.qp_access_flags = (sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE).0;
+        a.qp_access_flags =
+            (sys::ibv_access_flags::IBV_ACCESS_LOCAL_WRITE | sys::ibv_access_flags::IBV_ACCESS_REMOTE_WRITE).0;
         use sys::ibv_qp_attr_mask as m;
-        qp.modify(&mut a, m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS, "ibv_modify_qp(INIT)")?;
+        qp.modify(
+            &mut a,
+            m::IBV_QP_STATE | m::IBV_QP_PKEY_INDEX | m::IBV_QP_PORT | m::IBV_QP_ACCESS_FLAGS,
+            "ibv_modify_qp(INIT)",
+        )?;
 
         let mut psn = [0u8; 4];
-        getrandom::getrandom(&mut psn).map_err(|e| VerbsError::Verb { op: "getrandom", source: std::io::Error::other(e.to_string()) })?;
+        getrandom::getrandom(&mut psn)
+            .map_err(|e| VerbsError::Verb { op: "getrandom", source: std::io::Error::other(e.to_string()) })?;
         let local = Endpoint {
             qpn: qp.qpn(),
             psn: u32::from_le_bytes(psn) & 0x00ff_ffff,
@@ -1077,7 +1127,12 @@ impl PreparedQueuePair {
         a.max_rd_atomic = 1;
         self.qp.modify(
             &mut a,
-            m::IBV_QP_STATE | m::IBV_QP_SQ_PSN | m::IBV_QP_TIMEOUT | m::IBV_QP_RETRY_CNT | m::IBV_QP_RNR_RETRY | m::IBV_QP_MAX_QP_RD_ATOMIC,
+            m::IBV_QP_STATE
+                | m::IBV_QP_SQ_PSN
+                | m::IBV_QP_TIMEOUT
+                | m::IBV_QP_RETRY_CNT
+                | m::IBV_QP_RNR_RETRY
+                | m::IBV_QP_MAX_QP_RD_ATOMIC,
             "ibv_modify_qp(RTS)",
         )?;
         Ok(QueuePair { qp: self.qp, local: self.local, remote, path_mtu })

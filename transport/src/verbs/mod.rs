@@ -174,6 +174,7 @@ pub fn device_test_guard(test: &str) -> bool {
     // Straight to fd 2, not eprintln!: the test harness captures the print macros, and a
     // skip must stay visible in a normal `cargo test` run.
     use std::io::Write;
-    let _ = writeln!(std::io::stderr(), "SKIPPED {test}: no RDMA device (run tests/rxe/run-verbs-tests.sh for Soft-RoCE)");
+    let _ =
+        writeln!(std::io::stderr(), "SKIPPED {test}: no RDMA device (run tests/rxe/run-verbs-tests.sh for Soft-RoCE)");
     false
 }

@@ -113,9 +113,7 @@ fn has_cap_ipc_lock() -> bool {
     std::fs::read_to_string("/proc/self/status")
         .ok()
         .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("CapEff:"))
-                .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+            s.lines().find_map(|l| l.strip_prefix("CapEff:")).and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
         })
         .is_some_and(|caps| caps & (1 << CAP_IPC_LOCK) != 0)
 }
@@ -142,7 +140,16 @@ pub struct MrCache {
 impl MrCache {
     /// An empty cache over `table`.
     pub fn new(pd: Arc<ProtectionDomain>, mode: RegistrationMode, table: RegionTable) -> Self {
-        MrCache { pd, mode, table, whole: HashMap::new(), chunks: HashMap::new(), retired: Vec::new(), pinned: 0, limit: memlock_limit() }
+        MrCache {
+            pd,
+            mode,
+            table,
+            whole: HashMap::new(),
+            chunks: HashMap::new(),
+            retired: Vec::new(),
+            pinned: 0,
+            limit: memlock_limit(),
+        }
     }
 
     /// Bytes pinned by this cache (plus [`MrCache::account`]ed buffers).
@@ -157,7 +164,13 @@ impl MrCache {
         Ok(())
     }
 
-    fn register(&mut self, r: &Arc<Region>, offset: u64, len: u64, access: MrAccess) -> Result<Arc<MemoryRegion>, TransportError> {
+    fn register(
+        &mut self,
+        r: &Arc<Region>,
+        offset: u64,
+        len: u64,
+        access: MrAccess,
+    ) -> Result<Arc<MemoryRegion>, TransportError> {
         check_memlock(self.pinned, len, self.limit).map_err(TransportError::Device)?;
         let mr = MemoryRegion::register(&self.pd, r.clone(), offset, len, access).map_err(device_err)?;
         self.pinned += len;

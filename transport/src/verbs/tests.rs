@@ -30,7 +30,14 @@ fn pair(ca: &VerbsConfig, cb: &VerbsConfig, src: &RegionTable, dst: &RegionTable
 
 type Res = Result<VerbsTransport, TransportError>;
 
-fn try_pair(ca: &VerbsConfig, cb: &VerbsConfig, src: &RegionTable, dst: &RegionTable, sa: &Secret, sb: &Secret) -> (Res, Res) {
+fn try_pair(
+    ca: &VerbsConfig,
+    cb: &VerbsConfig,
+    src: &RegionTable,
+    dst: &RegionTable,
+    sa: &Secret,
+    sb: &Secret,
+) -> (Res, Res) {
     let l = VerbsListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let (dst, cb, sb) = (dst.clone(), cb.clone(), sb.clone());
@@ -39,7 +46,10 @@ fn try_pair(ca: &VerbsConfig, cb: &VerbsConfig, src: &RegionTable, dst: &RegionT
     (a, t.join().unwrap())
 }
 
-fn boxed(ca: VerbsConfig, cb: VerbsConfig) -> impl Fn(&RegionTable, &RegionTable) -> (Box<dyn Transport>, Box<dyn Transport>) {
+fn boxed(
+    ca: VerbsConfig,
+    cb: VerbsConfig,
+) -> impl Fn(&RegionTable, &RegionTable) -> (Box<dyn Transport>, Box<dyn Transport>) {
     move |src, dst| {
         let (a, b) = pair(&ca, &cb, src, dst);
         (Box::new(a) as Box<dyn Transport>, Box::new(b) as Box<dyn Transport>)
@@ -64,8 +74,10 @@ fn random_bitmap(pages: usize, seed: u64) -> PageBitmap {
 fn send_bitmap(t: &mut VerbsTransport, co: &Coalescer, bm: &PageBitmap) -> Result<u64, TransportError> {
     let mut wrs = Vec::new();
     co.coalesce(bm, &mut wrs);
-    let reqs: Vec<WriteRequest<'_>> =
-        wrs.iter().map(|w| WriteRequest { local: 1, segments: &w.segments, remote: 2, remote_offset: w.offset }).collect();
+    let reqs: Vec<WriteRequest<'_>> = wrs
+        .iter()
+        .map(|w| WriteRequest { local: 1, segments: &w.segments, remote: 2, remote_offset: w.offset })
+        .collect();
     let mut last = 0;
     for chunk in reqs.chunks(64) {
         last = t.post_writes(chunk)?;
@@ -81,7 +93,8 @@ fn same(a: &Region, b: &Region) -> bool {
 macro_rules! device_test {
     () => {
         // libtest names the thread after the test.
-        let name = std::thread::current().name().map_or_else(|| format!("{}:{}", module_path!(), line!()), str::to_owned);
+        let name =
+            std::thread::current().name().map_or_else(|| format!("{}:{}", module_path!(), line!()), str::to_owned);
         if !device_test_guard(&name) {
             return;
         }
@@ -96,7 +109,8 @@ fn config_defaults_and_serde() {
     assert_eq!(c.registration, RegistrationMode::PinAll);
     assert_eq!(c.completion, CompletionMode::Event);
     assert_eq!(c.sge_boundary(), 0);
-    let od = VerbsConfig { registration: RegistrationMode::OnDemand { chunk_size: NonZeroU64::new(1 << 20).unwrap() }, ..c };
+    let od =
+        VerbsConfig { registration: RegistrationMode::OnDemand { chunk_size: NonZeroU64::new(1 << 20).unwrap() }, ..c };
     assert_eq!(od.sge_boundary(), 1 << 20);
 }
 
@@ -257,7 +271,14 @@ fn messages_ordered_after_writes_and_fragmented() {
 fn wrong_secret_refused() {
     device_test!();
     let r = conf::regions(1 << 20);
-    let (a, b) = try_pair(&cfg(), &cfg(), &r.src_table, &r.dst_table, &Secret::new("right-secret").unwrap(), &Secret::new("wrong-secret").unwrap());
+    let (a, b) = try_pair(
+        &cfg(),
+        &cfg(),
+        &r.src_table,
+        &r.dst_table,
+        &Secret::new("right-secret").unwrap(),
+        &Secret::new("wrong-secret").unwrap(),
+    );
     assert!(matches!(a, Err(TransportError::Handshake { .. })), "{a:?}");
     assert!(matches!(b, Err(TransportError::Handshake { .. })), "{b:?}");
 }
@@ -284,7 +305,10 @@ fn out_of_range_remote_write_is_a_typed_completion_error() {
     }
     assert!(t0.elapsed() < Duration::from_secs(20));
     // Sticky: later calls fail the same way, nothing hangs.
-    assert!(matches!(a.post_writes(&[WriteRequest { local: 1, segments: &seg, remote: 2, remote_offset: 0 }]), Err(TransportError::Completion { .. })));
+    assert!(matches!(
+        a.post_writes(&[WriteRequest { local: 1, segments: &seg, remote: 2, remote_offset: 0 }]),
+        Err(TransportError::Completion { .. })
+    ));
     assert!(b.recv_message(Some(Duration::from_secs(2))).map(|m| m.is_none()).unwrap_or(true));
     let t0 = Instant::now();
     drop(a);
@@ -374,8 +398,14 @@ fn both_directions_share_one_connection() {
     // Each side exposes one region and sends from another: both write and message.
     let (ta, tb) = (RegionTable::new(), RegionTable::new());
     let mk = |id, acc| Arc::new(Region::anonymous(id, 256 << 10, 4096, acc).unwrap());
-    let (a_src, a_dst, b_src, b_dst) = (mk(1, Access::LOCAL), mk(2, Access::REMOTE_WRITE), mk(1, Access::LOCAL), mk(2, Access::REMOTE_WRITE));
-    let _g = [ta.register(a_src.clone()).unwrap(), ta.register(a_dst.clone()).unwrap(), tb.register(b_src.clone()).unwrap(), tb.register(b_dst.clone()).unwrap()];
+    let (a_src, a_dst, b_src, b_dst) =
+        (mk(1, Access::LOCAL), mk(2, Access::REMOTE_WRITE), mk(1, Access::LOCAL), mk(2, Access::REMOTE_WRITE));
+    let _g = [
+        ta.register(a_src.clone()).unwrap(),
+        ta.register(a_dst.clone()).unwrap(),
+        tb.register(b_src.clone()).unwrap(),
+        tb.register(b_dst.clone()).unwrap(),
+    ];
     a_src.write_at(0, &[0xaa; 256 << 10]);
     b_src.write_at(0, &[0xbb; 256 << 10]);
     let (mut a, mut b) = pair(&cfg(), &cfg(), &ta, &tb);

@@ -16,11 +16,9 @@ use super::registration::MrCache;
 use super::{error_chain, CompletionMode, VerbsConfig};
 use crate::auth::{self, HandshakeError, HandshakeParams, Secret};
 use crate::region::{Access, Region, RegionInfo, RegionTable};
-use crate::wire::{self, close_code, DecodeError, Frame, FrameType, Role, VerbsInfo};
 use crate::window::SendWindow;
-use crate::{
-    check_remote, CoalesceConfig, Transport, TransportError, TransportKind, TransportStats, WriteRequest,
-};
+use crate::wire::{self, close_code, DecodeError, Frame, FrameType, Role, VerbsInfo};
+use crate::{check_remote, CoalesceConfig, Transport, TransportError, TransportKind, TransportStats, WriteRequest};
 
 /// In-band message header length.
 const MSG_HEADER: usize = 16;
@@ -71,12 +69,9 @@ enum Broken {
 impl Broken {
     fn error(&self) -> TransportError {
         match self {
-            Broken::Completion { wr_id, opcode, status, status_str } => TransportError::Completion {
-                wr_id: *wr_id,
-                opcode,
-                status: *status,
-                status_str: status_str.clone(),
-            },
+            Broken::Completion { wr_id, opcode, status, status_str } => {
+                TransportError::Completion { wr_id: *wr_id, opcode, status: *status, status_str: status_str.clone() }
+            }
             Broken::Disconnected(s) => TransportError::Disconnected(s.clone()),
             Broken::Aborted(s) => TransportError::PeerAborted(s.clone()),
             Broken::Protocol(d) => TransportError::Protocol(d.clone()),
@@ -97,8 +92,9 @@ impl Ring {
     fn new(pd: &Arc<ProtectionDomain>, count: u32, slot: u32, access: MrAccess) -> Result<Ring, TransportError> {
         let bytes = (count as u64 * slot as u64).div_ceil(4096).max(1) * 4096;
         // Not in any RegionTable: private to the transport. The id is unused.
-        let mem = Region::anonymous(u32::MAX, bytes, 4096, Access::LOCAL)
-            .map_err(|e| TransportError::Device(format!("allocating a {bytes}-byte buffer ring: {}", error_chain(&e))))?;
+        let mem = Region::anonymous(u32::MAX, bytes, 4096, Access::LOCAL).map_err(|e| {
+            TransportError::Device(format!("allocating a {bytes}-byte buffer ring: {}", error_chain(&e)))
+        })?;
         let mr = MemoryRegion::register(pd, Arc::new(mem), 0, bytes, access).map_err(verbs_err)?;
         Ok(Ring { mr, slot, count })
     }
@@ -219,7 +215,12 @@ impl VerbsListener {
 
     /// Accepts one connection: authenticates it, exposes the remote-writable regions of
     /// `regions` (registered with the device, addr+rkey sent to the peer) and connects a QP.
-    pub fn accept(&self, cfg: &VerbsConfig, secret: &Secret, regions: &RegionTable) -> Result<VerbsTransport, TransportError> {
+    pub fn accept(
+        &self,
+        cfg: &VerbsConfig,
+        secret: &Secret,
+        regions: &RegionTable,
+    ) -> Result<VerbsTransport, TransportError> {
         let (s, addr) = self.inner.accept().map_err(io_err("accepting a connection"))?;
         VerbsTransport::establish(s, addr.to_string(), Role::Acceptor, cfg, secret, regions)
     }
@@ -312,7 +313,10 @@ fn decode_setup(b: &[u8]) -> Result<(u64, u32, u32), DecodeError> {
         return Err(DecodeError::BadLength { kind: FrameType::Msg, len: b.len() as u32, expected: SETUP_LEN as u32 });
     }
     if b[0..4] != SETUP_MAGIC {
-        return Err(DecodeError::Invalid { field: "verbs setup magic", value: u32::from_le_bytes(b[0..4].try_into().expect("4")) as u64 });
+        return Err(DecodeError::Invalid {
+            field: "verbs setup magic",
+            value: u32::from_le_bytes(b[0..4].try_into().expect("4")) as u64,
+        });
     }
     if b[4] != 1 {
         return Err(DecodeError::Invalid { field: "verbs setup version", value: b[4] as u64 });
@@ -351,19 +355,28 @@ impl MsgHeader {
             return Err(DecodeError::Invalid { field: "verbs message kind", value: b[0] as u64 });
         }
         if b[1] & !FLAG_MORE != 0 || b[2] != 0 || b[3] != 0 {
-            return Err(DecodeError::Invalid { field: "verbs message flags", value: u32::from_le_bytes(b[0..4].try_into().expect("4")) as u64 });
+            return Err(DecodeError::Invalid {
+                field: "verbs message flags",
+                value: u32::from_le_bytes(b[0..4].try_into().expect("4")) as u64,
+            });
         }
         let len = u32::from_le_bytes(b[4..8].try_into().expect("4"));
         if len as usize != b.len() - MSG_HEADER {
             return Err(DecodeError::Invalid { field: "verbs message length", value: len as u64 });
         }
-        Ok(MsgHeader { more: b[1] & FLAG_MORE != 0, len, bytes_written: u64::from_le_bytes(b[8..16].try_into().expect("8")) })
+        Ok(MsgHeader {
+            more: b[1] & FLAG_MORE != 0,
+            len,
+            bytes_written: u64::from_le_bytes(b[8..16].try_into().expect("8")),
+        })
     }
 }
 
 fn expect_frame(s: &mut TcpStream, peer: &str, kind: FrameType, what: &'static str) -> Result<Frame, TransportError> {
     let f = auth::read_frame(s).map_err(|e| match e {
-        HandshakeError::Io(e) => TransportError::Disconnected(format!("{peer} closed the connection during verbs setup: {e}")),
+        HandshakeError::Io(e) => {
+            TransportError::Disconnected(format!("{peer} closed the connection during verbs setup: {e}"))
+        }
         HandshakeError::Protocol(d) => TransportError::Protocol(d),
         other => TransportError::Handshake { peer: peer.to_owned(), source: other },
     })?;
@@ -380,9 +393,15 @@ fn expect_frame(s: &mut TcpStream, peer: &str, kind: FrameType, what: &'static s
 impl VerbsTransport {
     /// Connects to a [`VerbsListener`] at `addr`: authenticates, exchanges region tables and
     /// queue-pair endpoints over TCP, and connects an RC queue pair.
-    pub fn connect(addr: impl ToSocketAddrs, cfg: &VerbsConfig, secret: &Secret, regions: &RegionTable) -> Result<VerbsTransport, TransportError> {
+    pub fn connect(
+        addr: impl ToSocketAddrs,
+        cfg: &VerbsConfig,
+        secret: &Secret,
+        regions: &RegionTable,
+    ) -> Result<VerbsTransport, TransportError> {
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(io_err("resolving the peer address"))?.collect();
-        let target = *addrs.first().ok_or_else(|| TransportError::Disconnected("address resolved to nothing".into()))?;
+        let target =
+            *addrs.first().ok_or_else(|| TransportError::Disconnected("address resolved to nothing".into()))?;
         let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
         Self::establish(s, target.to_string(), Role::Connector, cfg, secret, regions)
     }
@@ -400,12 +419,19 @@ impl VerbsTransport {
             Ok(l) => l,
             Err(e) => {
                 // Tell the peer why instead of just dropping the socket.
-                let _ = auth::write_frame(&mut sock, &Frame::Close { code: close_code::REFUSED, reason: format!("verbs setup failed: {}", error_chain(&e)) });
+                let _ = auth::write_frame(
+                    &mut sock,
+                    &Frame::Close {
+                        code: close_code::REFUSED,
+                        reason: format!("verbs setup failed: {}", error_chain(&e)),
+                    },
+                );
                 return Err(e);
             }
         };
         let mut session = [0u8; 8];
-        getrandom::getrandom(&mut session).map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
+        getrandom::getrandom(&mut session)
+            .map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
         let params = HandshakeParams {
             role,
             stream: 0,
@@ -413,7 +439,8 @@ impl VerbsTransport {
             session: if role == Role::Connector { u64::from_le_bytes(session) } else { 0 },
             exposed: local.exposed.clone(),
         };
-        let out = auth::handshake(&mut sock, secret, &params).map_err(|source| TransportError::Handshake { peer: peer.clone(), source })?;
+        let out = auth::handshake(&mut sock, secret, &params)
+            .map_err(|source| TransportError::Handshake { peer: peer.clone(), source })?;
 
         let ep = local.qp.endpoint();
         let info = VerbsInfo {
@@ -427,18 +454,32 @@ impl VerbsTransport {
             credits: local.recv_ring.count,
         };
         auth::write_frame(&mut sock, &Frame::Verbs(info)).map_err(io_err("sending the VERBS frame"))?;
-        let Frame::Verbs(theirs) = expect_frame(&mut sock, &peer, FrameType::Verbs, "VERBS")? else { unreachable!("kind checked") };
+        let Frame::Verbs(theirs) = expect_frame(&mut sock, &peer, FrameType::Verbs, "VERBS")? else {
+            unreachable!("kind checked")
+        };
         if theirs.credits == 0 || theirs.credits > MAX_PEER_CREDITS {
-            return Err(TransportError::Protocol(DecodeError::Invalid { field: "verbs credits", value: theirs.credits as u64 }));
+            return Err(TransportError::Protocol(DecodeError::Invalid {
+                field: "verbs credits",
+                value: theirs.credits as u64,
+            }));
         }
-        let remote_ep = Endpoint { qpn: theirs.qpn, psn: theirs.psn, lid: theirs.lid, gid: theirs.gid, gid_index: theirs.gid_index, mtu: theirs.mtu };
+        let remote_ep = Endpoint {
+            qpn: theirs.qpn,
+            psn: theirs.psn,
+            lid: theirs.lid,
+            gid: theirs.gid,
+            gid_index: theirs.gid_index,
+            mtu: theirs.mtu,
+        };
         let qp = local.qp.connect(remote_ep).map_err(verbs_err)?;
 
         // RTS reached: send our setup blob (credit word, buffer size); the peer's blob tells us
         // its QP is in RTS too.
         let setup = encode_setup(local.ctrl.addr(0) + CREDIT_WORD, local.ctrl.mr.rkey(), local.recv_ring.slot);
         auth::write_frame(&mut sock, &Frame::Msg(setup)).map_err(io_err("sending the verbs setup"))?;
-        let Frame::Msg(blob) = expect_frame(&mut sock, &peer, FrameType::Msg, "verbs setup MSG")? else { unreachable!("kind checked") };
+        let Frame::Msg(blob) = expect_frame(&mut sock, &peer, FrameType::Msg, "verbs setup MSG")? else {
+            unreachable!("kind checked")
+        };
         let (credit_addr, credit_rkey, recv_buf) = decode_setup(&blob)?;
 
         tracing::debug!(
@@ -468,7 +509,15 @@ impl VerbsTransport {
             max_sge: caps.max_send_sge.min(local.max_sge).max(1),
             max_inline: caps.max_inline,
             window: SendWindow::new(cfg.window),
-            sq: SendQueue { depth, next: 1, completed: 0, last_signaled: 0, last_write_seq: 0, entries: VecDeque::new(), free_slots },
+            sq: SendQueue {
+                depth,
+                next: 1,
+                completed: 0,
+                last_signaled: 0,
+                last_write_seq: 0,
+                entries: VecDeque::new(),
+                free_slots,
+            },
             rx: RecvState::default(),
             stats: TransportStats::default(),
             broken: None,
@@ -521,7 +570,8 @@ impl VerbsTransport {
         }
         let max_msg = self.ctx.limits().max_msg_sz as u64;
         if max_msg != 0 {
-            c.max_write_bytes = c.max_write_bytes.min(max_msg / c.page_size as u64 * c.page_size as u64).max(c.page_size as u64);
+            c.max_write_bytes =
+                c.max_write_bytes.min(max_msg / c.page_size as u64 * c.page_size as u64).max(c.page_size as u64);
         }
         c
     }
@@ -625,7 +675,9 @@ impl VerbsTransport {
             status::RETRY_EXC_ERR | status::RNR_RETRY_EXC_ERR => {
                 Broken::Disconnected(format!("{} stopped responding: {what}", self.peer))
             }
-            status::WR_FLUSH_ERR => Broken::Disconnected(format!("the queue pair to {} entered the error state: {what}", self.peer)),
+            status::WR_FLUSH_ERR => {
+                Broken::Disconnected(format!("the queue pair to {} entered the error state: {what}", self.peer))
+            }
             _ => Broken::Completion { wr_id, opcode, status: wc.status, status_str },
         }
     }
@@ -682,13 +734,16 @@ impl VerbsTransport {
         self.last_peer_check = Instant::now();
         let mut b = [0u8; 1];
         // SAFETY: the socket is open; `b` is a valid 1-byte buffer; MSG_PEEK leaves the data.
-        let n = unsafe { libc::recv(self.sock.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        let n =
+            unsafe { libc::recv(self.sock.as_raw_fd(), b.as_mut_ptr().cast(), 1, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
         let gone = match n {
             0 => Some(Broken::Disconnected(format!("{} closed the connection without CLOSE", self.peer))),
             n if n > 0 => match auth::read_frame(&mut self.sock) {
-                Ok(Frame::Close { code, reason }) if code == close_code::NORMAL => {
-                    Some(Broken::Disconnected(format!("{} closed the connection{}", self.peer, if reason.is_empty() { String::new() } else { format!(": {reason}") })))
-                }
+                Ok(Frame::Close { code, reason }) if code == close_code::NORMAL => Some(Broken::Disconnected(format!(
+                    "{} closed the connection{}",
+                    self.peer,
+                    if reason.is_empty() { String::new() } else { format!(": {reason}") }
+                ))),
                 Ok(Frame::Close { reason, .. }) => Some(Broken::Aborted(reason)),
                 Ok(other) => Some(Broken::Protocol(DecodeError::Unexpected { got: other.kind(), expected: "CLOSE" })),
                 Err(HandshakeError::Protocol(d)) => Some(Broken::Protocol(d)),
@@ -757,7 +812,11 @@ impl VerbsTransport {
 
     /// Waits until `done` holds. Errors: the connection broke, or `what` did not happen within
     /// `io_timeout`.
-    fn wait_until(&mut self, what: &'static str, mut done: impl FnMut(&mut Self) -> bool) -> Result<(), TransportError> {
+    fn wait_until(
+        &mut self,
+        what: &'static str,
+        mut done: impl FnMut(&mut Self) -> bool,
+    ) -> Result<(), TransportError> {
         let limit = self.cfg.io_timeout;
         let deadline = Instant::now() + limit;
         loop {
@@ -848,7 +907,11 @@ impl VerbsTransport {
                 }
             };
             if self.rx.partial.len() + h.len as usize > wire::MAX_MESSAGE as usize {
-                let d = DecodeError::TooLong { kind: FrameType::Msg, len: (self.rx.partial.len() + h.len as usize) as u64, max: wire::MAX_MESSAGE as u64 };
+                let d = DecodeError::TooLong {
+                    kind: FrameType::Msg,
+                    len: (self.rx.partial.len() + h.len as usize) as u64,
+                    max: wire::MAX_MESSAGE as u64,
+                };
                 self.set_broken(Broken::Protocol(d.clone()));
                 return Err(TransportError::Protocol(d));
             }
@@ -880,7 +943,9 @@ impl VerbsTransport {
             for w in wrs {
                 let bytes = w.bytes();
                 if max_msg != 0 && bytes > max_msg {
-                    return Err(TransportError::TooLarge(format!("{bytes}-byte write exceeds the port's message limit {max_msg}")));
+                    return Err(TransportError::TooLarge(format!(
+                        "{bytes}-byte write exceeds the port's message limit {max_msg}"
+                    )));
                 }
                 let (addr, rkey) = if check_peer_table {
                     let r = check_remote(&self.peer_regions, w.remote, w.remote_offset, bytes)?;
@@ -922,11 +987,19 @@ impl VerbsTransport {
                 }
                 if !self.window.can_post(bytes) || !self.sq.has_room(1) {
                     self.stats.window_stalls += 1;
-                    self.wait_until("write completions (window full)", |t| t.window.can_post(bytes) && t.sq.has_room(1))?;
+                    self.wait_until("write completions (window full)", |t| {
+                        t.window.can_post(bytes) && t.sq.has_room(1)
+                    })?;
                 }
                 let (id, signaled) = self.window.on_post(bytes, self.sq.must_signal());
                 let (remote_addr, rkey) = targets[i];
-                self.push_wr(SqKind::Write { id }, SendOp::Write { remote_addr, rkey }, &sges[ranges[i].clone()], signaled, false);
+                self.push_wr(
+                    SqKind::Write { id },
+                    SendOp::Write { remote_addr, rkey },
+                    &sges[ranges[i].clone()],
+                    signaled,
+                    false,
+                );
                 self.stats.writes_posted += 1;
                 self.stats.bytes_posted += bytes;
             }
@@ -973,7 +1046,11 @@ impl VerbsTransport {
                 std::ptr::copy_nonoverlapping(h.as_ptr(), p, MSG_HEADER);
                 std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(MSG_HEADER), payload.len());
             }
-            let sge = Sge { addr: self.send_ring.addr(slot), len: (MSG_HEADER + payload.len()) as u32, lkey: self.send_ring.mr.lkey() };
+            let sge = Sge {
+                addr: self.send_ring.addr(slot),
+                len: (MSG_HEADER + payload.len()) as u32,
+                lkey: self.send_ring.mr.lkey(),
+            };
             self.push_wr(SqKind::Msg { slot: Some(slot) }, SendOp::Send, &[sge], true, false);
         }
         // Post now: inline sources (`h`, `payload`) are only borrowed for this call.
@@ -1025,7 +1102,13 @@ impl LocalSetup {
         let send_cq = CompletionQueue::new(&ctx, sq_depth, channel.as_ref()).map_err(verbs_err)?;
         let recv_cq = CompletionQueue::new(&ctx, recv_n, channel.as_ref()).map_err(verbs_err)?;
         let max_sge = cfg.max_sge.get().min(lim.max_sge).max(1);
-        let caps = QpCaps { max_send_wr: sq_depth, max_recv_wr: recv_n, max_send_sge: max_sge, max_recv_sge: 1, max_inline: cfg.max_inline };
+        let caps = QpCaps {
+            max_send_wr: sq_depth,
+            max_recv_wr: recv_n,
+            max_send_sge: max_sge,
+            max_recv_sge: 1,
+            max_inline: cfg.max_inline,
+        };
         let qp = PreparedQueuePair::new(&pd, &send_cq, &recv_cq, caps).map_err(verbs_err)?;
 
         let mut cache = MrCache::new(pd.clone(), cfg.registration, regions.clone());
@@ -1042,7 +1125,21 @@ impl LocalSetup {
             unsafe { qp.post_recv(slot as u64, recv_ring.addr(slot), buf, recv_ring.mr.lkey()) }.map_err(verbs_err)?;
         }
         debug_assert!(ring_bytes(recv_n, buf) == recv_ring.bytes());
-        Ok(LocalSetup { qp, cache, exposed, recv_ring, send_ring, ctrl, send_cq, recv_cq, channel, pd, ctx, sq_depth, max_sge })
+        Ok(LocalSetup {
+            qp,
+            cache,
+            exposed,
+            recv_ring,
+            send_ring,
+            ctrl,
+            send_cq,
+            recv_cq,
+            channel,
+            pd,
+            ctx,
+            sq_depth,
+            max_sge,
+        })
     }
 }
 
