@@ -115,6 +115,21 @@ pub struct BenchArgs {
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
+    /// Verbs: device name (default: the first with an active port).
+    #[arg(long)]
+    pub device: Option<String>,
+    /// Verbs: port number (default: the first active one).
+    #[arg(long)]
+    pub ib_port: Option<u8>,
+    /// Verbs: GID index (default: the first RoCE v2 IPv4-mapped GID).
+    #[arg(long)]
+    pub gid_index: Option<u8>,
+    /// Verbs: busy-poll completions instead of the completion channel.
+    #[arg(long)]
+    pub busy_poll: bool,
+    /// Verbs: register memory on demand in chunks of this size (default: pin everything).
+    #[arg(long, value_parser = parse_size)]
+    pub reg_chunk: Option<u64>,
 }
 
 /// What the sender measured.
@@ -253,7 +268,14 @@ fn options(a: &BenchArgs) -> Result<TransportOptions> {
         socket_buffer: a.sock_buf.map(|b| b as usize),
         ..Default::default()
     };
-    Ok(TransportOptions { choice: a.transport, io_timeout: tcp.io_timeout, tcp })
+    let verbs = livemig_engine::connect::VerbsOptions {
+        device: a.device.clone(),
+        ib_port: a.ib_port,
+        gid_index: a.gid_index,
+        busy_poll: a.busy_poll,
+        reg_chunk: a.reg_chunk,
+    };
+    Ok(TransportOptions { choice: a.transport, io_timeout: tcp.io_timeout, tcp, verbs })
 }
 
 fn make_region(kind: Kind, id: u32, len: u64, ps: u32, access: Access) -> Result<Arc<Region>> {
@@ -340,6 +362,18 @@ fn spawn_listener(kind: Kind, a: &BenchArgs, size: u64, ps: u64) -> Result<(Stri
         .stderr(Stdio::inherit());
     if let Some(b) = a.sock_buf {
         cmd.args(["--sock-buf", &b.to_string()]);
+    }
+    if let Some(d) = &a.device {
+        cmd.args(["--device", d]);
+    }
+    if let Some(p) = a.ib_port {
+        cmd.args(["--ib-port", &p.to_string()]);
+    }
+    if let Some(g) = a.gid_index {
+        cmd.args(["--gid-index", &g.to_string()]);
+    }
+    if a.busy_poll {
+        cmd.arg("--busy-poll");
     }
     let mut child = cmd.spawn().context("starting the destination process")?;
     let out = child.stdout.take().context("child stdout")?;

@@ -26,6 +26,23 @@ pub struct TransportOptions {
     pub tcp: TcpConfig,
     /// How long a silent peer is tolerated.
     pub io_timeout: Duration,
+    /// Verbs device selection and modes (perftest-style flags).
+    pub verbs: VerbsOptions,
+}
+
+/// Verbs flags: `--device`, `--ib-port`, `--gid-index`, `--busy-poll`, `--reg-chunk`.
+#[derive(Debug, Clone, Default)]
+pub struct VerbsOptions {
+    /// Device name (default: the first device with an active port).
+    pub device: Option<String>,
+    /// Port (default: the first active one).
+    pub ib_port: Option<u8>,
+    /// GID index (default: the first RoCE v2 IPv4-mapped GID).
+    pub gid_index: Option<u8>,
+    /// Busy-poll completions instead of waiting on the completion channel.
+    pub busy_poll: bool,
+    /// Register memory on demand in chunks of this many bytes (default: pin everything).
+    pub reg_chunk: Option<u64>,
 }
 
 /// Resolves `auto`; returns the backend and a sentence explaining the choice.
@@ -100,7 +117,24 @@ impl Listener {
 
 #[cfg(feature = "verbs")]
 fn verbs_config(opts: &TransportOptions) -> livemig_transport::verbs::VerbsConfig {
-    livemig_transport::verbs::VerbsConfig { window: opts.tcp.window, io_timeout: opts.io_timeout, ..Default::default() }
+    use livemig_transport::verbs::{CompletionMode, RegistrationMode, VerbsConfig};
+    let v = &opts.verbs;
+    VerbsConfig {
+        window: opts.tcp.window,
+        io_timeout: opts.io_timeout,
+        device: v.device.clone(),
+        ib_port: v.ib_port.and_then(std::num::NonZeroU8::new),
+        gid_index: v.gid_index,
+        completion: if v.busy_poll { CompletionMode::BusyPoll } else { CompletionMode::Event },
+        registration: match v.reg_chunk {
+            Some(c) => match std::num::NonZeroU64::new(c) {
+                Some(chunk_size) => RegistrationMode::OnDemand { chunk_size },
+                None => RegistrationMode::PinAll,
+            },
+            None => RegistrationMode::PinAll,
+        },
+        ..Default::default()
+    }
 }
 
 /// Connects to `addr` with `kind`.

@@ -26,7 +26,7 @@ fn secret() -> Secret {
 
 fn opts() -> TransportOptions {
     let tcp = TcpConfig { io_timeout: Duration::from_secs(10), ..Default::default() };
-    TransportOptions { choice: TransportChoice::Tcp, io_timeout: tcp.io_timeout, tcp }
+    TransportOptions { choice: TransportChoice::Tcp, io_timeout: tcp.io_timeout, tcp, verbs: Default::default() }
 }
 
 /// A destination listening on loopback; `serve` runs on the accepted transport.

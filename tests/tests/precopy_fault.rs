@@ -26,6 +26,7 @@ fn corrupted_page_is_detected_and_the_source_resumes() {
         choice: TransportChoice::Tcp,
         io_timeout: Duration::from_secs(10),
         tcp: TcpConfig::default(),
+        verbs: Default::default(),
     };
 
     let dregion = Arc::new(Region::anonymous(2, len, 4096, Access::REMOTE_WRITE).unwrap());

@@ -226,7 +226,7 @@ pub fn transport_arg(c: TransportChoice) -> &'static str {
 /// Transport settings for migration sessions.
 pub fn transport_options(choice: TransportChoice) -> TransportOptions {
     let tcp = TcpConfig::default();
-    TransportOptions { choice, io_timeout: tcp.io_timeout, tcp }
+    TransportOptions { choice, io_timeout: tcp.io_timeout, tcp, verbs: Default::default() }
 }
 
 fn page_size(p: u64) -> Result<u32> {
