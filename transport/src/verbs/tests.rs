@@ -70,19 +70,10 @@ fn random_bitmap(pages: usize, seed: u64) -> PageBitmap {
     bm
 }
 
-/// Posts the coalesced writes of `bm` from local region 1 to peer region 2.
+/// Posts the coalesced writes of `bm` from local region 1 to peer region 2 (the shared
+/// conformance helper, so both backends are driven the same way).
 fn send_bitmap(t: &mut VerbsTransport, co: &Coalescer, bm: &PageBitmap) -> Result<u64, TransportError> {
-    let mut wrs = Vec::new();
-    co.coalesce(bm, &mut wrs);
-    let reqs: Vec<WriteRequest<'_>> = wrs
-        .iter()
-        .map(|w| WriteRequest { local: 1, segments: &w.segments, remote: 2, remote_offset: w.offset })
-        .collect();
-    let mut last = 0;
-    for chunk in reqs.chunks(64) {
-        last = t.post_writes(chunk)?;
-    }
-    Ok(last)
+    crate::conformance::send_bitmap(t, co, bm)
 }
 
 fn same(a: &Region, b: &Region) -> bool {
