@@ -928,9 +928,23 @@ mod tests {
         buf
     }
 
+    /// Runs the workload for at least `d` and until every thread has done two passes over its
+    /// slice (or touched 64 pages), so a loaded machine that schedules a thread late does not
+    /// make the test see no work (bounded by 30 s).
     fn run_for(w: &mut Workload, d: Duration) {
+        let t0: Vec<ThreadState> = w.thread_states();
         w.start().unwrap();
         std::thread::sleep(d);
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline
+            && !w
+                .thread_states()
+                .iter()
+                .zip(&t0)
+                .all(|(n, o)| n.passes >= o.passes + 2 || n.written + n.read >= o.written + o.read + 64)
+        {
+            std::thread::sleep(Duration::from_millis(2));
+        }
         w.pause().unwrap();
     }
 
@@ -1073,9 +1087,7 @@ mod tests {
         w.stop().unwrap();
         // Stop keeps the state in the header; start continues from it.
         let n = w.pages_written();
-        w.start().unwrap();
-        std::thread::sleep(Duration::from_millis(5));
-        w.pause().unwrap();
+        run_for(&mut w, Duration::from_millis(5));
         assert!(w.pages_written() > n);
         w.verify().unwrap();
     }

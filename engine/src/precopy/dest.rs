@@ -36,8 +36,10 @@ pub struct DestReport {
     pub bytes_received: u64,
     /// The verified checksum (hex).
     pub checksum: String,
-    /// Time from `Final` to `Resumed` (checksum and attach), ms.
+    /// Time from `Final` to `Verified` (our checksum, and waiting for the source's), ms.
     pub verify_ms: f64,
+    /// Time from `Final` to `Resumed` (checksum, commit round trip, attach), ms.
+    pub switchover_ms: f64,
     /// Rate of the resumed workload, pages/s.
     pub after_rate: Option<f64>,
     /// The resumed workload (running), if the source had one.
@@ -80,6 +82,14 @@ pub enum DestError {
     /// No `Begin` in time.
     #[error("no Begin from the source within {0:?}")]
     Timeout(Duration),
+    /// No reply in time during the switchover.
+    #[error("no {expected} from the source within {timeout:?}")]
+    ReplyTimeout {
+        /// What was expected.
+        expected: &'static str,
+        /// The limit.
+        timeout: Duration,
+    },
     /// The source gave up (policy abort or its own failure); nothing runs here.
     #[error("the source aborted the migration: {0}")]
     SourceAborted(String),
@@ -91,9 +101,13 @@ pub enum DestError {
         /// Ours (hex).
         dest_sum: String,
     },
-    /// The migrated workload could not be resumed.
+    /// The migrated workload could not be resumed (the source was told, and resumes).
     #[error("resuming the workload failed")]
     Workload(#[source] WorkloadError),
+    /// Checksums matched but no `Commit` came: the source kept the workload (or holds it
+    /// paused, if its `Commit` was lost). Nothing runs here; the region is left as received.
+    #[error("no Commit from the source after a matching checksum ({0}); the workload was not resumed here")]
+    NotCommitted(String),
 }
 
 /// Receives one migration into `region` (exposed, `REMOTE_WRITE`, in `t`'s table).
@@ -104,6 +118,8 @@ pub fn receive(
     cfg: &DestConfig,
     on_iteration: &mut dyn FnMut(u32, u64, u64),
 ) -> Result<DestReport, DestError> {
+    let span = tracing::info_span!("receive", region_bytes = region.len(), transport = %t.kind());
+    let _span = span.enter();
     let phase = Phase::Handshake;
     let first = t
         .recv_message(Some(cfg.reply_timeout))
@@ -129,10 +145,11 @@ pub fn receive(
         bytes_received: 0,
         checksum: String::new(),
         verify_ms: 0.0,
+        switchover_ms: 0.0,
         after_rate: None,
         workload: None,
     };
-    let (theirs, resume) = loop {
+    let resume = loop {
         let m = t.recv_message(None).map_err(|source| DestError::Transport { phase, source })?;
         let Some(m) = m else { continue };
         match decode(phase, &m)? {
@@ -150,39 +167,66 @@ pub fn receive(
                     rep.zero_pages += r.pages as u64;
                 }
             }
-            Msg::Final { checksum, resume } => break (checksum, resume),
+            Msg::Final { resume } => break resume,
             other => return Err(DestError::Unexpected { phase, got: other.name() }),
         }
     };
 
+    // Switchover (see `source::stop_and_copy` for both sides): hash, compare, wait for Commit.
     let phase = Phase::StopAndCopy;
     let t0 = Instant::now();
     // SAFETY: `Final` is ordered after every write the source posted, and the source posts
-    // nothing more until it has our verdict; no local writer touches the region yet.
+    // nothing more; no local writer touches the region before we resume the workload.
     let ours = unsafe { super::checksum::region_checksum(region, src_len) };
+    let theirs = match recv(t, phase, cfg.reply_timeout, "SourceChecksum")? {
+        Msg::SourceChecksum { checksum } => checksum,
+        other => return Err(DestError::Unexpected { phase, got: other.name() }),
+    };
     let ok = ours == theirs;
     send(t, phase, &Msg::Verified { ok, checksum: ours })?;
+    rep.verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     if !ok {
         return Err(DestError::ChecksumMismatch { source_sum: hex(&theirs), dest_sum: hex(&ours) });
     }
     rep.checksum = hex(&ours);
+    match recv(t, phase, cfg.reply_timeout, "Commit") {
+        Ok(Msg::Commit) => {}
+        Ok(other) => return Err(DestError::Unexpected { phase, got: other.name() }),
+        Err(DestError::SourceAborted(r)) => return Err(DestError::SourceAborted(r)),
+        Err(e) => return Err(DestError::NotCommitted(error_chain(&e))),
+    }
     rep.bytes_received = t.stats().bytes_received;
     if resume && workload {
-        let mut w = Workload::attach(region.clone()).map_err(DestError::Workload)?;
-        w.start().map_err(DestError::Workload)?;
-        rep.workload = Some(w);
+        let started = Workload::attach(region.clone()).and_then(|mut w| w.start().map(|()| w));
+        match started {
+            Ok(w) => rep.workload = Some(w),
+            Err(e) => {
+                // Tell the source, which then resumes its own copy.
+                let _ = t.send_message(&Msg::Abort { reason: format!("resuming the workload failed: {e}") }.encode());
+                return Err(DestError::Workload(e));
+            }
+        }
     }
-    send(t, phase, &Msg::Resumed)?;
-    rep.verify_ms = t0.elapsed().as_secs_f64() * 1e3;
+    rep.switchover_ms = t0.elapsed().as_secs_f64() * 1e3;
+    tracing::info!(switchover_ms = rep.switchover_ms, "committed; workload resumed here");
 
+    // From here the workload runs here: failures only lose the report, never the workload.
     let phase = Phase::Resumed;
+    if let Err(e) = send(t, phase, &Msg::Resumed) {
+        tracing::warn!(error = %error_chain(&e), "could not tell the source we resumed (it holds its copy paused)");
+        return Ok(rep);
+    }
     if let Some(w) = &rep.workload {
         let (n0, t1) = (w.pages_touched(), Instant::now());
         std::thread::sleep(cfg.rate_window);
         let secs = t1.elapsed().as_secs_f64();
         let rate = (w.pages_touched() - n0) as f64 / secs;
         rep.after_rate = Some(rate);
-        send(t, phase, &Msg::WorkloadRate { pages_per_sec: rate as u64, over_ms: (secs * 1e3) as u32 })?;
+        if let Err(e) = send(t, phase, &Msg::WorkloadRate { pages_per_sec: rate as u64, over_ms: (secs * 1e3) as u32 })
+        {
+            tracing::warn!(error = %error_chain(&e), "could not report the workload rate");
+            return Ok(rep);
+        }
     }
     // The source closes with Done; a source that vanished now does not undo the migration.
     match t.recv_message(Some(cfg.reply_timeout)) {
@@ -190,6 +234,26 @@ pub fn receive(
         other => tracing::info!(?other, "source ended the session without Done"),
     }
     Ok(rep)
+}
+
+/// `e` and its sources, joined with ": ".
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += ": ";
+        s += &c.to_string();
+        cur = c.source();
+    }
+    s
+}
+
+fn recv(t: &mut dyn Transport, phase: Phase, timeout: Duration, expected: &'static str) -> Result<Msg, DestError> {
+    let m = t
+        .recv_message(Some(timeout))
+        .map_err(|source| DestError::Transport { phase, source })?
+        .ok_or(DestError::ReplyTimeout { expected, timeout })?;
+    decode(phase, &m)
 }
 
 fn send(t: &mut dyn Transport, phase: Phase, m: &Msg) -> Result<(), DestError> {

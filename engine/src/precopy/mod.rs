@@ -14,9 +14,12 @@
 //!   interval i: window from policy, post ≤ window dirty pages, flush,
 //!               harvest dirty log, IntervalReport → Decision
 //!        │ IterationDone{i, pages, dirty} ──────────────▶ progress
-//!   StopAndCopy: pause workload (downtime starts), final harvest, send, flush,
-//!        │ Final{checksum, resume} ─────────────────────▶ checksum whole region
-//!        │ ◀──────────────────────────────── Verified{ok, checksum}
+//!   StopAndCopy: pause workload (downtime starts), final harvest, send, flush;
+//!                the frozen source region is hashed while the last pages travel
+//!        │ Final{resume} ───────────────────────────────▶ hashes its region (in parallel)
+//!        │ SourceChecksum{checksum} ────────────────────▶ compares
+//!        │ ◀──────────────────────────────── Verified{ok, checksum}   (not resumed yet)
+//!        │ Commit ──────────────────────────────────────▶ attaches, resumes the workload
 //!        │ ◀──────────────────────────────── Resumed     (downtime ends; workload runs there)
 //!   source workload stops for good
 //!        │ ◀──────────────────────────────── WorkloadRate{pages/s after}
@@ -24,6 +27,15 @@
 //!   Abort (policy gave up) or a transport error: tracking stops, the source workload keeps
 //!   running (resumed if it was paused), Abort{reason} is sent when the link still works.
 //! ```
+//!
+//! **At most one copy runs (no split brain).** The destination resumes only on `Commit`, and
+//! the source sends `Commit` only after a matching `Verified`. Any failure before `Commit`
+//! resumes the source and the destination never runs. A failure at or after `Commit` (the
+//! link dies, the destination dies, `Resumed` is lost) is *in doubt*: the source cannot know
+//! whether `Commit` arrived, so it keeps its copy paused and reports
+//! [`SourceError::InDoubt`]; the destination, if it got `Commit`, runs the workload. Both
+//! memories stay intact; nothing is resumed twice. (An explicit `Abort` from the destination
+//! after `Commit` — it could not attach the workload — resumes the source.)
 //!
 //! The policies are pure state machines ([`crate::policy`]); [`source`] and [`dest`] are the
 //! thin drivers that read the clock and move bytes. Which transport backend carries the

@@ -16,12 +16,14 @@
 //!   3 Refuse         reason: text
 //!   4 Zero           n u32 (≤ MAX_ZERO_RUNS) | n × (first_page u64 | pages u32)
 //!   5 IterationDone  iter u32 | pages u64 | dirty u64
-//!   6 Final          checksum [32] | flags u8 (bit0: resume the workload)
+//!   6 Final          flags u8 (bit0: resume the workload)
 //!   7 Verified       ok u8 (0|1) | destination checksum [32]
 //!   8 Resumed        -
 //!   9 WorkloadRate   pages_per_sec u64 | over_ms u32
 //!  10 Done           -
 //!  11 Abort          reason: text
+//!  12 SourceChecksum source checksum [32]
+//!  13 Commit         -
 //! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
 //! ```
 //!
@@ -33,9 +35,10 @@
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"LMPC";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 1;
-/// Oldest version this build decodes.
-pub const MIN_VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
+/// Oldest version this build decodes (version 1 carried the checksum inside `Final` and had
+/// no `Commit`: its switchover is not compatible).
+pub const MIN_VERSION: u8 = 2;
 /// Longest reason text, in bytes.
 pub const MAX_TEXT: usize = 512;
 /// Most zero-page runs in one `Zero` message.
@@ -88,12 +91,16 @@ pub enum Msg {
         /// Dirty pages left after it.
         dirty: u64,
     },
-    /// Source → destination: stop-and-copy is over; compare this checksum.
+    /// Source → destination: stop-and-copy is over, every page is placed; start hashing.
     Final {
-        /// Whole-region checksum at the source (see `checksum::region_checksum`).
-        checksum: [u8; 32],
-        /// Resume the workload after verifying.
+        /// Resume the workload once committed.
         resume: bool,
+    },
+    /// Source → destination: the source's whole-region checksum (computed while the last
+    /// pages were in flight; see `checksum::region_checksum`).
+    SourceChecksum {
+        /// The checksum.
+        checksum: [u8; 32],
     },
     /// Destination → source: checksum verdict.
     Verified {
@@ -102,6 +109,9 @@ pub enum Msg {
         /// The destination's checksum.
         checksum: [u8; 32],
     },
+    /// Source → destination: hand over. Sent only after a matching `Verified`; from then on
+    /// the source never resumes its copy, so at most one side runs the workload.
+    Commit,
     /// Destination → source: the workload runs at the destination (downtime ends).
     Resumed,
     /// Destination → source: the resumed workload's rate.
@@ -228,6 +238,8 @@ impl Msg {
             Msg::WorkloadRate { .. } => 9,
             Msg::Done => 10,
             Msg::Abort { .. } => 11,
+            Msg::SourceChecksum { .. } => 12,
+            Msg::Commit => 13,
         }
     }
 
@@ -245,6 +257,8 @@ impl Msg {
             Msg::WorkloadRate { .. } => "WorkloadRate",
             Msg::Done => "Done",
             Msg::Abort { .. } => "Abort",
+            Msg::SourceChecksum { .. } => "SourceChecksum",
+            Msg::Commit => "Commit",
         }
     }
 
@@ -262,7 +276,7 @@ impl Msg {
                 out.extend_from_slice(&page_size.to_le_bytes());
                 out.push(*workload as u8);
             }
-            Msg::Accept | Msg::Resumed | Msg::Done => {}
+            Msg::Accept | Msg::Resumed | Msg::Done | Msg::Commit => {}
             Msg::Refuse { reason } | Msg::Abort { reason } => put_text(&mut out, reason),
             Msg::Zero { runs } => {
                 debug_assert!(runs.len() <= MAX_ZERO_RUNS && runs.iter().all(|r| r.pages > 0));
@@ -277,10 +291,8 @@ impl Msg {
                 out.extend_from_slice(&pages.to_le_bytes());
                 out.extend_from_slice(&dirty.to_le_bytes());
             }
-            Msg::Final { checksum, resume } => {
-                out.extend_from_slice(checksum);
-                out.push(*resume as u8);
-            }
+            Msg::Final { resume } => out.push(*resume as u8),
+            Msg::SourceChecksum { checksum } => out.extend_from_slice(checksum),
             Msg::Verified { ok, checksum } => {
                 out.push(*ok as u8);
                 out.extend_from_slice(checksum);
@@ -339,10 +351,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
             Msg::Zero { runs }
         }
         5 => Msg::IterationDone { iter: r.u32()?, pages: r.u64()?, dirty: r.u64()? },
-        6 => {
-            let checksum = r.sum()?;
-            Msg::Final { checksum, resume: r.flag("resume flag")? }
-        }
+        6 => Msg::Final { resume: r.flag("resume flag")? },
         7 => {
             let ok = r.flag("verdict")?;
             Msg::Verified { ok, checksum: r.sum()? }
@@ -351,6 +360,8 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
         9 => Msg::WorkloadRate { pages_per_sec: r.u64()?, over_ms: r.u32()? },
         10 => Msg::Done,
         11 => Msg::Abort { reason: r.text()? },
+        12 => Msg::SourceChecksum { checksum: r.sum()? },
+        13 => Msg::Commit,
         t => return Err(ProtoError::UnknownType(t)),
     };
     if r.pos != b.len() {
@@ -372,7 +383,9 @@ mod tests {
             Msg::Zero { runs: vec![ZeroRun { first: 1, pages: 3 }, ZeroRun { first: 100, pages: 1 }] },
             Msg::Zero { runs: vec![] },
             Msg::IterationDone { iter: 3, pages: 1234, dirty: 99 },
-            Msg::Final { checksum: [7; 32], resume: true },
+            Msg::Final { resume: true },
+            Msg::SourceChecksum { checksum: [7; 32] },
+            Msg::Commit,
             Msg::Verified { ok: false, checksum: [9; 32] },
             Msg::Resumed,
             Msg::WorkloadRate { pages_per_sec: 1_000_000, over_ms: 2000 },
@@ -410,6 +423,9 @@ mod tests {
         let mut b = good.clone();
         b[4] = 9;
         assert_eq!(decode(&b), Err(ProtoError::Version(9)));
+        // Version 1's switchover (checksum inside Final, no Commit) is not spoken any more.
+        b[4] = 1;
+        assert_eq!(decode(&b), Err(ProtoError::Version(1)));
         let mut b = good.clone();
         b[5] = 200;
         assert_eq!(decode(&b), Err(ProtoError::UnknownType(200)));
@@ -457,7 +473,7 @@ mod tests {
                 if n >= 6 && rng.gen_bool(0.5) {
                     b[..4].copy_from_slice(&MAGIC);
                     b[4] = VERSION;
-                    b[5] = rng.gen_range(0..13);
+                    b[5] = rng.gen_range(0..15);
                 }
                 b
             };

@@ -121,6 +121,19 @@ pub enum SourceError {
     /// Pausing or resuming the workload failed.
     #[error("workload control failed")]
     Workload(#[source] WorkloadError),
+    /// The session failed at or after sending `Commit`: the destination may already run the
+    /// workload. The source copy stays **paused** (never resumed, memory intact) so the
+    /// workload runs at most once; whoever holds the source decides (resume it only after
+    /// making sure the destination does not run it).
+    #[error("switchover in doubt: the session failed at or after Commit; the destination may be running the workload, so the source copy stays paused")]
+    InDoubt(#[source] Box<SourceError>),
+}
+
+impl SourceError {
+    /// Whether the source workload was left paused because the switchover is in doubt.
+    pub fn in_doubt(&self) -> bool {
+        matches!(self, SourceError::InDoubt(_))
+    }
 }
 
 /// Migrates `region` (registered in `t.regions()`, with `workload` running in it, if any)
@@ -133,6 +146,8 @@ pub fn migrate(
     cfg: &SourceConfig,
     on_interval: &mut dyn FnMut(&IterationLine),
 ) -> Result<Summary, SourceError> {
+    let span = tracing::info_span!("migrate", region_bytes = region.len(), transport = %t.kind());
+    let _span = span.enter();
     let ps = region.page_size();
     let pages = region.pages();
     if t.regions().get(region.id()).is_none() {
@@ -231,9 +246,19 @@ pub fn migrate(
         w.pause().map_err(SourceError::Workload)?;
     }
     summary.workload.during = (touched(&workload) - touched0) as f64 / paused_at.duration_since(start).as_secs_f64();
-    let res = stop_and_copy(t, &mut s, tracker.as_mut(), &mut workload, cfg, start, paused_at, &mut summary);
+    tracing::info!(reason = %reason, "stop-and-copy: workload paused");
+    let mut committed = false;
+    let res =
+        stop_and_copy(t, &mut s, tracker.as_mut(), &mut workload, cfg, start, paused_at, &mut summary, &mut committed);
     tracker.stop();
     if let Err(e) = res {
+        // Once Commit may have reached the destination, the source must not resume: the
+        // destination could be running the workload (split brain). An explicit Abort from the
+        // destination says it does not, so that case resumes here like any earlier failure.
+        if committed && !matches!(e, SourceError::PeerAborted { .. }) {
+            tracing::error!(error = %e, "switchover in doubt; the source copy stays paused");
+            return Err(SourceError::InDoubt(Box::new(e)));
+        }
         // The destination did not take over: the source stays authoritative.
         if let Some(w) = workload.as_mut() {
             if w.state() == crate::workload::RunState::Paused {
@@ -451,6 +476,21 @@ fn precopy_rounds(
     }
 }
 
+/// Stop-and-copy and the switchover handshake. The workload is paused.
+///
+/// ```text
+/// source                                           destination
+/// final harvest, post the last pages ─────────────▶ placed
+///   (hash the frozen source region meanwhile)
+/// Final{resume} ──────────────────────────────────▶ hash its region (parallel to ours)
+/// SourceChecksum{sum} ────────────────────────────▶ compare
+///   ◀───────────────────────────────────────────── Verified{ok, its sum}  (does NOT resume yet)
+/// committed = true; Commit ───────────────────────▶ attach + resume the workload
+///   ◀───────────────────────────────────────────── Resumed  (downtime ends)
+/// ```
+///
+/// `committed` is set *before* `Commit` is written: a failed send may still have delivered
+/// it, so from then on the caller must not resume the source copy.
 #[allow(clippy::too_many_arguments)]
 fn stop_and_copy(
     t: &mut dyn Transport,
@@ -461,20 +501,30 @@ fn stop_and_copy(
     start: Instant,
     paused_at: Instant,
     summary: &mut Summary,
+    committed: &mut bool,
 ) -> Result<(), SourceError> {
     let phase = Phase::StopAndCopy;
     tracker.collect(&mut s.pending).map_err(SourceError::Dirty)?;
     let final_pages = s.pending.count_ones();
-    let b = s.send_batch(t, usize::MAX, phase)?;
-    summary.final_pages = Some((b.data + b.zero) as u64);
-    summary.final_transfer_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
-    debug_assert_eq!(b.data + b.zero, final_pages);
-    #[cfg(feature = "fault-injection")]
-    fault::corrupt_in_flight(t, s)?;
-    // SAFETY: the workload is paused and every write from the region has completed (flushed
-    // in send_batch); nothing else writes the source region.
-    let sum = unsafe { super::checksum::region_checksum(&s.region, s.region.len()) };
-    send(t, phase, &Msg::Final { checksum: sum, resume: workload.is_some() })?;
+    let region = s.region.clone();
+    let resume = workload.is_some();
+    let sum = std::thread::scope(|scope| -> Result<[u8; 32], SourceError> {
+        // The source copy is frozen from here on: hash it while the last pages travel.
+        // SAFETY: the workload is paused and nothing writes the source region any more (the
+        // transport only reads it); the scope ends before the workload can be resumed.
+        let hasher = scope.spawn(|| unsafe { super::checksum::region_checksum(&region, region.len()) });
+        let b = s.send_batch(t, usize::MAX, phase)?;
+        summary.final_pages = Some((b.data + b.zero) as u64);
+        summary.final_transfer_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
+        debug_assert_eq!(b.data + b.zero, final_pages);
+        #[cfg(feature = "fault-injection")]
+        fault::corrupt_in_flight(t, s)?;
+        // Every page is placed (Final is ordered after the writes): the destination hashes now.
+        send(t, phase, &Msg::Final { resume })?;
+        Ok(hasher.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
+    })?;
+    tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "source checksum ready");
+    send(t, phase, &Msg::SourceChecksum { checksum: sum })?;
     match recv(t, phase, "Verified", cfg.reply_timeout)? {
         Msg::Verified { ok: true, checksum } if checksum == sum => {}
         Msg::Verified { checksum, .. } => {
@@ -482,17 +532,24 @@ fn stop_and_copy(
         }
         other => return Err(unexpected(phase, "Verified", &other)),
     }
+    tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "verified; committing");
+    *committed = true;
+    send(t, phase, &Msg::Commit)?;
     match recv(t, phase, "Resumed", cfg.reply_timeout)? {
         Msg::Resumed => {}
         other => return Err(unexpected(phase, "Resumed", &other)),
     }
     summary.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
+    tracing::info!(downtime_ms = summary.downtime_ms, "destination resumed");
     // The migration is over when the destination runs; what follows only measures.
     summary.total_s = start.elapsed().as_secs_f64();
     summary.checksum = Some(hex(&sum));
     // The workload lives at the destination now; the source copy never runs again.
     if let Some(w) = workload.as_deref_mut() {
-        w.stop().map_err(SourceError::Workload)?;
+        if let Err(e) = w.stop() {
+            // It is paused and stays so; the migration itself is complete.
+            tracing::warn!(error = %e, "stopping the paused source workload failed");
+        }
     }
     let phase = Phase::Resumed;
     if workload.is_some() {

@@ -1,0 +1,258 @@
+//! The switchover under failure: the workload runs at most once (no split brain) and no copy
+//! is lost, whichever side's link dies at which step of Final / SourceChecksum / Verified /
+//! Commit / Resumed.
+//!
+//! The failure is injected by [`CutAt`], a wrapper around the real TCP transport that drops the
+//! connection (the peer sees it close, as when a process dies) instead of sending a chosen
+//! control message. The migrations themselves are real: a running workload, userfaultfd
+//! dirty tracking, the TCP backend over loopback.
+
+use std::num::{NonZeroU32, NonZeroU64};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use livemig_engine::connect::{connect, Listener, TransportChoice, TransportOptions};
+use livemig_engine::policy::{KvmConfig, PolicyConfig};
+use livemig_engine::precopy::checksum::region_checksum;
+use livemig_engine::precopy::proto::{self, Msg};
+use livemig_engine::precopy::{migrate, receive, DestConfig, DestError, DestReport, SourceConfig, SourceError};
+use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
+use livemig_transport::auth::Secret;
+use livemig_transport::{
+    Access, Region, RegionInfo, RegionTable, TcpConfig, Transport, TransportError, TransportKind, TransportStats,
+    WriteRequest,
+};
+
+const LEN: u64 = 16 << 20;
+
+/// A transport that, instead of sending the control message named `at`, drops the real
+/// transport underneath (closing its connection) and fails that call and every later one.
+struct CutAt {
+    inner: Option<Box<dyn Transport>>,
+    at: Option<&'static str>,
+    kind: TransportKind,
+    peer: Vec<RegionInfo>,
+    table: RegionTable,
+}
+
+impl CutAt {
+    fn new(inner: Box<dyn Transport>, at: Option<&'static str>) -> Self {
+        CutAt {
+            kind: inner.kind(),
+            peer: inner.peer_regions().to_vec(),
+            table: inner.regions().clone(),
+            inner: Some(inner),
+            at,
+        }
+    }
+    fn live(&mut self) -> Result<&mut Box<dyn Transport>, TransportError> {
+        self.inner.as_mut().ok_or_else(|| TransportError::Disconnected("the link was cut (test)".into()))
+    }
+}
+
+impl Transport for CutAt {
+    fn kind(&self) -> TransportKind {
+        self.kind
+    }
+    fn peer_regions(&self) -> &[RegionInfo] {
+        &self.peer
+    }
+    fn post_writes(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError> {
+        self.live()?.post_writes(wrs)
+    }
+    fn send_message(&mut self, msg: &[u8]) -> Result<(), TransportError> {
+        let name = proto::decode(msg).map(|m| m.name()).unwrap_or("?");
+        if Some(name) == self.at {
+            eprintln!("cutting the link instead of sending {name}");
+            self.inner = None;
+        }
+        self.live()?.send_message(msg)
+    }
+    fn recv_message(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, TransportError> {
+        self.live()?.recv_message(timeout)
+    }
+    fn poll_completions(&mut self) -> Result<u64, TransportError> {
+        self.live()?.poll_completions()
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.live()?.flush()
+    }
+    fn stats(&self) -> TransportStats {
+        self.inner.as_ref().map(|t| t.stats()).unwrap_or_default()
+    }
+    fn regions(&self) -> &RegionTable {
+        &self.table
+    }
+}
+
+fn secret() -> Secret {
+    Secret::new("switchover-test-secret").unwrap()
+}
+
+fn opts() -> TransportOptions {
+    let tcp = TcpConfig { io_timeout: Duration::from_secs(10), ..Default::default() };
+    TransportOptions { choice: TransportChoice::Tcp, io_timeout: tcp.io_timeout, tcp, verbs: Default::default() }
+}
+
+type DestOut = (Arc<Region>, Result<DestReport, DestError>);
+
+/// A destination on loopback whose transport is cut instead of sending `cut`.
+fn spawn_dest(cut: Option<&'static str>) -> (String, JoinHandle<DestOut>) {
+    let region = Arc::new(Region::anonymous(2, LEN, 4096, Access::REMOTE_WRITE).unwrap());
+    let table = RegionTable::new();
+    let reg = table.register(region.clone()).unwrap();
+    let l = Listener::bind(TransportKind::Tcp, "127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap().to_string();
+    let h = std::thread::spawn(move || {
+        let _reg = reg;
+        let t = l.accept(&opts(), &secret(), &table).expect("accept");
+        let mut t = CutAt::new(t, cut);
+        let cfg = DestConfig { rate_window: Duration::from_millis(200), reply_timeout: Duration::from_secs(20) };
+        let res = receive(&mut t, &region, &cfg, &mut |_, _, _| {});
+        (region, res)
+    });
+    (addr, h)
+}
+
+struct Run {
+    region: Arc<Region>,
+    workload: Workload,
+    result: Result<livemig_engine::precopy::Summary, SourceError>,
+    dest_region: Arc<Region>,
+    dest: Result<DestReport, DestError>,
+}
+
+/// Migrates a running random writer (small working set, so kvm converges at once) with the
+/// source cut at `src_cut` and the destination cut at `dst_cut`.
+fn run(src_cut: Option<&'static str>, dst_cut: Option<&'static str>) -> Run {
+    let (addr, dst) = spawn_dest(dst_cut);
+    let region = Arc::new(Region::anonymous(1, LEN, 4096, Access::LOCAL).unwrap());
+    let table = RegionTable::new();
+    let _reg = table.register(region.clone()).unwrap();
+    let params = WorkloadParams {
+        kind: WorkloadKind::Random,
+        working_set_pages: NonZeroU64::new(64).unwrap(),
+        rate_pages_per_sec: 20_000,
+        threads: NonZeroU32::new(1).unwrap(),
+        seed: 3,
+    };
+    let mut workload = Workload::init(region.clone(), params).unwrap();
+    workload.start().unwrap();
+    let t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).expect("connect");
+    let mut t = CutAt::new(t, src_cut);
+    let cfg = SourceConfig {
+        policy: PolicyConfig::Kvm(KvmConfig::default()),
+        warmup: Duration::ZERO,
+        reply_timeout: Duration::from_secs(20),
+        ..Default::default()
+    };
+    let result = migrate(&mut t, &region, Some(&mut workload), &cfg, &mut |_| {});
+    drop(t);
+    let (dest_region, dest) = dst.join().unwrap();
+    Run { region, workload, result, dest_region, dest }
+}
+
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut c = e.source();
+    while let Some(x) = c {
+        s += &format!(": {x}");
+        c = x.source();
+    }
+    s
+}
+
+fn running(w: &Workload) -> bool {
+    let n = w.pages_written();
+    std::thread::sleep(Duration::from_millis(100));
+    w.state() == RunState::Running && w.pages_written() > n
+}
+
+/// Both copies still hold the workload's memory as of the pause (nothing ran since).
+fn copies_identical(r: &Run) {
+    // SAFETY: the source workload is paused (checked by the caller), the destination's was
+    // never started, and both transports are closed.
+    let (a, b) = unsafe { (region_checksum(&r.region, LEN), region_checksum(&r.dest_region, LEN)) };
+    assert_eq!(a, b, "the two copies differ");
+}
+
+#[test]
+fn baseline_without_a_cut_completes_and_runs_only_at_the_destination() {
+    let mut r = run(None, None);
+    let s = r.result.as_ref().unwrap_or_else(|e| panic!("{}", chain(e)));
+    let d = r.dest.as_mut().unwrap_or_else(|e| panic!("{}", chain(e)));
+    assert_eq!(s.checksum.as_deref(), Some(d.checksum.as_str()));
+    assert!(s.downtime_ms.unwrap() >= d.switchover_ms, "{:?} {}", s.downtime_ms, d.switchover_ms);
+    assert_eq!(r.workload.state(), RunState::Idle);
+    assert!(running(d.workload.as_ref().expect("resumed at the destination")));
+    d.workload.as_mut().unwrap().stop().unwrap();
+}
+
+#[test]
+fn destination_gone_before_verified_resumes_the_source_only() {
+    let r = run(None, Some("Verified"));
+    let e = r.result.as_ref().expect_err("must fail");
+    eprintln!("source: {}", chain(e));
+    assert!(!e.in_doubt(), "before Commit the source knows it still owns the workload: {e:?}");
+    assert!(matches!(e, SourceError::Transport { .. }), "{e:?}");
+    assert!(running(&r.workload), "the source workload runs again");
+    let de = r.dest.as_ref().expect_err("destination must not run");
+    eprintln!("destination: {}", chain(de));
+}
+
+#[test]
+fn commit_lost_leaves_both_copies_paused_and_identical() {
+    // The source cuts its link where it would send Commit: it cannot know whether Commit got
+    // out, so it must not resume; the destination never got Commit, so it must not run.
+    let r = run(Some("Commit"), None);
+    let e = r.result.as_ref().expect_err("must fail");
+    eprintln!("source: {}", chain(e));
+    assert!(e.in_doubt(), "{e:?}");
+    assert_eq!(r.workload.state(), RunState::Paused, "an in-doubt source holds its copy paused");
+    match &r.dest {
+        Err(de @ DestError::NotCommitted(_)) => eprintln!("destination: {}", chain(de)),
+        other => panic!("destination: {other:?}"),
+    }
+    copies_identical(&r);
+}
+
+#[test]
+fn resumed_lost_runs_the_workload_once_at_the_destination() {
+    // The destination resumed on Commit, then its link died before Resumed went out.
+    let mut r = run(None, Some("Resumed"));
+    let e = r.result.as_ref().expect_err("the source never heard Resumed");
+    eprintln!("source: {}", chain(e));
+    assert!(e.in_doubt(), "{e:?}");
+    assert_eq!(r.workload.state(), RunState::Paused, "the source must not run a second copy");
+    let d = r.dest.as_mut().expect("the destination keeps running what it resumed");
+    assert!(running(d.workload.as_ref().expect("resumed")));
+    d.workload.as_mut().unwrap().stop().unwrap();
+}
+
+#[test]
+fn garbage_instead_of_commit_is_refused_and_nothing_runs_at_the_destination() {
+    // A source that answers Verified with something other than Commit: the destination
+    // refuses to run. (Driven by hand: the control messages are public.)
+    let (addr, dst) = spawn_dest(None);
+    let region = Arc::new(Region::anonymous(1, LEN, 4096, Access::LOCAL).unwrap());
+    let table = RegionTable::new();
+    let _reg = table.register(region.clone()).unwrap();
+    let mut t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).unwrap();
+    let send = |t: &mut Box<dyn Transport>, m: Msg| t.send_message(&m.encode()).unwrap();
+    send(&mut t, Msg::Begin { region_len: LEN, page_size: 4096, workload: false });
+    assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
+    send(&mut t, Msg::Zero { runs: vec![proto::ZeroRun { first: 0, pages: (LEN / 4096) as u32 }] });
+    send(&mut t, Msg::Final { resume: false });
+    // SAFETY: nothing writes this fresh region.
+    let sum = unsafe { region_checksum(&region, LEN) };
+    send(&mut t, Msg::SourceChecksum { checksum: sum });
+    let v = proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()).unwrap();
+    assert_eq!(v, Msg::Verified { ok: true, checksum: sum });
+    send(&mut t, Msg::Done);
+    let (_, res) = dst.join().unwrap();
+    match res {
+        Err(DestError::Unexpected { got: "Done", .. }) => {}
+        other => panic!("{other:?}"),
+    }
+}
