@@ -2,7 +2,7 @@
 //! is lost, whichever side's link dies at which step of Final / SourceChecksum / Verified /
 //! Commit / Resumed.
 //!
-//! The failure is injected by [`CutAt`], a wrapper around the real TCP transport that drops the
+//! The failure is injected by `CutAt` (livemig_engine::precopy::cut), a wrapper around the real TCP transport that drops the
 //! connection (the peer sees it close, as when a process dies) instead of sending a chosen
 //! control message. The migrations themselves are real: a running workload, userfaultfd
 //! dirty tracking, the TCP backend over loopback.
@@ -15,76 +15,14 @@ use std::time::Duration;
 use livemig_engine::connect::{connect, Listener, TransportChoice, TransportOptions};
 use livemig_engine::policy::{KvmConfig, PolicyConfig};
 use livemig_engine::precopy::checksum::region_checksum;
+use livemig_engine::precopy::cut::CutAt;
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{migrate, receive, DestConfig, DestError, DestReport, SourceConfig, SourceError};
 use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
 use livemig_transport::auth::Secret;
-use livemig_transport::{
-    Access, Region, RegionInfo, RegionTable, TcpConfig, Transport, TransportError, TransportKind, TransportStats,
-    WriteRequest,
-};
+use livemig_transport::{Access, Region, RegionTable, TcpConfig, Transport, TransportKind};
 
 const LEN: u64 = 16 << 20;
-
-/// A transport that, instead of sending the control message named `at`, drops the real
-/// transport underneath (closing its connection) and fails that call and every later one.
-struct CutAt {
-    inner: Option<Box<dyn Transport>>,
-    at: Option<&'static str>,
-    kind: TransportKind,
-    peer: Vec<RegionInfo>,
-    table: RegionTable,
-}
-
-impl CutAt {
-    fn new(inner: Box<dyn Transport>, at: Option<&'static str>) -> Self {
-        CutAt {
-            kind: inner.kind(),
-            peer: inner.peer_regions().to_vec(),
-            table: inner.regions().clone(),
-            inner: Some(inner),
-            at,
-        }
-    }
-    fn live(&mut self) -> Result<&mut Box<dyn Transport>, TransportError> {
-        self.inner.as_mut().ok_or_else(|| TransportError::Disconnected("the link was cut (test)".into()))
-    }
-}
-
-impl Transport for CutAt {
-    fn kind(&self) -> TransportKind {
-        self.kind
-    }
-    fn peer_regions(&self) -> &[RegionInfo] {
-        &self.peer
-    }
-    fn post_writes(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError> {
-        self.live()?.post_writes(wrs)
-    }
-    fn send_message(&mut self, msg: &[u8]) -> Result<(), TransportError> {
-        let name = proto::decode(msg).map(|m| m.name()).unwrap_or("?");
-        if Some(name) == self.at {
-            eprintln!("cutting the link instead of sending {name}");
-            self.inner = None;
-        }
-        self.live()?.send_message(msg)
-    }
-    fn recv_message(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, TransportError> {
-        self.live()?.recv_message(timeout)
-    }
-    fn poll_completions(&mut self) -> Result<u64, TransportError> {
-        self.live()?.poll_completions()
-    }
-    fn flush(&mut self) -> Result<(), TransportError> {
-        self.live()?.flush()
-    }
-    fn stats(&self) -> TransportStats {
-        self.inner.as_ref().map(|t| t.stats()).unwrap_or_default()
-    }
-    fn regions(&self) -> &RegionTable {
-        &self.table
-    }
-}
 
 fn secret() -> Secret {
     Secret::new("switchover-test-secret").unwrap()

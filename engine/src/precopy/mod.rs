@@ -49,6 +49,7 @@
 
 pub mod checksum;
 pub mod cli;
+pub mod cut;
 pub mod dest;
 pub mod proto;
 pub mod source;

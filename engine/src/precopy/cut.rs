@@ -1,0 +1,97 @@
+//! Fault injection at a protocol step: [`CutAt`] wraps a real transport and, instead of
+//! sending a chosen pre-copy control message, drops the transport underneath (its connection
+//! closes and the peer sees it go, as when a process dies) and fails that call and every
+//! later one. Tests use it to break the switchover at each step; builds with the
+//! `fault-injection` feature also apply it from `LIVEMIG_CUT_AT=<message name>` (see
+//! [`from_env`]).
+
+use std::time::Duration;
+
+use livemig_transport::{
+    RegionInfo, RegionTable, Transport, TransportError, TransportKind, TransportStats, WriteRequest,
+};
+
+use super::proto;
+
+/// A transport that, instead of sending the control message named `at`, drops the real
+/// transport underneath (closing its connection) and fails that call and every later one.
+pub struct CutAt {
+    inner: Option<Box<dyn Transport>>,
+    at: Option<String>,
+    kind: TransportKind,
+    peer: Vec<RegionInfo>,
+    table: RegionTable,
+}
+
+impl CutAt {
+    /// Wraps `inner`; `at` is a message name as in [`proto::Msg::name`] (`None`: never cut).
+    pub fn new(inner: Box<dyn Transport>, at: Option<&str>) -> Self {
+        CutAt {
+            kind: inner.kind(),
+            peer: inner.peer_regions().to_vec(),
+            table: inner.regions().clone(),
+            inner: Some(inner),
+            at: at.map(str::to_string),
+        }
+    }
+    fn live(&mut self) -> Result<&mut Box<dyn Transport>, TransportError> {
+        self.inner.as_mut().ok_or_else(|| TransportError::Disconnected("the link was cut (fault injection)".into()))
+    }
+}
+
+impl std::fmt::Debug for CutAt {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CutAt")
+            .field("kind", &self.kind)
+            .field("at", &self.at)
+            .field("cut", &self.inner.is_none())
+            .finish()
+    }
+}
+
+impl Transport for CutAt {
+    fn kind(&self) -> TransportKind {
+        self.kind
+    }
+    fn peer_regions(&self) -> &[RegionInfo] {
+        &self.peer
+    }
+    fn post_writes(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError> {
+        self.live()?.post_writes(wrs)
+    }
+    fn send_message(&mut self, msg: &[u8]) -> Result<(), TransportError> {
+        let name = proto::decode(msg).map(|m| m.name()).unwrap_or("?");
+        if self.at.as_deref() == Some(name) {
+            tracing::warn!(message = name, "fault injection: cutting the link instead of sending it");
+            self.inner = None;
+        }
+        self.live()?.send_message(msg)
+    }
+    fn recv_message(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, TransportError> {
+        self.live()?.recv_message(timeout)
+    }
+    fn poll_completions(&mut self) -> Result<u64, TransportError> {
+        self.live()?.poll_completions()
+    }
+    fn flush(&mut self) -> Result<(), TransportError> {
+        self.live()?.flush()
+    }
+    fn stats(&self) -> TransportStats {
+        self.inner.as_ref().map(|t| t.stats()).unwrap_or_default()
+    }
+    fn regions(&self) -> &RegionTable {
+        &self.table
+    }
+}
+
+/// `LIVEMIG_CUT_AT=<message name>` wraps `t` in a [`CutAt`] (fault-injection builds only;
+/// other builds return `t` unchanged).
+pub fn from_env(t: Box<dyn Transport>) -> Box<dyn Transport> {
+    if !super::FAULT_INJECTION {
+        return t;
+    }
+    match std::env::var("LIVEMIG_CUT_AT") {
+        Ok(name) if !name.is_empty() => Box::new(CutAt::new(t, Some(&name))),
+        _ => t,
+    }
+}
