@@ -7,6 +7,10 @@
 //! the tracker and the sender live in one process, as on a real host. The namespaces (and
 //! with them the veth pair) are deleted on every exit path by a drop guard. Only these
 //! namespaces carry the migration traffic; no host interface is touched.
+//!
+//! The destination child gets the source's `--io-timeout` and `--no-progress` (the source
+//! draws the only progress bar on the shared terminal); the re-executed source gets all of
+//! its flags back through [`MigrateArgs::source_argv`].
 
 use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
@@ -118,7 +122,9 @@ fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret_hex: &s
     };
     cmd.args(["receive", "--listen", listen, "--size", &a.size.to_string()])
         .args(["--page-size", &a.page_size.to_string(), "--transport", transport_arg(a.transport)])
-        .args(["--after", &a.after.to_string()])
+        .args(["--after", &a.after.to_string(), "--io-timeout", &a.io_timeout.to_string()])
+        // The source draws the only progress bar on the shared terminal.
+        .arg("--no-progress")
         .env(SECRET_ENV, secret_hex)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())

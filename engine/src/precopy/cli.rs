@@ -1,12 +1,13 @@
 //! `livemig migrate` (source) and `livemig receive` (destination).
 
-use std::io::Write;
+use std::io::{IsTerminal, Write};
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use livemig_transport::auth::Secret;
 use livemig_transport::{Access, CoalesceConfig, Region, RegionTable, TcpConfig};
 
@@ -116,12 +117,19 @@ pub struct MigrateArgs {
     /// Seconds the destination measures the resumed workload.
     #[arg(long, default_value_t = 2.0)]
     pub after: f64,
+    /// Seconds without progress from the peer after which the transport declares the link
+    /// dead (silent link cut, frozen host). Also passed to the destination that --local starts.
+    #[arg(long, value_name = "SECS", value_parser = parse_io_timeout, default_value_t = default_io_timeout_secs())]
+    pub io_timeout: f64,
     /// Shared-secret file (else $LIVEMIG_SECRET; --local makes a random one).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
     /// Machine-readable summary on stdout (progress lines go to stderr).
     #[arg(long)]
     pub json: bool,
+    /// No progress bar (it is also hidden with --json or when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 /// Options of `livemig receive`.
@@ -142,12 +150,19 @@ pub struct ReceiveArgs {
     /// Seconds to measure the resumed workload before reporting its rate.
     #[arg(long, default_value_t = 2.0)]
     pub after: f64,
+    /// Seconds without progress from the peer after which the transport declares the link
+    /// dead (silent link cut, frozen host).
+    #[arg(long, value_name = "SECS", value_parser = parse_io_timeout, default_value_t = default_io_timeout_secs())]
+    pub io_timeout: f64,
     /// Shared-secret file (else $LIVEMIG_SECRET).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
     /// Machine-readable report on stderr.
     #[arg(long)]
     pub json: bool,
+    /// No progress spinner (it is also hidden with --json or when stderr is not a terminal).
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 impl MigrateArgs {
@@ -204,11 +219,15 @@ impl MigrateArgs {
         kv("--downtime-ms", self.downtime_ms.to_string());
         kv("--warmup", self.warmup.to_string());
         kv("--after", self.after.to_string());
+        kv("--io-timeout", self.io_timeout.to_string());
         if let Some(f) = &self.secret_file {
             kv("--secret-file", f.display().to_string());
         }
         if self.json {
             v.push("--json".into());
+        }
+        if self.no_progress {
+            v.push("--no-progress".into());
         }
         v
     }
@@ -223,10 +242,26 @@ pub fn transport_arg(c: TransportChoice) -> &'static str {
     }
 }
 
-/// Transport settings for migration sessions.
-pub fn transport_options(choice: TransportChoice) -> TransportOptions {
-    let tcp = TcpConfig::default();
-    TransportOptions { choice, io_timeout: tcp.io_timeout, tcp, verbs: Default::default() }
+/// The transport's default `--io-timeout`, in seconds.
+pub fn default_io_timeout_secs() -> f64 {
+    TcpConfig::default().io_timeout.as_secs_f64()
+}
+
+/// Parses `--io-timeout SECS`: a positive number of seconds (fractions allowed, at least 1 ms).
+pub fn parse_io_timeout(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("bad number of seconds {s:?}"))?;
+    match Duration::try_from_secs_f64(v) {
+        Ok(d) if d >= Duration::from_millis(1) && d <= Duration::from_secs(365 * 86400) => Ok(v),
+        _ => Err(format!("--io-timeout {s:?} must be between 0.001 and {} seconds", 365 * 86400)),
+    }
+}
+
+/// Transport settings for migration sessions: `io_timeout` bounds how long a silent peer is
+/// tolerated, on TCP (socket timeouts, TCP_USER_TIMEOUT, keepalive, completion waits) and on
+/// verbs (completion waits, out-of-band socket).
+pub fn transport_options(choice: TransportChoice, io_timeout: Duration) -> TransportOptions {
+    let tcp = TcpConfig { io_timeout, ..TcpConfig::default() };
+    TransportOptions { choice, io_timeout, tcp, verbs: Default::default() }
 }
 
 fn page_size(p: u64) -> Result<u32> {
@@ -268,8 +303,8 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         }
         None => None,
     };
-    let mut t = connect::connect(kind, to, &transport_options(a.transport), secret, &table)
-        .with_context(|| format!("connecting to {to}"))?;
+    let opts = transport_options(a.transport, secs(a.io_timeout));
+    let mut t = connect::connect(kind, to, &opts, secret, &table).with_context(|| format!("connecting to {to}"))?;
     let mut err = std::io::stderr();
     let _ = writeln!(err, "{note}");
     let _ = writeln!(
@@ -289,14 +324,21 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         reply_timeout: super::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
     };
     let json = a.json;
+    let mut progress = SourceProgress::new(region.pages() as u64, json || a.no_progress);
     let mut on_line = |l: &super::IterationLine| {
-        if json {
-            eprintln!("{l}");
-        } else {
-            println!("{l}");
-        }
+        // The line itself is printed exactly as without the bar (stdout, or stderr with
+        // --json); the bar is taken off the terminal meanwhile so nothing tears.
+        progress.bar.suspend(|| {
+            if json {
+                eprintln!("{l}");
+            } else {
+                println!("{l}");
+            }
+        });
+        progress.on_interval(l);
     };
     let res = source::migrate(t.as_mut(), &region, workload.as_mut(), &cfg, &mut on_line);
+    progress.bar.finish_and_clear();
     let summary = match res {
         Ok(s) => s,
         Err(e) => {
@@ -316,6 +358,53 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
     Ok(())
 }
 
+/// A progress bar on stderr, hidden when `hide` (`--json`, `--no-progress`) or when stderr is
+/// not a terminal (scripts and tests then see only the plain lines).
+fn progress_bar(len: Option<u64>, hide: bool) -> ProgressBar {
+    if hide || !std::io::stderr().is_terminal() {
+        return ProgressBar::with_draw_target(len, ProgressDrawTarget::hidden());
+    }
+    let bar = ProgressBar::with_draw_target(len, ProgressDrawTarget::stderr());
+    bar.enable_steady_tick(Duration::from_millis(120));
+    bar
+}
+
+fn spinner_style(template: &str) -> ProgressStyle {
+    ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_spinner())
+}
+
+/// The source's bar: pages sent against the region during the first pass, then the interval
+/// number and the dirty count.
+struct SourceProgress {
+    bar: ProgressBar,
+    pages: u64,
+    sent: u64,
+    first_pass: bool,
+}
+
+impl SourceProgress {
+    fn new(pages: u64, hide: bool) -> Self {
+        let bar = progress_bar(Some(pages), hide);
+        bar.set_style(spinner_style("{spinner} {elapsed} iter {prefix} sent {pos}/{len} pages, dirty {msg}"));
+        bar.set_prefix("1");
+        bar.set_message("-");
+        SourceProgress { bar, pages, sent: 0, first_pass: true }
+    }
+
+    fn on_interval(&mut self, l: &super::IterationLine) {
+        self.sent += l.sent + l.zero;
+        self.bar.set_prefix((l.iter + 1).to_string());
+        if self.first_pass && self.sent >= self.pages {
+            // First pass over: from now on the interval and the dirty set tell the story.
+            self.first_pass = false;
+            self.bar
+                .set_style(spinner_style("{spinner} {elapsed} iter {prefix} sent {pos} pages in total, dirty {msg}"));
+        }
+        self.bar.set_position(self.sent);
+        self.bar.set_message(l.dirty.to_string());
+    }
+}
+
 /// Entry point of `livemig receive`.
 pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     let ps = page_size(a.page_size)?;
@@ -330,10 +419,26 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     println!("listening {} {}", l.local_addr()?, kind);
     std::io::stdout().flush()?;
     eprintln!("{note}");
-    let mut t = l.accept(&transport_options(a.transport), &secret, &table)?;
+    let bar = progress_bar(None, a.json || a.no_progress);
+    bar.set_style(spinner_style("{spinner} {elapsed} {msg}"));
+    bar.set_message("waiting for the source");
+    let accepted = l.accept(&transport_options(a.transport, secs(a.io_timeout)), &secret, &table);
+    let mut t = match accepted {
+        Ok(t) => t,
+        Err(e) => {
+            bar.finish_and_clear();
+            return Err(e.into());
+        }
+    };
+    bar.set_message("connected; receiving the first pass");
     let cfg = dest::DestConfig { rate_window: secs(a.after), ..Default::default() };
-    let mut on_iter = |i: u32, p: u64, d: u64| tracing::debug!(iter = i, pages = p, dirty = d, "interval received");
-    let mut rep = dest::receive(t.as_mut(), &region, &cfg, &mut on_iter).context("receiving the migration")?;
+    let mut on_iter = |i: u32, p: u64, d: u64| {
+        tracing::debug!(iter = i, pages = p, dirty = d, "interval received");
+        bar.set_message(format!("received interval {i}: {p} pages, {d} dirty at the source"));
+    };
+    let res = dest::receive(t.as_mut(), &region, &cfg, &mut on_iter);
+    bar.finish_and_clear();
+    let mut rep = res.context("receiving the migration")?;
     if a.json {
         let v = serde_json::json!({
             "iterations": rep.iterations,
@@ -359,4 +464,76 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
         w.stop().context("stopping the workload")?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Debug, Parser)]
+    struct M {
+        #[command(flatten)]
+        a: MigrateArgs,
+    }
+
+    #[derive(Debug, Parser)]
+    struct R {
+        #[command(flatten)]
+        a: ReceiveArgs,
+    }
+
+    #[test]
+    fn io_timeout_defaults_to_the_transport_default() {
+        let m = M::try_parse_from(["x", "--to", "h:1"]).unwrap();
+        assert_eq!(secs(m.a.io_timeout), TcpConfig::default().io_timeout);
+        let r = R::try_parse_from(["x", "--listen", "h:0"]).unwrap();
+        assert_eq!(secs(r.a.io_timeout), TcpConfig::default().io_timeout);
+    }
+
+    #[test]
+    fn io_timeout_reaches_tcp_and_verbs_settings() {
+        // `connect::verbs_config` takes the verbs timeout from `TransportOptions::io_timeout`.
+        let o = transport_options(TransportChoice::Tcp, Duration::from_millis(3500));
+        assert_eq!(o.io_timeout, Duration::from_millis(3500));
+        assert_eq!(o.tcp.io_timeout, Duration::from_millis(3500));
+    }
+
+    #[test]
+    fn io_timeout_is_validated() {
+        for bad in ["0", "-1", "nan", "inf", "x", "1e12"] {
+            assert!(M::try_parse_from(["x", "--to", "h:1", "--io-timeout", bad]).is_err(), "{bad}");
+        }
+        let m = M::try_parse_from(["x", "--to", "h:1", "--io-timeout", "2.5"]).unwrap();
+        assert_eq!(secs(m.a.io_timeout), Duration::from_millis(2500));
+    }
+
+    #[test]
+    fn source_argv_round_trips() {
+        let m = M::try_parse_from([
+            "x",
+            "--local",
+            "--link",
+            "1gbit",
+            "--io-timeout",
+            "3",
+            "--size",
+            "64M",
+            "--wss",
+            "48M",
+            "--policy",
+            "kvm",
+        ])
+        .unwrap();
+        let argv = m.a.source_argv("10.0.0.2:4000");
+        let i = argv.iter().position(|s| s == "--io-timeout").expect("forwarded");
+        assert_eq!(argv[i + 1], "3");
+        // argv[0] is the subcommand; parse the rest as the source's own flags.
+        let again = M::try_parse_from(std::iter::once("x".to_string()).chain(argv.into_iter().skip(1))).unwrap();
+        assert_eq!(again.a.io_timeout, 3.0);
+        assert_eq!(again.a.to.as_deref(), Some("10.0.0.2:4000"));
+        assert_eq!(again.a.size, 64 << 20);
+        assert_eq!(again.a.wss, Some(48 << 20));
+    }
 }
