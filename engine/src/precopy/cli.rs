@@ -304,7 +304,8 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         None => None,
     };
     let opts = transport_options(a.transport, secs(a.io_timeout));
-    let mut t = connect::connect(kind, to, &opts, secret, &table).with_context(|| format!("connecting to {to}"))?;
+    let t = connect::connect(kind, to, &opts, secret, &table).with_context(|| format!("connecting to {to}"))?;
+    let mut t = super::cut::from_env(t);
     let mut err = std::io::stderr();
     let _ = writeln!(err, "{note}");
     let _ = writeln!(
@@ -341,6 +342,10 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
     progress.bar.finish_and_clear();
     let summary = match res {
         Ok(s) => s,
+        Err(e) if e.in_doubt() => {
+            drop(t);
+            return hold_in_doubt(e, workload.as_mut(), secs(a.after));
+        }
         Err(e) => {
             let running = workload.as_ref().map(|w| w.state().to_string()).unwrap_or_else(|| "none".into());
             return Err(anyhow::Error::new(e).context(format!("migration failed (source workload: {running})")));
@@ -356,6 +361,53 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         bail!("migration aborted: {} (source workload {running})", summary.end_reason);
     }
     Ok(())
+}
+
+/// The switchover is in doubt ([`source::SourceError::InDoubt`]): the destination may run the
+/// workload, so the source copy is held paused — never resumed on its own, never thrown away
+/// on its own — until the operator says which copy lives: `SIGUSR1` resumes it here (do that
+/// only after making sure the destination does not run it), `SIGTERM`/`SIGINT` discards it.
+fn hold_in_doubt(e: source::SourceError, workload: Option<&mut Workload>, after: Duration) -> Result<()> {
+    use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let mut msg = e.to_string();
+    let mut cur = std::error::Error::source(&e);
+    while let Some(c) = cur {
+        msg += &format!(": {c}");
+        cur = c.source();
+    }
+    let Some(w) = workload else {
+        bail!("{msg} (no workload: nothing to hold)");
+    };
+    let got = Arc::new(AtomicUsize::new(0));
+    for sig in [SIGUSR1, SIGTERM, SIGINT] {
+        // Registering `sig` sets `got` to it when it arrives (and replaces the default action).
+        signal_hook::flag::register_usize(sig, got.clone(), sig as usize).context("installing signal handlers")?;
+    }
+    let pid = std::process::id();
+    eprintln!("{msg}");
+    eprintln!(
+        "HOLDING the source copy paused (pid {pid}). Check the destination: if it does NOT run the workload, \
+         resume it here with `kill -USR1 {pid}`; to discard this copy: `kill -TERM {pid}` (or Ctrl-C)."
+    );
+    let sig = loop {
+        match got.load(Ordering::SeqCst) {
+            0 => std::thread::sleep(Duration::from_millis(50)),
+            s => break s as i32,
+        }
+    };
+    if sig != SIGUSR1 {
+        w.stop().context("discarding the held workload")?;
+        bail!("switchover was in doubt; the held source copy was discarded on signal {sig}");
+    }
+    w.resume().context("resuming the held workload")?;
+    let n0 = w.pages_touched();
+    let t0 = std::time::Instant::now();
+    std::thread::sleep(after);
+    let rate = (w.pages_touched() - n0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    eprintln!("resumed the held source copy on SIGUSR1: workload {} at {rate:.0} pg/s", w.state());
+    w.stop().context("stopping the workload")?;
+    bail!("migration did not complete (switchover in doubt); the source copy was resumed by the operator")
 }
 
 /// A progress bar on stderr, hidden when `hide` (`--json`, `--no-progress`) or when stderr is
@@ -424,7 +476,7 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     bar.set_message("waiting for the source");
     let accepted = l.accept(&transport_options(a.transport, secs(a.io_timeout)), &secret, &table);
     let mut t = match accepted {
-        Ok(t) => t,
+        Ok(t) => super::cut::from_env(t),
         Err(e) => {
             bar.finish_and_clear();
             return Err(e.into());
@@ -446,17 +498,19 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
             "bytes_received": rep.bytes_received,
             "checksum": rep.checksum,
             "verify_ms": rep.verify_ms,
+            "switchover_ms": rep.switchover_ms,
             "after_rate": rep.after_rate,
         });
         eprintln!("{v}");
     } else {
         eprintln!(
-            "destination: verified {} after {} intervals ({:.1} MiB received, {} zero pages); checksum+resume {:.1} ms; workload {}",
+            "destination: verified {} after {} intervals ({:.1} MiB received, {} zero pages); checksum {:.1} ms, switchover {:.1} ms; workload {}",
             &rep.checksum[..16],
             rep.iterations,
             rep.bytes_received as f64 / (1 << 20) as f64,
             rep.zero_pages,
             rep.verify_ms,
+            rep.switchover_ms,
             rep.after_rate.map_or("none".into(), |r| format!("resumed at {r:.0} pg/s"))
         );
     }

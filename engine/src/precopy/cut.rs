@@ -88,6 +88,9 @@ impl Transport for CutAt {
 /// other builds return `t` unchanged).
 pub fn from_env(t: Box<dyn Transport>) -> Box<dyn Transport> {
     if !super::FAULT_INJECTION {
+        if std::env::var_os("LIVEMIG_CUT_AT").is_some() {
+            eprintln!("LIVEMIG_CUT_AT ignored: this build has no fault injection");
+        }
         return t;
     }
     match std::env::var("LIVEMIG_CUT_AT") {

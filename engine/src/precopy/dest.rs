@@ -212,21 +212,29 @@ pub fn receive(
 
     // From here the workload runs here: failures only lose the report, never the workload.
     let phase = Phase::Resumed;
-    if let Err(e) = send(t, phase, &Msg::Resumed) {
-        tracing::warn!(error = %error_chain(&e), "could not tell the source we resumed (it holds its copy paused)");
-        return Ok(rep);
-    }
+    let link = match send(t, phase, &Msg::Resumed) {
+        Ok(()) => true,
+        Err(e) => {
+            tracing::warn!(error = %error_chain(&e), "could not tell the source we resumed (it holds its copy paused)");
+            false
+        }
+    };
     if let Some(w) = &rep.workload {
         let (n0, t1) = (w.pages_touched(), Instant::now());
         std::thread::sleep(cfg.rate_window);
         let secs = t1.elapsed().as_secs_f64();
         let rate = (w.pages_touched() - n0) as f64 / secs;
         rep.after_rate = Some(rate);
-        if let Err(e) = send(t, phase, &Msg::WorkloadRate { pages_per_sec: rate as u64, over_ms: (secs * 1e3) as u32 })
-        {
-            tracing::warn!(error = %error_chain(&e), "could not report the workload rate");
-            return Ok(rep);
+        if link {
+            let m = Msg::WorkloadRate { pages_per_sec: rate as u64, over_ms: (secs * 1e3) as u32 };
+            if let Err(e) = send(t, phase, &m) {
+                tracing::warn!(error = %error_chain(&e), "could not report the workload rate");
+                return Ok(rep);
+            }
         }
+    }
+    if !link {
+        return Ok(rep);
     }
     // The source closes with Done; a source that vanished now does not undo the migration.
     match t.recv_message(Some(cfg.reply_timeout)) {

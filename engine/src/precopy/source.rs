@@ -1,7 +1,7 @@
 //! The source driver: pre-copy rounds under a convergence policy, then stop-and-copy.
 //!
 //! This is the thin I/O layer around the pure [`ConvergencePolicy`]: it reads the clock,
-//! harvests the dirty log, posts writes and exchanges the [`proto`](super::proto) messages.
+//! harvests the dirty log, posts writes and exchanges the [`proto`] messages.
 //! See the module doc of [`precopy`](super) for the message flow.
 //!
 //! Failure contract: on a policy abort, a transport error or a refused handshake the source
