@@ -112,6 +112,7 @@ fn in_doubt_run(
         if l.contains("no fault injection") {
             let _ = src.kill();
             let _ = dst.kill();
+            let _ = (src.wait(), dst.wait());
             eprintln!("skipped: {} was built without fault injection", bin.display());
             return None;
         }
