@@ -14,7 +14,10 @@
 #   1. the livemig-transport lib test executable, filtered to `verbs::` (device tests need
 #      rxe0; the rest of the crate's unit tests run on the host anyway),
 #   2. every tests/tests/verbs_*.rs executable of the livemig-tests crate,
-#   3. ib_write_bw (perftest) server + client over rxe0 on 127.0.0.1, printed as
+#   3. the real CLI end to end over verbs: `livemig migrate --local --transport verbs` (a source
+#      and a destination process, a running workload, checksum verified; fails the run if the
+#      migration does not complete),
+#   4. ib_write_bw (perftest) server + client over rxe0 on 127.0.0.1, printed as
 #      "IB_WRITE_BW size=... iters=... MB/s=..." for the benchmark baseline.
 # RXE_REQUIRED=1 is set in the guest, so a test that finds no RDMA device fails there instead
 # of skipping. Exit status: 0 if every test executable built and passed; 3 if all that ran
@@ -85,6 +88,15 @@ for line in sys.stdin:
     fi
   done
 fi
+echo "[verbs-tests] building the livemig binary" >&2
+CLI=$(cargo build "${PROFILE[@]}" -p livemig --message-format=json \
+  | python3 -c 'import sys, json
+for line in sys.stdin:
+    try: m = json.loads(line)
+    except ValueError: continue
+    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "livemig":
+        print(m["executable"])')
+[[ -n $CLI ]] || { echo "[verbs-tests] building the livemig binary failed" >&2; exit 1; }
 T1=$(date +%s%N)
 
 DRV=$(mktemp -d "${TMPDIR:-/tmp}/verbs-drv.XXXXXX")
@@ -106,6 +118,18 @@ q() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
   }
   run "${LIB[0]}" verbs::
   for b in "${INT[@]}"; do run "$b"; done
+  cat <<'EOF'
+echo "=== livemig migrate --local --transport verbs (start $(up)s)"
+if /harness/bin/livemig migrate --local --transport verbs --size 16M --wss 2M --threads 1 \
+     --policy ibrahim --warmup 0.5 --after 0.5 --no-progress > /tmp/cli.out 2> /tmp/cli.err \
+   && grep -q 'migration completed: policy ibrahim over verbs' /tmp/cli.out; then
+  cat /tmp/cli.out
+  echo "=== livemig CLI over verbs: ok"
+else
+  echo "=== livemig CLI over verbs FAILED"; cat /tmp/cli.out /tmp/cli.err; fail=1
+fi
+echo "=== livemig CLI done at $(up)s"
+EOF
   if [[ $BENCH == 1 ]]; then
     cat <<EOF
 # ib_write_bw baseline: first IPv4-mapped GID of rxe0 port 1
@@ -134,7 +158,7 @@ EOF
 } > "$DRV/run-verbs-tests.sh"
 chmod +x "$DRV/run-verbs-tests.sh"
 
-FILES="${LIB[*]} ${INT[*]}"
+FILES="${LIB[*]} ${INT[*]} $CLI"
 echo "[verbs-tests] booting the guest with: $(for b in $FILES; do basename "$b"; done | tr '\n' ' ')" >&2
 RXE_REQUIRED=1 RUST_TEST_THREADS=${RUST_TEST_THREADS:-2} RUST_BACKTRACE=${RUST_BACKTRACE:-1} \
 RXE_HARNESS_FILES="$FILES ${RXE_HARNESS_FILES:-}" \

@@ -513,7 +513,7 @@ mod tests {
         // 5th sample: three moving averages of three, all within ±10 %.
         let d = p.handle_interval(&steady(6, 50_100));
         assert_eq!(d, Decision::StopAndCopy(Reason::PatternA { moving_average: 50_033 }));
-        assert_eq!(d.reason().unwrap().to_string(), "a");
+        assert_eq!(d.reason().unwrap().label(), "a");
         // Finished: the same decision again.
         assert_eq!(p.handle_interval(&steady(7, 1)), d);
     }

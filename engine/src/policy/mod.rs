@@ -226,9 +226,15 @@ impl Reason {
 impl fmt::Display for Reason {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match *self {
-            Reason::PatternA { .. } => f.write_str("a"),
-            Reason::PatternB { .. } => f.write_str("b"),
-            Reason::PatternC { .. } => f.write_str("c"),
+            Reason::PatternA { moving_average } => {
+                write!(f, "pattern a: modified-page count stable (moving average {moving_average} pages)")
+            }
+            Reason::PatternB { drained } => {
+                write!(f, "pattern b: the dirty set ({drained} pages) drained within one interval")
+            }
+            Reason::PatternC { retransmitted, migrated } => {
+                write!(f, "pattern c: {retransmitted} of {migrated} pages sent were also sent in the previous interval")
+            }
             Reason::KvmDowntime { expected_downtime, limit } => {
                 write!(f, "kvm: expected downtime {} ms ≤ {} ms", expected_downtime.as_millis(), limit.as_millis())
             }
@@ -457,9 +463,18 @@ mod tests {
 
     #[test]
     fn reason_display_for_tables() {
-        assert_eq!(Reason::PatternA { moving_average: 5 }.to_string(), "a");
-        assert_eq!(Reason::PatternB { drained: 5 }.to_string(), "b");
-        assert_eq!(Reason::PatternC { retransmitted: 9, migrated: 10 }.to_string(), "c");
+        let a = Reason::PatternA { moving_average: 5 };
+        assert_eq!(
+            (a.label(), a.to_string().as_str()),
+            ("a", "pattern a: modified-page count stable (moving average 5 pages)")
+        );
+        let b = Reason::PatternB { drained: 5 };
+        assert_eq!(
+            (b.label(), b.to_string().as_str()),
+            ("b", "pattern b: the dirty set (5 pages) drained within one interval")
+        );
+        let c = Reason::PatternC { retransmitted: 9, migrated: 10 };
+        assert_eq!(c.to_string(), "pattern c: 9 of 10 pages sent were also sent in the previous interval");
         let r =
             Reason::KvmDowntime { expected_downtime: Duration::from_millis(120), limit: Duration::from_millis(300) };
         assert_eq!(r.to_string(), "kvm: expected downtime 120 ms ≤ 300 ms");
