@@ -37,6 +37,10 @@ type DestOut = (Arc<Region>, Result<DestReport, DestError>);
 
 /// A destination on loopback whose transport is cut instead of sending `cut`.
 fn spawn_dest(cut: Option<&'static str>) -> (String, JoinHandle<DestOut>) {
+    spawn_dest_with(cut, Duration::from_secs(20))
+}
+
+fn spawn_dest_with(cut: Option<&'static str>, reply_timeout: Duration) -> (String, JoinHandle<DestOut>) {
     let region = Arc::new(Region::anonymous(2, LEN, 4096, Access::REMOTE_WRITE).unwrap());
     let table = RegionTable::new();
     let reg = table.register(region.clone()).unwrap();
@@ -46,7 +50,7 @@ fn spawn_dest(cut: Option<&'static str>) -> (String, JoinHandle<DestOut>) {
         let _reg = reg;
         let t = l.accept(&opts(), &secret(), &table).expect("accept");
         let mut t = CutAt::new(t, cut);
-        let cfg = DestConfig { rate_window: Duration::from_millis(200), reply_timeout: Duration::from_secs(20) };
+        let cfg = DestConfig { rate_window: Duration::from_millis(200), reply_timeout };
         let res = receive(&mut t, &region, &cfg, &mut |_, _, _| {});
         (region, res)
     });
@@ -193,4 +197,26 @@ fn garbage_instead_of_commit_is_refused_and_nothing_runs_at_the_destination() {
         Err(DestError::Unexpected { got: "Done", .. }) => {}
         other => panic!("{other:?}"),
     }
+}
+
+#[test]
+fn a_frozen_source_is_given_up_by_the_destination() {
+    // The source opens the migration, then stays connected but sends nothing (a stopped
+    // process: its kernel still acknowledges). The destination must not wait forever.
+    let (addr, dst) = spawn_dest_with(None, Duration::from_millis(1500));
+    let region = Arc::new(Region::anonymous(1, LEN, 4096, Access::LOCAL).unwrap());
+    let table = RegionTable::new();
+    let _reg = table.register(region.clone()).unwrap();
+    let mut t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).unwrap();
+    t.send_message(&Msg::Begin { region_len: LEN, page_size: 4096, workload: false }.encode()).unwrap();
+    assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
+    let t0 = std::time::Instant::now();
+    let (_, res) = dst.join().unwrap();
+    let waited = t0.elapsed();
+    match res {
+        Err(e @ DestError::ReplyTimeout { .. }) => eprintln!("destination gave up after {waited:?}: {e}"),
+        other => panic!("{other:?}"),
+    }
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+    drop(t);
 }

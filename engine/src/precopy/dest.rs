@@ -15,7 +15,9 @@ use crate::workload::{Workload, WorkloadError};
 pub struct DestConfig {
     /// After resuming, measure the workload's rate for this long and report it.
     pub rate_window: Duration,
-    /// How long to wait for `Begin` and for `Done`.
+    /// How long to wait for `Begin`, for each switchover message and for `Done`; and how long
+    /// pre-copy may go without progress (no control message and no page bytes arriving: a
+    /// source that is alive but frozen) before the destination gives up.
     pub reply_timeout: Duration,
 }
 
@@ -149,9 +151,23 @@ pub fn receive(
         after_rate: None,
         workload: None,
     };
+    // Liveness: a long interval (a big first pass under kvm) sends pages for a long time
+    // without a control message, so progress is counted in bytes as well as messages.
+    let mut last = (Instant::now(), t.stats().bytes_received);
     let resume = loop {
-        let m = t.recv_message(None).map_err(|source| DestError::Transport { phase, source })?;
-        let Some(m) = m else { continue };
+        let m = t
+            .recv_message(Some(Duration::from_millis(500)))
+            .map_err(|source| DestError::Transport { phase, source })?;
+        let Some(m) = m else {
+            let bytes = t.stats().bytes_received;
+            if bytes != last.1 {
+                last = (Instant::now(), bytes);
+            } else if last.0.elapsed() > cfg.reply_timeout {
+                return Err(DestError::ReplyTimeout { expected: "pre-copy progress", timeout: cfg.reply_timeout });
+            }
+            continue;
+        };
+        last = (Instant::now(), t.stats().bytes_received);
         match decode(phase, &m)? {
             Msg::IterationDone { iter, pages, dirty } => {
                 rep.iterations = iter;
