@@ -1,6 +1,7 @@
 //! Two `livemig` processes over loopback.
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+
+use livemig_tests::spawn_listening;
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 
@@ -30,23 +31,19 @@ fn chunks_between_files() {
 
 #[test]
 fn wrong_secret_between_processes_is_refused() {
-    let mut dst = Command::new(BIN)
-        .args(["bench", "pages", "--listen", "127.0.0.1:0", "--size", "4M", "--transport", "tcp"])
-        .env("LIVEMIG_SECRET", "the-right-secret")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(dst.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().nth(1).unwrap().to_string();
+    let dst = spawn_listening(
+        Command::new(BIN)
+            .args(["bench", "pages", "--listen", "127.0.0.1:0", "--size", "4M", "--transport", "tcp"])
+            .env("LIVEMIG_SECRET", "the-right-secret")
+            .stderr(Stdio::piped()),
+    );
     let src = Command::new(BIN)
-        .args(["bench", "pages", "--connect", &addr, "--size", "4M", "--transport", "tcp", "--duration", "0"])
+        .args(["bench", "pages", "--connect", &dst.addr, "--size", "4M", "--transport", "tcp", "--duration", "0"])
         .env("LIVEMIG_SECRET", "a-wrong-secret!")
         .output()
         .unwrap();
     assert!(!src.status.success());
-    let dst = dst.wait_with_output().unwrap();
+    let dst = dst.child.wait_with_output().unwrap();
     assert!(!dst.status.success());
     let err = String::from_utf8_lossy(&dst.stderr);
     assert!(err.contains("wrong shared secret"), "{err}");

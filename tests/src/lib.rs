@@ -1,1 +1,246 @@
-//! Integration tests live in tests/tests/.
+//! Helpers shared by livemig's integration tests (`tests/tests/*.rs`, and `cli/tests/` as a
+//! dev-dependency).
+//!
+//! They only remove plumbing the test files used to copy: each test still spells out what it
+//! migrates and what it asserts. Setup failures panic with a message saying what failed
+//! (these are test helpers); nothing here swallows an error.
+//!
+//! - in process: [`Conn`] (backend, options and secret of both ends) with
+//!   [`Conn::spawn_dest`] (a destination thread on loopback) and [`Conn::start_source`] (a
+//!   registered region, a running workload, a connected transport); [`registered_region`],
+//!   [`workload_params`], [`makes_progress`], [`assert_still_running`], [`error_chain`];
+//! - the real binary: [`livemig_bin`], [`receive_command`], [`spawn_listening`],
+//!   [`parse_listening`].
+
+use std::error::Error;
+use std::io::{BufRead, BufReader};
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use livemig_engine::connect::{self, Listener, TransportChoice, TransportOptions};
+use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
+use livemig_transport::auth::Secret;
+use livemig_transport::{Access, Region, RegionId, RegionTable, Registration, TcpConfig, Transport, TransportKind};
+
+/// The shared secret of in-process tests (both ends use it; its value does not matter).
+pub const TEST_SECRET: &str = "livemig-test-secret";
+
+/// [`TEST_SECRET`] as a [`Secret`].
+pub fn test_secret() -> Secret {
+    Secret::new(TEST_SECRET).expect("TEST_SECRET is a valid secret")
+}
+
+/// `e` followed by each of its sources, joined by `": "` (as `anyhow`'s `{:#}` prints a chain).
+pub fn error_chain(e: &dyn Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += &format!(": {c}");
+        cur = c.source();
+    }
+    s
+}
+
+/// Options for `choice` with default settings and `io_timeout` for both backends (the TCP
+/// backend reads `tcp.io_timeout`, verbs reads `io_timeout`).
+pub fn transport_options(choice: TransportChoice, io_timeout: Duration) -> TransportOptions {
+    let tcp = TcpConfig { io_timeout, ..Default::default() };
+    TransportOptions { choice, io_timeout, tcp, verbs: Default::default() }
+}
+
+/// TCP options with `io_timeout` (see [`transport_options`]).
+pub fn tcp_options(io_timeout: Duration) -> TransportOptions {
+    transport_options(TransportChoice::Tcp, io_timeout)
+}
+
+/// Workload parameters: `kind` over `working_set_pages` pages with `threads` threads, flat
+/// out (`rate_pages_per_sec: 0`), seed 7. Change the rest with struct update syntax:
+/// `WorkloadParams { rate_pages_per_sec: 2000, ..workload_params(kind, 512, 1) }`.
+pub fn workload_params(kind: WorkloadKind, working_set_pages: u64, threads: u32) -> WorkloadParams {
+    WorkloadParams {
+        kind,
+        working_set_pages: NonZeroU64::new(working_set_pages).expect("working_set_pages > 0"),
+        rate_pages_per_sec: 0,
+        threads: NonZeroU32::new(threads).expect("threads > 0"),
+        seed: 7,
+    }
+}
+
+/// An anonymous region registered in its own table; dropping it deregisters the region.
+#[derive(Debug)]
+pub struct Registered {
+    /// The region.
+    pub region: Arc<Region>,
+    /// The table holding it (what `connect` / `accept` expose or send from).
+    pub table: RegionTable,
+    /// Keeps the region registered.
+    pub reg: Registration,
+}
+
+/// A fresh anonymous region `id` of `len` bytes in `page_size` pages, registered with `access`.
+pub fn registered_region(id: RegionId, len: u64, page_size: u32, access: Access) -> Registered {
+    let region = Arc::new(Region::anonymous(id, len, page_size, access).expect("anonymous region"));
+    let table = RegionTable::new();
+    let reg = table.register(region.clone()).expect("registering the region");
+    Registered { region, table, reg }
+}
+
+/// Whether the workload's page counter (pages written plus read) increases over `over`.
+pub fn makes_progress(w: &Workload, over: Duration) -> bool {
+    let n = w.pages_touched();
+    std::thread::sleep(over);
+    w.pages_touched() > n
+}
+
+/// The workload is running: its state says so and its counter increases over `over`.
+pub fn assert_still_running(w: &Workload, over: Duration) {
+    assert_eq!(w.state(), RunState::Running);
+    assert!(makes_progress(w, over), "the source workload stopped");
+}
+
+/// How both ends of an in-process migration connect: backend, options, shared secret.
+#[derive(Debug, Clone)]
+pub struct Conn {
+    /// The backend, resolved from `opts.choice` as the CLI does.
+    pub kind: TransportKind,
+    /// Transport options of both ends.
+    pub opts: TransportOptions,
+    /// Shared secret of both ends.
+    pub secret: Secret,
+}
+
+impl Conn {
+    /// `choice` (resolved with [`connect::resolve`]) with [`transport_options`] and
+    /// [`test_secret`].
+    pub fn new(choice: TransportChoice, io_timeout: Duration) -> Conn {
+        let (kind, _) = connect::resolve(choice);
+        Conn { kind, opts: transport_options(choice, io_timeout), secret: test_secret() }
+    }
+
+    /// TCP with `io_timeout` (see [`Conn::new`]).
+    pub fn tcp(io_timeout: Duration) -> Conn {
+        Conn::new(TransportChoice::Tcp, io_timeout)
+    }
+
+    /// A destination listening on `127.0.0.1:0` with a fresh exposed region (id 2, `len`
+    /// bytes, `page_size` pages, remote-writable). Its thread accepts one session (checked to
+    /// be of this backend), runs `serve` on the accepted transport and the region, and returns
+    /// what `serve` returns. The transport is dropped when `serve` returns (unless `serve`
+    /// returns it), the registration when the thread ends. Returns the address to connect to
+    /// and the thread.
+    pub fn spawn_dest<T: Send + 'static>(
+        &self,
+        len: u64,
+        page_size: u32,
+        serve: impl FnOnce(Box<dyn Transport>, Arc<Region>) -> T + Send + 'static,
+    ) -> (String, JoinHandle<T>) {
+        let Registered { region, table, reg } = registered_region(2, len, page_size, Access::REMOTE_WRITE);
+        let l = Listener::bind(self.kind, "127.0.0.1:0").expect("binding the destination listener");
+        let addr = l.local_addr().expect("listener address").to_string();
+        let conn = self.clone();
+        let h = std::thread::spawn(move || {
+            let _reg = reg;
+            let t = l.accept(&conn.opts, &conn.secret, &table).expect("accept");
+            assert_eq!(t.kind(), conn.kind);
+            serve(t, region)
+        });
+        (addr, h)
+    }
+
+    /// Connects to `addr` exposing `table`; checks the session is of this backend.
+    pub fn connect(&self, addr: &str, table: &RegionTable) -> Box<dyn Transport> {
+        let t = connect::connect(self.kind, addr, &self.opts, &self.secret, table).expect("connect");
+        assert_eq!(t.kind(), self.kind);
+        t
+    }
+
+    /// The source side: a fresh local region (id 1, `len` bytes, `page_size` pages), a
+    /// workload with `params` started in it, then a transport connected to `addr`.
+    pub fn start_source(&self, addr: &str, len: u64, page_size: u32, params: WorkloadParams) -> Source {
+        let Registered { region, table, reg } = registered_region(1, len, page_size, Access::LOCAL);
+        let mut workload = Workload::init(region.clone(), params).expect("workload init");
+        workload.start().expect("workload start");
+        let t = self.connect(addr, &table);
+        Source { region, reg, t, workload }
+    }
+}
+
+/// What [`Conn::start_source`] sets up.
+pub struct Source {
+    /// The source region.
+    pub region: Arc<Region>,
+    /// Keeps the region registered.
+    pub reg: Registration,
+    /// The connected transport.
+    pub t: Box<dyn Transport>,
+    /// The workload running in the region.
+    pub workload: Workload,
+}
+
+impl std::fmt::Debug for Source {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Source")
+            .field("region", &self.region)
+            .field("transport", &self.t.kind())
+            .field("workload", &self.workload)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The `livemig` binary: `LIVEMIG_BIN` if set, else `livemig` in the target directory of this
+/// test executable (`target/<profile>/deps/<test>-…` → `target/<profile>/livemig`) when it was
+/// built there; `None` otherwise.
+pub fn livemig_bin() -> Option<PathBuf> {
+    if let Some(p) = std::env::var_os("LIVEMIG_BIN") {
+        return Some(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().ok()?;
+    let p = exe.parent()?.parent()?.join("livemig");
+    p.exists().then_some(p)
+}
+
+/// `bin receive ARGS` with `LIVEMIG_SECRET=secret` and stderr piped; start it with
+/// [`spawn_listening`].
+pub fn receive_command(bin: &Path, secret: &str, args: &[&str]) -> Command {
+    let mut cmd = Command::new(bin);
+    cmd.arg("receive").args(args).env("LIVEMIG_SECRET", secret).stderr(Stdio::piped());
+    cmd
+}
+
+/// The address and the transport of a `listening ADDR KIND` line (what `livemig receive`
+/// and `livemig bench … --listen` print first).
+pub fn parse_listening(line: &str) -> Option<(&str, &str)> {
+    let mut words = line.strip_prefix("listening ")?.split_whitespace();
+    Some((words.next()?, words.next()?))
+}
+
+/// A child process that reported where it listens.
+#[derive(Debug)]
+pub struct Listening {
+    /// The process (its stdout is closed: nothing after the first line is read).
+    pub child: Child,
+    /// The address it listens on.
+    pub addr: String,
+    /// The transport it named (`tcp`, `verbs`).
+    pub kind: String,
+}
+
+/// Spawns `cmd` with stdout piped and reads its first line, `listening ADDR KIND`. Panics
+/// (after killing the child) when the line is anything else.
+pub fn spawn_listening(cmd: &mut Command) -> Listening {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawning the listening process");
+    let mut line = String::new();
+    let out = child.stdout.take().expect("piped stdout");
+    BufReader::new(out).read_line(&mut line).expect("reading the listening line");
+    let Some((addr, kind)) = parse_listening(&line) else {
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("expected `listening ADDR KIND` as the first line, got {line:?}");
+    };
+    let (addr, kind) = (addr.to_string(), kind.to_string());
+    Listening { child, addr, kind }
+}

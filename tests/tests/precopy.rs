@@ -2,31 +2,26 @@
 //! threads connected by the TCP transport over loopback (the engine sees only `dyn
 //! Transport`, so the same drivers run over verbs).
 
-use std::num::{NonZeroU32, NonZeroU64};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use livemig_engine::connect::{connect, Listener, TransportChoice, TransportOptions};
 use livemig_engine::policy::{IbrahimConfig, KvmConfig, PolicyConfig};
 use livemig_engine::precopy::checksum::checksum_bytes;
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{
     dest, hex, migrate, receive, DestConfig, DestError, DestReport, Mismatch, Outcome, SourceConfig, SourceError,
 };
-use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
-use livemig_transport::auth::Secret;
-use livemig_transport::{Access, Region, RegionTable, Registration, TcpConfig, Transport, TransportKind};
+use livemig_engine::workload::{RunState, WorkloadKind};
+use livemig_tests::{assert_still_running, error_chain, registered_region, workload_params, Conn, Registered, Source};
+use livemig_transport::{Access, Region, RegionTable, Transport};
 
 const MIB: u64 = 1 << 20;
 
-fn secret() -> Secret {
-    Secret::new("precopy-test-secret").unwrap()
-}
-
-fn opts() -> TransportOptions {
-    let tcp = TcpConfig { io_timeout: Duration::from_secs(10), ..Default::default() };
-    TransportOptions { choice: TransportChoice::Tcp, io_timeout: tcp.io_timeout, tcp, verbs: Default::default() }
+/// TCP over loopback, 10 s I/O timeout.
+fn conn() -> Conn {
+    Conn::tcp(Duration::from_secs(10))
 }
 
 /// A destination listening on loopback; `serve` runs on the accepted transport.
@@ -35,17 +30,7 @@ fn spawn_dest<T: Send + 'static>(
     page_size: u32,
     serve: impl FnOnce(&mut dyn Transport, &Arc<Region>) -> T + Send + 'static,
 ) -> (String, JoinHandle<T>) {
-    let region = Arc::new(Region::anonymous(2, len, page_size, Access::REMOTE_WRITE).unwrap());
-    let table = RegionTable::new();
-    let reg = table.register(region.clone()).unwrap();
-    let l = Listener::bind(TransportKind::Tcp, "127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let h = std::thread::spawn(move || {
-        let _reg = reg;
-        let mut t = l.accept(&opts(), &secret(), &table).expect("accept");
-        serve(t.as_mut(), &region)
-    });
-    (addr, h)
+    conn().spawn_dest(len, page_size, move |mut t, r| serve(t.as_mut(), &r))
 }
 
 fn dest_receiver(len: u64, page_size: u32) -> (String, JoinHandle<Result<DestReport, DestError>>) {
@@ -55,28 +40,9 @@ fn dest_receiver(len: u64, page_size: u32) -> (String, JoinHandle<Result<DestRep
     })
 }
 
-struct Src {
-    region: Arc<Region>,
-    _reg: Registration,
-    t: Box<dyn Transport>,
-    workload: Workload,
-}
-
-fn source(addr: &str, len: u64, page_size: u32, kind: WorkloadKind, wss_pages: u64) -> Src {
-    let region = Arc::new(Region::anonymous(1, len, page_size, Access::LOCAL).unwrap());
-    let table = RegionTable::new();
-    let reg = table.register(region.clone()).unwrap();
-    let params = WorkloadParams {
-        kind,
-        working_set_pages: NonZeroU64::new(wss_pages).unwrap(),
-        rate_pages_per_sec: 0,
-        threads: NonZeroU32::new(2).unwrap(),
-        seed: 7,
-    };
-    let mut workload = Workload::init(region.clone(), params).unwrap();
-    workload.start().unwrap();
-    let t = connect(TransportKind::Tcp, addr, &opts(), &secret(), &table).expect("connect");
-    Src { region, _reg: reg, t, workload }
+/// A running workload (`kind` over `wss_pages` pages, 2 threads, flat out) connected to `addr`.
+fn source(addr: &str, len: u64, page_size: u32, kind: WorkloadKind, wss_pages: u64) -> Source {
+    conn().start_source(addr, len, page_size, workload_params(kind, wss_pages, 2))
 }
 
 fn cfg(policy: PolicyConfig) -> SourceConfig {
@@ -86,14 +52,6 @@ fn cfg(policy: PolicyConfig) -> SourceConfig {
         reply_timeout: Duration::from_secs(30),
         ..Default::default()
     }
-}
-
-/// The workload's counter keeps increasing: it is running.
-fn assert_still_running(w: &Workload) {
-    assert_eq!(w.state(), RunState::Running);
-    let n = w.pages_touched();
-    std::thread::sleep(Duration::from_millis(50));
-    assert!(w.pages_touched() > n, "the source workload stopped");
 }
 
 #[test]
@@ -155,7 +113,7 @@ fn kvm_that_cannot_converge_aborts_and_the_source_keeps_running() {
     assert_eq!(summary.outcome, Outcome::Aborted);
     assert_eq!(summary.end_rule, "timeout");
     assert!(summary.downtime_ms.is_none());
-    assert_still_running(&s.workload);
+    assert_still_running(&s.workload, Duration::from_millis(50));
     match dst.join().unwrap() {
         Err(DestError::SourceAborted(reason)) => assert!(reason.contains("timeout"), "{reason}"),
         other => panic!("destination: {other:?}"),
@@ -184,18 +142,8 @@ fn destination_dying_mid_precopy_is_a_clear_error_and_the_source_keeps_running()
     dst.join().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(25), "took {:?}", t0.elapsed());
     assert!(matches!(err, SourceError::Transport { .. }), "{err:?}");
-    eprintln!("source error: {:#}", anyhow_chain(&err));
-    assert_still_running(&s.workload);
-}
-
-fn anyhow_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
+    eprintln!("source error: {:#}", error_chain(&err));
+    assert_still_running(&s.workload, Duration::from_millis(50));
 }
 
 #[test]
@@ -207,7 +155,7 @@ fn smaller_destination_is_refused_before_anything_is_sent() {
     assert!(matches!(err, SourceError::Incompatible(Mismatch::TooSmall { .. })), "{err:?}");
     assert_eq!(s.t.stats().bytes_posted, 0);
     assert_eq!(s.t.stats().messages_sent, 0);
-    assert_still_running(&s.workload);
+    assert_still_running(&s.workload, Duration::from_millis(50));
     drop(s);
     assert!(dst.join().unwrap().is_err());
 }
@@ -219,7 +167,7 @@ fn page_size_mismatch_is_refused() {
     let err = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
         .unwrap_err();
     assert!(matches!(err, SourceError::Incompatible(Mismatch::PageSize { src: 4096, dst: 8192 })), "{err:?}");
-    assert_still_running(&s.workload);
+    assert_still_running(&s.workload, Duration::from_millis(50));
     drop(s);
     assert!(dst.join().unwrap().is_err());
 }
@@ -232,10 +180,8 @@ fn destination_refuses_a_bad_begin() {
         (Msg::Begin { region_len: 16 * MIB, page_size: 8192, workload: false }, "page size"),
     ] {
         let (addr, dst) = dest_receiver(32 * MIB, 4096);
-        let region = Arc::new(Region::anonymous(1, MIB, 4096, Access::LOCAL).unwrap());
-        let table = RegionTable::new();
-        let _reg = table.register(region).unwrap();
-        let mut t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).unwrap();
+        let Registered { table, reg: _reg, .. } = registered_region(1, MIB, 4096, Access::LOCAL);
+        let mut t = conn().connect(&addr, &table);
         t.send_message(&begin.encode()).unwrap();
         let reply = proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()).unwrap();
         let Msg::Refuse { reason } = reply else { panic!("{reply:?}") };
@@ -249,7 +195,7 @@ fn destination_refuses_a_bad_begin() {
 fn destination_rejects_garbage() {
     let (addr, dst) = dest_receiver(MIB, 4096);
     let table = RegionTable::new();
-    let mut t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).unwrap();
+    let mut t = conn().connect(&addr, &table);
     t.send_message(b"LMPC\x01\x01short").unwrap();
     assert!(matches!(dst.join().unwrap(), Err(DestError::Protocol { .. })));
     let _ = dest::DestConfig::default();

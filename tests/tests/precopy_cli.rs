@@ -2,22 +2,13 @@
 //! migrates a running workload to it. Skipped (with a message) when the binary is not built
 //! next to this test or does not have the `migrate` command yet.
 
-use std::path::PathBuf;
 use std::process::Command;
 
-fn livemig() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("LIVEMIG_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    // target/<profile>/deps/precopy_cli-… → target/<profile>/livemig
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("livemig");
-    p.exists().then_some(p)
-}
+use livemig_tests::{livemig_bin, receive_command, spawn_listening, Listening};
 
 #[test]
 fn migrate_local_completes_with_a_summary() {
-    let Some(bin) = livemig() else {
+    let Some(bin) = livemig_bin() else {
         eprintln!("skipped: no livemig binary (cargo build -p livemig, or set LIVEMIG_BIN)");
         return;
     };
@@ -42,26 +33,19 @@ fn migrate_local_completes_with_a_summary() {
 
 #[test]
 fn migrate_refuses_a_smaller_destination_at_handshake() {
-    let Some(bin) = livemig() else { return };
+    let Some(bin) = livemig_bin() else { return };
     if !Command::new(&bin).args(["migrate", "--help"]).output().unwrap().status.success() {
         return;
     }
-    let mut dst = Command::new(&bin)
-        .args(["receive", "--listen", "127.0.0.1:0", "--size", "16M", "--transport", "tcp"])
-        .env("LIVEMIG_SECRET", "cli-test-secret")
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(&mut std::io::BufReader::new(dst.stdout.take().unwrap()), &mut line).unwrap();
-    let addr = line.split_whitespace().nth(1).unwrap().to_string();
+    let secret = "cli-test-secret";
+    let args = ["--listen", "127.0.0.1:0", "--size", "16M", "--transport", "tcp"];
+    let mut dst = spawn_listening(&mut receive_command(&bin, secret, &args));
     let out = Command::new(&bin)
-        .args(["migrate", "--to", &addr, "--transport", "tcp", "--size", "32M", "--warmup", "0"])
-        .env("LIVEMIG_SECRET", "cli-test-secret")
+        .args(["migrate", "--to", &dst.addr, "--transport", "tcp", "--size", "32M", "--warmup", "0"])
+        .env("LIVEMIG_SECRET", secret)
         .output()
         .unwrap();
-    let _ = dst.wait();
+    let _ = dst.child.wait();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(stderr.contains("smaller than the source region"), "{stderr}");
@@ -78,20 +62,12 @@ fn in_doubt_run(
 ) -> Option<(bool, String, bool, String)> {
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
-    let bin = livemig()?;
+    let bin = livemig_bin()?;
     let secret = "in-doubt-secret";
-    let mut dst = Command::new(&bin)
-        .args(["receive", "--listen", "127.0.0.1:0", "--size", "16M", "--transport", "tcp", "--after", "0.2"])
-        .args(["--no-progress", "--io-timeout", "5"])
-        .env("LIVEMIG_SECRET", secret)
-        .env("LIVEMIG_CUT_AT", cut_dest.unwrap_or(""))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(dst.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.split_whitespace().nth(1).unwrap().to_string();
+    let args = ["--listen", "127.0.0.1:0", "--size", "16M", "--transport", "tcp", "--after", "0.2"];
+    let mut cmd = receive_command(&bin, secret, &args);
+    cmd.args(["--no-progress", "--io-timeout", "5"]).env("LIVEMIG_CUT_AT", cut_dest.unwrap_or(""));
+    let Listening { child: mut dst, addr, .. } = spawn_listening(&mut cmd);
     let mut src = Command::new(&bin)
         .args(["migrate", "--to", &addr, "--transport", "tcp", "--size", "16M", "--wss", "1M", "--rate", "20000"])
         .args(["--policy", "kvm", "--warmup", "0", "--after", "0.2", "--no-progress", "--io-timeout", "5"])

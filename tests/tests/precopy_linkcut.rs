@@ -25,6 +25,8 @@ use std::sync::mpsc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
+use livemig_tests::{livemig_bin, parse_listening};
+
 const SECRET: &str = "linkcut-test-secret-0123456789";
 /// `--io-timeout` of both ends, seconds.
 const IO_TIMEOUT: u64 = 3;
@@ -34,16 +36,6 @@ const SOURCE_BOUND: Duration = Duration::from_secs(30);
 const DEST_BOUND: Duration = Duration::from_secs(30);
 /// Time allowed from start until the line of iteration 2.
 const ITER2_BOUND: Duration = Duration::from_secs(60);
-
-fn livemig() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("LIVEMIG_BIN") {
-        return Some(PathBuf::from(p));
-    }
-    // target/<profile>/deps/precopy_linkcut-… → target/<profile>/livemig
-    let exe = std::env::current_exe().ok()?;
-    let p = exe.parent()?.parent()?.join("livemig");
-    p.exists().then_some(p)
-}
 
 fn is_root() -> bool {
     let Ok(s) = std::fs::read_to_string("/proc/self/status") else { return false };
@@ -264,7 +256,7 @@ fn preconditions() -> Option<PathBuf> {
         eprintln!("skipped: needs iproute2 (`ip`)");
         return None;
     }
-    let Some(bin) = livemig() else {
+    let Some(bin) = livemig_bin() else {
         eprintln!("skipped: no livemig binary (cargo build -p livemig, or set LIVEMIG_BIN)");
         return None;
     };
@@ -303,13 +295,12 @@ fn link_cut(cut: Cut) {
     cmd.args(["--after", "0.2", "--io-timeout", &io_timeout]);
     let mut dst = Proc::spawn("destination", cmd);
     let first = dst.wait_line(Duration::from_secs(20), |l| l.starts_with("listening "));
-    let mut words = first.split_whitespace().skip(1);
-    let addr = words.next().expect("address").to_string();
-    assert_eq!(words.next(), Some("tcp"), "{first}");
+    let (addr, kind) = parse_listening(&first).unwrap_or_else(|| panic!("no address: {first}"));
+    assert_eq!(kind, "tcp", "{first}");
 
     let mut cmd = Command::new("ip");
     cmd.args(["netns", "exec", &link.ns_a]).arg(&bin);
-    cmd.args(["migrate", "--to", &addr, "--transport", "tcp", "--size", "64M", "--wss", "48M"]);
+    cmd.args(["migrate", "--to", addr, "--transport", "tcp", "--size", "64M", "--wss", "48M"]);
     cmd.args(["--workload", "random", "--warmup", "0.2", "--policy", "kvm", "--downtime-ms", "1"]);
     cmd.args(["--max-time", "60", "--io-timeout", &io_timeout]);
     let mut src = Proc::spawn("source", cmd);

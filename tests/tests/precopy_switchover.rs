@@ -7,30 +7,24 @@
 //! control message. The migrations themselves are real: a running workload, userfaultfd
 //! dirty tracking, the TCP backend over loopback.
 
-use std::num::{NonZeroU32, NonZeroU64};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use livemig_engine::connect::{connect, Listener, TransportChoice, TransportOptions};
 use livemig_engine::policy::{KvmConfig, PolicyConfig};
 use livemig_engine::precopy::checksum::region_checksum;
 use livemig_engine::precopy::cut::CutAt;
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{migrate, receive, DestConfig, DestError, DestReport, SourceConfig, SourceError};
 use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
-use livemig_transport::auth::Secret;
-use livemig_transport::{Access, Region, RegionTable, TcpConfig, Transport, TransportKind};
+use livemig_tests::{error_chain, makes_progress, registered_region, workload_params, Conn, Registered, Source};
+use livemig_transport::{Access, Region, Transport};
 
 const LEN: u64 = 16 << 20;
 
-fn secret() -> Secret {
-    Secret::new("switchover-test-secret").unwrap()
-}
-
-fn opts() -> TransportOptions {
-    let tcp = TcpConfig { io_timeout: Duration::from_secs(10), ..Default::default() };
-    TransportOptions { choice: TransportChoice::Tcp, io_timeout: tcp.io_timeout, tcp, verbs: Default::default() }
+/// TCP over loopback, 10 s I/O timeout.
+fn conn() -> Conn {
+    Conn::tcp(Duration::from_secs(10))
 }
 
 type DestOut = (Arc<Region>, Result<DestReport, DestError>);
@@ -41,20 +35,12 @@ fn spawn_dest(cut: Option<&'static str>) -> (String, JoinHandle<DestOut>) {
 }
 
 fn spawn_dest_with(cut: Option<&'static str>, reply_timeout: Duration) -> (String, JoinHandle<DestOut>) {
-    let region = Arc::new(Region::anonymous(2, LEN, 4096, Access::REMOTE_WRITE).unwrap());
-    let table = RegionTable::new();
-    let reg = table.register(region.clone()).unwrap();
-    let l = Listener::bind(TransportKind::Tcp, "127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let h = std::thread::spawn(move || {
-        let _reg = reg;
-        let t = l.accept(&opts(), &secret(), &table).expect("accept");
+    conn().spawn_dest(LEN, 4096, move |t, region| {
         let mut t = CutAt::new(t, cut);
         let cfg = DestConfig { rate_window: Duration::from_millis(200), reply_timeout };
         let res = receive(&mut t, &region, &cfg, &mut |_, _, _| {});
         (region, res)
-    });
-    (addr, h)
+    })
 }
 
 struct Run {
@@ -69,19 +55,8 @@ struct Run {
 /// source cut at `src_cut` and the destination cut at `dst_cut`.
 fn run(src_cut: Option<&'static str>, dst_cut: Option<&'static str>) -> Run {
     let (addr, dst) = spawn_dest(dst_cut);
-    let region = Arc::new(Region::anonymous(1, LEN, 4096, Access::LOCAL).unwrap());
-    let table = RegionTable::new();
-    let _reg = table.register(region.clone()).unwrap();
-    let params = WorkloadParams {
-        kind: WorkloadKind::Random,
-        working_set_pages: NonZeroU64::new(64).unwrap(),
-        rate_pages_per_sec: 20_000,
-        threads: NonZeroU32::new(1).unwrap(),
-        seed: 3,
-    };
-    let mut workload = Workload::init(region.clone(), params).unwrap();
-    workload.start().unwrap();
-    let t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).expect("connect");
+    let params = WorkloadParams { rate_pages_per_sec: 20_000, seed: 3, ..workload_params(WorkloadKind::Random, 64, 1) };
+    let Source { region, reg: _reg, t, mut workload } = conn().start_source(&addr, LEN, 4096, params);
     let mut t = CutAt::new(t, src_cut);
     let cfg = SourceConfig {
         policy: PolicyConfig::Kvm(KvmConfig::default()),
@@ -95,20 +70,9 @@ fn run(src_cut: Option<&'static str>, dst_cut: Option<&'static str>) -> Run {
     Run { region, workload, result, dest_region, dest }
 }
 
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut c = e.source();
-    while let Some(x) = c {
-        s += &format!(": {x}");
-        c = x.source();
-    }
-    s
-}
-
+/// Running and writing (over 100 ms).
 fn running(w: &Workload) -> bool {
-    let n = w.pages_written();
-    std::thread::sleep(Duration::from_millis(100));
-    w.state() == RunState::Running && w.pages_written() > n
+    makes_progress(w, Duration::from_millis(100)) && w.state() == RunState::Running
 }
 
 /// Both copies still hold the workload's memory as of the pause (nothing ran since).
@@ -122,8 +86,8 @@ fn copies_identical(r: &Run) {
 #[test]
 fn baseline_without_a_cut_completes_and_runs_only_at_the_destination() {
     let mut r = run(None, None);
-    let s = r.result.as_ref().unwrap_or_else(|e| panic!("{}", chain(e)));
-    let d = r.dest.as_mut().unwrap_or_else(|e| panic!("{}", chain(e)));
+    let s = r.result.as_ref().unwrap_or_else(|e| panic!("{}", error_chain(e)));
+    let d = r.dest.as_mut().unwrap_or_else(|e| panic!("{}", error_chain(e)));
     assert_eq!(s.checksum.as_deref(), Some(d.checksum.as_str()));
     assert!(s.downtime_ms.unwrap() >= d.switchover_ms, "{:?} {}", s.downtime_ms, d.switchover_ms);
     assert_eq!(r.workload.state(), RunState::Idle);
@@ -135,12 +99,12 @@ fn baseline_without_a_cut_completes_and_runs_only_at_the_destination() {
 fn destination_gone_before_verified_resumes_the_source_only() {
     let r = run(None, Some("Verified"));
     let e = r.result.as_ref().expect_err("must fail");
-    eprintln!("source: {}", chain(e));
+    eprintln!("source: {}", error_chain(e));
     assert!(!e.in_doubt(), "before Commit the source knows it still owns the workload: {e:?}");
     assert!(matches!(e, SourceError::Transport { .. }), "{e:?}");
     assert!(running(&r.workload), "the source workload runs again");
     let de = r.dest.as_ref().expect_err("destination must not run");
-    eprintln!("destination: {}", chain(de));
+    eprintln!("destination: {}", error_chain(de));
 }
 
 #[test]
@@ -149,11 +113,11 @@ fn commit_lost_leaves_both_copies_paused_and_identical() {
     // out, so it must not resume; the destination never got Commit, so it must not run.
     let r = run(Some("Commit"), None);
     let e = r.result.as_ref().expect_err("must fail");
-    eprintln!("source: {}", chain(e));
+    eprintln!("source: {}", error_chain(e));
     assert!(e.in_doubt(), "{e:?}");
     assert_eq!(r.workload.state(), RunState::Paused, "an in-doubt source holds its copy paused");
     match &r.dest {
-        Err(de @ DestError::NotCommitted(_)) => eprintln!("destination: {}", chain(de)),
+        Err(de @ DestError::NotCommitted(_)) => eprintln!("destination: {}", error_chain(de)),
         other => panic!("destination: {other:?}"),
     }
     copies_identical(&r);
@@ -164,7 +128,7 @@ fn resumed_lost_runs_the_workload_once_at_the_destination() {
     // The destination resumed on Commit, then its link died before Resumed went out.
     let mut r = run(None, Some("Resumed"));
     let e = r.result.as_ref().expect_err("the source never heard Resumed");
-    eprintln!("source: {}", chain(e));
+    eprintln!("source: {}", error_chain(e));
     assert!(e.in_doubt(), "{e:?}");
     assert_eq!(r.workload.state(), RunState::Paused, "the source must not run a second copy");
     let d = r.dest.as_mut().expect("the destination keeps running what it resumed");
@@ -177,10 +141,8 @@ fn garbage_instead_of_commit_is_refused_and_nothing_runs_at_the_destination() {
     // A source that answers Verified with something other than Commit: the destination
     // refuses to run. (Driven by hand: the control messages are public.)
     let (addr, dst) = spawn_dest(None);
-    let region = Arc::new(Region::anonymous(1, LEN, 4096, Access::LOCAL).unwrap());
-    let table = RegionTable::new();
-    let _reg = table.register(region.clone()).unwrap();
-    let mut t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).unwrap();
+    let Registered { region, table, reg: _reg } = registered_region(1, LEN, 4096, Access::LOCAL);
+    let mut t = conn().connect(&addr, &table);
     let send = |t: &mut Box<dyn Transport>, m: Msg| t.send_message(&m.encode()).unwrap();
     send(&mut t, Msg::Begin { region_len: LEN, page_size: 4096, workload: false });
     assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
@@ -204,10 +166,8 @@ fn a_frozen_source_is_given_up_by_the_destination() {
     // The source opens the migration, then stays connected but sends nothing (a stopped
     // process: its kernel still acknowledges). The destination must not wait forever.
     let (addr, dst) = spawn_dest_with(None, Duration::from_millis(1500));
-    let region = Arc::new(Region::anonymous(1, LEN, 4096, Access::LOCAL).unwrap());
-    let table = RegionTable::new();
-    let _reg = table.register(region.clone()).unwrap();
-    let mut t = connect(TransportKind::Tcp, &addr, &opts(), &secret(), &table).unwrap();
+    let Registered { table, reg: _reg, .. } = registered_region(1, LEN, 4096, Access::LOCAL);
+    let mut t = conn().connect(&addr, &table);
     t.send_message(&Msg::Begin { region_len: LEN, page_size: 4096, workload: false }.encode()).unwrap();
     assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
     let t0 = std::time::Instant::now();

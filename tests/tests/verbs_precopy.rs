@@ -9,23 +9,23 @@
 #![allow(unexpected_cfgs)]
 #![cfg(any(feature = "verbs", livemig_verbs))]
 
-use std::num::{NonZeroU32, NonZeroU64};
+use std::num::NonZeroU64;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use livemig_engine::connect::{self, connect, Listener, TransportChoice, TransportOptions};
+use livemig_engine::connect::TransportChoice;
 use livemig_engine::policy::{IbrahimConfig, KvmConfig, PolicyConfig};
 use livemig_engine::precopy::checksum::checksum_bytes;
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{
     hex, migrate, receive, DestConfig, DestError, DestReport, Mismatch, Outcome, SourceConfig, SourceError,
 };
-use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
-use livemig_transport::auth::Secret;
+use livemig_engine::workload::{RunState, Workload, WorkloadKind};
+use livemig_tests::{error_chain, makes_progress, registered_region, workload_params, Conn, Registered, Source};
 use livemig_transport::conformance::fill_pages;
 use livemig_transport::verbs;
-use livemig_transport::{Access, PageBitmap, Region, RegionTable, Registration, TcpConfig, Transport, TransportKind};
+use livemig_transport::{Access, PageBitmap, Region, Transport, TransportKind};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u32 = 4096;
@@ -36,40 +36,20 @@ fn run(test: &str) -> bool {
     verbs::device_test_guard(test)
 }
 
-fn secret() -> Secret {
-    Secret::new("verbs-precopy-secret").unwrap()
-}
-
 /// `--transport verbs` with default device selection (rxe0 in the guest).
-fn opts() -> TransportOptions {
-    let tcp = TcpConfig { io_timeout: IO_TIMEOUT, ..Default::default() };
-    TransportOptions { choice: TransportChoice::Verbs, io_timeout: IO_TIMEOUT, tcp, verbs: Default::default() }
-}
-
-fn verbs_kind() -> TransportKind {
-    let (kind, _) = connect::resolve(opts().choice);
-    assert_eq!(kind, TransportKind::Verbs);
-    kind
+fn conn() -> Conn {
+    let conn = Conn::new(TransportChoice::Verbs, IO_TIMEOUT);
+    assert_eq!(conn.kind, TransportKind::Verbs);
+    conn
 }
 
 /// A destination listening on loopback with a fresh exposed region; `serve` runs on the
-/// accepted transport.
+/// accepted transport (checked to be verbs).
 fn spawn_dest<T: Send + 'static>(
     len: u64,
     serve: impl FnOnce(&mut dyn Transport, &Arc<Region>) -> T + Send + 'static,
 ) -> (String, JoinHandle<T>) {
-    let region = Arc::new(Region::anonymous(2, len, PAGE, Access::REMOTE_WRITE).unwrap());
-    let table = RegionTable::new();
-    let reg = table.register(region.clone()).unwrap();
-    let l = Listener::bind(verbs_kind(), "127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap().to_string();
-    let h = std::thread::spawn(move || {
-        let _reg = reg;
-        let mut t = l.accept(&opts(), &secret(), &table).expect("accept");
-        assert_eq!(t.kind(), TransportKind::Verbs);
-        serve(t.as_mut(), &region)
-    });
-    (addr, h)
+    conn().spawn_dest(len, PAGE, move |mut t, r| serve(t.as_mut(), &r))
 }
 
 fn dest_config() -> DestConfig {
@@ -84,30 +64,10 @@ fn dest_receiver(len: u64) -> (String, JoinHandle<Received>) {
     spawn_dest(len, |t, r| (receive(t, r, &dest_config(), &mut |_, _, _| {}), r.clone()))
 }
 
-/// The source side: its region (registered), the connected transport, and a workload.
-struct Src {
-    region: Arc<Region>,
-    _reg: Registration,
-    t: Box<dyn Transport>,
-    workload: Workload,
-}
-
-fn source(addr: &str, len: u64, kind: WorkloadKind, wss_pages: u64) -> Src {
-    let region = Arc::new(Region::anonymous(1, len, PAGE, Access::LOCAL).unwrap());
-    let table = RegionTable::new();
-    let reg = table.register(region.clone()).unwrap();
-    let params = WorkloadParams {
-        kind,
-        working_set_pages: NonZeroU64::new(wss_pages).unwrap(),
-        rate_pages_per_sec: 0,
-        threads: NonZeroU32::new(2).unwrap(),
-        seed: 7,
-    };
-    let mut workload = Workload::init(region.clone(), params).unwrap();
-    workload.start().unwrap();
-    let t = connect(verbs_kind(), addr, &opts(), &secret(), &table).expect("connect");
-    assert_eq!(t.kind(), TransportKind::Verbs);
-    Src { region, _reg: reg, t, workload }
+/// The source side: its region (registered), the connected transport (checked to be verbs),
+/// and a running workload (`kind` over `wss_pages` pages, 2 threads, flat out).
+fn source(addr: &str, len: u64, kind: WorkloadKind, wss_pages: u64) -> Source {
+    conn().start_source(addr, len, PAGE, workload_params(kind, wss_pages, 2))
 }
 
 fn src_config(policy: PolicyConfig) -> SourceConfig {
@@ -124,16 +84,8 @@ fn ibrahim() -> PolicyConfig {
     })
 }
 
-/// The workload's page counter keeps increasing over `ms`.
-fn makes_progress(w: &Workload, ms: u64) -> bool {
-    let n = w.pages_touched();
-    std::thread::sleep(Duration::from_millis(ms));
-    w.pages_touched() > n
-}
-
 fn assert_still_running(w: &Workload) {
-    assert_eq!(w.state(), RunState::Running);
-    assert!(makes_progress(w, 200), "the source workload stopped");
+    livemig_tests::assert_still_running(w, Duration::from_millis(200));
 }
 
 /// The first page whose bytes differ between `a` and `b` (over `a`'s length), compared
@@ -146,16 +98,6 @@ fn first_differing_page(a: &Region, b: &Region) -> Option<usize> {
         b.read_at((p * ps) as u64, &mut y);
         x != y
     })
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += &format!(": {c}");
-        cur = c.source();
-    }
-    s
 }
 
 /// Straight to fd 2: the libtest capture would hide it in the guest log.
@@ -214,9 +156,9 @@ fn verbs_precopy_random_writer_migrates_and_resumes_at_the_destination() {
     let w = rep.workload.expect("resumed workload");
     assert_eq!(w.state(), RunState::Running);
     assert!(summary.workload.after.is_some_and(|a| a > 0.0), "{:?}", summary.workload);
-    assert!(makes_progress(&w, 200), "the resumed workload does not progress");
+    assert!(makes_progress(&w, Duration::from_millis(200)), "the resumed workload does not progress");
     assert!(w.pages_written() > at_switch, "{} <= {at_switch}", w.pages_written());
-    assert!(!makes_progress(&s.workload, 100), "the source workload still writes");
+    assert!(!makes_progress(&s.workload, Duration::from_millis(100)), "the source workload still writes");
     assert_eq!(s.workload.pages_written(), at_switch);
 }
 
@@ -246,11 +188,9 @@ fn verbs_precopy_without_workload_copies_every_byte() {
     let zeros = (0..pages).filter(|&p| is_zero(p)).count() as u64;
 
     let (addr, dst) = dest_receiver(len);
-    let region = Arc::new(Region::anonymous(1, len, PAGE, Access::LOCAL).unwrap());
-    let table = RegionTable::new();
-    let _reg = table.register(region.clone()).unwrap();
+    let Registered { region, table, reg: _reg } = registered_region(1, len, PAGE, Access::LOCAL);
     fill_pages(&region, &early, 0x5eed_0001);
-    let mut t = connect(verbs_kind(), &addr, &opts(), &secret(), &table).expect("connect");
+    let mut t = conn().connect(&addr, &table);
     fill_pages(&region, &late, 0x5eed_0002);
     // The expected image, built independently of the source (never registered, never sent).
     let expected = Region::anonymous(3, len, PAGE, Access::LOCAL).unwrap();
