@@ -173,6 +173,17 @@ pub enum TransportError {
     /// A verbs device problem (no device, port down, memlock).
     #[error("RDMA device: {0}")]
     Device(String),
+    /// The RDMA device reported an asynchronous error event that concerns this connection
+    /// (its port went down, its queue pair or a completion queue failed, the device failed):
+    /// the connection is unusable (verbs). Also used for an error completion that arrived
+    /// while the connection's port was no longer ACTIVE, before its `IBV_EVENT_PORT_ERR`.
+    #[error("RDMA device event: {reason} ({event})")]
+    DeviceEvent {
+        /// The event (`IBV_EVENT_PORT_ERR`, `IBV_EVENT_QP_FATAL`, ...).
+        event: &'static str,
+        /// What happened, naming the device and the port or queue.
+        reason: String,
+    },
 }
 
 /// A completion event.

@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use rdma_sys as sys;
 
+use super::events::{element_kind, AsyncEvent, ElementKind, EventElement};
 use crate::region::Region;
 
 /// `IBV_LINK_LAYER_INFINIBAND` (a `#define` in verbs.h, not in the bindings).
@@ -38,6 +39,28 @@ extern "C" {
         entry_size: usize,
     ) -> c_int;
 }
+
+/// `struct ibv_async_event`, declared here with a plain integer event type: rdma-sys binds
+/// `event_type` as a Rust enum, and a value outside it (an event type newer than the
+/// bindings) would be undefined behaviour to hold. libibverbs only writes into this memory.
+#[repr(C)]
+struct RawAsyncEvent {
+    element: RawEventElement,
+    event_type: u32,
+}
+
+/// The element union of `struct ibv_async_event` (object pointers or `int port_num`).
+#[repr(C)]
+#[derive(Clone, Copy)]
+union RawEventElement {
+    ptr: *mut c_void,
+    port_num: c_int,
+}
+
+const _: () = assert!(
+    std::mem::size_of::<RawAsyncEvent>() == std::mem::size_of::<sys::ibv_async_event>()
+        && std::mem::align_of::<RawAsyncEvent>() == std::mem::align_of::<sys::ibv_async_event>()
+);
 
 /// A verbs call failed, or the device does not fit the request.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +244,46 @@ struct PortInfo {
     max_msg_sz: u32,
 }
 
+/// `ibv_query_port`.
+///
+/// # Safety
+/// `ctx` must be an open context.
+unsafe fn query_port(ctx: NonNull<sys::ibv_context>, port: u8) -> Result<PortInfo, VerbsError> {
+    // SAFETY: an all-zero ibv_port_attr is valid (integers only).
+    let mut a: sys::ibv_port_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: the context is open (caller), `a` is a valid out-pointer of the size rdma-sys
+    // passes.
+    let rc = unsafe { sys::___ibv_query_port(ctx.as_ptr(), port, &mut a) };
+    if rc != 0 {
+        return Err(rc_err("ibv_query_port", rc));
+    }
+    Ok(PortInfo {
+        state: a.state,
+        active_mtu: a.active_mtu as u8,
+        lid: a.lid,
+        link_layer: a.link_layer,
+        gid_tbl_len: a.gid_tbl_len,
+        max_msg_sz: a.max_msg_sz,
+    })
+}
+
+/// `IBV_PORT_ACTIVE`, the port state in which traffic flows.
+pub const PORT_ACTIVE: u32 = sys::ibv_port_state::IBV_PORT_ACTIVE;
+
+/// Name of an `ibv_port_state` value (like `ibv_port_state_str`).
+pub fn port_state_str(state: u32) -> &'static str {
+    use sys::ibv_port_state as p;
+    match state {
+        p::IBV_PORT_NOP => "NOP",
+        p::IBV_PORT_DOWN => "DOWN",
+        p::IBV_PORT_INIT => "INIT",
+        p::IBV_PORT_ARMED => "ARMED",
+        p::IBV_PORT_ACTIVE => "ACTIVE",
+        p::IBV_PORT_ACTIVE_DEFER => "ACTIVE_DEFER",
+        _ => "unknown state",
+    }
+}
+
 /// An opened device before port/GID selection (closed on drop unless turned into a Context).
 struct RawCtx(NonNull<sys::ibv_context>);
 
@@ -235,7 +298,17 @@ impl RawCtx {
     fn open(dev: *mut sys::ibv_device) -> Result<Self, VerbsError> {
         // SAFETY: `dev` is a live entry of a device list.
         let ctx = unsafe { sys::ibv_open_device(dev) };
-        NonNull::new(ctx).map(RawCtx).ok_or_else(|| errno("ibv_open_device"))
+        let raw = NonNull::new(ctx).map(RawCtx).ok_or_else(|| errno("ibv_open_device"))?;
+        // The async event fd is only ever read with ibv_get_async_event from
+        // `Context::next_async_event`, which must not block (the documented way: O_NONBLOCK).
+        set_nonblocking(raw.async_fd())
+            .map_err(|source| VerbsError::Verb { op: "fcntl(O_NONBLOCK) on the async event fd", source })?;
+        Ok(raw)
+    }
+
+    fn async_fd(&self) -> c_int {
+        // SAFETY: the context is open; `async_fd` is a plain field set by ibv_open_device.
+        unsafe { (*self.0.as_ptr()).async_fd }
     }
 
     fn query_device(&self) -> Result<sys::ibv_device_attr, VerbsError> {
@@ -250,21 +323,8 @@ impl RawCtx {
     }
 
     fn query_port(&self, port: u8) -> Result<PortInfo, VerbsError> {
-        // SAFETY: an all-zero ibv_port_attr is valid (integers only).
-        let mut a: sys::ibv_port_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: the context is open, `a` is a valid out-pointer of the size rdma-sys passes.
-        let rc = unsafe { sys::___ibv_query_port(self.0.as_ptr(), port, &mut a) };
-        if rc != 0 {
-            return Err(rc_err("ibv_query_port", rc));
-        }
-        Ok(PortInfo {
-            state: a.state,
-            active_mtu: a.active_mtu as u8,
-            lid: a.lid,
-            link_layer: a.link_layer,
-            gid_tbl_len: a.gid_tbl_len,
-            max_msg_sz: a.max_msg_sz,
-        })
+        // SAFETY: the context is open until `self` drops.
+        unsafe { query_port(self.0, port) }
     }
 
     /// The GID at `index` and whether it is a RoCE v2 entry (`None` if the type is unknown).
@@ -297,6 +357,20 @@ impl RawCtx {
         }
         // SAFETY: as above, the byte view of the union.
         Some((unsafe { g.raw }, None))
+    }
+}
+
+fn set_nonblocking(fd: c_int) -> std::io::Result<()> {
+    // SAFETY: `fd` is an open descriptor owned by libibverbs; F_GETFL/F_SETFL take no pointers
+    // and only change the file status flags.
+    let ok = unsafe {
+        let fl = libc::fcntl(fd, libc::F_GETFL);
+        fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -441,6 +515,59 @@ impl Context {
     pub fn is_infiniband(&self) -> bool {
         self.link_layer == LINK_LAYER_INFINIBAND
     }
+
+    /// The current state of the port in use (`ibv_port_state`, [`PORT_ACTIVE`] when usable).
+    pub fn port_state(&self) -> Result<u32, VerbsError> {
+        // SAFETY: the context is open until `self` drops.
+        Ok(unsafe { query_port(self.ctx, self.port) }?.state)
+    }
+
+    /// The context's async event descriptor (non-blocking): readable when an asynchronous
+    /// event is queued, for poll(2).
+    pub fn async_fd(&self) -> c_int {
+        // SAFETY: the context is open; `async_fd` is a plain field set by ibv_open_device.
+        unsafe { (*self.ctx.as_ptr()).async_fd }
+    }
+
+    /// Reads the next queued asynchronous event without blocking and acknowledges it at once
+    /// (so destroying the object it names never waits for us); `Ok(None)` when none is queued.
+    /// The event's object is reported by handle only (see [`super::events`]).
+    pub fn next_async_event(&self) -> Result<Option<AsyncEvent>, VerbsError> {
+        loop {
+            let mut raw = RawAsyncEvent { element: RawEventElement { ptr: ptr::null_mut() }, event_type: 0 };
+            let p: *mut RawAsyncEvent = &mut raw;
+            // SAFETY: the context is open and `p` points to writable memory with the layout of
+            // `struct ibv_async_event` (checked above). The async fd is non-blocking (set in
+            // `RawCtx::open`), so this returns -1/EAGAIN when nothing is queued.
+            let rc = unsafe { sys::ibv_get_async_event(self.ctx.as_ptr(), p.cast()) };
+            if rc != 0 {
+                let e = std::io::Error::last_os_error();
+                match e.kind() {
+                    std::io::ErrorKind::WouldBlock => return Ok(None),
+                    std::io::ErrorKind::Interrupted => continue,
+                    _ => return Err(VerbsError::Verb { op: "ibv_get_async_event", source: e }),
+                }
+            }
+            let t = raw.event_type;
+            // SAFETY: libibverbs filled in the union member that `element_kind` names for this
+            // event type (its own switch); reading a pointer or an int is valid for any bits.
+            // The pointers are only converted to integers, never dereferenced.
+            let element = unsafe {
+                match element_kind(t) {
+                    ElementKind::Cq => EventElement::Cq(raw.element.ptr as usize),
+                    ElementKind::Qp => EventElement::Qp(raw.element.ptr as usize),
+                    ElementKind::Srq => EventElement::Srq(raw.element.ptr as usize),
+                    ElementKind::Wq => EventElement::Wq(raw.element.ptr as usize),
+                    ElementKind::Port => EventElement::Port(raw.element.port_num),
+                    ElementKind::Device => EventElement::Device,
+                }
+            };
+            // SAFETY: `p` holds the event just returned by ibv_get_async_event, unmodified; it is
+            // acknowledged exactly once.
+            unsafe { sys::ibv_ack_async_event(p.cast()) };
+            return Ok(Some(AsyncEvent { event_type: t, element }));
+        }
+    }
 }
 
 /// True when some RDMA device has an ACTIVE port (for `--transport auto`).
@@ -530,15 +657,8 @@ impl CompletionChannel {
         let ch = unsafe { sys::ibv_create_comp_channel(ctx.ctx.as_ptr()) };
         let ch = NonNull::new(ch).ok_or_else(|| errno("ibv_create_comp_channel"))?;
         let chan = CompletionChannel { ch, _ctx: ctx.clone() };
-        let fd = chan.fd();
-        // SAFETY: `fd` is the channel's open descriptor; F_GETFL/F_SETFL take no pointers.
-        let ok = unsafe {
-            let fl = libc::fcntl(fd, libc::F_GETFL);
-            fl >= 0 && libc::fcntl(fd, libc::F_SETFL, fl | libc::O_NONBLOCK) == 0
-        };
-        if !ok {
-            return Err(errno("fcntl(O_NONBLOCK) on the completion channel"));
-        }
+        set_nonblocking(chan.fd())
+            .map_err(|source| VerbsError::Verb { op: "fcntl(O_NONBLOCK) on the completion channel", source })?;
         Ok(Arc::new(chan))
     }
 
@@ -622,6 +742,21 @@ pub mod status {
     pub const RETRY_EXC_ERR: u32 = s::IBV_WC_RETRY_EXC_ERR;
     /// RNR retries exhausted: the peer had no receive posted.
     pub const RNR_RETRY_EXC_ERR: u32 = s::IBV_WC_RNR_RETRY_EXC_ERR;
+    /// Local QP operation error (rxe: the packet could not be routed, e.g. its netdev is down).
+    pub const LOC_QP_OP_ERR: u32 = s::IBV_WC_LOC_QP_OP_ERR;
+    /// Fatal device error.
+    pub const FATAL_ERR: u32 = s::IBV_WC_FATAL_ERR;
+    /// Response timeout.
+    pub const RESP_TIMEOUT_ERR: u32 = s::IBV_WC_RESP_TIMEOUT_ERR;
+    /// Other error.
+    pub const GENERAL_ERR: u32 = s::IBV_WC_GENERAL_ERR;
+
+    /// True for the statuses a failure of the local port or device produces (as opposed to
+    /// a bad request or a refusal by the peer), which may have an asynchronous event as
+    /// their cause that is still on its way.
+    pub fn may_have_a_device_cause(status: u32) -> bool {
+        matches!(status, LOC_QP_OP_ERR | WR_FLUSH_ERR | RETRY_EXC_ERR | FATAL_ERR | RESP_TIMEOUT_ERR | GENERAL_ERR)
+    }
 }
 
 /// A completion queue.
@@ -685,6 +820,11 @@ impl CompletionQueue {
             });
         }
         Ok(got as usize)
+    }
+
+    /// Identity of the CQ in asynchronous events (the address of the libibverbs object).
+    pub fn handle(&self) -> usize {
+        self.cq.as_ptr() as usize
     }
 
     /// Arms the CQ: the next completion raises an event on its channel.
@@ -1274,6 +1414,10 @@ impl QueuePair {
     /// Negotiated path MTU (`ibv_mtu` enum value).
     pub fn path_mtu(&self) -> u8 {
         self.path_mtu
+    }
+    /// Identity of the QP in asynchronous events (the address of the libibverbs object).
+    pub fn handle(&self) -> usize {
+        self.qp.qp.as_ptr() as usize
     }
     /// Granted queue sizes.
     pub fn caps(&self) -> QpCaps {

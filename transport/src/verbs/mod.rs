@@ -53,6 +53,22 @@
 //!   `opcode` says which), unless the peer is gone (TCP EOF,
 //!   transport/RNR retries exhausted, flushed QP), which is
 //!   [`crate::TransportError::Disconnected`]. Errors are sticky: the QP is in the error state.
+//! - **Asynchronous device events**: every connection has its own device context, whose async
+//!   event fd (non-blocking) is read by the transport itself, on the calling thread — no
+//!   watcher thread: each `progress` reads it (every 5 ms at most in busy-poll mode), and the
+//!   event-mode `poll(2)` waits on it next to the completion channel and the TCP socket, so a
+//!   call blocked in a wait wakes up at once. Every event is acknowledged as soon as it is
+//!   read. A port-down, QP or CQ error or device-fatal event for this connection's port, QP,
+//!   CQs or device breaks the connection with [`crate::TransportError::DeviceEvent`] (sticky,
+//!   like the others: `post_writes`, `send_message`, `recv_message`, `flush` and
+//!   `poll_completions` fail from then on, the latter two even with nothing outstanding);
+//!   informational events are logged and ignored (mapping: [`events`]). An error completion
+//!   is reported as the fatal event that caused it when there is one: the event is the
+//!   cause, the failed, flushed or retried work request the consequence. For the statuses a
+//!   local failure produces (local QP operation, flush, retries exhausted, fatal, general)
+//!   the backend waits up to 250 ms for that event — or for our port to leave ACTIVE — since
+//!   a queue can fail before the kernel has delivered the event (rxe fails sends as soon as
+//!   the netdev's routes are gone, before it marks the port down).
 //!
 //! # Teardown
 //!
@@ -61,6 +77,7 @@
 //! CQs, the PD and the context (see [`device`] for the ownership graph).
 
 pub mod device;
+pub mod events;
 pub mod registration;
 mod transport;
 

@@ -453,3 +453,56 @@ fn memlock_limit_is_checked_before_pinning() {
     let e = c.sges(1, Segment { offset: 4 << 20, len: 4096 }, &mut sges).unwrap_err();
     assert!(matches!(e, TransportError::LocalRange { .. }));
 }
+
+#[test]
+fn cq_overrun_raises_a_cq_error_event() {
+    device_test!();
+    // A real asynchronous event through the FFI path (read, decode, ack) and the mapping: a
+    // send CQ of one entry overrun by signaled writes of a queue pair connected to itself.
+    use super::device::{
+        CompletionQueue, Context, MemoryRegion, MrAccess, PreparedQueuePair, ProtectionDomain, QpCaps, SendBatch,
+        SendOp,
+    };
+    use super::events::{classify, event_type, EventElement, Verdict, Watched};
+    let ctx = Context::open(&cfg().selection()).unwrap();
+    let pd = ProtectionDomain::new(&ctx).unwrap();
+    let mem = Arc::new(Region::anonymous(9, 4096, 4096, Access::REMOTE_WRITE).unwrap());
+    let mr = MemoryRegion::register(&pd, mem, 0, 4096, MrAccess::RemoteWrite).unwrap();
+    let scq = CompletionQueue::new(&ctx, 1, None).unwrap();
+    let rcq = CompletionQueue::new(&ctx, 4, None).unwrap();
+    let caps = QpCaps { max_send_wr: 64, max_recv_wr: 4, max_send_sge: 1, max_recv_sge: 1, max_inline: 0 };
+    let qp = PreparedQueuePair::new(&pd, &scq, &rcq, caps).unwrap();
+    let ep = qp.endpoint();
+    let qp = qp.connect(ep).unwrap();
+    assert_eq!(ctx.next_async_event().unwrap(), None, "nothing queued before the overrun");
+    let mut batch = SendBatch::new();
+    for i in 0..32 {
+        batch.push(i, SendOp::Write { remote_addr: mr.addr(), rkey: mr.rkey() }, &[], true, false);
+    }
+    // SAFETY: zero-length writes, no SGE; the target MR outlives the QP (dropped after it).
+    unsafe { qp.post_send(&mut batch) }.unwrap();
+    let cqs = [(scq.handle(), "send"), (rcq.handle(), "receive")];
+    let w = Watched { device: ctx.name(), port: ctx.port(), qp: (qp.handle(), qp.local().qpn), cqs: &cqs };
+    let t0 = Instant::now();
+    let mut seen = Vec::new();
+    let verdict = loop {
+        match ctx.next_async_event().unwrap() {
+            Some(ev) if ev.event_type == event_type::CQ_ERR => {
+                assert_eq!(ev.element, EventElement::Cq(scq.handle()), "the overrun CQ is named");
+                break classify(&ev, &w);
+            }
+            Some(ev) => seen.push(ev),
+            None => {
+                assert!(t0.elapsed() < Duration::from_secs(10), "no CQ_ERR within 10 s; other events: {seen:?}");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+    };
+    match verdict {
+        Verdict::Fatal(r) => assert!(r.contains("send completion queue"), "{r}"),
+        other => panic!("expected Fatal, got {other:?}"),
+    }
+    qp.set_error().unwrap();
+    drop(qp);
+    drop(mr);
+}

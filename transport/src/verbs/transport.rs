@@ -12,6 +12,7 @@ use super::device::{
     self, status, CompletionChannel, CompletionQueue, Context, Endpoint, MemoryRegion, MrAccess, PreparedQueuePair,
     ProtectionDomain, QpCaps, QueuePair, SendBatch, SendOp, Sge, VerbsError, WorkCompletion,
 };
+use super::events::{self, Verdict, Watched};
 use super::registration::MrCache;
 use super::{error_chain, CompletionMode, VerbsConfig};
 use crate::auth::{self, HandshakeError, HandshakeParams, Secret};
@@ -38,10 +39,14 @@ const CREDIT_SRC: u64 = 64;
 const MAX_PEER_CREDITS: u32 = 1 << 16;
 /// Longest chain handed to one ibv_post_send.
 const MAX_CHAIN: usize = 64;
-/// Busy-poll mode: how often the TCP socket is checked for the peer's EOF.
+/// Busy-poll mode: how often the TCP socket is checked for the peer's EOF (and, in both modes,
+/// the device's async event fd outside of `block`).
 const PEER_CHECK_EVERY: Duration = Duration::from_millis(5);
 /// Longest single sleep in event mode (so the TCP socket and deadlines are rechecked).
 const MAX_SLEEP: Duration = Duration::from_millis(50);
+/// How long an error completion that a local failure may explain waits for that failure's
+/// event (or port state) before it is reported on its own.
+const DEVICE_GRACE: Duration = Duration::from_millis(250);
 /// Bound on the drain of outstanding sends in `Drop`.
 const DROP_DRAIN: Duration = Duration::from_secs(5);
 
@@ -64,6 +69,7 @@ enum Broken {
     Aborted(String),
     Protocol(DecodeError),
     Fatal(String),
+    DeviceEvent { event: &'static str, reason: String },
 }
 
 impl Broken {
@@ -76,6 +82,7 @@ impl Broken {
             Broken::Aborted(s) => TransportError::PeerAborted(s.clone()),
             Broken::Protocol(d) => TransportError::Protocol(d.clone()),
             Broken::Fatal(s) => TransportError::Device(s.clone()),
+            Broken::DeviceEvent { event, reason } => TransportError::DeviceEvent { event, reason: reason.clone() },
         }
     }
 }
@@ -259,6 +266,7 @@ pub struct VerbsTransport {
     sges: Vec<Sge>,
     wcs: Vec<WorkCompletion>,
     last_peer_check: Instant,
+    last_event_check: Instant,
 }
 
 impl std::fmt::Debug for VerbsTransport {
@@ -526,6 +534,9 @@ impl VerbsTransport {
             sges: Vec::new(),
             wcs: Vec::with_capacity(64),
             last_peer_check: Instant::now(),
+            // Events queued during the setup (e.g. a port that went down meanwhile) are read
+            // by the first call.
+            last_event_check: Instant::now().checked_sub(PEER_CHECK_EVERY).unwrap_or_else(Instant::now),
         })
     }
 
@@ -584,6 +595,15 @@ impl VerbsTransport {
         match &self.broken {
             Some(b) => Err(b.error()),
             None => Ok(()),
+        }
+    }
+
+    /// Fails when a device event broke the connection (even with nothing outstanding: the
+    /// device itself is gone, unlike a peer that closed after the last completion).
+    fn device_ok(&self) -> Result<(), TransportError> {
+        match &self.broken {
+            Some(b @ Broken::DeviceEvent { .. }) => Err(b.error()),
+            _ => Ok(()),
         }
     }
 
@@ -665,11 +685,22 @@ impl VerbsTransport {
             Some(SqKind::Write { id }) => id,
             _ => wc.wr_id,
         };
+        let what = format!("work request {wr_id} ({opcode}) completed with {status_str} (status {})", wc.status);
+        // A device event (port down, QP fatal, ...) is the cause of whatever completes in error
+        // after it: report the event, not its consequence.
+        self.check_events(true);
+        if let Some(b @ Broken::DeviceEvent { .. }) = &self.broken {
+            return b.clone();
+        }
         self.check_peer(true);
         let gone = matches!(self.broken, Some(Broken::Disconnected(_) | Broken::Aborted(_)));
-        let what = format!("work request {wr_id} ({opcode}) completed with {status_str} (status {})", wc.status);
         if gone {
             return self.broken.clone().expect("set above");
+        }
+        if status::may_have_a_device_cause(wc.status) {
+            if let Some(b) = self.device_cause(&what) {
+                return b;
+            }
         }
         match wc.status {
             status::RETRY_EXC_ERR | status::RNR_RETRY_EXC_ERR => {
@@ -764,8 +795,77 @@ impl VerbsTransport {
         }
     }
 
+    /// Reads the device's queued asynchronous events without blocking (each is acknowledged
+    /// as it is read): one that concerns this connection breaks it, the others are logged.
+    /// Rate-limited to one look per [`PEER_CHECK_EVERY`] unless `force`.
+    fn check_events(&mut self, force: bool) {
+        if !force && self.last_event_check.elapsed() < PEER_CHECK_EVERY {
+            return;
+        }
+        self.last_event_check = Instant::now();
+        let Some(qp) = self.qp.as_ref() else { return };
+        let ctx = self.ctx.clone();
+        let cqs = [(self.send_cq.handle(), "send"), (self.recv_cq.handle(), "receive")];
+        let w = Watched { device: ctx.name(), port: ctx.port(), qp: (qp.handle(), qp.local().qpn), cqs: &cqs };
+        loop {
+            match ctx.next_async_event() {
+                Ok(None) => break,
+                Ok(Some(ev)) => match events::classify(&ev, &w) {
+                    Verdict::Fatal(reason) => {
+                        tracing::warn!(peer = %self.peer, event = ev.name(), %reason, "RDMA device event: connection broken");
+                        self.set_broken(Broken::DeviceEvent { event: ev.name(), reason });
+                    }
+                    Verdict::Ignore(note) => {
+                        tracing::info!(peer = %self.peer, event = ev.name(), "RDMA device event ignored: {note}");
+                    }
+                },
+                Err(e) => {
+                    // Not EAGAIN: the event channel itself failed, the device is unusable.
+                    let msg = format!("reading the asynchronous events of {}: {}", ctx.name(), error_chain(&e));
+                    self.set_broken(Broken::Fatal(msg));
+                    break;
+                }
+            }
+        }
+    }
+
+    /// On an error completion that a local port or device failure may have caused: looks
+    /// for that cause for up to [`DEVICE_GRACE`] — a fatal event, or our port no longer
+    /// ACTIVE. The failure can show on the queue before its event is delivered: e.g. rxe on a
+    /// netdev being set down fails sends once the routes are flushed, and only then do the
+    /// netdev notifiers mark the port down and queue PORT_ERR. Blocks only on this terminal
+    /// path.
+    fn device_cause(&mut self, what: &str) -> Option<Broken> {
+        let deadline = Instant::now() + DEVICE_GRACE;
+        loop {
+            self.check_events(true);
+            if let Some(b @ Broken::DeviceEvent { .. }) = &self.broken {
+                return Some(b.clone());
+            }
+            if let Ok(state) = self.ctx.port_state() {
+                if state != device::PORT_ACTIVE {
+                    let reason = format!(
+                        "port {} of {} is {}; {what}",
+                        self.ctx.port(),
+                        self.ctx.name(),
+                        device::port_state_str(state)
+                    );
+                    return Some(Broken::DeviceEvent {
+                        event: events::event_name(events::event_type::PORT_ERR),
+                        reason,
+                    });
+                }
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            std::thread::sleep(PEER_CHECK_EVERY);
+        }
+    }
+
     /// Makes progress without blocking.
     fn progress(&mut self) -> Result<(), TransportError> {
+        self.check_events(false);
         self.poll_cqs()?;
         self.check_peer(false);
         Ok(())
@@ -789,9 +889,10 @@ impl VerbsTransport {
                 let mut fds = [
                     libc::pollfd { fd: ch.fd(), events: libc::POLLIN, revents: 0 },
                     libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                    libc::pollfd { fd: self.ctx.async_fd(), events: libc::POLLIN, revents: 0 },
                 ];
-                // SAFETY: `fds` is a valid array of two pollfd for the duration of the call.
-                let rc = unsafe { libc::poll(fds.as_mut_ptr(), 2, sleep.as_millis().max(1) as i32) };
+                // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
+                let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, sleep.as_millis().max(1) as i32) };
                 if rc < 0 {
                     let e = std::io::Error::last_os_error();
                     if e.kind() != std::io::ErrorKind::Interrupted {
@@ -803,6 +904,9 @@ impl VerbsTransport {
                 }
                 if fds[1].revents != 0 {
                     self.check_peer(true);
+                }
+                if fds[2].revents != 0 {
+                    self.check_events(true);
                 }
             }
             _ => std::thread::yield_now(),
@@ -1197,6 +1301,7 @@ impl Transport for VerbsTransport {
 
     fn poll_completions(&mut self) -> Result<u64, TransportError> {
         self.progress()?;
+        self.device_ok()?;
         if self.window.completed() < self.window.last_posted() {
             self.usable()?;
         }
@@ -1206,6 +1311,7 @@ impl Transport for VerbsTransport {
     fn flush(&mut self) -> Result<(), TransportError> {
         let target = self.window.last_posted();
         self.progress()?;
+        self.device_ok()?;
         if self.window.completed() >= target {
             return Ok(());
         }
