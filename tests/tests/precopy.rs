@@ -35,7 +35,11 @@ fn spawn_dest<T: Send + 'static>(
 
 fn dest_receiver(len: u64, page_size: u32) -> (String, JoinHandle<Result<DestReport, DestError>>) {
     spawn_dest(len, page_size, |t, r| {
-        let cfg = DestConfig { rate_window: Duration::from_millis(300), reply_timeout: Duration::from_secs(30) };
+        let cfg = DestConfig {
+            rate_window: Duration::from_millis(300),
+            reply_timeout: Duration::from_secs(30),
+            ..Default::default()
+        };
         receive(t, r, &cfg, &mut |_, _, _| {})
     })
 }

@@ -1,10 +1,12 @@
 //! The switchover under failure: the workload runs at most once (no split brain) and no copy
 //! is lost, whichever side's link dies at which step of Final / SourceChecksum / Verified /
-//! Commit / Resumed.
+//! Commit / Resumed, or freezes there.
 //!
-//! The failure is injected by `CutAt` (livemig_engine::precopy::cut), a wrapper around the real TCP transport that drops the
-//! connection (the peer sees it close, as when a process dies) instead of sending a chosen
-//! control message. The migrations themselves are real: a running workload, userfaultfd
+//! The failure is injected by `CutAt` (livemig_engine::precopy::cut), a wrapper around the
+//! real TCP transport that drops the connection (the peer sees it close, as when a process
+//! dies) — or first freezes with the connection open — instead of sending a chosen control
+//! message. Every destination here sends `Alive` every millisecond while it hashes, so every
+//! test also exercises the source skipping them. The migrations themselves are real: a running workload, userfaultfd
 //! dirty tracking, the TCP backend over loopback.
 
 use std::sync::Arc;
@@ -31,13 +33,20 @@ type DestOut = (Arc<Region>, Result<DestReport, DestError>);
 
 /// A destination on loopback whose transport is cut instead of sending `cut`.
 fn spawn_dest(cut: Option<&'static str>) -> (String, JoinHandle<DestOut>) {
-    spawn_dest_with(cut, Duration::from_secs(20))
+    spawn_dest_with(move |t| CutAt::new(t, cut), Duration::from_secs(20))
 }
 
-fn spawn_dest_with(cut: Option<&'static str>, reply_timeout: Duration) -> (String, JoinHandle<DestOut>) {
+fn spawn_dest_with(
+    wrap: impl FnOnce(Box<dyn Transport>) -> CutAt + Send + 'static,
+    reply_timeout: Duration,
+) -> (String, JoinHandle<DestOut>) {
     conn().spawn_dest(LEN, 4096, move |t, region| {
-        let mut t = CutAt::new(t, cut);
-        let cfg = DestConfig { rate_window: Duration::from_millis(200), reply_timeout };
+        let mut t = wrap(t);
+        let cfg = DestConfig {
+            rate_window: Duration::from_millis(200),
+            reply_timeout,
+            alive_every: Duration::from_millis(1),
+        };
         let res = receive(&mut t, &region, &cfg, &mut |_, _, _| {});
         (region, res)
     })
@@ -49,12 +58,18 @@ struct Run {
     result: Result<livemig_engine::precopy::Summary, SourceError>,
     dest_region: Arc<Region>,
     dest: Result<DestReport, DestError>,
+    /// The destination thread was still running when the source's `migrate` returned.
+    dest_still_frozen: bool,
 }
 
 /// Migrates a running random writer (small working set, so kvm converges at once) with the
 /// source cut at `src_cut` and the destination cut at `dst_cut`.
 fn run(src_cut: Option<&'static str>, dst_cut: Option<&'static str>) -> Run {
-    let (addr, dst) = spawn_dest(dst_cut);
+    run_with(src_cut, spawn_dest(dst_cut), Duration::from_secs(20))
+}
+
+fn run_with(src_cut: Option<&'static str>, dest: (String, JoinHandle<DestOut>), switchover_idle: Duration) -> Run {
+    let (addr, dst) = dest;
     let params = WorkloadParams { rate_pages_per_sec: 20_000, seed: 3, ..workload_params(WorkloadKind::Random, 64, 1) };
     let Source { region, reg: _reg, t, mut workload } = conn().start_source(&addr, LEN, 4096, params);
     let mut t = CutAt::new(t, src_cut);
@@ -62,12 +77,14 @@ fn run(src_cut: Option<&'static str>, dst_cut: Option<&'static str>) -> Run {
         policy: PolicyConfig::Kvm(KvmConfig::default()),
         warmup: Duration::ZERO,
         reply_timeout: Duration::from_secs(20),
+        switchover_idle,
         ..Default::default()
     };
     let result = migrate(&mut t, &region, Some(&mut workload), &cfg, &mut |_| {});
+    let dest_still_frozen = !dst.is_finished();
     drop(t);
     let (dest_region, dest) = dst.join().unwrap();
-    Run { region, workload, result, dest_region, dest }
+    Run { region, workload, result, dest_region, dest, dest_still_frozen }
 }
 
 /// Running and writing (over 100 ms).
@@ -151,7 +168,8 @@ fn garbage_instead_of_commit_is_refused_and_nothing_runs_at_the_destination() {
     // SAFETY: nothing writes this fresh region.
     let sum = unsafe { region_checksum(&region, LEN) };
     send(&mut t, Msg::SourceChecksum { checksum: sum });
-    let v = proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()).unwrap();
+    let (alive, v) = skip_alive(&mut t);
+    assert!(alive > 0, "the destination hashes 16 MiB and sends Alive every 1 ms meanwhile");
     assert_eq!(v, Msg::Verified { ok: true, checksum: sum });
     send(&mut t, Msg::Done);
     let (_, res) = dst.join().unwrap();
@@ -165,7 +183,7 @@ fn garbage_instead_of_commit_is_refused_and_nothing_runs_at_the_destination() {
 fn a_frozen_source_is_given_up_by_the_destination() {
     // The source opens the migration, then stays connected but sends nothing (a stopped
     // process: its kernel still acknowledges). The destination must not wait forever.
-    let (addr, dst) = spawn_dest_with(None, Duration::from_millis(1500));
+    let (addr, dst) = spawn_dest_with(|t| CutAt::new(t, None), Duration::from_millis(1500));
     let Registered { table, reg: _reg, .. } = registered_region(1, LEN, 4096, Access::LOCAL);
     let mut t = conn().connect(&addr, &table);
     t.send_message(&Msg::Begin { region_len: LEN, page_size: 4096, workload: false }.encode()).unwrap();
@@ -179,4 +197,31 @@ fn a_frozen_source_is_given_up_by_the_destination() {
     }
     assert!(waited < Duration::from_secs(10), "{waited:?}");
     drop(t);
+}
+
+/// Receives messages until one that is not `Alive`; returns how many `Alive` came first.
+fn skip_alive(t: &mut Box<dyn Transport>) -> (usize, Msg) {
+    let mut n = 0;
+    loop {
+        match proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().expect("a reply")).unwrap() {
+            Msg::Alive => n += 1,
+            m => return (n, m),
+        }
+    }
+}
+
+#[test]
+fn a_frozen_destination_at_the_switchover_costs_at_most_the_idle_bound() {
+    // The destination hashes, then freezes (connection open, nothing sent) instead of sending
+    // Verified. The source must give up after `switchover_idle` and resume its workload —
+    // while the destination is still frozen, not after the 60 s reply timeout.
+    let dest = spawn_dest_with(|t| CutAt::freeze(t, "Verified", Duration::from_secs(8)), Duration::from_secs(20));
+    let r = run_with(None, dest, Duration::from_secs(1));
+    let e = r.result.as_ref().expect_err("must fail");
+    eprintln!("source: {}", error_chain(e));
+    assert!(matches!(e, SourceError::Timeout { expected: "Verified", .. }), "{e:?}");
+    assert!(!e.in_doubt());
+    assert!(r.dest_still_frozen, "the source gave up only after the destination unfroze");
+    assert!(running(&r.workload), "the source workload runs again");
+    assert!(r.dest.is_err(), "{:?}", r.dest.as_ref().map(|d| &d.checksum));
 }

@@ -53,7 +53,7 @@ fn spawn_dest<T: Send + 'static>(
 }
 
 fn dest_config() -> DestConfig {
-    DestConfig { rate_window: Duration::from_millis(300), reply_timeout: Duration::from_secs(60) }
+    DestConfig { rate_window: Duration::from_millis(300), reply_timeout: Duration::from_secs(60), ..Default::default() }
 }
 
 /// What a destination thread running `receive` hands back: its report and its region.

@@ -323,6 +323,8 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         coalesce: CoalesceConfig { page_size: ps, ..Default::default() },
         warmup: secs(a.warmup),
         reply_timeout: super::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
+        // The destination sends Alive every 250 ms while it hashes.
+        switchover_idle: secs(a.io_timeout).max(Duration::from_secs(1)),
     };
     let json = a.json;
     let mut progress = SourceProgress::new(region.pages() as u64, json || a.no_progress);

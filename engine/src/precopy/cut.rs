@@ -18,6 +18,8 @@ use super::proto;
 pub struct CutAt {
     inner: Option<Box<dyn Transport>>,
     at: Option<String>,
+    /// Freeze (send nothing, keep the connection open) this long before cutting.
+    freeze: Duration,
     kind: TransportKind,
     peer: Vec<RegionInfo>,
     table: RegionTable,
@@ -32,7 +34,15 @@ impl CutAt {
             table: inner.regions().clone(),
             inner: Some(inner),
             at: at.map(str::to_string),
+            freeze: Duration::ZERO,
         }
+    }
+
+    /// Like [`CutAt::new`], but at `at` first freezes for `d` — the connection stays open
+    /// and nothing is sent, as from a stopped process whose kernel still acknowledges — and
+    /// only then cuts.
+    pub fn freeze(inner: Box<dyn Transport>, at: &str, d: Duration) -> Self {
+        CutAt { freeze: d, ..CutAt::new(inner, Some(at)) }
     }
     fn live(&mut self) -> Result<&mut Box<dyn Transport>, TransportError> {
         self.inner.as_mut().ok_or_else(|| TransportError::Disconnected("the link was cut (fault injection)".into()))
@@ -44,6 +54,7 @@ impl std::fmt::Debug for CutAt {
         f.debug_struct("CutAt")
             .field("kind", &self.kind)
             .field("at", &self.at)
+            .field("freeze", &self.freeze)
             .field("cut", &self.inner.is_none())
             .finish()
     }
@@ -62,6 +73,10 @@ impl Transport for CutAt {
     fn send_message(&mut self, msg: &[u8]) -> Result<(), TransportError> {
         let name = proto::decode(msg).map(|m| m.name()).unwrap_or("?");
         if self.at.as_deref() == Some(name) {
+            if !self.freeze.is_zero() {
+                tracing::warn!(message = name, freeze = ?self.freeze, "fault injection: freezing instead of sending it");
+                std::thread::sleep(self.freeze);
+            }
             tracing::warn!(message = name, "fault injection: cutting the link instead of sending it");
             self.inner = None;
         }

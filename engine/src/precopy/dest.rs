@@ -15,6 +15,9 @@ use crate::workload::{Workload, WorkloadError};
 pub struct DestConfig {
     /// After resuming, measure the workload's rate for this long and report it.
     pub rate_window: Duration,
+    /// While hashing at the switchover, send `Alive` this often (the source's
+    /// `switchover_idle` must be longer).
+    pub alive_every: Duration,
     /// How long to wait for `Begin`, for each switchover message and for `Done`; and how long
     /// pre-copy may go without progress (no control message and no page bytes arriving: a
     /// source that is alive but frozen) before the destination gives up.
@@ -23,7 +26,11 @@ pub struct DestConfig {
 
 impl Default for DestConfig {
     fn default() -> Self {
-        DestConfig { rate_window: Duration::from_secs(2), reply_timeout: super::REPLY_TIMEOUT }
+        DestConfig {
+            rate_window: Duration::from_secs(2),
+            alive_every: Duration::from_millis(250),
+            reply_timeout: super::REPLY_TIMEOUT,
+        }
     }
 }
 
@@ -191,9 +198,23 @@ pub fn receive(
     // Switchover (see `source::stop_and_copy` for both sides): hash, compare, wait for Commit.
     let phase = Phase::StopAndCopy;
     let t0 = Instant::now();
-    // SAFETY: `Final` is ordered after every write the source posted, and the source posts
-    // nothing more; no local writer touches the region before we resume the workload.
-    let ours = unsafe { super::checksum::region_checksum(region, src_len) };
+    let ours = std::thread::scope(|scope| -> Result<[u8; 32], DestError> {
+        let (done_tx, done_rx) = std::sync::mpsc::channel();
+        scope.spawn(move || {
+            // SAFETY: `Final` is ordered after every write the source posted, and the source
+            // posts nothing more; no local writer touches the region before we resume the
+            // workload, which happens after this scope.
+            let sum = unsafe { super::checksum::region_checksum(region, src_len) };
+            let _ = done_tx.send(sum);
+        });
+        loop {
+            match done_rx.recv_timeout(cfg.alive_every) {
+                Ok(sum) => return Ok(sum),
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => send(t, phase, &Msg::Alive)?,
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the checksum thread panicked"),
+            }
+        }
+    })?;
     let theirs = match recv(t, phase, cfg.reply_timeout, "SourceChecksum")? {
         Msg::SourceChecksum { checksum } => checksum,
         other => return Err(DestError::Unexpected { phase, got: other.name() }),

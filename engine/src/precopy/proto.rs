@@ -24,6 +24,7 @@
 //!  11 Abort          reason: text
 //!  12 SourceChecksum source checksum [32]
 //!  13 Commit         -
+//!  14 Alive          -   (destination → source while it hashes: it is not frozen)
 //! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
 //! ```
 //!
@@ -112,6 +113,9 @@ pub enum Msg {
     /// Source → destination: hand over. Sent only after a matching `Verified`; from then on
     /// the source never resumes its copy, so at most one side runs the workload.
     Commit,
+    /// Destination → source: still working on the switchover (sent periodically while it
+    /// hashes), so a source waiting for `Verified` can tell a slow destination from a frozen one.
+    Alive,
     /// Destination → source: the workload runs at the destination (downtime ends).
     Resumed,
     /// Destination → source: the resumed workload's rate.
@@ -240,6 +244,7 @@ impl Msg {
             Msg::Abort { .. } => 11,
             Msg::SourceChecksum { .. } => 12,
             Msg::Commit => 13,
+            Msg::Alive => 14,
         }
     }
 
@@ -259,6 +264,7 @@ impl Msg {
             Msg::Abort { .. } => "Abort",
             Msg::SourceChecksum { .. } => "SourceChecksum",
             Msg::Commit => "Commit",
+            Msg::Alive => "Alive",
         }
     }
 
@@ -276,7 +282,7 @@ impl Msg {
                 out.extend_from_slice(&page_size.to_le_bytes());
                 out.push(*workload as u8);
             }
-            Msg::Accept | Msg::Resumed | Msg::Done | Msg::Commit => {}
+            Msg::Accept | Msg::Resumed | Msg::Done | Msg::Commit | Msg::Alive => {}
             Msg::Refuse { reason } | Msg::Abort { reason } => put_text(&mut out, reason),
             Msg::Zero { runs } => {
                 debug_assert!(runs.len() <= MAX_ZERO_RUNS && runs.iter().all(|r| r.pages > 0));
@@ -362,6 +368,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
         11 => Msg::Abort { reason: r.text()? },
         12 => Msg::SourceChecksum { checksum: r.sum()? },
         13 => Msg::Commit,
+        14 => Msg::Alive,
         t => return Err(ProtoError::UnknownType(t)),
     };
     if r.pos != b.len() {
@@ -386,6 +393,7 @@ mod tests {
             Msg::Final { resume: true },
             Msg::SourceChecksum { checksum: [7; 32] },
             Msg::Commit,
+            Msg::Alive,
             Msg::Verified { ok: false, checksum: [9; 32] },
             Msg::Resumed,
             Msg::WorkloadRate { pages_per_sec: 1_000_000, over_ms: 2000 },
@@ -473,7 +481,7 @@ mod tests {
                 if n >= 6 && rng.gen_bool(0.5) {
                     b[..4].copy_from_slice(&MAGIC);
                     b[4] = VERSION;
-                    b[5] = rng.gen_range(0..15);
+                    b[5] = rng.gen_range(0..16);
                 }
                 b
             };

@@ -32,6 +32,10 @@ pub struct SourceConfig {
     pub warmup: Duration,
     /// How long to wait for a control reply from the destination.
     pub reply_timeout: Duration,
+    /// Stop-and-copy bound: while the workload is paused, a destination that sends nothing
+    /// (no reply, no `Alive`) for this long is given up — before `Commit` the source resumes,
+    /// so a frozen destination costs at most this much extra downtime.
+    pub switchover_idle: Duration,
 }
 
 impl Default for SourceConfig {
@@ -41,6 +45,7 @@ impl Default for SourceConfig {
             coalesce: CoalesceConfig::default(),
             warmup: Duration::from_secs(2),
             reply_timeout: super::REPLY_TIMEOUT,
+            switchover_idle: Duration::from_secs(20),
         }
     }
 }
@@ -525,7 +530,14 @@ fn stop_and_copy(
     })?;
     tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "source checksum ready");
     send(t, phase, &Msg::SourceChecksum { checksum: sum })?;
-    match recv(t, phase, "Verified", cfg.reply_timeout)? {
+    // The destination hashes its region now; it sends `Alive` meanwhile.
+    let verdict = loop {
+        match recv(t, phase, "Verified", cfg.switchover_idle)? {
+            Msg::Alive => continue,
+            m => break m,
+        }
+    };
+    match verdict {
         Msg::Verified { ok: true, checksum } if checksum == sum => {}
         Msg::Verified { checksum, .. } => {
             return Err(SourceError::ChecksumMismatch { source_sum: hex(&sum), dest_sum: hex(&checksum) })
@@ -535,7 +547,7 @@ fn stop_and_copy(
     tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "verified; committing");
     *committed = true;
     send(t, phase, &Msg::Commit)?;
-    match recv(t, phase, "Resumed", cfg.reply_timeout)? {
+    match recv(t, phase, "Resumed", cfg.switchover_idle)? {
         Msg::Resumed => {}
         other => return Err(unexpected(phase, "Resumed", &other)),
     }
