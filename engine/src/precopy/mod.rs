@@ -53,6 +53,7 @@ pub mod cut;
 pub mod dest;
 pub mod proto;
 pub mod source;
+pub mod switchover;
 
 use std::time::Duration;
 

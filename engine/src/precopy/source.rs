@@ -16,6 +16,7 @@ use livemig_transport::{
 };
 
 use super::proto::{self, Msg, ZeroRun, MAX_ZERO_RUNS};
+use super::switchover::{Fate, Next, SourceSwitchover, Violation};
 use super::{check_fit, hex, IterationLine, Mismatch, Outcome, Phase, Summary, WorkloadRates};
 use crate::dirty::{open_tracker, DirtyError, DirtySource};
 use crate::policy::{self, ConvergencePolicy, Decision, IntervalReport, PolicyConfig, RetransmitTracker};
@@ -252,17 +253,22 @@ pub fn migrate(
     }
     summary.workload.during = (touched(&workload) - touched0) as f64 / paused_at.duration_since(start).as_secs_f64();
     tracing::info!(reason = %reason, "stop-and-copy: workload paused");
-    let mut committed = false;
-    let res =
-        stop_and_copy(t, &mut s, tracker.as_mut(), &mut workload, cfg, start, paused_at, &mut summary, &mut committed);
+    let mut sw = None;
+    let res = stop_and_copy(t, &mut s, tracker.as_mut(), &mut workload, cfg, start, paused_at, &mut summary, &mut sw);
     tracker.stop();
     if let Err(e) = res {
-        // Once Commit may have reached the destination, the source must not resume: the
-        // destination could be running the workload (split brain). An explicit Abort from the
-        // destination says it does not, so that case resumes here like any earlier failure.
-        if committed && !matches!(e, SourceError::PeerAborted { .. }) {
-            tracing::error!(error = %e, "switchover in doubt; the source copy stays paused");
-            return Err(SourceError::InDoubt(Box::new(e)));
+        // What becomes of the paused copy is the state machine's call (see `switchover`):
+        // once Commit may have reached the destination, resuming here could run the workload
+        // twice.
+        let fate = sw.map_or(Fate::ResumeHere, |sw| sw.fate(matches!(e, SourceError::PeerAborted { .. })));
+        match fate {
+            Fate::ResumeHere => {}
+            Fate::HoldInDoubt => {
+                tracing::error!(error = %e, "switchover in doubt; the source copy stays paused");
+                return Err(SourceError::InDoubt(Box::new(e)));
+            }
+            // Past the handover stop_and_copy fails no more (it only logs): keep it that way.
+            Fate::StayStopped => return Err(e),
         }
         // The destination did not take over: the source stays authoritative.
         if let Some(w) = workload.as_mut() {
@@ -494,8 +500,9 @@ fn precopy_rounds(
 ///   ◀───────────────────────────────────────────── Resumed  (downtime ends)
 /// ```
 ///
-/// `committed` is set *before* `Commit` is written: a failed send may still have delivered
-/// it, so from then on the caller must not resume the source copy.
+/// The handover steps live in the pure [`SourceSwitchover`] (in `sw` once the checksum is
+/// known), which enters `Committed` *before* `Commit` is written — a failed send may still
+/// have delivered it — and tells the caller what to do with the paused copy on failure.
 #[allow(clippy::too_many_arguments)]
 fn stop_and_copy(
     t: &mut dyn Transport,
@@ -506,7 +513,7 @@ fn stop_and_copy(
     start: Instant,
     paused_at: Instant,
     summary: &mut Summary,
-    committed: &mut bool,
+    sw: &mut Option<SourceSwitchover>,
 ) -> Result<(), SourceError> {
     let phase = Phase::StopAndCopy;
     tracker.collect(&mut s.pending).map_err(SourceError::Dirty)?;
@@ -529,27 +536,27 @@ fn stop_and_copy(
         Ok(hasher.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
     })?;
     tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "source checksum ready");
+    let sw = sw.insert(SourceSwitchover::new(sum));
     send(t, phase, &Msg::SourceChecksum { checksum: sum })?;
-    // The destination hashes its region now; it sends `Alive` meanwhile.
-    let verdict = loop {
-        match recv(t, phase, "Verified", cfg.switchover_idle)? {
-            Msg::Alive => continue,
-            m => break m,
+    sw.checksum_sent();
+    // The destination hashes its region now (sending `Alive` meanwhile), answers Verified,
+    // and after our Commit resumes and answers Resumed.
+    loop {
+        let m = recv(t, phase, sw.expected(), cfg.switchover_idle)?;
+        match sw.handle(&m) {
+            Ok(Next::Wait) => {}
+            Ok(Next::SendCommit) => {
+                tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "verified; committing");
+                send(t, phase, &Msg::Commit)?;
+            }
+            Ok(Next::Done) => break,
+            Err(Violation::Mismatch { theirs }) => {
+                return Err(SourceError::ChecksumMismatch { source_sum: hex(&sum), dest_sum: hex(&theirs) })
+            }
+            Err(Violation::Unexpected { expected, got }) => {
+                return Err(SourceError::Unexpected { phase, expected, got })
+            }
         }
-    };
-    match verdict {
-        Msg::Verified { ok: true, checksum } if checksum == sum => {}
-        Msg::Verified { checksum, .. } => {
-            return Err(SourceError::ChecksumMismatch { source_sum: hex(&sum), dest_sum: hex(&checksum) })
-        }
-        other => return Err(unexpected(phase, "Verified", &other)),
-    }
-    tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "verified; committing");
-    *committed = true;
-    send(t, phase, &Msg::Commit)?;
-    match recv(t, phase, "Resumed", cfg.switchover_idle)? {
-        Msg::Resumed => {}
-        other => return Err(unexpected(phase, "Resumed", &other)),
     }
     summary.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
     tracing::info!(downtime_ms = summary.downtime_ms, "destination resumed");
