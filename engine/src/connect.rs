@@ -107,11 +107,14 @@ impl Listener {
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<Box<dyn Transport>, TransportError> {
-        match self {
-            Listener::Tcp(l) => Ok(Box::new(l.accept(&opts.tcp, secret, regions)?)),
+        let _span = tracing::info_span!("accept", local = ?self.local_addr().ok()).entered();
+        let t: Box<dyn Transport> = match self {
+            Listener::Tcp(l) => Box::new(l.accept(&opts.tcp, secret, regions)?),
             #[cfg(feature = "verbs")]
-            Listener::Verbs(l) => Ok(Box::new(l.accept(&verbs_config(opts), secret, regions)?)),
-        }
+            Listener::Verbs(l) => Box::new(l.accept(&verbs_config(opts), secret, regions)?),
+        };
+        tracing::info!(transport = %t.kind(), peer_regions = t.peer_regions().len(), "accepted and authenticated");
+        Ok(t)
     }
 }
 
@@ -139,6 +142,19 @@ fn verbs_config(opts: &TransportOptions) -> livemig_transport::verbs::VerbsConfi
 
 /// Connects to `addr` with `kind`.
 pub fn connect(
+    kind: TransportKind,
+    addr: &str,
+    opts: &TransportOptions,
+    secret: &Secret,
+    regions: &RegionTable,
+) -> Result<Box<dyn Transport>, TransportError> {
+    let _span = tracing::info_span!("connect", peer = addr, transport = %kind).entered();
+    let t = connect_inner(kind, addr, opts, secret, regions)?;
+    tracing::info!(peer_regions = t.peer_regions().len(), "connected and authenticated");
+    Ok(t)
+}
+
+fn connect_inner(
     kind: TransportKind,
     addr: &str,
     opts: &TransportOptions,

@@ -301,21 +301,26 @@ impl TcpTransport {
         }
         let mut streams = Vec::new();
         let mut threads = Vec::new();
+        // One span per connection; the stream threads log inside it (and inside the caller's
+        // span, e.g. a migration's).
+        let conn_span = tracing::info_span!("tcp", peer = %peer, streams = n);
         for (i, s) in socks.into_iter().enumerate() {
             let rd = s.try_clone().map_err(io_err("cloning the socket"))?;
             let sock = Arc::new(Mutex::new(s));
             let (sh, tbl) = (shared.clone(), regions.clone());
+            let span = tracing::debug_span!(parent: &conn_span, "stream", i);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("livemig-rx{i}"))
-                    .spawn(move || reader(i, rd, tbl, sh))
+                    .spawn(move || span.in_scope(|| reader(i, rd, tbl, sh)))
                     .map_err(io_err("spawning the reader thread"))?,
             );
             let (sh, wr) = (shared.clone(), sock.clone());
+            let span = tracing::debug_span!(parent: &conn_span, "stream", i);
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("livemig-ack{i}"))
-                    .spawn(move || acker(i, wr, sh))
+                    .spawn(move || span.in_scope(|| acker(i, wr, sh)))
                     .map_err(io_err("spawning the acknowledger thread"))?,
             );
             streams.push(StreamTx { sock, frames: VecDeque::new(), last_signaled: 0, last_sent: 0 });
