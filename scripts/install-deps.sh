@@ -3,11 +3,11 @@
 #  - build: libibverbs-dev librdmacm-dev libclang-dev pkg-config (rdma-sys bindgen), clang
 #  - RDMA tests: qemu-system-x86 + linux-image-amd64 (a kernel with rdma_rxe) + busybox-static,
 #    cpio, kmod, rdma-core, ibverbs-providers, ibverbs-utils, perftest, iproute2
-#  - benchmarks/tests: iperf3, iproute2 (netns, veth, tc)
+#  - benchmarks/tests: iperf3, iproute2 (netns, veth, tc), procps (kill, for the CLI in-doubt tests)
 set -euo pipefail
 SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
-      ibverbs-utils perftest iproute2 iperf3 jq qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3)
+      ibverbs-utils perftest iproute2 iperf3 jq qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3 procps)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [[ ${#missing[@]} -gt 0 ]]; then
