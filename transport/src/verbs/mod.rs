@@ -13,6 +13,9 @@
 //!   MSG(setup: credit-word addr/rkey, receive buffer size) ──►  ◄── MSG(setup)
 //! ```
 //!
+//! The byte formats of the setup blob and of the in-band message header are in [`ctrl`]
+//! (pure, fuzzed decoders).
+//!
 //! The MSG(setup) frame doubles as a barrier: a side sends it only once its QP is in RTS, so
 //! after reading the peer's, nothing we post can reach a QP that is not ready. The TCP socket
 //! stays open for the life of the connection: its EOF (or CLOSE frame) is how a vanished peer
@@ -36,7 +39,7 @@
 //!   payload fit the QP's `max_inline`), fragmented when larger than the peer's receive
 //!   buffers (up to [`crate::wire::MAX_MESSAGE`]). In-band header, 16 bytes, little endian:
 //!   `kind u8 (1 = message) | flags u8 (bit 0 = more fragments follow) | 0 u16 | len u32 |
-//!   bytes_written u64`.
+//!   bytes_written u64` ([`ctrl::MsgHeader`]).
 //! - **Credits**: each side posts `recv_buffers` receives and grants that many credits (VERBS
 //!   `credits`). A SEND needs a credit; a receiver re-posts a buffer as soon as its message is
 //!   consumed and then returns credit by RDMA-WRITING its cumulative consumed count into the
@@ -76,6 +79,7 @@
 //! CLOSE, moves the QP to ERR, destroys it, and only then deregisters memory and destroys
 //! CQs, the PD and the context (see [`device`] for the ownership graph).
 
+pub mod ctrl;
 pub mod device;
 pub mod events;
 pub mod registration;

@@ -8,6 +8,7 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::ctrl::{MsgHeader, Setup, MSG_HEADER_LEN};
 use super::device::{
     self, status, CompletionChannel, CompletionQueue, Context, Endpoint, MemoryRegion, MrAccess, PreparedQueuePair,
     ProtectionDomain, QpCaps, QueuePair, SendBatch, SendOp, Sge, VerbsError, WorkCompletion,
@@ -21,16 +22,6 @@ use crate::window::SendWindow;
 use crate::wire::{self, close_code, DecodeError, Frame, FrameType, Role, VerbsInfo};
 use crate::{check_remote, CoalesceConfig, Transport, TransportError, TransportKind, TransportStats, WriteRequest};
 
-/// In-band message header length.
-const MSG_HEADER: usize = 16;
-/// In-band header kind: a control-message fragment.
-const KIND_MSG: u8 = 1;
-/// In-band header flag: more fragments follow.
-const FLAG_MORE: u8 = 1;
-/// Magic of the setup blob exchanged in a MSG frame over TCP.
-const SETUP_MAGIC: [u8; 4] = *b"LMVB";
-/// Setup blob: magic [4] | version u8 | 0 [3] | credit_addr u64 | credit_rkey u32 | recv_buf u32.
-const SETUP_LEN: usize = 24;
 /// Offset of the credit word (the peer writes our consumed count here) in the control page.
 const CREDIT_WORD: u64 = 0;
 /// Offset of the local source of a non-inline credit return in the control page.
@@ -306,80 +297,6 @@ fn tune(s: &TcpStream, timeout: Duration) -> Result<(), TransportError> {
     Ok(())
 }
 
-fn encode_setup(credit_addr: u64, credit_rkey: u32, recv_buf: u32) -> Vec<u8> {
-    let mut b = Vec::with_capacity(SETUP_LEN);
-    b.extend_from_slice(&SETUP_MAGIC);
-    b.extend_from_slice(&[1, 0, 0, 0]);
-    b.extend_from_slice(&credit_addr.to_le_bytes());
-    b.extend_from_slice(&credit_rkey.to_le_bytes());
-    b.extend_from_slice(&recv_buf.to_le_bytes());
-    b
-}
-
-fn decode_setup(b: &[u8]) -> Result<(u64, u32, u32), DecodeError> {
-    if b.len() != SETUP_LEN {
-        return Err(DecodeError::BadLength { kind: FrameType::Msg, len: b.len() as u32, expected: SETUP_LEN as u32 });
-    }
-    if b[0..4] != SETUP_MAGIC {
-        return Err(DecodeError::Invalid {
-            field: "verbs setup magic",
-            value: u32::from_le_bytes(b[0..4].try_into().expect("4")) as u64,
-        });
-    }
-    if b[4] != 1 {
-        return Err(DecodeError::Invalid { field: "verbs setup version", value: b[4] as u64 });
-    }
-    let addr = u64::from_le_bytes(b[8..16].try_into().expect("8"));
-    let rkey = u32::from_le_bytes(b[16..20].try_into().expect("4"));
-    let recv_buf = u32::from_le_bytes(b[20..24].try_into().expect("4"));
-    if (recv_buf as usize) <= MSG_HEADER {
-        return Err(DecodeError::Invalid { field: "receive buffer size", value: recv_buf as u64 });
-    }
-    Ok((addr, rkey, recv_buf))
-}
-
-/// In-band message header.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct MsgHeader {
-    more: bool,
-    len: u32,
-    bytes_written: u64,
-}
-
-impl MsgHeader {
-    fn encode(&self) -> [u8; MSG_HEADER] {
-        let mut b = [0u8; MSG_HEADER];
-        b[0] = KIND_MSG;
-        b[1] = if self.more { FLAG_MORE } else { 0 };
-        b[4..8].copy_from_slice(&self.len.to_le_bytes());
-        b[8..16].copy_from_slice(&self.bytes_written.to_le_bytes());
-        b
-    }
-    fn decode(b: &[u8]) -> Result<MsgHeader, DecodeError> {
-        if b.len() < MSG_HEADER {
-            return Err(DecodeError::Truncated { need: MSG_HEADER, have: b.len() });
-        }
-        if b[0] != KIND_MSG {
-            return Err(DecodeError::Invalid { field: "verbs message kind", value: b[0] as u64 });
-        }
-        if b[1] & !FLAG_MORE != 0 || b[2] != 0 || b[3] != 0 {
-            return Err(DecodeError::Invalid {
-                field: "verbs message flags",
-                value: u32::from_le_bytes(b[0..4].try_into().expect("4")) as u64,
-            });
-        }
-        let len = u32::from_le_bytes(b[4..8].try_into().expect("4"));
-        if len as usize != b.len() - MSG_HEADER {
-            return Err(DecodeError::Invalid { field: "verbs message length", value: len as u64 });
-        }
-        Ok(MsgHeader {
-            more: b[1] & FLAG_MORE != 0,
-            len,
-            bytes_written: u64::from_le_bytes(b[8..16].try_into().expect("8")),
-        })
-    }
-}
-
 fn expect_frame(s: &mut TcpStream, peer: &str, kind: FrameType, what: &'static str) -> Result<Frame, TransportError> {
     let f = auth::read_frame(s).map_err(|e| match e {
         HandshakeError::Io(e) => {
@@ -483,12 +400,17 @@ impl VerbsTransport {
 
         // RTS reached: send our setup blob (credit word, buffer size); the peer's blob tells us
         // its QP is in RTS too.
-        let setup = encode_setup(local.ctrl.addr(0) + CREDIT_WORD, local.ctrl.mr.rkey(), local.recv_ring.slot);
-        auth::write_frame(&mut sock, &Frame::Msg(setup)).map_err(io_err("sending the verbs setup"))?;
+        let setup = Setup {
+            credit_addr: local.ctrl.addr(0) + CREDIT_WORD,
+            credit_rkey: local.ctrl.mr.rkey(),
+            recv_buf: local.recv_ring.slot,
+        };
+        auth::write_frame(&mut sock, &Frame::Msg(setup.encode().to_vec()))
+            .map_err(io_err("sending the verbs setup"))?;
         let Frame::Msg(blob) = expect_frame(&mut sock, &peer, FrameType::Msg, "verbs setup MSG")? else {
             unreachable!("kind checked")
         };
-        let (credit_addr, credit_rkey, recv_buf) = decode_setup(&blob)?;
+        let Setup { credit_addr, credit_rkey, recv_buf } = Setup::decode(&blob)?;
 
         tracing::debug!(
             %peer, device = local.ctx.name(), qpn = ep.qpn, remote_qpn = theirs.qpn,
@@ -1019,7 +941,7 @@ impl VerbsTransport {
                 self.set_broken(Broken::Protocol(d.clone()));
                 return Err(TransportError::Protocol(d));
             }
-            self.rx.partial.extend_from_slice(&buf[MSG_HEADER..]);
+            self.rx.partial.extend_from_slice(&buf[MSG_HEADER_LEN..]);
             self.repost(slot)?;
             self.rx.consumed += 1;
             self.stats.bytes_received = self.stats.bytes_received.max(h.bytes_written);
@@ -1131,12 +1053,12 @@ impl VerbsTransport {
         self.wait_until("a receive credit from the peer", |t| {
             t.credits_available() > 0
                 && t.sq.has_room(1)
-                && (MSG_HEADER + payload.len() <= t.max_inline as usize || !t.sq.free_slots.is_empty())
+                && (MSG_HEADER_LEN + payload.len() <= t.max_inline as usize || !t.sq.free_slots.is_empty())
         })?;
         self.post_batch()?;
         let h = hdr.encode();
-        if MSG_HEADER + payload.len() <= self.max_inline as usize {
-            let mut sges = vec![Sge { addr: h.as_ptr() as u64, len: MSG_HEADER as u32, lkey: 0 }];
+        if MSG_HEADER_LEN + payload.len() <= self.max_inline as usize {
+            let mut sges = vec![Sge { addr: h.as_ptr() as u64, len: MSG_HEADER_LEN as u32, lkey: 0 }];
             if !payload.is_empty() {
                 sges.push(Sge { addr: payload.as_ptr() as u64, len: payload.len() as u32, lkey: 0 });
             }
@@ -1147,12 +1069,12 @@ impl VerbsTransport {
             // SAFETY: a free slot is not referenced by any outstanding send; header + payload
             // fit the slot (fragments are sized to it), and the sources are separate buffers.
             unsafe {
-                std::ptr::copy_nonoverlapping(h.as_ptr(), p, MSG_HEADER);
-                std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(MSG_HEADER), payload.len());
+                std::ptr::copy_nonoverlapping(h.as_ptr(), p, MSG_HEADER_LEN);
+                std::ptr::copy_nonoverlapping(payload.as_ptr(), p.add(MSG_HEADER_LEN), payload.len());
             }
             let sge = Sge {
                 addr: self.send_ring.addr(slot),
-                len: (MSG_HEADER + payload.len()) as u32,
+                len: (MSG_HEADER_LEN + payload.len()) as u32,
                 lkey: self.send_ring.mr.lkey(),
             };
             self.push_wr(SqKind::Msg { slot: Some(slot) }, SendOp::Send, &[sge], true, false);
@@ -1192,7 +1114,7 @@ impl LocalSetup {
         };
         let recv_n = cfg.recv_buffers.get();
         let send_n = cfg.send_buffers.get();
-        let buf = cfg.message_buffer.get().max(MSG_HEADER as u32 + 64);
+        let buf = cfg.message_buffer.get().max(MSG_HEADER_LEN as u32 + 64);
         // Window writes + message slots + inline messages/credit returns/flush markers.
         let sq_depth = (cfg.window.max_wrs.get() as u64 + send_n as u64 + 32).min(u32::MAX as u64) as u32;
         if sq_depth > lim.max_qp_wr || recv_n > lim.max_qp_wr {
@@ -1266,7 +1188,7 @@ impl Transport for VerbsTransport {
         if msg.len() > wire::MAX_MESSAGE as usize {
             return Err(TransportError::TooLarge(format!("{}-byte message exceeds {}", msg.len(), wire::MAX_MESSAGE)));
         }
-        let frag = (self.remote.recv_buf.min(self.send_ring.slot) as usize - MSG_HEADER).max(1);
+        let frag = (self.remote.recv_buf.min(self.send_ring.slot) as usize - MSG_HEADER_LEN).max(1);
         let mut chunks: Vec<&[u8]> = msg.chunks(frag).collect();
         if chunks.is_empty() {
             chunks.push(&[]);
@@ -1375,39 +1297,6 @@ impl Drop for VerbsTransport {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn message_header_round_trip_and_rejects() {
-        let h = MsgHeader { more: true, len: 3, bytes_written: 1 << 40 };
-        let mut b = h.encode().to_vec();
-        b.extend_from_slice(b"abc");
-        assert_eq!(MsgHeader::decode(&b).unwrap(), h);
-        assert!(matches!(MsgHeader::decode(&b[..10]), Err(DecodeError::Truncated { .. })));
-        let mut bad = b.clone();
-        bad[0] = 9;
-        assert!(MsgHeader::decode(&bad).is_err(), "unknown kind");
-        let mut bad = b.clone();
-        bad[1] = 2;
-        assert!(MsgHeader::decode(&bad).is_err(), "unknown flag");
-        assert!(MsgHeader::decode(&b[..MSG_HEADER + 2]).is_err(), "length mismatch");
-        let empty = MsgHeader { more: false, len: 0, bytes_written: 0 };
-        assert_eq!(MsgHeader::decode(&empty.encode()).unwrap(), empty);
-    }
-
-    #[test]
-    fn setup_blob_round_trip_and_rejects() {
-        let b = encode_setup(0x7f00_0000_1000, 0x1234, 16 << 10);
-        assert_eq!(b.len(), SETUP_LEN);
-        assert_eq!(decode_setup(&b).unwrap(), (0x7f00_0000_1000, 0x1234, 16 << 10));
-        assert!(decode_setup(&b[..20]).is_err());
-        let mut bad = b.clone();
-        bad[0] = b'X';
-        assert!(decode_setup(&bad).is_err());
-        let mut bad = b.clone();
-        bad[4] = 2;
-        assert!(decode_setup(&bad).is_err(), "unknown version");
-        assert!(decode_setup(&encode_setup(1, 1, 8)).is_err(), "receive buffer smaller than a header");
-    }
 
     #[test]
     fn send_queue_accounting() {
