@@ -12,7 +12,8 @@ fuzz_target!(|data: &[u8]| {
         assert!(used <= data.len());
         let again = f.encode();
         let (g, _) = Frame::decode(&[again.as_slice(), &data[again.len().min(used)..used]].concat()).unwrap_or((f.clone(), 0));
-        if !matches!(f, Frame::Close { .. } | Frame::Hello(_)) {
+        // CLOSE reasons are decoded lossily (invalid UTF-8 becomes U+FFFD); all else is canonical.
+        if !matches!(f, Frame::Close { .. }) {
             assert_eq!(f, g);
         }
     }

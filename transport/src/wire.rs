@@ -501,6 +501,13 @@ impl Frame {
     /// Decodes a body for a validated header. For WRITE, `body` is the fixed part and the
     /// entry table ([`Header::control_len`] bytes).
     pub fn decode_body(h: &Header, body: &[u8]) -> Result<Frame, DecodeError> {
+        // Reserved bytes must be zero, so every accepted frame has exactly one encoding.
+        fn reserved_zero(r: &[u8]) -> Result<(), DecodeError> {
+            match r.iter().fold(0u32, |acc, &x| acc << 8 | x as u32) {
+                0 => Ok(()),
+                v => Err(DecodeError::Reserved(v)),
+            }
+        }
         let need = h.control_len();
         if body.len() < need {
             return Err(DecodeError::Truncated { need, have: body.len() });
@@ -520,6 +527,7 @@ impl Frame {
                 if b[4] == 0 || b[3] >= b[4] {
                     return Err(DecodeError::Invalid { field: "stream index", value: b[3] as u64 });
                 }
+                reserved_zero(&b[5..8])?;
                 Frame::Hello(Hello {
                     min_version: b[0],
                     max_version: b[1],
@@ -544,6 +552,7 @@ impl Frame {
                 for i in 0..count as usize {
                     let e = &b[4 + 32 * i..4 + 32 * (i + 1)];
                     let access = e[4];
+                    reserved_zero(&e[5..8])?;
                     if access & !7 != 0 {
                         return Err(DecodeError::Invalid { field: "access", value: access as u64 });
                     }
@@ -673,6 +682,20 @@ mod tests {
                 credits: 64,
             }),
         ]
+    }
+
+    #[test]
+    fn reserved_bytes_must_be_zero() {
+        let all = samples();
+        let hello = all.iter().find(|f| matches!(f, Frame::Hello(_))).expect("a HELLO sample").encode();
+        let regions = all.iter().find(|f| matches!(f, Frame::Regions(r) if !r.is_empty())).expect("a REGIONS sample");
+        let regions = regions.encode();
+        assert!(Frame::decode(&hello).is_ok() && Frame::decode(&regions).is_ok());
+        for (frame, at) in [(&hello, HEADER_LEN + 5), (&hello, HEADER_LEN + 7), (&regions, HEADER_LEN + 4 + 5)] {
+            let mut b = frame.clone();
+            b[at] = 0x40;
+            assert!(matches!(Frame::decode(&b), Err(DecodeError::Reserved(v)) if v != 0), "byte {at}");
+        }
     }
 
     #[test]
