@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # livemig TCP page transfer vs iperf3, measured in the same run on loopback.
 #
-#   bench/tcp-vs-iperf3.sh            (DURATION=5 SIZE=256M WINDOW=2048 override)
+#   bench/tcp-vs-iperf3.sh            (env: DURATION=5 SIZE=256M WINDOW=2048 LIVEMIG_BIN=...)
 #
 # Prints iperf3 single-stream throughput, livemig `bench pages` throughput for several
 # dirty patterns, the ratio livemig/iperf3 and the memcpy ceiling. Target (not asserted):
@@ -10,7 +10,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
 SIZE=${SIZE:-256M}
-BIN=${LIVEMIG:-target/release/livemig}
+BIN=${LIVEMIG_BIN:-${LIVEMIG:-target/release/livemig}}
+WINDOW=${WINDOW:-2048}
 [[ -x $BIN ]] || cargo build --release -p livemig >&2
 command -v iperf3 >/dev/null || { echo "iperf3 missing (apt-get install iperf3)" >&2; exit 1; }
 
@@ -27,7 +28,7 @@ printf '%-34s %10s %8s %10s %9s %9s\n' "run" "Gbit/s" "ratio" "pages/s" "pages/W
 printf '%-34s %10.2f %8s %10s %9s %9s\n' "iperf3 -c 127.0.0.1 (1 stream)" "$iperf_gbps" "1.00" "-" "-" "-"
 run() {  # label, extra args
   local label=$1; shift
-  "$BIN" bench pages --loopback --transport tcp --size "$SIZE" --duration "$DURATION" --json "$@" 2>/dev/null |
+  "$BIN" bench pages --loopback --transport tcp --size "$SIZE" --duration "$DURATION" --window "$WINDOW" --json "$@" 2>/dev/null |
     python3 -c '
 import json, sys
 d = json.load(sys.stdin); base = float(sys.argv[2])

@@ -51,18 +51,8 @@ impl std::fmt::Display for Pattern {
     }
 }
 
-/// Parses sizes like `256M`, `4K`, `1G`, `4096`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let (num, mul) = match s.chars().last() {
-        Some('K' | 'k') => (&s[..s.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&s[..s.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&s[..s.len() - 1], 1 << 30),
-        _ => (s, 1),
-    };
-    let n: u64 = num.trim_end_matches(['i', 'I', 'B', 'b']).parse().map_err(|_| format!("bad size {s:?}"))?;
-    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
-}
+pub use livemig_engine::args::parse_size;
+use livemig_engine::args::{parse_secs, transport_arg, ChildSecret};
 
 /// Options of `livemig bench pages|chunks`.
 #[derive(Debug, Clone, clap::Args)]
@@ -95,9 +85,10 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 1)]
     pub streams: u8,
     /// Seconds to keep sending.
-    #[arg(long, default_value_t = 5.0)]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value_t = 5.0)]
     pub duration: f64,
-    /// Maximum bytes merged into one work request (QEMU: 2 MiB).
+    /// Maximum bytes merged into one work request (QEMU: 2 MiB; at most 64 MiB, the wire
+    /// protocol's WRITE payload cap).
     #[arg(long, value_parser = parse_size, default_value = "2M")]
     pub max_write: u64,
     /// Send every page as its own work request (the baseline for the coalescing ratio).
@@ -262,10 +253,16 @@ fn options(a: &BenchArgs) -> Result<TransportOptions> {
         max_bytes: 256 << 20,
         signal_every: NonZeroU32::new(a.signal_every).context("--signal-every must be at least 1")?,
     };
+    let cap = livemig_transport::wire::MAX_WRITE_PAYLOAD as u64;
+    if a.max_write > cap {
+        bail!("--max-write {} exceeds the {cap}-byte WRITE payload cap of the wire protocol", a.max_write);
+    }
     let tcp = TcpConfig {
         streams: NonZeroU8::new(a.streams).context("--streams must be at least 1")?,
         window,
         socket_buffer: a.sock_buf.map(|b| b as usize),
+        // A work request travels as one WRITE frame: let it be as large as --max-write.
+        max_frame_bytes: (a.max_write as u32).max(TcpConfig::default().max_frame_bytes),
         ..Default::default()
     };
     let verbs = livemig_engine::connect::VerbsOptions {
@@ -322,15 +319,17 @@ pub fn run(kind: Kind, a: &BenchArgs) -> Result<()> {
         let mut t = l.accept(&opts, &secret, &table)?;
         return serve(t.as_mut(), &r);
     }
-    let (addr, child) = if a.loopback {
-        let (addr, child) = spawn_listener(kind, a, size, ps)?;
-        (addr, Some(child))
+    let (addr, child, secret) = if a.loopback {
+        // Both ends share --secret-file if given, else a random secret made here.
+        let cs = ChildSecret::new(a.secret_file.as_deref()).context("loading the shared secret")?;
+        let (addr, child) = spawn_listener(kind, a, size, ps, &cs)?;
+        (addr, Some(child), cs.secret().clone())
     } else if let Some(c) = &a.connect {
-        (c.clone(), None)
+        (c.clone(), None, secret(a)?)
     } else {
         bail!("give --listen ADDR, --connect ADDR or --loopback");
     };
-    let report = send(kind, a, &opts, tkind, note, &addr, size, ps)?;
+    let report = send(kind, a, &opts, tkind, note, &addr, size, ps, &secret)?;
     if let Some(mut c) = child {
         let st = c.wait()?;
         if !st.success() {
@@ -348,16 +347,18 @@ pub fn run(kind: Kind, a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn spawn_listener(kind: Kind, a: &BenchArgs, size: u64, ps: u64) -> Result<(String, std::process::Child)> {
-    // One random secret for both ends of this run, handed to the child in its environment.
-    let secret_hex = random_hex();
-    std::env::set_var(livemig_transport::auth::SECRET_ENV, &secret_hex);
+fn spawn_listener(
+    kind: Kind,
+    a: &BenchArgs,
+    size: u64,
+    ps: u64,
+    secret: &ChildSecret,
+) -> Result<(String, std::process::Child)> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.args(["bench", kind.name, "--listen", "127.0.0.1:0", "--size", &size.to_string()])
         .args(["--page-size", &ps.to_string(), "--transport", transport_arg(a.transport)])
         .args(["--streams", &a.streams.to_string(), "--window", &a.window.to_string()])
-        .env(livemig_transport::auth::SECRET_ENV, &secret_hex)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if let Some(b) = a.sock_buf {
@@ -375,27 +376,13 @@ fn spawn_listener(kind: Kind, a: &BenchArgs, size: u64, ps: u64) -> Result<(Stri
     if a.busy_poll {
         cmd.arg("--busy-poll");
     }
+    secret.apply(&mut cmd);
     let mut child = cmd.spawn().context("starting the destination process")?;
     let out = child.stdout.take().context("child stdout")?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
     let addr = line.split_whitespace().nth(1).context("the destination did not report its address")?.to_string();
     Ok((addr, child))
-}
-
-fn random_hex() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn transport_arg(c: TransportChoice) -> &'static str {
-    match c {
-        TransportChoice::Tcp => "tcp",
-        TransportChoice::Verbs => "verbs",
-        TransportChoice::Auto => "auto",
-    }
 }
 
 /// Destination side: wait for CHECK, compare checksums, answer.
@@ -429,6 +416,7 @@ fn send(
     addr: &str,
     size: u64,
     ps: u64,
+    secret: &Secret,
 ) -> Result<BenchReport> {
     let r = make_region(kind, 1, size, ps as u32, Access::LOCAL)?;
     let table = RegionTable::new();
@@ -456,7 +444,7 @@ fn send(
     if !a.json {
         eprintln!("{note}");
     }
-    let mut t = connect::connect(tkind, addr, opts, &secret(a)?, &table)?;
+    let mut t = connect::connect(tkind, addr, opts, secret, &table)?;
     let pb = if a.json || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
     } else {

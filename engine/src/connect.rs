@@ -22,9 +22,10 @@ pub enum TransportChoice {
 pub struct TransportOptions {
     /// Requested backend.
     pub choice: TransportChoice,
-    /// TCP settings (window, streams, socket buffers).
+    /// TCP settings (streams, socket buffers, frame size, and `tcp.io_timeout` for TCP). Its
+    /// `window` is also the verbs send window.
     pub tcp: TcpConfig,
-    /// How long a silent peer is tolerated.
+    /// How long a silent peer is tolerated on verbs (TCP reads `tcp.io_timeout`: set both).
     pub io_timeout: Duration,
     /// Verbs device selection and modes (perftest-style flags).
     pub verbs: VerbsOptions,

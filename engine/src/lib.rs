@@ -10,6 +10,7 @@
 //!   drivers, control protocol, `migrate`/`receive` commands); [`local`] runs both ends on
 //!   one machine, optionally through shaped network namespaces.
 
+pub mod args;
 pub mod connect;
 pub mod dirty;
 pub mod local;

@@ -16,9 +16,10 @@ use std::io::BufRead;
 use std::process::{Child, Command, Stdio};
 
 use anyhow::{bail, Context, Result};
-use livemig_transport::auth::{Secret, SECRET_ENV};
+use livemig_transport::auth::SECRET_ENV;
 
-use crate::precopy::cli::{run_source, transport_arg, MigrateArgs};
+use crate::args::{transport_arg, ChildSecret};
+use crate::precopy::cli::{run_source, MigrateArgs};
 
 /// A tc rate like `1gbit`, `10gbit`, `500mbit`, `100kbit` in bits per second.
 pub fn parse_rate(s: &str) -> Result<u64> {
@@ -43,31 +44,30 @@ pub fn parse_rate(s: &str) -> Result<u64> {
 
 /// Runs `--local` (see the module doc).
 pub fn run(a: &MigrateArgs) -> Result<()> {
-    let secret_hex = random_hex();
-    let secret = Secret::new(secret_hex.clone())?;
+    // Both ends share --secret-file if given, else a random secret made here.
+    let secret = ChildSecret::new(a.secret_file.as_deref()).context("loading the shared secret")?;
     match &a.link {
         None => {
-            let mut dst = spawn_dest(a, None, "127.0.0.1:0", &secret_hex)?;
-            let res = run_source(a, &dst.addr, &secret);
+            let mut dst = spawn_dest(a, None, "127.0.0.1:0", &secret)?;
+            let res = run_source(a, &dst.addr, secret.secret());
             finish(res, &mut dst.child)
         }
         Some(rate) => {
             let bps = parse_rate(rate)?;
             let net = Netns::create(bps)?;
-            let mut dst = spawn_dest(a, Some(&net.dst), &format!("{}:0", net.dst_ip), &secret_hex)?;
+            let mut dst = spawn_dest(a, Some(&net.dst), &format!("{}:0", net.dst_ip), &secret)?;
             let exe = std::env::current_exe()?;
             eprintln!(
                 "link: veth {} <-> {} in netns {} / {}, shaped to {rate} with tc tbf",
                 net.veth_src, net.veth_dst, net.src, net.dst
             );
-            let status = Command::new("ip")
-                .args(["netns", "exec", &net.src])
-                .arg(exe)
-                .args(a.source_argv(&dst.addr))
-                .env(SECRET_ENV, &secret_hex)
-                .stdin(Stdio::null())
-                .status()
-                .context("starting the source process in its namespace")?;
+            let mut src = Command::new("ip");
+            // source_argv carries --secret-file itself; a random secret goes in the environment.
+            src.args(["netns", "exec", &net.src]).arg(exe).args(a.source_argv(&dst.addr)).stdin(Stdio::null());
+            if let Some(h) = secret.env_value() {
+                src.env(SECRET_ENV, h);
+            }
+            let status = src.status().context("starting the source process in its namespace")?;
             let res =
                 if status.success() { Ok(()) } else { Err(anyhow::anyhow!("the source process failed: {status}")) };
             finish(res, &mut dst.child)
@@ -110,7 +110,7 @@ impl Drop for Dest {
     }
 }
 
-fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret_hex: &str) -> Result<Dest> {
+fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret: &ChildSecret) -> Result<Dest> {
     let exe = std::env::current_exe()?;
     let mut cmd = match netns {
         Some(ns) => {
@@ -125,13 +125,13 @@ fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret_hex: &s
         .args(["--after", &a.after.to_string(), "--io-timeout", &a.io_timeout.to_string()])
         // The source draws the only progress bar on the shared terminal.
         .arg("--no-progress")
-        .env(SECRET_ENV, secret_hex)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if a.json {
         cmd.arg("--json");
     }
+    secret.apply(&mut cmd);
     let mut child = cmd.spawn().context("starting the destination process")?;
     let out = child.stdout.take().context("destination stdout")?;
     let mut line = String::new();
@@ -142,13 +142,6 @@ fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret_hex: &s
         bail!("the destination did not report its address (got {line:?})");
     };
     Ok(Dest { child, addr })
-}
-
-fn random_hex() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 /// Two namespaces joined by a shaped veth pair; deleted on drop.
@@ -226,7 +219,7 @@ impl Drop for Netns {
     fn drop(&mut self) {
         for ns in self.created.drain(..) {
             if let Err(e) = ip(&["netns", "del", &ns]) {
-                eprintln!("warning: {e}");
+                tracing::warn!(error = %e, "cleaning up the network namespaces");
             }
         }
     }

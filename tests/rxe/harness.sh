@@ -42,7 +42,7 @@
 #                               default guest path: /harness/bin/<basename>
 #   RXE_HARNESS_SHARE=/dir      share a host dir read-only over virtio-9p at the same path
 #   RXE_HARNESS_ENV="VAR ..."   extra env var names to pass through (RUST_BACKTRACE,
-#                               RUST_LOG, RUST_TEST_THREADS, RUST_MIN_STACK always are)
+#                               LIVEMIG_LOG, RUST_LOG, RUST_TEST_THREADS, RUST_MIN_STACK always are)
 #   RXE_HARNESS_STRIP=0         1: strip debug info from the copied binary (smaller cpio)
 #   RXE_HARNESS_VERBOSE=0       1: echo the guest console (kernel + init log) to stderr
 #   RXE_HARNESS_KEEP=0          1: keep the per-run work dir (printed on stderr)
@@ -142,7 +142,7 @@ done
 q() { printf "'%s'" "$(printf '%s' "$1" | sed "s/'/'\\\\''/g")"; }
 {
   echo "export PATH=/harness/bin:/usr/sbin:/usr/bin:/sbin:/bin HOME=/root"
-  for v in RUST_BACKTRACE RUST_LOG RUST_TEST_THREADS RUST_MIN_STACK ${RXE_HARNESS_ENV:-}; do
+  for v in RUST_BACKTRACE LIVEMIG_LOG RUST_LOG RUST_TEST_THREADS RUST_MIN_STACK ${RXE_HARNESS_ENV:-}; do
     [[ -n ${!v+x} ]] && echo "export $v=$(q "${!v}")"
   done
 } > "$OV/harness/env"

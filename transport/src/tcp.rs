@@ -301,8 +301,8 @@ impl TcpTransport {
         }
         let mut streams = Vec::new();
         let mut threads = Vec::new();
-        // One span per connection; the stream threads log inside it (and inside the caller's
-        // span, e.g. a migration's).
+        // One span per connection (a child of the caller's span at connect/accept time); the
+        // stream threads log inside it.
         let conn_span = tracing::info_span!("tcp", peer = %peer, streams = n);
         for (i, s) in socks.into_iter().enumerate() {
             let rd = s.try_clone().map_err(io_err("cloning the socket"))?;

@@ -203,7 +203,7 @@ pub fn open_tracker(region: &Region) -> Result<Box<dyn DirtySource>, DirtyError>
     match UffdAsyncTracker::new(region) {
         Ok(t) => Ok(Box::new(t)),
         Err(DirtyError::Unsupported { mechanism, missing }) => {
-            tracing::info!(mechanism, %missing, "falling back to synchronous userfaultfd write-protect");
+            tracing::warn!(mechanism, %missing, "falling back to synchronous userfaultfd write-protect (slower)");
             Ok(Box::new(UffdSyncTracker::new(region)?))
         }
         Err(e) => Err(e),

@@ -135,11 +135,11 @@ impl UffdSyncTracker {
             if let Err(e) = h.stop.signal() {
                 // Cannot happen for an eventfd below its maximum; don't join a thread that
                 // would never wake.
-                tracing::error!(error = %e, "could not signal the write-fault handler; leaking it");
+                tracing::warn!(error = %e, "could not signal the write-fault handler; leaking it");
                 return;
             }
             if h.thread.join().is_err() {
-                tracing::error!("the write-fault handler thread panicked");
+                tracing::warn!("the write-fault handler thread panicked");
             }
         }
     }

@@ -276,7 +276,7 @@ impl IbrahimPolicy {
     }
 
     fn finish(&mut self, d: Decision) -> Decision {
-        tracing::debug!(policy = "ibrahim", decision = ?d, "pre-copy converged");
+        tracing::debug!(policy = "ibrahim", decision = ?d, "pre-copy ends");
         self.finished = Some(d);
         d
     }
@@ -309,7 +309,7 @@ impl ConvergencePolicy for IbrahimPolicy {
                 return self.finish(Decision::StopAndCopy(Reason::Timeout { elapsed: r.now, limit }));
             }
         }
-        tracing::trace!(policy = "ibrahim", window = ?self.send_window(), fit = ?self.last_fit);
+        tracing::debug!(policy = "ibrahim", window = ?self.send_window(), fit = ?self.last_fit);
         Decision::Continue { window: self.send_window() }
     }
 }

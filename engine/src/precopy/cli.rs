@@ -21,19 +21,8 @@ pub const SOURCE_REGION: u32 = 1;
 /// Exposed region id of the destination region.
 pub const DEST_REGION: u32 = 2;
 
-/// Parses sizes like `256M`, `4K`, `1G`, `4096`.
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    let t = s.trim_end_matches(['i', 'I', 'B', 'b']);
-    let (num, mul) = match t.chars().last() {
-        Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
-        Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
-        Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
-        _ => (t, 1),
-    };
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
-    n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
-}
+pub use crate::args::{parse_io_timeout, parse_size, transport_arg};
+use crate::args::{parse_secs, secs};
 
 /// The `--workload` choice.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -92,7 +81,7 @@ pub struct MigrateArgs {
     /// Region size.
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     pub size: u64,
-    /// Page size.
+    /// Page size: a power of two from 512 B to 2 MiB.
     #[arg(long, value_parser = parse_size, default_value = "4096")]
     pub page_size: u64,
     /// Working set written by the workload (default: half the region).
@@ -105,23 +94,25 @@ pub struct MigrateArgs {
     #[arg(long, default_value = "ibrahim")]
     pub policy: PolicyKind,
     /// Give up after this many seconds (kvm: abort, the source keeps running; ibrahim:
-    /// force stop-and-copy). 0 = no limit.
+    /// force stop-and-copy; xen ends by its own iteration cap instead). 0 = no limit.
     #[arg(long, default_value_t = 0)]
     pub max_time: u64,
     /// kvm downtime limit in ms.
     #[arg(long, default_value_t = 300)]
     pub downtime_ms: u64,
     /// Seconds of workload warm-up measured before migrating.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value_t = 2.0)]
     pub warmup: f64,
-    /// Seconds the destination measures the resumed workload.
-    #[arg(long, default_value_t = 2.0)]
+    /// Seconds the resumed workload's rate is measured: by the destination that --local
+    /// starts (a separate `receive` uses its own --after), or here after an in-doubt resume.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value_t = 2.0)]
     pub after: f64,
     /// Seconds without progress from the peer after which the transport declares the link
     /// dead (silent link cut, frozen host). Also passed to the destination that --local starts.
     #[arg(long, value_name = "SECS", value_parser = parse_io_timeout, default_value_t = default_io_timeout_secs())]
     pub io_timeout: f64,
-    /// Shared-secret file (else $LIVEMIG_SECRET; --local makes a random one).
+    /// Shared-secret file (else $LIVEMIG_SECRET; --local without it makes a random one and
+    /// hands it to the destination it starts).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
     /// Machine-readable summary on stdout (progress lines go to stderr).
@@ -144,11 +135,11 @@ pub struct ReceiveArgs {
     /// Size of the exposed region (must match the source's).
     #[arg(long, value_parser = parse_size, default_value = "256M")]
     pub size: u64,
-    /// Page size (must match the source's).
+    /// Page size (must match the source's; 512 B to 2 MiB).
     #[arg(long, value_parser = parse_size, default_value = "4096")]
     pub page_size: u64,
     /// Seconds to measure the resumed workload before reporting its rate.
-    #[arg(long, default_value_t = 2.0)]
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value_t = 2.0)]
     pub after: f64,
     /// Seconds without progress from the peer after which the transport declares the link
     /// dead (silent link cut, frozen host).
@@ -187,8 +178,16 @@ impl MigrateArgs {
     pub fn workload_params(&self) -> Result<Option<WorkloadParams>> {
         let Some(kind) = self.workload.kind() else { return Ok(None) };
         let pages = self.size / self.page_size;
-        let wss = self.wss.unwrap_or(self.size / 2) / self.page_size;
-        let wss = wss.clamp(1, pages.saturating_sub(1).max(1));
+        // Page 0 holds the workload's header; the working set is the pages after it.
+        let wss = match self.wss {
+            Some(w) if w < self.page_size || w / self.page_size > pages.saturating_sub(1) => bail!(
+                "--wss {w} must be between one page ({}) and the region minus one page ({})",
+                self.page_size,
+                self.size.saturating_sub(self.page_size)
+            ),
+            Some(w) => w / self.page_size,
+            None => (self.size / 2 / self.page_size).clamp(1, pages.saturating_sub(1).max(1)),
+        };
         Ok(Some(WorkloadParams {
             kind,
             working_set_pages: NonZeroU64::new(wss).context("--wss must be at least one page")?,
@@ -233,27 +232,9 @@ impl MigrateArgs {
     }
 }
 
-/// `--transport` value as text.
-pub fn transport_arg(c: TransportChoice) -> &'static str {
-    match c {
-        TransportChoice::Tcp => "tcp",
-        TransportChoice::Verbs => "verbs",
-        TransportChoice::Auto => "auto",
-    }
-}
-
 /// The transport's default `--io-timeout`, in seconds.
 pub fn default_io_timeout_secs() -> f64 {
     TcpConfig::default().io_timeout.as_secs_f64()
-}
-
-/// Parses `--io-timeout SECS`: a positive number of seconds (fractions allowed, at least 1 ms).
-pub fn parse_io_timeout(s: &str) -> Result<f64, String> {
-    let v: f64 = s.trim().parse().map_err(|_| format!("bad number of seconds {s:?}"))?;
-    match Duration::try_from_secs_f64(v) {
-        Ok(d) if d >= Duration::from_millis(1) && d <= Duration::from_secs(365 * 86400) => Ok(v),
-        _ => Err(format!("--io-timeout {s:?} must be between 0.001 and {} seconds", 365 * 86400)),
-    }
 }
 
 /// Transport settings for migration sessions: `io_timeout` bounds how long a silent peer is
@@ -264,15 +245,14 @@ pub fn transport_options(choice: TransportChoice, io_timeout: Duration) -> Trans
     TransportOptions { choice, io_timeout, tcp, verbs: Default::default() }
 }
 
+/// Largest `--page-size`: one page must fit one write (the coalescer's default write limit).
+pub const MAX_PAGE_SIZE: u64 = 2 << 20;
+
 fn page_size(p: u64) -> Result<u32> {
-    if !p.is_power_of_two() || p > (1 << 30) || (p as usize) < crate::workload::MIN_PAGE_SIZE {
-        bail!("--page-size {p} must be a power of two between 512 and 1 GiB");
+    if !p.is_power_of_two() || p > MAX_PAGE_SIZE || (p as usize) < crate::workload::MIN_PAGE_SIZE {
+        bail!("--page-size {p} must be a power of two between 512 B and 2 MiB");
     }
     Ok(p as u32)
-}
-
-fn secs(s: f64) -> Duration {
-    Duration::from_secs_f64(s.max(0.0))
 }
 
 /// Entry point of `livemig migrate`.
@@ -372,12 +352,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
 fn hold_in_doubt(e: source::SourceError, workload: Option<&mut Workload>, after: Duration) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let mut msg = e.to_string();
-    let mut cur = std::error::Error::source(&e);
-    while let Some(c) = cur {
-        msg += &format!(": {c}");
-        cur = c.source();
-    }
+    let msg = super::error_chain(&e);
     let Some(w) = workload else {
         bail!("{msg} (no workload: nothing to hold)");
     };

@@ -103,8 +103,8 @@ impl Transport for CutAt {
 /// other builds return `t` unchanged).
 pub fn from_env(t: Box<dyn Transport>) -> Box<dyn Transport> {
     if !super::FAULT_INJECTION {
-        if std::env::var_os("LIVEMIG_CUT_AT").is_some() {
-            eprintln!("LIVEMIG_CUT_AT ignored: this build has no fault injection");
+        if std::env::var_os("LIVEMIG_CUT_AT").is_some_and(|v| !v.is_empty()) {
+            tracing::warn!("LIVEMIG_CUT_AT ignored: this build has no fault injection");
         }
         return t;
     }

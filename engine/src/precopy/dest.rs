@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use livemig_transport::{Region, Transport, TransportError};
 
 use super::proto::{self, Msg};
-use super::{check_fit, hex, Mismatch, Phase};
+use super::{check_fit, error_chain, hex, Mismatch, Phase};
 use crate::workload::{Workload, WorkloadError};
 
 /// Destination-side settings.
@@ -145,6 +145,7 @@ pub fn receive(
         other => return Err(DestError::Unexpected { phase, got: other.name() }),
     };
     send(t, phase, &Msg::Accept)?;
+    tracing::info!(region_len = src_len, workload, "accepted the migration");
 
     let phase = Phase::Precopy;
     let pages = region.pages() as u64;
@@ -190,7 +191,10 @@ pub fn receive(
                     rep.zero_pages += r.pages as u64;
                 }
             }
-            Msg::Final { resume } => break resume,
+            Msg::Final { resume } => {
+                tracing::info!(iterations = rep.iterations, "stop-and-copy data complete; verifying");
+                break resume;
+            }
             other => return Err(DestError::Unexpected { phase, got: other.name() }),
         }
     };
@@ -276,21 +280,9 @@ pub fn receive(
     // The source closes with Done; a source that vanished now does not undo the migration.
     match t.recv_message(Some(cfg.reply_timeout)) {
         Ok(Some(m)) if matches!(proto::decode(&m), Ok(Msg::Done)) => {}
-        other => tracing::info!(?other, "source ended the session without Done"),
+        other => tracing::warn!(?other, "source ended the session without Done"),
     }
     Ok(rep)
-}
-
-/// `e` and its sources, joined with ": ".
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s += ": ";
-        s += &c.to_string();
-        cur = c.source();
-    }
-    s
 }
 
 fn recv(t: &mut dyn Transport, phase: Phase, timeout: Duration, expected: &'static str) -> Result<Msg, DestError> {

@@ -307,6 +307,18 @@ impl Summary {
     }
 }
 
+/// `e` and its sources, joined with ": " (for logs and reports).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s += ": ";
+        s += &c.to_string();
+        cur = c.source();
+    }
+    s
+}
+
 /// Hex of a checksum.
 pub fn hex(b: &[u8]) -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()

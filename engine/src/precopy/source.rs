@@ -180,6 +180,7 @@ pub fn migrate(
         other => return Err(unexpected(phase, "Accept", &other)),
     }
 
+    tracing::info!(pages, page_size = ps, "destination accepted; pre-copy starts");
     let mut tracker = open_tracker(region).map_err(SourceError::Dirty)?;
     let mut s = Sender {
         region: region.clone(),
@@ -237,6 +238,7 @@ pub fn migrate(
         }
         Ok(Decision::StopAndCopy(r)) => r,
         Ok(Decision::Abort(r)) => {
+            tracing::info!(reason = %r, "pre-copy aborted by the policy; the source keeps running");
             tracker.stop();
             let _ = t.send_message(&Msg::Abort { reason: format!("pre-copy did not converge: {r}") }.encode());
             let elapsed = start.elapsed();
@@ -567,7 +569,7 @@ fn stop_and_copy(
     if let Some(w) = workload.as_deref_mut() {
         if let Err(e) = w.stop() {
             // It is paused and stays so; the migration itself is complete.
-            tracing::warn!(error = %e, "stopping the paused source workload failed");
+            tracing::warn!(error = %super::error_chain(&e), "stopping the paused source workload failed");
         }
     }
     let phase = Phase::Resumed;
@@ -575,7 +577,7 @@ fn stop_and_copy(
         match recv(t, phase, "WorkloadRate", cfg.reply_timeout) {
             Ok(Msg::WorkloadRate { pages_per_sec, .. }) => summary.workload.after = Some(pages_per_sec as f64),
             Ok(other) => tracing::warn!(got = other.name(), "expected WorkloadRate"),
-            Err(e) => tracing::warn!(error = %e, "no workload rate from the destination"),
+            Err(e) => tracing::warn!(error = %super::error_chain(&e), "no workload rate from the destination"),
         }
     }
     let _ = t.send_message(&Msg::Done.encode());

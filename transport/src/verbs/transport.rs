@@ -738,7 +738,7 @@ impl VerbsTransport {
                         self.set_broken(Broken::DeviceEvent { event: ev.name(), reason });
                     }
                     Verdict::Ignore(note) => {
-                        tracing::info!(peer = %self.peer, event = ev.name(), "RDMA device event ignored: {note}");
+                        tracing::debug!(peer = %self.peer, event = ev.name(), "RDMA device event ignored: {note}");
                     }
                 },
                 Err(e) => {
