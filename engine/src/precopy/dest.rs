@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 use livemig_transport::{Region, Transport, TransportError};
 
 use super::proto::{self, Msg};
+use super::switchover::{DestNext, DestSwitchover};
 use super::{check_fit, error_chain, hex, Mismatch, Phase};
 use crate::workload::{Workload, WorkloadError};
 
@@ -199,9 +200,11 @@ pub fn receive(
         }
     };
 
-    // Switchover (see `source::stop_and_copy` for both sides): hash, compare, wait for Commit.
+    // Switchover (the pure `DestSwitchover` decides; see `switchover`): hash, compare, answer,
+    // resume only on Commit.
     let phase = Phase::StopAndCopy;
     let t0 = Instant::now();
+    let mut sw = DestSwitchover::new();
     let ours = std::thread::scope(|scope| -> Result<[u8; 32], DestError> {
         let (done_tx, done_rx) = std::sync::mpsc::channel();
         scope.spawn(move || {
@@ -219,23 +222,26 @@ pub fn receive(
             }
         }
     })?;
-    let theirs = match recv(t, phase, cfg.reply_timeout, "SourceChecksum")? {
-        Msg::SourceChecksum { checksum } => checksum,
-        other => return Err(DestError::Unexpected { phase, got: other.name() }),
-    };
-    let ok = ours == theirs;
-    send(t, phase, &Msg::Verified { ok, checksum: ours })?;
-    rep.verify_ms = t0.elapsed().as_secs_f64() * 1e3;
-    if !ok {
-        return Err(DestError::ChecksumMismatch { source_sum: hex(&theirs), dest_sum: hex(&ours) });
+    sw.hashed(ours);
+    let m = recv(t, phase, cfg.reply_timeout, sw.expected())?;
+    match sw.handle(&m) {
+        Ok(DestNext::Answer { ok }) => {
+            send(t, phase, &Msg::Verified { ok, checksum: ours })?;
+            rep.verify_ms = t0.elapsed().as_secs_f64() * 1e3;
+            if !ok {
+                let Msg::SourceChecksum { checksum: theirs } = m else { unreachable!("answered a SourceChecksum") };
+                return Err(DestError::ChecksumMismatch { source_sum: hex(&theirs), dest_sum: hex(&ours) });
+            }
+        }
+        _ => return Err(DestError::Unexpected { phase, got: m.name() }),
     }
     rep.checksum = hex(&ours);
-    match recv(t, phase, cfg.reply_timeout, "Commit") {
-        Ok(Msg::Commit) => {}
-        Ok(other) => return Err(DestError::Unexpected { phase, got: other.name() }),
+    let commit = match recv(t, phase, cfg.reply_timeout, sw.expected()) {
+        Ok(m) => sw.handle(&m).map_err(|_| DestError::Unexpected { phase, got: m.name() })?,
         Err(DestError::SourceAborted(r)) => return Err(DestError::SourceAborted(r)),
         Err(e) => return Err(DestError::NotCommitted(error_chain(&e))),
-    }
+    };
+    debug_assert!(commit == DestNext::Resume && sw.may_run());
     rep.bytes_received = t.stats().bytes_received;
     if resume && workload {
         let started = Workload::attach(region.clone()).and_then(|mut w| w.start().map(|()| w));

@@ -1,8 +1,11 @@
-//! The source side of the switchover as a pure state machine: which step the handover is at,
-//! what each message from the destination means there, and — the decision that keeps the
-//! workload from running twice — what becomes of the paused source copy when the session
-//! fails. No I/O: [`source`](super::source) feeds it messages and failures and carries out
-//! what it answers.
+//! Both sides of the switchover as pure state machines: which step the handover is at, what
+//! each message means there, and — the decisions that keep the workload from running twice —
+//! what becomes of the paused source copy when the session fails ([`SourceSwitchover`]), and
+//! that the destination resumes only on `Commit` after a matching checksum
+//! ([`DestSwitchover`]). No I/O: the drivers ([`source`](super::source),
+//! [`dest`](super::dest)) feed them messages and carry out what they answer.
+//!
+//! Source:
 //!
 //! ```text
 //!  Transferring ──checksum_sent──▶ AwaitingVerdict ──Verified ok──▶ Committed ──Resumed──▶ HandedOver
@@ -13,6 +16,15 @@
 //!  failure in Committed, destination said Abort   → ResumeHere   (it said it does not run)
 //!  failure in Committed, anything else            → HoldInDoubt  (it may run: never resume)
 //!  failure in HandedOver                          → StayStopped  (it runs)
+//! ```
+//!
+//! Destination (after `Final`):
+//!
+//! ```text
+//!  Hashing ──hashed──▶ AwaitingSourceChecksum ──SourceChecksum──▶ answer Verified{ok}
+//!                        ok:  ──▶ AwaitingCommit ──Commit──▶ Running (resume the workload)
+//!                        not: ──▶ Refused (never runs)
+//!  any failure before Running: the workload is not resumed here
 //! ```
 
 use super::proto::Msg;
@@ -145,6 +157,104 @@ impl SourceSwitchover {
     }
 }
 
+/// Where the destination's side of the handover is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DestStep {
+    /// `Final` arrived: hashing our region.
+    Hashing,
+    /// Our checksum is known; waiting for the source's.
+    AwaitingSourceChecksum,
+    /// The checksums matched and `Verified{ok}` is (being) sent; waiting for `Commit`.
+    AwaitingCommit,
+    /// `Commit` arrived: the workload may run here.
+    Running,
+    /// The checksums differed: this copy never runs.
+    Refused,
+}
+
+/// What the destination driver does next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum DestNext {
+    /// Send `Verified { ok, our checksum }` (and with `ok == false`, fail: never resume).
+    Answer {
+        /// The checksums match.
+        ok: bool,
+    },
+    /// `Commit` arrived: resume the workload, then send `Resumed`.
+    Resume,
+}
+
+/// The destination's switchover state machine.
+#[derive(Debug, Clone)]
+pub struct DestSwitchover {
+    step: DestStep,
+    ours: [u8; 32],
+}
+
+impl Default for DestSwitchover {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl DestSwitchover {
+    /// `Final` arrived: the region is complete and is being hashed.
+    pub fn new() -> Self {
+        DestSwitchover { step: DestStep::Hashing, ours: [0; 32] }
+    }
+
+    /// The current step.
+    pub fn step(&self) -> DestStep {
+        self.step
+    }
+
+    /// Our checksum.
+    pub fn ours(&self) -> [u8; 32] {
+        self.ours
+    }
+
+    /// What the step waits for, for error messages.
+    pub fn expected(&self) -> &'static str {
+        match self.step {
+            DestStep::Hashing => "nothing (still hashing)",
+            DestStep::AwaitingSourceChecksum => "SourceChecksum",
+            DestStep::AwaitingCommit => "Commit",
+            DestStep::Running | DestStep::Refused => "Done",
+        }
+    }
+
+    /// Our region's checksum is `ours`.
+    pub fn hashed(&mut self, ours: [u8; 32]) {
+        if self.step == DestStep::Hashing {
+            self.ours = ours;
+            self.step = DestStep::AwaitingSourceChecksum;
+        }
+    }
+
+    /// A message from the source (an `Abort` is a failure: nothing is resumed).
+    pub fn handle(&mut self, m: &Msg) -> Result<DestNext, Violation> {
+        match (self.step, m) {
+            (DestStep::AwaitingSourceChecksum, Msg::SourceChecksum { checksum }) => {
+                let ok = *checksum == self.ours;
+                self.step = if ok { DestStep::AwaitingCommit } else { DestStep::Refused };
+                Ok(DestNext::Answer { ok })
+            }
+            (DestStep::AwaitingCommit, Msg::Commit) => {
+                self.step = DestStep::Running;
+                Ok(DestNext::Resume)
+            }
+            _ => Err(Violation::Unexpected { expected: self.expected(), got: m.name() }),
+        }
+    }
+
+    /// Whether the workload may run here (only after `Commit`).
+    pub fn may_run(&self) -> bool {
+        self.step == DestStep::Running
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -253,5 +363,98 @@ mod tests {
         let mut s = at(Step::Committed);
         s.checksum_sent();
         assert_eq!(s.step(), Step::Committed);
+    }
+}
+
+#[cfg(test)]
+mod dest_tests {
+    use super::*;
+
+    const OURS: [u8; 32] = [7; 32];
+
+    fn every_message() -> Vec<Msg> {
+        vec![
+            Msg::Begin { region_len: 1, page_size: 4096, workload: true },
+            Msg::Accept,
+            Msg::Zero { runs: vec![] },
+            Msg::IterationDone { iter: 1, pages: 1, dirty: 1 },
+            Msg::Final { resume: true },
+            Msg::SourceChecksum { checksum: OURS },
+            Msg::SourceChecksum { checksum: [8; 32] },
+            Msg::Verified { ok: true, checksum: OURS },
+            Msg::Commit,
+            Msg::Alive,
+            Msg::Resumed,
+            Msg::Done,
+            Msg::Abort { reason: "x".into() },
+        ]
+    }
+
+    fn at(step: DestStep) -> DestSwitchover {
+        let mut d = DestSwitchover::new();
+        match step {
+            DestStep::Hashing => return d,
+            _ => d.hashed(OURS),
+        }
+        match step {
+            DestStep::AwaitingSourceChecksum => d,
+            DestStep::Refused => {
+                assert_eq!(d.handle(&Msg::SourceChecksum { checksum: [8; 32] }), Ok(DestNext::Answer { ok: false }));
+                d
+            }
+            _ => {
+                assert_eq!(d.handle(&Msg::SourceChecksum { checksum: OURS }), Ok(DestNext::Answer { ok: true }));
+                if step == DestStep::Running {
+                    assert_eq!(d.handle(&Msg::Commit), Ok(DestNext::Resume));
+                }
+                d
+            }
+        }
+    }
+
+    #[test]
+    fn the_happy_path_resumes_only_on_commit() {
+        let mut d = DestSwitchover::new();
+        assert!(!d.may_run());
+        d.hashed(OURS);
+        assert_eq!(d.ours(), OURS);
+        assert_eq!(d.handle(&Msg::SourceChecksum { checksum: OURS }), Ok(DestNext::Answer { ok: true }));
+        assert!(!d.may_run(), "a matching checksum alone does not hand over");
+        assert_eq!(d.handle(&Msg::Commit), Ok(DestNext::Resume));
+        assert!(d.may_run());
+    }
+
+    /// Every message in every step: `Resume` comes only from `Commit` after a matching
+    /// checksum, and a refused copy never runs.
+    #[test]
+    fn every_message_in_every_step() {
+        let steps = [
+            DestStep::Hashing,
+            DestStep::AwaitingSourceChecksum,
+            DestStep::AwaitingCommit,
+            DestStep::Running,
+            DestStep::Refused,
+        ];
+        for step in steps {
+            for m in every_message() {
+                let mut d = at(step);
+                let r = d.handle(&m);
+                match (step, &m) {
+                    (DestStep::AwaitingSourceChecksum, Msg::SourceChecksum { checksum }) => {
+                        assert_eq!(r, Ok(DestNext::Answer { ok: *checksum == OURS }));
+                        assert!(!d.may_run());
+                    }
+                    (DestStep::AwaitingCommit, Msg::Commit) => {
+                        assert_eq!(r, Ok(DestNext::Resume));
+                        assert!(d.may_run());
+                    }
+                    _ => {
+                        assert!(matches!(r, Err(Violation::Unexpected { .. })), "{step:?} {m:?}: {r:?}");
+                        assert_eq!(d.step(), step, "{step:?} {m:?} moved the state");
+                        assert_eq!(d.may_run(), step == DestStep::Running);
+                    }
+                }
+            }
+        }
     }
 }
