@@ -100,6 +100,13 @@ pub struct BenchArgs {
     /// Socket buffer bytes (default: kernel autotuning).
     #[arg(long, value_parser = parse_size)]
     pub sock_buf: Option<u64>,
+    /// TCP: send payloads with writev (the kernel copies them) instead of zero-copy splice.
+    #[arg(long)]
+    pub tcp_copy: bool,
+    /// TCP receiver: wake the reader once this many payload bytes arrived (SO_RCVLOWAT while
+    /// reading a WRITE payload); 0 = on every arrival.
+    #[arg(long, value_parser = parse_size, default_value = "256K")]
+    pub rcv_lowat: u64,
     /// Shared-secret file (else $LIVEMIG_SECRET; --loopback makes a random one).
     #[arg(long)]
     pub secret_file: Option<std::path::PathBuf>,
@@ -263,6 +270,8 @@ fn options(a: &BenchArgs) -> Result<TransportOptions> {
         socket_buffer: a.sock_buf.map(|b| b as usize),
         // A work request travels as one WRITE frame: let it be as large as --max-write.
         max_frame_bytes: (a.max_write as u32).max(TcpConfig::default().max_frame_bytes),
+        zero_copy: !a.tcp_copy,
+        rcv_lowat: u32::try_from(a.rcv_lowat).context("--rcv-lowat must be below 4 GiB")?,
         ..Default::default()
     };
     let verbs = livemig_engine::connect::VerbsOptions {
@@ -359,6 +368,7 @@ fn spawn_listener(
     cmd.args(["bench", kind.name, "--listen", "127.0.0.1:0", "--size", &size.to_string()])
         .args(["--page-size", &ps.to_string(), "--transport", transport_arg(a.transport)])
         .args(["--streams", &a.streams.to_string(), "--window", &a.window.to_string()])
+        .args(["--rcv-lowat", &a.rcv_lowat.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if let Some(b) = a.sock_buf {

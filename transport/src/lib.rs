@@ -203,6 +203,10 @@ pub trait Transport: Send {
 
     /// Posts write work requests in order. Returns the id of the last one (ids increase by
     /// one per request from 1). Blocks for back-pressure while the window is full.
+    ///
+    /// As with an RDMA WRITE, the source bytes may be read at any time until the request
+    /// completes (verbs: when the NIC fetches them; TCP with zero copy: when the socket sends
+    /// them). A source modified before completion may be sent old, new or mixed.
     fn post_writes(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError>;
 
     /// Sends a small control message, ordered after all writes posted before it.

@@ -7,7 +7,9 @@ use std::time::Duration;
 use livemig_transport::auth::{self, HandshakeParams, Secret};
 use livemig_transport::conformance as conf;
 use livemig_transport::wire::{self, Frame, Role, WriteEntry, WriteFrame};
-use livemig_transport::{RegionTable, TcpConfig, TcpListener, TcpTransport, Transport, TransportError};
+use livemig_transport::{
+    RegionTable, Segment, TcpConfig, TcpListener, TcpTransport, Transport, TransportError, WriteRequest,
+};
 
 fn secret() -> Secret {
     Secret::new("conformance-secret").unwrap()
@@ -18,15 +20,24 @@ fn cfg(streams: u8) -> TcpConfig {
 }
 
 fn pair(streams: u8) -> impl Fn(&RegionTable, &RegionTable) -> (Box<dyn Transport>, Box<dyn Transport>) {
+    pair_with(cfg(streams))
+}
+
+fn pair_with(c: TcpConfig) -> impl Fn(&RegionTable, &RegionTable) -> (Box<dyn Transport>, Box<dyn Transport>) {
     move |src, dst| {
         let l = TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let dst = dst.clone();
-        let c = cfg(streams);
-        let t = std::thread::spawn(move || l.accept(&c, &secret(), &dst).unwrap());
-        let a = TcpTransport::connect(addr, &cfg(streams), &secret(), src).unwrap();
+        let ca = c.clone();
+        let t = std::thread::spawn(move || l.accept(&ca, &secret(), &dst).unwrap());
+        let a = TcpTransport::connect(addr, &c, &secret(), src).unwrap();
         (Box::new(a) as Box<dyn Transport>, Box::new(t.join().unwrap()) as Box<dyn Transport>)
     }
+}
+
+/// The copying send path (writev) and the kernel's default wake-ups.
+fn copy_cfg(streams: u8) -> TcpConfig {
+    TcpConfig { zero_copy: false, rcv_lowat: 0, ..cfg(streams) }
 }
 
 #[test]
@@ -43,6 +54,114 @@ fn conformance_transfer_parallel_streams() {
 fn conformance_window() {
     conf::window_back_pressure(&pair(1));
     conf::window_back_pressure(&pair(2));
+}
+
+#[test]
+fn conformance_copy_path() {
+    conf::transfer_random_pages(&pair_with(copy_cfg(1)), 16 << 20);
+    conf::transfer_random_pages(&pair_with(copy_cfg(2)), 16 << 20);
+    conf::window_back_pressure(&pair_with(copy_cfg(1)));
+}
+
+/// Zero-copy sends of requests whose segments are not page-aligned, of odd lengths, several
+/// per request, around the zero-copy threshold; the receiver's low-water mark far above
+/// every frame. Everything lands, and a message after them arrives.
+#[test]
+fn unaligned_segments_and_small_frames_with_a_large_low_water_mark() {
+    let r = conf::regions(4 << 20);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut bytes = vec![0u8; 4 << 20];
+    for b in bytes.iter_mut() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        *b = x as u8;
+    }
+    r.src.write_at(0, &bytes);
+    let c = TcpConfig { rcv_lowat: 8 << 20, ..cfg(1) };
+    let (mut a, mut b) = pair_with(c)(&r.src_table, &r.dst_table);
+    // (remote offset, segments as (local offset, len)); each request alone is one frame.
+    let reqs: Vec<(u64, Vec<Segment>)> = vec![
+        (1, vec![Segment { offset: 3, len: 5000 }]),
+        (10_000, vec![Segment { offset: 4095, len: 16 << 10 }]),
+        (40_000, vec![Segment { offset: 123_457, len: (16 << 10) - 1 }]),
+        (
+            100_001,
+            vec![
+                Segment { offset: 777, len: 4097 },
+                Segment { offset: 1 << 20, len: 1 },
+                Segment { offset: (2 << 20) + 5, len: 300_000 },
+            ],
+        ),
+        (1 << 20, vec![Segment { offset: 9, len: 3 << 20 }]),
+    ];
+    for (remote_offset, segs) in &reqs {
+        let w = WriteRequest { local: 1, segments: segs, remote: 2, remote_offset: *remote_offset };
+        a.post_writes(&[w]).unwrap();
+        a.flush().unwrap();
+    }
+    a.send_message(b"done").unwrap();
+    assert_eq!(b.recv_message(Some(Duration::from_secs(20))).unwrap().unwrap(), b"done");
+    let mut want = vec![0u8; 4 << 20];
+    for (remote_offset, segs) in &reqs {
+        let mut at = *remote_offset as usize;
+        for s in segs {
+            let (o, l) = (s.offset as usize, s.len as usize);
+            want[at..at + l].copy_from_slice(&bytes[o..o + l]);
+            at += l;
+        }
+    }
+    // SAFETY: all writes are placed (the message is ordered after them) and the peer is idle.
+    let got = unsafe { r.dst.as_slice() };
+    assert!(got == &want[..], "destination differs");
+}
+
+/// A peer that trickles a WRITE payload in small pieces, then sends a message: the receiver
+/// must place the payload — the kernel may never wake a reader waiting for its low-water
+/// mark here (the receive window closes first), so that wait is bounded —, acknowledge it and
+/// then deliver the message (the mark is back to 1 for the next header).
+#[test]
+fn trickled_payload_under_a_large_low_water_mark() {
+    let r = conf::regions(4 << 20);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = r.dst_table.clone();
+    let t = std::thread::spawn(move || {
+        let c = TcpConfig { rcv_lowat: 1 << 20, ..cfg(1) };
+        let mut tr = l.accept(&c, &secret(), &dst).unwrap();
+        let m = tr.recv_message(Some(Duration::from_secs(20)));
+        (tr, m)
+    });
+    let mut s = TcpStream::connect(addr).unwrap();
+    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, session: 1, exposed: vec![] };
+    auth::handshake(&mut s, &secret(), &p).unwrap();
+    s.set_nodelay(true).unwrap();
+    let entries = vec![
+        WriteEntry { region: 2, len: 2_000_000, offset: 4096 },
+        WriteEntry { region: 2, len: 500_003, offset: 3_000_000 },
+    ];
+    let payload: Vec<u8> = (0..2_500_003u32).map(|i| (i % 251) as u8 + 1).collect();
+    s.write_all(&Frame::Write(WriteFrame { wr_first: 1, signaled: true, entries }).encode()).unwrap();
+    // (Without the bound on the wait this stalls on Linux 6.x: the receiver waits for 1 MiB,
+    // the window closes before that, the kernel never wakes it.)
+    for piece in payload.chunks(64 << 10) {
+        s.write_all(piece).unwrap();
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // the acknowledgement comes before anything else is sent
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut ack = [0u8; wire::HEADER_LEN + 8];
+    s.read_exact(&mut ack).unwrap();
+    assert_eq!(Frame::decode(&ack).unwrap().0, Frame::Ack(2));
+    s.write_all(&Frame::Msg(b"after".to_vec()).encode()).unwrap();
+    let (tr, m) = t.join().unwrap();
+    assert_eq!(m.unwrap().unwrap(), b"after");
+    drop(tr);
+    // SAFETY: the connection is closed; nothing writes the region any more.
+    let d = unsafe { r.dst.as_slice() };
+    assert!(d[4096..4096 + 2_000_000] == payload[..2_000_000]);
+    assert!(d[3_000_000..3_000_000 + 500_003] == payload[2_000_000..]);
+    assert!(d[..4096].iter().all(|&b| b == 0));
 }
 
 #[test]
