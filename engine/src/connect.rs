@@ -150,25 +150,15 @@ pub fn connect(
     regions: &RegionTable,
 ) -> Result<Box<dyn Transport>, TransportError> {
     let _span = tracing::info_span!("connect", peer = addr, transport = %kind).entered();
-    let t = connect_inner(kind, addr, opts, secret, regions)?;
-    tracing::info!(peer_regions = t.peer_regions().len(), "connected and authenticated");
-    Ok(t)
-}
-
-fn connect_inner(
-    kind: TransportKind,
-    addr: &str,
-    opts: &TransportOptions,
-    secret: &Secret,
-    regions: &RegionTable,
-) -> Result<Box<dyn Transport>, TransportError> {
-    match kind {
-        TransportKind::Tcp => Ok(Box::new(TcpTransport::connect(addr, &opts.tcp, secret, regions)?)),
+    let t: Box<dyn Transport> = match kind {
+        TransportKind::Tcp => Box::new(TcpTransport::connect(addr, &opts.tcp, secret, regions)?),
         #[cfg(feature = "verbs")]
         TransportKind::Verbs => {
-            Ok(Box::new(livemig_transport::verbs::VerbsTransport::connect(addr, &verbs_config(opts), secret, regions)?))
+            Box::new(livemig_transport::verbs::VerbsTransport::connect(addr, &verbs_config(opts), secret, regions)?)
         }
         #[cfg(not(feature = "verbs"))]
-        TransportKind::Verbs => Err(TransportError::Device("this build has no verbs support".into())),
-    }
+        TransportKind::Verbs => return Err(TransportError::Device("this build has no verbs support".into())),
+    };
+    tracing::info!(peer_regions = t.peer_regions().len(), "connected and authenticated");
+    Ok(t)
 }

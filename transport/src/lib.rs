@@ -18,6 +18,7 @@ pub mod auth;
 pub mod bitmap;
 pub mod coalesce;
 pub mod conformance;
+mod oob;
 pub mod region;
 pub mod tcp;
 #[cfg(feature = "verbs")]

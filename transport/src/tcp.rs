@@ -27,6 +27,7 @@
 //! reader wakes the acknowledgers through their own condition variable, so placing data does
 //! not wake threads that wait for messages or acknowledgements.
 
+use crate::oob::{io_err, BoundListener};
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -87,10 +88,6 @@ impl Default for TcpConfig {
             rcv_lowat: default_rcv_lowat(),
         }
     }
-}
-
-fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
-    move |source| TransportError::Io { op, source }
 }
 
 /// Why the connection ended, as seen by a reader thread.
@@ -207,7 +204,7 @@ pub struct TcpTransport {
 /// Accepts livemig TCP sessions.
 #[derive(Debug)]
 pub struct TcpListener {
-    inner: std::net::TcpListener,
+    inner: BoundListener,
 }
 
 fn tune(s: &TcpStream, cfg: &TcpConfig) -> Result<(), TransportError> {
@@ -250,13 +247,12 @@ fn tune(s: &TcpStream, cfg: &TcpConfig) -> Result<(), TransportError> {
 impl TcpListener {
     /// Binds a listening socket.
     pub fn bind(addr: impl ToSocketAddrs) -> Result<Self, TransportError> {
-        let inner = std::net::TcpListener::bind(addr).map_err(io_err("binding the listening socket"))?;
-        Ok(TcpListener { inner })
+        Ok(TcpListener { inner: BoundListener::bind(addr)? })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.inner.local_addr().map_err(io_err("reading the local address"))
+        self.inner.local_addr()
     }
 
     /// Accepts one session (all of its parallel streams), authenticating each connection.
@@ -272,7 +268,7 @@ impl TcpListener {
         let mut peer_regions = Vec::new();
         let mut peer = String::new();
         loop {
-            let (mut s, addr) = self.inner.accept().map_err(io_err("accepting a connection"))?;
+            let (mut s, addr) = self.inner.accept()?;
             tune(&s, cfg)?;
             s.set_read_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the read timeout"))?;
             let params =

@@ -1,6 +1,7 @@
 //! [`VerbsTransport`]: the [`Transport`] implementation on one RC queue pair, and
 //! [`VerbsListener`] for the accepting side. See the module doc of [`super`] for the design.
 
+use crate::oob::{io_err, BoundListener};
 use std::collections::VecDeque;
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
 use std::os::fd::AsRawFd;
@@ -40,10 +41,6 @@ const MAX_SLEEP: Duration = Duration::from_millis(50);
 const DEVICE_GRACE: Duration = Duration::from_millis(250);
 /// Bound on the drain of outstanding sends in `Drop`.
 const DROP_DRAIN: Duration = Duration::from_secs(5);
-
-fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
-    move |source| TransportError::Io { op, source }
-}
 
 fn verbs_err(e: VerbsError) -> TransportError {
     match e {
@@ -196,19 +193,18 @@ struct PeerInfo {
 /// Accepts verbs connections (the out-of-band TCP listener).
 #[derive(Debug)]
 pub struct VerbsListener {
-    inner: std::net::TcpListener,
+    inner: BoundListener,
 }
 
 impl VerbsListener {
     /// Binds the out-of-band listening socket.
     pub fn bind(addr: impl ToSocketAddrs) -> Result<Self, TransportError> {
-        let inner = std::net::TcpListener::bind(addr).map_err(io_err("binding the listening socket"))?;
-        Ok(VerbsListener { inner })
+        Ok(VerbsListener { inner: BoundListener::bind(addr)? })
     }
 
     /// The bound address.
     pub fn local_addr(&self) -> Result<SocketAddr, TransportError> {
-        self.inner.local_addr().map_err(io_err("reading the local address"))
+        self.inner.local_addr()
     }
 
     /// Accepts one connection: authenticates it, exposes the remote-writable regions of
@@ -219,7 +215,7 @@ impl VerbsListener {
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<VerbsTransport, TransportError> {
-        let (s, addr) = self.inner.accept().map_err(io_err("accepting a connection"))?;
+        let (s, addr) = self.inner.accept()?;
         VerbsTransport::establish(s, addr.to_string(), Role::Acceptor, cfg, secret, regions)
     }
 }
