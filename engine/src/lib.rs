@@ -13,6 +13,8 @@
 pub mod args;
 pub mod connect;
 pub mod dirty;
+pub mod guest;
+pub mod integrity;
 pub mod local;
 pub mod policy;
 pub mod precopy;

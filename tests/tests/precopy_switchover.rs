@@ -13,8 +13,8 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
+use livemig_engine::integrity::region_digest;
 use livemig_engine::policy::{KvmConfig, PolicyConfig};
-use livemig_engine::precopy::checksum::region_checksum;
 use livemig_engine::precopy::cut::CutAt;
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{migrate, receive, DestConfig, DestError, DestReport, SourceConfig, SourceError};
@@ -94,9 +94,9 @@ fn running(w: &Workload) -> bool {
 
 /// Both copies still hold the workload's memory as of the pause (nothing ran since).
 fn copies_identical(r: &Run) {
-    // SAFETY: the source workload is paused (checked by the caller), the destination's was
-    // never started, and both transports are closed.
-    let (a, b) = unsafe { (region_checksum(&r.region, LEN), region_checksum(&r.dest_region, LEN)) };
+    // The source workload is paused (checked by the caller), the destination's was never
+    // started, and both transports are closed.
+    let (a, b) = (region_digest(&r.region, LEN), region_digest(&r.dest_region, LEN));
     assert_eq!(a, b, "the two copies differ");
 }
 
@@ -163,10 +163,10 @@ fn garbage_instead_of_commit_is_refused_and_nothing_runs_at_the_destination() {
     let send = |t: &mut Box<dyn Transport>, m: Msg| t.send_message(&m.encode()).unwrap();
     send(&mut t, Msg::Begin { region_len: LEN, page_size: 4096, workload: false });
     assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
-    send(&mut t, Msg::Zero { runs: vec![proto::ZeroRun { first: 0, pages: (LEN / 4096) as u32 }] });
+    // Every page "placed" (both regions are fresh and zero): the destination hashes them all.
+    send(&mut t, Msg::Placed { runs: vec![proto::PageRun { first: 0, pages: (LEN / 4096) as u32 }] });
     send(&mut t, Msg::Final { resume: false });
-    // SAFETY: nothing writes this fresh region.
-    let sum = unsafe { region_checksum(&region, LEN) };
+    let sum = region_digest(&region, LEN).to_bytes();
     send(&mut t, Msg::SourceChecksum { checksum: sum });
     let (alive, v) = skip_alive(&mut t);
     assert!(alive > 0, "the destination hashes 16 MiB and sends Alive every 1 ms meanwhile");

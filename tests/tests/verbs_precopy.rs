@@ -15,11 +15,11 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use livemig_engine::connect::TransportChoice;
+use livemig_engine::integrity::region_digest;
 use livemig_engine::policy::{IbrahimConfig, KvmConfig, PolicyConfig};
-use livemig_engine::precopy::checksum::checksum_bytes;
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{
-    hex, migrate, receive, DestConfig, DestError, DestReport, Mismatch, Outcome, SourceConfig, SourceError,
+    migrate, receive, DestConfig, DestError, DestReport, Mismatch, Outcome, SourceConfig, SourceError,
 };
 use livemig_engine::workload::{RunState, Workload, WorkloadKind};
 use livemig_tests::{error_chain, makes_progress, registered_region, workload_params, Conn, Registered, Source};
@@ -146,8 +146,8 @@ fn verbs_precopy_random_writer_migrates_and_resumes_at_the_destination() {
 
     // Both ends verified the same checksum, and it is the source memory's.
     assert_eq!(s.workload.state(), RunState::Idle, "the source workload must stop after the switchover");
-    // SAFETY: the source workload is stopped and the transport idle (migration completed).
-    let src_sum = hex(&checksum_bytes(unsafe { s.region.as_slice() }));
+    // The source workload is stopped and the transport idle (migration completed).
+    let src_sum = region_digest(&s.region, s.region.len()).hex();
     assert_eq!(summary.checksum.as_deref(), Some(src_sum.as_str()));
     assert_eq!(rep.checksum, src_sum);
 

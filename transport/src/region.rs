@@ -56,6 +56,31 @@ pub enum Backing {
     Memfd,
     /// A regular file, mapped shared.
     File,
+    /// Memory the embedder mapped and owns ([`Region::from_raw`]).
+    Foreign,
+}
+
+/// The memory behind a region.
+enum Mapping {
+    /// A mapping this region made and unmaps on drop.
+    Map(MmapRaw),
+    /// Memory someone else owns (see [`Region::from_raw`]).
+    Raw { ptr: std::ptr::NonNull<u8>, len: usize },
+}
+
+impl Mapping {
+    fn ptr(&self) -> *mut u8 {
+        match self {
+            Mapping::Map(m) => m.as_mut_ptr(),
+            Mapping::Raw { ptr, .. } => ptr.as_ptr(),
+        }
+    }
+    fn len(&self) -> usize {
+        match self {
+            Mapping::Map(m) => m.len(),
+            Mapping::Raw { len, .. } => *len,
+        }
+    }
 }
 
 /// Errors creating or registering regions.
@@ -89,7 +114,7 @@ pub enum RegionError {
 /// A mapped memory region.
 pub struct Region {
     id: RegionId,
-    map: MmapRaw,
+    map: Mapping,
     access: Access,
     backing: Backing,
     page_size: u32,
@@ -100,7 +125,7 @@ impl std::fmt::Debug for Region {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Region")
             .field("id", &self.id)
-            .field("addr", &self.map.as_ptr())
+            .field("addr", &self.map.ptr())
             .field("len", &self.map.len())
             .field("access", &self.access)
             .field("backing", &self.backing)
@@ -124,7 +149,8 @@ impl Region {
             backing: Backing::Anonymous,
             source,
         })?;
-        Ok(Region { id, map: MmapRaw::from(map), access, backing: Backing::Anonymous, page_size, _file: None })
+        let map = Mapping::Map(MmapRaw::from(map));
+        Ok(Region { id, map, access, backing: Backing::Anonymous, page_size, _file: None })
     }
 
     /// A memfd of `len` bytes mapped shared.
@@ -139,8 +165,60 @@ impl Region {
         // SAFETY: `fd` was just returned by memfd_create and is owned by nobody else.
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len).map_err(err)?;
-        let map = MmapOptions::new().len(len as usize).map_raw(&file).map_err(err)?;
+        let map = Mapping::Map(MmapOptions::new().len(len as usize).map_raw(&file).map_err(err)?);
         Ok(Region { id, map, access, backing: Backing::Memfd, page_size, _file: Some(file) })
+    }
+
+    /// The first `len` bytes of a memfd someone else created (an embedder sharing its guest
+    /// memory), mapped shared. The memfd must already be at least `len` bytes long; it is
+    /// never resized.
+    pub fn from_memfd(
+        id: RegionId,
+        memfd: File,
+        len: u64,
+        page_size: u32,
+        access: Access,
+    ) -> Result<Self, RegionError> {
+        Self::check_len(len, page_size)?;
+        let err = |source| RegionError::Map { len, backing: Backing::Memfd, source };
+        let cur = memfd.metadata().map_err(err)?.len();
+        if cur < len {
+            return Err(err(std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("the memfd holds {cur} bytes, fewer than {len}"),
+            )));
+        }
+        let map = Mapping::Map(MmapOptions::new().len(len as usize).map_raw(&memfd).map_err(err)?);
+        Ok(Region { id, map, access, backing: Backing::Memfd, page_size, _file: Some(memfd) })
+    }
+
+    /// Memory the caller mapped and owns, e.g. a VMM's guest RAM.
+    ///
+    /// # Safety
+    /// - `[ptr, ptr + len)` must be a single mapping, readable (and writable if the region is
+    ///   exposed for remote writes), and stay mapped until the region and every clone of its
+    ///   `Arc` are dropped (including the transport's registration).
+    /// - The memory may be written concurrently by others (the guest, devices): the region
+    ///   only accesses it through volatile copies and hands raw pointers to the transport,
+    ///   but anything the caller reads through references of its own must tolerate that.
+    ///
+    /// Zero pages of such memory are found by reading them (its backing is unknown, so
+    /// page-presence information is not trusted), and zeroing writes every byte.
+    pub unsafe fn from_raw(
+        id: RegionId,
+        ptr: *mut u8,
+        len: u64,
+        page_size: u32,
+        access: Access,
+    ) -> Result<Self, RegionError> {
+        Self::check_len(len, page_size)?;
+        let ptr = std::ptr::NonNull::new(ptr).ok_or(RegionError::Map {
+            len,
+            backing: Backing::Foreign,
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "null pointer"),
+        })?;
+        let map = Mapping::Raw { ptr, len: len as usize };
+        Ok(Region { id, map, access, backing: Backing::Foreign, page_size, _file: None })
     }
 
     /// A regular file mapped shared; the file is extended to `len` if shorter.
@@ -151,7 +229,7 @@ impl Region {
         if cur < len {
             file.set_len(len).map_err(err)?;
         }
-        let map = MmapOptions::new().len(len as usize).map_raw(&file).map_err(err)?;
+        let map = Mapping::Map(MmapOptions::new().len(len as usize).map_raw(&file).map_err(err)?);
         Ok(Region { id, map, access, backing: Backing::File, page_size, _file: Some(file) })
     }
 
@@ -185,7 +263,7 @@ impl Region {
     }
     /// Base address.
     pub fn as_ptr(&self) -> *mut u8 {
-        self.map.as_mut_ptr()
+        self.map.ptr()
     }
     /// File descriptor of a memfd/file backing.
     pub fn fd(&self) -> Option<i32> {
@@ -219,34 +297,253 @@ impl Region {
     }
 
     /// Copies `src` into the region at `offset` after a bounds check.
+    ///
+    /// The copy uses volatile stores: the region is shared with writers the compiler cannot
+    /// see (a guest, the transport's receive path, a NIC, another process), so it must not
+    /// assume the bytes are unchanged or elide the accesses.
     pub fn write_at(&self, offset: u64, src: &[u8]) -> bool {
         if !self.contains(offset, src.len() as u64) {
             return false;
         }
-        // SAFETY: bounds checked above; the region is raw shared memory (see module doc), and
-        // `src` cannot overlap it because callers hold it as a separate buffer.
-        unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.as_ptr().add(offset as usize), src.len()) };
+        // SAFETY: bounds checked above, so `[offset, offset+len)` lies in the live mapping;
+        // `src` is a separate buffer (callers hold it apart from the region).
+        unsafe { volatile::copy_to(self.as_ptr().add(offset as usize), src) };
         true
     }
 
-    /// Fills `[offset, offset+len)` with zeros after a bounds check.
+    /// Fills `[offset, offset+len)` with zeros after a bounds check (volatile stores).
     pub fn zero_at(&self, offset: u64, len: u64) -> bool {
         if !self.contains(offset, len) {
             return false;
         }
         // SAFETY: bounds checked above.
-        unsafe { std::ptr::write_bytes(self.as_ptr().add(offset as usize), 0, len as usize) };
+        unsafe { volatile::fill_zero(self.as_ptr().add(offset as usize), len as usize) };
         true
     }
 
-    /// Copies `[offset, offset+dst.len())` out of the region after a bounds check.
+    /// Copies `[offset, offset+dst.len())` out of the region after a bounds check
+    /// (volatile loads: a concurrent writer may change the bytes; the copy then holds old,
+    /// new or mixed bytes, never undefined behaviour).
     pub fn read_at(&self, offset: u64, dst: &mut [u8]) -> bool {
         if !self.contains(offset, dst.len() as u64) {
             return false;
         }
         // SAFETY: bounds checked above; `dst` is a separate buffer.
-        unsafe { std::ptr::copy_nonoverlapping(self.as_ptr().add(offset as usize), dst.as_mut_ptr(), dst.len()) };
+        unsafe { volatile::copy_from(self.as_ptr().add(offset as usize), dst) };
         true
+    }
+
+    /// Byte ranges inside `[offset, offset+len)` that may hold non-zero data; everything
+    /// else in the range reads as zero for certain, known without reading it:
+    /// - memfd and file backings: the file's holes (`SEEK_DATA`/`SEEK_HOLE`);
+    /// - anonymous memory: pages neither present nor swapped (`/proc/self/pagemap`), which
+    ///   the kernel fills with zeros on first touch;
+    /// - memory of unknown backing ([`Region::from_raw`]): an `Unsupported` error.
+    ///
+    /// Ranges are page-aligned (system pages) and clipped to the request. Errors only when
+    /// the kernel interface fails; the caller may then treat the whole range as data.
+    pub fn data_ranges(&self, offset: u64, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+        if !self.contains(offset, len) {
+            return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "range outside the region"));
+        }
+        let end = offset + len;
+        match (&self._file, self.backing) {
+            (Some(f), _) => extents::file_data(f, offset, end),
+            (None, Backing::Anonymous) => extents::anon_data(self.as_ptr() as usize, offset, end),
+            (None, _) => Err(std::io::Error::new(
+                std::io::ErrorKind::Unsupported,
+                "no page-presence information for memory of unknown backing",
+            )),
+        }
+    }
+
+    /// Pages (of this region's page size) that are zero for certain without reading them
+    /// (see [`data_ranges`](Self::data_ranges)).
+    pub fn known_zero_pages(&self) -> std::io::Result<crate::PageBitmap> {
+        let ps = self.page_size as u64;
+        let mut zero = crate::PageBitmap::full(self.pages());
+        for (start, len) in self.data_ranges(0, self.len())? {
+            let first = start / ps;
+            let last = (start + len).div_ceil(ps);
+            for p in first..last {
+                zero.clear(p as usize);
+            }
+        }
+        Ok(zero)
+    }
+
+    /// Makes `[offset, offset+len)` read as zeros, writing only the parts that may hold
+    /// data: on a fresh destination (nothing populated yet) this touches nothing. The memory
+    /// is not released or remapped (a pinned RDMA registration stays valid).
+    pub fn place_zero(&self, offset: u64, len: u64) -> bool {
+        if !self.contains(offset, len) {
+            return false;
+        }
+        match self.data_ranges(offset, len) {
+            Ok(ranges) => ranges.into_iter().all(|(o, l)| self.zero_at(o, l)),
+            Err(_) => self.zero_at(offset, len),
+        }
+    }
+}
+
+/// Copies to and from memory shared with writers the compiler cannot see. Word-sized
+/// volatile accesses where alignment allows, bytes at the edges.
+mod volatile {
+    const W: usize = std::mem::size_of::<u64>();
+
+    /// # Safety
+    /// `src` must be valid for reading `dst.len()` bytes and must not overlap `dst`.
+    pub(super) unsafe fn copy_from(src: *const u8, dst: &mut [u8]) {
+        let n = dst.len();
+        let mut i = 0;
+        // Leading bytes until `src + i` is word-aligned.
+        while i < n && (src as usize + i) % W != 0 {
+            // SAFETY: i < n, within the caller's valid range.
+            dst[i] = unsafe { src.add(i).read_volatile() };
+            i += 1;
+        }
+        while i + W <= n {
+            // SAFETY: `src + i` is aligned for u64 and `i + W <= n` keeps the read in range.
+            let w = unsafe { (src.add(i) as *const u64).read_volatile() };
+            dst[i..i + W].copy_from_slice(&w.to_ne_bytes());
+            i += W;
+        }
+        while i < n {
+            // SAFETY: i < n.
+            dst[i] = unsafe { src.add(i).read_volatile() };
+            i += 1;
+        }
+    }
+
+    /// # Safety
+    /// `dst` must be valid for writing `src.len()` bytes and must not overlap `src`.
+    pub(super) unsafe fn copy_to(dst: *mut u8, src: &[u8]) {
+        let n = src.len();
+        let mut i = 0;
+        while i < n && (dst as usize + i) % W != 0 {
+            // SAFETY: i < n, within the caller's valid range.
+            unsafe { dst.add(i).write_volatile(src[i]) };
+            i += 1;
+        }
+        while i + W <= n {
+            let w = u64::from_ne_bytes(src[i..i + W].try_into().expect("8 bytes"));
+            // SAFETY: aligned and in range (`i + W <= n`).
+            unsafe { (dst.add(i) as *mut u64).write_volatile(w) };
+            i += W;
+        }
+        while i < n {
+            // SAFETY: i < n.
+            unsafe { dst.add(i).write_volatile(src[i]) };
+            i += 1;
+        }
+    }
+
+    /// # Safety
+    /// `dst` must be valid for writing `n` bytes.
+    pub(super) unsafe fn fill_zero(dst: *mut u8, n: usize) {
+        let mut i = 0;
+        while i < n && (dst as usize + i) % W != 0 {
+            // SAFETY: i < n.
+            unsafe { dst.add(i).write_volatile(0) };
+            i += 1;
+        }
+        while i + W <= n {
+            // SAFETY: aligned and in range.
+            unsafe { (dst.add(i) as *mut u64).write_volatile(0) };
+            i += W;
+        }
+        while i < n {
+            // SAFETY: i < n.
+            unsafe { dst.add(i).write_volatile(0) };
+            i += 1;
+        }
+    }
+}
+
+/// Where a region may hold data (see [`Region::data_ranges`]).
+mod extents {
+    use std::fs::File;
+    use std::io;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::FileExt;
+
+    fn os_page() -> u64 {
+        // SAFETY: sysconf has no preconditions.
+        let p = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+        if p > 0 {
+            p as u64
+        } else {
+            4096
+        }
+    }
+
+    fn lseek(f: &File, off: u64, whence: libc::c_int) -> io::Result<Option<u64>> {
+        // SAFETY: lseek on a descriptor we own; it only moves the file offset, which nothing
+        // else uses (the region is accessed through its mapping).
+        let r = unsafe { libc::lseek(f.as_raw_fd(), off as libc::off_t, whence) };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            // ENXIO: no data (or hole) at or after `off`.
+            return if e.raw_os_error() == Some(libc::ENXIO) { Ok(None) } else { Err(e) };
+        }
+        Ok(Some(r as u64))
+    }
+
+    pub(super) fn file_data(f: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        let mut out = Vec::new();
+        let mut pos = start;
+        while pos < end {
+            let Some(data) = lseek(f, pos, libc::SEEK_DATA)? else { break };
+            if data >= end {
+                break;
+            }
+            let hole = lseek(f, data, libc::SEEK_HOLE)?.unwrap_or(end).min(end);
+            out.push((data.max(start), hole - data.max(start)));
+            pos = hole;
+        }
+        Ok(out)
+    }
+
+    /// Whether a pagemap entry may map data: present (bit 63), or swapped (bit 62) unless
+    /// it is a PTE marker. A marker (for example the uffd-wp marker that write-protect
+    /// tracking installs on never-populated pages) is reported as a swap entry whose type
+    /// (bits 0-4) is the last one, `SWP_PTE_MARKER`; real swap devices use lower types.
+    /// Should a kernel number the marker differently, markers count as data: the pages are
+    /// then read instead of skipped, which is slower but never wrong.
+    fn may_hold_data(e: u64) -> bool {
+        const PRESENT: u64 = 1 << 63;
+        const SWAPPED: u64 = 1 << 62;
+        const TYPE_MASK: u64 = 0x1f;
+        e & PRESENT != 0 || (e & SWAPPED != 0 && e & TYPE_MASK != TYPE_MASK)
+    }
+
+    /// Pages of the anonymous mapping at `base` that may hold data (see `may_hold_data`).
+    pub(super) fn anon_data(base: usize, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+        let ps = os_page();
+        let pagemap = File::open("/proc/self/pagemap")?;
+        let first = (base as u64 + start) / ps;
+        let last = (base as u64 + end).div_ceil(ps);
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut buf = vec![0u8; 8 * 8192];
+        let mut vpn = first;
+        while vpn < last {
+            let n = ((last - vpn) as usize).min(8192);
+            pagemap.read_exact_at(&mut buf[..n * 8], vpn * 8)?;
+            for (i, e) in buf[..n * 8].chunks_exact(8).enumerate() {
+                let e = u64::from_ne_bytes(e.try_into().expect("8 bytes"));
+                if !may_hold_data(e) {
+                    continue;
+                }
+                let page = (vpn + i as u64) * ps - base as u64;
+                let (s, e) = (page.max(start), (page + ps).min(end));
+                match out.last_mut() {
+                    Some((o, l)) if *o + *l == s => *l += e - s,
+                    _ => out.push((s, e - s)),
+                }
+            }
+            vpn += n as u64;
+        }
+        Ok(out)
     }
 }
 
@@ -395,11 +692,49 @@ mod tests {
     fn bounds_checks() {
         let r = Region::memfd(1, 8192, 4096, Access::LOCAL).unwrap();
         assert!(r.write_at(4096, &[1; 4096]));
+        assert!(r.write_at(4095, &[1; 1]) && !r.write_at(8192, &[1; 1]));
+        r.zero_at(4095, 1);
         assert!(!r.write_at(4097, &[1; 4096]));
         assert!(!r.contains(u64::MAX, 2));
         let mut b = [0u8; 4];
         assert!(r.read_at(4096, &mut b));
         assert_eq!(b, [1; 4]);
         assert!(matches!(Region::anonymous(1, 100, 4096, Access::LOCAL), Err(RegionError::BadLength { .. })));
+    }
+
+    #[test]
+    fn volatile_copies_at_every_alignment() {
+        let r = Region::anonymous(2, 16384, 4096, Access::LOCAL).unwrap();
+        let src: Vec<u8> = (0..200u32).map(|i| (i * 7 + 1) as u8).collect();
+        for off in 0..17u64 {
+            for len in [0usize, 1, 7, 8, 9, 63, 200] {
+                assert!(r.write_at(100 + off, &src[..len]));
+                let mut back = vec![0u8; len];
+                assert!(r.read_at(100 + off, &mut back));
+                assert_eq!(back, &src[..len], "off {off} len {len}");
+                assert!(r.zero_at(100 + off, len as u64));
+                assert!(r.read_at(100 + off, &mut back));
+                assert!(back.iter().all(|&b| b == 0));
+            }
+        }
+    }
+
+    #[test]
+    fn known_zero_pages_without_reading() {
+        for make in [Region::anonymous, Region::memfd] {
+            let r = make(3, 64 * 4096, 4096, Access::LOCAL).unwrap();
+            assert_eq!(r.known_zero_pages().unwrap().count_ones(), 64, "{:?}", r.backing());
+            r.write_at(5 * 4096 + 17, &[9]);
+            r.write_at(40 * 4096, &[0; 4096]); // populated, so no longer known zero
+            let z = r.known_zero_pages().unwrap();
+            assert!(!z.get(5) && !z.get(40) && z.get(4) && z.get(41), "{:?}", r.backing());
+            assert_eq!(z.count_ones(), 62);
+            // place_zero writes only where data may be.
+            assert!(r.place_zero(0, 64 * 4096));
+            let mut b = [1u8; 1];
+            r.read_at(5 * 4096 + 17, &mut b);
+            assert_eq!(b, [0]);
+            assert!(!r.place_zero(60 * 4096, 8 * 4096));
+        }
     }
 }

@@ -44,6 +44,8 @@ use std::io;
 
 use livemig_transport::{PageBitmap, Region};
 
+use crate::guest::GuestMemory;
+
 pub use uffd_async::UffdAsyncTracker;
 pub use uffd_sync::{UffdSyncTracker, Unpopulated};
 
@@ -153,6 +155,9 @@ pub enum DirtyError {
     /// `collect` was called on a tracker that is not started.
     #[error("the tracker is not started")]
     NotStarted,
+    /// The embedder's dirty log failed ([`ExternalDirtyLog`]).
+    #[error("the embedder's dirty log failed")]
+    External(#[source] Box<dyn std::error::Error + Send + Sync>),
     /// The region's page size is not a multiple or divisor of the system page size.
     #[error("region page size {page} is incompatible with the system page size {os_page}")]
     PageSize {
@@ -207,6 +212,106 @@ pub fn open_tracker(region: &Region) -> Result<Box<dyn DirtySource>, DirtyError>
             Ok(Box::new(UffdSyncTracker::new(region)?))
         }
         Err(e) => Err(e),
+    }
+}
+
+/// Userfaultfd tracking of every region of a [`GuestMemory`] (memory this process writes):
+/// one tracker per region ([`open_tracker`]), reported in the memory's page space.
+#[derive(Debug)]
+pub struct MemoryTracker {
+    parts: Vec<(usize, Box<dyn DirtySource>, PageBitmap)>,
+}
+
+impl MemoryTracker {
+    /// Opens a tracker for each region of `memory`.
+    pub fn open(memory: &GuestMemory) -> Result<Self, DirtyError> {
+        let mut parts = Vec::with_capacity(memory.regions().len());
+        for (i, r) in memory.regions().iter().enumerate() {
+            parts.push((memory.base(i), open_tracker(r)?, PageBitmap::new(r.pages())));
+        }
+        Ok(Self { parts })
+    }
+}
+
+impl DirtySource for MemoryTracker {
+    fn start(&mut self) -> Result<(), DirtyError> {
+        self.parts.iter_mut().try_for_each(|(_, t, _)| t.start())
+    }
+
+    fn collect(&mut self, into: &mut PageBitmap) -> Result<usize, DirtyError> {
+        let mut n = 0;
+        for (base, t, scratch) in &mut self.parts {
+            if into.len() < *base + scratch.len() {
+                return Err(DirtyError::BitmapTooSmall { got: into.len(), need: *base + scratch.len() });
+            }
+            scratch.clear_all();
+            n += t.collect(scratch)?;
+            for (start, len) in scratch.runs() {
+                into.set_range(*base + start, len);
+            }
+        }
+        Ok(n)
+    }
+
+    fn stop(&mut self) {
+        self.parts.iter_mut().for_each(|(_, t, _)| t.stop());
+    }
+
+    fn mechanism(&self) -> &'static str {
+        self.parts.first().map_or("none", |(_, t, _)| t.mechanism())
+    }
+}
+
+/// A dirty log the embedder keeps — KVM's dirty bitmap or ring, QEMU's migration bitmap,
+/// a VMM's own write tracking — fed to the engine each round.
+///
+/// `sync` is called at every [`collect`](DirtySource::collect): it ORs into the bitmap (the
+/// memory's page space) the pages written since its previous call, clears its own log, and
+/// returns how many it reported. [`start`](DirtySource::start) calls it once and discards
+/// the result, so writes before the migration are forgotten (the first pass sends every page
+/// anyway). The embedder arms and disarms its logging itself.
+pub struct ExternalDirtyLog<F> {
+    pages: usize,
+    name: &'static str,
+    sync: F,
+}
+
+impl<F> ExternalDirtyLog<F>
+where
+    F: FnMut(&mut PageBitmap) -> Result<usize, DirtyError> + Send,
+{
+    /// A log over `pages` pages; `name` appears in reports (e.g. `kvm-dirty-log`).
+    pub fn new(pages: usize, name: &'static str, sync: F) -> Self {
+        Self { pages, name, sync }
+    }
+}
+
+impl<F> std::fmt::Debug for ExternalDirtyLog<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ExternalDirtyLog").field("pages", &self.pages).field("name", &self.name).finish()
+    }
+}
+
+impl<F> DirtySource for ExternalDirtyLog<F>
+where
+    F: FnMut(&mut PageBitmap) -> Result<usize, DirtyError> + Send,
+{
+    fn start(&mut self) -> Result<(), DirtyError> {
+        let mut scratch = PageBitmap::new(self.pages);
+        (self.sync)(&mut scratch).map(|_| ())
+    }
+
+    fn collect(&mut self, into: &mut PageBitmap) -> Result<usize, DirtyError> {
+        if into.len() < self.pages {
+            return Err(DirtyError::BitmapTooSmall { got: into.len(), need: self.pages });
+        }
+        (self.sync)(into)
+    }
+
+    fn stop(&mut self) {}
+
+    fn mechanism(&self) -> &'static str {
+        self.name
     }
 }
 

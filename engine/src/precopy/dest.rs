@@ -6,9 +6,10 @@ use std::time::{Duration, Instant};
 
 use livemig_transport::{Region, Transport, TransportError};
 
-use super::proto::{self, Msg};
+use super::proto::{self, Msg, PageRun};
 use super::switchover::{DestNext, DestSwitchover};
-use super::{check_fit, error_chain, hex, Mismatch, Phase};
+use super::{check_fit, error_chain, Mismatch, Phase};
+use crate::integrity::{Digest, PageDigests};
 use crate::workload::{Workload, WorkloadError};
 
 /// Destination-side settings.
@@ -44,9 +45,11 @@ pub struct DestReport {
     pub zero_pages: u64,
     /// Payload bytes the source wrote into our region.
     pub bytes_received: u64,
-    /// The verified checksum (hex).
+    /// The verified region digest (hex).
     pub checksum: String,
-    /// Time from `Final` to `Verified` (our checksum, and waiting for the source's), ms.
+    /// Pages hashed after `Final` (the digest's share of the downtime).
+    pub hashed_at_final: u64,
+    /// Time from `Final` to `Verified` (finishing our digest, and waiting for the source's), ms.
     pub verify_ms: f64,
     /// Time from `Final` to `Resumed` (checksum, commit round trip, attach), ms.
     pub switchover_ms: f64,
@@ -149,12 +152,17 @@ pub fn receive(
     tracing::info!(region_len = src_len, workload, "accepted the migration");
 
     let phase = Phase::Precopy;
-    let pages = region.pages() as u64;
+    let ps = region.page_size() as u64;
+    let pages = src_len / ps;
+    // Dropping it (on any return) ends the hashing thread.
+    let hasher = Hasher::spawn(region.clone(), pages as usize);
+    let mut announced = 0u64;
     let mut rep = DestReport {
         iterations: 0,
         zero_pages: 0,
         bytes_received: 0,
         checksum: String::new(),
+        hashed_at_final: 0,
         verify_ms: 0.0,
         switchover_ms: 0.0,
         after_rate: None,
@@ -181,16 +189,25 @@ pub fn receive(
             Msg::IterationDone { iter, pages, dirty } => {
                 rep.iterations = iter;
                 on_iteration(iter, pages, dirty);
+                // Every message before it is processed (Zero runs placed): the source may
+                // now write those pages again.
+                send(t, phase, &Msg::IterationAck { iter })?;
             }
             Msg::Zero { runs } => {
-                // The region is fresh anonymous memory, already zero (see the module doc of
-                // `precopy` for why we must not write zeros here); check the range only.
-                for r in runs {
-                    if !matches!(r.first.checked_add(r.pages as u64), Some(end) if end <= pages) {
-                        return Err(DestError::Unexpected { phase, got: "Zero (out of range)" });
-                    }
+                // Make the pages zero (no assumption that our memory starts zeroed), writing
+                // only where data may be: nothing on a fresh region. The source writes none
+                // of them again before our IterationAck, so no newer copy can be here yet.
+                check_runs(&runs, pages).map_err(|got| DestError::Unexpected { phase, got })?;
+                for r in &runs {
+                    region.place_zero(r.first * ps, r.pages as u64 * ps);
                     rep.zero_pages += r.pages as u64;
                 }
+                hasher.send(Work::Zero(runs));
+            }
+            Msg::Placed { runs } => {
+                check_runs(&runs, pages).map_err(|got| DestError::Unexpected { phase, got })?;
+                announced += runs.iter().map(|r| r.pages as u64).sum::<u64>();
+                hasher.send(Work::Placed(runs));
             }
             Msg::Final { resume } => {
                 tracing::info!(iterations = rep.iterations, "stop-and-copy data complete; verifying");
@@ -205,23 +222,23 @@ pub fn receive(
     let phase = Phase::StopAndCopy;
     let t0 = Instant::now();
     let mut sw = DestSwitchover::new();
-    let ours = std::thread::scope(|scope| -> Result<[u8; 32], DestError> {
-        let (done_tx, done_rx) = std::sync::mpsc::channel();
-        scope.spawn(move || {
-            // SAFETY: `Final` is ordered after every write the source posted, and the source
-            // posts nothing more; no local writer touches the region before we resume the
-            // workload, which happens after this scope.
-            let sum = unsafe { super::checksum::region_checksum(region, src_len) };
-            let _ = done_tx.send(sum);
-        });
-        loop {
-            match done_rx.recv_timeout(cfg.alive_every) {
-                Ok(sum) => return Ok(sum),
-                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => send(t, phase, &Msg::Alive)?,
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the checksum thread panicked"),
-            }
+    // Only the pages announced since the hasher last caught up are left to hash.
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    rep.hashed_at_final = announced.saturating_sub(hasher.hashed());
+    hasher.send(Work::Finish(done_tx));
+    let (digest, missing) = loop {
+        match done_rx.recv_timeout(cfg.alive_every) {
+            Ok(r) => break r,
+            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => send(t, phase, &Msg::Alive)?,
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the hashing thread panicked"),
         }
-    })?;
+    };
+    // The thread ends now; joining it (and freeing its tables) waits until after the
+    // switchover, when the hasher is dropped.
+    if let Some(page) = missing {
+        tracing::warn!(page, "a page was never announced; the digests cannot match");
+    }
+    let ours = digest.to_bytes();
     sw.hashed(ours);
     let m = recv(t, phase, cfg.reply_timeout, sw.expected())?;
     match sw.handle(&m) {
@@ -230,12 +247,15 @@ pub fn receive(
             rep.verify_ms = t0.elapsed().as_secs_f64() * 1e3;
             if !ok {
                 let Msg::SourceChecksum { checksum: theirs } = m else { unreachable!("answered a SourceChecksum") };
-                return Err(DestError::ChecksumMismatch { source_sum: hex(&theirs), dest_sum: hex(&ours) });
+                return Err(DestError::ChecksumMismatch {
+                    source_sum: Digest::from_bytes(&theirs).hex(),
+                    dest_sum: digest.hex(),
+                });
             }
         }
         _ => return Err(DestError::Unexpected { phase, got: m.name() }),
     }
-    rep.checksum = hex(&ours);
+    rep.checksum = digest.hex();
     let commit = match recv(t, phase, cfg.reply_timeout, sw.expected()) {
         Ok(m) => sw.handle(&m).map_err(|_| DestError::Unexpected { phase, got: m.name() })?,
         Err(DestError::SourceAborted(r)) => return Err(DestError::SourceAborted(r)),
@@ -307,5 +327,93 @@ fn decode(phase: Phase, b: &[u8]) -> Result<Msg, DestError> {
     match proto::decode(b).map_err(|source| DestError::Protocol { phase, source })? {
         Msg::Abort { reason } => Err(DestError::SourceAborted(reason)),
         m => Ok(m),
+    }
+}
+
+/// Checks that every run lies within the source region's `pages`; names the message if not.
+fn check_runs(runs: &[PageRun], pages: u64) -> Result<(), &'static str> {
+    for r in runs {
+        if !matches!(r.first.checked_add(r.pages as u64), Some(end) if end <= pages) {
+            return Err("page run out of range");
+        }
+    }
+    Ok(())
+}
+
+/// Work for the hashing thread, in message order.
+enum Work {
+    Placed(Vec<PageRun>),
+    Zero(Vec<PageRun>),
+    /// Reply with the digest and the first page never announced, then end.
+    Finish(std::sync::mpsc::Sender<(Digest, Option<usize>)>),
+}
+
+/// The destination's digest, kept up to date off the control path: pages are hashed as they
+/// are announced, so at `Final` only the last ones remain.
+struct Hasher {
+    tx: Option<std::sync::mpsc::Sender<Work>>,
+    handle: Option<std::thread::JoinHandle<()>>,
+    hashed: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Hasher {
+    fn spawn(region: Arc<Region>, pages: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<Work>();
+        let ps = region.page_size();
+        let hashed = Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let count = hashed.clone();
+        let handle = std::thread::Builder::new()
+            .name("livemig-digest".into())
+            .spawn(move || {
+                let mut d = PageDigests::new(pages, ps);
+                for w in rx {
+                    match w {
+                        Work::Placed(runs) => {
+                            for r in runs {
+                                for p in r.first..r.first + r.pages as u64 {
+                                    d.record_from(&region, p as usize);
+                                }
+                                count.fetch_add(r.pages as u64, std::sync::atomic::Ordering::Relaxed);
+                            }
+                        }
+                        Work::Zero(runs) => {
+                            for r in runs {
+                                d.record_zero(r.first as usize, r.pages as usize);
+                            }
+                        }
+                        Work::Finish(reply) => {
+                            let _ = reply.send((d.digest(), d.first_missing()));
+                            return;
+                        }
+                    }
+                }
+            })
+            .expect("spawn the digest thread");
+        Hasher { tx: Some(tx), handle: Some(handle), hashed }
+    }
+
+    /// Pages hashed so far.
+    fn hashed(&self) -> u64 {
+        self.hashed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn send(&self, w: Work) {
+        // The thread only ends on Finish or a panic (reported at Finish).
+        if let Some(tx) = &self.tx {
+            let _ = tx.send(w);
+        }
+    }
+
+    fn stop(&mut self) {
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Hasher {
+    fn drop(&mut self) {
+        self.stop();
     }
 }

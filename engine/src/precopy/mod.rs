@@ -1,5 +1,4 @@
-//! Pre-copy live migration of a running workload (issue 4; the paper's section 7 and
-//! Algorithm 2).
+//! Pre-copy live migration of a running workload (the paper's section 7 and Algorithm 2).
 //!
 //! # Data flow
 //!
@@ -10,14 +9,19 @@
 //!   policy (ibrahim | kvm | xen, pure)
 //!        │ Begin{len, page size, workload} ─────────────▶ checks size/page size
 //!        │ ◀──────────────────────────────── Accept | Refuse{reason}
-//!   first pass: zero pages → Zero{runs}; others → coalesced writes ───▶ placed by transport
-//!   interval i: window from policy, post ≤ window dirty pages, flush,
-//!               harvest dirty log, IntervalReport → Decision
+//!   never-populated pages → Zero{runs} before the first pass ───▶ zeroed where needed
+//!   interval i (schedule.rs picks, policy sizes the window):
+//!     zero pages found by reading → Zero{runs} ──────────▶ zeroed where needed
+//!     per 8 MiB slice: coalesced writes ──────────────────▶ placed by the transport
+//!                      Placed{runs} ──────────────────────▶ hashed (digest thread)
+//!                      hash the slice's pages here
+//!     flush, harvest dirty log, IntervalReport → Decision
 //!        │ IterationDone{i, pages, dirty} ──────────────▶ progress
-//!   StopAndCopy: pause workload (downtime starts), final harvest, send, flush;
-//!                the frozen source region is hashed while the last pages travel
-//!        │ Final{resume} ───────────────────────────────▶ hashes its region (in parallel)
-//!        │ SourceChecksum{checksum} ────────────────────▶ compares
+//!        │ ◀──────────────────────────────── IterationAck{i}   (Zero runs placed)
+//!   StopAndCopy: pause workload (downtime starts), final harvest, send the last
+//!                pages (hashed as above), flush
+//!        │ Final{resume} ───────────────────────────────▶ finishes hashing the last slice
+//!        │ SourceChecksum{digest} ──────────────────────▶ compares
 //!        │ ◀──────────────────────────────── Verified{ok, checksum}   (not resumed yet)
 //!        │ Commit ──────────────────────────────────────▶ attaches, resumes the workload
 //!        │ ◀──────────────────────────────── Resumed     (downtime ends; workload runs there)
@@ -41,26 +45,36 @@
 //! thin drivers that read the clock and move bytes. Which transport backend carries the
 //! session does not matter to them: they only see `dyn Transport`.
 //!
-//! **Zero pages.** The destination region is a fresh anonymous mapping, hence already zero,
-//! so a `Zero` announcement is only counted there. Writing zeros on receipt would be wrong:
-//! the transport orders a message after the writes posted *before* it, not before the writes
-//! posted after it, so a later write of the same page could already be placed when the
-//! message is read. The final checksum covers the zero pages too.
+//! **Integrity off the downtime path** ([`crate::integrity`]): both sides keep an
+//! order-independent digest of the region as pages go out and land, so at switchover only
+//! the last slice is hashed, not the region.
+//!
+//! **Zero pages.** Pages never populated at the source are known to be zero without reading
+//! them (page-presence information, see `Region::known_zero_pages`); other never-sent pages
+//! are read once to find zeros. Either way they are announced in `Zero` and the destination
+//! makes them zero — it does not assume its memory starts zeroed (an embedder's may not) —
+//! writing only where its memory may hold data, so a fresh region is not touched. The
+//! transport orders a message after the writes posted before it, not before later ones, so
+//! the source writes none of the announced pages before the destination's `IterationAck`
+//! for that interval.
 
-pub mod checksum;
 pub mod cli;
 pub mod cut;
 pub mod dest;
 pub mod proto;
+pub mod schedule;
 pub mod source;
 pub mod switchover;
+
+#[cfg(test)]
+mod convergence_tests;
 
 use std::time::Duration;
 
 use serde::Serialize;
 
 pub use dest::{receive, DestConfig, DestError, DestReport};
-pub use proto::{decode, Msg, ProtoError};
+pub use proto::{decode, Msg, PageRun, ProtoError};
 pub use source::{migrate, SourceConfig, SourceError};
 
 /// The pre-copy phase a failure happened in (for error messages).

@@ -14,7 +14,7 @@
 //!   1 Begin          region_len u64 | page_size u32 | flags u8 (bit0: a workload runs in page 0)
 //!   2 Accept         -
 //!   3 Refuse         reason: text
-//!   4 Zero           n u32 (≤ MAX_ZERO_RUNS) | n × (first_page u64 | pages u32)
+//!   4 Zero           runs   (the destination makes these pages zero)
 //!   5 IterationDone  iter u32 | pages u64 | dirty u64
 //!   6 Final          flags u8 (bit0: resume the workload)
 //!   7 Verified       ok u8 (0|1) | destination checksum [32]
@@ -25,7 +25,12 @@
 //!  12 SourceChecksum source checksum [32]
 //!  13 Commit         -
 //!  14 Alive          -   (destination → source while it hashes: it is not frozen)
+//!  15 Placed         runs   (these pages were written before this message; hash them)
+//!  16 IterationAck   iter u32 (destination → source: every message up to IterationDone{iter}
+//!                    is processed, in particular its Zero runs)
 //! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
+//! runs = n u32 (≤ MAX_RUNS) | n × (first_page u64 | pages u32 ≥ 1)
+//! checksum = a region digest (`integrity::Digest::to_bytes`): sum u128 | pages u64 | 0 u64
 //! ```
 //!
 //! A frame is at most [`MAX_FRAME`] bytes; trailing bytes are an error. Every decoder
@@ -36,22 +41,22 @@
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"LMPC";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 2;
-/// Oldest version this build decodes (version 1 carried the checksum inside `Final` and had
-/// no `Commit`: its switchover is not compatible).
-pub const MIN_VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
+/// Oldest version this build decodes. Version 2 compared whole-region SHA-256 checksums
+/// and left zero pages unwritten at the destination; version 1 had no `Commit`.
+pub const MIN_VERSION: u8 = 3;
 /// Longest reason text, in bytes.
 pub const MAX_TEXT: usize = 512;
-/// Most zero-page runs in one `Zero` message.
-pub const MAX_ZERO_RUNS: usize = 4096;
-/// Largest frame: a full `Zero` message.
-pub const MAX_FRAME: usize = 6 + 4 + MAX_ZERO_RUNS * 12;
+/// Most page runs in one `Zero` or `Placed` message.
+pub const MAX_RUNS: usize = 4096;
+/// Largest frame: a full `Zero` or `Placed` message.
+pub const MAX_FRAME: usize = 6 + 4 + MAX_RUNS * 12;
 
 const HEADER: usize = 6;
 
-/// A run of zero pages: `pages` pages starting at `first`.
+/// A run of pages: `pages` pages starting at `first`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ZeroRun {
+pub struct PageRun {
     /// First page index.
     pub first: u64,
     /// Number of pages (≥ 1).
@@ -78,10 +83,23 @@ pub enum Msg {
         /// Why.
         reason: String,
     },
-    /// Source → destination: these pages are all zeros (sent as a flag, not as data).
+    /// Source → destination: these pages are all zeros (sent as a flag, not as data). The
+    /// destination makes them zero; the source writes none of them before the
+    /// destination's `IterationAck` for the interval that announced them.
     Zero {
-        /// Runs of zero pages (at most [`MAX_ZERO_RUNS`]).
-        runs: Vec<ZeroRun>,
+        /// Runs of zero pages (at most [`MAX_RUNS`]).
+        runs: Vec<PageRun>,
+    },
+    /// Source → destination: these pages were written (by writes posted before this
+    /// message) and hold their new content; the destination hashes them.
+    Placed {
+        /// Runs of pages (at most [`MAX_RUNS`]).
+        runs: Vec<PageRun>,
+    },
+    /// Destination → source: every message up to `IterationDone{iter}` was processed.
+    IterationAck {
+        /// The interval.
+        iter: u32,
     },
     /// Source → destination: one pre-copy interval is complete.
     IterationDone {
@@ -97,8 +115,8 @@ pub enum Msg {
         /// Resume the workload once committed.
         resume: bool,
     },
-    /// Source → destination: the source's whole-region checksum (computed while the last
-    /// pages were in flight; see `checksum::region_checksum`).
+    /// Source → destination: the source's region digest (`integrity::Digest`), complete once
+    /// the last pages are posted.
     SourceChecksum {
         /// The checksum.
         checksum: [u8; 32],
@@ -209,6 +227,22 @@ impl<'a> Reader<'a> {
             v => Err(ProtoError::Invalid { field, value: v as u64 }),
         }
     }
+    fn runs(&mut self) -> Result<Vec<PageRun>, ProtoError> {
+        let n = self.u32()? as usize;
+        if n > MAX_RUNS {
+            return Err(ProtoError::Invalid { field: "run count", value: n as u64 });
+        }
+        let mut runs = Vec::with_capacity(n);
+        for _ in 0..n {
+            let first = self.u64()?;
+            let pages = self.u32()?;
+            if pages == 0 {
+                return Err(ProtoError::Invalid { field: "run length", value: 0 });
+            }
+            runs.push(PageRun { first, pages });
+        }
+        Ok(runs)
+    }
     fn text(&mut self) -> Result<String, ProtoError> {
         let n = self.u16()? as usize;
         if n > MAX_TEXT {
@@ -245,6 +279,8 @@ impl Msg {
             Msg::SourceChecksum { .. } => 12,
             Msg::Commit => 13,
             Msg::Alive => 14,
+            Msg::Placed { .. } => 15,
+            Msg::IterationAck { .. } => 16,
         }
     }
 
@@ -265,11 +301,13 @@ impl Msg {
             Msg::SourceChecksum { .. } => "SourceChecksum",
             Msg::Commit => "Commit",
             Msg::Alive => "Alive",
+            Msg::Placed { .. } => "Placed",
+            Msg::IterationAck { .. } => "IterationAck",
         }
     }
 
     /// Encodes the message. Texts longer than [`MAX_TEXT`] are truncated; a `Zero` message
-    /// must hold at most [`MAX_ZERO_RUNS`] runs of at least one page (debug-asserted; the
+    /// must hold at most [`MAX_RUNS`] runs of at least one page (debug-asserted; the
     /// source builds them in bounded batches).
     pub fn encode(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(64);
@@ -284,14 +322,15 @@ impl Msg {
             }
             Msg::Accept | Msg::Resumed | Msg::Done | Msg::Commit | Msg::Alive => {}
             Msg::Refuse { reason } | Msg::Abort { reason } => put_text(&mut out, reason),
-            Msg::Zero { runs } => {
-                debug_assert!(runs.len() <= MAX_ZERO_RUNS && runs.iter().all(|r| r.pages > 0));
+            Msg::Zero { runs } | Msg::Placed { runs } => {
+                debug_assert!(runs.len() <= MAX_RUNS && runs.iter().all(|r| r.pages > 0));
                 out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
                 for r in runs {
                     out.extend_from_slice(&r.first.to_le_bytes());
                     out.extend_from_slice(&r.pages.to_le_bytes());
                 }
             }
+            Msg::IterationAck { iter } => out.extend_from_slice(&iter.to_le_bytes()),
             Msg::IterationDone { iter, pages, dirty } => {
                 out.extend_from_slice(&iter.to_le_bytes());
                 out.extend_from_slice(&pages.to_le_bytes());
@@ -340,22 +379,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
         }
         2 => Msg::Accept,
         3 => Msg::Refuse { reason: r.text()? },
-        4 => {
-            let n = r.u32()? as usize;
-            if n > MAX_ZERO_RUNS {
-                return Err(ProtoError::Invalid { field: "zero run count", value: n as u64 });
-            }
-            let mut runs = Vec::with_capacity(n);
-            for _ in 0..n {
-                let first = r.u64()?;
-                let pages = r.u32()?;
-                if pages == 0 {
-                    return Err(ProtoError::Invalid { field: "zero run length", value: 0 });
-                }
-                runs.push(ZeroRun { first, pages });
-            }
-            Msg::Zero { runs }
-        }
+        4 => Msg::Zero { runs: r.runs()? },
         5 => Msg::IterationDone { iter: r.u32()?, pages: r.u64()?, dirty: r.u64()? },
         6 => Msg::Final { resume: r.flag("resume flag")? },
         7 => {
@@ -369,6 +393,8 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
         12 => Msg::SourceChecksum { checksum: r.sum()? },
         13 => Msg::Commit,
         14 => Msg::Alive,
+        15 => Msg::Placed { runs: r.runs()? },
+        16 => Msg::IterationAck { iter: r.u32()? },
         t => return Err(ProtoError::UnknownType(t)),
     };
     if r.pos != b.len() {
@@ -387,8 +413,10 @@ mod tests {
             Msg::Begin { region_len: 64 << 20, page_size: 4096, workload: true },
             Msg::Accept,
             Msg::Refuse { reason: "destination region is smaller".into() },
-            Msg::Zero { runs: vec![ZeroRun { first: 1, pages: 3 }, ZeroRun { first: 100, pages: 1 }] },
+            Msg::Zero { runs: vec![PageRun { first: 1, pages: 3 }, PageRun { first: 100, pages: 1 }] },
             Msg::Zero { runs: vec![] },
+            Msg::Placed { runs: vec![PageRun { first: 0, pages: 1 }, PageRun { first: 9, pages: 70 }] },
+            Msg::IterationAck { iter: 7 },
             Msg::IterationDone { iter: 3, pages: 1234, dirty: 99 },
             Msg::Final { resume: true },
             Msg::SourceChecksum { checksum: [7; 32] },
@@ -407,7 +435,7 @@ mod tests {
         for m in samples() {
             assert_eq!(decode(&m.encode()), Ok(m.clone()), "{}", m.name());
         }
-        let full = Msg::Zero { runs: vec![ZeroRun { first: u64::MAX, pages: u32::MAX }; MAX_ZERO_RUNS] };
+        let full = Msg::Zero { runs: vec![PageRun { first: u64::MAX, pages: u32::MAX }; MAX_RUNS] };
         let enc = full.encode();
         assert_eq!(enc.len(), MAX_FRAME);
         assert_eq!(decode(&enc), Ok(full));
@@ -434,6 +462,8 @@ mod tests {
         // Version 1's switchover (checksum inside Final, no Commit) is not spoken any more.
         b[4] = 1;
         assert_eq!(decode(&b), Err(ProtoError::Version(1)));
+        b[4] = 2;
+        assert_eq!(decode(&b), Err(ProtoError::Version(2)));
         let mut b = good.clone();
         b[5] = 200;
         assert_eq!(decode(&b), Err(ProtoError::UnknownType(200)));
@@ -447,7 +477,7 @@ mod tests {
         *b.last_mut().unwrap() = 2;
         assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "workload flag", .. })));
         let mut z = Msg::Zero { runs: vec![] }.encode();
-        z[6..10].copy_from_slice(&(MAX_ZERO_RUNS as u32 + 1).to_le_bytes());
+        z[6..10].copy_from_slice(&(MAX_RUNS as u32 + 1).to_le_bytes());
         assert!(matches!(decode(&z), Err(ProtoError::Invalid { .. })));
         assert!(matches!(decode(&vec![0; MAX_FRAME + 1]), Err(ProtoError::TooLarge(_))));
         let mut t = Msg::Refuse { reason: String::new() }.encode();
@@ -481,7 +511,7 @@ mod tests {
                 if n >= 6 && rng.gen_bool(0.5) {
                     b[..4].copy_from_slice(&MAGIC);
                     b[4] = VERSION;
-                    b[5] = rng.gen_range(0..16);
+                    b[5] = rng.gen_range(0..18);
                 }
                 b
             };

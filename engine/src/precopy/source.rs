@@ -12,14 +12,16 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livemig_transport::{
-    CoalesceConfig, Coalescer, PageBitmap, Region, RegionId, Transport, TransportError, WorkRequest, WriteRequest,
+    CoalesceConfig, Coalescer, Region, RegionId, Transport, TransportError, WorkRequest, WriteRequest,
 };
 
-use super::proto::{self, Msg, ZeroRun, MAX_ZERO_RUNS};
+use super::proto::{self, Msg, PageRun, MAX_RUNS};
+use super::schedule::Schedule;
 use super::switchover::{Fate, Next, SourceSwitchover, Violation};
-use super::{check_fit, hex, IterationLine, Mismatch, Outcome, Phase, Summary, WorkloadRates};
+use super::{check_fit, IterationLine, Mismatch, Outcome, Phase, Summary, WorkloadRates};
 use crate::dirty::{open_tracker, DirtyError, DirtySource};
-use crate::policy::{self, ConvergencePolicy, Decision, IntervalReport, PolicyConfig, RetransmitTracker};
+use crate::integrity::{Digest, PageDigests};
+use crate::policy::{self, ConvergencePolicy, Decision, IntervalReport, PolicyConfig};
 use crate::workload::{Workload, WorkloadError};
 
 /// Source-side settings.
@@ -121,6 +123,13 @@ pub enum SourceError {
         /// Theirs (hex).
         dest_sum: String,
     },
+    /// A page was never sent, so the digest cannot cover it (a driver bug, reported rather
+    /// than hidden).
+    #[error("page {page} was never sent; the source workload resumed")]
+    Unsent {
+        /// The first such page.
+        page: usize,
+    },
     /// Dirty tracking failed.
     #[error("dirty tracking failed")]
     Dirty(#[source] DirtyError),
@@ -186,12 +195,8 @@ pub fn migrate(
         region: region.clone(),
         remote,
         coalescer,
-        pending: PageBitmap::full(pages),
-        never_sent: PageBitmap::full(pages),
-        never_sent_n: pages,
-        batch: PageBitmap::new(pages),
-        cursor: 0,
-        retx: RetransmitTracker::new(pages),
+        sched: Schedule::new(pages),
+        digests: PageDigests::new(pages, ps),
         page_buf: vec![0u8; ps as usize],
         wrs: Vec::new(),
         bytes: 0,
@@ -226,8 +231,30 @@ pub fn migrate(
 
     // Pre-copy. Errors here leave the workload running; the tracker disarms on drop.
     tracker.start().map_err(SourceError::Dirty)?;
-    let decision =
-        precopy_rounds(t, &mut s, tracker.as_mut(), policy.as_mut(), &workload, start, &mut summary, on_interval);
+    // Pages never populated are zero: announced without reading them. Scanned after arming
+    // the tracker, so a page written from now on is dirty and sent anyway.
+    match region.known_zero_pages() {
+        Ok(zero) => {
+            let runs = s.sched.take_known_zero(&zero);
+            s.zero_pages += runs.iter().map(|r| r.pages as u64).sum::<u64>();
+            if let Err(e) = s.announce_zero(t, Phase::Precopy, &runs) {
+                tracker.stop();
+                return Err(e);
+            }
+        }
+        Err(e) => tracing::debug!(error = %e, "no page-presence information; zero pages are found by reading"),
+    }
+    let decision = precopy_rounds(
+        t,
+        &mut s,
+        tracker.as_mut(),
+        policy.as_mut(),
+        &workload,
+        start,
+        cfg.reply_timeout,
+        &mut summary,
+        on_interval,
+    );
     let reason = match decision {
         Err(e) => {
             tracker.stop();
@@ -312,22 +339,17 @@ fn pick_remote(t: &dyn Transport, region: &Region, workload: bool) -> Result<Reg
     best
 }
 
-/// Sending state: the pending (dirty) set, first-pass bookkeeping, totals.
+/// Pages per posting slice (8 MiB of 4 KiB pages): the unit announced in one `Placed` round.
+const SLICE_PAGES: usize = 2048;
+
+/// Sending state: the schedule (pending set, cursor, retransmission history), totals.
 struct Sender {
     region: Arc<Region>,
     remote: RegionId,
     coalescer: Coalescer,
-    /// Dirty pages not yet sent (starts full: the first pass).
-    pending: PageBitmap,
-    /// Pages never sent at all (zero detection applies to them only).
-    never_sent: PageBitmap,
-    never_sent_n: usize,
-    /// Pages selected for the current batch.
-    batch: PageBitmap,
-    /// Where the next interval starts taking pages (round robin, so a window smaller than
-    /// the dirty set still reaches every page).
-    cursor: usize,
-    retx: RetransmitTracker,
+    sched: Schedule,
+    /// The incremental digest of what was sent (see `integrity`).
+    digests: PageDigests,
     page_buf: Vec<u8>,
     wrs: Vec<WorkRequest>,
     bytes: u64,
@@ -345,10 +367,15 @@ struct Batch {
 }
 
 impl Sender {
-    fn is_zero(&mut self, page: usize) -> bool {
-        let ps = self.page_buf.len();
-        self.region.read_at((page * ps) as u64, &mut self.page_buf);
-        self.page_buf.iter().all(|&b| b == 0)
+    /// Announces zero pages (the destination zeroes them) and records their digest terms.
+    fn announce_zero(&mut self, t: &mut dyn Transport, phase: Phase, runs: &[PageRun]) -> Result<(), SourceError> {
+        for chunk in runs.chunks(MAX_RUNS) {
+            send(t, phase, &Msg::Zero { runs: chunk.to_vec() })?;
+        }
+        for r in runs {
+            self.digests.record_zero(r.first as usize, r.pages as usize);
+        }
+        Ok(())
     }
 
     /// Takes up to `budget` data pages from the pending set, announces never-sent zero pages
@@ -356,45 +383,24 @@ impl Sender {
     fn send_batch(&mut self, t: &mut dyn Transport, budget: usize, phase: Phase) -> Result<Batch, SourceError> {
         let mut b = Batch::default();
         let t0 = Instant::now();
-        self.batch.clear_all();
-        let mut zero_runs: Vec<ZeroRun> = Vec::new();
-        while b.data < budget {
-            let p = match self.pending.next_one(self.cursor).or_else(|| self.pending.next_one(0)) {
-                Some(p) => p,
-                None => break,
-            };
-            self.pending.clear(p);
-            self.cursor = p + 1;
-            self.retx.record_sent(p);
-            if self.never_sent.get(p) {
-                self.never_sent.clear(p);
-                self.never_sent_n -= 1;
-                if self.is_zero(p) {
-                    b.zero += 1;
-                    match zero_runs.last_mut() {
-                        Some(r) if r.first + r.pages as u64 == p as u64 && r.pages < u32::MAX => r.pages += 1,
-                        _ => {
-                            if zero_runs.len() == MAX_ZERO_RUNS {
-                                send(t, phase, &Msg::Zero { runs: std::mem::take(&mut zero_runs) })?;
-                            }
-                            zero_runs.push(ZeroRun { first: p as u64, pages: 1 });
-                        }
-                    }
-                    continue;
-                }
-            }
-            self.batch.set(p);
-            b.data += 1;
-        }
-        if !zero_runs.is_empty() {
-            send(t, phase, &Msg::Zero { runs: zero_runs })?;
-        }
-        // Post in slices so the work-request list stays small.
+        let (region, buf) = (&self.region, &mut self.page_buf);
+        let picked = self.sched.pick(budget, &mut |p| {
+            region.read_at((p * buf.len()) as u64, buf);
+            buf.iter().all(|&x| x == 0)
+        });
+        b.data = picked.data;
+        b.zero = picked.zero;
+        self.announce_zero(t, phase, &picked.zero_runs)?;
+        // Post in slices so the work-request list stays small, and after each slice tell the
+        // destination which pages it holds (ordered after the writes) and hash them here while
+        // they travel: both digests keep pace with the transfer, and at the end of the batch
+        // only its last slice is left to hash.
         let local = self.region.id();
         let mut from = 0;
-        while from < self.batch.len() {
+        while from < self.sched.batch().len() {
             self.wrs.clear();
-            let (next, st) = self.coalescer.coalesce_from(&self.batch, from, 8192, &mut self.wrs);
+            let (next, st) = self.coalescer.coalesce_from(self.sched.batch(), from, SLICE_PAGES, &mut self.wrs);
+            let slice = (from, next);
             from = next;
             if st.wrs == 0 {
                 break;
@@ -407,7 +413,17 @@ impl Sender {
             for chunk in reqs.chunks(256) {
                 t.post_writes(chunk).map_err(|source| SourceError::Transport { phase, source })?;
             }
+            drop(reqs);
             self.bytes += self.wrs.iter().map(|w| w.len).sum::<u64>();
+            let runs = self.sched.batch_runs_in(slice.0, slice.1);
+            for chunk in runs.chunks(MAX_RUNS) {
+                send(t, phase, &Msg::Placed { runs: chunk.to_vec() })?;
+            }
+            for r in &runs {
+                for p in r.first..r.first + r.pages as u64 {
+                    self.digests.record_from(&self.region, p as usize);
+                }
+            }
         }
         b.post_time = t0.elapsed();
         let t1 = Instant::now();
@@ -427,6 +443,7 @@ fn precopy_rounds(
     policy: &mut dyn ConvergencePolicy,
     workload: &Option<&mut Workload>,
     start: Instant,
+    reply_timeout: Duration,
     summary: &mut Summary,
     on_interval: &mut dyn FnMut(&IterationLine),
 ) -> Result<Decision, SourceError> {
@@ -437,27 +454,34 @@ fn precopy_rounds(
         iter += 1;
         let started = Instant::now();
         let touched0 = touched();
-        let modified = s.pending.count_ones();
+        s.sched.begin_interval();
         let budget = policy.send_window().unwrap_or(usize::MAX).max(1);
         let bytes0 = s.bytes;
         let b = s.send_batch(t, budget, phase)?;
         // The sample: harvest the dirty log into the pending set.
-        tracker.collect(&mut s.pending).map_err(SourceError::Dirty)?;
-        let remaining = s.pending.count_ones();
-        let retransmitted = s.retx.finish_interval();
+        tracker.collect(s.sched.pending_mut()).map_err(SourceError::Dirty)?;
+        let f = s.sched.end_interval();
+        let (remaining, retransmitted) = (f.remaining, f.retransmitted);
         let report = IntervalReport {
             now: start.elapsed(),
-            pages_posted: b.data,
+            pages_posted: f.posted,
             post_time: b.post_time,
             wait_time: b.wait_time,
-            modified,
+            modified: f.modified,
             retransmitted,
             remaining,
             bytes_sent: s.bytes - bytes0,
-            first_pass_done: s.never_sent_n == 0,
+            first_pass_done: f.first_pass_done,
         };
         let decision = policy.handle_interval(&report);
         send(t, phase, &Msg::IterationDone { iter, pages: b.data as u64, dirty: remaining as u64 })?;
+        // Pages announced zero may be dirty again: the destination must have zeroed them
+        // before their new content is written. (The round trip also shows, once per
+        // interval, that the destination keeps up.)
+        match recv(t, phase, "IterationAck", reply_timeout)? {
+            Msg::IterationAck { iter: i } if i == iter => {}
+            other => return Err(unexpected(phase, "IterationAck", &other)),
+        }
         let line = IterationLine {
             iter,
             at_ms: start.elapsed().as_millis() as u64,
@@ -518,25 +542,24 @@ fn stop_and_copy(
     sw: &mut Option<SourceSwitchover>,
 ) -> Result<(), SourceError> {
     let phase = Phase::StopAndCopy;
-    tracker.collect(&mut s.pending).map_err(SourceError::Dirty)?;
-    let final_pages = s.pending.count_ones();
-    let region = s.region.clone();
+    tracker.collect(s.sched.pending_mut()).map_err(SourceError::Dirty)?;
+    let final_pages = s.sched.pending_count();
     let resume = workload.is_some();
-    let sum = std::thread::scope(|scope| -> Result<[u8; 32], SourceError> {
-        // The source copy is frozen from here on: hash it while the last pages travel.
-        // SAFETY: the workload is paused and nothing writes the source region any more (the
-        // transport only reads it); the scope ends before the workload can be resumed.
-        let hasher = scope.spawn(|| unsafe { super::checksum::region_checksum(&region, region.len()) });
-        let b = s.send_batch(t, usize::MAX, phase)?;
-        summary.final_pages = Some((b.data + b.zero) as u64);
-        summary.final_transfer_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
-        debug_assert_eq!(b.data + b.zero, final_pages);
-        #[cfg(feature = "fault-injection")]
-        fault::corrupt_in_flight(t, s)?;
-        // Every page is placed (Final is ordered after the writes): the destination hashes now.
-        send(t, phase, &Msg::Final { resume })?;
-        Ok(hasher.join().unwrap_or_else(|p| std::panic::resume_unwind(p)))
-    })?;
+    // The source copy is frozen: the last pages are hashed as they are posted, and the
+    // digest is then that of the frozen memory.
+    let b = s.send_batch(t, usize::MAX, phase)?;
+    summary.final_pages = Some((b.data + b.zero) as u64);
+    summary.final_transfer_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
+    debug_assert_eq!(b.data + b.zero, final_pages);
+    #[cfg(feature = "fault-injection")]
+    fault::corrupt_in_flight(t, s)?;
+    if let Some(page) = s.digests.first_missing() {
+        // The final batch takes every pending page, never-sent ones included.
+        return Err(SourceError::Unsent { page });
+    }
+    let sum = s.digests.digest().to_bytes();
+    // Every page is placed (Final is ordered after the writes).
+    send(t, phase, &Msg::Final { resume })?;
     tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "source checksum ready");
     let sw = sw.insert(SourceSwitchover::new(sum));
     send(t, phase, &Msg::SourceChecksum { checksum: sum })?;
@@ -553,7 +576,10 @@ fn stop_and_copy(
             }
             Ok(Next::Done) => break,
             Err(Violation::Mismatch { theirs }) => {
-                return Err(SourceError::ChecksumMismatch { source_sum: hex(&sum), dest_sum: hex(&theirs) })
+                return Err(SourceError::ChecksumMismatch {
+                    source_sum: Digest::from_bytes(&sum).hex(),
+                    dest_sum: Digest::from_bytes(&theirs).hex(),
+                })
             }
             Err(Violation::Unexpected { expected, got }) => {
                 return Err(SourceError::Unexpected { phase, expected, got })
@@ -564,7 +590,7 @@ fn stop_and_copy(
     tracing::info!(downtime_ms = summary.downtime_ms, "destination resumed");
     // The migration is over when the destination runs; what follows only measures.
     summary.total_s = start.elapsed().as_secs_f64();
-    summary.checksum = Some(hex(&sum));
+    summary.checksum = Some(Digest::from_bytes(&sum).hex());
     // The workload lives at the destination now; the source copy never runs again.
     if let Some(w) = workload.as_deref_mut() {
         if let Err(e) = w.stop() {
@@ -640,6 +666,10 @@ mod fault {
             remote_offset: page * ps as u64,
         }])
         .map_err(|source| SourceError::Transport { phase, source })?;
+        // Announced like any transfer: the destination hashes what actually landed.
+        let runs = vec![super::PageRun { first: page, pages: 1 }];
+        t.send_message(&super::Msg::Placed { runs }.encode())
+            .map_err(|source| SourceError::Transport { phase, source })?;
         t.flush().map_err(|source| SourceError::Transport { phase, source })
     }
 }
