@@ -45,7 +45,7 @@ for policy in kvm ibrahim; do
         (if .outcome == "completed" then "yes" else "NO (aborted)" end),
         (.total_s | . * 10 | round / 10 | tostring),
         (if .downtime_ms == null then "-" else (.downtime_ms | round | tostring) end),
-        ((.slowdown_percent | round | tostring) + "%"),
+        (if .slowdown_percent == null then "-" else ((.slowdown_percent | round | tostring) + "%") end),
         ("interval " + (.iterations | tostring) + " @" +
           ((.intervals[-1].at_ms // 0) / 100 | round / 10 | tostring) + "s"),
         .end_reason ] | @tsv' "$f" |

@@ -40,12 +40,54 @@ pub enum MemoryError {
     DuplicateId(RegionId),
 }
 
+/// Where each region's pages lie in a page space: region 0's first, then region 1's, …
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PageLayout {
+    /// First page of each region, plus the total at the end.
+    bases: Vec<usize>,
+}
+
+impl PageLayout {
+    /// The layout of regions with these page counts, in order.
+    pub fn new(pages: impl IntoIterator<Item = usize>) -> Self {
+        let mut bases = vec![0];
+        for n in pages {
+            bases.push(bases.last().copied().unwrap_or(0) + n);
+        }
+        Self { bases }
+    }
+
+    /// Regions.
+    pub fn regions(&self) -> usize {
+        self.bases.len() - 1
+    }
+
+    /// Pages in all regions.
+    pub fn pages(&self) -> usize {
+        self.bases[self.regions()]
+    }
+
+    /// First page of region `i`.
+    pub fn base(&self, i: usize) -> usize {
+        self.bases[i]
+    }
+
+    /// The region holding `page`, as (region index, page within it).
+    pub fn locate(&self, page: usize) -> Option<(usize, usize)> {
+        if page >= self.pages() {
+            return None;
+        }
+        // The last base not above `page` (empty regions share a base with the next).
+        let i = self.bases.partition_point(|&b| b <= page) - 1;
+        Some((i, page - self.bases[i]))
+    }
+}
+
 /// A guest's memory: regions in a fixed order, one page size.
 #[derive(Debug, Clone)]
 pub struct GuestMemory {
     regions: Vec<Arc<Region>>,
-    /// First global page of each region, plus the total at the end.
-    bases: Vec<usize>,
+    layout: PageLayout,
 }
 
 impl GuestMemory {
@@ -53,8 +95,6 @@ impl GuestMemory {
     pub fn new(regions: Vec<Arc<Region>>) -> Result<Self, MemoryError> {
         let first = regions.first().ok_or(MemoryError::Empty)?;
         let (first_id, first_ps) = (first.id(), first.page_size());
-        let mut bases = Vec::with_capacity(regions.len() + 1);
-        let mut total = 0usize;
         for (i, r) in regions.iter().enumerate() {
             if r.page_size() != first_ps {
                 return Err(MemoryError::PageSize { id: r.id(), page_size: r.page_size(), first_id, first: first_ps });
@@ -62,11 +102,9 @@ impl GuestMemory {
             if regions[..i].iter().any(|o| o.id() == r.id()) {
                 return Err(MemoryError::DuplicateId(r.id()));
             }
-            bases.push(total);
-            total += r.pages();
         }
-        bases.push(total);
-        Ok(Self { regions, bases })
+        let layout = PageLayout::new(regions.iter().map(|r| r.pages()));
+        Ok(Self { regions, layout })
     }
 
     /// Memory of a single region.
@@ -86,7 +124,12 @@ impl GuestMemory {
 
     /// Pages in all regions.
     pub fn pages(&self) -> usize {
-        self.bases[self.regions.len()]
+        self.layout.pages()
+    }
+
+    /// The page-space layout.
+    pub fn layout(&self) -> &PageLayout {
+        &self.layout
     }
 
     /// Bytes in all regions.
@@ -101,17 +144,12 @@ impl GuestMemory {
 
     /// First global page of region `i`.
     pub fn base(&self, i: usize) -> usize {
-        self.bases[i]
+        self.layout.base(i)
     }
 
     /// The region holding global page `page`, as (region index, page within it).
     pub fn locate(&self, page: usize) -> Option<(usize, usize)> {
-        if page >= self.pages() {
-            return None;
-        }
-        // The last base not above `page`.
-        let i = self.bases.partition_point(|&b| b <= page) - 1;
-        Some((i, page - self.bases[i]))
+        self.layout.locate(page)
     }
 
     /// Pages known to be zero without reading them, over the whole page space (see
@@ -121,7 +159,7 @@ impl GuestMemory {
         for (i, r) in self.regions.iter().enumerate() {
             if let Ok(z) = r.known_zero_pages() {
                 for (start, n) in z.runs() {
-                    out.set_range(self.bases[i] + start, n);
+                    out.set_range(self.layout.base(i) + start, n);
                 }
             }
         }

@@ -96,15 +96,16 @@ impl PageDigests {
         self.set(page, Self::term(page, xxh3_128(bytes)));
     }
 
-    /// Reads `page` from `region` (volatile copy) and records it. False if out of range.
-    pub fn record_from(&mut self, region: &Region, page: usize) -> bool {
-        if page >= self.terms.len() {
+    /// Reads page `local` of `region` (volatile copy) and records it as page `index` of the
+    /// page space. False if either is out of range.
+    pub fn record_from(&mut self, index: usize, region: &Region, local: usize) -> bool {
+        if index >= self.terms.len() {
             return false;
         }
         let mut buf = std::mem::take(&mut self.buf);
-        let ok = region.read_at((page * self.page_size) as u64, &mut buf);
+        let ok = region.read_at((local * self.page_size) as u64, &mut buf);
         if ok {
-            self.record_bytes(page, &buf);
+            self.record_bytes(index, &buf);
         }
         self.buf = buf;
         ok
@@ -140,7 +141,18 @@ pub fn region_digest(region: &Region, len: u64) -> Digest {
     let pages = (len.min(region.len()) / region.page_size() as u64) as usize;
     let mut d = PageDigests::new(pages, region.page_size());
     for p in 0..pages {
-        d.record_from(region, p);
+        d.record_from(p, region, p);
+    }
+    d.digest()
+}
+
+/// The digest of a whole [`GuestMemory`](crate::guest::GuestMemory), read in full.
+pub fn memory_digest(memory: &crate::guest::GuestMemory) -> Digest {
+    let mut d = PageDigests::new(memory.pages(), memory.page_size());
+    for (i, r) in memory.regions().iter().enumerate() {
+        for p in 0..r.pages() {
+            d.record_from(memory.base(i) + p, r, p);
+        }
     }
     d.digest()
 }
@@ -197,9 +209,10 @@ mod tests {
         r.write_at(4096 * 3, &[7; 10]);
         let mut a = PageDigests::new(8, 4096);
         for p in 0..8 {
-            assert!(a.record_from(&r, p));
+            assert!(a.record_from(p, &r, p));
         }
-        assert!(!a.record_from(&r, 8));
+        assert!(!a.record_from(8, &r, 0));
+        assert!(!a.record_from(0, &r, 8));
         let mut b = PageDigests::new(8, 4096);
         b.record_zero(0, 3);
         b.record_zero(4, 4);

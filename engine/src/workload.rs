@@ -882,6 +882,62 @@ impl Workload {
     }
 }
 
+/// The device state of a migrated workload: only this tag, since all of its state lives in
+/// its region (page 0). It tells the destination that a workload is to be started.
+pub const DEVICE_STATE: &[u8] = b"livemig-workload/1";
+
+/// The workload as a guest the engine migrates: its device state is [`DEVICE_STATE`]; its
+/// progress is the pages it touched.
+impl crate::guest::GuestControl for Workload {
+    fn pause(&mut self) -> Result<(), crate::guest::GuestError> {
+        Workload::pause(self).map_err(|e| crate::guest::GuestError::new("pause", e))
+    }
+
+    fn resume(&mut self) -> Result<(), crate::guest::GuestError> {
+        if self.state() == RunState::Paused {
+            Workload::resume(self).map_err(|e| crate::guest::GuestError::new("resume", e))?;
+        }
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, crate::guest::GuestError> {
+        Ok(DEVICE_STATE.to_vec())
+    }
+
+    fn handed_over(&mut self) {
+        if let Err(e) = self.stop() {
+            // It is paused and stays so; the migration itself is complete.
+            tracing::warn!(error = %e, "stopping the paused source workload failed");
+        }
+    }
+
+    fn progress(&self) -> Option<u64> {
+        Some(self.pages_touched())
+    }
+}
+
+/// The destination's start closure for a migrated workload: with the workload's device
+/// state it attaches to `region` (the migrated header is checked against it) and starts the
+/// workload threads, keeping the running workload in `slot`; with an empty state (the source
+/// had no workload) it starts nothing.
+pub fn starter(
+    region: Arc<Region>,
+    slot: &mut Option<Workload>,
+) -> impl FnMut(Vec<u8>) -> Result<(), crate::guest::GuestError> + '_ {
+    move |state| {
+        if state.is_empty() {
+            return Ok(());
+        }
+        if state != DEVICE_STATE {
+            return Err(crate::guest::GuestError::new("start", "the device state is not a workload's"));
+        }
+        let mut w = Workload::attach(region.clone()).map_err(|e| crate::guest::GuestError::new("start", e))?;
+        w.start().map_err(|e| crate::guest::GuestError::new("start", e))?;
+        *slot = Some(w);
+        Ok(())
+    }
+}
+
 impl Drop for Workload {
     fn drop(&mut self) {
         if let Err(e) = self.stop() {

@@ -22,9 +22,63 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use livemig_engine::connect::{self, Listener, TransportChoice, TransportOptions};
+use livemig_engine::dirty::MemoryTracker;
+use livemig_engine::guest::{GuestControl, GuestMemory, Idle};
+use livemig_engine::precopy::{DestConfig, DestError, DestReport, IterationLine, SourceConfig, SourceError, Summary};
 use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
 use livemig_transport::auth::Secret;
 use livemig_transport::{Access, Region, RegionId, RegionTable, Registration, TcpConfig, Transport, TransportKind};
+
+/// Migrates a one-region guest through the embedding API: `region` as its memory, tracked
+/// with userfaultfd, `workload` (or an idle guest when `None`) as its control.
+pub fn migrate_workload(
+    t: &mut dyn Transport,
+    region: &Arc<Region>,
+    workload: Option<&mut Workload>,
+    cfg: &SourceConfig,
+    on_interval: &mut dyn FnMut(&IterationLine),
+) -> Result<Summary, SourceError> {
+    let memory = GuestMemory::single(region.clone());
+    let mut dirty = MemoryTracker::open(&memory).expect("opening the dirty tracker");
+    let mut idle = Idle;
+    let guest: &mut dyn GuestControl = match workload {
+        Some(w) => w,
+        None => &mut idle,
+    };
+    livemig_engine::precopy::migrate(t, &memory, guest, &mut dirty, cfg, on_interval)
+}
+
+/// What [`receive_workload`] returns: the destination's report and the workload it started
+/// (if the source migrated one). Derefs to the report.
+#[derive(Debug)]
+pub struct Received {
+    /// The report.
+    pub rep: DestReport,
+    /// The resumed workload, running.
+    pub workload: Option<Workload>,
+}
+
+impl std::ops::Deref for Received {
+    type Target = DestReport;
+    fn deref(&self) -> &DestReport {
+        &self.rep
+    }
+}
+
+/// Receives a one-region guest into `region`, starting the migrated workload (if any).
+pub fn receive_workload(
+    t: &mut dyn Transport,
+    region: &Arc<Region>,
+    cfg: &DestConfig,
+    on_iteration: &mut dyn FnMut(u32, u64, u64),
+) -> Result<Received, DestError> {
+    let memory = GuestMemory::single(region.clone());
+    let mut workload = None;
+    let mut start = livemig_engine::workload::starter(region.clone(), &mut workload);
+    let rep = livemig_engine::precopy::receive(t, &memory, &mut start, cfg, on_iteration);
+    drop(start);
+    rep.map(|rep| Received { rep, workload })
+}
 
 /// The shared secret of in-process tests (both ends use it; its value does not matter).
 pub const TEST_SECRET: &str = "livemig-test-secret";

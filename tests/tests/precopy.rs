@@ -10,11 +10,12 @@ use std::time::{Duration, Instant};
 use livemig_engine::integrity::region_digest;
 use livemig_engine::policy::{IbrahimConfig, KvmConfig, PolicyConfig};
 use livemig_engine::precopy::proto::{self, Msg};
-use livemig_engine::precopy::{
-    dest, migrate, receive, DestConfig, DestError, DestReport, Mismatch, Outcome, SourceConfig, SourceError,
-};
+use livemig_engine::precopy::{dest, DestConfig, DestError, Mismatch, Outcome, RegionDesc, SourceConfig, SourceError};
 use livemig_engine::workload::{RunState, WorkloadKind};
-use livemig_tests::{assert_still_running, error_chain, registered_region, workload_params, Conn, Registered, Source};
+use livemig_tests::{
+    assert_still_running, error_chain, migrate_workload, receive_workload, registered_region, workload_params, Conn,
+    Received, Registered, Source,
+};
 use livemig_transport::{Access, Region, RegionTable, Transport};
 
 const MIB: u64 = 1 << 20;
@@ -33,14 +34,10 @@ fn spawn_dest<T: Send + 'static>(
     conn().spawn_dest(len, page_size, move |mut t, r| serve(t.as_mut(), &r))
 }
 
-fn dest_receiver(len: u64, page_size: u32) -> (String, JoinHandle<Result<DestReport, DestError>>) {
+fn dest_receiver(len: u64, page_size: u32) -> (String, JoinHandle<Result<Received, DestError>>) {
     spawn_dest(len, page_size, |t, r| {
-        let cfg = DestConfig {
-            rate_window: Duration::from_millis(300),
-            reply_timeout: Duration::from_secs(30),
-            ..Default::default()
-        };
-        receive(t, r, &cfg, &mut |_, _, _| {})
+        let cfg = DestConfig { reply_timeout: Duration::from_secs(30), ..Default::default() };
+        receive_workload(t, r, &cfg, &mut |_, _, _| {})
     })
 }
 
@@ -50,12 +47,7 @@ fn source(addr: &str, len: u64, page_size: u32, kind: WorkloadKind, wss_pages: u
 }
 
 fn cfg(policy: PolicyConfig) -> SourceConfig {
-    SourceConfig {
-        policy,
-        warmup: Duration::from_millis(200),
-        reply_timeout: Duration::from_secs(30),
-        ..Default::default()
-    }
+    SourceConfig { policy, reply_timeout: Duration::from_secs(30), ..Default::default() }
 }
 
 /// The destination's memory holds garbage before the migration (an embedder's memory is not
@@ -66,12 +58,13 @@ fn destination_memory_need_not_start_zeroed() {
     let len = 16 * MIB;
     let (addr, dst) = spawn_dest(len, 4096, move |t, r| {
         r.write_at(0, &vec![0xa5; len as usize]);
-        let cfg = DestConfig { rate_window: Duration::from_millis(100), ..Default::default() };
-        (receive(t, r, &cfg, &mut |_, _, _| {}), r.clone())
+        let cfg = DestConfig { ..Default::default() };
+        (receive_workload(t, r, &cfg, &mut |_, _, _| {}), r.clone())
     });
     let mut s = source(&addr, len, 4096, WorkloadKind::Random, 256);
-    let summary = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
-        .expect("migration");
+    let summary =
+        migrate_workload(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
+            .expect("migration");
     let (rep, dregion) = dst.join().unwrap();
     let rep = rep.expect("destination");
     assert!(summary.zero_pages > len / 4096 / 2, "{} zero pages", summary.zero_pages);
@@ -96,8 +89,9 @@ fn ibrahim_migrates_a_random_writer_and_the_workload_continues() {
         ..Default::default()
     });
     let mut lines = Vec::new();
-    let summary = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |l| lines.push(*l))
-        .expect("migration");
+    let summary =
+        migrate_workload(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |l| lines.push(*l))
+            .expect("migration");
     let rep = dst.join().unwrap().expect("destination");
 
     assert_eq!(summary.outcome, Outcome::Completed);
@@ -107,7 +101,7 @@ fn ibrahim_migrates_a_random_writer_and_the_workload_continues() {
     assert!(["a", "b", "c"].contains(&summary.end_rule.as_str()), "{}", summary.end_rule);
     // Zero pages went as flags: the untouched tail of the region was never written.
     assert!(summary.zero_pages >= (len / 4096 - 4097) - 16, "{} zero pages", summary.zero_pages);
-    assert!(summary.workload.before > 0.0 && summary.workload.after.is_some_and(|a| a > 0.0));
+    assert!(summary.guest_rate_during.is_some_and(|r| r > 0.0), "{:?}", summary.guest_rate_during);
 
     // The source stopped at the switchover; its memory is what the destination verified.
     assert_eq!(s.workload.state(), RunState::Idle);
@@ -139,8 +133,8 @@ fn kvm_that_cannot_converge_aborts_and_the_source_keeps_running() {
         ..Default::default()
     });
     let t0 = Instant::now();
-    let summary =
-        migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |_| {}).expect("aborted summary");
+    let summary = migrate_workload(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |_| {})
+        .expect("aborted summary");
     assert!(t0.elapsed() < Duration::from_secs(20));
     assert_eq!(summary.outcome, Outcome::Aborted);
     assert_eq!(summary.end_rule, "timeout");
@@ -170,7 +164,7 @@ fn destination_dying_mid_precopy_is_a_clear_error_and_the_source_keeps_running()
     let mut s = source(&addr, len, 4096, WorkloadKind::Random, 8192);
     let policy = PolicyConfig::Kvm(KvmConfig { downtime_limit_ms: 0, ..Default::default() });
     let t0 = Instant::now();
-    let err = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |_| {}).unwrap_err();
+    let err = migrate_workload(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(policy), &mut |_| {}).unwrap_err();
     dst.join().unwrap();
     assert!(t0.elapsed() < Duration::from_secs(25), "took {:?}", t0.elapsed());
     assert!(matches!(err, SourceError::Transport { .. }), "{err:?}");
@@ -182,9 +176,10 @@ fn destination_dying_mid_precopy_is_a_clear_error_and_the_source_keeps_running()
 fn smaller_destination_is_refused_before_anything_is_sent() {
     let (addr, dst) = dest_receiver(32 * MIB, 4096);
     let mut s = source(&addr, 64 * MIB, 4096, WorkloadKind::Seq, 1024);
-    let err = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
-        .unwrap_err();
-    assert!(matches!(err, SourceError::Incompatible(Mismatch::TooSmall { .. })), "{err:?}");
+    let err =
+        migrate_workload(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
+            .unwrap_err();
+    assert!(matches!(err, SourceError::Incompatible { index: 0, source: Mismatch::TooSmall { .. } }), "{err:?}");
     assert_eq!(s.t.stats().bytes_posted, 0);
     assert_eq!(s.t.stats().messages_sent, 0);
     assert_still_running(&s.workload, Duration::from_millis(50));
@@ -196,9 +191,13 @@ fn smaller_destination_is_refused_before_anything_is_sent() {
 fn page_size_mismatch_is_refused() {
     let (addr, dst) = dest_receiver(64 * MIB, 8192);
     let mut s = source(&addr, 64 * MIB, 4096, WorkloadKind::Seq, 1024);
-    let err = migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
-        .unwrap_err();
-    assert!(matches!(err, SourceError::Incompatible(Mismatch::PageSize { src: 4096, dst: 8192 })), "{err:?}");
+    let err =
+        migrate_workload(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg(PolicyConfig::default()), &mut |_| {})
+            .unwrap_err();
+    assert!(
+        matches!(err, SourceError::Incompatible { index: 0, source: Mismatch::PageSize { src: 4096, dst: 8192 } }),
+        "{err:?}"
+    );
     assert_still_running(&s.workload, Duration::from_millis(50));
     drop(s);
     assert!(dst.join().unwrap().is_err());
@@ -208,8 +207,9 @@ fn page_size_mismatch_is_refused() {
 #[test]
 fn destination_refuses_a_bad_begin() {
     for (begin, want) in [
-        (Msg::Begin { region_len: 64 * MIB, page_size: 4096, workload: true }, "smaller"),
-        (Msg::Begin { region_len: 16 * MIB, page_size: 8192, workload: false }, "page size"),
+        (Msg::Begin { regions: vec![RegionDesc { len: 64 * MIB, page_size: 4096 }] }, "smaller"),
+        (Msg::Begin { regions: vec![RegionDesc { len: 16 * MIB, page_size: 8192 }] }, "page size"),
+        (Msg::Begin { regions: vec![RegionDesc { len: 4 * MIB, page_size: 4096 }; 2] }, "regions"),
     ] {
         let (addr, dst) = dest_receiver(32 * MIB, 4096);
         let Registered { table, reg: _reg, .. } = registered_region(1, MIB, 4096, Access::LOCAL);
@@ -218,7 +218,7 @@ fn destination_refuses_a_bad_begin() {
         let reply = proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()).unwrap();
         let Msg::Refuse { reason } = reply else { panic!("{reply:?}") };
         assert!(reason.contains(want), "{reason}");
-        assert!(matches!(dst.join().unwrap(), Err(DestError::Refused(_))));
+        assert!(matches!(dst.join().unwrap(), Err(DestError::Refused { .. } | DestError::RegionCount { .. })));
     }
 }
 

@@ -5,9 +5,9 @@
 
 use std::time::Duration;
 
-use livemig_engine::precopy::{receive, DestConfig, DestError, SourceConfig, SourceError, FAULT_INJECTION};
+use livemig_engine::precopy::{DestConfig, DestError, SourceConfig, SourceError, FAULT_INJECTION};
 use livemig_engine::workload::{RunState, WorkloadKind, WorkloadParams};
-use livemig_tests::{makes_progress, workload_params, Conn};
+use livemig_tests::{makes_progress, receive_workload, workload_params, Conn};
 use livemig_transport::TcpConfig;
 
 #[test]
@@ -22,14 +22,14 @@ fn corrupted_page_is_detected_and_the_source_resumes() {
     let conn = Conn::tcp(TcpConfig::default().io_timeout);
 
     let (addr, dst) = conn.spawn_dest(len, 4096, |mut t, dregion| {
-        receive(t.as_mut(), &dregion, &DestConfig::default(), &mut |_, _, _| {})
+        receive_workload(t.as_mut(), &dregion, &DestConfig::default(), &mut |_, _, _| {})
     });
 
     let p = WorkloadParams { rate_pages_per_sec: 2000, seed: 1, ..workload_params(WorkloadKind::Seq, 512, 1) };
     let mut s = conn.start_source(&addr, len, 4096, p);
-    let cfg = SourceConfig { warmup: Duration::ZERO, ..Default::default() };
-    let err = livemig_engine::precopy::migrate(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg, &mut |_| {})
-        .unwrap_err();
+    let cfg = SourceConfig { ..Default::default() };
+    let err =
+        livemig_tests::migrate_workload(s.t.as_mut(), &s.region, Some(&mut s.workload), &cfg, &mut |_| {}).unwrap_err();
     let SourceError::ChecksumMismatch { source_sum, dest_sum } = &err else { panic!("{err:?}") };
     assert_ne!(source_sum, dest_sum);
     eprintln!("source: {err}");

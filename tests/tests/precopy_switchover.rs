@@ -17,9 +17,12 @@ use livemig_engine::integrity::region_digest;
 use livemig_engine::policy::{KvmConfig, PolicyConfig};
 use livemig_engine::precopy::cut::CutAt;
 use livemig_engine::precopy::proto::{self, Msg};
-use livemig_engine::precopy::{migrate, receive, DestConfig, DestError, DestReport, SourceConfig, SourceError};
+use livemig_engine::precopy::{DestConfig, DestError, SourceConfig, SourceError};
 use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
-use livemig_tests::{error_chain, makes_progress, registered_region, workload_params, Conn, Registered, Source};
+use livemig_tests::{
+    error_chain, makes_progress, migrate_workload, receive_workload, registered_region, workload_params, Conn,
+    Received, Registered, Source,
+};
 use livemig_transport::{Access, Region, Transport};
 
 const LEN: u64 = 16 << 20;
@@ -29,7 +32,7 @@ fn conn() -> Conn {
     Conn::tcp(Duration::from_secs(10))
 }
 
-type DestOut = (Arc<Region>, Result<DestReport, DestError>);
+type DestOut = (Arc<Region>, Result<Received, DestError>);
 
 /// A destination on loopback whose transport is cut instead of sending `cut`.
 fn spawn_dest(cut: Option<&'static str>) -> (String, JoinHandle<DestOut>) {
@@ -42,12 +45,8 @@ fn spawn_dest_with(
 ) -> (String, JoinHandle<DestOut>) {
     conn().spawn_dest(LEN, 4096, move |t, region| {
         let mut t = wrap(t);
-        let cfg = DestConfig {
-            rate_window: Duration::from_millis(200),
-            reply_timeout,
-            alive_every: Duration::from_millis(1),
-        };
-        let res = receive(&mut t, &region, &cfg, &mut |_, _, _| {});
+        let cfg = DestConfig { reply_timeout, alive_every: Duration::from_millis(1) };
+        let res = receive_workload(&mut t, &region, &cfg, &mut |_, _, _| {});
         (region, res)
     })
 }
@@ -57,7 +56,7 @@ struct Run {
     workload: Workload,
     result: Result<livemig_engine::precopy::Summary, SourceError>,
     dest_region: Arc<Region>,
-    dest: Result<DestReport, DestError>,
+    dest: Result<Received, DestError>,
     /// The destination thread was still running when the source's `migrate` returned.
     dest_still_frozen: bool,
 }
@@ -75,12 +74,11 @@ fn run_with(src_cut: Option<&'static str>, dest: (String, JoinHandle<DestOut>), 
     let mut t = CutAt::new(t, src_cut);
     let cfg = SourceConfig {
         policy: PolicyConfig::Kvm(KvmConfig::default()),
-        warmup: Duration::ZERO,
         reply_timeout: Duration::from_secs(20),
         switchover_idle,
         ..Default::default()
     };
-    let result = migrate(&mut t, &region, Some(&mut workload), &cfg, &mut |_| {});
+    let result = migrate_workload(&mut t, &region, Some(&mut workload), &cfg, &mut |_| {});
     let dest_still_frozen = !dst.is_finished();
     drop(t);
     let (dest_region, dest) = dst.join().unwrap();
@@ -161,11 +159,12 @@ fn garbage_instead_of_commit_is_refused_and_nothing_runs_at_the_destination() {
     let Registered { region, table, reg: _reg } = registered_region(1, LEN, 4096, Access::LOCAL);
     let mut t = conn().connect(&addr, &table);
     let send = |t: &mut Box<dyn Transport>, m: Msg| t.send_message(&m.encode()).unwrap();
-    send(&mut t, Msg::Begin { region_len: LEN, page_size: 4096, workload: false });
+    send(&mut t, Msg::Begin { regions: vec![proto::RegionDesc { len: LEN, page_size: 4096 }] });
     assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
     // Every page "placed" (both regions are fresh and zero): the destination hashes them all.
     send(&mut t, Msg::Placed { runs: vec![proto::PageRun { first: 0, pages: (LEN / 4096) as u32 }] });
-    send(&mut t, Msg::Final { resume: false });
+    send(&mut t, Msg::DeviceState { last: true, bytes: vec![] });
+    send(&mut t, Msg::Final);
     let sum = region_digest(&region, LEN).to_bytes();
     send(&mut t, Msg::SourceChecksum { checksum: sum });
     let (alive, v) = skip_alive(&mut t);
@@ -186,7 +185,7 @@ fn a_frozen_source_is_given_up_by_the_destination() {
     let (addr, dst) = spawn_dest_with(|t| CutAt::new(t, None), Duration::from_millis(1500));
     let Registered { table, reg: _reg, .. } = registered_region(1, LEN, 4096, Access::LOCAL);
     let mut t = conn().connect(&addr, &table);
-    t.send_message(&Msg::Begin { region_len: LEN, page_size: 4096, workload: false }.encode()).unwrap();
+    t.send_message(&Msg::Begin { regions: vec![proto::RegionDesc { len: LEN, page_size: 4096 }] }.encode()).unwrap();
     assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
     let t0 = std::time::Instant::now();
     let (_, res) = dst.join().unwrap();

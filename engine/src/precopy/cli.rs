@@ -13,6 +13,8 @@ use livemig_transport::{Access, CoalesceConfig, Region, RegionTable, TcpConfig};
 
 use super::{dest, source, Outcome};
 use crate::connect::{self, Listener, TransportChoice, TransportOptions};
+use crate::dirty::MemoryTracker;
+use crate::guest::{GuestControl, GuestMemory, Idle};
 use crate::policy::{KvmConfig, PolicyConfig, PolicyKind};
 use crate::workload::{Workload, WorkloadKind, WorkloadParams};
 
@@ -298,10 +300,18 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         a.policy,
         a.warmup
     );
+    // The workload's rate before the migration, for the slowdown figure.
+    let before = match workload.as_ref() {
+        Some(w) if a.warmup > 0.0 => {
+            let (n0, t0) = (w.pages_touched(), std::time::Instant::now());
+            std::thread::sleep(secs(a.warmup));
+            Some((w.pages_touched() - n0) as f64 / t0.elapsed().as_secs_f64())
+        }
+        _ => None,
+    };
     let cfg = source::SourceConfig {
         policy: a.policy_config(),
         coalesce: CoalesceConfig { page_size: ps, ..Default::default() },
-        warmup: secs(a.warmup),
         reply_timeout: super::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
         // The destination sends Alive every 250 ms while it hashes.
         switchover_idle: secs(a.io_timeout).max(Duration::from_secs(1)),
@@ -320,7 +330,14 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         });
         progress.on_interval(l);
     };
-    let res = source::migrate(t.as_mut(), &region, workload.as_mut(), &cfg, &mut on_line);
+    let memory = GuestMemory::single(region.clone());
+    let mut dirty = MemoryTracker::open(&memory).context("opening the dirty tracker")?;
+    let mut idle = Idle;
+    let guest: &mut dyn GuestControl = match workload.as_mut() {
+        Some(w) => w,
+        None => &mut idle,
+    };
+    let res = source::migrate(t.as_mut(), &memory, guest, &mut dirty, &cfg, &mut on_line);
     progress.bar.finish_and_clear();
     let summary = match res {
         Ok(s) => s,
@@ -333,10 +350,21 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
             return Err(anyhow::Error::new(e).context(format!("migration failed (source workload: {running})")));
         }
     };
+    // Slowdown of the workload while pre-copy ran, against its rate before.
+    let slowdown = match (before, summary.guest_rate_during) {
+        (Some(b), Some(d)) if b > 0.0 => Some((b - d) / b * 100.0),
+        _ => None,
+    };
     if json {
-        println!("{}", serde_json::to_string_pretty(&summary)?);
+        let mut v = serde_json::to_value(&summary)?;
+        v["workload_before"] = serde_json::json!(before);
+        v["slowdown_percent"] = serde_json::json!(slowdown);
+        println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", summary.render());
+        if let (Some(b), Some(s)) = (before, slowdown) {
+            println!("  workload       {b:.0} pages/s before, slowdown during pre-copy {s:.1} %");
+        }
     }
     if summary.outcome == Outcome::Aborted {
         let running = workload.as_ref().map(|w| w.state().to_string()).unwrap_or_else(|| "none".into());
@@ -460,14 +488,24 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
         }
     };
     bar.set_message("connected; receiving the first pass");
-    let cfg = dest::DestConfig { rate_window: secs(a.after), ..Default::default() };
+    let cfg = dest::DestConfig::default();
     let mut on_iter = |i: u32, p: u64, d: u64| {
         tracing::debug!(iter = i, pages = p, dirty = d, "interval received");
         bar.set_message(format!("received interval {i}: {p} pages, {d} dirty at the source"));
     };
-    let res = dest::receive(t.as_mut(), &region, &cfg, &mut on_iter);
+    let memory = GuestMemory::single(region.clone());
+    let mut workload = None;
+    let mut start = crate::workload::starter(region.clone(), &mut workload);
+    let res = dest::receive(t.as_mut(), &memory, &mut start, &cfg, &mut on_iter);
+    drop(start);
     bar.finish_and_clear();
-    let mut rep = res.context("receiving the migration")?;
+    let rep = res.context("receiving the migration")?;
+    // The resumed workload's rate, measured here.
+    let after_rate = workload.as_ref().map(|w| {
+        let (n0, t0) = (w.pages_touched(), std::time::Instant::now());
+        std::thread::sleep(secs(a.after));
+        (w.pages_touched() - n0) as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+    });
     if a.json {
         let v = serde_json::json!({
             "iterations": rep.iterations,
@@ -476,22 +514,22 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
             "checksum": rep.checksum,
             "verify_ms": rep.verify_ms,
             "switchover_ms": rep.switchover_ms,
-            "after_rate": rep.after_rate,
+            "after_rate": after_rate,
         });
         eprintln!("{v}");
     } else {
         eprintln!(
-            "destination: verified {} after {} intervals ({:.1} MiB received, {} zero pages); checksum {:.1} ms, switchover {:.1} ms; workload {}",
+            "destination: verified {} after {} intervals ({:.1} MiB received, {} zero pages); digest {:.1} ms, switchover {:.1} ms; workload {}",
             &rep.checksum[..16],
             rep.iterations,
             rep.bytes_received as f64 / (1 << 20) as f64,
             rep.zero_pages,
             rep.verify_ms,
             rep.switchover_ms,
-            rep.after_rate.map_or("none".into(), |r| format!("resumed at {r:.0} pg/s"))
+            after_rate.map_or("none".into(), |r| format!("resumed at {r:.0} pg/s"))
         );
     }
-    if let Some(w) = rep.workload.as_mut() {
+    if let Some(w) = workload.as_mut() {
         w.stop().context("stopping the workload")?;
     }
     Ok(())

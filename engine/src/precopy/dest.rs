@@ -1,22 +1,20 @@
 //! The destination driver: checks `Begin`, lets the transport place pages in its exposed
-//! region, verifies the checksum at switchover and resumes the workload.
+//! memory, keeps the digest of what landed, verifies it at switchover and starts the guest.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use livemig_transport::{Region, Transport, TransportError};
+use livemig_transport::{Transport, TransportError};
 
-use super::proto::{self, Msg, PageRun};
+use super::proto::{self, Msg, PageRun, MAX_STATE};
 use super::switchover::{DestNext, DestSwitchover};
 use super::{check_fit, error_chain, Mismatch, Phase};
+use crate::guest::{GuestError, GuestMemory, PageLayout};
 use crate::integrity::{Digest, PageDigests};
-use crate::workload::{Workload, WorkloadError};
 
 /// Destination-side settings.
 #[derive(Debug, Clone)]
 pub struct DestConfig {
-    /// After resuming, measure the workload's rate for this long and report it.
-    pub rate_window: Duration,
     /// While hashing at the switchover, send `Alive` this often (the source's
     /// `switchover_idle` must be longer).
     pub alive_every: Duration,
@@ -28,11 +26,7 @@ pub struct DestConfig {
 
 impl Default for DestConfig {
     fn default() -> Self {
-        DestConfig {
-            rate_window: Duration::from_secs(2),
-            alive_every: Duration::from_millis(250),
-            reply_timeout: super::REPLY_TIMEOUT,
-        }
+        DestConfig { alive_every: Duration::from_millis(250), reply_timeout: super::REPLY_TIMEOUT }
     }
 }
 
@@ -43,7 +37,7 @@ pub struct DestReport {
     pub iterations: u32,
     /// Zero pages announced.
     pub zero_pages: u64,
-    /// Payload bytes the source wrote into our region.
+    /// Payload bytes the source wrote into our memory.
     pub bytes_received: u64,
     /// The verified region digest (hex).
     pub checksum: String,
@@ -51,21 +45,33 @@ pub struct DestReport {
     pub hashed_at_final: u64,
     /// Time from `Final` to `Verified` (finishing our digest, and waiting for the source's), ms.
     pub verify_ms: f64,
-    /// Time from `Final` to `Resumed` (checksum, commit round trip, attach), ms.
+    /// Time from `Final` to `Resumed` (digest, commit round trip, starting the guest), ms.
     pub switchover_ms: f64,
-    /// Rate of the resumed workload, pages/s.
-    pub after_rate: Option<f64>,
-    /// The resumed workload (running), if the source had one.
-    pub workload: Option<Workload>,
+    /// Bytes of device state received.
+    pub device_state_bytes: u64,
 }
 
 /// Why receiving failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum DestError {
-    /// We refused the source's region.
-    #[error("refused the migration")]
-    Refused(#[source] Mismatch),
+    /// We refused the source's memory: region `index` does not fit.
+    #[error("refused the migration: region {index} does not fit")]
+    Refused {
+        /// Which region (in page-space order).
+        index: usize,
+        /// Why.
+        #[source]
+        source: Mismatch,
+    },
+    /// We refused the source's memory: it has a different number of regions.
+    #[error("refused the migration: the source has {src} regions, this memory {dst}")]
+    RegionCount {
+        /// The source's.
+        src: usize,
+        /// Ours.
+        dst: usize,
+    },
     /// The transport failed.
     #[error("transport failed during {phase}")]
     Transport {
@@ -107,55 +113,68 @@ pub enum DestError {
     #[error("the source aborted the migration: {0}")]
     SourceAborted(String),
     /// Our memory differs from the source's.
-    #[error("checksum mismatch: source {source_sum}, destination {dest_sum}; the workload was not resumed")]
+    #[error("digest mismatch: source {source_sum}, destination {dest_sum}; the guest was not started")]
     ChecksumMismatch {
         /// The source's (hex).
         source_sum: String,
         /// Ours (hex).
         dest_sum: String,
     },
-    /// The migrated workload could not be resumed (the source was told, and resumes).
-    #[error("resuming the workload failed")]
-    Workload(#[source] WorkloadError),
-    /// Checksums matched but no `Commit` came: the source kept the workload (or holds it
-    /// paused, if its `Commit` was lost). Nothing runs here; the region is left as received.
-    #[error("no Commit from the source after a matching checksum ({0}); the workload was not resumed here")]
+    /// The guest could not be started (the source was told, and resumes).
+    #[error("starting the guest failed")]
+    Guest(#[source] GuestError),
+    /// Digests matched but no `Commit` came: the source kept the guest (or holds it paused,
+    /// if its `Commit` was lost). Nothing runs here; the memory is left as received.
+    #[error("no Commit from the source after a matching digest ({0}); the guest was not started here")]
     NotCommitted(String),
 }
 
-/// Receives one migration into `region` (exposed, `REMOTE_WRITE`, in `t`'s table).
-/// `on_iteration(iter, pages, dirty)` is called per announced interval.
+/// Receives one migration into `memory` (every region exposed `REMOTE_WRITE` in `t`'s
+/// table). Once the memory is verified and the source has committed, `start` is called with
+/// the guest's device state and must start the guest; if it fails, the source is told and
+/// resumes its copy. `on_iteration(iter, pages, dirty)` is called per announced interval.
 pub fn receive(
     t: &mut dyn Transport,
-    region: &Arc<Region>,
+    memory: &GuestMemory,
+    start: &mut dyn FnMut(Vec<u8>) -> Result<(), GuestError>,
     cfg: &DestConfig,
     on_iteration: &mut dyn FnMut(u32, u64, u64),
 ) -> Result<DestReport, DestError> {
-    let span = tracing::info_span!("receive", region_bytes = region.len(), transport = %t.kind());
+    let span = tracing::info_span!("receive", memory_bytes = memory.len(), transport = %t.kind());
     let _span = span.enter();
     let phase = Phase::Handshake;
     let first = t
         .recv_message(Some(cfg.reply_timeout))
         .map_err(|source| DestError::Transport { phase, source })?
         .ok_or(DestError::Timeout(cfg.reply_timeout))?;
-    let (src_len, workload) = match decode(phase, &first)? {
-        Msg::Begin { region_len, page_size, workload } => {
-            if let Err(m) = check_fit(region_len, page_size, workload, region.len(), region.page_size()) {
-                let _ = t.send_message(&Msg::Refuse { reason: m.to_string() }.encode());
-                return Err(DestError::Refused(m));
+    let layout = match decode(phase, &first)? {
+        Msg::Begin { regions } => {
+            let refuse = |t: &mut dyn Transport, e: DestError| {
+                let _ = t.send_message(&Msg::Refuse { reason: error_chain(&e) }.encode());
+                Err(e)
+            };
+            if regions.len() != memory.regions().len() {
+                return refuse(t, DestError::RegionCount { src: regions.len(), dst: memory.regions().len() });
             }
-            (region_len, workload)
+            for (index, (s, d)) in regions.iter().zip(memory.regions()).enumerate() {
+                if let Err(source) = check_fit(s.len, s.page_size, d.len(), d.page_size()) {
+                    return refuse(t, DestError::Refused { index, source });
+                }
+            }
+            PageLayout::new(regions.iter().map(|r| (r.len / r.page_size as u64) as usize))
         }
         other => return Err(DestError::Unexpected { phase, got: other.name() }),
     };
     send(t, phase, &Msg::Accept)?;
-    tracing::info!(region_len = src_len, workload, "accepted the migration");
+    tracing::info!(pages = layout.pages(), regions = layout.regions(), "accepted the migration");
 
     let phase = Phase::Precopy;
-    let ps = region.page_size() as u64;
-    let pages = src_len / ps;
+    let ps = memory.page_size() as u64;
+    let pages = layout.pages() as u64;
     // Dropping it (on any return) ends the hashing thread.
-    let hasher = Hasher::spawn(region.clone(), pages as usize);
+    let hasher = Hasher::spawn(memory.clone(), layout.clone());
+    let mut state: Vec<u8> = Vec::new();
+    let mut state_done = false;
     let mut announced = 0u64;
     let mut rep = DestReport {
         iterations: 0,
@@ -165,13 +184,12 @@ pub fn receive(
         hashed_at_final: 0,
         verify_ms: 0.0,
         switchover_ms: 0.0,
-        after_rate: None,
-        workload: None,
+        device_state_bytes: 0,
     };
     // Liveness: a long interval (a big first pass under kvm) sends pages for a long time
     // without a control message, so progress is counted in bytes as well as messages.
     let mut last = (Instant::now(), t.stats().bytes_received);
-    let resume = loop {
+    loop {
         let m = t
             .recv_message(Some(Duration::from_millis(500)))
             .map_err(|source| DestError::Transport { phase, source })?;
@@ -199,7 +217,9 @@ pub fn receive(
                 // of them again before our IterationAck, so no newer copy can be here yet.
                 check_runs(&runs, pages).map_err(|got| DestError::Unexpected { phase, got })?;
                 for r in &runs {
-                    region.place_zero(r.first * ps, r.pages as u64 * ps);
+                    for_each_region_part(&layout, r, |i, local, n| {
+                        memory.regions()[i].place_zero(local as u64 * ps, n as u64 * ps);
+                    });
                     rep.zero_pages += r.pages as u64;
                 }
                 hasher.send(Work::Zero(runs));
@@ -209,13 +229,21 @@ pub fn receive(
                 announced += runs.iter().map(|r| r.pages as u64).sum::<u64>();
                 hasher.send(Work::Placed(runs));
             }
-            Msg::Final { resume } => {
-                tracing::info!(iterations = rep.iterations, "stop-and-copy data complete; verifying");
-                break resume;
+            Msg::DeviceState { last, bytes } => {
+                if state_done || state.len() + bytes.len() > MAX_STATE {
+                    return Err(DestError::Unexpected { phase, got: "DeviceState (too much or after the last)" });
+                }
+                state.extend_from_slice(&bytes);
+                state_done = last;
             }
+            Msg::Final if state_done => {
+                tracing::info!(iterations = rep.iterations, "stop-and-copy data complete; verifying");
+                break;
+            }
+            Msg::Final => return Err(DestError::Unexpected { phase, got: "Final before the device state" }),
             other => return Err(DestError::Unexpected { phase, got: other.name() }),
         }
-    };
+    }
 
     // Switchover (the pure `DestSwitchover` decides; see `switchover`): hash, compare, answer,
     // resume only on Commit.
@@ -263,44 +291,20 @@ pub fn receive(
     };
     debug_assert!(commit == DestNext::Resume && sw.may_run());
     rep.bytes_received = t.stats().bytes_received;
-    if resume && workload {
-        let started = Workload::attach(region.clone()).and_then(|mut w| w.start().map(|()| w));
-        match started {
-            Ok(w) => rep.workload = Some(w),
-            Err(e) => {
-                // Tell the source, which then resumes its own copy.
-                let _ = t.send_message(&Msg::Abort { reason: format!("resuming the workload failed: {e}") }.encode());
-                return Err(DestError::Workload(e));
-            }
-        }
+    rep.device_state_bytes = state.len() as u64;
+    if let Err(e) = start(state) {
+        // Tell the source, which then resumes its own copy.
+        let _ =
+            t.send_message(&Msg::Abort { reason: format!("starting the guest failed: {}", error_chain(&e)) }.encode());
+        return Err(DestError::Guest(e));
     }
     rep.switchover_ms = t0.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(switchover_ms = rep.switchover_ms, "committed; workload resumed here");
+    tracing::info!(switchover_ms = rep.switchover_ms, "committed; the guest runs here");
 
-    // From here the workload runs here: failures only lose the report, never the workload.
+    // From here the guest runs here: failures only lose the report, never the guest.
     let phase = Phase::Resumed;
-    let link = match send(t, phase, &Msg::Resumed) {
-        Ok(()) => true,
-        Err(e) => {
-            tracing::warn!(error = %error_chain(&e), "could not tell the source we resumed (it holds its copy paused)");
-            false
-        }
-    };
-    if let Some(w) = &rep.workload {
-        let (n0, t1) = (w.pages_touched(), Instant::now());
-        std::thread::sleep(cfg.rate_window);
-        let secs = t1.elapsed().as_secs_f64();
-        let rate = (w.pages_touched() - n0) as f64 / secs;
-        rep.after_rate = Some(rate);
-        if link {
-            let m = Msg::WorkloadRate { pages_per_sec: rate as u64, over_ms: (secs * 1e3) as u32 };
-            if let Err(e) = send(t, phase, &m) {
-                tracing::warn!(error = %error_chain(&e), "could not report the workload rate");
-                return Ok(rep);
-            }
-        }
-    }
-    if !link {
+    if let Err(e) = send(t, phase, &Msg::Resumed) {
+        tracing::warn!(error = %error_chain(&e), "could not tell the source we resumed (it holds its copy paused)");
         return Ok(rep);
     }
     // The source closes with Done; a source that vanished now does not undo the migration.
@@ -309,6 +313,19 @@ pub fn receive(
         other => tracing::warn!(?other, "source ended the session without Done"),
     }
     Ok(rep)
+}
+
+/// Calls `f(region, first local page, pages)` for each region part of the run `r` (runs
+/// are checked against the layout first).
+fn for_each_region_part(layout: &PageLayout, r: &PageRun, mut f: impl FnMut(usize, usize, usize)) {
+    let mut p = r.first as usize;
+    let end = p + r.pages as usize;
+    while p < end {
+        let Some((i, local)) = layout.locate(p) else { return };
+        let n = (layout.base(i + 1) - p).min(end - p);
+        f(i, local, n);
+        p += n;
+    }
 }
 
 fn recv(t: &mut dyn Transport, phase: Phase, timeout: Duration, expected: &'static str) -> Result<Msg, DestError> {
@@ -357,9 +374,10 @@ struct Hasher {
 }
 
 impl Hasher {
-    fn spawn(region: Arc<Region>, pages: usize) -> Self {
+    fn spawn(memory: GuestMemory, layout: PageLayout) -> Self {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
-        let ps = region.page_size();
+        let ps = memory.page_size();
+        let pages = layout.pages();
         let hashed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let count = hashed.clone();
         let handle = std::thread::Builder::new()
@@ -370,9 +388,13 @@ impl Hasher {
                     match w {
                         Work::Placed(runs) => {
                             for r in runs {
-                                for p in r.first..r.first + r.pages as u64 {
-                                    d.record_from(&region, p as usize);
-                                }
+                                let mut p = r.first as usize;
+                                for_each_region_part(&layout, &r, |i, local, n| {
+                                    for k in 0..n {
+                                        d.record_from(p + k, &memory.regions()[i], local + k);
+                                    }
+                                    p += n;
+                                });
                                 count.fetch_add(r.pages as u64, std::sync::atomic::Ordering::Relaxed);
                             }
                         }

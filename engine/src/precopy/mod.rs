@@ -1,45 +1,46 @@
-//! Pre-copy live migration of a running workload (the paper's section 7 and Algorithm 2).
+//! Pre-copy live migration of a running guest (the paper's section 7 and Algorithm 2),
+//! through the embedding API of [`crate::guest`].
 //!
 //! # Data flow
 //!
 //! ```text
 //!   source process                                   destination process
-//!   region (workload runs in it)                     region (exposed REMOTE_WRITE)
-//!   dirty tracker (userfaultfd WP)
+//!   GuestMemory (N regions, the guest runs)          GuestMemory (exposed REMOTE_WRITE)
+//!   DirtySource (userfaultfd WP, or the embedder's log)
 //!   policy (ibrahim | kvm | xen, pure)
-//!        │ Begin{len, page size, workload} ─────────────▶ checks size/page size
+//!        │ Begin{regions: len, page size} ──────────────▶ checks each region fits
 //!        │ ◀──────────────────────────────── Accept | Refuse{reason}
 //!   never-populated pages → Zero{runs} before the first pass ───▶ zeroed where needed
 //!   interval i (schedule.rs picks, policy sizes the window):
 //!     zero pages found by reading → Zero{runs} ──────────▶ zeroed where needed
-//!     per 8 MiB slice: coalesced writes ──────────────────▶ placed by the transport
+//!     per region, per 8 MiB slice: coalesced writes ─────▶ placed by the transport
 //!                      Placed{runs} ──────────────────────▶ hashed (digest thread)
 //!                      hash the slice's pages here
 //!     flush, harvest dirty log, IntervalReport → Decision
 //!        │ IterationDone{i, pages, dirty} ──────────────▶ progress
 //!        │ ◀──────────────────────────────── IterationAck{i}   (Zero runs placed)
-//!   StopAndCopy: pause workload (downtime starts), final harvest, send the last
-//!                pages (hashed as above), flush
-//!        │ Final{resume} ───────────────────────────────▶ finishes hashing the last slice
+//!   StopAndCopy: GuestControl::pause (downtime starts), final harvest, send the last
+//!                pages (hashed as above), flush, save the device state
+//!        │ DeviceState{…} ──────────────────────────────▶ kept
+//!        │ Final ───────────────────────────────────────▶ finishes hashing the last slice
 //!        │ SourceChecksum{digest} ──────────────────────▶ compares
-//!        │ ◀──────────────────────────────── Verified{ok, checksum}   (not resumed yet)
-//!        │ Commit ──────────────────────────────────────▶ attaches, resumes the workload
-//!        │ ◀──────────────────────────────── Resumed     (downtime ends; workload runs there)
-//!   source workload stops for good
-//!        │ ◀──────────────────────────────── WorkloadRate{pages/s after}
+//!        │ ◀──────────────────────────────── Verified{ok, digest}   (not started yet)
+//!        │ Commit ──────────────────────────────────────▶ starts the guest with the state
+//!        │ ◀──────────────────────────────── Resumed     (downtime ends; the guest runs there)
+//!   GuestControl::handed_over: the source copy never runs again
 //!        │ Done ────────────────────────────────────────▶
-//!   Abort (policy gave up) or a transport error: tracking stops, the source workload keeps
-//!   running (resumed if it was paused), Abort{reason} is sent when the link still works.
+//!   Abort (policy gave up) or a transport error: tracking stops, the guest keeps running at
+//!   the source (resumed if it was paused), Abort{reason} is sent when the link still works.
 //! ```
 //!
-//! **At most one copy runs (no split brain).** The destination resumes only on `Commit`, and
-//! the source sends `Commit` only after a matching `Verified`. Any failure before `Commit`
-//! resumes the source and the destination never runs. A failure at or after `Commit` (the
-//! link dies, the destination dies, `Resumed` is lost) is *in doubt*: the source cannot know
-//! whether `Commit` arrived, so it keeps its copy paused and reports
-//! [`SourceError::InDoubt`]; the destination, if it got `Commit`, runs the workload. Both
+//! **At most one copy runs (no split brain).** The destination starts the guest only on
+//! `Commit`, and the source sends `Commit` only after a matching `Verified`. Any failure
+//! before `Commit` resumes the source and the destination never runs. A failure at or after
+//! `Commit` (the link dies, the destination dies, `Resumed` is lost) is *in doubt*: the
+//! source cannot know whether `Commit` arrived, so it keeps its copy paused and reports
+//! [`SourceError::InDoubt`]; the destination, if it got `Commit`, runs the guest. Both
 //! memories stay intact; nothing is resumed twice. (An explicit `Abort` from the destination
-//! after `Commit` — it could not attach the workload — resumes the source.)
+//! after `Commit` — it could not start the guest — resumes the source.)
 //!
 //! The policies are pure state machines ([`crate::policy`]); [`source`] and [`dest`] are the
 //! thin drivers that read the clock and move bytes. Which transport backend carries the
@@ -74,7 +75,7 @@ use std::time::Duration;
 use serde::Serialize;
 
 pub use dest::{receive, DestConfig, DestError, DestReport};
-pub use proto::{decode, Msg, PageRun, ProtoError};
+pub use proto::{decode, Msg, PageRun, ProtoError, RegionDesc};
 pub use source::{migrate, SourceConfig, SourceError};
 
 /// The pre-copy phase a failure happened in (for error messages).
@@ -84,9 +85,10 @@ pub use source::{migrate, SourceConfig, SourceError};
 pub enum Phase {
     /// Begin/Accept.
     Handshake,
-    /// Iterative rounds (the workload runs at the source).
+    /// Iterative rounds (the guest runs at the source).
     Precopy,
-    /// The workload is paused; the last dirty pages and the checksum are in flight.
+    /// The guest is paused; the last dirty pages, the device state and the digest are in
+    /// flight.
     StopAndCopy,
     /// After the destination resumed.
     Resumed,
@@ -120,14 +122,6 @@ pub enum Mismatch {
         /// Destination bytes.
         dst: u64,
     },
-    /// A workload needs equal sizes: its header records the region's page count.
-    #[error("the destination region ({dst} bytes) differs from the source region ({src} bytes); a workload resumes only in a region of the same size")]
-    SizeDiffers {
-        /// Source bytes.
-        src: u64,
-        /// Destination bytes.
-        dst: u64,
-    },
     /// Page sizes differ.
     #[error("the destination page size {dst} differs from the source page size {src}")]
     PageSize {
@@ -139,21 +133,14 @@ pub enum Mismatch {
 }
 
 /// Pure check: may a region of `dest_len` bytes with `dest_page` pages receive the source's?
-pub fn check_fit(
-    source_len: u64,
-    source_page: u32,
-    workload: bool,
-    dest_len: u64,
-    dest_page: u32,
-) -> Result<(), Mismatch> {
+/// (Whether the guest accepts a larger region is the guest's business, checked when it
+/// starts at the destination.)
+pub fn check_fit(source_len: u64, source_page: u32, dest_len: u64, dest_page: u32) -> Result<(), Mismatch> {
     if dest_page != source_page {
         return Err(Mismatch::PageSize { src: source_page, dst: dest_page });
     }
     if dest_len < source_len {
         return Err(Mismatch::TooSmall { src: source_len, dst: dest_len });
-    }
-    if workload && dest_len != source_len {
-        return Err(Mismatch::SizeDiffers { src: source_len, dst: dest_len });
     }
     Ok(())
 }
@@ -177,8 +164,9 @@ pub struct IterationLine {
     pub interval_ms: f64,
     /// Window for the next interval (`None` = whole dirty set).
     pub window: Option<u64>,
-    /// Pages written by the workload per second during the interval.
-    pub workload_rate: f64,
+    /// The guest's progress per second during the interval (`GuestControl::progress`), when
+    /// it reports progress.
+    pub guest_rate: Option<f64>,
 }
 
 impl std::fmt::Display for IterationLine {
@@ -186,7 +174,7 @@ impl std::fmt::Display for IterationLine {
         let window = self.window.map_or("all".to_string(), |w| w.to_string());
         write!(
             f,
-            "iter {:>3} {:>7.1}s  sent {:>8}  zero {:>7}  dirty {:>8}  retx {:>8}  interval {:>7.1} ms  window {:>8}  workload {:>9.0} pg/s",
+            "iter {:>3} {:>7.1}s  sent {:>8}  zero {:>7}  dirty {:>8}  retx {:>8}  interval {:>7.1} ms  window {:>8}",
             self.iter,
             self.at_ms as f64 / 1000.0,
             self.sent,
@@ -195,30 +183,11 @@ impl std::fmt::Display for IterationLine {
             self.retransmitted,
             self.interval_ms,
             window,
-            self.workload_rate
-        )
-    }
-}
-
-/// Workload throughput around the migration, in pages touched per second.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize)]
-pub struct WorkloadRates {
-    /// Before the migration started (warm-up at the source).
-    pub before: f64,
-    /// During pre-copy (at the source, with dirty tracking armed).
-    pub during: f64,
-    /// After resuming at the destination (reported by it); `None` if not measured.
-    pub after: Option<f64>,
-}
-
-impl WorkloadRates {
-    /// Slowdown during pre-copy, in percent of the rate before (0 when nothing ran before).
-    pub fn slowdown_percent(&self) -> f64 {
-        if self.before <= 0.0 {
-            0.0
-        } else {
-            (self.before - self.during) / self.before * 100.0
+        )?;
+        if let Some(r) = self.guest_rate {
+            write!(f, "  guest {r:>9.0}/s")?;
         }
+        Ok(())
     }
 }
 
@@ -226,9 +195,9 @@ impl WorkloadRates {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Outcome {
-    /// Stop-and-copy ran, checksums matched, the destination resumed.
+    /// Stop-and-copy ran, the digests matched, the destination runs the guest.
     Completed,
-    /// The policy gave up; the source workload kept running.
+    /// The policy gave up; the guest kept running at the source.
     Aborted,
 }
 
@@ -243,8 +212,10 @@ pub struct Summary {
     pub transport: String,
     /// Dirty-tracking mechanism.
     pub tracker: String,
-    /// Region bytes.
+    /// Guest memory bytes (all regions).
     pub region_bytes: u64,
+    /// Guest memory regions.
+    pub regions: usize,
     /// Page size.
     pub page_size: u32,
     /// Seconds from the start of pre-copy to the end (resume or abort).
@@ -255,6 +226,8 @@ pub struct Summary {
     pub final_transfer_ms: Option<f64>,
     /// Pages sent in stop-and-copy.
     pub final_pages: Option<u64>,
+    /// Bytes of device state sent in stop-and-copy.
+    pub device_state_bytes: Option<u64>,
     /// Payload bytes written in total.
     pub bytes: u64,
     /// Data pages written in total.
@@ -267,11 +240,10 @@ pub struct Summary {
     pub end_rule: String,
     /// Its full description.
     pub end_reason: String,
-    /// Workload throughput before/during/after.
-    pub workload: WorkloadRates,
-    /// Slowdown during pre-copy, percent.
-    pub slowdown_percent: f64,
-    /// The checksum both ends agreed on (hex), when completed.
+    /// The guest's progress per second during pre-copy (`GuestControl::progress`), when it
+    /// reports progress.
+    pub guest_rate_during: Option<f64>,
+    /// The digest both ends agreed on (hex), when completed.
     pub checksum: Option<String>,
     /// The per-interval lines.
     pub intervals: Vec<IterationLine>,
@@ -288,18 +260,25 @@ impl Summary {
         let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
         s +=
             &format!("migration {verdict}: policy {} over {}, tracker {}\n", self.policy, self.transport, self.tracker);
-        s += &format!("  region         {:.0} MiB, {} B pages\n", mb(self.region_bytes), self.page_size);
+        s += &format!(
+            "  memory         {:.0} MiB in {} region{}, {} B pages\n",
+            mb(self.region_bytes),
+            self.regions,
+            if self.regions == 1 { "" } else { "s" },
+            self.page_size
+        );
         s += &format!("  total time     {:.2} s\n", self.total_s);
         match self.downtime_ms {
             Some(d) => {
                 s += &format!(
-                    "  downtime       {:.1} ms ({} pages in stop-and-copy, {:.1} ms sending them)\n",
-                    d,
-                    self.final_pages.unwrap_or(0),
-                    self.final_transfer_ms.unwrap_or(0.0)
-                )
+                "  downtime       {:.1} ms ({} pages in stop-and-copy, {:.1} ms sending them; {} B of device state)\n",
+                d,
+                self.final_pages.unwrap_or(0),
+                self.final_transfer_ms.unwrap_or(0.0),
+                self.device_state_bytes.unwrap_or(0)
+            )
             }
-            None => s += "  downtime       none (the workload never stopped)\n",
+            None => s += "  downtime       none (the guest never stopped)\n",
         }
         s += &format!(
             "  bytes          {:.1} MiB ({} pages sent, {} zero pages as flags)\n",
@@ -309,13 +288,11 @@ impl Summary {
         );
         s += &format!("  iterations     {}\n", self.iterations);
         s += &format!("  ended by       {} [{}]\n", self.end_reason, self.end_rule);
-        let after = self.workload.after.map_or("n/a".into(), |a| format!("{a:.0}"));
-        s += &format!(
-            "  workload       before {:.0} pg/s, during {:.0} pg/s, after {} pg/s; slowdown {:.1} %\n",
-            self.workload.before, self.workload.during, after, self.slowdown_percent
-        );
+        if let Some(r) = self.guest_rate_during {
+            s += &format!("  guest          {r:.0}/s during pre-copy\n");
+        }
         if let Some(c) = &self.checksum {
-            s += &format!("  checksum       {c} (verified by the destination)\n");
+            s += &format!("  digest         {c} (verified by the destination)\n");
         }
         s
     }
@@ -351,17 +328,9 @@ mod tests {
 
     #[test]
     fn fit_rules() {
-        assert_eq!(check_fit(100, 4096, true, 100, 4096), Ok(()));
-        assert_eq!(check_fit(100, 4096, false, 200, 4096), Ok(()));
-        assert!(matches!(check_fit(100, 4096, false, 50, 4096), Err(Mismatch::TooSmall { .. })));
-        assert!(matches!(check_fit(100, 4096, true, 200, 4096), Err(Mismatch::SizeDiffers { .. })));
-        assert!(matches!(check_fit(100, 4096, false, 100, 8192), Err(Mismatch::PageSize { .. })));
-    }
-
-    #[test]
-    fn slowdown() {
-        let r = WorkloadRates { before: 100.0, during: 75.0, after: None };
-        assert!((r.slowdown_percent() - 25.0).abs() < 1e-9);
-        assert_eq!(WorkloadRates::default().slowdown_percent(), 0.0);
+        assert_eq!(check_fit(100, 4096, 100, 4096), Ok(()));
+        assert_eq!(check_fit(100, 4096, 200, 4096), Ok(()));
+        assert!(matches!(check_fit(100, 4096, 50, 4096), Err(Mismatch::TooSmall { .. })));
+        assert!(matches!(check_fit(100, 4096, 100, 8192), Err(Mismatch::PageSize { .. })));
     }
 }

@@ -11,15 +11,15 @@
 //! byte 4      version (VERSION; decoders accept MIN_VERSION..=VERSION)
 //! byte 5      message type (see `Msg`)
 //! byte 6..    payload, little-endian, fixed layout per type:
-//!   1 Begin          region_len u64 | page_size u32 | flags u8 (bit0: a workload runs in page 0)
+//!   1 Begin          n u16 (1..=MAX_REGIONS) | n × (region_len u64 | page_size u32)
 //!   2 Accept         -
 //!   3 Refuse         reason: text
 //!   4 Zero           runs   (the destination makes these pages zero)
 //!   5 IterationDone  iter u32 | pages u64 | dirty u64
-//!   6 Final          flags u8 (bit0: resume the workload)
+//!   6 Final          -
 //!   7 Verified       ok u8 (0|1) | destination checksum [32]
 //!   8 Resumed        -
-//!   9 WorkloadRate   pages_per_sec u64 | over_ms u32
+//!   9 DeviceState    last u8 (0|1) | len u32 (≤ MAX_STATE_CHUNK) | bytes
 //!  10 Done           -
 //!  11 Abort          reason: text
 //!  12 SourceChecksum source checksum [32]
@@ -45,14 +45,31 @@ pub const VERSION: u8 = 3;
 /// Oldest version this build decodes. Version 2 compared whole-region SHA-256 checksums
 /// and left zero pages unwritten at the destination; version 1 had no `Commit`.
 pub const MIN_VERSION: u8 = 3;
+/// Most regions a migration carries.
+pub const MAX_REGIONS: usize = 256;
+/// Largest piece of device state in one `DeviceState` message.
+pub const MAX_STATE_CHUNK: usize = 32 << 10;
+/// Largest device state a destination accepts in total.
+pub const MAX_STATE: usize = 64 << 20;
 /// Longest reason text, in bytes.
 pub const MAX_TEXT: usize = 512;
 /// Most page runs in one `Zero` or `Placed` message.
 pub const MAX_RUNS: usize = 4096;
-/// Largest frame: a full `Zero` or `Placed` message.
+/// Largest frame: a full `Zero` or `Placed` message (larger than a full `Begin` or
+/// `DeviceState`).
 pub const MAX_FRAME: usize = 6 + 4 + MAX_RUNS * 12;
+const _: () = assert!(6 + 2 + MAX_REGIONS * 12 <= MAX_FRAME && 6 + 5 + MAX_STATE_CHUNK <= MAX_FRAME);
 
 const HEADER: usize = 6;
+
+/// One region of the source's memory, as announced in `Begin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RegionDesc {
+    /// Bytes.
+    pub len: u64,
+    /// Page size (a power of two).
+    pub page_size: u32,
+}
 
 /// A run of pages: `pages` pages starting at `first`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -67,14 +84,10 @@ pub struct PageRun {
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum Msg {
-    /// Source → destination: opens the migration.
+    /// Source → destination: opens the migration with the guest's memory layout.
     Begin {
-        /// Bytes of the source region.
-        region_len: u64,
-        /// Source page size.
-        page_size: u32,
-        /// A workload lives in the region (page 0 holds its header) and must be resumed.
-        workload: bool,
+        /// The source's regions, in page-space order (1 to [`MAX_REGIONS`]).
+        regions: Vec<RegionDesc>,
     },
     /// Destination → source: the region fits.
     Accept,
@@ -110,10 +123,15 @@ pub enum Msg {
         /// Dirty pages left after it.
         dirty: u64,
     },
-    /// Source → destination: stop-and-copy is over, every page is placed; start hashing.
-    Final {
-        /// Resume the workload once committed.
-        resume: bool,
+    /// Source → destination: stop-and-copy is over, every page is placed and the device
+    /// state sent; finish the digest.
+    Final,
+    /// Source → destination: a piece of the guest's device state (sent while paused).
+    DeviceState {
+        /// The last piece.
+        last: bool,
+        /// At most [`MAX_STATE_CHUNK`] bytes.
+        bytes: Vec<u8>,
     },
     /// Source → destination: the source's region digest (`integrity::Digest`), complete once
     /// the last pages are posted.
@@ -136,13 +154,6 @@ pub enum Msg {
     Alive,
     /// Destination → source: the workload runs at the destination (downtime ends).
     Resumed,
-    /// Destination → source: the resumed workload's rate.
-    WorkloadRate {
-        /// Pages touched per second at the destination.
-        pages_per_sec: u64,
-        /// Measured over this many milliseconds.
-        over_ms: u32,
-    },
     /// Source → destination: the session is over.
     Done,
     /// Either way: the migration is abandoned.
@@ -270,10 +281,10 @@ impl Msg {
             Msg::Refuse { .. } => 3,
             Msg::Zero { .. } => 4,
             Msg::IterationDone { .. } => 5,
-            Msg::Final { .. } => 6,
+            Msg::Final => 6,
             Msg::Verified { .. } => 7,
             Msg::Resumed => 8,
-            Msg::WorkloadRate { .. } => 9,
+            Msg::DeviceState { .. } => 9,
             Msg::Done => 10,
             Msg::Abort { .. } => 11,
             Msg::SourceChecksum { .. } => 12,
@@ -292,10 +303,10 @@ impl Msg {
             Msg::Refuse { .. } => "Refuse",
             Msg::Zero { .. } => "Zero",
             Msg::IterationDone { .. } => "IterationDone",
-            Msg::Final { .. } => "Final",
+            Msg::Final => "Final",
             Msg::Verified { .. } => "Verified",
             Msg::Resumed => "Resumed",
-            Msg::WorkloadRate { .. } => "WorkloadRate",
+            Msg::DeviceState { .. } => "DeviceState",
             Msg::Done => "Done",
             Msg::Abort { .. } => "Abort",
             Msg::SourceChecksum { .. } => "SourceChecksum",
@@ -315,12 +326,21 @@ impl Msg {
         out.push(VERSION);
         out.push(self.code());
         match self {
-            Msg::Begin { region_len, page_size, workload } => {
-                out.extend_from_slice(&region_len.to_le_bytes());
-                out.extend_from_slice(&page_size.to_le_bytes());
-                out.push(*workload as u8);
+            Msg::Begin { regions } => {
+                debug_assert!((1..=MAX_REGIONS).contains(&regions.len()));
+                out.extend_from_slice(&(regions.len() as u16).to_le_bytes());
+                for r in regions {
+                    out.extend_from_slice(&r.len.to_le_bytes());
+                    out.extend_from_slice(&r.page_size.to_le_bytes());
+                }
             }
-            Msg::Accept | Msg::Resumed | Msg::Done | Msg::Commit | Msg::Alive => {}
+            Msg::Accept | Msg::Resumed | Msg::Done | Msg::Commit | Msg::Alive | Msg::Final => {}
+            Msg::DeviceState { last, bytes } => {
+                debug_assert!(bytes.len() <= MAX_STATE_CHUNK);
+                out.push(*last as u8);
+                out.extend_from_slice(&(bytes.len() as u32).to_le_bytes());
+                out.extend_from_slice(bytes);
+            }
             Msg::Refuse { reason } | Msg::Abort { reason } => put_text(&mut out, reason),
             Msg::Zero { runs } | Msg::Placed { runs } => {
                 debug_assert!(runs.len() <= MAX_RUNS && runs.iter().all(|r| r.pages > 0));
@@ -336,15 +356,10 @@ impl Msg {
                 out.extend_from_slice(&pages.to_le_bytes());
                 out.extend_from_slice(&dirty.to_le_bytes());
             }
-            Msg::Final { resume } => out.push(*resume as u8),
             Msg::SourceChecksum { checksum } => out.extend_from_slice(checksum),
             Msg::Verified { ok, checksum } => {
                 out.push(*ok as u8);
                 out.extend_from_slice(checksum);
-            }
-            Msg::WorkloadRate { pages_per_sec, over_ms } => {
-                out.extend_from_slice(&pages_per_sec.to_le_bytes());
-                out.extend_from_slice(&over_ms.to_le_bytes());
             }
         }
         out
@@ -369,25 +384,39 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
     let mut r = Reader { b, pos: HEADER };
     let msg = match b[5] {
         1 => {
-            let region_len = r.u64()?;
-            let page_size = r.u32()?;
-            if page_size == 0 || !page_size.is_power_of_two() {
-                return Err(ProtoError::Invalid { field: "page size", value: page_size as u64 });
+            let n = r.u16()? as usize;
+            if !(1..=MAX_REGIONS).contains(&n) {
+                return Err(ProtoError::Invalid { field: "region count", value: n as u64 });
             }
-            let workload = r.flag("workload flag")?;
-            Msg::Begin { region_len, page_size, workload }
+            let mut regions = Vec::with_capacity(n);
+            for _ in 0..n {
+                let len = r.u64()?;
+                let page_size = r.u32()?;
+                if page_size == 0 || !page_size.is_power_of_two() {
+                    return Err(ProtoError::Invalid { field: "page size", value: page_size as u64 });
+                }
+                regions.push(RegionDesc { len, page_size });
+            }
+            Msg::Begin { regions }
         }
         2 => Msg::Accept,
         3 => Msg::Refuse { reason: r.text()? },
         4 => Msg::Zero { runs: r.runs()? },
         5 => Msg::IterationDone { iter: r.u32()?, pages: r.u64()?, dirty: r.u64()? },
-        6 => Msg::Final { resume: r.flag("resume flag")? },
+        6 => Msg::Final,
         7 => {
             let ok = r.flag("verdict")?;
             Msg::Verified { ok, checksum: r.sum()? }
         }
         8 => Msg::Resumed,
-        9 => Msg::WorkloadRate { pages_per_sec: r.u64()?, over_ms: r.u32()? },
+        9 => {
+            let last = r.flag("last flag")?;
+            let n = r.u32()? as usize;
+            if n > MAX_STATE_CHUNK {
+                return Err(ProtoError::Invalid { field: "device state length", value: n as u64 });
+            }
+            Msg::DeviceState { last, bytes: r.take(n)?.to_vec() }
+        }
         10 => Msg::Done,
         11 => Msg::Abort { reason: r.text()? },
         12 => Msg::SourceChecksum { checksum: r.sum()? },
@@ -410,7 +439,10 @@ mod tests {
 
     fn samples() -> Vec<Msg> {
         vec![
-            Msg::Begin { region_len: 64 << 20, page_size: 4096, workload: true },
+            Msg::Begin { regions: vec![RegionDesc { len: 64 << 20, page_size: 4096 }] },
+            Msg::Begin { regions: vec![RegionDesc { len: 1, page_size: 1 }; MAX_REGIONS] },
+            Msg::DeviceState { last: true, bytes: vec![1, 2, 3] },
+            Msg::DeviceState { last: false, bytes: vec![] },
             Msg::Accept,
             Msg::Refuse { reason: "destination region is smaller".into() },
             Msg::Zero { runs: vec![PageRun { first: 1, pages: 3 }, PageRun { first: 100, pages: 1 }] },
@@ -418,13 +450,12 @@ mod tests {
             Msg::Placed { runs: vec![PageRun { first: 0, pages: 1 }, PageRun { first: 9, pages: 70 }] },
             Msg::IterationAck { iter: 7 },
             Msg::IterationDone { iter: 3, pages: 1234, dirty: 99 },
-            Msg::Final { resume: true },
+            Msg::Final,
             Msg::SourceChecksum { checksum: [7; 32] },
             Msg::Commit,
             Msg::Alive,
             Msg::Verified { ok: false, checksum: [9; 32] },
             Msg::Resumed,
-            Msg::WorkloadRate { pages_per_sec: 1_000_000, over_ms: 2000 },
             Msg::Done,
             Msg::Abort { reason: "kvm: timeout (120 s) — ünïcode".into() },
         ]
@@ -450,7 +481,7 @@ mod tests {
 
     #[test]
     fn typed_errors() {
-        let good = Msg::Begin { region_len: 1, page_size: 4096, workload: false }.encode();
+        let good = Msg::Begin { regions: vec![RegionDesc { len: 1, page_size: 4096 }] }.encode();
         assert!(matches!(decode(&good[..3]), Err(ProtoError::Truncated { .. })));
         assert!(matches!(decode(&good[..good.len() - 1]), Err(ProtoError::Truncated { .. })));
         let mut b = good.clone();
@@ -471,11 +502,17 @@ mod tests {
         b.push(0);
         assert_eq!(decode(&b), Err(ProtoError::Trailing(1)));
         let mut b = good.clone();
-        b[14..18].copy_from_slice(&3000u32.to_le_bytes());
+        b[16..20].copy_from_slice(&3000u32.to_le_bytes());
         assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "page size", .. })));
         let mut b = good;
-        *b.last_mut().unwrap() = 2;
-        assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "workload flag", .. })));
+        b[6..8].copy_from_slice(&0u16.to_le_bytes());
+        assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "region count", .. })));
+        let mut d = Msg::DeviceState { last: true, bytes: vec![] }.encode();
+        d[6] = 2;
+        assert!(matches!(decode(&d), Err(ProtoError::Invalid { field: "last flag", .. })));
+        d[6] = 1;
+        d[7..11].copy_from_slice(&(MAX_STATE_CHUNK as u32 + 1).to_le_bytes());
+        assert!(matches!(decode(&d), Err(ProtoError::Invalid { field: "device state length", .. })));
         let mut z = Msg::Zero { runs: vec![] }.encode();
         z[6..10].copy_from_slice(&(MAX_RUNS as u32 + 1).to_le_bytes());
         assert!(matches!(decode(&z), Err(ProtoError::Invalid { .. })));

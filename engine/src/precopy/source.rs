@@ -4,25 +4,24 @@
 //! harvests the dirty log, posts writes and exchanges the [`proto`] messages.
 //! See the module doc of [`precopy`](super) for the message flow.
 //!
-//! Failure contract: on a policy abort, a transport error or a refused handshake the source
-//! workload keeps running (it is resumed if the failure hit during stop-and-copy) and dirty
-//! tracking is disarmed.
+//! Failure contract: on a policy abort, a transport error or a refused handshake the guest
+//! keeps running at the source (it is resumed if the failure hit during stop-and-copy) and
+//! dirty tracking is disarmed.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livemig_transport::{
-    CoalesceConfig, Coalescer, Region, RegionId, Transport, TransportError, WorkRequest, WriteRequest,
+    CoalesceConfig, Coalescer, PageBitmap, RegionId, Transport, TransportError, WorkRequest, WriteRequest,
 };
 
-use super::proto::{self, Msg, PageRun, MAX_RUNS};
+use super::proto::{self, Msg, PageRun, RegionDesc, MAX_RUNS, MAX_STATE_CHUNK};
 use super::schedule::Schedule;
 use super::switchover::{Fate, Next, SourceSwitchover, Violation};
-use super::{check_fit, IterationLine, Mismatch, Outcome, Phase, Summary, WorkloadRates};
-use crate::dirty::{open_tracker, DirtyError, DirtySource};
+use super::{check_fit, IterationLine, Mismatch, Outcome, Phase, Summary};
+use crate::dirty::{DirtyError, DirtySource};
+use crate::guest::{GuestControl, GuestError, GuestMemory};
 use crate::integrity::{Digest, PageDigests};
 use crate::policy::{self, ConvergencePolicy, Decision, IntervalReport, PolicyConfig};
-use crate::workload::{Workload, WorkloadError};
 
 /// Source-side settings.
 #[derive(Debug, Clone)]
@@ -31,11 +30,9 @@ pub struct SourceConfig {
     pub policy: PolicyConfig,
     /// How dirty pages become writes.
     pub coalesce: CoalesceConfig,
-    /// Measure the workload's rate for this long before migrating (0 = skip).
-    pub warmup: Duration,
     /// How long to wait for a control reply from the destination.
     pub reply_timeout: Duration,
-    /// Stop-and-copy bound: while the workload is paused, a destination that sends nothing
+    /// Stop-and-copy bound: while the guest is paused, a destination that sends nothing
     /// (no reply, no `Alive`) for this long is given up — before `Commit` the source resumes,
     /// so a frozen destination costs at most this much extra downtime.
     pub switchover_idle: Duration,
@@ -46,20 +43,26 @@ impl Default for SourceConfig {
         SourceConfig {
             policy: PolicyConfig::default(),
             coalesce: CoalesceConfig::default(),
-            warmup: Duration::from_secs(2),
             reply_timeout: super::REPLY_TIMEOUT,
             switchover_idle: Duration::from_secs(20),
         }
     }
 }
 
-/// Why a migration failed at the source. In every case the source workload is running.
+/// Why a migration failed at the source. In every case but [`SourceError::InDoubt`] the
+/// guest runs at the source.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
 pub enum SourceError {
-    /// The destination's exposed region cannot take ours (checked before sending anything).
-    #[error("the destination cannot take this region")]
-    Incompatible(#[source] Mismatch),
+    /// The destination's exposed regions cannot take ours (checked before sending anything).
+    #[error("the destination cannot take region {index} of the guest memory")]
+    Incompatible {
+        /// Which region (in page-space order).
+        index: usize,
+        /// Why.
+        #[source]
+        source: Mismatch,
+    },
     /// The destination refused `Begin`.
     #[error("the destination refused the migration: {0}")]
     Refused(String),
@@ -116,7 +119,7 @@ pub enum SourceError {
         reason: String,
     },
     /// The destination's memory differs from ours after stop-and-copy.
-    #[error("checksum mismatch: source {source_sum}, destination {dest_sum}; the source workload resumed")]
+    #[error("digest mismatch: source {source_sum}, destination {dest_sum}; the source guest resumed")]
     ChecksumMismatch {
         /// Ours (hex).
         source_sum: String,
@@ -125,7 +128,7 @@ pub enum SourceError {
     },
     /// A page was never sent, so the digest cannot cover it (a driver bug, reported rather
     /// than hidden).
-    #[error("page {page} was never sent; the source workload resumed")]
+    #[error("page {page} was never sent; the source guest resumed")]
     Unsent {
         /// The first such page.
         page: usize,
@@ -133,14 +136,14 @@ pub enum SourceError {
     /// Dirty tracking failed.
     #[error("dirty tracking failed")]
     Dirty(#[source] DirtyError),
-    /// Pausing or resuming the workload failed.
-    #[error("workload control failed")]
-    Workload(#[source] WorkloadError),
+    /// Pausing, resuming or saving the guest failed.
+    #[error("guest control failed")]
+    Guest(#[source] GuestError),
     /// The session failed at or after sending `Commit`: the destination may already run the
-    /// workload. The source copy stays **paused** (never resumed, memory intact) so the
-    /// workload runs at most once; whoever holds the source decides (resume it only after
-    /// making sure the destination does not run it).
-    #[error("switchover in doubt: the session failed at or after Commit; the destination may be running the workload, so the source copy stays paused")]
+    /// guest. The source copy stays **paused** (never resumed, memory intact) so the guest
+    /// runs at most once; whoever holds the source decides (resume it only after making sure
+    /// the destination does not run it).
+    #[error("switchover in doubt: the session failed at or after Commit; the destination may be running the guest, so the source copy stays paused")]
     InDoubt(#[source] Box<SourceError>),
 }
 
@@ -151,38 +154,32 @@ impl SourceError {
     }
 }
 
-/// Migrates `region` (registered in `t.regions()`, with `workload` running in it, if any)
-/// to the peer of `t`. Calls `on_interval` once per pre-copy interval. Returns the summary
-/// of a completed or policy-aborted migration; every other ending is an error.
+/// Migrates `memory` (every region registered in `t.regions()`), written by `guest` and
+/// tracked by `dirty`, to the peer of `t`. Calls `on_interval` once per pre-copy interval.
+/// Returns the summary of a completed or policy-aborted migration; every other ending is an
+/// error. See [`GuestControl`] for the order of the guest calls.
 pub fn migrate(
     t: &mut dyn Transport,
-    region: &Arc<Region>,
-    mut workload: Option<&mut Workload>,
+    memory: &GuestMemory,
+    guest: &mut dyn GuestControl,
+    dirty: &mut dyn DirtySource,
     cfg: &SourceConfig,
     on_interval: &mut dyn FnMut(&IterationLine),
 ) -> Result<Summary, SourceError> {
-    let span = tracing::info_span!("migrate", region_bytes = region.len(), transport = %t.kind());
+    let span = tracing::info_span!("migrate", memory_bytes = memory.len(), regions = memory.regions().len(), transport = %t.kind());
     let _span = span.enter();
-    let ps = region.page_size();
-    let pages = region.pages();
-    if t.regions().get(region.id()).is_none() {
-        return Err(SourceError::NotRegistered(region.id()));
+    let ps = memory.page_size();
+    let pages = memory.pages();
+    if let Some(r) = memory.regions().iter().find(|r| t.regions().get(r.id()).is_none()) {
+        return Err(SourceError::NotRegistered(r.id()));
     }
     let coalescer = Coalescer::new(cfg.coalesce).map_err(SourceError::Coalesce)?;
     // Refuse before sending anything: the transport handshake told us what the peer exposes.
-    let remote = pick_remote(t, region, workload.is_some()).map_err(SourceError::Incompatible)?;
-
-    let touched = |w: &Option<&mut Workload>| w.as_ref().map_or(0, |w| w.pages_touched());
-    let before = if workload.is_some() && !cfg.warmup.is_zero() {
-        let (n0, t0) = (touched(&workload), Instant::now());
-        std::thread::sleep(cfg.warmup);
-        (touched(&workload) - n0) as f64 / t0.elapsed().as_secs_f64()
-    } else {
-        0.0
-    };
+    let remotes = pick_remotes(t, memory)?;
 
     let phase = Phase::Handshake;
-    send(t, phase, &Msg::Begin { region_len: region.len(), page_size: ps, workload: workload.is_some() })?;
+    let regions = memory.regions().iter().map(|r| RegionDesc { len: r.len(), page_size: r.page_size() }).collect();
+    send(t, phase, &Msg::Begin { regions })?;
     match recv(t, phase, "Accept", cfg.reply_timeout)? {
         Msg::Accept => {}
         Msg::Refuse { reason } => return Err(SourceError::Refused(reason)),
@@ -190,13 +187,13 @@ pub fn migrate(
     }
 
     tracing::info!(pages, page_size = ps, "destination accepted; pre-copy starts");
-    let mut tracker = open_tracker(region).map_err(SourceError::Dirty)?;
     let mut s = Sender {
-        region: region.clone(),
-        remote,
+        memory: memory.clone(),
+        remotes,
         coalescer,
         sched: Schedule::new(pages),
         digests: PageDigests::new(pages, ps),
+        region_batch: memory.regions().iter().map(|r| PageBitmap::new(r.pages())).collect(),
         page_buf: vec![0u8; ps as usize],
         wrs: Vec::new(),
         bytes: 0,
@@ -205,59 +202,47 @@ pub fn migrate(
     };
     let mut policy = policy::build(&cfg.policy, policy::RegionInfo::new(pages, ps as usize));
     let start = Instant::now();
-    let touched0 = touched(&workload);
+    let progress0 = guest.progress();
     let mut summary = Summary {
         outcome: Outcome::Aborted,
         policy: policy.name().to_string(),
         transport: t.kind().to_string(),
-        tracker: tracker.mechanism().to_string(),
-        region_bytes: region.len(),
+        tracker: dirty.mechanism().to_string(),
+        region_bytes: memory.len(),
+        regions: memory.regions().len(),
         page_size: ps,
         total_s: 0.0,
         downtime_ms: None,
         final_transfer_ms: None,
         final_pages: None,
+        device_state_bytes: None,
         bytes: 0,
         pages_sent: 0,
         zero_pages: 0,
         iterations: 0,
         end_rule: String::new(),
         end_reason: String::new(),
-        workload: WorkloadRates { before, ..Default::default() },
-        slowdown_percent: 0.0,
+        guest_rate_during: None,
         checksum: None,
         intervals: Vec::new(),
     };
+    let rate_since = |g: &dyn GuestControl, since: Instant| match (progress0, g.progress()) {
+        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / since.elapsed().as_secs_f64().max(1e-9)),
+        _ => None,
+    };
 
-    // Pre-copy. Errors here leave the workload running; the tracker disarms on drop.
-    tracker.start().map_err(SourceError::Dirty)?;
+    // Pre-copy. Errors here leave the guest running; tracking is disarmed on the way out.
+    dirty.start().map_err(SourceError::Dirty)?;
     // Pages never populated are zero: announced without reading them. Scanned after arming
     // the tracker, so a page written from now on is dirty and sent anyway.
-    match region.known_zero_pages() {
-        Ok(zero) => {
-            let runs = s.sched.take_known_zero(&zero);
-            s.zero_pages += runs.iter().map(|r| r.pages as u64).sum::<u64>();
-            if let Err(e) = s.announce_zero(t, Phase::Precopy, &runs) {
-                tracker.stop();
-                return Err(e);
-            }
-        }
-        Err(e) => tracing::debug!(error = %e, "no page-presence information; zero pages are found by reading"),
-    }
-    let decision = precopy_rounds(
-        t,
-        &mut s,
-        tracker.as_mut(),
-        policy.as_mut(),
-        &workload,
-        start,
-        cfg.reply_timeout,
-        &mut summary,
-        on_interval,
-    );
+    let runs = s.sched.take_known_zero(&memory.known_zero_pages());
+    s.zero_pages += runs.iter().map(|r| r.pages as u64).sum::<u64>();
+    let decision = s.announce_zero(t, Phase::Precopy, &runs).and_then(|()| {
+        precopy_rounds(t, &mut s, dirty, policy.as_mut(), &*guest, start, cfg.reply_timeout, &mut summary, on_interval)
+    });
     let reason = match decision {
         Err(e) => {
-            tracker.stop();
+            dirty.stop();
             if !matches!(e, SourceError::Transport { .. }) {
                 let _ = t.send_message(&Msg::Abort { reason: e.to_string() }.encode());
             }
@@ -266,28 +251,29 @@ pub fn migrate(
         Ok(Decision::StopAndCopy(r)) => r,
         Ok(Decision::Abort(r)) => {
             tracing::info!(reason = %r, "pre-copy aborted by the policy; the source keeps running");
-            tracker.stop();
+            dirty.stop();
             let _ = t.send_message(&Msg::Abort { reason: format!("pre-copy did not converge: {r}") }.encode());
-            let elapsed = start.elapsed();
-            summary.workload.during = (touched(&workload) - touched0) as f64 / elapsed.as_secs_f64();
-            return Ok(finish(summary, &s, elapsed, r));
+            summary.guest_rate_during = rate_since(&*guest, start);
+            return Ok(finish(summary, &s, start.elapsed(), r));
         }
         Ok(_) => unreachable!("precopy_rounds returns only final decisions"),
     };
 
     // Stop-and-copy: downtime starts with the pause.
     let paused_at = Instant::now();
-    if let Some(w) = workload.as_mut() {
-        w.pause().map_err(SourceError::Workload)?;
+    if let Err(e) = guest.pause() {
+        dirty.stop();
+        let _ = t.send_message(&Msg::Abort { reason: format!("pausing the guest failed: {e}") }.encode());
+        return Err(SourceError::Guest(e));
     }
-    summary.workload.during = (touched(&workload) - touched0) as f64 / paused_at.duration_since(start).as_secs_f64();
-    tracing::info!(reason = %reason, "stop-and-copy: workload paused");
+    summary.guest_rate_during = rate_since(&*guest, start);
+    tracing::info!(reason = %reason, "stop-and-copy: guest paused");
     let mut sw = None;
-    let res = stop_and_copy(t, &mut s, tracker.as_mut(), &mut workload, cfg, start, paused_at, &mut summary, &mut sw);
-    tracker.stop();
+    let res = stop_and_copy(t, &mut s, dirty, guest, cfg, start, paused_at, &mut summary, &mut sw);
+    dirty.stop();
     if let Err(e) = res {
         // What becomes of the paused copy is the state machine's call (see `switchover`):
-        // once Commit may have reached the destination, resuming here could run the workload
+        // once Commit may have reached the destination, resuming here could run the guest
         // twice.
         let fate = sw.map_or(Fate::ResumeHere, |sw| sw.fate(matches!(e, SourceError::PeerAborted { .. })));
         match fate {
@@ -300,11 +286,7 @@ pub fn migrate(
             Fate::StayStopped => return Err(e),
         }
         // The destination did not take over: the source stays authoritative.
-        if let Some(w) = workload.as_mut() {
-            if w.state() == crate::workload::RunState::Paused {
-                w.resume().map_err(SourceError::Workload)?;
-            }
-        }
+        guest.resume().map_err(SourceError::Guest)?;
         if !matches!(e, SourceError::Transport { .. }) {
             let _ = t.send_message(&Msg::Abort { reason: e.to_string() }.encode());
         }
@@ -324,19 +306,24 @@ fn finish(mut summary: Summary, s: &Sender, elapsed: Duration, reason: policy::R
     summary.zero_pages = s.zero_pages;
     summary.end_rule = reason.label().to_string();
     summary.end_reason = reason.to_string();
-    summary.slowdown_percent = summary.workload.slowdown_percent();
     summary
 }
 
-fn pick_remote(t: &dyn Transport, region: &Region, workload: bool) -> Result<RegionId, Mismatch> {
-    let mut best = Err(Mismatch::NoRegion);
-    for r in t.peer_regions().iter().filter(|r| r.access.remote_write) {
-        match check_fit(region.len(), region.page_size(), workload, r.len, r.page_size) {
-            Ok(()) => return Ok(r.id),
-            Err(e) => best = Err(e),
-        }
+/// The peer region each of ours is written to: the peer's writable regions in id order,
+/// region `i` to the `i`-th, each checked to fit.
+fn pick_remotes(t: &dyn Transport, memory: &GuestMemory) -> Result<Vec<RegionId>, SourceError> {
+    let mut peer: Vec<_> = t.peer_regions().iter().filter(|r| r.access.remote_write).copied().collect();
+    peer.sort_by_key(|r| r.id);
+    let mut out = Vec::with_capacity(memory.regions().len());
+    for (index, r) in memory.regions().iter().enumerate() {
+        let Some(d) = peer.get(index) else {
+            return Err(SourceError::Incompatible { index, source: Mismatch::NoRegion });
+        };
+        check_fit(r.len(), r.page_size(), d.len, d.page_size)
+            .map_err(|source| SourceError::Incompatible { index, source })?;
+        out.push(d.id);
     }
-    best
+    Ok(out)
 }
 
 /// Pages per posting slice (8 MiB of 4 KiB pages): the unit announced in one `Placed` round.
@@ -344,12 +331,15 @@ const SLICE_PAGES: usize = 2048;
 
 /// Sending state: the schedule (pending set, cursor, retransmission history), totals.
 struct Sender {
-    region: Arc<Region>,
-    remote: RegionId,
+    memory: GuestMemory,
+    /// Peer region of each of ours.
+    remotes: Vec<RegionId>,
     coalescer: Coalescer,
     sched: Schedule,
     /// The incremental digest of what was sent (see `integrity`).
     digests: PageDigests,
+    /// Scratch: the batch's pages of each region, indexed within the region.
+    region_batch: Vec<PageBitmap>,
     page_buf: Vec<u8>,
     wrs: Vec<WorkRequest>,
     bytes: u64,
@@ -383,24 +373,42 @@ impl Sender {
     fn send_batch(&mut self, t: &mut dyn Transport, budget: usize, phase: Phase) -> Result<Batch, SourceError> {
         let mut b = Batch::default();
         let t0 = Instant::now();
-        let (region, buf) = (&self.region, &mut self.page_buf);
+        let (memory, buf) = (&self.memory, &mut self.page_buf);
         let picked = self.sched.pick(budget, &mut |p| {
-            region.read_at((p * buf.len()) as u64, buf);
+            let Some((i, local)) = memory.locate(p) else { return false };
+            memory.regions()[i].read_at((local * buf.len()) as u64, buf);
             buf.iter().all(|&x| x == 0)
         });
         b.data = picked.data;
         b.zero = picked.zero;
         self.announce_zero(t, phase, &picked.zero_runs)?;
-        // Post in slices so the work-request list stays small, and after each slice tell the
-        // destination which pages it holds (ordered after the writes) and hash them here while
-        // they travel: both digests keep pace with the transfer, and at the end of the batch
-        // only its last slice is left to hash.
-        let local = self.region.id();
+        for i in 0..self.memory.regions().len() {
+            self.post_region(t, i, phase)?;
+        }
+        b.post_time = t0.elapsed();
+        let t1 = Instant::now();
+        t.flush().map_err(|source| SourceError::Transport { phase, source })?;
+        b.wait_time = t1.elapsed();
+        self.pages_sent += b.data as u64;
+        self.zero_pages += b.zero as u64;
+        Ok(b)
+    }
+
+    /// Posts the batch's pages of region `i` in slices; after each slice tells the
+    /// destination which pages it holds (ordered after the writes) and hashes them here while
+    /// they travel: both digests keep pace with the transfer, and at the end of the batch only
+    /// its last slice is left to hash.
+    fn post_region(&mut self, t: &mut dyn Transport, i: usize, phase: Phase) -> Result<(), SourceError> {
+        let region = self.memory.regions()[i].clone();
+        let base = self.memory.base(i);
+        extract(self.sched.batch(), base, &mut self.region_batch[i]);
+        let local = region.id();
+        let remote = self.remotes[i];
         let mut from = 0;
-        while from < self.sched.batch().len() {
+        while from < self.region_batch[i].len() {
             self.wrs.clear();
-            let (next, st) = self.coalescer.coalesce_from(self.sched.batch(), from, SLICE_PAGES, &mut self.wrs);
-            let slice = (from, next);
+            let (next, st) = self.coalescer.coalesce_from(&self.region_batch[i], from, SLICE_PAGES, &mut self.wrs);
+            let slice = (base + from, base + next);
             from = next;
             if st.wrs == 0 {
                 break;
@@ -408,7 +416,7 @@ impl Sender {
             let reqs: Vec<WriteRequest<'_>> = self
                 .wrs
                 .iter()
-                .map(|w| WriteRequest { local, segments: &w.segments, remote: self.remote, remote_offset: w.offset })
+                .map(|w| WriteRequest { local, segments: &w.segments, remote, remote_offset: w.offset })
                 .collect();
             for chunk in reqs.chunks(256) {
                 t.post_writes(chunk).map_err(|source| SourceError::Transport { phase, source })?;
@@ -420,18 +428,24 @@ impl Sender {
                 send(t, phase, &Msg::Placed { runs: chunk.to_vec() })?;
             }
             for r in &runs {
-                for p in r.first..r.first + r.pages as u64 {
-                    self.digests.record_from(&self.region, p as usize);
+                for p in r.first as usize..r.first as usize + r.pages as usize {
+                    self.digests.record_from(p, &region, p - base);
                 }
             }
         }
-        b.post_time = t0.elapsed();
-        let t1 = Instant::now();
-        t.flush().map_err(|source| SourceError::Transport { phase, source })?;
-        b.wait_time = t1.elapsed();
-        self.pages_sent += b.data as u64;
-        self.zero_pages += b.zero as u64;
-        Ok(b)
+        Ok(())
+    }
+}
+
+/// Copies bits `[base, base + dst.len())` of `src` into `dst` (cleared first).
+fn extract(src: &PageBitmap, base: usize, dst: &mut PageBitmap) {
+    dst.clear_all();
+    let end = base + dst.len();
+    let mut p = base;
+    while let Some(start) = src.next_one(p).filter(|&s| s < end) {
+        let stop = src.next_zero(start).min(end);
+        dst.set_range(start - base, stop - start);
+        p = stop;
     }
 }
 
@@ -441,19 +455,18 @@ fn precopy_rounds(
     s: &mut Sender,
     tracker: &mut dyn DirtySource,
     policy: &mut dyn ConvergencePolicy,
-    workload: &Option<&mut Workload>,
+    guest: &dyn GuestControl,
     start: Instant,
     reply_timeout: Duration,
     summary: &mut Summary,
     on_interval: &mut dyn FnMut(&IterationLine),
 ) -> Result<Decision, SourceError> {
     let phase = Phase::Precopy;
-    let touched = || workload.as_ref().map_or(0, |w| w.pages_touched());
     let mut iter = 0u32;
     loop {
         iter += 1;
         let started = Instant::now();
-        let touched0 = touched();
+        let progress0 = guest.progress();
         s.sched.begin_interval();
         let budget = policy.send_window().unwrap_or(usize::MAX).max(1);
         let bytes0 = s.bytes;
@@ -494,7 +507,10 @@ fn precopy_rounds(
                 Decision::Continue { window } => window.map(|w| w as u64),
                 _ => None,
             },
-            workload_rate: (touched() - touched0) as f64 / started.elapsed().as_secs_f64().max(1e-9),
+            guest_rate: match (progress0, guest.progress()) {
+                (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / started.elapsed().as_secs_f64().max(1e-9)),
+                _ => None,
+            },
         };
         on_interval(&line);
         summary.intervals.push(line);
@@ -513,20 +529,20 @@ fn precopy_rounds(
     }
 }
 
-/// Stop-and-copy and the switchover handshake. The workload is paused.
+/// Stop-and-copy and the switchover handshake. The guest is paused.
 ///
 /// ```text
 /// source                                           destination
-/// final harvest, post the last pages ─────────────▶ placed
-///   (hash the frozen source region meanwhile)
-/// Final{resume} ──────────────────────────────────▶ hash its region (parallel to ours)
-/// SourceChecksum{sum} ────────────────────────────▶ compare
-///   ◀───────────────────────────────────────────── Verified{ok, its sum}  (does NOT resume yet)
-/// committed = true; Commit ───────────────────────▶ attach + resume the workload
+/// final harvest, post the last pages ─────────────▶ placed, hashed as announced
+/// DeviceState{…} ─────────────────────────────────▶ kept
+/// Final ──────────────────────────────────────────▶ finish the digest
+/// SourceChecksum{digest} ─────────────────────────▶ compare
+///   ◀───────────────────────────────────────────── Verified{ok, its digest}  (does NOT start yet)
+/// committed = true; Commit ───────────────────────▶ start the guest with the device state
 ///   ◀───────────────────────────────────────────── Resumed  (downtime ends)
 /// ```
 ///
-/// The handover steps live in the pure [`SourceSwitchover`] (in `sw` once the checksum is
+/// The handover steps live in the pure [`SourceSwitchover`] (in `sw` once the digest is
 /// known), which enters `Committed` *before* `Commit` is written — a failed send may still
 /// have delivered it — and tells the caller what to do with the paused copy on failure.
 #[allow(clippy::too_many_arguments)]
@@ -534,7 +550,7 @@ fn stop_and_copy(
     t: &mut dyn Transport,
     s: &mut Sender,
     tracker: &mut dyn DirtySource,
-    workload: &mut Option<&mut Workload>,
+    guest: &mut dyn GuestControl,
     cfg: &SourceConfig,
     start: Instant,
     paused_at: Instant,
@@ -544,7 +560,6 @@ fn stop_and_copy(
     let phase = Phase::StopAndCopy;
     tracker.collect(s.sched.pending_mut()).map_err(SourceError::Dirty)?;
     let final_pages = s.sched.pending_count();
-    let resume = workload.is_some();
     // The source copy is frozen: the last pages are hashed as they are posted, and the
     // digest is then that of the frozen memory.
     let b = s.send_batch(t, usize::MAX, phase)?;
@@ -557,15 +572,24 @@ fn stop_and_copy(
         // The final batch takes every pending page, never-sent ones included.
         return Err(SourceError::Unsent { page });
     }
+    let state = guest.save_state().map_err(SourceError::Guest)?;
+    summary.device_state_bytes = Some(state.len() as u64);
+    let mut chunks = state.chunks(MAX_STATE_CHUNK).peekable();
+    if chunks.peek().is_none() {
+        send(t, phase, &Msg::DeviceState { last: true, bytes: Vec::new() })?;
+    }
+    while let Some(c) = chunks.next() {
+        send(t, phase, &Msg::DeviceState { last: chunks.peek().is_none(), bytes: c.to_vec() })?;
+    }
     let sum = s.digests.digest().to_bytes();
     // Every page is placed (Final is ordered after the writes).
-    send(t, phase, &Msg::Final { resume })?;
+    send(t, phase, &Msg::Final)?;
     tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "source checksum ready");
     let sw = sw.insert(SourceSwitchover::new(sum));
     send(t, phase, &Msg::SourceChecksum { checksum: sum })?;
     sw.checksum_sent();
-    // The destination hashes its region now (sending `Alive` meanwhile), answers Verified,
-    // and after our Commit resumes and answers Resumed.
+    // The destination finishes its digest now (sending `Alive` meanwhile), answers Verified,
+    // and after our Commit starts the guest and answers Resumed.
     loop {
         let m = recv(t, phase, sw.expected(), cfg.switchover_idle)?;
         match sw.handle(&m) {
@@ -588,24 +612,10 @@ fn stop_and_copy(
     }
     summary.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
     tracing::info!(downtime_ms = summary.downtime_ms, "destination resumed");
-    // The migration is over when the destination runs; what follows only measures.
     summary.total_s = start.elapsed().as_secs_f64();
     summary.checksum = Some(Digest::from_bytes(&sum).hex());
-    // The workload lives at the destination now; the source copy never runs again.
-    if let Some(w) = workload.as_deref_mut() {
-        if let Err(e) = w.stop() {
-            // It is paused and stays so; the migration itself is complete.
-            tracing::warn!(error = %super::error_chain(&e), "stopping the paused source workload failed");
-        }
-    }
-    let phase = Phase::Resumed;
-    if workload.is_some() {
-        match recv(t, phase, "WorkloadRate", cfg.reply_timeout) {
-            Ok(Msg::WorkloadRate { pages_per_sec, .. }) => summary.workload.after = Some(pages_per_sec as f64),
-            Ok(other) => tracing::warn!(got = other.name(), "expected WorkloadRate"),
-            Err(e) => tracing::warn!(error = %super::error_chain(&e), "no workload rate from the destination"),
-        }
-    }
+    // The guest lives at the destination now; the source copy never runs again.
+    guest.handed_over();
     let _ = t.send_message(&Msg::Done.encode());
     Ok(())
 }
@@ -631,8 +641,9 @@ fn unexpected(phase: Phase, expected: &'static str, got: &Msg) -> SourceError {
 
 #[cfg(feature = "fault-injection")]
 mod fault {
-    //! Test builds only: `LIVEMIG_CORRUPT_PAGE=N` overwrites page N at the destination with a
-    //! copy that has one byte flipped, just before `Final`, so the checksums must differ.
+    //! Test builds only: `LIVEMIG_CORRUPT_PAGE=N` overwrites page N (of the memory's page
+    //! space) at the destination with a copy that has one byte flipped, just before `Final`,
+    //! announced like any transfer, so the digests must differ.
     use std::sync::Arc;
 
     use livemig_transport::{Access, Region, Segment, Transport, WriteRequest};
@@ -646,13 +657,13 @@ mod fault {
         let Some(page) = std::env::var("LIVEMIG_CORRUPT_PAGE").ok().and_then(|v| v.parse::<u64>().ok()) else {
             return Ok(());
         };
-        let ps = s.region.page_size();
-        if page >= s.region.pages() as u64 {
+        let ps = s.memory.page_size();
+        let Some((i, local)) = s.memory.locate(page as usize) else {
             return Ok(());
-        }
+        };
         let scratch = Arc::new(Region::anonymous(SCRATCH_ID, ps as u64, ps, Access::LOCAL).expect("scratch page"));
         let mut buf = vec![0u8; ps as usize];
-        s.region.read_at(page * ps as u64, &mut buf);
+        s.memory.regions()[i].read_at(local as u64 * ps as u64, &mut buf);
         buf[ps as usize / 2] ^= 0x5a;
         scratch.write_at(0, &buf);
         let _reg = t.regions().register(scratch).expect("scratch id is free");
@@ -662,8 +673,8 @@ mod fault {
         t.post_writes(&[WriteRequest {
             local: SCRATCH_ID,
             segments: &seg,
-            remote: s.remote,
-            remote_offset: page * ps as u64,
+            remote: s.remotes[i],
+            remote_offset: local as u64 * ps as u64,
         }])
         .map_err(|source| SourceError::Transport { phase, source })?;
         // Announced like any transfer: the destination hashes what actually landed.

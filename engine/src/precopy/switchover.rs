@@ -263,12 +263,15 @@ mod tests {
 
     fn every_message() -> Vec<Msg> {
         vec![
-            Msg::Begin { region_len: 1, page_size: 4096, workload: true },
+            Msg::Begin { regions: vec![super::super::proto::RegionDesc { len: 1, page_size: 4096 }] },
             Msg::Accept,
             Msg::Refuse { reason: "x".into() },
             Msg::Zero { runs: vec![] },
             Msg::IterationDone { iter: 1, pages: 1, dirty: 1 },
-            Msg::Final { resume: true },
+            Msg::Final,
+            Msg::DeviceState { last: true, bytes: vec![1] },
+            Msg::Placed { runs: vec![] },
+            Msg::IterationAck { iter: 1 },
             Msg::SourceChecksum { checksum: OURS },
             Msg::Verified { ok: true, checksum: OURS },
             Msg::Verified { ok: false, checksum: OURS },
@@ -276,7 +279,6 @@ mod tests {
             Msg::Commit,
             Msg::Alive,
             Msg::Resumed,
-            Msg::WorkloadRate { pages_per_sec: 1, over_ms: 1 },
             Msg::Done,
             Msg::Abort { reason: "x".into() },
         ]
@@ -374,11 +376,14 @@ mod dest_tests {
 
     fn every_message() -> Vec<Msg> {
         vec![
-            Msg::Begin { region_len: 1, page_size: 4096, workload: true },
+            Msg::Begin { regions: vec![super::super::proto::RegionDesc { len: 1, page_size: 4096 }] },
             Msg::Accept,
             Msg::Zero { runs: vec![] },
             Msg::IterationDone { iter: 1, pages: 1, dirty: 1 },
-            Msg::Final { resume: true },
+            Msg::Final,
+            Msg::DeviceState { last: true, bytes: vec![1] },
+            Msg::Placed { runs: vec![] },
+            Msg::IterationAck { iter: 1 },
             Msg::SourceChecksum { checksum: OURS },
             Msg::SourceChecksum { checksum: [8; 32] },
             Msg::Verified { ok: true, checksum: OURS },
