@@ -8,7 +8,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== host tests" >&2
-cargo test --workspace --features livemig-engine/fault-injection
+cargo test --workspace --features livemig/fault-injection,livemig-tests/fault-injection
 echo "== fuzzing (${FUZZ_SECONDS:-20}s per target)" >&2
 fuzz/run.sh "${FUZZ_SECONDS:-20}"
 if [[ ${SKIP_RXE:-0} == 1 ]]; then

@@ -51,8 +51,8 @@ impl std::fmt::Display for Pattern {
     }
 }
 
-pub use livemig_engine::args::parse_size;
-use livemig_engine::args::{parse_secs, transport_arg, ChildSecret};
+pub use livemig_app::args::parse_size;
+use livemig_app::args::{parse_secs, transport_arg, ChildSecret};
 
 /// Options of `livemig bench pages|chunks`.
 #[derive(Debug, Clone, clap::Args)]
@@ -67,7 +67,7 @@ pub struct BenchArgs {
     #[arg(long)]
     pub loopback: bool,
     /// tcp, verbs or auto.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = livemig_app::args::transport_parser())]
     pub transport: TransportChoice,
     /// Region size (both ends must agree).
     #[arg(long, value_parser = parse_size)]

@@ -12,9 +12,9 @@ struct Cli {
 #[derive(Debug, Subcommand)]
 enum Cmd {
     /// Live-migrate a running workload to a destination (pre-copy).
-    Migrate(livemig_engine::precopy::cli::MigrateArgs),
+    Migrate(livemig_app::precopy::MigrateArgs),
     /// Serve as a migration destination.
-    Receive(livemig_engine::precopy::cli::ReceiveArgs),
+    Receive(livemig_app::precopy::ReceiveArgs),
     /// Transfer benchmarks in the spirit of perftest/iperf3.
     Bench {
         #[command(subcommand)]
@@ -41,8 +41,8 @@ fn main() -> anyhow::Result<()> {
         .init();
     let cli = Cli::parse();
     match cli.cmd {
-        Cmd::Migrate(a) => livemig_engine::precopy::cli::run_migrate(&a),
-        Cmd::Receive(a) => livemig_engine::precopy::cli::run_receive(&a),
+        Cmd::Migrate(a) => livemig_app::precopy::run_migrate(&a),
+        Cmd::Receive(a) => livemig_app::precopy::run_receive(&a),
         Cmd::Bench { what: BenchCmd::Pages(a) } => livemig_bench::pages::run(livemig_bench::pages::PAGES, &a),
         Cmd::Bench { what: BenchCmd::Chunks(a) } => livemig_bench::pages::run(livemig_bench::pages::CHUNKS, &a),
     }

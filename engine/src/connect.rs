@@ -6,7 +6,7 @@ use livemig_transport::auth::Secret;
 use livemig_transport::{RegionTable, TcpConfig, TcpListener, TcpTransport, Transport, TransportError, TransportKind};
 
 /// The `--transport` choice.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum TransportChoice {
     /// TCP sockets.
@@ -15,6 +15,35 @@ pub enum TransportChoice {
     Verbs,
     /// Verbs when an active RDMA device exists, TCP otherwise.
     Auto,
+}
+
+impl TransportChoice {
+    /// `tcp`, `verbs` or `auto`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TransportChoice::Tcp => "tcp",
+            TransportChoice::Verbs => "verbs",
+            TransportChoice::Auto => "auto",
+        }
+    }
+}
+
+impl std::fmt::Display for TransportChoice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for TransportChoice {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "tcp" => Ok(TransportChoice::Tcp),
+            "verbs" => Ok(TransportChoice::Verbs),
+            "auto" => Ok(TransportChoice::Auto),
+            _ => Err(format!("unknown transport `{s}` (expected tcp, verbs or auto)")),
+        }
+    }
 }
 
 /// Backend settings shared by both ends.

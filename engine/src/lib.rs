@@ -1,23 +1,23 @@
-//! livemig-engine: migration strategies on top of `livemig-transport`.
+//! livemig-engine: migration strategies on top of `livemig-transport`, as a library a VMM
+//! embeds (no command-line, progress-bar or signal handling here: that is `livemig-app`).
 //!
-//! - [`dirty`]: dirty-page tracking on real kernel mechanisms (userfaultfd write-protect,
-//!   asynchronous with PAGEMAP_SCAN where the kernel has it, synchronous faults otherwise).
-//! - [`workload`]: synthetic workloads that run inside the migrated region and keep their
-//!   state there, so the destination resumes them.
+//! - [`guest`]: the embedding API — guest memory of N regions, guest control with device
+//!   state; the engine migrates memory it does not own.
+//! - [`dirty`]: dirty-page sources: userfaultfd write-protect (asynchronous with
+//!   PAGEMAP_SCAN where the kernel has it, synchronous faults otherwise) or a log the
+//!   embedder hands over.
+//! - [`integrity`]: order-independent page digests kept as pages move.
 //! - [`policy`]: convergence policies (ibrahim = Algorithm 2, kvm, xen) as pure state
 //!   machines driven with `now` passed in.
-//! - [`precopy`]: pre-copy live migration of a running workload (source and destination
-//!   drivers, control protocol, `migrate`/`receive` commands); [`local`] runs both ends on
-//!   one machine, optionally through shaped network namespaces.
+//! - [`precopy`]: pre-copy live migration (send schedule, source and destination drivers,
+//!   control protocol, switchover state machine).
+//! - [`connect`]: choosing and connecting a transport backend.
 
-pub mod args;
 pub mod connect;
 pub mod dirty;
 pub mod guest;
 pub mod integrity;
-pub mod local;
 pub mod policy;
 pub mod precopy;
-pub mod workload;
 
 pub use livemig_transport::PageBitmap;

@@ -3,5 +3,5 @@
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    let _ = livemig_engine::workload::Header::decode(data);
+    let _ = livemig_workload::Header::decode(data);
 });

@@ -25,9 +25,9 @@ use livemig_engine::connect::{self, Listener, TransportChoice, TransportOptions}
 use livemig_engine::dirty::MemoryTracker;
 use livemig_engine::guest::{GuestControl, GuestMemory, Idle};
 use livemig_engine::precopy::{DestConfig, DestError, DestReport, IterationLine, SourceConfig, SourceError, Summary};
-use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
 use livemig_transport::auth::Secret;
 use livemig_transport::{Access, Region, RegionId, RegionTable, Registration, TcpConfig, Transport, TransportKind};
+use livemig_workload::{RunState, Workload, WorkloadKind, WorkloadParams};
 
 /// Migrates a one-region guest through the embedding API: `region` as its memory, tracked
 /// with userfaultfd, `workload` (or an idle guest when `None`) as its control.
@@ -74,7 +74,7 @@ pub fn receive_workload(
 ) -> Result<Received, DestError> {
     let memory = GuestMemory::single(region.clone());
     let mut workload = None;
-    let mut start = livemig_engine::workload::starter(region.clone(), &mut workload);
+    let mut start = livemig_workload::starter(region.clone(), &mut workload);
     let rep = livemig_engine::precopy::receive(t, &memory, &mut start, cfg, on_iteration);
     drop(start);
     rep.map(|rep| Received { rep, workload })

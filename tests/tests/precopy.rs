@@ -11,12 +11,12 @@ use livemig_engine::integrity::region_digest;
 use livemig_engine::policy::{IbrahimConfig, KvmConfig, PolicyConfig};
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{dest, DestConfig, DestError, Mismatch, Outcome, RegionDesc, SourceConfig, SourceError};
-use livemig_engine::workload::{RunState, WorkloadKind};
 use livemig_tests::{
     assert_still_running, error_chain, migrate_workload, receive_workload, registered_region, workload_params, Conn,
     Received, Registered, Source,
 };
 use livemig_transport::{Access, Region, RegionTable, Transport};
+use livemig_workload::{RunState, WorkloadKind};
 
 const MIB: u64 = 1 << 20;
 

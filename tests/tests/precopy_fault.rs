@@ -1,19 +1,19 @@
 //! A page corrupted in flight is caught by the switchover checksum (needs the engine's
 //! `fault-injection` feature: `cargo test -p livemig-tests --features
-//! livemig-engine/fault-injection --test precopy_fault`). Its own test binary, because the
+//! livemig-tests/fault-injection --test precopy_fault`). Its own test binary, because the
 //! fault is switched on through the process environment.
 
 use std::time::Duration;
 
 use livemig_engine::precopy::{DestConfig, DestError, SourceConfig, SourceError, FAULT_INJECTION};
-use livemig_engine::workload::{RunState, WorkloadKind, WorkloadParams};
 use livemig_tests::{makes_progress, receive_workload, workload_params, Conn};
 use livemig_transport::TcpConfig;
+use livemig_workload::{RunState, WorkloadKind, WorkloadParams};
 
 #[test]
 fn corrupted_page_is_detected_and_the_source_resumes() {
     if !FAULT_INJECTION {
-        eprintln!("skipped: build with --features livemig-engine/fault-injection");
+        eprintln!("skipped: build with --features livemig-tests/fault-injection");
         return;
     }
     std::env::set_var("LIVEMIG_CORRUPT_PAGE", "5");

@@ -1,3 +1,4 @@
+#![cfg(feature = "fault-injection")]
 //! The switchover under failure: the workload runs at most once (no split brain) and no copy
 //! is lost, whichever side's link dies at which step of Final / SourceChecksum / Verified /
 //! Commit / Resumed, or freezes there.
@@ -18,12 +19,12 @@ use livemig_engine::policy::{KvmConfig, PolicyConfig};
 use livemig_engine::precopy::cut::CutAt;
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{DestConfig, DestError, SourceConfig, SourceError};
-use livemig_engine::workload::{RunState, Workload, WorkloadKind, WorkloadParams};
 use livemig_tests::{
     error_chain, makes_progress, migrate_workload, receive_workload, registered_region, workload_params, Conn,
     Received, Registered, Source,
 };
 use livemig_transport::{Access, Region, Transport};
+use livemig_workload::{RunState, Workload, WorkloadKind, WorkloadParams};
 
 const LEN: u64 = 16 << 20;
 

@@ -19,7 +19,6 @@ use livemig_engine::integrity::region_digest;
 use livemig_engine::policy::{IbrahimConfig, KvmConfig, PolicyConfig};
 use livemig_engine::precopy::proto::{self, Msg};
 use livemig_engine::precopy::{DestConfig, DestError, Mismatch, Outcome, SourceConfig, SourceError};
-use livemig_engine::workload::{RunState, Workload, WorkloadKind};
 use livemig_tests::{
     error_chain, makes_progress, migrate_workload, receive_workload, registered_region, workload_params, Conn,
     Received, Registered, Source,
@@ -27,6 +26,7 @@ use livemig_tests::{
 use livemig_transport::conformance::fill_pages;
 use livemig_transport::verbs;
 use livemig_transport::{Access, PageBitmap, Region, Transport, TransportKind};
+use livemig_workload::{RunState, Workload, WorkloadKind};
 
 const MIB: u64 = 1 << 20;
 const PAGE: u32 = 4096;

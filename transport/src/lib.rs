@@ -17,6 +17,7 @@
 pub mod auth;
 pub mod bitmap;
 pub mod coalesce;
+#[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
 mod oob;
 pub mod region;

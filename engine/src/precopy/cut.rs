@@ -99,15 +99,8 @@ impl Transport for CutAt {
     }
 }
 
-/// `LIVEMIG_CUT_AT=<message name>` wraps `t` in a [`CutAt`] (fault-injection builds only;
-/// other builds return `t` unchanged).
+/// `LIVEMIG_CUT_AT=<message name>` wraps `t` in a [`CutAt`].
 pub fn from_env(t: Box<dyn Transport>) -> Box<dyn Transport> {
-    if !super::FAULT_INJECTION {
-        if std::env::var_os("LIVEMIG_CUT_AT").is_some_and(|v| !v.is_empty()) {
-            tracing::warn!("LIVEMIG_CUT_AT ignored: this build has no fault injection");
-        }
-        return t;
-    }
     match std::env::var("LIVEMIG_CUT_AT") {
         Ok(name) if !name.is_empty() => Box::new(CutAt::new(t, Some(&name))),
         _ => t,

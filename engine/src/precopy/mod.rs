@@ -59,7 +59,7 @@
 //! the source writes none of the announced pages before the destination's `IterationAck`
 //! for that interval.
 
-pub mod cli;
+#[cfg(feature = "fault-injection")]
 pub mod cut;
 pub mod dest;
 pub mod proto;

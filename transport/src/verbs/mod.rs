@@ -184,7 +184,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 /// Skips a device test on a host without RDMA (with a visible message), unless
 /// `RXE_REQUIRED=1` (set by `tests/rxe/run-verbs-tests.sh` in the Soft-RoCE guest), in which
 /// case a missing device fails the test. Returns true when the test should run.
-#[doc(hidden)]
+#[cfg(any(test, feature = "test-support"))]
 pub fn device_test_guard(test: &str) -> bool {
     if active_device_present() {
         return true;

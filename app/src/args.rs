@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use livemig_transport::auth::{Secret, SecretError, SECRET_ENV};
 
-use crate::connect::TransportChoice;
+use livemig_engine::connect::TransportChoice;
 
 /// Parses sizes like `256M`, `4K`, `1G`, `4096`, `4MiB`, `4KB` (binary multiples).
 pub fn parse_size(s: &str) -> Result<u64, String> {
@@ -51,6 +51,15 @@ pub fn secs(s: f64) -> Duration {
 }
 
 /// `--transport` value as text (for a child's command line).
+/// The clap parser of `--transport tcp|verbs|auto` (the engine's `TransportChoice` knows no
+/// clap).
+pub fn transport_parser() -> impl clap::builder::TypedValueParser<Value = TransportChoice> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(["tcp", "verbs", "auto"])
+        .map(|s| s.parse::<TransportChoice>().expect("one of the possible values"))
+}
+
+/// The `--transport` value of `c`.
 pub fn transport_arg(c: TransportChoice) -> &'static str {
     match c {
         TransportChoice::Tcp => "tcp",

@@ -19,7 +19,7 @@ use anyhow::{bail, Context, Result};
 use livemig_transport::auth::SECRET_ENV;
 
 use crate::args::{transport_arg, ChildSecret};
-use crate::precopy::cli::{run_source, MigrateArgs};
+use crate::precopy::{run_source, MigrateArgs};
 
 /// A tc rate like `1gbit`, `10gbit`, `500mbit`, `100kbit` in bits per second.
 pub fn parse_rate(s: &str) -> Result<u64> {

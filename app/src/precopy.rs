@@ -11,12 +11,12 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use livemig_transport::auth::Secret;
 use livemig_transport::{Access, CoalesceConfig, Region, RegionTable, TcpConfig};
 
-use super::{dest, source, Outcome};
-use crate::connect::{self, Listener, TransportChoice, TransportOptions};
-use crate::dirty::MemoryTracker;
-use crate::guest::{GuestControl, GuestMemory, Idle};
-use crate::policy::{KvmConfig, PolicyConfig, PolicyKind};
-use crate::workload::{Workload, WorkloadKind, WorkloadParams};
+use livemig_engine::connect::{self, Listener, TransportChoice, TransportOptions};
+use livemig_engine::dirty::MemoryTracker;
+use livemig_engine::guest::{GuestControl, GuestMemory, Idle};
+use livemig_engine::policy::{KvmConfig, PolicyConfig, PolicyKind};
+use livemig_engine::precopy::{self as engine_precopy, dest, source, IterationLine, Outcome};
+use livemig_workload::{Workload, WorkloadKind, WorkloadParams};
 
 /// Local region id of the source region.
 pub const SOURCE_REGION: u32 = 1;
@@ -72,7 +72,7 @@ pub struct MigrateArgs {
     #[arg(long, value_name = "RATE", requires = "local")]
     pub link: Option<String>,
     /// tcp, verbs or auto.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = crate::args::transport_parser())]
     pub transport: TransportChoice,
     /// Workload running in the region.
     #[arg(long, value_enum, default_value = "random")]
@@ -132,7 +132,7 @@ pub struct ReceiveArgs {
     #[arg(long, value_name = "ADDR")]
     pub listen: String,
     /// tcp, verbs or auto.
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, default_value = "auto", value_parser = crate::args::transport_parser())]
     pub transport: TransportChoice,
     /// Size of the exposed region (must match the source's).
     #[arg(long, value_parser = parse_size, default_value = "256M")]
@@ -251,7 +251,7 @@ pub fn transport_options(choice: TransportChoice, io_timeout: Duration) -> Trans
 pub const MAX_PAGE_SIZE: u64 = 2 << 20;
 
 fn page_size(p: u64) -> Result<u32> {
-    if !p.is_power_of_two() || p > MAX_PAGE_SIZE || (p as usize) < crate::workload::MIN_PAGE_SIZE {
+    if !p.is_power_of_two() || p > MAX_PAGE_SIZE || (p as usize) < livemig_workload::MIN_PAGE_SIZE {
         bail!("--page-size {p} must be a power of two between 512 B and 2 MiB");
     }
     Ok(p as u32)
@@ -287,7 +287,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
     };
     let opts = transport_options(a.transport, secs(a.io_timeout));
     let t = connect::connect(kind, to, &opts, secret, &table).with_context(|| format!("connecting to {to}"))?;
-    let mut t = super::cut::from_env(t);
+    let mut t = cut_from_env(t);
     let mut err = std::io::stderr();
     let _ = writeln!(err, "{note}");
     let _ = writeln!(
@@ -312,13 +312,13 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
     let cfg = source::SourceConfig {
         policy: a.policy_config(),
         coalesce: CoalesceConfig { page_size: ps, ..Default::default() },
-        reply_timeout: super::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
+        reply_timeout: engine_precopy::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
         // The destination sends Alive every 250 ms while it hashes.
         switchover_idle: secs(a.io_timeout).max(Duration::from_secs(1)),
     };
     let json = a.json;
     let mut progress = SourceProgress::new(region.pages() as u64, json || a.no_progress);
-    let mut on_line = |l: &super::IterationLine| {
+    let mut on_line = |l: &IterationLine| {
         // The line itself is printed exactly as without the bar (stdout, or stderr with
         // --json); the bar is taken off the terminal meanwhile so nothing tears.
         progress.bar.suspend(|| {
@@ -380,7 +380,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
 fn hold_in_doubt(e: source::SourceError, workload: Option<&mut Workload>, after: Duration) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let msg = super::error_chain(&e);
+    let msg = engine_precopy::error_chain(&e);
     let Some(w) = workload else {
         bail!("{msg} (no workload: nothing to hold)");
     };
@@ -448,7 +448,7 @@ impl SourceProgress {
         SourceProgress { bar, pages, sent: 0, first_pass: true }
     }
 
-    fn on_interval(&mut self, l: &super::IterationLine) {
+    fn on_interval(&mut self, l: &IterationLine) {
         self.sent += l.sent + l.zero;
         self.bar.set_prefix((l.iter + 1).to_string());
         if self.first_pass && self.sent >= self.pages {
@@ -481,7 +481,7 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     bar.set_message("waiting for the source");
     let accepted = l.accept(&transport_options(a.transport, secs(a.io_timeout)), &secret, &table);
     let mut t = match accepted {
-        Ok(t) => super::cut::from_env(t),
+        Ok(t) => cut_from_env(t),
         Err(e) => {
             bar.finish_and_clear();
             return Err(e.into());
@@ -495,7 +495,7 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     };
     let memory = GuestMemory::single(region.clone());
     let mut workload = None;
-    let mut start = crate::workload::starter(region.clone(), &mut workload);
+    let mut start = livemig_workload::starter(region.clone(), &mut workload);
     let res = dest::receive(t.as_mut(), &memory, &mut start, &cfg, &mut on_iter);
     drop(start);
     bar.finish_and_clear();
@@ -533,6 +533,20 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
         w.stop().context("stopping the workload")?;
     }
     Ok(())
+}
+
+/// `LIVEMIG_CUT_AT=<message>` cuts the link at that message (fault-injection builds only).
+#[cfg(feature = "fault-injection")]
+fn cut_from_env(t: Box<dyn livemig_transport::Transport>) -> Box<dyn livemig_transport::Transport> {
+    livemig_engine::precopy::cut::from_env(t)
+}
+
+#[cfg(not(feature = "fault-injection"))]
+fn cut_from_env(t: Box<dyn livemig_transport::Transport>) -> Box<dyn livemig_transport::Transport> {
+    if std::env::var_os("LIVEMIG_CUT_AT").is_some_and(|v| !v.is_empty()) {
+        tracing::warn!("LIVEMIG_CUT_AT ignored: this build has no fault injection");
+    }
+    t
 }
 
 #[cfg(test)]

@@ -888,19 +888,19 @@ pub const DEVICE_STATE: &[u8] = b"livemig-workload/1";
 
 /// The workload as a guest the engine migrates: its device state is [`DEVICE_STATE`]; its
 /// progress is the pages it touched.
-impl crate::guest::GuestControl for Workload {
-    fn pause(&mut self) -> Result<(), crate::guest::GuestError> {
-        Workload::pause(self).map_err(|e| crate::guest::GuestError::new("pause", e))
+impl livemig_engine::guest::GuestControl for Workload {
+    fn pause(&mut self) -> Result<(), livemig_engine::guest::GuestError> {
+        Workload::pause(self).map_err(|e| livemig_engine::guest::GuestError::new("pause", e))
     }
 
-    fn resume(&mut self) -> Result<(), crate::guest::GuestError> {
+    fn resume(&mut self) -> Result<(), livemig_engine::guest::GuestError> {
         if self.state() == RunState::Paused {
-            Workload::resume(self).map_err(|e| crate::guest::GuestError::new("resume", e))?;
+            Workload::resume(self).map_err(|e| livemig_engine::guest::GuestError::new("resume", e))?;
         }
         Ok(())
     }
 
-    fn save_state(&mut self) -> Result<Vec<u8>, crate::guest::GuestError> {
+    fn save_state(&mut self) -> Result<Vec<u8>, livemig_engine::guest::GuestError> {
         Ok(DEVICE_STATE.to_vec())
     }
 
@@ -923,16 +923,16 @@ impl crate::guest::GuestControl for Workload {
 pub fn starter(
     region: Arc<Region>,
     slot: &mut Option<Workload>,
-) -> impl FnMut(Vec<u8>) -> Result<(), crate::guest::GuestError> + '_ {
+) -> impl FnMut(Vec<u8>) -> Result<(), livemig_engine::guest::GuestError> + '_ {
     move |state| {
         if state.is_empty() {
             return Ok(());
         }
         if state != DEVICE_STATE {
-            return Err(crate::guest::GuestError::new("start", "the device state is not a workload's"));
+            return Err(livemig_engine::guest::GuestError::new("start", "the device state is not a workload's"));
         }
-        let mut w = Workload::attach(region.clone()).map_err(|e| crate::guest::GuestError::new("start", e))?;
-        w.start().map_err(|e| crate::guest::GuestError::new("start", e))?;
+        let mut w = Workload::attach(region.clone()).map_err(|e| livemig_engine::guest::GuestError::new("start", e))?;
+        w.start().map_err(|e| livemig_engine::guest::GuestError::new("start", e))?;
         *slot = Some(w);
         Ok(())
     }
@@ -1254,7 +1254,7 @@ mod tests {
 
     #[test]
     fn dirty_tracker_sees_the_working_set() {
-        use crate::dirty::open_tracker;
+        use livemig_engine::dirty::open_tracker;
         use livemig_transport::PageBitmap;
         for kind in [WorkloadKind::Seq, WorkloadKind::Readonly] {
             let r = region(Backing::Memfd, 64);
