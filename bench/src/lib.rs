@@ -6,3 +6,4 @@
 //! the listener as a child process of the same binary, so two processes take part.
 
 pub mod pages;
+pub mod urgent;

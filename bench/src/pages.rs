@@ -432,7 +432,7 @@ fn send(
     let table = RegionTable::new();
     let _reg = table.register(r.clone())?;
     let bm = bitmap_for(a.pattern, r.pages());
-    livemig_transport::conformance::fill_pages(&r, &bm, 0xfeed);
+    livemig_transport::testdata::fill_pages(&r, &bm, 0xfeed);
     let cfg = if a.no_coalesce {
         CoalesceConfig::per_page(ps as u32)
     } else {

@@ -28,6 +28,8 @@ enum BenchCmd {
     Pages(livemig_bench::pages::BenchArgs),
     /// Storage chunks (1 MiB default) between file-backed regions.
     Chunks(livemig_bench::pages::BenchArgs),
+    /// Latency of an urgent 4 KiB page while a bulk push saturates the link (TCP loopback).
+    Urgent(livemig_bench::urgent::UrgentArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -45,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Receive(a) => livemig_app::precopy::run_receive(&a),
         Cmd::Bench { what: BenchCmd::Pages(a) } => livemig_bench::pages::run(livemig_bench::pages::PAGES, &a),
         Cmd::Bench { what: BenchCmd::Chunks(a) } => livemig_bench::pages::run(livemig_bench::pages::CHUNKS, &a),
+        Cmd::Bench { what: BenchCmd::Urgent(a) } => livemig_bench::urgent::run(&a),
     }
 }

@@ -129,6 +129,8 @@ pub struct HandshakeParams {
     pub stream: u8,
     /// Number of streams in the session; the acceptor adopts the connector's.
     pub streams: u8,
+    /// HELLO flags (`wire::HELLO_URGENT_STREAM`); the acceptor adopts the connector's.
+    pub flags: u8,
     /// Session id (the connector's choice; the acceptor adopts it).
     pub session: u64,
     /// Regions we expose to the peer.
@@ -225,6 +227,7 @@ pub fn handshake<S: Read + Write>(
         role: p.role,
         stream: p.stream,
         streams: p.streams,
+        flags: p.flags,
         session: p.session,
         nonce,
     };
@@ -239,6 +242,7 @@ pub fn handshake<S: Read + Write>(
         ours.session = peer.session;
         ours.stream = peer.stream;
         ours.streams = peer.streams;
+        ours.flags = peer.flags;
         write_frame(s, &Frame::Hello(ours))?;
         peer
     };
@@ -259,8 +263,12 @@ pub fn handshake<S: Read + Write>(
     if peer.role == p.role {
         return Err(HandshakeError::Inconsistent("peer claims our role"));
     }
-    if peer.stream != ours.stream || peer.streams != ours.streams || peer.session != ours.session {
-        return Err(HandshakeError::Inconsistent("session, stream index or stream count differs"));
+    if peer.stream != ours.stream
+        || peer.streams != ours.streams
+        || peer.session != ours.session
+        || peer.flags != ours.flags
+    {
+        return Err(HandshakeError::Inconsistent("session, stream index, stream count or flags differ"));
     }
     let (session, stream) = (ours.session, ours.stream);
     let mac = proof(secret, p.role, session, stream, &nonce, &peer.nonce);
@@ -286,7 +294,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn params(role: Role) -> HandshakeParams {
-        HandshakeParams { role, stream: 0, streams: 1, session: 9, exposed: vec![] }
+        HandshakeParams { role, stream: 0, streams: 1, flags: 0, session: 9, exposed: vec![] }
     }
 
     #[test]
@@ -313,7 +321,7 @@ mod tests {
     #[test]
     fn good_and_bad_secrets() {
         let (a, b) = run("sesame-open", "sesame-open");
-        assert_eq!(a.unwrap().version, 1);
+        assert_eq!(a.unwrap().version, wire::VERSION);
         assert_eq!(b.unwrap().peer.session, 9);
         let (a, b) = run("sesame-open", "sesame-shut");
         assert!(matches!(a, Err(HandshakeError::BadSecret) | Err(HandshakeError::Refused(_))), "{a:?}");

@@ -42,21 +42,7 @@ pub fn regions(len: u64) -> Regions {
     Regions { src_table, dst_table, src, dst, _regs: regs }
 }
 
-/// Fills the pages of `bm` in `r` with pseudo-random bytes (seeded).
-pub fn fill_pages(r: &Region, bm: &PageBitmap, seed: u64) {
-    let ps = r.page_size() as usize;
-    let mut x = seed | 1;
-    let mut page = vec![0u8; ps];
-    for p in bm.iter_ones() {
-        for c in page.chunks_mut(8) {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
-        }
-        r.write_at((p * ps) as u64, &page);
-    }
-}
+pub use crate::testdata::fill_pages;
 
 /// Posts the coalesced work requests for `bm` from region 1 to peer region 2.
 pub fn send_bitmap(t: &mut dyn Transport, co: &Coalescer, bm: &PageBitmap) -> Result<u64, TransportError> {
@@ -154,4 +140,80 @@ pub fn peer_vanishes(connect: Connect<'_>) {
     }
     assert!(failed, "writes to a vanished peer kept succeeding");
     assert!(a.recv_message(Some(Duration::from_secs(5))).is_err());
+}
+
+/// The urgent channel: while the sender's main thread streams bulk writes over the first
+/// half of the regions, the receiver asks for pages of the second half on the urgent
+/// channel from another thread; a responder thread at the sender answers each with an urgent
+/// write. Every answer is reported as placed with exactly the requested range and holds the
+/// sender's bytes; the bulk data arrives intact too. Returns the request-to-placement times.
+pub fn urgent_pages_during_bulk(connect: Connect<'_>, len: u64, requests: usize) -> Vec<Duration> {
+    let rg = regions(len);
+    let pages = (len / 4096) as usize;
+    let half = pages / 2;
+    let mut all = PageBitmap::new(pages);
+    all.set_range(0, pages);
+    fill_pages(&rg.src, &all, 0x0e6e);
+    let (mut tx, rx) = connect(&rg.src_table, &rg.dst_table);
+    let (su, du) = (tx.urgent().expect("sender's urgent channel"), rx.urgent().expect("receiver's urgent channel"));
+    let remote = tx.peer_regions()[0].id;
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let times = std::thread::scope(|s| {
+        // Responder: serve page requests (8-byte page index) with urgent writes.
+        let responder = s.spawn(|| {
+            let mut served = 0;
+            while served < requests {
+                match su.recv(Some(Duration::from_secs(10))).expect("urgent recv at the sender") {
+                    Some(crate::UrgentEvent::Message(m)) => {
+                        let p = u64::from_le_bytes(m[..8].try_into().expect("8-byte request"));
+                        let seg = [Segment { offset: p * 4096, len: 4096 }];
+                        let w = WriteRequest { local: 1, segments: &seg, remote, remote_offset: p * 4096 };
+                        su.post_write(&w).expect("urgent write");
+                        served += 1;
+                    }
+                    other => panic!("the sender expected a request, got {other:?}"),
+                }
+            }
+        });
+        // Requester at the receiver: one request at a time, pages of the second half.
+        let requester = s.spawn(|| {
+            let mut times = Vec::with_capacity(requests);
+            for i in 0..requests {
+                let p = (half + (i * 7919) % (pages - half)) as u64;
+                let t0 = std::time::Instant::now();
+                du.send_message(&p.to_le_bytes()).expect("urgent request");
+                match du.recv(Some(Duration::from_secs(10))).expect("urgent recv at the receiver") {
+                    Some(crate::UrgentEvent::Placed { region, offset, len }) => {
+                        times.push(t0.elapsed());
+                        assert_eq!((region, offset, len), (2, p * 4096, 4096), "placed range");
+                        let (mut a, mut b) = (vec![0u8; 4096], vec![0u8; 4096]);
+                        rg.src.read_at(p * 4096, &mut a);
+                        rg.dst.read_at(p * 4096, &mut b);
+                        assert!(a == b, "urgent page {p} differs");
+                    }
+                    other => panic!("the receiver expected a placement, got {other:?}"),
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::SeqCst);
+            times
+        });
+        // Bulk: the first half, again and again, until the requests are done.
+        let co = Coalescer::new(CoalesceConfig::default()).expect("coalescer");
+        let mut bulk = PageBitmap::new(pages);
+        bulk.set_range(0, half);
+        while !stop.load(std::sync::atomic::Ordering::SeqCst) {
+            send_bitmap(tx.as_mut(), &co, &bulk).expect("bulk writes");
+            tx.flush().expect("bulk flush");
+        }
+        responder.join().expect("responder");
+        requester.join().expect("requester")
+    });
+    let mut bulk_bytes = (vec![0u8; 4096], vec![0u8; 4096]);
+    for p in [0, half / 2, half - 1] {
+        rg.src.read_at(p as u64 * 4096, &mut bulk_bytes.0);
+        rg.dst.read_at(p as u64 * 4096, &mut bulk_bytes.1);
+        assert!(bulk_bytes.0 == bulk_bytes.1, "bulk page {p} differs");
+    }
+    drop(rx);
+    times
 }

@@ -22,6 +22,7 @@ pub mod conformance;
 mod oob;
 pub mod region;
 pub mod tcp;
+pub mod testdata;
 #[cfg(feature = "verbs")]
 pub mod verbs;
 pub mod window;
@@ -172,6 +173,9 @@ pub enum TransportError {
         /// Status string from the provider.
         status_str: String,
     },
+    /// The session or backend does not offer this.
+    #[error("not supported: {0}")]
+    Unsupported(&'static str),
     /// A verbs device problem (no device, port down, memlock).
     #[error("RDMA device: {0}")]
     Device(String),
@@ -193,6 +197,42 @@ pub enum TransportError {
 pub struct Completion {
     /// All writes with ids `<= upto` are complete (placed in the peer's memory).
     pub upto: u64,
+}
+
+/// What arrives on the urgent channel ([`UrgentChannel::recv`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UrgentEvent {
+    /// An urgent message from the peer.
+    Message(Vec<u8>),
+    /// An urgent write of the peer was placed in our exposed region `region` at
+    /// `[offset, offset + len)`: those bytes hold the new content now.
+    Placed {
+        /// Our region.
+        region: RegionId,
+        /// Byte offset.
+        offset: u64,
+        /// Length in bytes.
+        len: u32,
+    },
+}
+
+/// The urgent channel of a session: demand requests and the pages that answer them, which
+/// never wait behind bulk writes (their own connection on TCP). Usable from any thread,
+/// concurrently with the bulk transport and with other users of the channel: a fault
+/// handler may send requests while a responder thread serves the peer's.
+///
+/// Urgent traffic is not ordered with bulk traffic. An urgent write completes when the peer
+/// reports nothing more: the receiver learns of it through [`UrgentEvent::Placed`], which is
+/// what a post-copy destination waits for before installing the page.
+pub trait UrgentChannel: Send + Sync + std::fmt::Debug {
+    /// Sends an urgent message (at most `wire::MAX_MESSAGE` bytes).
+    fn send_message(&self, msg: &[u8]) -> Result<(), TransportError>;
+    /// Writes `segments` of local region `local` to `(remote, remote_offset)` of the peer,
+    /// as one urgent write. Returns once the bytes are handed to the network (the source
+    /// must not change them until the peer confirms, e.g. by its next request).
+    fn post_write(&self, w: &WriteRequest<'_>) -> Result<(), TransportError>;
+    /// The next urgent event; `None` on timeout.
+    fn recv(&self, timeout: Option<Duration>) -> Result<Option<UrgentEvent>, TransportError>;
 }
 
 /// The transport API. One connected endpoint; both ends may write and message.
@@ -228,6 +268,12 @@ pub trait Transport: Send {
 
     /// Local registration cache (regions that may be sent from or are exposed).
     fn regions(&self) -> &RegionTable;
+
+    /// The session's urgent channel, shared (every call returns a handle to the same one).
+    /// An error when the session was set up without one or the backend has none yet.
+    fn urgent(&self) -> Result<std::sync::Arc<dyn UrgentChannel>, TransportError> {
+        Err(TransportError::Unsupported("this session has no urgent channel"))
+    }
 }
 
 /// Checks a write request against the peer's exposed table (shared by backends).

@@ -23,6 +23,14 @@
 //! frames round-robin; control messages ride on stream 0 and, to keep the ordering contract
 //! of [`crate::Transport`], wait until all earlier writes are acknowledged.
 //!
+//! Urgent channel ([`TcpConfig::urgent_stream`]): one more connection, the last, carries
+//! only URGENT messages and URGENT writes (see `wire`), so a demand request and its page never
+//! queue behind bulk frames in a socket buffer. It has no reader thread: the thread that
+//! calls [`UrgentChannel::recv`] reads the socket itself, places an urgent write and returns
+//! it as an [`UrgentEvent::Placed`] — one wake-up per hop instead of two (a reader thread,
+//! then the waiting thread). [`Transport::urgent`] hands the channel out, usable from any
+//! thread.
+//!
 //! Threads per stream: a reader (never blocks on the writer lock) and an acknowledger. The
 //! reader wakes the acknowledgers through their own condition variable, so placing data does
 //! not wake threads that wait for messages or acknowledgements.
@@ -41,7 +49,9 @@ use crate::auth::{self, HandshakeParams, Secret};
 use crate::region::{RegionInfo, RegionTable};
 use crate::window::{SendWindow, WindowConfig};
 use crate::wire::{self, close_code, Frame, Header, Role, WriteEntry, WriteFrame};
-use crate::{check_remote, Transport, TransportError, TransportKind, TransportStats, WriteRequest};
+use crate::{
+    check_remote, Transport, TransportError, TransportKind, TransportStats, UrgentChannel, UrgentEvent, WriteRequest,
+};
 
 /// TCP backend settings.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -66,6 +76,10 @@ pub struct TcpConfig {
     /// than per segment. 0 keeps the kernel default (wake on every arrival).
     #[serde(default = "default_rcv_lowat")]
     pub rcv_lowat: u32,
+    /// Open an urgent channel: one more connection for demand requests and the pages that
+    /// answer them (the connector decides; the acceptor follows).
+    #[serde(default)]
+    pub urgent_stream: bool,
 }
 
 fn default_zero_copy() -> bool {
@@ -86,6 +100,7 @@ impl Default for TcpConfig {
             io_timeout: Duration::from_secs(20),
             zero_copy: default_zero_copy(),
             rcv_lowat: default_rcv_lowat(),
+            urgent_stream: false,
         }
     }
 }
@@ -104,6 +119,7 @@ struct State {
     acked: Vec<u64>,
     pending_ack: Vec<u64>,
     messages: VecDeque<Vec<u8>>,
+    urgent: VecDeque<UrgentEvent>,
     ended: Option<Ended>,
     shutdown: bool,
     bytes_received: u64,
@@ -117,6 +133,8 @@ struct Shared {
     cv: Condvar,
     /// Acknowledgements to send (`pending_ack`), shutdown, the end: what the acknowledgers wait for.
     ack_cv: Condvar,
+    /// Urgent events, the end: what users of the urgent channel wait for.
+    urgent_cv: Condvar,
 }
 
 impl Shared {
@@ -131,6 +149,7 @@ impl Shared {
         drop(st);
         self.cv.notify_all();
         self.ack_cv.notify_all();
+        self.urgent_cv.notify_all();
     }
 }
 
@@ -195,6 +214,7 @@ pub struct TcpTransport {
     streams: Vec<StreamTx>,
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
+    urgent: Option<Arc<TcpUrgent>>,
     window: SendWindow,
     next_stream: usize,
     stats: TransportStats,
@@ -265,14 +285,21 @@ impl TcpListener {
     ) -> Result<TcpTransport, TransportError> {
         let mut socks: Vec<Option<TcpStream>> = Vec::new();
         let mut session = None;
+        let mut urgent = false;
         let mut peer_regions = Vec::new();
         let mut peer = String::new();
         loop {
             let (mut s, addr) = self.inner.accept()?;
             tune(&s, cfg)?;
             s.set_read_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the read timeout"))?;
-            let params =
-                HandshakeParams { role: Role::Acceptor, stream: 0, streams: 1, session: 0, exposed: regions.exposed() };
+            let params = HandshakeParams {
+                role: Role::Acceptor,
+                stream: 0,
+                streams: 1,
+                flags: 0,
+                session: 0,
+                exposed: regions.exposed(),
+            };
             let out = match auth::handshake(&mut s, secret, &params) {
                 Ok(o) => o,
                 Err(source) => {
@@ -287,6 +314,11 @@ impl TcpListener {
             match session {
                 None => {
                     session = Some(out.peer.session);
+                    urgent = out.peer.flags & wire::HELLO_URGENT_STREAM != 0;
+                    if urgent && out.peer.streams < 2 {
+                        let e = TransportError::Disconnected("an urgent channel needs a bulk stream too".into());
+                        return Err(e);
+                    }
                     socks = (0..out.peer.streams).map(|_| None).collect();
                     peer_regions = out.peer_regions;
                     peer = addr.to_string();
@@ -310,7 +342,7 @@ impl TcpListener {
             }
         }
         let socks = socks.into_iter().map(|s| s.expect("all streams present")).collect();
-        TcpTransport::start(cfg.clone(), peer, peer_regions, regions.clone(), socks)
+        TcpTransport::start(cfg.clone(), peer, peer_regions, regions.clone(), socks, urgent)
     }
 }
 
@@ -329,15 +361,27 @@ impl TcpTransport {
         getrandom::getrandom(&mut session)
             .map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
         let session = u64::from_le_bytes(session);
-        let n = cfg.streams.get();
+        let urgent = cfg.urgent_stream;
+        let n = cfg
+            .streams
+            .get()
+            .checked_add(urgent as u8)
+            .ok_or(TransportError::TooLarge("255 bulk streams leave no room for the urgent channel".into()))?;
+        let flags = if urgent { wire::HELLO_URGENT_STREAM } else { 0 };
         let mut socks = Vec::new();
         let mut peer_regions = Vec::new();
         for i in 0..n {
             let mut s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
             tune(&s, cfg)?;
             s.set_read_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the read timeout"))?;
-            let params =
-                HandshakeParams { role: Role::Connector, stream: i, streams: n, session, exposed: regions.exposed() };
+            let params = HandshakeParams {
+                role: Role::Connector,
+                stream: i,
+                streams: n,
+                flags,
+                session,
+                exposed: regions.exposed(),
+            };
             let out = auth::handshake(&mut s, secret, &params)
                 .map_err(|source| TransportError::Handshake { peer: target.to_string(), source })?;
             s.set_read_timeout(None).map_err(io_err("clearing the read timeout"))?;
@@ -346,7 +390,7 @@ impl TcpTransport {
             }
             socks.push(s);
         }
-        Self::start(cfg.clone(), target.to_string(), peer_regions, regions.clone(), socks)
+        Self::start(cfg.clone(), target.to_string(), peer_regions, regions.clone(), socks, urgent)
     }
 
     fn start(
@@ -354,8 +398,10 @@ impl TcpTransport {
         peer: String,
         peer_regions: Vec<RegionInfo>,
         regions: RegionTable,
-        socks: Vec<TcpStream>,
+        mut socks: Vec<TcpStream>,
+        urgent: bool,
     ) -> Result<TcpTransport, TransportError> {
+        let urgent_sock = if urgent { socks.pop() } else { None };
         let n = socks.len();
         let shared = Arc::new(Shared::default());
         {
@@ -376,7 +422,7 @@ impl TcpTransport {
             threads.push(
                 std::thread::Builder::new()
                     .name(format!("livemig-rx{i}"))
-                    .spawn(move || span.in_scope(|| reader(i, rd, tbl, sh, lowat)))
+                    .spawn(move || span.in_scope(|| reader(i, rd, tbl, sh, lowat, false)))
                     .map_err(io_err("spawning the reader thread"))?,
             );
             let (sh, wr) = (shared.clone(), sock.clone());
@@ -396,7 +442,25 @@ impl TcpTransport {
             };
             streams.push(StreamTx { sock, frames: VecDeque::new(), last_signaled: 0, last_sent: 0, pipe });
         }
+        let urgent = match urgent_sock {
+            Some(s) => {
+                let rd = s.try_clone().map_err(io_err("cloning the socket"))?;
+                Some(Arc::new(TcpUrgent {
+                    sock: Mutex::new(s),
+                    rd: Mutex::new(rd),
+                    shared: shared.clone(),
+                    regions: regions.clone(),
+                    peer_regions: peer_regions.clone(),
+                    next_id: std::sync::atomic::AtomicU64::new(1),
+                    max_frame_bytes: cfg.max_frame_bytes,
+                    io_timeout: cfg.io_timeout,
+                    peer: peer.clone(),
+                }))
+            }
+            None => None,
+        };
         Ok(TcpTransport {
+            urgent,
             window: SendWindow::new(cfg.window),
             cfg,
             peer,
@@ -714,8 +778,9 @@ fn refuse(sock: &TcpStream, shared: &Shared, code: u32, why: Ended, reason: Stri
     shared.end(why);
 }
 
-/// Reader thread: places WRITE payloads, records ACKs, queues messages.
-fn reader(idx: usize, mut sock: TcpStream, regions: RegionTable, shared: Arc<Shared>, lowat: usize) {
+/// Reader thread: places WRITE payloads, records ACKs, queues messages. On the urgent
+/// stream (`urgent`) only URGENT frames (and CLOSE) are allowed, elsewhere none.
+fn reader(idx: usize, mut sock: TcpStream, regions: RegionTable, shared: Arc<Shared>, lowat: usize, urgent: bool) {
     let mut hb = [0u8; wire::HEADER_LEN];
     let mut ctl = Vec::new();
     loop {
@@ -747,6 +812,19 @@ fn reader(idx: usize, mut sock: TcpStream, regions: RegionTable, shared: Arc<Sha
                 return;
             }
         };
+        let is_urgent = matches!(&f, Frame::Urgent(_) | Frame::Write(WriteFrame { urgent: true, .. }));
+        if is_urgent != urgent && !matches!(f, Frame::Close { .. }) {
+            let d = wire::DecodeError::Unexpected {
+                got: f.kind(),
+                expected: if urgent {
+                    "URGENT frames on the urgent stream"
+                } else {
+                    "no URGENT frame on a bulk stream"
+                },
+            };
+            refuse(&sock, &shared, close_code::PROTOCOL, Ended::Protocol(d.clone()), d.to_string());
+            return;
+        }
         match f {
             Frame::Write(w) => {
                 if let Err(e) = place(&sock, &regions, &w, lowat) {
@@ -762,7 +840,13 @@ fn reader(idx: usize, mut sock: TcpStream, regions: RegionTable, shared: Arc<Sha
                 }
                 let mut st = shared.lock();
                 st.bytes_received += w.payload_len();
-                if w.signaled {
+                if w.urgent {
+                    for e in &w.entries {
+                        st.urgent.push_back(UrgentEvent::Placed { region: e.region, offset: e.offset, len: e.len });
+                    }
+                    drop(st);
+                    shared.urgent_cv.notify_all();
+                } else if w.signaled {
                     st.pending_ack[idx] = st.pending_ack[idx].max(w.wr_last());
                     drop(st);
                     shared.ack_cv.notify_all();
@@ -787,12 +871,22 @@ fn reader(idx: usize, mut sock: TcpStream, regions: RegionTable, shared: Arc<Sha
                 drop(st);
                 shared.cv.notify_all();
             }
+            Frame::Urgent(m) => {
+                let mut st = shared.lock();
+                st.urgent.push_back(UrgentEvent::Message(m));
+                st.messages_received += 1;
+                drop(st);
+                shared.urgent_cv.notify_all();
+            }
             Frame::Close { code, reason } => {
                 shared.end(if code == close_code::NORMAL { Ended::Closed } else { Ended::Aborted(reason) });
                 return;
             }
             other => {
-                let d = wire::DecodeError::Unexpected { got: other.kind(), expected: "WRITE, ACK, SYNC, MSG or CLOSE" };
+                let d = wire::DecodeError::Unexpected {
+                    got: other.kind(),
+                    expected: "WRITE, ACK, SYNC, MSG, URGENT or CLOSE",
+                };
                 refuse(&sock, &shared, close_code::PROTOCOL, Ended::Protocol(d.clone()), d.to_string());
                 return;
             }
@@ -946,7 +1040,7 @@ impl Transport for TcpTransport {
                 signaled |= sig;
                 entries.push(WriteEntry { region: w.remote, len: w.bytes() as u32, offset: w.remote_offset });
             }
-            let wf = WriteFrame { wr_first: first, signaled, entries };
+            let wf = WriteFrame { wr_first: first, signaled, urgent: false, entries };
             let last = wf.wr_last();
             let mut head = std::mem::take(&mut self.head_buf);
             head.clear();
@@ -1034,6 +1128,201 @@ impl Transport for TcpTransport {
     fn regions(&self) -> &RegionTable {
         &self.regions
     }
+
+    fn urgent(&self) -> Result<Arc<dyn UrgentChannel>, TransportError> {
+        match &self.urgent {
+            Some(u) => Ok(u.clone()),
+            None => {
+                Err(TransportError::Unsupported("this TCP session has no urgent stream (TcpConfig::urgent_stream)"))
+            }
+        }
+    }
+}
+
+/// The urgent channel of a TCP session: its own connection, shared by every user.
+#[derive(Debug)]
+struct TcpUrgent {
+    /// The write half (frames are written whole under this lock).
+    sock: Mutex<TcpStream>,
+    /// The read half: whoever calls `recv` reads frames from it.
+    rd: Mutex<TcpStream>,
+    shared: Arc<Shared>,
+    regions: RegionTable,
+    peer_regions: Vec<RegionInfo>,
+    next_id: std::sync::atomic::AtomicU64,
+    max_frame_bytes: u32,
+    io_timeout: Duration,
+    peer: String,
+}
+
+impl TcpUrgent {
+    fn send(&self, bufs: &mut [IoSlice<'_>], what: &str) -> Result<(), TransportError> {
+        if let Some(e) = &self.shared.lock().ended {
+            return Err(ended_error(e));
+        }
+        let mut g = self.sock.lock().unwrap_or_else(|e| e.into_inner());
+        write_all_vectored(&mut *g, bufs).map_err(|e| {
+            // The peer would parse whatever comes next as the rest of this frame.
+            let _ = g.shutdown(Shutdown::Both);
+            self.shared.end(Ended::Broken(format!("sending an urgent {what} failed: {e}")));
+            TransportError::Disconnected(format!("sending an urgent {what} to {}: {e}", self.peer))
+        })
+    }
+}
+
+impl UrgentChannel for TcpUrgent {
+    fn send_message(&self, msg: &[u8]) -> Result<(), TransportError> {
+        if msg.len() > wire::MAX_MESSAGE as usize {
+            return Err(TransportError::TooLarge(format!("{}-byte message exceeds {}", msg.len(), wire::MAX_MESSAGE)));
+        }
+        let mut head = Frame::Urgent(Vec::new()).encode();
+        head[8..12].copy_from_slice(&(msg.len() as u32).to_le_bytes());
+        self.send(&mut [IoSlice::new(&head), IoSlice::new(msg)], "message")
+    }
+
+    fn post_write(&self, w: &WriteRequest<'_>) -> Result<(), TransportError> {
+        let r = self.regions.get(w.local).ok_or(TransportError::LocalRange { region: w.local, offset: 0, len: 0 })?;
+        for s in w.segments {
+            if !r.contains(s.offset, s.len as u64) {
+                return Err(TransportError::LocalRange { region: w.local, offset: s.offset, len: s.len as u64 });
+            }
+        }
+        let bytes = w.bytes();
+        if bytes == 0 || bytes > self.max_frame_bytes as u64 {
+            return Err(TransportError::TooLarge(format!(
+                "{bytes}-byte urgent write (1..={} allowed)",
+                self.max_frame_bytes
+            )));
+        }
+        check_remote(&self.peer_regions, w.remote, w.remote_offset, bytes)?;
+        let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let entry = WriteEntry { region: w.remote, len: bytes as u32, offset: w.remote_offset };
+        let head =
+            Frame::Write(WriteFrame { wr_first: id, signaled: false, urgent: true, entries: vec![entry] }).encode();
+        let mut iov: Vec<IoSlice<'_>> = Vec::with_capacity(1 + w.segments.len());
+        iov.push(IoSlice::new(&head));
+        for s in w.segments {
+            // SAFETY: checked against the region just above; `r` keeps it mapped until the
+            // write returns. The bytes are read as raw shared memory (see `region`).
+            iov.push(IoSlice::new(unsafe {
+                std::slice::from_raw_parts(r.as_ptr().add(s.offset as usize), s.len as usize)
+            }));
+        }
+        self.send(&mut iov, "write")
+    }
+
+    fn recv(&self, timeout: Option<Duration>) -> Result<Option<UrgentEvent>, TransportError> {
+        let deadline = timeout.map(|t| Instant::now() + t);
+        let rd = self.rd.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            // Events of an earlier multi-entry write come first.
+            {
+                let st = self.shared.lock();
+                if let Some(e) = &st.ended {
+                    return Err(ended_error(e));
+                }
+            }
+            if let Some(e) = self.shared.lock().urgent.pop_front() {
+                return Ok(Some(e));
+            }
+            // Wait for the start of a frame (bounded slices, so the end of the session is
+            // noticed); once it starts, the frame is read whole.
+            let slice = match deadline {
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Ok(None);
+                    }
+                    (d - now).min(Duration::from_millis(200))
+                }
+                None => Duration::from_millis(200),
+            };
+            if !readable(&rd, slice).map_err(io_err("polling the urgent stream"))? {
+                continue;
+            }
+            self.read_frame(&rd)?;
+        }
+    }
+}
+
+impl TcpUrgent {
+    /// Reads one frame from the urgent stream: queues its event(s), or ends the session.
+    fn read_frame(&self, rd: &TcpStream) -> Result<(), TransportError> {
+        let fail = |why: Ended| {
+            let e = ended_error(&why);
+            self.shared.end(why);
+            Err(e)
+        };
+        let mut sock = rd;
+        let mut hb = [0u8; wire::HEADER_LEN];
+        rd.set_read_timeout(Some(self.io_timeout)).map_err(io_err("setting the read timeout"))?;
+        if let Err(e) = sock.read_exact(&mut hb) {
+            return fail(Ended::Broken(format!("urgent stream: {e}")));
+        }
+        let h = match Header::decode(&hb) {
+            Ok(h) => h,
+            Err(d) => {
+                refuse(rd, &self.shared, close_code::PROTOCOL, Ended::Protocol(d.clone()), d.to_string());
+                return Err(TransportError::Protocol(d));
+            }
+        };
+        let mut ctl = vec![0u8; h.control_len()];
+        if let Err(e) = sock.read_exact(&mut ctl) {
+            return fail(Ended::Broken(format!("truncated urgent {:?} frame: {e}", h.kind)));
+        }
+        let f = match Frame::decode_body(&h, &ctl) {
+            Ok(f) => f,
+            Err(d) => {
+                refuse(rd, &self.shared, close_code::PROTOCOL, Ended::Protocol(d.clone()), d.to_string());
+                return Err(TransportError::Protocol(d));
+            }
+        };
+        let event = match f {
+            Frame::Urgent(m) => vec![UrgentEvent::Message(m)],
+            Frame::Write(w) if w.urgent => {
+                match place(rd, &self.regions, &w, 0) {
+                    Ok(()) => {}
+                    Err(PlaceError::Refused(reason)) => {
+                        let d = wire::DecodeError::Invalid { field: "urgent write target", value: w.wr_first };
+                        tracing::warn!(%reason, "refusing an urgent write");
+                        refuse(rd, &self.shared, close_code::REFUSED, Ended::Protocol(d.clone()), reason);
+                        return Err(TransportError::Protocol(d));
+                    }
+                    Err(PlaceError::Io(e)) => return fail(Ended::Broken(format!("truncated urgent WRITE: {e}"))),
+                }
+                w.entries
+                    .iter()
+                    .map(|e| UrgentEvent::Placed { region: e.region, offset: e.offset, len: e.len })
+                    .collect()
+            }
+            Frame::Close { code, reason } => {
+                return fail(if code == close_code::NORMAL { Ended::Closed } else { Ended::Aborted(reason) })
+            }
+            other => {
+                let d =
+                    wire::DecodeError::Unexpected { got: other.kind(), expected: "URGENT frames on the urgent stream" };
+                refuse(rd, &self.shared, close_code::PROTOCOL, Ended::Protocol(d.clone()), d.to_string());
+                return Err(TransportError::Protocol(d));
+            }
+        };
+        let mut st = self.shared.lock();
+        st.messages_received += event.iter().filter(|e| matches!(e, UrgentEvent::Message(_))).count() as u64;
+        st.urgent.extend(event);
+        Ok(())
+    }
+}
+
+/// Waits up to `d` for `s` to become readable (data, end of stream or error).
+fn readable(s: &TcpStream, d: Duration) -> std::io::Result<bool> {
+    let mut p = libc::pollfd { fd: s.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    let ms = d.as_millis().clamp(1, i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd for an open socket, for the duration of the call.
+    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        return if e.kind() == std::io::ErrorKind::Interrupted { Ok(false) } else { Err(e) };
+    }
+    Ok(rc > 0)
 }
 
 impl Drop for TcpTransport {
@@ -1044,8 +1333,14 @@ impl Drop for TcpTransport {
         }
         self.shared.cv.notify_all();
         self.shared.ack_cv.notify_all();
+        self.shared.urgent_cv.notify_all();
         for s in &self.streams {
             let mut g = s.sock.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = g.write_all(&Frame::Close { code: close_code::NORMAL, reason: String::new() }.encode());
+            let _ = g.shutdown(Shutdown::Both);
+        }
+        if let Some(u) = &self.urgent {
+            let mut g = u.sock.lock().unwrap_or_else(|e| e.into_inner());
             let _ = g.write_all(&Frame::Close { code: close_code::NORMAL, reason: String::new() }.encode());
             let _ = g.shutdown(Shutdown::Both);
         }

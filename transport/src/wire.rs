@@ -1,4 +1,4 @@
-//! The livemig wire protocol (version 1): the framing used by the TCP backend and by the
+//! The livemig wire protocol (version 2): the framing used by the TCP backend and by the
 //! out-of-band connection setup of the verbs backend.
 //!
 //! Every frame starts with a 16-byte header, little endian:
@@ -15,8 +15,10 @@
 //! Bodies by type:
 //!
 //! ```text
-//!  HELLO   (1): min_ver u8 | max_ver u8 | role u8 | stream u8 | streams u8 | 0 u8[3]
-//!               | session u64 | nonce [32]                                   (48 bytes)
+//!  HELLO   (1): min_ver u8 | max_ver u8 | role u8 | stream u8 | streams u8 | hflags u8
+//!               | 0 u8[2] | session u64 | nonce [32]                           (48 bytes)
+//!               hflags bit 0 (HELLO_URGENT_STREAM): the last of the `streams`
+//!               connections is the urgent channel (see below); other bits must be zero.
 //!  AUTH    (2): mac [32]  (HMAC-SHA256, see auth.rs)                          (32 bytes)
 //!  REGIONS (3): count u32 | count × { id u32 | access u8 | 0 u8[3] | len u64
 //!               | addr u64 | rkey u32 | page_size u32 }               (4 + 32·count)
@@ -24,6 +26,9 @@
 //!               | payload (the entries' bytes, concatenated, Σ len = body_len − 16 − 16·aux)
 //!               aux = entry count (1..=MAX_WRITE_ENTRIES); entry i is work request
 //!               wr_first + i. Header flag SIGNALED (bit 0): acknowledge after placing.
+//!               Header flag URGENT (bit 1): an urgent write (its own id space, never
+//!               acknowledged); after placing, the receiver reports each entry's
+//!               (region, offset, len) as an urgent event.
 //!               The receiver checks every entry against its exposed regions, then reads
 //!               the payload with one readv straight into the destination ranges.
 //!  ACK     (5): upto u64   (every write with id ≤ upto is placed)                 (8)
@@ -32,7 +37,13 @@
 //!  CLOSE   (8): code u32 | reason utf-8 (≤ 1 KiB)
 //!  VERBS   (9): qpn u32 | psn u32 | lid u16 | mtu u8 | gid_index u8 | gid [16]
 //!               | max_sge u32 | credits u32                                      (36)
+//!  URGENT (10): opaque urgent message bytes (≤ MAX_MESSAGE), delivered apart from MSG
 //! ```
+//!
+//! The urgent channel: when the connector sets HELLO_URGENT_STREAM, its last connection
+//! carries only URGENT messages and URGENT writes, in both directions, so a demand request
+//! and the page that answers it never queue behind bulk writes. Urgent traffic is not
+//! ordered with bulk traffic.
 //!
 //! Verbs setup: after the handshake each side sends VERBS, then one MSG whose 24-byte body is
 //! `"LMVB" | version u8 = 1 | 0 u8[3] | credit_addr u64 | credit_rkey u32 | recv_buf u32`
@@ -40,7 +51,8 @@
 //! signals "my queue pair is ready". The out-of-band TCP socket then stays open to detect a
 //! vanished peer.
 //!
-//! `aux` must be 0 for every type but WRITE.
+//! `aux` must be 0 and `flags` 0 for every type but WRITE. Version 1 had no urgent channel
+//! (HELLO byte 5 was reserved).
 //!
 //! Decoders never panic: they return a typed [`DecodeError`] for bad magic, an unsupported
 //! version, an unknown type, a body that is too long, too short or inconsistent.
@@ -50,9 +62,9 @@ use crate::region::{Access, RegionInfo};
 /// Frame magic, "LMIG".
 pub const MAGIC: [u8; 4] = *b"LMIG";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 1;
+pub const VERSION: u8 = 2;
 /// Oldest version this build accepts.
-pub const MIN_VERSION: u8 = 1;
+pub const MIN_VERSION: u8 = 2;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 16;
 /// Fixed part of a WRITE body (before the entry table).
@@ -71,6 +83,10 @@ pub const MAX_REGIONS: u32 = 4096;
 pub const MAX_REASON: usize = 1024;
 /// Header flag of a WRITE: acknowledge it.
 pub const FLAG_SIGNALED: u16 = 1;
+/// Header flag of a WRITE: an urgent write (report its placement, never acknowledge it).
+pub const FLAG_URGENT: u16 = 2;
+/// HELLO flag: the session's last stream is the urgent channel.
+pub const HELLO_URGENT_STREAM: u8 = 1;
 
 /// Frame types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -95,6 +111,8 @@ pub enum FrameType {
     Close = 8,
     /// Verbs queue-pair endpoint.
     Verbs = 9,
+    /// Urgent control message.
+    Urgent = 10,
 }
 
 impl FrameType {
@@ -109,6 +127,7 @@ impl FrameType {
             7 => Self::Sync,
             8 => Self::Close,
             9 => Self::Verbs,
+            10 => Self::Urgent,
             _ => return None,
         })
     }
@@ -238,7 +257,7 @@ impl Header {
             if aux == 0 || aux > MAX_WRITE_ENTRIES {
                 return Err(DecodeError::Invalid { field: "write entry count", value: aux as u64 });
             }
-            if flags & !FLAG_SIGNALED != 0 {
+            if flags & !(FLAG_SIGNALED | FLAG_URGENT) != 0 || flags == FLAG_SIGNALED | FLAG_URGENT {
                 return Err(DecodeError::Invalid { field: "write flags", value: flags as u64 });
             }
             let table = (WRITE_FIXED_LEN + WRITE_ENTRY_LEN * aux as usize) as u32;
@@ -247,6 +266,8 @@ impl Header {
             }
         } else if aux != 0 {
             return Err(DecodeError::Reserved(aux));
+        } else if flags != 0 {
+            return Err(DecodeError::Invalid { field: "frame flags", value: flags as u64 });
         }
         let h = Header { version, kind, flags, body_len, aux };
         let (min, max) = body_bounds(kind);
@@ -270,7 +291,7 @@ fn body_bounds(kind: FrameType) -> (u32, u64) {
             (WRITE_FIXED_LEN + WRITE_ENTRY_LEN * MAX_WRITE_ENTRIES as usize) as u64 + MAX_WRITE_PAYLOAD as u64,
         ),
         FrameType::Ack | FrameType::Sync => (8, 8),
-        FrameType::Msg => (0, MAX_MESSAGE as u64),
+        FrameType::Msg | FrameType::Urgent => (0, MAX_MESSAGE as u64),
         FrameType::Close => (4, 4 + MAX_REASON as u64),
         FrameType::Verbs => (36, 36),
     }
@@ -297,8 +318,10 @@ pub struct Hello {
     pub role: Role,
     /// Index of this stream among `streams` parallel streams.
     pub stream: u8,
-    /// Number of parallel streams of the session.
+    /// Number of parallel streams of the session (the urgent channel included).
     pub streams: u8,
+    /// `HELLO_URGENT_STREAM` or 0.
+    pub flags: u8,
     /// Session id chosen by the connector (groups parallel streams).
     pub session: u64,
     /// Random challenge.
@@ -323,6 +346,8 @@ pub struct WriteFrame {
     pub wr_first: u64,
     /// Acknowledge after placing.
     pub signaled: bool,
+    /// An urgent write: report each entry's placement, never acknowledge.
+    pub urgent: bool,
     /// The work requests.
     pub entries: Vec<WriteEntry>,
 }
@@ -385,6 +410,8 @@ pub enum Frame {
     },
     /// Verbs endpoint.
     Verbs(VerbsInfo),
+    /// Urgent control message.
+    Urgent(Vec<u8>),
 }
 
 /// Close codes.
@@ -421,6 +448,7 @@ impl Frame {
             Frame::Sync(_) => FrameType::Sync,
             Frame::Close { .. } => FrameType::Close,
             Frame::Verbs(_) => FrameType::Verbs,
+            Frame::Urgent(_) => FrameType::Urgent,
         }
     }
 
@@ -433,7 +461,16 @@ impl Frame {
         let mut aux = 0u32;
         match self {
             Frame::Hello(h) => {
-                body.extend_from_slice(&[h.min_version, h.max_version, h.role as u8, h.stream, h.streams, 0, 0, 0]);
+                body.extend_from_slice(&[
+                    h.min_version,
+                    h.max_version,
+                    h.role as u8,
+                    h.stream,
+                    h.streams,
+                    h.flags,
+                    0,
+                    0,
+                ]);
                 body.extend_from_slice(&h.session.to_le_bytes());
                 body.extend_from_slice(&h.nonce);
             }
@@ -460,11 +497,14 @@ impl Frame {
                 if w.signaled {
                     flags |= FLAG_SIGNALED;
                 }
+                if w.urgent {
+                    flags |= FLAG_URGENT;
+                }
                 aux = w.entries.len() as u32;
                 body_len_override = Some((body.len() as u64 + w.payload_len()).min(u32::MAX as u64) as u32);
             }
             Frame::Ack(u) | Frame::Sync(u) => body.extend_from_slice(&u.to_le_bytes()),
-            Frame::Msg(m) => body.extend_from_slice(m),
+            Frame::Msg(m) | Frame::Urgent(m) => body.extend_from_slice(m),
             Frame::Close { code, reason } => {
                 body.extend_from_slice(&code.to_le_bytes());
                 let mut r = reason.as_bytes();
@@ -527,13 +567,17 @@ impl Frame {
                 if b[4] == 0 || b[3] >= b[4] {
                     return Err(DecodeError::Invalid { field: "stream index", value: b[3] as u64 });
                 }
-                reserved_zero(&b[5..8])?;
+                if b[5] & !HELLO_URGENT_STREAM != 0 {
+                    return Err(DecodeError::Invalid { field: "hello flags", value: b[5] as u64 });
+                }
+                reserved_zero(&b[6..8])?;
                 Frame::Hello(Hello {
                     min_version: b[0],
                     max_version: b[1],
                     role,
                     stream: b[3],
                     streams: b[4],
+                    flags: b[5],
                     session: u64_at(b, 8),
                     nonce: b[16..48].try_into().expect("48-byte body"),
                 })
@@ -598,11 +642,17 @@ impl Frame {
                         expected: (need as u64 + total).min(u32::MAX as u64) as u32,
                     });
                 }
-                Frame::Write(WriteFrame { wr_first, signaled: h.flags & FLAG_SIGNALED != 0, entries })
+                Frame::Write(WriteFrame {
+                    wr_first,
+                    signaled: h.flags & FLAG_SIGNALED != 0,
+                    urgent: h.flags & FLAG_URGENT != 0,
+                    entries,
+                })
             }
             FrameType::Ack => Frame::Ack(u64_at(b, 0)),
             FrameType::Sync => Frame::Sync(u64_at(b, 0)),
             FrameType::Msg => Frame::Msg(b.to_vec()),
+            FrameType::Urgent => Frame::Urgent(b.to_vec()),
             FrameType::Close => {
                 Frame::Close { code: u32_at(b, 0), reason: String::from_utf8_lossy(&b[4..]).into_owned() }
             }
@@ -650,10 +700,12 @@ mod tests {
                 role: Role::Acceptor,
                 stream: 1,
                 streams: 4,
+                flags: HELLO_URGENT_STREAM,
                 session: 0xdead_beef,
                 nonce: [7; 32],
             }),
             Frame::Auth([9; 32]),
+            Frame::Urgent(b"fault at page 7".to_vec()),
             Frame::Regions(vec![
                 RegionInfo {
                     id: 1,
@@ -691,11 +743,18 @@ mod tests {
         let regions = all.iter().find(|f| matches!(f, Frame::Regions(r) if !r.is_empty())).expect("a REGIONS sample");
         let regions = regions.encode();
         assert!(Frame::decode(&hello).is_ok() && Frame::decode(&regions).is_ok());
-        for (frame, at) in [(&hello, HEADER_LEN + 5), (&hello, HEADER_LEN + 7), (&regions, HEADER_LEN + 4 + 5)] {
+        for (frame, at) in [(&hello, HEADER_LEN + 6), (&hello, HEADER_LEN + 7), (&regions, HEADER_LEN + 4 + 5)] {
             let mut b = frame.clone();
             b[at] = 0x40;
             assert!(matches!(Frame::decode(&b), Err(DecodeError::Reserved(v)) if v != 0), "byte {at}");
         }
+        // Unknown HELLO flags, and flags on a frame that has none.
+        let mut b = hello.clone();
+        b[HEADER_LEN + 5] = 0x80;
+        assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid { field: "hello flags", .. })));
+        let mut m = Frame::Msg(vec![1]).encode();
+        m[6] = 1;
+        assert!(matches!(Frame::decode(&m), Err(DecodeError::Invalid { field: "frame flags", .. })));
     }
 
     #[test]
@@ -706,9 +765,22 @@ mod tests {
             assert_eq!(used, bytes.len());
             assert_eq!(f, g);
         }
+        let u = WriteFrame {
+            wr_first: 9,
+            signaled: false,
+            urgent: true,
+            entries: vec![WriteEntry { region: 1, len: 4, offset: 8 }],
+        };
+        let mut ub = Frame::Write(u.clone()).encode();
+        ub.extend_from_slice(&[1; 4]);
+        assert_eq!(Frame::decode(&ub).unwrap().0, Frame::Write(u));
+        // Signaled and urgent together is not a valid write.
+        ub[6] = (FLAG_SIGNALED | FLAG_URGENT) as u8;
+        assert!(matches!(Frame::decode(&ub), Err(DecodeError::Invalid { field: "write flags", .. })));
         let w = WriteFrame {
             wr_first: 5,
             signaled: true,
+            urgent: false,
             entries: vec![
                 WriteEntry { region: 3, len: 4096, offset: 8192 },
                 WriteEntry { region: 4, len: 100, offset: 0 },
@@ -752,8 +824,12 @@ mod tests {
         b[16..20].copy_from_slice(&3u32.to_le_bytes());
         assert!(matches!(Frame::decode(&b), Err(DecodeError::BadLength { .. })));
         // write payload length overflow / inconsistency / offset overflow / entry count
-        let wf =
-            WriteFrame { wr_first: 1, signaled: false, entries: vec![WriteEntry { region: 1, len: 8, offset: 0 }] };
+        let wf = WriteFrame {
+            wr_first: 1,
+            signaled: false,
+            urgent: false,
+            entries: vec![WriteEntry { region: 1, len: 8, offset: 0 }],
+        };
         let mut b = Frame::Write(wf.clone()).encode();
         b[8..12].copy_from_slice(&(u32::MAX).to_le_bytes());
         assert!(matches!(Header::decode(&b), Err(DecodeError::TooLong { .. })));

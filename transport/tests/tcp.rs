@@ -133,7 +133,7 @@ fn trickled_payload_under_a_large_low_water_mark() {
         (tr, m)
     });
     let mut s = TcpStream::connect(addr).unwrap();
-    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, session: 1, exposed: vec![] };
+    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, flags: 0, session: 1, exposed: vec![] };
     auth::handshake(&mut s, &secret(), &p).unwrap();
     s.set_nodelay(true).unwrap();
     let entries = vec![
@@ -141,7 +141,7 @@ fn trickled_payload_under_a_large_low_water_mark() {
         WriteEntry { region: 2, len: 500_003, offset: 3_000_000 },
     ];
     let payload: Vec<u8> = (0..2_500_003u32).map(|i| (i % 251) as u8 + 1).collect();
-    s.write_all(&Frame::Write(WriteFrame { wr_first: 1, signaled: true, entries }).encode()).unwrap();
+    s.write_all(&Frame::Write(WriteFrame { wr_first: 1, signaled: true, urgent: false, entries }).encode()).unwrap();
     // (Without the bound on the wait this stalls on Linux 6.x: the receiver waits for 1 MiB,
     // the window closes before that, the kernel never wakes it.)
     for piece in payload.chunks(64 << 10) {
@@ -200,7 +200,7 @@ fn adversary(frame: Vec<u8>) -> (TransportError, Vec<u8>) {
         tr.recv_message(Some(Duration::from_secs(10))).unwrap_err()
     });
     let mut s = TcpStream::connect(addr).unwrap();
-    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, session: 1, exposed: vec![] };
+    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, flags: 0, session: 1, exposed: vec![] };
     auth::handshake(&mut s, &secret(), &p).unwrap();
     s.write_all(&frame).unwrap();
     // the peer then stops sending (a truncated frame stays truncated)
@@ -216,7 +216,7 @@ fn adversary(frame: Vec<u8>) -> (TransportError, Vec<u8>) {
 }
 
 fn write_frame(entries: Vec<WriteEntry>, payload: usize) -> Vec<u8> {
-    let mut b = Frame::Write(WriteFrame { wr_first: 1, signaled: true, entries }).encode();
+    let mut b = Frame::Write(WriteFrame { wr_first: 1, signaled: true, urgent: false, entries }).encode();
     b.extend(std::iter::repeat_n(0xee, payload));
     b
 }
@@ -258,4 +258,61 @@ fn malformed_frames_get_typed_errors_and_write_nothing() {
     f.truncate(f.len() - 1);
     let (e, _) = adversary(f);
     assert!(matches!(e, TransportError::Disconnected(_)), "{e}");
+}
+
+fn urgent_cfg(streams: u8) -> TcpConfig {
+    TcpConfig { urgent_stream: true, ..cfg(streams) }
+}
+
+#[test]
+fn conformance_urgent_pages_during_bulk() {
+    let t = conf::urgent_pages_during_bulk(&pair_with(urgent_cfg(1)), 64 << 20, 200);
+    assert_eq!(t.len(), 200);
+    let t = conf::urgent_pages_during_bulk(&pair_with(urgent_cfg(2)), 32 << 20, 50);
+    assert_eq!(t.len(), 50);
+}
+
+#[test]
+fn no_urgent_channel_unless_asked() {
+    let rg = conf::regions(1 << 20);
+    let (a, b) = pair(1)(&rg.src_table, &rg.dst_table);
+    assert!(matches!(a.urgent(), Err(TransportError::Unsupported(_))));
+    assert!(matches!(b.urgent(), Err(TransportError::Unsupported(_))));
+}
+
+/// An urgent write that names a range the receiver did not expose is refused by the sender
+/// (checked against the peer's table), and one forged on the wire is refused by the receiver,
+/// which closes the session with a typed error and writes nothing.
+#[test]
+fn urgent_writes_are_bounds_checked() {
+    let rg = conf::regions(1 << 20);
+    let (a, b) = pair_with(urgent_cfg(1))(&rg.src_table, &rg.dst_table);
+    let u = a.urgent().unwrap();
+    let seg = [Segment { offset: 0, len: 4096 }];
+    let w = WriteRequest { local: 1, segments: &seg, remote: 2, remote_offset: (1 << 20) - 100 };
+    assert!(matches!(u.post_write(&w), Err(TransportError::RemoteRange { .. })));
+    let w = WriteRequest { local: 1, segments: &seg, remote: 9, remote_offset: 0 };
+    assert!(matches!(u.post_write(&w), Err(TransportError::RemoteRange { .. })));
+    drop((a, b));
+}
+
+/// A peer that sends an URGENT frame on a bulk stream (or bulk on the urgent one) breaks the
+/// protocol: the receiver refuses it with a typed error.
+#[test]
+fn urgent_frame_on_a_bulk_stream_is_refused() {
+    let rg = conf::regions(1 << 20);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = rg.dst_table.clone();
+    let t = std::thread::spawn(move || l.accept(&cfg(1), &secret(), &dst));
+    let mut s = TcpStream::connect(addr).unwrap();
+    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, flags: 0, session: 1, exposed: vec![] };
+    auth::handshake(&mut s, &secret(), &p).unwrap();
+    let mut rx = t.join().unwrap().unwrap();
+    s.write_all(&Frame::Urgent(b"page 3".to_vec()).encode()).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let (f, _) = Frame::decode(&buf).expect("a CLOSE frame");
+    assert!(matches!(f, Frame::Close { code: wire::close_code::PROTOCOL, .. }), "{f:?}");
+    assert!(matches!(rx.recv_message(Some(Duration::from_secs(5))), Err(TransportError::Protocol(_))));
 }

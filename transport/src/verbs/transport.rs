@@ -357,6 +357,7 @@ impl VerbsTransport {
             role,
             stream: 0,
             streams: 1,
+            flags: 0,
             session: if role == Role::Connector { u64::from_le_bytes(session) } else { 0 },
             exposed: local.exposed.clone(),
         };
