@@ -173,6 +173,9 @@ pub enum TransportError {
         /// Status string from the provider.
         status_str: String,
     },
+    /// Registering a region with this endpoint failed (e.g. its id is taken).
+    #[error("registering a region failed")]
+    Register(#[source] RegionError),
     /// The session or backend does not offer this.
     #[error("not supported: {0}")]
     Unsupported(&'static str),
@@ -268,6 +271,17 @@ pub trait Transport: Send {
 
     /// Local registration cache (regions that may be sent from or are exposed).
     fn regions(&self) -> &RegionTable;
+
+    /// Registers `region` with this endpoint after the handshake and, if it is exposed
+    /// (remote write or read), announces it to the peer: a disk, or a second guest region,
+    /// added mid-session. The announcement is ordered before every later message, so a peer
+    /// that has received a message sent after this call can write the region. The region
+    /// stays registered while the returned guard lives (withdrawing it from a running peer
+    /// is not supported).
+    fn expose(&mut self, region: std::sync::Arc<Region>) -> Result<Registration, TransportError> {
+        let _ = region;
+        Err(TransportError::Unsupported("exposing regions after the handshake"))
+    }
 
     /// The session's urgent channel, shared (every call returns a handle to the same one).
     /// An error when the session was set up without one or the backend has none yet.

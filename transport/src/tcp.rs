@@ -120,6 +120,10 @@ struct State {
     pending_ack: Vec<u64>,
     messages: VecDeque<Vec<u8>>,
     urgent: VecDeque<UrgentEvent>,
+    /// Every region the peer exposed, the handshake's and those announced since.
+    peer_regions: Vec<RegionInfo>,
+    /// Regions announced since the owner last looked (merged into its copy).
+    peer_regions_new: usize,
     ended: Option<Ended>,
     shutdown: bool,
     bytes_received: u64,
@@ -408,6 +412,7 @@ impl TcpTransport {
             let mut st = shared.lock();
             st.acked = vec![0; n];
             st.pending_ack = vec![0; n];
+            st.peer_regions = peer_regions.clone();
         }
         let mut streams = Vec::new();
         let mut threads = Vec::new();
@@ -450,7 +455,6 @@ impl TcpTransport {
                     rd: Mutex::new(rd),
                     shared: shared.clone(),
                     regions: regions.clone(),
-                    peer_regions: peer_regions.clone(),
                     next_id: std::sync::atomic::AtomicU64::new(1),
                     max_frame_bytes: cfg.max_frame_bytes,
                     io_timeout: cfg.io_timeout,
@@ -478,6 +482,15 @@ impl TcpTransport {
     /// Peer address.
     pub fn peer(&self) -> &str {
         &self.peer
+    }
+
+    /// Takes in the regions the peer announced since the last call.
+    fn merge_peer_regions(&mut self) {
+        let mut st = self.shared.lock();
+        if st.peer_regions_new > 0 {
+            st.peer_regions_new = 0;
+            self.peer_regions = st.peer_regions.clone();
+        }
     }
 
     fn check_ended(&self) -> Result<(), TransportError> {
@@ -878,6 +891,34 @@ fn reader(idx: usize, mut sock: TcpStream, regions: RegionTable, shared: Arc<Sha
                 drop(st);
                 shared.urgent_cv.notify_all();
             }
+            Frame::Regions(rs) if idx == 0 => {
+                // Regions exposed mid-session: new ids only (an id is never redefined).
+                let mut st = shared.lock();
+                let clash = rs.iter().enumerate().find(|(i, r)| {
+                    st.peer_regions.iter().any(|p| p.id == r.id) || rs[..*i].iter().any(|o| o.id == r.id)
+                });
+                if let Some((_, r)) = clash {
+                    drop(st);
+                    let d = wire::DecodeError::Invalid {
+                        field: "announced region id (already exposed)",
+                        value: r.id as u64,
+                    };
+                    refuse(&sock, &shared, close_code::PROTOCOL, Ended::Protocol(d.clone()), d.to_string());
+                    return;
+                }
+                if st.peer_regions.len() + rs.len() > wire::MAX_REGIONS as usize {
+                    drop(st);
+                    let d = wire::DecodeError::TooLong {
+                        kind: wire::FrameType::Regions,
+                        len: rs.len() as u64,
+                        max: wire::MAX_REGIONS as u64,
+                    };
+                    refuse(&sock, &shared, close_code::PROTOCOL, Ended::Protocol(d.clone()), d.to_string());
+                    return;
+                }
+                st.peer_regions_new += rs.len();
+                st.peer_regions.extend(rs);
+            }
             Frame::Close { code, reason } => {
                 shared.end(if code == close_code::NORMAL { Ended::Closed } else { Ended::Aborted(reason) });
                 return;
@@ -885,7 +926,7 @@ fn reader(idx: usize, mut sock: TcpStream, regions: RegionTable, shared: Arc<Sha
             other => {
                 let d = wire::DecodeError::Unexpected {
                     got: other.kind(),
-                    expected: "WRITE, ACK, SYNC, MSG, URGENT or CLOSE",
+                    expected: "WRITE, ACK, SYNC, MSG, URGENT, REGIONS (stream 0) or CLOSE",
                 };
                 refuse(&sock, &shared, close_code::PROTOCOL, Ended::Protocol(d.clone()), d.to_string());
                 return;
@@ -978,6 +1019,7 @@ impl Transport for TcpTransport {
 
     fn post_writes(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError> {
         self.check_ended()?;
+        self.merge_peer_regions();
         // Validate everything before sending anything.
         let mut cached: Option<Arc<crate::Region>> = None;
         for w in wrs {
@@ -1088,6 +1130,9 @@ impl Transport for TcpTransport {
         let mut st = self.shared.lock();
         loop {
             if let Some(m) = st.messages.pop_front() {
+                drop(st);
+                // Regions announced before this message are known once it is read.
+                self.merge_peer_regions();
                 return Ok(Some(m));
             }
             if let Some(e) = &st.ended {
@@ -1129,6 +1174,19 @@ impl Transport for TcpTransport {
         &self.regions
     }
 
+    fn expose(&mut self, region: Arc<crate::Region>) -> Result<crate::Registration, TransportError> {
+        self.check_ended()?;
+        let id = region.id();
+        let reg = self.regions.register(region).map_err(TransportError::Register)?;
+        let Some(info) = self.regions.exposed().into_iter().find(|r| r.id == id) else {
+            return Ok(reg); // local only: nothing to announce
+        };
+        let mut g = self.streams[0].sock.lock().unwrap_or_else(|e| e.into_inner());
+        g.write_all(&Frame::Regions(vec![info]).encode())
+            .map_err(|e| TransportError::Disconnected(format!("announcing region {id}: {e}")))?;
+        Ok(reg)
+    }
+
     fn urgent(&self) -> Result<Arc<dyn UrgentChannel>, TransportError> {
         match &self.urgent {
             Some(u) => Ok(u.clone()),
@@ -1148,7 +1206,6 @@ struct TcpUrgent {
     rd: Mutex<TcpStream>,
     shared: Arc<Shared>,
     regions: RegionTable,
-    peer_regions: Vec<RegionInfo>,
     next_id: std::sync::atomic::AtomicU64,
     max_frame_bytes: u32,
     io_timeout: Duration,
@@ -1194,7 +1251,7 @@ impl UrgentChannel for TcpUrgent {
                 self.max_frame_bytes
             )));
         }
-        check_remote(&self.peer_regions, w.remote, w.remote_offset, bytes)?;
+        check_remote(&self.shared.lock().peer_regions, w.remote, w.remote_offset, bytes)?;
         let id = self.next_id.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let entry = WriteEntry { region: w.remote, len: bytes as u32, offset: w.remote_offset };
         let head =

@@ -316,3 +316,66 @@ fn urgent_frame_on_a_bulk_stream_is_refused() {
     assert!(matches!(f, Frame::Close { code: wire::close_code::PROTOCOL, .. }), "{f:?}");
     assert!(matches!(rx.recv_message(Some(Duration::from_secs(5))), Err(TransportError::Protocol(_))));
 }
+
+/// A region exposed after the handshake (a disk, a second guest region): once the peer has
+/// read a message sent after the announcement, it can write the region, and the bytes land.
+#[test]
+fn regions_exposed_mid_session() {
+    use livemig_transport::{Access, Region};
+    use std::sync::Arc;
+    let rg = conf::regions(1 << 20);
+    let (mut a, mut b) = pair(2)(&rg.src_table, &rg.dst_table);
+    assert_eq!(a.peer_regions().len(), 1);
+    // The receiver adds a region and tells the sender.
+    let disk = Arc::new(Region::memfd(7, 256 << 10, 4096, Access::REMOTE_WRITE).unwrap());
+    let _reg = b.expose(disk.clone()).unwrap();
+    assert!(matches!(b.expose(disk.clone()), Err(TransportError::Register(_))), "an id is registered once");
+    b.send_message(b"disk 7 is exposed").unwrap();
+    assert_eq!(a.recv_message(Some(Duration::from_secs(5))).unwrap().as_deref(), Some(&b"disk 7 is exposed"[..]));
+    assert!(a.peer_regions().iter().any(|r| r.id == 7 && r.len == 256 << 10 && r.access.remote_write));
+    rg.src.write_at(0, &[0x5a; 8192]);
+    let seg = [Segment { offset: 0, len: 8192 }];
+    a.post_writes(&[WriteRequest { local: 1, segments: &seg, remote: 7, remote_offset: 4096 }]).unwrap();
+    a.flush().unwrap();
+    let mut got = vec![0u8; 8192];
+    disk.read_at(4096, &mut got);
+    assert!(got.iter().all(|&x| x == 0x5a));
+    // Still bounds-checked like any exposed region.
+    let w = WriteRequest { local: 1, segments: &seg, remote: 7, remote_offset: 250 << 10 };
+    assert!(matches!(a.post_writes(&[w]), Err(TransportError::RemoteRange { .. })));
+}
+
+/// A peer that re-announces an id it already exposed is refused: ids are never redefined.
+#[test]
+fn a_region_announced_twice_is_refused() {
+    let rg = conf::regions(1 << 20);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = rg.dst_table.clone();
+    let t = std::thread::spawn(move || l.accept(&cfg(1), &secret(), &dst));
+    let mut s = TcpStream::connect(addr).unwrap();
+    let p = HandshakeParams {
+        role: Role::Connector,
+        stream: 0,
+        streams: 1,
+        flags: 0,
+        session: 1,
+        exposed: vec![livemig_transport::RegionInfo {
+            id: 3,
+            len: 4096,
+            page_size: 4096,
+            access: livemig_transport::Access::REMOTE_WRITE,
+            addr: 0,
+            rkey: 0,
+        }],
+    };
+    let out = auth::handshake(&mut s, &secret(), &p).unwrap();
+    assert_eq!(out.peer_regions.len(), 1);
+    let mut rx = t.join().unwrap().unwrap();
+    s.write_all(&Frame::Regions(p.exposed.clone()).encode()).unwrap();
+    let mut buf = Vec::new();
+    let _ = s.read_to_end(&mut buf);
+    let (f, _) = Frame::decode(&buf).expect("a CLOSE frame");
+    assert!(matches!(f, Frame::Close { code: wire::close_code::PROTOCOL, .. }), "{f:?}");
+    assert!(matches!(rx.recv_message(Some(Duration::from_secs(5))), Err(TransportError::Protocol(_))));
+}

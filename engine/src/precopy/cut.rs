@@ -83,7 +83,11 @@ impl Transport for CutAt {
         self.live()?.send_message(msg)
     }
     fn recv_message(&mut self, timeout: Option<Duration>) -> Result<Option<Vec<u8>>, TransportError> {
-        self.live()?.recv_message(timeout)
+        let t = self.live()?;
+        let m = t.recv_message(timeout)?;
+        // The peer may have exposed regions before this message.
+        self.peer = t.peer_regions().to_vec();
+        Ok(m)
     }
     fn poll_completions(&mut self) -> Result<u64, TransportError> {
         self.live()?.poll_completions()
@@ -96,6 +100,18 @@ impl Transport for CutAt {
     }
     fn regions(&self) -> &RegionTable {
         &self.table
+    }
+    fn expose(
+        &mut self,
+        region: std::sync::Arc<livemig_transport::Region>,
+    ) -> Result<livemig_transport::Registration, TransportError> {
+        let t = self.live()?;
+        let reg = t.expose(region)?;
+        self.peer = t.peer_regions().to_vec();
+        Ok(reg)
+    }
+    fn urgent(&self) -> Result<std::sync::Arc<dyn livemig_transport::UrgentChannel>, TransportError> {
+        self.inner.as_ref().ok_or(TransportError::Disconnected("fault injection cut the link".into()))?.urgent()
     }
 }
 
