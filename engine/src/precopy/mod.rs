@@ -42,8 +42,9 @@
 //! memories stay intact; nothing is resumed twice. (An explicit `Abort` from the destination
 //! after `Commit` — it could not start the guest — resumes the source.)
 //!
-//! The policies are pure state machines ([`crate::policy`]); [`source`] and [`dest`] are the
-//! thin drivers that read the clock and move bytes. Which transport backend carries the
+//! The policies are pure state machines ([`crate::policy`]), and so is the source's whole
+//! side of the protocol ([`session::SourceSession`]); [`source`] and [`dest`] are the thin
+//! drivers that read the clock and move bytes. Which transport backend carries the
 //! session does not matter to them: they only see `dyn Transport`.
 //!
 //! **Integrity off the downtime path** ([`crate::integrity`]): both sides keep an
@@ -64,11 +65,14 @@ pub mod cut;
 pub mod dest;
 pub mod proto;
 pub mod schedule;
+pub mod session;
 pub mod source;
 pub mod switchover;
 
 #[cfg(test)]
 mod convergence_tests;
+#[cfg(test)]
+mod sim_tests;
 
 use std::time::Duration;
 

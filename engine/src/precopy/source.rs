@@ -14,14 +14,14 @@ use livemig_transport::{
     CoalesceConfig, Coalescer, PageBitmap, RegionId, Transport, TransportError, WorkRequest, WriteRequest,
 };
 
-use super::proto::{self, Msg, PageRun, RegionDesc, MAX_RUNS, MAX_STATE_CHUNK};
+use super::proto::{self, Msg, RegionDesc, MAX_RUNS};
 use super::schedule::Schedule;
-use super::switchover::{Fate, Next, SourceSwitchover, Violation};
+use super::session::{Action, BatchDone, End, Failure, SessionConfig, SourceSession};
 use super::{check_fit, IterationLine, Mismatch, Outcome, Phase, Summary};
 use crate::dirty::{DirtyError, DirtySource};
 use crate::guest::{GuestControl, GuestError, GuestMemory};
 use crate::integrity::{Digest, PageDigests};
-use crate::policy::{self, ConvergencePolicy, Decision, IntervalReport, PolicyConfig};
+use crate::policy::{self, PolicyConfig};
 
 /// Source-side settings.
 #[derive(Debug, Clone)]
@@ -158,6 +158,10 @@ impl SourceError {
 /// tracked by `dirty`, to the peer of `t`. Calls `on_interval` once per pre-copy interval.
 /// Returns the summary of a completed or policy-aborted migration; every other ending is an
 /// error. See [`GuestControl`] for the order of the guest calls.
+///
+/// This is the thin driver of [`SourceSession`]: it carries out the session's actions (send,
+/// post pages, harvest the dirty log, pause, save state, digest) and feeds back what happened
+/// and what the destination says; every decision is the session's.
 pub fn migrate(
     t: &mut dyn Transport,
     memory: &GuestMemory,
@@ -176,36 +180,23 @@ pub fn migrate(
     let coalescer = Coalescer::new(cfg.coalesce).map_err(SourceError::Coalesce)?;
     // Refuse before sending anything: the transport handshake told us what the peer exposes.
     let remotes = pick_remotes(t, memory)?;
-
-    let phase = Phase::Handshake;
     let regions = memory.regions().iter().map(|r| RegionDesc { len: r.len(), page_size: r.page_size() }).collect();
-    send(t, phase, &Msg::Begin { regions })?;
-    match recv(t, phase, "Accept", cfg.reply_timeout)? {
-        Msg::Accept => {}
-        Msg::Refuse { reason } => return Err(SourceError::Refused(reason)),
-        other => return Err(unexpected(phase, "Accept", &other)),
-    }
-
-    tracing::info!(pages, page_size = ps, "destination accepted; pre-copy starts");
+    let scfg = SessionConfig { reply_timeout: cfg.reply_timeout, switchover_idle: cfg.switchover_idle };
+    let mut sess = SourceSession::new(regions, &cfg.policy, scfg);
     let mut s = Sender {
         memory: memory.clone(),
         remotes,
         coalescer,
-        sched: Schedule::new(pages),
         digests: PageDigests::new(pages, ps),
         region_batch: memory.regions().iter().map(|r| PageBitmap::new(r.pages())).collect(),
         page_buf: vec![0u8; ps as usize],
         wrs: Vec::new(),
-        bytes: 0,
-        pages_sent: 0,
-        zero_pages: 0,
     };
-    let mut policy = policy::build(&cfg.policy, policy::RegionInfo::new(pages, ps as usize));
     let start = Instant::now();
-    let progress0 = guest.progress();
+    let now = || start.elapsed();
     let mut summary = Summary {
         outcome: Outcome::Aborted,
-        policy: policy.name().to_string(),
+        policy: sess.policy_name().to_string(),
         transport: t.kind().to_string(),
         tracker: dirty.mechanism().to_string(),
         region_bytes: memory.len(),
@@ -226,84 +217,184 @@ pub fn migrate(
         checksum: None,
         intervals: Vec::new(),
     };
-    let rate_since = |g: &dyn GuestControl, since: Instant| match (progress0, g.progress()) {
-        (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / since.elapsed().as_secs_f64().max(1e-9)),
-        _ => None,
-    };
-
-    // Pre-copy. Errors here leave the guest running; tracking is disarmed on the way out.
-    dirty.start().map_err(SourceError::Dirty)?;
-    // Pages never populated are zero: announced without reading them. Scanned after arming
-    // the tracker, so a page written from now on is dirty and sent anyway.
-    let runs = s.sched.take_known_zero(&memory.known_zero_pages());
-    s.zero_pages += runs.iter().map(|r| r.pages as u64).sum::<u64>();
-    let decision = s.announce_zero(t, Phase::Precopy, &runs).and_then(|()| {
-        precopy_rounds(t, &mut s, dirty, policy.as_mut(), &*guest, start, cfg.reply_timeout, &mut summary, on_interval)
-    });
-    let reason = match decision {
-        Err(e) => {
-            dirty.stop();
-            if !matches!(e, SourceError::Transport { .. }) {
-                let _ = t.send_message(&Msg::Abort { reason: e.to_string() }.encode());
+    let progress0 = guest.progress();
+    let mut interval_progress = (Instant::now(), progress0);
+    // The first error a driver operation or the link returned (the session's failure
+    // reports only that something failed; this says what).
+    let mut err: Option<SourceError> = None;
+    let mut tracking = false;
+    loop {
+        while let Some(a) = sess.poll_action() {
+            let phase = sess.phase();
+            let r: Result<(), SourceError> = match a {
+                Action::Send(m) => send(t, phase, &m),
+                Action::StartTracking => dirty.start().map_err(SourceError::Dirty).map(|()| {
+                    tracking = true;
+                    // Pages never populated are zero: announced without reading them. Scanned
+                    // after arming the tracker, so a page written from now on is dirty and
+                    // sent anyway.
+                    sess.handle_tracking_started(now(), &memory.known_zero_pages());
+                }),
+                Action::ZeroPages(runs) => {
+                    for r in runs {
+                        s.digests.record_zero(r.first as usize, r.pages as usize);
+                    }
+                    Ok(())
+                }
+                Action::SendBatch { budget } => {
+                    let phase = sess.phase();
+                    s.send_batch(t, &mut sess, budget, phase).map(|b| sess.handle_batch_done(now(), b))
+                }
+                Action::CollectDirty => {
+                    dirty.collect(sess.pending_mut()).map_err(SourceError::Dirty).map(|_| sess.handle_collected(now()))
+                }
+                Action::Interval(mut line) => {
+                    let p = guest.progress();
+                    if let (Some(a), Some(b)) = (interval_progress.1, p) {
+                        line.guest_rate =
+                            Some(b.saturating_sub(a) as f64 / interval_progress.0.elapsed().as_secs_f64().max(1e-9));
+                    }
+                    interval_progress = (Instant::now(), p);
+                    on_interval(&line);
+                    summary.intervals.push(line);
+                    Ok(())
+                }
+                Action::Wait { until } => {
+                    std::thread::sleep(until.saturating_sub(now()));
+                    sess.handle_timeout(now());
+                    Ok(())
+                }
+                Action::PauseGuest => guest.pause().map_err(SourceError::Guest).map(|()| {
+                    summary.guest_rate_during = rate(progress0, guest.progress(), start.elapsed());
+                    tracing::info!("stop-and-copy: guest paused");
+                    sess.handle_paused(now())
+                }),
+                Action::SaveState => {
+                    #[cfg(feature = "fault-injection")]
+                    let r = fault::corrupt_in_flight(t, &mut s);
+                    #[cfg(not(feature = "fault-injection"))]
+                    let r = Ok(());
+                    r.and_then(|()| guest.save_state().map_err(SourceError::Guest))
+                        .map(|state| sess.handle_state(now(), &state))
+                }
+                Action::Digest => match s.digests.first_missing() {
+                    // Every page went out once: the final batch takes never-sent pages too.
+                    Some(page) => Err(SourceError::Unsent { page }),
+                    None => {
+                        tracing::debug!("source digest ready");
+                        sess.handle_digest(now(), s.digests.digest().to_bytes());
+                        Ok(())
+                    }
+                },
+                Action::ResumeGuest => guest.resume().map_err(SourceError::Guest),
+                Action::HandedOver => {
+                    guest.handed_over();
+                    Ok(())
+                }
+                Action::StopTracking => {
+                    if tracking {
+                        dirty.stop();
+                        tracking = false;
+                    }
+                    Ok(())
+                }
+            };
+            if let Err(e) = r {
+                if sess.end().is_none() {
+                    let link = !matches!(e, SourceError::Transport { .. });
+                    sess.handle_failure(now(), link.then(|| e.to_string()));
+                    err.get_or_insert(e);
+                } else {
+                    tracing::warn!(error = %super::error_chain(&e), "after the session ended");
+                }
             }
-            return Err(e);
         }
-        Ok(Decision::StopAndCopy(r)) => r,
-        Ok(Decision::Abort(r)) => {
-            tracing::info!(reason = %r, "pre-copy aborted by the policy; the source keeps running");
-            dirty.stop();
-            let _ = t.send_message(&Msg::Abort { reason: format!("pre-copy did not converge: {r}") }.encode());
-            summary.guest_rate_during = rate_since(&*guest, start);
-            return Ok(finish(summary, &s, start.elapsed(), r));
+        if sess.end().is_some() {
+            break;
         }
-        Ok(_) => unreachable!("precopy_rounds returns only final decisions"),
-    };
-
-    // Stop-and-copy: downtime starts with the pause.
-    let paused_at = Instant::now();
-    if let Err(e) = guest.pause() {
+        // Waiting for the destination, at most until the session's deadline.
+        let phase = sess.phase();
+        let timeout = sess.poll_timeout().map(|d| d.saturating_sub(now()));
+        match t.recv_message(timeout) {
+            Ok(Some(b)) => match proto::decode(&b) {
+                Ok(m) => sess.handle_message(now(), m),
+                Err(source) => {
+                    sess.handle_failure(now(), Some(format!("invalid message: {source}")));
+                    err.get_or_insert(SourceError::Protocol { phase, source });
+                }
+            },
+            Ok(None) => sess.handle_timeout(now()),
+            Err(source) => {
+                sess.handle_failure(now(), None);
+                err.get_or_insert(SourceError::Transport { phase, source });
+            }
+        }
+    }
+    if tracking {
         dirty.stop();
-        let _ = t.send_message(&Msg::Abort { reason: format!("pausing the guest failed: {e}") }.encode());
-        return Err(SourceError::Guest(e));
     }
-    summary.guest_rate_during = rate_since(&*guest, start);
-    tracing::info!(reason = %reason, "stop-and-copy: guest paused");
-    let mut sw = None;
-    let res = stop_and_copy(t, &mut s, dirty, guest, cfg, start, paused_at, &mut summary, &mut sw);
-    dirty.stop();
-    if let Err(e) = res {
-        // What becomes of the paused copy is the state machine's call (see `switchover`):
-        // once Commit may have reached the destination, resuming here could run the guest
-        // twice.
-        let fate = sw.map_or(Fate::ResumeHere, |sw| sw.fate(matches!(e, SourceError::PeerAborted { .. })));
-        match fate {
-            Fate::ResumeHere => {}
-            Fate::HoldInDoubt => {
-                tracing::error!(error = %e, "switchover in doubt; the source copy stays paused");
-                return Err(SourceError::InDoubt(Box::new(e)));
+    let totals = sess.totals().clone();
+    summary.iterations = totals.iterations;
+    summary.bytes = totals.bytes;
+    summary.pages_sent = totals.pages_sent;
+    summary.zero_pages = totals.zero_pages;
+    summary.final_pages = totals.final_pages;
+    summary.device_state_bytes = totals.state_bytes;
+    if let (Some(p), Some(f)) = (totals.paused_at, totals.final_sent_at) {
+        summary.final_transfer_ms = Some((f - p).as_secs_f64() * 1e3);
+    }
+    let end = sess.end().cloned().expect("the loop ends with the session");
+    let to_error = |phase: Phase, why: Failure, err: &mut Option<SourceError>| -> SourceError {
+        match why {
+            Failure::Refused(r) => SourceError::Refused(r),
+            Failure::PeerAborted(reason) => SourceError::PeerAborted { phase, reason },
+            Failure::Unexpected { expected, got } => SourceError::Unexpected { phase, expected, got },
+            Failure::Timeout { expected, timeout } => SourceError::Timeout { phase, expected, timeout },
+            Failure::Mismatch { ours, theirs } => SourceError::ChecksumMismatch {
+                source_sum: Digest::from_bytes(&ours).hex(),
+                dest_sum: Digest::from_bytes(&theirs).hex(),
+            },
+            Failure::Driver { .. } => err.take().unwrap_or(SourceError::Unexpected {
+                phase,
+                expected: "a working driver",
+                got: "an unreported failure",
+            }),
+        }
+    };
+    match end {
+        End::Completed(reason) => {
+            summary.outcome = Outcome::Completed;
+            if let (Some(p), Some(r)) = (totals.paused_at, totals.resumed_at) {
+                summary.downtime_ms = Some((r - p).as_secs_f64() * 1e3);
             }
-            // Past the handover stop_and_copy fails no more (it only logs): keep it that way.
-            Fate::StayStopped => return Err(e),
+            summary.total_s = totals.resumed_at.unwrap_or_else(now).as_secs_f64();
+            summary.checksum = totals.digest.map(|d| Digest::from_bytes(&d).hex());
+            tracing::info!(downtime_ms = summary.downtime_ms, "destination resumed");
+            Ok(finish(summary, now(), reason))
         }
-        // The destination did not take over: the source stays authoritative.
-        guest.resume().map_err(SourceError::Guest)?;
-        if !matches!(e, SourceError::Transport { .. }) {
-            let _ = t.send_message(&Msg::Abort { reason: e.to_string() }.encode());
+        End::Aborted(reason) => {
+            tracing::info!(reason = %reason, "pre-copy aborted by the policy; the source keeps running");
+            summary.guest_rate_during = rate(progress0, guest.progress(), start.elapsed());
+            Ok(finish(summary, now(), reason))
         }
-        return Err(e);
+        End::Failed { phase, why } => Err(to_error(phase, why, &mut err)),
+        End::InDoubt { why } => {
+            let e = to_error(Phase::StopAndCopy, why, &mut err);
+            tracing::error!(error = %e, "switchover in doubt; the source copy stays paused");
+            Err(SourceError::InDoubt(Box::new(e)))
+        }
+        End::FailedAfterHandover { why } => Err(to_error(Phase::Resumed, why, &mut err)),
     }
-    summary.outcome = Outcome::Completed;
-    let elapsed = start.elapsed();
-    Ok(finish(summary, &s, elapsed, reason))
 }
 
-fn finish(mut summary: Summary, s: &Sender, elapsed: Duration, reason: policy::Reason) -> Summary {
+fn rate(a: Option<u64>, b: Option<u64>, over: Duration) -> Option<f64> {
+    Some(b?.saturating_sub(a?) as f64 / over.as_secs_f64().max(1e-9))
+}
+
+fn finish(mut summary: Summary, elapsed: Duration, reason: policy::Reason) -> Summary {
     if summary.total_s == 0.0 {
         summary.total_s = elapsed.as_secs_f64();
     }
-    summary.bytes = s.bytes;
-    summary.pages_sent = s.pages_sent;
-    summary.zero_pages = s.zero_pages;
     summary.end_rule = reason.label().to_string();
     summary.end_reason = reason.to_string();
     summary
@@ -329,79 +420,76 @@ fn pick_remotes(t: &dyn Transport, memory: &GuestMemory) -> Result<Vec<RegionId>
 /// Pages per posting slice (8 MiB of 4 KiB pages): the unit announced in one `Placed` round.
 const SLICE_PAGES: usize = 2048;
 
-/// Sending state: the schedule (pending set, cursor, retransmission history), totals.
+/// What the driver needs to move pages: the memory, where it goes, the digest of what went.
 struct Sender {
     memory: GuestMemory,
     /// Peer region of each of ours.
     remotes: Vec<RegionId>,
     coalescer: Coalescer,
-    sched: Schedule,
     /// The incremental digest of what was sent (see `integrity`).
     digests: PageDigests,
     /// Scratch: the batch's pages of each region, indexed within the region.
     region_batch: Vec<PageBitmap>,
     page_buf: Vec<u8>,
     wrs: Vec<WorkRequest>,
-    bytes: u64,
-    pages_sent: u64,
-    zero_pages: u64,
-}
-
-/// Counts of one batch.
-#[derive(Debug, Default, Clone, Copy)]
-struct Batch {
-    data: usize,
-    zero: usize,
-    post_time: Duration,
-    wait_time: Duration,
 }
 
 impl Sender {
-    /// Announces zero pages (the destination zeroes them) and records their digest terms.
-    fn announce_zero(&mut self, t: &mut dyn Transport, phase: Phase, runs: &[PageRun]) -> Result<(), SourceError> {
-        for chunk in runs.chunks(MAX_RUNS) {
-            send(t, phase, &Msg::Zero { runs: chunk.to_vec() })?;
-        }
-        for r in runs {
-            self.digests.record_zero(r.first as usize, r.pages as usize);
-        }
-        Ok(())
-    }
-
-    /// Takes up to `budget` data pages from the pending set, announces never-sent zero pages
-    /// as flags, posts the rest as coalesced writes and waits for them.
-    fn send_batch(&mut self, t: &mut dyn Transport, budget: usize, phase: Phase) -> Result<Batch, SourceError> {
-        let mut b = Batch::default();
+    /// Picks up to `budget` data pages from the session's schedule; the zero pages found are
+    /// handed back to the session to announce; posts the rest as coalesced writes, hashes
+    /// them and waits for their completion.
+    fn send_batch(
+        &mut self,
+        t: &mut dyn Transport,
+        sess: &mut SourceSession,
+        budget: usize,
+        phase: Phase,
+    ) -> Result<BatchDone, SourceError> {
+        let mut b = BatchDone::default();
         let t0 = Instant::now();
         let (memory, buf) = (&self.memory, &mut self.page_buf);
-        let picked = self.sched.pick(budget, &mut |p| {
+        let picked = sess.pick(budget, &mut |p| {
             let Some((i, local)) = memory.locate(p) else { return false };
             memory.regions()[i].read_at((local * buf.len()) as u64, buf);
             buf.iter().all(|&x| x == 0)
         });
         b.data = picked.data;
         b.zero = picked.zero;
-        self.announce_zero(t, phase, &picked.zero_runs)?;
+        // The session queues their `Zero` messages and digest terms; they go out after this
+        // batch and before anything that follows it (`IterationDone`, `Final`), which is all
+        // the ordering they need: no write of those pages can come before the
+        // destination's `IterationAck`.
+        sess.announce_zero(picked.zero_runs);
+        let bytes0 = self.bytes_posted(t);
         for i in 0..self.memory.regions().len() {
-            self.post_region(t, i, phase)?;
+            self.post_region(t, sess.schedule(), i, phase)?;
         }
         b.post_time = t0.elapsed();
         let t1 = Instant::now();
         t.flush().map_err(|source| SourceError::Transport { phase, source })?;
         b.wait_time = t1.elapsed();
-        self.pages_sent += b.data as u64;
-        self.zero_pages += b.zero as u64;
+        b.bytes = self.bytes_posted(t) - bytes0;
         Ok(b)
+    }
+
+    fn bytes_posted(&self, t: &dyn Transport) -> u64 {
+        t.stats().bytes_posted
     }
 
     /// Posts the batch's pages of region `i` in slices; after each slice tells the
     /// destination which pages it holds (ordered after the writes) and hashes them here while
     /// they travel: both digests keep pace with the transfer, and at the end of the batch only
     /// its last slice is left to hash.
-    fn post_region(&mut self, t: &mut dyn Transport, i: usize, phase: Phase) -> Result<(), SourceError> {
+    fn post_region(
+        &mut self,
+        t: &mut dyn Transport,
+        sched: &Schedule,
+        i: usize,
+        phase: Phase,
+    ) -> Result<(), SourceError> {
         let region = self.memory.regions()[i].clone();
         let base = self.memory.base(i);
-        extract(self.sched.batch(), base, &mut self.region_batch[i]);
+        extract(sched.batch(), base, &mut self.region_batch[i]);
         let local = region.id();
         let remote = self.remotes[i];
         let mut from = 0;
@@ -422,8 +510,7 @@ impl Sender {
                 t.post_writes(chunk).map_err(|source| SourceError::Transport { phase, source })?;
             }
             drop(reqs);
-            self.bytes += self.wrs.iter().map(|w| w.len).sum::<u64>();
-            let runs = self.sched.batch_runs_in(slice.0, slice.1);
+            let runs = sched.batch_runs_in(slice.0, slice.1);
             for chunk in runs.chunks(MAX_RUNS) {
                 send(t, phase, &Msg::Placed { runs: chunk.to_vec() })?;
             }
@@ -449,194 +536,8 @@ fn extract(src: &PageBitmap, base: usize, dst: &mut PageBitmap) {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
-fn precopy_rounds(
-    t: &mut dyn Transport,
-    s: &mut Sender,
-    tracker: &mut dyn DirtySource,
-    policy: &mut dyn ConvergencePolicy,
-    guest: &dyn GuestControl,
-    start: Instant,
-    reply_timeout: Duration,
-    summary: &mut Summary,
-    on_interval: &mut dyn FnMut(&IterationLine),
-) -> Result<Decision, SourceError> {
-    let phase = Phase::Precopy;
-    let mut iter = 0u32;
-    loop {
-        iter += 1;
-        let started = Instant::now();
-        let progress0 = guest.progress();
-        s.sched.begin_interval();
-        let budget = policy.send_window().unwrap_or(usize::MAX).max(1);
-        let bytes0 = s.bytes;
-        let b = s.send_batch(t, budget, phase)?;
-        // The sample: harvest the dirty log into the pending set.
-        tracker.collect(s.sched.pending_mut()).map_err(SourceError::Dirty)?;
-        let f = s.sched.end_interval();
-        let (remaining, retransmitted) = (f.remaining, f.retransmitted);
-        let report = IntervalReport {
-            now: start.elapsed(),
-            pages_posted: f.posted,
-            post_time: b.post_time,
-            wait_time: b.wait_time,
-            modified: f.modified,
-            retransmitted,
-            remaining,
-            bytes_sent: s.bytes - bytes0,
-            first_pass_done: f.first_pass_done,
-        };
-        let decision = policy.handle_interval(&report);
-        send(t, phase, &Msg::IterationDone { iter, pages: b.data as u64, dirty: remaining as u64 })?;
-        // Pages announced zero may be dirty again: the destination must have zeroed them
-        // before their new content is written. (The round trip also shows, once per
-        // interval, that the destination keeps up.)
-        match recv(t, phase, "IterationAck", reply_timeout)? {
-            Msg::IterationAck { iter: i } if i == iter => {}
-            other => return Err(unexpected(phase, "IterationAck", &other)),
-        }
-        let line = IterationLine {
-            iter,
-            at_ms: start.elapsed().as_millis() as u64,
-            sent: b.data as u64,
-            zero: b.zero as u64,
-            dirty: remaining as u64,
-            retransmitted: retransmitted as u64,
-            interval_ms: report.period().as_secs_f64() * 1e3,
-            window: match decision {
-                Decision::Continue { window } => window.map(|w| w as u64),
-                _ => None,
-            },
-            guest_rate: match (progress0, guest.progress()) {
-                (Some(a), Some(b)) => Some(b.saturating_sub(a) as f64 / started.elapsed().as_secs_f64().max(1e-9)),
-                _ => None,
-            },
-        };
-        on_interval(&line);
-        summary.intervals.push(line);
-        summary.iterations = iter;
-        match decision {
-            Decision::Continue { .. } => {}
-            d => return Ok(d),
-        }
-        if let Some(p) = policy.pacing_period() {
-            let next = started + p;
-            let now = Instant::now();
-            if next > now {
-                std::thread::sleep(next - now);
-            }
-        }
-    }
-}
-
-/// Stop-and-copy and the switchover handshake. The guest is paused.
-///
-/// ```text
-/// source                                           destination
-/// final harvest, post the last pages ─────────────▶ placed, hashed as announced
-/// DeviceState{…} ─────────────────────────────────▶ kept
-/// Final ──────────────────────────────────────────▶ finish the digest
-/// SourceChecksum{digest} ─────────────────────────▶ compare
-///   ◀───────────────────────────────────────────── Verified{ok, its digest}  (does NOT start yet)
-/// committed = true; Commit ───────────────────────▶ start the guest with the device state
-///   ◀───────────────────────────────────────────── Resumed  (downtime ends)
-/// ```
-///
-/// The handover steps live in the pure [`SourceSwitchover`] (in `sw` once the digest is
-/// known), which enters `Committed` *before* `Commit` is written — a failed send may still
-/// have delivered it — and tells the caller what to do with the paused copy on failure.
-#[allow(clippy::too_many_arguments)]
-fn stop_and_copy(
-    t: &mut dyn Transport,
-    s: &mut Sender,
-    tracker: &mut dyn DirtySource,
-    guest: &mut dyn GuestControl,
-    cfg: &SourceConfig,
-    start: Instant,
-    paused_at: Instant,
-    summary: &mut Summary,
-    sw: &mut Option<SourceSwitchover>,
-) -> Result<(), SourceError> {
-    let phase = Phase::StopAndCopy;
-    tracker.collect(s.sched.pending_mut()).map_err(SourceError::Dirty)?;
-    let final_pages = s.sched.pending_count();
-    // The source copy is frozen: the last pages are hashed as they are posted, and the
-    // digest is then that of the frozen memory.
-    let b = s.send_batch(t, usize::MAX, phase)?;
-    summary.final_pages = Some((b.data + b.zero) as u64);
-    summary.final_transfer_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
-    debug_assert_eq!(b.data + b.zero, final_pages);
-    #[cfg(feature = "fault-injection")]
-    fault::corrupt_in_flight(t, s)?;
-    if let Some(page) = s.digests.first_missing() {
-        // The final batch takes every pending page, never-sent ones included.
-        return Err(SourceError::Unsent { page });
-    }
-    let state = guest.save_state().map_err(SourceError::Guest)?;
-    summary.device_state_bytes = Some(state.len() as u64);
-    let mut chunks = state.chunks(MAX_STATE_CHUNK).peekable();
-    if chunks.peek().is_none() {
-        send(t, phase, &Msg::DeviceState { last: true, bytes: Vec::new() })?;
-    }
-    while let Some(c) = chunks.next() {
-        send(t, phase, &Msg::DeviceState { last: chunks.peek().is_none(), bytes: c.to_vec() })?;
-    }
-    let sum = s.digests.digest().to_bytes();
-    // Every page is placed (Final is ordered after the writes).
-    send(t, phase, &Msg::Final)?;
-    tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "source checksum ready");
-    let sw = sw.insert(SourceSwitchover::new(sum));
-    send(t, phase, &Msg::SourceChecksum { checksum: sum })?;
-    sw.checksum_sent();
-    // The destination finishes its digest now (sending `Alive` meanwhile), answers Verified,
-    // and after our Commit starts the guest and answers Resumed.
-    loop {
-        let m = recv(t, phase, sw.expected(), cfg.switchover_idle)?;
-        match sw.handle(&m) {
-            Ok(Next::Wait) => {}
-            Ok(Next::SendCommit) => {
-                tracing::debug!(ms = paused_at.elapsed().as_secs_f64() * 1e3, "verified; committing");
-                send(t, phase, &Msg::Commit)?;
-            }
-            Ok(Next::Done) => break,
-            Err(Violation::Mismatch { theirs }) => {
-                return Err(SourceError::ChecksumMismatch {
-                    source_sum: Digest::from_bytes(&sum).hex(),
-                    dest_sum: Digest::from_bytes(&theirs).hex(),
-                })
-            }
-            Err(Violation::Unexpected { expected, got }) => {
-                return Err(SourceError::Unexpected { phase, expected, got })
-            }
-        }
-    }
-    summary.downtime_ms = Some(paused_at.elapsed().as_secs_f64() * 1e3);
-    tracing::info!(downtime_ms = summary.downtime_ms, "destination resumed");
-    summary.total_s = start.elapsed().as_secs_f64();
-    summary.checksum = Some(Digest::from_bytes(&sum).hex());
-    // The guest lives at the destination now; the source copy never runs again.
-    guest.handed_over();
-    let _ = t.send_message(&Msg::Done.encode());
-    Ok(())
-}
-
 fn send(t: &mut dyn Transport, phase: Phase, m: &Msg) -> Result<(), SourceError> {
     t.send_message(&m.encode()).map_err(|source| SourceError::Transport { phase, source })
-}
-
-fn recv(t: &mut dyn Transport, phase: Phase, expected: &'static str, timeout: Duration) -> Result<Msg, SourceError> {
-    let bytes = t
-        .recv_message(Some(timeout))
-        .map_err(|source| SourceError::Transport { phase, source })?
-        .ok_or(SourceError::Timeout { phase, expected, timeout })?;
-    match proto::decode(&bytes).map_err(|source| SourceError::Protocol { phase, source })? {
-        Msg::Abort { reason } => Err(SourceError::PeerAborted { phase, reason }),
-        m => Ok(m),
-    }
-}
-
-fn unexpected(phase: Phase, expected: &'static str, got: &Msg) -> SourceError {
-    SourceError::Unexpected { phase, expected, got: got.name() }
 }
 
 #[cfg(feature = "fault-injection")]
@@ -653,7 +554,7 @@ mod fault {
     /// Local id of the scratch page region (outside the ids the CLI and tests use).
     const SCRATCH_ID: u32 = u32::MAX - 7;
 
-    pub(super) fn corrupt_in_flight(t: &mut dyn Transport, s: &Sender) -> Result<(), SourceError> {
+    pub(super) fn corrupt_in_flight(t: &mut dyn Transport, s: &mut Sender) -> Result<(), SourceError> {
         let Some(page) = std::env::var("LIVEMIG_CORRUPT_PAGE").ok().and_then(|v| v.parse::<u64>().ok()) else {
             return Ok(());
         };
@@ -678,7 +579,7 @@ mod fault {
         }])
         .map_err(|source| SourceError::Transport { phase, source })?;
         // Announced like any transfer: the destination hashes what actually landed.
-        let runs = vec![super::PageRun { first: page, pages: 1 }];
+        let runs = vec![crate::precopy::PageRun { first: page, pages: 1 }];
         t.send_message(&super::Msg::Placed { runs }.encode())
             .map_err(|source| SourceError::Transport { phase, source })?;
         t.flush().map_err(|source| SourceError::Transport { phase, source })

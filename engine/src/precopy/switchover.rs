@@ -95,6 +95,11 @@ pub struct SourceSwitchover {
 }
 
 impl SourceSwitchover {
+    /// Our checksum.
+    pub fn ours(&self) -> [u8; 32] {
+        self.ours
+    }
+
     /// A switchover whose source checksum is `ours`, starting in [`Step::Transferring`].
     pub fn new(ours: [u8; 32]) -> Self {
         SourceSwitchover { step: Step::Transferring, ours }
