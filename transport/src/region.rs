@@ -192,6 +192,28 @@ impl Region {
         Ok(Region { id, map, access, backing: Backing::Memfd, page_size, _file: Some(memfd) })
     }
 
+    /// A second mapping of this region's memfd or file, as region `id` with `access`: the
+    /// staging view of post-copy placement. The transport writes arriving pages into the
+    /// alias (exposed to the peer) while the guest's view stays registered with userfaultfd
+    /// in minor mode; `UFFDIO_CONTINUE` then maps the page, already in the page cache, into
+    /// the guest's view without a copy. Both views see the same bytes. Anonymous and foreign
+    /// memory have no second view (an error).
+    pub fn alias(&self, id: RegionId, access: Access) -> Result<Self, RegionError> {
+        let len = self.len();
+        let err = |source| RegionError::Map { len, backing: self.backing, source };
+        let file = match (&self._file, self.backing) {
+            (Some(f), Backing::Memfd | Backing::File) => f.try_clone().map_err(err)?,
+            _ => {
+                return Err(err(std::io::Error::new(
+                    std::io::ErrorKind::Unsupported,
+                    "only memfd- and file-backed regions have a second view",
+                )))
+            }
+        };
+        let map = Mapping::Map(MmapOptions::new().len(len as usize).map_raw(&file).map_err(err)?);
+        Ok(Region { id, map, access, backing: self.backing, page_size: self.page_size, _file: Some(file) })
+    }
+
     /// Memory the caller mapped and owns, e.g. a VMM's guest RAM.
     ///
     /// # Safety
@@ -736,5 +758,18 @@ mod tests {
             assert_eq!(b, [0]);
             assert!(!r.place_zero(60 * 4096, 8 * 4096));
         }
+    }
+
+    #[test]
+    fn an_alias_sees_the_same_bytes() {
+        let r = Region::memfd(1, 4 * 4096, 4096, Access::LOCAL).unwrap();
+        let a = r.alias(2, Access::REMOTE_WRITE).unwrap();
+        assert_ne!(r.as_ptr(), a.as_ptr());
+        assert!(a.write_at(4096, b"placed through the alias"));
+        let mut b = [0u8; 24];
+        r.read_at(4096, &mut b);
+        assert_eq!(&b, b"placed through the alias");
+        let anon = Region::anonymous(3, 4096, 4096, Access::LOCAL).unwrap();
+        assert!(anon.alias(4, Access::LOCAL).is_err());
     }
 }
