@@ -6,9 +6,9 @@ use std::time::{Duration, Instant};
 
 use livemig_transport::{Transport, TransportError};
 
-use super::proto::{self, Msg, PageRun, MAX_STATE};
-use super::switchover::{DestNext, DestSwitchover};
-use super::{check_fit, error_chain, Mismatch, Phase};
+use super::dest_session::{DestAction, DestEnd, DestFailure, DestSession, DestSessionConfig};
+use super::proto::{self, Msg, PageRun, RegionDesc};
+use super::{error_chain, Mismatch, Phase};
 use crate::guest::{GuestError, GuestMemory, PageLayout};
 use crate::integrity::{Digest, PageDigests};
 
@@ -142,177 +142,168 @@ pub fn receive(
 ) -> Result<DestReport, DestError> {
     let span = tracing::info_span!("receive", memory_bytes = memory.len(), transport = %t.kind());
     let _span = span.enter();
-    let phase = Phase::Handshake;
-    let first = t
-        .recv_message(Some(cfg.reply_timeout))
-        .map_err(|source| DestError::Transport { phase, source })?
-        .ok_or(DestError::Timeout(cfg.reply_timeout))?;
-    let layout = match decode(phase, &first)? {
-        Msg::Begin { regions } => {
-            let refuse = |t: &mut dyn Transport, e: DestError| {
-                let _ = t.send_message(&Msg::Refuse { reason: error_chain(&e) }.encode());
-                Err(e)
-            };
-            if regions.len() != memory.regions().len() {
-                return refuse(t, DestError::RegionCount { src: regions.len(), dst: memory.regions().len() });
-            }
-            for (index, (s, d)) in regions.iter().zip(memory.regions()).enumerate() {
-                if let Err(source) = check_fit(s.len, s.page_size, d.len(), d.page_size()) {
-                    return refuse(t, DestError::Refused { index, source });
+    let local = memory.regions().iter().map(|r| RegionDesc { len: r.len(), page_size: r.page_size() }).collect();
+    let scfg = DestSessionConfig { reply_timeout: cfg.reply_timeout, alive_every: cfg.alive_every };
+    let mut sess = DestSession::new(local, scfg);
+    let t0 = Instant::now();
+    let now = || t0.elapsed();
+    let ps = memory.page_size() as u64;
+    // Spawned once the layout is known; dropping it (on any return) ends the hashing thread.
+    let mut hasher: Option<Hasher> = None;
+    let mut digest_rx: Option<std::sync::mpsc::Receiver<(Digest, Option<usize>)>> = None;
+    let mut digest: Option<Digest> = None;
+    let mut hashed_at_final = 0;
+    let mut err: Option<DestError> = None;
+    let mut last_bytes = t.stats().bytes_received;
+    let mut guest_error: Option<GuestError> = None;
+    loop {
+        while let Some(a) = sess.poll_action() {
+            let phase = sess.phase();
+            match a {
+                DestAction::Send(m) => {
+                    if let Err(e) = send(t, phase, &m) {
+                        if sess.end().is_none() {
+                            sess.handle_failure(now());
+                            err.get_or_insert(e);
+                        } else {
+                            tracing::warn!(error = %error_chain(&e), message = m.name(), "could not send after the session ended");
+                        }
+                    }
+                }
+                DestAction::PlaceZero(runs) => {
+                    let layout = sess.layout().expect("runs come after Begin").clone();
+                    // Make the pages zero (no assumption that our memory starts zeroed),
+                    // writing only where data may be: nothing on a fresh region. The source
+                    // writes none of them again before our IterationAck.
+                    for r in &runs {
+                        for_each_region_part(&layout, r, |i, local, n| {
+                            memory.regions()[i].place_zero(local as u64 * ps, n as u64 * ps);
+                        });
+                    }
+                    hasher.get_or_insert_with(|| Hasher::spawn(memory.clone(), layout)).send(Work::Zero(runs));
+                }
+                DestAction::HashPlaced(runs) => {
+                    let layout = sess.layout().expect("runs come after Begin").clone();
+                    hasher.get_or_insert_with(|| Hasher::spawn(memory.clone(), layout)).send(Work::Placed(runs));
+                }
+                DestAction::Progress { iter, pages, dirty } => on_iteration(iter, pages, dirty),
+                DestAction::FinishDigest => {
+                    tracing::info!(iterations = sess.iterations, "stop-and-copy data complete; verifying");
+                    let layout = sess.layout().expect("Final comes after Begin").clone();
+                    let h = hasher.get_or_insert_with(|| Hasher::spawn(memory.clone(), layout));
+                    // Only the pages announced since the hasher last caught up are left.
+                    hashed_at_final = sess.placed_pages.saturating_sub(h.hashed());
+                    let (tx, rx) = std::sync::mpsc::channel();
+                    h.send(Work::Finish(tx));
+                    digest_rx = Some(rx);
+                }
+                DestAction::StartGuest(state) => {
+                    let r = start(state);
+                    if let Err(e) = &r {
+                        tracing::warn!(error = %error_chain(e), "starting the guest failed");
+                    }
+                    sess.handle_started(now(), r.as_ref().map(|_| ()).map_err(|e| error_chain(e)));
+                    if let Err(e) = r {
+                        guest_error = Some(e);
+                    } else {
+                        tracing::info!("committed; the guest runs here");
+                    }
                 }
             }
-            PageLayout::new(regions.iter().map(|r| (r.len / r.page_size as u64) as usize))
         }
-        other => return Err(DestError::Unexpected { phase, got: other.name() }),
-    };
-    send(t, phase, &Msg::Accept)?;
-    tracing::info!(pages = layout.pages(), regions = layout.regions(), "accepted the migration");
-
-    let phase = Phase::Precopy;
-    let ps = memory.page_size() as u64;
-    let pages = layout.pages() as u64;
-    // Dropping it (on any return) ends the hashing thread.
-    let hasher = Hasher::spawn(memory.clone(), layout.clone());
-    let mut state: Vec<u8> = Vec::new();
-    let mut state_done = false;
-    let mut announced = 0u64;
-    let mut rep = DestReport {
-        iterations: 0,
-        zero_pages: 0,
-        bytes_received: 0,
-        checksum: String::new(),
-        hashed_at_final: 0,
-        verify_ms: 0.0,
-        switchover_ms: 0.0,
-        device_state_bytes: 0,
-    };
-    // Liveness: a long interval (a big first pass under kvm) sends pages for a long time
-    // without a control message, so progress is counted in bytes as well as messages.
-    let mut last = (Instant::now(), t.stats().bytes_received);
-    loop {
-        let m = t
-            .recv_message(Some(Duration::from_millis(500)))
-            .map_err(|source| DestError::Transport { phase, source })?;
-        let Some(m) = m else {
-            let bytes = t.stats().bytes_received;
-            if bytes != last.1 {
-                last = (Instant::now(), bytes);
-            } else if last.0.elapsed() > cfg.reply_timeout {
-                return Err(DestError::ReplyTimeout { expected: "pre-copy progress", timeout: cfg.reply_timeout });
+        if sess.end().is_some() {
+            break;
+        }
+        let timeout = sess.poll_timeout().map(|d| d.saturating_sub(now()));
+        if sess.finishing_digest() {
+            let rx = digest_rx.as_ref().expect("FinishDigest came first");
+            match rx.recv_timeout(timeout.unwrap_or(cfg.alive_every)) {
+                Ok((d, missing)) => {
+                    if let Some(page) = missing {
+                        tracing::warn!(page, "a page was never announced; the digests cannot match");
+                    }
+                    digest = Some(d);
+                    sess.handle_digest(now(), d.to_bytes());
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => sess.handle_timeout(now()),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the hashing thread panicked"),
             }
             continue;
+        }
+        // Liveness: a long interval (a big first pass under kvm) sends pages for a long time
+        // without a control message, so arriving page bytes count as progress too.
+        let slice = timeout.unwrap_or(cfg.reply_timeout).min(Duration::from_millis(500));
+        let phase = sess.phase();
+        match t.recv_message(Some(slice)) {
+            Ok(Some(b)) => match proto::decode(&b) {
+                Ok(m) => sess.handle_message(now(), m),
+                Err(source) => {
+                    sess.handle_failure(now());
+                    err.get_or_insert(DestError::Protocol { phase, source });
+                }
+            },
+            Ok(None) => {
+                let bytes = t.stats().bytes_received;
+                if bytes != last_bytes {
+                    last_bytes = bytes;
+                    sess.handle_progress(now());
+                }
+                sess.handle_timeout(now());
+            }
+            Err(source) => {
+                sess.handle_failure(now());
+                err.get_or_insert(DestError::Transport { phase, source });
+            }
+        }
+    }
+    let rep = DestReport {
+        iterations: sess.iterations,
+        zero_pages: sess.zero_pages,
+        bytes_received: t.stats().bytes_received,
+        checksum: digest.map(|d| d.hex()).unwrap_or_default(),
+        hashed_at_final,
+        verify_ms: ms_between(sess.final_at, sess.verified_at),
+        switchover_ms: ms_between(sess.final_at, sess.started_at),
+        device_state_bytes: sess.state_len() as u64,
+    };
+    let to_error =
+        |phase: Phase, why: DestFailure, err: &mut Option<DestError>, guest: &mut Option<GuestError>| match why {
+            DestFailure::Refused { index, why } => DestError::Refused { index, source: why },
+            DestFailure::RegionCount { src, dst } => DestError::RegionCount { src, dst },
+            DestFailure::SourceAborted(r) => DestError::SourceAborted(r),
+            DestFailure::Unexpected { got } => DestError::Unexpected { phase, got },
+            DestFailure::Timeout { expected: "Begin", timeout } => DestError::Timeout(timeout),
+            DestFailure::Timeout { expected, timeout } => DestError::ReplyTimeout { expected, timeout },
+            DestFailure::Mismatch { theirs, ours } => DestError::ChecksumMismatch {
+                source_sum: Digest::from_bytes(&theirs).hex(),
+                dest_sum: Digest::from_bytes(&ours).hex(),
+            },
+            DestFailure::Start(_) => match guest.take() {
+                Some(e) => DestError::Guest(e),
+                None => DestError::Unexpected { phase, got: "a failed start" },
+            },
+            DestFailure::Driver => err.take().unwrap_or(DestError::Unexpected { phase, got: "an unreported failure" }),
         };
-        last = (Instant::now(), t.stats().bytes_received);
-        match decode(phase, &m)? {
-            Msg::IterationDone { iter, pages, dirty } => {
-                rep.iterations = iter;
-                on_iteration(iter, pages, dirty);
-                // Every message before it is processed (Zero runs placed): the source may
-                // now write those pages again.
-                send(t, phase, &Msg::IterationAck { iter })?;
+    match sess.end().cloned().expect("the loop ends with the session") {
+        DestEnd::Completed => {
+            if let Some(e) = err {
+                tracing::warn!(error = %error_chain(&e), "the session ended badly after the guest started here");
             }
-            Msg::Zero { runs } => {
-                // Make the pages zero (no assumption that our memory starts zeroed), writing
-                // only where data may be: nothing on a fresh region. The source writes none
-                // of them again before our IterationAck, so no newer copy can be here yet.
-                check_runs(&runs, pages).map_err(|got| DestError::Unexpected { phase, got })?;
-                for r in &runs {
-                    for_each_region_part(&layout, r, |i, local, n| {
-                        memory.regions()[i].place_zero(local as u64 * ps, n as u64 * ps);
-                    });
-                    rep.zero_pages += r.pages as u64;
-                }
-                hasher.send(Work::Zero(runs));
-            }
-            Msg::Placed { runs } => {
-                check_runs(&runs, pages).map_err(|got| DestError::Unexpected { phase, got })?;
-                announced += runs.iter().map(|r| r.pages as u64).sum::<u64>();
-                hasher.send(Work::Placed(runs));
-            }
-            Msg::DeviceState { last, bytes } => {
-                if state_done || state.len() + bytes.len() > MAX_STATE {
-                    return Err(DestError::Unexpected { phase, got: "DeviceState (too much or after the last)" });
-                }
-                state.extend_from_slice(&bytes);
-                state_done = last;
-            }
-            Msg::Final if state_done => {
-                tracing::info!(iterations = rep.iterations, "stop-and-copy data complete; verifying");
-                break;
-            }
-            Msg::Final => return Err(DestError::Unexpected { phase, got: "Final before the device state" }),
-            other => return Err(DestError::Unexpected { phase, got: other.name() }),
+            Ok(rep)
+        }
+        DestEnd::Failed { phase, why } => Err(to_error(phase, why, &mut err, &mut guest_error)),
+        DestEnd::NotCommitted(why) => {
+            let e = to_error(Phase::StopAndCopy, why, &mut err, &mut guest_error);
+            Err(DestError::NotCommitted(error_chain(&e)))
         }
     }
+}
 
-    // Switchover (the pure `DestSwitchover` decides; see `switchover`): hash, compare, answer,
-    // resume only on Commit.
-    let phase = Phase::StopAndCopy;
-    let t0 = Instant::now();
-    let mut sw = DestSwitchover::new();
-    // Only the pages announced since the hasher last caught up are left to hash.
-    let (done_tx, done_rx) = std::sync::mpsc::channel();
-    rep.hashed_at_final = announced.saturating_sub(hasher.hashed());
-    hasher.send(Work::Finish(done_tx));
-    let (digest, missing) = loop {
-        match done_rx.recv_timeout(cfg.alive_every) {
-            Ok(r) => break r,
-            Err(std::sync::mpsc::RecvTimeoutError::Timeout) => send(t, phase, &Msg::Alive)?,
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the hashing thread panicked"),
-        }
-    };
-    // The thread ends now; joining it (and freeing its tables) waits until after the
-    // switchover, when the hasher is dropped.
-    if let Some(page) = missing {
-        tracing::warn!(page, "a page was never announced; the digests cannot match");
+fn ms_between(a: Option<Duration>, b: Option<Duration>) -> f64 {
+    match (a, b) {
+        (Some(a), Some(b)) => b.saturating_sub(a).as_secs_f64() * 1e3,
+        _ => 0.0,
     }
-    let ours = digest.to_bytes();
-    sw.hashed(ours);
-    let m = recv(t, phase, cfg.reply_timeout, sw.expected())?;
-    match sw.handle(&m) {
-        Ok(DestNext::Answer { ok }) => {
-            send(t, phase, &Msg::Verified { ok, checksum: ours })?;
-            rep.verify_ms = t0.elapsed().as_secs_f64() * 1e3;
-            if !ok {
-                let Msg::SourceChecksum { checksum: theirs } = m else { unreachable!("answered a SourceChecksum") };
-                return Err(DestError::ChecksumMismatch {
-                    source_sum: Digest::from_bytes(&theirs).hex(),
-                    dest_sum: digest.hex(),
-                });
-            }
-        }
-        _ => return Err(DestError::Unexpected { phase, got: m.name() }),
-    }
-    rep.checksum = digest.hex();
-    let commit = match recv(t, phase, cfg.reply_timeout, sw.expected()) {
-        Ok(m) => sw.handle(&m).map_err(|_| DestError::Unexpected { phase, got: m.name() })?,
-        Err(DestError::SourceAborted(r)) => return Err(DestError::SourceAborted(r)),
-        Err(e) => return Err(DestError::NotCommitted(error_chain(&e))),
-    };
-    debug_assert!(commit == DestNext::Resume && sw.may_run());
-    rep.bytes_received = t.stats().bytes_received;
-    rep.device_state_bytes = state.len() as u64;
-    if let Err(e) = start(state) {
-        // Tell the source, which then resumes its own copy.
-        let _ =
-            t.send_message(&Msg::Abort { reason: format!("starting the guest failed: {}", error_chain(&e)) }.encode());
-        return Err(DestError::Guest(e));
-    }
-    rep.switchover_ms = t0.elapsed().as_secs_f64() * 1e3;
-    tracing::info!(switchover_ms = rep.switchover_ms, "committed; the guest runs here");
-
-    // From here the guest runs here: failures only lose the report, never the guest.
-    let phase = Phase::Resumed;
-    if let Err(e) = send(t, phase, &Msg::Resumed) {
-        tracing::warn!(error = %error_chain(&e), "could not tell the source we resumed (it holds its copy paused)");
-        return Ok(rep);
-    }
-    // The source closes with Done; a source that vanished now does not undo the migration.
-    match t.recv_message(Some(cfg.reply_timeout)) {
-        Ok(Some(m)) if matches!(proto::decode(&m), Ok(Msg::Done)) => {}
-        other => tracing::warn!(?other, "source ended the session without Done"),
-    }
-    Ok(rep)
 }
 
 /// Calls `f(region, first local page, pages)` for each region part of the run `r` (runs
@@ -328,33 +319,8 @@ fn for_each_region_part(layout: &PageLayout, r: &PageRun, mut f: impl FnMut(usiz
     }
 }
 
-fn recv(t: &mut dyn Transport, phase: Phase, timeout: Duration, expected: &'static str) -> Result<Msg, DestError> {
-    let m = t
-        .recv_message(Some(timeout))
-        .map_err(|source| DestError::Transport { phase, source })?
-        .ok_or(DestError::ReplyTimeout { expected, timeout })?;
-    decode(phase, &m)
-}
-
 fn send(t: &mut dyn Transport, phase: Phase, m: &Msg) -> Result<(), DestError> {
     t.send_message(&m.encode()).map_err(|source| DestError::Transport { phase, source })
-}
-
-fn decode(phase: Phase, b: &[u8]) -> Result<Msg, DestError> {
-    match proto::decode(b).map_err(|source| DestError::Protocol { phase, source })? {
-        Msg::Abort { reason } => Err(DestError::SourceAborted(reason)),
-        m => Ok(m),
-    }
-}
-
-/// Checks that every run lies within the source region's `pages`; names the message if not.
-fn check_runs(runs: &[PageRun], pages: u64) -> Result<(), &'static str> {
-    for r in runs {
-        if !matches!(r.first.checked_add(r.pages as u64), Some(end) if end <= pages) {
-            return Err("page run out of range");
-        }
-    }
-    Ok(())
 }
 
 /// Work for the hashing thread, in message order.

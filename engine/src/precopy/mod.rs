@@ -63,6 +63,7 @@
 #[cfg(feature = "fault-injection")]
 pub mod cut;
 pub mod dest;
+pub mod dest_session;
 pub mod proto;
 pub mod schedule;
 pub mod session;

@@ -1,7 +1,7 @@
-//! Whole migrations of the I/O-free [`SourceSession`] in virtual time: a simulated guest
-//! (page versions, a dirtier), a simulated link (bandwidth, latency, a cut or a freeze at
-//! any message) and a destination model that follows the protocol with the real
-//! [`DestSwitchover`]. The session's decisions — when to stop, what becomes of the guest on
+//! Whole migrations of the two I/O-free sessions, [`SourceSession`] and [`DestSession`],
+//! against each other in virtual time: a simulated guest (page versions, a dirtier), a
+//! simulated link (bandwidth, latency, a cut or a freeze at any message) and simulated
+//! memory on both ends. The session's decisions — when to stop, what becomes of the guest on
 //! every failure — are checked without sockets or clocks; the same rules are tested over
 //! real sockets in `tests/tests/precopy_switchover.rs`.
 
@@ -10,9 +10,9 @@ use std::time::Duration;
 
 use rand::{Rng, SeedableRng};
 
+use super::dest_session::{DestAction, DestEnd, DestSession, DestSessionConfig};
 use super::proto::{Msg, RegionDesc};
 use super::session::{Action, BatchDone, End, SessionConfig, SourceSession};
-use super::switchover::{DestNext, DestSwitchover};
 use crate::integrity::PageDigests;
 use crate::policy::{IbrahimConfig, PolicyConfig};
 use livemig_transport::PageBitmap;
@@ -33,11 +33,11 @@ enum Fault {
     Freeze(usize),
 }
 
-/// What the destination model did.
-#[derive(Debug, Default)]
+/// The destination: its session and simulated memory.
+#[derive(Debug)]
 struct Dest {
+    sess: DestSession,
     mem: Vec<u64>,
-    sw: Option<DestSwitchover>,
     runs: bool,
     state: Vec<u8>,
     frozen: bool,
@@ -80,7 +80,19 @@ impl Sim {
             guest_running_here: true,
             digests: PageDigests::new(PAGES, 8),
             // The destination's memory starts with garbage: zero pages must be placed.
-            dest: Dest { mem: vec![u64::MAX; PAGES], ..Default::default() },
+            dest: Dest {
+                sess: DestSession::new(
+                    vec![RegionDesc { len: (PAGES * 8) as u64, page_size: 8 }],
+                    DestSessionConfig {
+                        reply_timeout: Duration::from_secs(5),
+                        alive_every: Duration::from_millis(250),
+                    },
+                ),
+                mem: vec![u64::MAX; PAGES],
+                runs: false,
+                state: Vec::new(),
+                frozen: false,
+            },
             inbox: VecDeque::new(),
             sent: 0,
             fault,
@@ -121,55 +133,42 @@ impl Sim {
             return true;
         }
         let at = self.now + LATENCY;
-        let reply = match m {
-            Msg::Begin { .. } => Some(Msg::Accept),
-            Msg::Zero { runs } => {
-                for r in runs {
-                    for p in r.first..r.first + r.pages as u64 {
-                        self.dest.mem[p as usize] = 0;
+        self.dest.sess.handle_message(at, m);
+        self.run_dest(at);
+        true
+    }
+
+    /// Carries out the destination session's actions at time `at`.
+    fn run_dest(&mut self, at: Duration) {
+        while let Some(a) = self.dest.sess.poll_action() {
+            match a {
+                DestAction::Send(r) => {
+                    if self.passes() && !self.dest.frozen {
+                        self.inbox.push_back((at + LATENCY, r));
                     }
                 }
-                None
-            }
-            Msg::IterationDone { iter, .. } => Some(Msg::IterationAck { iter }),
-            Msg::DeviceState { bytes, .. } => {
-                self.dest.state.extend(bytes);
-                None
-            }
-            Msg::Final => {
-                let mut d = PageDigests::new(PAGES, 8);
-                for (p, v) in self.dest.mem.iter().enumerate() {
-                    d.record_bytes(p, &bytes(*v));
-                }
-                let mut sw = DestSwitchover::new();
-                sw.hashed(d.digest().to_bytes());
-                self.dest.sw = Some(sw);
-                None
-            }
-            Msg::SourceChecksum { .. } | Msg::Commit => {
-                let sw = self.dest.sw.as_mut().expect("Final came first");
-                match sw.handle(&m) {
-                    Ok(DestNext::Answer { ok }) => Some(Msg::Verified { ok, checksum: sw.ours() }),
-                    Ok(DestNext::Resume) => {
-                        self.dest.runs = true;
-                        Some(Msg::Resumed)
+                DestAction::PlaceZero(runs) => {
+                    for r in runs {
+                        for p in r.first..r.first + r.pages as u64 {
+                            self.dest.mem[p as usize] = 0;
+                        }
                     }
-                    other => panic!("destination model: {other:?} for {}", m.name()),
                 }
-            }
-            Msg::Done | Msg::Abort { .. } => None,
-            other => panic!("destination model got {}", other.name()),
-        };
-        if let Some(r) = reply {
-            if self.passes() {
-                if !self.dest.frozen {
-                    self.inbox.push_back((at + LATENCY, r));
+                DestAction::HashPlaced(_) | DestAction::Progress { .. } => {}
+                DestAction::FinishDigest => {
+                    let mut d = PageDigests::new(PAGES, 8);
+                    for (p, v) in self.dest.mem.iter().enumerate() {
+                        d.record_bytes(p, &bytes(*v));
+                    }
+                    self.dest.sess.handle_digest(at, d.digest().to_bytes());
                 }
-            } else {
-                return true; // the reply died with the link; the source learns on its next wait
+                DestAction::StartGuest(state) => {
+                    self.dest.state = state;
+                    self.dest.runs = true;
+                    self.dest.sess.handle_started(at, Ok(()));
+                }
             }
         }
-        true
     }
 }
 
@@ -287,6 +286,7 @@ fn a_migration_completes_in_virtual_time_and_the_copy_is_exact() {
     assert!(sim.dest.runs && !sim.guest_running_here);
     assert_eq!(sim.dest.mem, sim.src, "the destination equals the frozen source");
     assert_eq!(sim.dest.state, b"vcpu registers");
+    assert_eq!(sim.dest.sess.end(), Some(&DestEnd::Completed));
 }
 
 /// The link dies at every message of the session in turn: the guest never runs twice and
