@@ -107,7 +107,15 @@ fn verbs_impostor_without_secret_learns_nothing() {
     let t = std::thread::spawn(move || l.accept(&cfg(), &secret(), &dst));
     let mut s = TcpStream::connect(addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
-    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, flags: 0, session: 1, exposed: vec![] };
+    let p = HandshakeParams {
+        role: Role::Connector,
+        stream: 0,
+        streams: 1,
+        flags: 0,
+        byte_streams: 0,
+        session: 1,
+        exposed: vec![],
+    };
     let e = auth::handshake(&mut s, &Secret::new("not-the-secret").unwrap(), &p).unwrap_err();
     assert!(matches!(e, auth::HandshakeError::Refused(_) | auth::HandshakeError::BadSecret), "{e:?}");
     assert!(t.join().unwrap().is_err());

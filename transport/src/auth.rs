@@ -131,6 +131,8 @@ pub struct HandshakeParams {
     pub streams: u8,
     /// HELLO flags (`wire::HELLO_URGENT_STREAM`); the acceptor adopts the connector's.
     pub flags: u8,
+    /// Byte-stream channels of the session; the acceptor adopts the connector's.
+    pub byte_streams: u8,
     /// Session id (the connector's choice; the acceptor adopts it).
     pub session: u64,
     /// Regions we expose to the peer.
@@ -228,6 +230,7 @@ pub fn handshake<S: Read + Write>(
         stream: p.stream,
         streams: p.streams,
         flags: p.flags,
+        byte_streams: p.byte_streams,
         session: p.session,
         nonce,
     };
@@ -243,6 +246,7 @@ pub fn handshake<S: Read + Write>(
         ours.stream = peer.stream;
         ours.streams = peer.streams;
         ours.flags = peer.flags;
+        ours.byte_streams = peer.byte_streams;
         write_frame(s, &Frame::Hello(ours))?;
         peer
     };
@@ -267,6 +271,7 @@ pub fn handshake<S: Read + Write>(
         || peer.streams != ours.streams
         || peer.session != ours.session
         || peer.flags != ours.flags
+        || peer.byte_streams != ours.byte_streams
     {
         return Err(HandshakeError::Inconsistent("session, stream index, stream count or flags differ"));
     }
@@ -294,7 +299,7 @@ mod tests {
     use std::os::unix::net::UnixStream;
 
     fn params(role: Role) -> HandshakeParams {
-        HandshakeParams { role, stream: 0, streams: 1, flags: 0, session: 9, exposed: vec![] }
+        HandshakeParams { role, stream: 0, streams: 1, flags: 0, byte_streams: 0, session: 9, exposed: vec![] }
     }
 
     #[test]

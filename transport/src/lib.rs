@@ -238,6 +238,20 @@ pub trait UrgentChannel: Send + Sync + std::fmt::Debug {
     fn recv(&self, timeout: Option<Duration>) -> Result<Option<UrgentEvent>, TransportError>;
 }
 
+/// A byte-stream channel of a session: raw bytes in both directions, authenticated with the
+/// session, with no message size cap and the backend's own back-pressure — what carries
+/// another program's stream (a QEMU migration connection) through livemig. On TCP it is a
+/// connection of its own, and [`raw_fd`](Self::raw_fd) lets the caller `splice` to and from
+/// it without copying.
+pub trait ByteChannel: std::io::Read + std::io::Write + Send + std::fmt::Debug {
+    /// The descriptor to splice to and from, when the backend has one.
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd>;
+    /// Ends our direction (the peer reads end of stream); the other stays open.
+    fn shutdown_write(&self) -> std::io::Result<()>;
+    /// Bounds every later read (`None`: wait indefinitely).
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()>;
+}
+
 /// The transport API. One connected endpoint; both ends may write and message.
 pub trait Transport: Send {
     /// Which backend this is.
@@ -281,6 +295,13 @@ pub trait Transport: Send {
     fn expose(&mut self, region: std::sync::Arc<Region>) -> Result<Registration, TransportError> {
         let _ = region;
         Err(TransportError::Unsupported("exposing regions after the handshake"))
+    }
+
+    /// Takes byte-stream channel `i` of the session (each can be taken once). An error when
+    /// the session has no such channel or the backend has none yet.
+    fn byte_channel(&mut self, i: usize) -> Result<Box<dyn ByteChannel>, TransportError> {
+        let _ = i;
+        Err(TransportError::Unsupported("this session has no byte-stream channels"))
     }
 
     /// The session's urgent channel, shared (every call returns a handle to the same one).

@@ -80,6 +80,10 @@ pub struct TcpConfig {
     /// answer them (the connector decides; the acceptor follows).
     #[serde(default)]
     pub urgent_stream: bool,
+    /// Byte-stream channels to open with the session (`Transport::byte_channel`), up to
+    /// `wire::MAX_BYTE_STREAMS`; the connector decides, the acceptor follows.
+    #[serde(default)]
+    pub byte_streams: u8,
 }
 
 fn default_zero_copy() -> bool {
@@ -101,6 +105,7 @@ impl Default for TcpConfig {
             zero_copy: default_zero_copy(),
             rcv_lowat: default_rcv_lowat(),
             urgent_stream: false,
+            byte_streams: 0,
         }
     }
 }
@@ -219,6 +224,7 @@ pub struct TcpTransport {
     shared: Arc<Shared>,
     threads: Vec<JoinHandle<()>>,
     urgent: Option<Arc<TcpUrgent>>,
+    byte_streams: Vec<Option<TcpStream>>,
     window: SendWindow,
     next_stream: usize,
     stats: TransportStats,
@@ -290,6 +296,7 @@ impl TcpListener {
         let mut socks: Vec<Option<TcpStream>> = Vec::new();
         let mut session = None;
         let mut urgent = false;
+        let mut byte_streams = 0;
         let mut peer_regions = Vec::new();
         let mut peer = String::new();
         loop {
@@ -301,6 +308,7 @@ impl TcpListener {
                 stream: 0,
                 streams: 1,
                 flags: 0,
+                byte_streams: 0,
                 session: 0,
                 exposed: regions.exposed(),
             };
@@ -319,6 +327,7 @@ impl TcpListener {
                 None => {
                     session = Some(out.peer.session);
                     urgent = out.peer.flags & wire::HELLO_URGENT_STREAM != 0;
+                    byte_streams = out.peer.byte_streams;
                     if urgent && out.peer.streams < 2 {
                         let e = TransportError::Disconnected("an urgent channel needs a bulk stream too".into());
                         return Err(e);
@@ -346,7 +355,7 @@ impl TcpListener {
             }
         }
         let socks = socks.into_iter().map(|s| s.expect("all streams present")).collect();
-        TcpTransport::start(cfg.clone(), peer, peer_regions, regions.clone(), socks, urgent)
+        TcpTransport::start(cfg.clone(), peer, peer_regions, regions.clone(), socks, urgent, byte_streams)
     }
 }
 
@@ -366,11 +375,19 @@ impl TcpTransport {
             .map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
         let session = u64::from_le_bytes(session);
         let urgent = cfg.urgent_stream;
+        if cfg.byte_streams > wire::MAX_BYTE_STREAMS {
+            return Err(TransportError::TooLarge(format!(
+                "{} byte-stream channels (at most {})",
+                cfg.byte_streams,
+                wire::MAX_BYTE_STREAMS
+            )));
+        }
         let n = cfg
             .streams
             .get()
             .checked_add(urgent as u8)
-            .ok_or(TransportError::TooLarge("255 bulk streams leave no room for the urgent channel".into()))?;
+            .and_then(|n| n.checked_add(cfg.byte_streams))
+            .ok_or(TransportError::TooLarge("more than 255 connections in one session".into()))?;
         let flags = if urgent { wire::HELLO_URGENT_STREAM } else { 0 };
         let mut socks = Vec::new();
         let mut peer_regions = Vec::new();
@@ -383,6 +400,7 @@ impl TcpTransport {
                 stream: i,
                 streams: n,
                 flags,
+                byte_streams: cfg.byte_streams,
                 session,
                 exposed: regions.exposed(),
             };
@@ -394,7 +412,7 @@ impl TcpTransport {
             }
             socks.push(s);
         }
-        Self::start(cfg.clone(), target.to_string(), peer_regions, regions.clone(), socks, urgent)
+        Self::start(cfg.clone(), target.to_string(), peer_regions, regions.clone(), socks, urgent, cfg.byte_streams)
     }
 
     fn start(
@@ -404,7 +422,11 @@ impl TcpTransport {
         regions: RegionTable,
         mut socks: Vec<TcpStream>,
         urgent: bool,
+        byte_streams: u8,
     ) -> Result<TcpTransport, TransportError> {
+        // Connections: bulk streams, then the urgent channel, then the byte streams.
+        let byte_socks: Vec<Option<TcpStream>> =
+            socks.split_off(socks.len() - byte_streams as usize).into_iter().map(Some).collect();
         let urgent_sock = if urgent { socks.pop() } else { None };
         let n = socks.len();
         let shared = Arc::new(Shared::default());
@@ -465,6 +487,7 @@ impl TcpTransport {
         };
         Ok(TcpTransport {
             urgent,
+            byte_streams: byte_socks,
             window: SendWindow::new(cfg.window),
             cfg,
             peer,
@@ -1187,6 +1210,18 @@ impl Transport for TcpTransport {
         Ok(reg)
     }
 
+    fn byte_channel(&mut self, i: usize) -> Result<Box<dyn crate::ByteChannel>, TransportError> {
+        match self.byte_streams.get_mut(i) {
+            Some(slot) => match slot.take() {
+                Some(s) => Ok(Box::new(TcpByteChannel { sock: s })),
+                None => Err(TransportError::Unsupported("this byte-stream channel was already taken")),
+            },
+            None => Err(TransportError::Unsupported(
+                "this TCP session has no such byte-stream channel (TcpConfig::byte_streams)",
+            )),
+        }
+    }
+
     fn urgent(&self) -> Result<Arc<dyn UrgentChannel>, TransportError> {
         match &self.urgent {
             Some(u) => Ok(u.clone()),
@@ -1194,6 +1229,39 @@ impl Transport for TcpTransport {
                 Err(TransportError::Unsupported("this TCP session has no urgent stream (TcpConfig::urgent_stream)"))
             }
         }
+    }
+}
+
+/// A byte-stream channel of a TCP session: its authenticated connection, handed over whole.
+#[derive(Debug)]
+struct TcpByteChannel {
+    sock: TcpStream,
+}
+
+impl std::io::Read for TcpByteChannel {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.sock.read(buf)
+    }
+}
+
+impl std::io::Write for TcpByteChannel {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.sock.flush()
+    }
+}
+
+impl crate::ByteChannel for TcpByteChannel {
+    fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+        Some(self.sock.as_raw_fd())
+    }
+    fn shutdown_write(&self) -> std::io::Result<()> {
+        self.sock.shutdown(Shutdown::Write)
+    }
+    fn set_read_timeout(&self, d: Option<Duration>) -> std::io::Result<()> {
+        self.sock.set_read_timeout(d)
     }
 }
 

@@ -16,9 +16,11 @@
 //!
 //! ```text
 //!  HELLO   (1): min_ver u8 | max_ver u8 | role u8 | stream u8 | streams u8 | hflags u8
-//!               | 0 u8[2] | session u64 | nonce [32]                           (48 bytes)
-//!               hflags bit 0 (HELLO_URGENT_STREAM): the last of the `streams`
-//!               connections is the urgent channel (see below); other bits must be zero.
+//!               | byte_streams u8 | 0 u8 | session u64 | nonce [32]            (48 bytes)
+//!               hflags bit 0 (HELLO_URGENT_STREAM): after the bulk streams comes the
+//!               urgent channel (see below); other bits must be zero. byte_streams
+//!               (≤ MAX_BYTE_STREAMS): the last that many connections are byte-stream
+//!               channels, raw bytes after the handshake. At least one bulk stream remains.
 //!  AUTH    (2): mac [32]  (HMAC-SHA256, see auth.rs)                          (32 bytes)
 //!  REGIONS (3): count u32 | count × { id u32 | access u8 | 0 u8[3] | len u64
 //!               | addr u64 | rkey u32 | page_size u32 }               (4 + 32·count)
@@ -87,6 +89,8 @@ pub const FLAG_SIGNALED: u16 = 1;
 pub const FLAG_URGENT: u16 = 2;
 /// HELLO flag: the session's last stream is the urgent channel.
 pub const HELLO_URGENT_STREAM: u8 = 1;
+/// Most byte-stream channels a session opens.
+pub const MAX_BYTE_STREAMS: u8 = 16;
 
 /// Frame types.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -322,6 +326,8 @@ pub struct Hello {
     pub streams: u8,
     /// `HELLO_URGENT_STREAM` or 0.
     pub flags: u8,
+    /// Byte-stream channels among the `streams` connections (the last ones).
+    pub byte_streams: u8,
     /// Session id chosen by the connector (groups parallel streams).
     pub session: u64,
     /// Random challenge.
@@ -468,7 +474,7 @@ impl Frame {
                     h.stream,
                     h.streams,
                     h.flags,
-                    0,
+                    h.byte_streams,
                     0,
                 ]);
                 body.extend_from_slice(&h.session.to_le_bytes());
@@ -570,7 +576,11 @@ impl Frame {
                 if b[5] & !HELLO_URGENT_STREAM != 0 {
                     return Err(DecodeError::Invalid { field: "hello flags", value: b[5] as u64 });
                 }
-                reserved_zero(&b[6..8])?;
+                let special = (b[5] & HELLO_URGENT_STREAM) as u16 + b[6] as u16;
+                if b[6] > MAX_BYTE_STREAMS || special >= b[4] as u16 {
+                    return Err(DecodeError::Invalid { field: "byte stream count", value: b[6] as u64 });
+                }
+                reserved_zero(&b[7..8])?;
                 Frame::Hello(Hello {
                     min_version: b[0],
                     max_version: b[1],
@@ -578,6 +588,7 @@ impl Frame {
                     stream: b[3],
                     streams: b[4],
                     flags: b[5],
+                    byte_streams: b[6],
                     session: u64_at(b, 8),
                     nonce: b[16..48].try_into().expect("48-byte body"),
                 })
@@ -701,6 +712,7 @@ mod tests {
                 stream: 1,
                 streams: 4,
                 flags: HELLO_URGENT_STREAM,
+                byte_streams: 2,
                 session: 0xdead_beef,
                 nonce: [7; 32],
             }),
@@ -743,7 +755,7 @@ mod tests {
         let regions = all.iter().find(|f| matches!(f, Frame::Regions(r) if !r.is_empty())).expect("a REGIONS sample");
         let regions = regions.encode();
         assert!(Frame::decode(&hello).is_ok() && Frame::decode(&regions).is_ok());
-        for (frame, at) in [(&hello, HEADER_LEN + 6), (&hello, HEADER_LEN + 7), (&regions, HEADER_LEN + 4 + 5)] {
+        for (frame, at) in [(&hello, HEADER_LEN + 7), (&regions, HEADER_LEN + 4 + 5)] {
             let mut b = frame.clone();
             b[at] = 0x40;
             assert!(matches!(Frame::decode(&b), Err(DecodeError::Reserved(v)) if v != 0), "byte {at}");
@@ -752,6 +764,10 @@ mod tests {
         let mut b = hello.clone();
         b[HEADER_LEN + 5] = 0x80;
         assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid { field: "hello flags", .. })));
+        // Byte streams: at most MAX_BYTE_STREAMS, and a bulk stream must remain.
+        let mut b = hello.clone();
+        b[HEADER_LEN + 6] = 3; // 4 streams: urgent + 3 byte streams leaves no bulk stream
+        assert!(matches!(Frame::decode(&b), Err(DecodeError::Invalid { field: "byte stream count", .. })));
         let mut m = Frame::Msg(vec![1]).encode();
         m[6] = 1;
         assert!(matches!(Frame::decode(&m), Err(DecodeError::Invalid { field: "frame flags", .. })));

@@ -133,7 +133,15 @@ fn trickled_payload_under_a_large_low_water_mark() {
         (tr, m)
     });
     let mut s = TcpStream::connect(addr).unwrap();
-    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, flags: 0, session: 1, exposed: vec![] };
+    let p = HandshakeParams {
+        role: Role::Connector,
+        stream: 0,
+        streams: 1,
+        flags: 0,
+        byte_streams: 0,
+        session: 1,
+        exposed: vec![],
+    };
     auth::handshake(&mut s, &secret(), &p).unwrap();
     s.set_nodelay(true).unwrap();
     let entries = vec![
@@ -200,7 +208,15 @@ fn adversary(frame: Vec<u8>) -> (TransportError, Vec<u8>) {
         tr.recv_message(Some(Duration::from_secs(10))).unwrap_err()
     });
     let mut s = TcpStream::connect(addr).unwrap();
-    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, flags: 0, session: 1, exposed: vec![] };
+    let p = HandshakeParams {
+        role: Role::Connector,
+        stream: 0,
+        streams: 1,
+        flags: 0,
+        byte_streams: 0,
+        session: 1,
+        exposed: vec![],
+    };
     auth::handshake(&mut s, &secret(), &p).unwrap();
     s.write_all(&frame).unwrap();
     // the peer then stops sending (a truncated frame stays truncated)
@@ -306,7 +322,15 @@ fn urgent_frame_on_a_bulk_stream_is_refused() {
     let dst = rg.dst_table.clone();
     let t = std::thread::spawn(move || l.accept(&cfg(1), &secret(), &dst));
     let mut s = TcpStream::connect(addr).unwrap();
-    let p = HandshakeParams { role: Role::Connector, stream: 0, streams: 1, flags: 0, session: 1, exposed: vec![] };
+    let p = HandshakeParams {
+        role: Role::Connector,
+        stream: 0,
+        streams: 1,
+        flags: 0,
+        byte_streams: 0,
+        session: 1,
+        exposed: vec![],
+    };
     auth::handshake(&mut s, &secret(), &p).unwrap();
     let mut rx = t.join().unwrap().unwrap();
     s.write_all(&Frame::Urgent(b"page 3".to_vec()).encode()).unwrap();
@@ -359,6 +383,7 @@ fn a_region_announced_twice_is_refused() {
         stream: 0,
         streams: 1,
         flags: 0,
+        byte_streams: 0,
         session: 1,
         exposed: vec![livemig_transport::RegionInfo {
             id: 3,
@@ -378,4 +403,71 @@ fn a_region_announced_twice_is_refused() {
     let (f, _) = Frame::decode(&buf).expect("a CLOSE frame");
     assert!(matches!(f, Frame::Close { code: wire::close_code::PROTOCOL, .. }), "{f:?}");
     assert!(matches!(rx.recv_message(Some(Duration::from_secs(5))), Err(TransportError::Protocol(_))));
+}
+
+/// Byte-stream channels: raw bytes both ways at once, far beyond the message cap, beside
+/// bulk writes; one direction ends cleanly; the descriptor takes a zero-copy splice.
+#[test]
+fn byte_channels_carry_raw_streams_beside_bulk() {
+    use std::os::fd::RawFd;
+    let c = TcpConfig { byte_streams: 2, ..cfg(1) };
+    let rg = conf::regions(8 << 20);
+    let (mut a, mut b) = pair_with(c)(&rg.src_table, &rg.dst_table);
+    let (mut a0, mut b0) = (a.byte_channel(0).unwrap(), b.byte_channel(0).unwrap());
+    let (mut a1, mut b1) = (a.byte_channel(1).unwrap(), b.byte_channel(1).unwrap());
+    assert!(matches!(a.byte_channel(0), Err(TransportError::Unsupported(_))), "taken once");
+    assert!(matches!(a.byte_channel(2), Err(TransportError::Unsupported(_))), "no third channel");
+    let big: Vec<u8> = (0..(24u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let small: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::thread::scope(|s| {
+        // A → B on channel 0: 24 MiB (six times the message cap), then end of stream.
+        s.spawn(|| {
+            a0.write_all(&big).unwrap();
+            a0.shutdown_write().unwrap();
+        });
+        let got0 = s.spawn(|| {
+            let mut v = Vec::new();
+            b0.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+            b0.read_to_end(&mut v).unwrap();
+            v
+        });
+        // B → A on channel 1, at the same time.
+        s.spawn(|| b1.write_all(&small).unwrap());
+        let got1 = s.spawn(|| {
+            let mut v = vec![0u8; small.len()];
+            a1.read_exact(&mut v).unwrap();
+            v
+        });
+        // Bulk writes on the session meanwhile.
+        let mut all = livemig_transport::PageBitmap::new(2048);
+        all.set_range(0, 2048);
+        conf::fill_pages(&rg.src, &all, 9);
+        let co = livemig_transport::Coalescer::new(livemig_transport::CoalesceConfig::default()).unwrap();
+        conf::send_bitmap(a.as_mut(), &co, &all).unwrap();
+        a.flush().unwrap();
+        assert!(got0.join().unwrap() == big, "channel 0 bytes");
+        assert!(got1.join().unwrap() == small, "channel 1 bytes");
+    });
+    let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
+    rg.src.read_at(4096 * 77, &mut x);
+    rg.dst.read_at(4096 * 77, &mut y);
+    assert_eq!(x, y, "bulk data beside the channels");
+    // The descriptor is a socket a caller can splice into, as a carrier does.
+    let fd: RawFd = b1.raw_fd().expect("a TCP channel has a descriptor");
+    let mut p = [0; 2];
+    // SAFETY: test-only raw calls on descriptors this test owns: a fresh pipe and the
+    // channel's socket; the buffer outlives the calls.
+    unsafe {
+        assert_eq!(libc::pipe(p.as_mut_ptr()), 0);
+        let msg = b"spliced, not copied";
+        assert_eq!(libc::write(p[1], msg.as_ptr().cast(), msg.len()), msg.len() as isize);
+        let n = libc::splice(p[0], std::ptr::null_mut(), fd, std::ptr::null_mut(), msg.len(), 0);
+        assert_eq!(n, msg.len() as isize);
+        libc::close(p[0]);
+        libc::close(p[1]);
+    }
+    let mut got = [0u8; 19];
+    a1.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"spliced, not copied");
+    drop((a, b));
 }

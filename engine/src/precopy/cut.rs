@@ -110,6 +110,9 @@ impl Transport for CutAt {
         self.peer = t.peer_regions().to_vec();
         Ok(reg)
     }
+    fn byte_channel(&mut self, i: usize) -> Result<Box<dyn livemig_transport::ByteChannel>, TransportError> {
+        self.live()?.byte_channel(i)
+    }
     fn urgent(&self) -> Result<std::sync::Arc<dyn livemig_transport::UrgentChannel>, TransportError> {
         self.inner.as_ref().ok_or(TransportError::Disconnected("fault injection cut the link".into()))?.urgent()
     }

@@ -358,6 +358,7 @@ impl VerbsTransport {
             stream: 0,
             streams: 1,
             flags: 0,
+            byte_streams: 0,
             session: if role == Role::Connector { u64::from_le_bytes(session) } else { 0 },
             exposed: local.exposed.clone(),
         };
