@@ -104,7 +104,7 @@ fn connect(a: &UrgentArgs) -> Result<Ends> {
     }
     let (st, dt) = (RegionTable::new(), RegionTable::new());
     let regs = vec![st.register(src.clone())?, dt.register(dst.clone())?];
-    let secret = Secret::new(hex_secret()).context("secret")?;
+    let secret = Secret::new(hex_secret()?).context("secret")?;
     let cfg = TcpConfig {
         urgent_stream: true,
         streams: std::num::NonZeroU8::new(a.streams.max(1)).context("streams")?,
@@ -120,10 +120,16 @@ fn connect(a: &UrgentArgs) -> Result<Ends> {
     Ok(Ends { tx, rx, src, _keep: (st, dt, regs) })
 }
 
-fn hex_secret() -> String {
+fn hex_secret() -> Result<String> {
     let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b).expect("random secret");
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    getrandom::getrandom(&mut b).map_err(|e| anyhow::anyhow!("drawing a random secret: {e}"))?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
+}
+
+/// The page a request names (8 bytes, little endian); an error for anything else.
+fn page_of(m: &[u8]) -> Result<u64> {
+    let b: [u8; 8] = m.try_into().map_err(|_| anyhow::anyhow!("a {}-byte request (8 expected)", m.len()))?;
+    Ok(u64::from_le_bytes(b))
 }
 
 /// Pushes the first half of the region over and over until `stop`; returns the bytes moved.
@@ -161,6 +167,33 @@ fn request_page(i: usize, pages: usize) -> u64 {
     (pages / 2 + (i * 7919) % (pages / 2)) as u64
 }
 
+/// The requester of a phase: after the bulk has filled the pipe, `a.requests` requests one
+/// at a time (`ask` sends one and waits for its page), timed; then stops the bulk (also when
+/// a request fails).
+fn requests(
+    a: &UrgentArgs,
+    pages: usize,
+    stop: &AtomicBool,
+    mut ask: impl FnMut(u64) -> Result<()>,
+) -> Result<Vec<Duration>> {
+    std::thread::sleep(Duration::from_millis(200));
+    let mut times = Vec::with_capacity(a.requests);
+    let mut run = || -> Result<()> {
+        for i in 0..a.requests {
+            let p = request_page(i, pages);
+            let t = Instant::now();
+            ask(p)?;
+            times.push(t.elapsed());
+            std::thread::sleep(Duration::from_micros(a.gap_us));
+        }
+        Ok(())
+    };
+    let r = run();
+    // Stopped on failure too, or the bulk loop would never end.
+    stop.store(true, Ordering::SeqCst);
+    r.map(|()| times)
+}
+
 /// Runs the three phases.
 pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
     let pages = (a.size / 4096) as usize;
@@ -191,7 +224,7 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
             for _ in 0..a.requests {
                 match su.recv(Some(Duration::from_secs(10)))? {
                     Some(UrgentEvent::Message(m)) => {
-                        let p = u64::from_le_bytes(m[..8].try_into()?);
+                        let p = page_of(&m)?;
                         let seg = [Segment { offset: p * 4096, len: 4096 }];
                         su.post_write(&WriteRequest { local: 1, segments: &seg, remote: 2, remote_offset: p * 4096 })?;
                     }
@@ -200,22 +233,14 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
             }
             Ok(())
         });
-        let requester = s.spawn(|| -> Result<Vec<Duration>> {
-            // Let the bulk fill the pipe first.
-            std::thread::sleep(Duration::from_millis(200));
-            let mut times = Vec::with_capacity(a.requests);
-            for i in 0..a.requests {
-                let p = request_page(i, pages);
-                let t = Instant::now();
+        let requester = s.spawn(|| {
+            requests(a, pages, &stop, |p| {
                 du.send_message(&p.to_le_bytes())?;
                 match du.recv(Some(Duration::from_secs(10)))? {
-                    Some(UrgentEvent::Placed { offset, .. }) if offset == p * 4096 => times.push(t.elapsed()),
+                    Some(UrgentEvent::Placed { offset, .. }) if offset == p * 4096 => Ok(()),
                     other => anyhow::bail!("unexpected urgent event {other:?}"),
                 }
-                std::thread::sleep(Duration::from_micros(a.gap_us));
-            }
-            stop.store(true, Ordering::SeqCst);
-            Ok(times)
+            })
         });
         let bytes = bulk(&mut e.tx, pages, &stop, |_| Ok(()));
         stop.store(true, Ordering::SeqCst);
@@ -231,26 +256,19 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
     let stop = AtomicBool::new(false);
     let t0 = Instant::now();
     let (bytes, times) = std::thread::scope(|s| -> Result<(u64, Vec<Duration>)> {
-        let requester = s.spawn(|| -> Result<Vec<Duration>> {
-            std::thread::sleep(Duration::from_millis(200));
-            let mut times = Vec::with_capacity(a.requests);
-            for i in 0..a.requests {
-                let p = request_page(i, pages);
-                let t = Instant::now();
+        let requester = s.spawn(|| {
+            requests(a, pages, &stop, |p| {
                 rx.send_message(&p.to_le_bytes())?;
                 // The answer: the page as a bulk write, then this message (ordered after it).
                 let m = rx.recv_message(Some(Duration::from_secs(30)))?.context("no answer in 30 s")?;
                 anyhow::ensure!(m == p.to_le_bytes(), "answer for another page");
-                times.push(t.elapsed());
-                std::thread::sleep(Duration::from_micros(a.gap_us));
-            }
-            stop.store(true, Ordering::SeqCst);
-            Ok(times)
+                Ok(())
+            })
         });
         let _ = &src;
         let bytes = bulk(&mut tx, pages, &stop, |t| {
             while let Some(m) = t.recv_message(Some(Duration::ZERO))? {
-                let p = u64::from_le_bytes(m[..8].try_into()?);
+                let p = page_of(&m)?;
                 let seg = [Segment { offset: p * 4096, len: 4096 }];
                 t.post_writes(&[WriteRequest { local: 1, segments: &seg, remote: 2, remote_offset: p * 4096 }])?;
                 t.send_message(&m)?;

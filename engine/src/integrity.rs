@@ -90,10 +90,15 @@ impl PageDigests {
         self.have.set(page);
     }
 
-    /// Records `bytes` as the content of `page` (`bytes.len()` is the page size).
-    pub fn record_bytes(&mut self, page: usize, bytes: &[u8]) {
+    /// Records `bytes` as the content of `page` (`bytes.len()` is the page size). False,
+    /// and nothing recorded, if `page` is out of range.
+    pub fn record_bytes(&mut self, page: usize, bytes: &[u8]) -> bool {
         debug_assert_eq!(bytes.len(), self.page_size);
+        if page >= self.terms.len() {
+            return false;
+        }
         self.set(page, Self::term(page, xxh3_128(bytes)));
+        true
     }
 
     /// Reads page `local` of `region` (volatile copy) and records it as page `index` of the
@@ -104,18 +109,21 @@ impl PageDigests {
         }
         let mut buf = std::mem::take(&mut self.buf);
         let ok = region.read_at((local * self.page_size) as u64, &mut buf);
-        if ok {
-            self.record_bytes(index, &buf);
-        }
+        let ok = ok && self.record_bytes(index, &buf);
         self.buf = buf;
         ok
     }
 
-    /// Records `n` pages from `first` as zero pages (no read).
-    pub fn record_zero(&mut self, first: usize, n: usize) {
+    /// Records `n` pages from `first` as zero pages (no read). False, and nothing recorded,
+    /// if the run leaves the page space.
+    pub fn record_zero(&mut self, first: usize, n: usize) -> bool {
+        if first.checked_add(n).is_none_or(|end| end > self.terms.len()) {
+            return false;
+        }
         for p in first..first + n {
             self.set(p, Self::term(p, self.zero_inner));
         }
+        true
     }
 
     /// The current digest.
@@ -189,6 +197,8 @@ mod tests {
         // Zero page recorded by bytes equals the no-read form.
         let mut c = b.clone();
         c.record_bytes(3, &page(0));
+        // Out of range: refused, nothing changes.
+        assert!(!c.record_bytes(4, &page(1)) && !c.record_zero(3, 2) && !c.record_zero(usize::MAX, 2));
         assert_eq!(c.digest(), b.digest());
         // Swapping two pages' contents changes the digest; so does one flipped bit.
         let mut d = a.clone();

@@ -165,7 +165,7 @@ pub fn urgent_pages_during_bulk(connect: Connect<'_>, len: u64, requests: usize)
             while served < requests {
                 match su.recv(Some(Duration::from_secs(10))).expect("urgent recv at the sender") {
                     Some(crate::UrgentEvent::Message(m)) => {
-                        let p = u64::from_le_bytes(m[..8].try_into().expect("8-byte request"));
+                        let p = u64::from_le_bytes(m.as_slice().try_into().expect("an 8-byte request"));
                         let seg = [Segment { offset: p * 4096, len: 4096 }];
                         let w = WriteRequest { local: 1, segments: &seg, remote, remote_offset: p * 4096 };
                         su.post_write(&w).expect("urgent write");

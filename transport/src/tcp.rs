@@ -1161,16 +1161,7 @@ impl Transport for TcpTransport {
             if let Some(e) = &st.ended {
                 return Err(ended_error(e));
             }
-            let wait = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(None);
-                    }
-                    (d - now).min(Duration::from_millis(200))
-                }
-                None => Duration::from_millis(200),
-            };
+            let Some(wait) = wait_slice(deadline) else { return Ok(None) };
             st = self.shared.cv.wait_timeout(st, wait).unwrap_or_else(|e| e.into_inner()).0;
         }
     }
@@ -1352,16 +1343,7 @@ impl UrgentChannel for TcpUrgent {
             }
             // Wait for the start of a frame (bounded slices, so the end of the session is
             // noticed); once it starts, the frame is read whole.
-            let slice = match deadline {
-                Some(d) => {
-                    let now = Instant::now();
-                    if now >= d {
-                        return Ok(None);
-                    }
-                    (d - now).min(Duration::from_millis(200))
-                }
-                None => Duration::from_millis(200),
-            };
+            let Some(slice) = wait_slice(deadline) else { return Ok(None) };
             if !readable(&rd, slice).map_err(io_err("polling the urgent stream"))? {
                 continue;
             }
@@ -1434,6 +1416,16 @@ impl TcpUrgent {
         st.messages_received += event.iter().filter(|e| matches!(e, UrgentEvent::Message(_))).count() as u64;
         st.urgent.extend(event);
         Ok(())
+    }
+}
+
+/// The next bounded wait before `deadline` (200 ms at most, so the end of the session is
+/// noticed); `None` once the deadline has passed.
+fn wait_slice(deadline: Option<Instant>) -> Option<Duration> {
+    const SLICE: Duration = Duration::from_millis(200);
+    match deadline {
+        Some(d) => d.checked_duration_since(Instant::now()).filter(|r| !r.is_zero()).map(|r| r.min(SLICE)),
+        None => Some(SLICE),
     }
 }
 

@@ -199,6 +199,16 @@ fn wrong_secret_is_refused() {
 /// An adversarial client: authenticates correctly, then sends `frame` raw. Returns what the
 /// acceptor's `accept` + first receive yield, and the destination region afterwards.
 fn adversary(frame: Vec<u8>) -> (TransportError, Vec<u8>) {
+    let (e, d, _) = adversary_exposing(vec![], frame);
+    (e, d)
+}
+
+/// [`adversary`], exposing `exposed` at the handshake; also returns the first frame the
+/// acceptor sent back after the handshake (its CLOSE).
+fn adversary_exposing(
+    exposed: Vec<livemig_transport::RegionInfo>,
+    frame: Vec<u8>,
+) -> (TransportError, Vec<u8>, Option<Frame>) {
     let r = conf::regions(1 << 20);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
@@ -215,7 +225,7 @@ fn adversary(frame: Vec<u8>) -> (TransportError, Vec<u8>) {
         flags: 0,
         byte_streams: 0,
         session: 1,
-        exposed: vec![],
+        exposed,
     };
     auth::handshake(&mut s, &secret(), &p).unwrap();
     s.write_all(&frame).unwrap();
@@ -228,7 +238,7 @@ fn adversary(frame: Vec<u8>) -> (TransportError, Vec<u8>) {
     let e = t.join().unwrap();
     // SAFETY: the connection is closed; nothing writes the region any more.
     let d = unsafe { r.dst.as_slice() }.to_vec();
-    (e, d)
+    (e, d, Frame::decode(&sink).ok().map(|(f, _)| f))
 }
 
 fn write_frame(entries: Vec<WriteEntry>, payload: usize) -> Vec<u8> {
@@ -316,29 +326,9 @@ fn urgent_writes_are_bounds_checked() {
 /// protocol: the receiver refuses it with a typed error.
 #[test]
 fn urgent_frame_on_a_bulk_stream_is_refused() {
-    let rg = conf::regions(1 << 20);
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let dst = rg.dst_table.clone();
-    let t = std::thread::spawn(move || l.accept(&cfg(1), &secret(), &dst));
-    let mut s = TcpStream::connect(addr).unwrap();
-    let p = HandshakeParams {
-        role: Role::Connector,
-        stream: 0,
-        streams: 1,
-        flags: 0,
-        byte_streams: 0,
-        session: 1,
-        exposed: vec![],
-    };
-    auth::handshake(&mut s, &secret(), &p).unwrap();
-    let mut rx = t.join().unwrap().unwrap();
-    s.write_all(&Frame::Urgent(b"page 3".to_vec()).encode()).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let (f, _) = Frame::decode(&buf).expect("a CLOSE frame");
-    assert!(matches!(f, Frame::Close { code: wire::close_code::PROTOCOL, .. }), "{f:?}");
-    assert!(matches!(rx.recv_message(Some(Duration::from_secs(5))), Err(TransportError::Protocol(_))));
+    let (e, _, close) = adversary_exposing(vec![], Frame::Urgent(b"page 3".to_vec()).encode());
+    assert!(matches!(close, Some(Frame::Close { code: wire::close_code::PROTOCOL, .. })), "{close:?}");
+    assert!(matches!(e, TransportError::Protocol(_)), "{e}");
 }
 
 /// A region exposed after the handshake (a disk, a second guest region): once the peer has
@@ -372,37 +362,20 @@ fn regions_exposed_mid_session() {
 /// A peer that re-announces an id it already exposed is refused: ids are never redefined.
 #[test]
 fn a_region_announced_twice_is_refused() {
-    let rg = conf::regions(1 << 20);
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = l.local_addr().unwrap();
-    let dst = rg.dst_table.clone();
-    let t = std::thread::spawn(move || l.accept(&cfg(1), &secret(), &dst));
-    let mut s = TcpStream::connect(addr).unwrap();
-    let p = HandshakeParams {
-        role: Role::Connector,
-        stream: 0,
-        streams: 1,
-        flags: 0,
-        byte_streams: 0,
-        session: 1,
-        exposed: vec![livemig_transport::RegionInfo {
-            id: 3,
-            len: 4096,
-            page_size: 4096,
-            access: livemig_transport::Access::REMOTE_WRITE,
-            addr: 0,
-            rkey: 0,
-        }],
+    let info = livemig_transport::RegionInfo {
+        id: 3,
+        len: 4096,
+        page_size: 4096,
+        access: livemig_transport::Access::REMOTE_WRITE,
+        addr: 0,
+        rkey: 0,
     };
-    let out = auth::handshake(&mut s, &secret(), &p).unwrap();
-    assert_eq!(out.peer_regions.len(), 1);
-    let mut rx = t.join().unwrap().unwrap();
-    s.write_all(&Frame::Regions(p.exposed.clone()).encode()).unwrap();
-    let mut buf = Vec::new();
-    let _ = s.read_to_end(&mut buf);
-    let (f, _) = Frame::decode(&buf).expect("a CLOSE frame");
-    assert!(matches!(f, Frame::Close { code: wire::close_code::PROTOCOL, .. }), "{f:?}");
-    assert!(matches!(rx.recv_message(Some(Duration::from_secs(5))), Err(TransportError::Protocol(_))));
+    // Exposed at the handshake, announced again; and announced twice in one frame.
+    for (at_handshake, frame) in [(vec![info], vec![info]), (vec![], vec![info, info])] {
+        let (e, _, close) = adversary_exposing(at_handshake, Frame::Regions(frame).encode());
+        assert!(matches!(close, Some(Frame::Close { code: wire::close_code::PROTOCOL, .. })), "{close:?}");
+        assert!(matches!(e, TransportError::Protocol(_)), "{e}");
+    }
 }
 
 /// Byte-stream channels: raw bytes both ways at once, far beyond the message cap, beside

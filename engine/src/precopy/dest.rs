@@ -127,6 +127,10 @@ pub enum DestError {
     /// if its `Commit` was lost). Nothing runs here; the memory is left as received.
     #[error("no Commit from the source after a matching digest ({0}); the guest was not started here")]
     NotCommitted(String),
+    /// The thread keeping the digest could not be started or stopped working; the guest was
+    /// not started here.
+    #[error("the digest thread failed")]
+    Digest(#[source] std::io::Error),
 }
 
 /// Receives one migration into `memory` (every region exposed `REMOTE_WRITE` in `t`'s
@@ -171,7 +175,7 @@ pub fn receive(
                     }
                 }
                 DestAction::PlaceZero(runs) => {
-                    let layout = sess.layout().expect("runs come after Begin").clone();
+                    let layout = sess.layout().cloned().unwrap_or_else(|| PageLayout::new([]));
                     // Make the pages zero (no assumption that our memory starts zeroed),
                     // writing only where data may be: nothing on a fresh region. The source
                     // writes none of them again before our IterationAck.
@@ -180,22 +184,32 @@ pub fn receive(
                             memory.regions()[i].place_zero(local as u64 * ps, n as u64 * ps);
                         });
                     }
-                    hasher.get_or_insert_with(|| Hasher::spawn(memory.clone(), layout)).send(Work::Zero(runs));
+                    match hasher_for(&mut hasher, memory, layout) {
+                        Ok(h) => h.send(Work::Zero(runs)),
+                        Err(e) => fail(&mut sess, now(), &mut err, e),
+                    }
                 }
                 DestAction::HashPlaced(runs) => {
-                    let layout = sess.layout().expect("runs come after Begin").clone();
-                    hasher.get_or_insert_with(|| Hasher::spawn(memory.clone(), layout)).send(Work::Placed(runs));
+                    let layout = sess.layout().cloned().unwrap_or_else(|| PageLayout::new([]));
+                    match hasher_for(&mut hasher, memory, layout) {
+                        Ok(h) => h.send(Work::Placed(runs)),
+                        Err(e) => fail(&mut sess, now(), &mut err, e),
+                    }
                 }
                 DestAction::Progress { iter, pages, dirty } => on_iteration(iter, pages, dirty),
                 DestAction::FinishDigest => {
                     tracing::info!(iterations = sess.iterations, "stop-and-copy data complete; verifying");
-                    let layout = sess.layout().expect("Final comes after Begin").clone();
-                    let h = hasher.get_or_insert_with(|| Hasher::spawn(memory.clone(), layout));
-                    // Only the pages announced since the hasher last caught up are left.
-                    hashed_at_final = sess.placed_pages.saturating_sub(h.hashed());
-                    let (tx, rx) = std::sync::mpsc::channel();
-                    h.send(Work::Finish(tx));
-                    digest_rx = Some(rx);
+                    let layout = sess.layout().cloned().unwrap_or_else(|| PageLayout::new([]));
+                    match hasher_for(&mut hasher, memory, layout) {
+                        Ok(h) => {
+                            // Only the pages announced since the hasher last caught up are left.
+                            hashed_at_final = sess.placed_pages.saturating_sub(h.hashed());
+                            let (tx, rx) = std::sync::mpsc::channel();
+                            h.send(Work::Finish(tx));
+                            digest_rx = Some(rx);
+                        }
+                        Err(e) => fail(&mut sess, now(), &mut err, e),
+                    }
                 }
                 DestAction::StartGuest(state) => {
                     let r = start(state);
@@ -215,8 +229,7 @@ pub fn receive(
             break;
         }
         let timeout = sess.poll_timeout().map(|d| d.saturating_sub(now()));
-        if sess.finishing_digest() {
-            let rx = digest_rx.as_ref().expect("FinishDigest came first");
+        if let (true, Some(rx)) = (sess.finishing_digest(), digest_rx.as_ref()) {
             match rx.recv_timeout(timeout.unwrap_or(cfg.alive_every)) {
                 Ok((d, missing)) => {
                     if let Some(page) = missing {
@@ -226,7 +239,10 @@ pub fn receive(
                     sess.handle_digest(now(), d.to_bytes());
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => sess.handle_timeout(now()),
-                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => panic!("the hashing thread panicked"),
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                    let e = DestError::Digest(std::io::Error::other("the digest thread ended without a digest"));
+                    fail(&mut sess, now(), &mut err, e);
+                }
             }
             continue;
         }
@@ -306,6 +322,27 @@ fn ms_between(a: Option<Duration>, b: Option<Duration>) -> f64 {
     }
 }
 
+/// The digest thread, started on first use.
+fn hasher_for<'h>(
+    slot: &'h mut Option<Hasher>,
+    memory: &GuestMemory,
+    layout: PageLayout,
+) -> Result<&'h Hasher, DestError> {
+    let h = match slot.take() {
+        Some(h) => h,
+        None => Hasher::spawn(memory.clone(), layout).map_err(DestError::Digest)?,
+    };
+    Ok(slot.insert(h))
+}
+
+/// Records a driver failure: the session decides what it means, `err` says what it was.
+fn fail(sess: &mut DestSession, now: Duration, err: &mut Option<DestError>, e: DestError) {
+    if sess.end().is_none() {
+        sess.handle_failure(now);
+        err.get_or_insert(e);
+    }
+}
+
 /// Calls `f(region, first local page, pages)` for each region part of the run `r` (runs
 /// are checked against the layout first).
 fn for_each_region_part(layout: &PageLayout, r: &PageRun, mut f: impl FnMut(usize, usize, usize)) {
@@ -340,44 +377,41 @@ struct Hasher {
 }
 
 impl Hasher {
-    fn spawn(memory: GuestMemory, layout: PageLayout) -> Self {
+    fn spawn(memory: GuestMemory, layout: PageLayout) -> std::io::Result<Self> {
         let (tx, rx) = std::sync::mpsc::channel::<Work>();
         let ps = memory.page_size();
         let pages = layout.pages();
         let hashed = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let count = hashed.clone();
-        let handle = std::thread::Builder::new()
-            .name("livemig-digest".into())
-            .spawn(move || {
-                let mut d = PageDigests::new(pages, ps);
-                for w in rx {
-                    match w {
-                        Work::Placed(runs) => {
-                            for r in runs {
-                                let mut p = r.first as usize;
-                                for_each_region_part(&layout, &r, |i, local, n| {
-                                    for k in 0..n {
-                                        d.record_from(p + k, &memory.regions()[i], local + k);
-                                    }
-                                    p += n;
-                                });
-                                count.fetch_add(r.pages as u64, std::sync::atomic::Ordering::Relaxed);
-                            }
-                        }
-                        Work::Zero(runs) => {
-                            for r in runs {
-                                d.record_zero(r.first as usize, r.pages as usize);
-                            }
-                        }
-                        Work::Finish(reply) => {
-                            let _ = reply.send((d.digest(), d.first_missing()));
-                            return;
+        let handle = std::thread::Builder::new().name("livemig-digest".into()).spawn(move || {
+            let mut d = PageDigests::new(pages, ps);
+            for w in rx {
+                match w {
+                    Work::Placed(runs) => {
+                        for r in runs {
+                            let mut p = r.first as usize;
+                            for_each_region_part(&layout, &r, |i, local, n| {
+                                for k in 0..n {
+                                    d.record_from(p + k, &memory.regions()[i], local + k);
+                                }
+                                p += n;
+                            });
+                            count.fetch_add(r.pages as u64, std::sync::atomic::Ordering::Relaxed);
                         }
                     }
+                    Work::Zero(runs) => {
+                        for r in runs {
+                            d.record_zero(r.first as usize, r.pages as usize);
+                        }
+                    }
+                    Work::Finish(reply) => {
+                        let _ = reply.send((d.digest(), d.first_missing()));
+                        return;
+                    }
                 }
-            })
-            .expect("spawn the digest thread");
-        Hasher { tx: Some(tx), handle: Some(handle), hashed }
+            }
+        })?;
+        Ok(Hasher { tx: Some(tx), handle: Some(handle), hashed })
     }
 
     /// Pages hashed so far.

@@ -489,7 +489,12 @@ impl Sender {
     ) -> Result<(), SourceError> {
         let region = self.memory.regions()[i].clone();
         let base = self.memory.base(i);
-        extract(sched.batch(), base, &mut self.region_batch[i]);
+        // The batch's pages of this region, indexed within it.
+        let rb = &mut self.region_batch[i];
+        rb.clear_all();
+        for r in sched.batch_runs_in(base, base + rb.len()) {
+            rb.set_range(r.first as usize - base, r.pages as usize);
+        }
         let local = region.id();
         let remote = self.remotes[i];
         let mut from = 0;
@@ -521,18 +526,6 @@ impl Sender {
             }
         }
         Ok(())
-    }
-}
-
-/// Copies bits `[base, base + dst.len())` of `src` into `dst` (cleared first).
-fn extract(src: &PageBitmap, base: usize, dst: &mut PageBitmap) {
-    dst.clear_all();
-    let end = base + dst.len();
-    let mut p = base;
-    while let Some(start) = src.next_one(p).filter(|&s| s < end) {
-        let stop = src.next_zero(start).min(end);
-        dst.set_range(start - base, stop - start);
-        p = stop;
     }
 }
 
