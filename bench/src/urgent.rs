@@ -46,6 +46,11 @@ pub struct UrgentArgs {
     /// Parallel bulk TCP streams.
     #[arg(long, default_value_t = 1)]
     pub streams: u8,
+    /// Reserve this CPU for the urgent path: the requester and the responder run on it, the
+    /// bulk threads (senders, readers, acknowledgers) on every other CPU. Without it all
+    /// threads share all CPUs, and a woken urgent thread may wait for a CPU behind the bulk.
+    #[arg(long)]
+    pub urgent_cpu: Option<usize>,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -194,11 +199,44 @@ fn requests(
     r.map(|()| times)
 }
 
+/// CPU sets of the two sides with `--urgent-cpu`: (bulk, urgent).
+fn cpu_split(a: &UrgentArgs) -> Result<Option<(Vec<usize>, Vec<usize>)>> {
+    let Some(u) = a.urgent_cpu else { return Ok(None) };
+    let set = nix::sched::sched_getaffinity(nix::unistd::Pid::from_raw(0)).context("reading this thread's CPU set")?;
+    let online: Vec<usize> = (0..nix::sched::CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false)).collect();
+    anyhow::ensure!(online.contains(&u), "--urgent-cpu {u} is not among the CPUs this process may use {online:?}");
+    let bulk: Vec<usize> = online.into_iter().filter(|&c| c != u).collect();
+    anyhow::ensure!(!bulk.is_empty(), "--urgent-cpu {u} would leave no CPU for the bulk threads");
+    Ok(Some((bulk, vec![u])))
+}
+
+/// Restricts the calling thread (and the threads it spawns later) to `cpus`.
+fn pin(cpus: &[usize]) -> Result<()> {
+    let mut set = nix::sched::CpuSet::new();
+    for &c in cpus {
+        set.set(c).with_context(|| format!("CPU {c}"))?;
+    }
+    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set)
+        .with_context(|| format!("restricting a thread to CPUs {cpus:?}"))
+}
+
 /// Runs the three phases.
 pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
     let pages = (a.size / 4096) as usize;
     anyhow::ensure!(pages >= 4, "--size must be at least 16 KiB");
+    let split = cpu_split(a)?;
     let mut out = Vec::new();
+    // The transport's bulk threads inherit the CPU set of the thread that connects.
+    let all: Option<Vec<usize>> = split.as_ref().map(|(b, u)| b.iter().chain(u).copied().collect());
+    if let Some((bulk, _)) = &split {
+        pin(bulk)?;
+    }
+    let urgent_side = || -> Result<()> {
+        match &split {
+            Some((_, u)) => pin(u),
+            None => Ok(()),
+        }
+    };
 
     // 1. Bulk alone.
     let mut e = connect(a)?;
@@ -221,6 +259,7 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
     let t0 = Instant::now();
     let (bytes, times) = std::thread::scope(|s| -> Result<(u64, Vec<Duration>)> {
         let responder = s.spawn(|| -> Result<()> {
+            urgent_side()?;
             for _ in 0..a.requests {
                 match su.recv(Some(Duration::from_secs(10)))? {
                     Some(UrgentEvent::Message(m)) => {
@@ -234,6 +273,7 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
             Ok(())
         });
         let requester = s.spawn(|| {
+            urgent_side()?;
             requests(a, pages, &stop, |p| {
                 du.send_message(&p.to_le_bytes())?;
                 match du.recv(Some(Duration::from_secs(10)))? {
@@ -280,6 +320,9 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
         Ok((bytes?, times?))
     })?;
     out.push(phase("bulk channel (no priority)", times, bytes, t0.elapsed().as_secs_f64()));
+    if let Some(all) = all {
+        pin(&all)?;
+    }
     Ok(out)
 }
 
@@ -297,6 +340,10 @@ pub fn run(a: &UrgentArgs) -> Result<()> {
         a.requests,
         a.gap_us
     );
+    match a.urgent_cpu {
+        Some(c) => println!("CPU {c} reserved for the urgent requester and responder; bulk threads on the others"),
+        None => println!("all threads share all CPUs (--urgent-cpu reserves one for the urgent path)"),
+    }
     println!("{:<28} {:>9} {:>9} {:>9} {:>12}", "mode", "p50 µs", "p99 µs", "max µs", "bulk Gbit/s");
     for p in &phases {
         println!("{:<28} {:>9} {:>9} {:>9} {:>12.1}", p.mode, f(p.p50_us), f(p.p99_us), f(p.max_us), p.bulk_gbit_s);
