@@ -18,6 +18,7 @@ pub mod dirty;
 pub mod guest;
 pub mod integrity;
 pub mod policy;
+pub mod postcopy;
 pub mod precopy;
 
 pub use livemig_transport::PageBitmap;

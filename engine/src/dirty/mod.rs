@@ -33,7 +33,7 @@
 //!
 //! All `unsafe` code outside the tests is in the private `sys` module.
 
-mod sys;
+pub(crate) mod sys;
 mod uffd_async;
 mod uffd_sync;
 

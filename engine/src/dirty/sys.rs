@@ -32,10 +32,16 @@ pub(super) const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 pub(super) const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// `UFFDIO_REGISTER_MODE_MISSING`: faults on pages with no page (cache) entry.
+pub(crate) const UFFDIO_REGISTER_MODE_MISSING: u64 = 1 << 0;
+/// `UFFDIO_REGISTER_MODE_MINOR`: faults on pages in the page cache but not mapped here.
+pub(crate) const UFFDIO_REGISTER_MODE_MINOR: u64 = 1 << 2;
+/// `UFFD_FEATURE_MINOR_SHMEM`: minor faults on shmem (memfd) mappings.
+pub(crate) const UFFD_FEATURE_MINOR_SHMEM: u64 = 1 << 10;
 const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1 << 0;
 
 /// `uffd_msg.event` of a page fault.
-pub(super) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+pub(crate) const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 
 const IOC_WRITE: u64 = 1;
 const IOC_READ: u64 = 2;
@@ -75,10 +81,18 @@ struct UffdioWriteprotect {
     mode: u64,
 }
 
+/// `struct uffdio_continue`.
+#[repr(C)]
+struct UffdioContinue {
+    range: UffdioRange,
+    mode: u64,
+    mapped: i64,
+}
+
 /// `struct uffd_msg` (32 bytes), page-fault view of its union.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct UffdMsg {
+pub(crate) struct UffdMsg {
     /// `UFFD_EVENT_*`.
     pub event: u8,
     reserved1: u8,
@@ -96,6 +110,7 @@ const UFFDIO_API: u64 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x3F, std::mem::size_of:
 const UFFDIO_REGISTER: u64 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x00, std::mem::size_of::<UffdioRegister>());
 const UFFDIO_UNREGISTER: u64 = ioc(IOC_READ, 0xAA, 0x01, std::mem::size_of::<UffdioRange>());
 const UFFDIO_WAKE: u64 = ioc(IOC_READ, 0xAA, 0x02, std::mem::size_of::<UffdioRange>());
+const UFFDIO_CONTINUE: u64 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x07, std::mem::size_of::<UffdioContinue>());
 const UFFDIO_WRITEPROTECT: u64 = ioc(IOC_READ | IOC_WRITE, 0xAA, 0x06, std::mem::size_of::<UffdioWriteprotect>());
 /// `_IO(0xAA, 0)` on /dev/userfaultfd.
 const USERFAULTFD_IOC_NEW: u64 = ioc(0, 0xAA, 0x00, 0);
@@ -171,7 +186,7 @@ pub(super) fn os_page_size() -> usize {
 
 /// An open userfaultfd.
 #[derive(Debug)]
-pub(super) struct Uffd {
+pub(crate) struct Uffd {
     fd: OwnedFd,
     features: u64,
 }
@@ -182,7 +197,7 @@ impl Uffd {
     /// refused (`vm.unprivileged_userfaultfd = 0` without CAP_SYS_PTRACE), then, only if
     /// `user_mode_only_ok`, the syscall restricted to user-mode faults (which the sysctl
     /// allows).
-    pub(super) fn open(features: u64, user_mode_only_ok: bool) -> Result<Self, DirtyError> {
+    pub(crate) fn open(features: u64, user_mode_only_ok: bool) -> Result<Self, DirtyError> {
         let flags = libc::O_CLOEXEC | libc::O_NONBLOCK;
         let fd = match Self::syscall(flags) {
             Ok(fd) => fd,
@@ -220,12 +235,12 @@ impl Uffd {
 
     /// The feature bits UFFDIO_API reported: every feature the kernel supports (the ones
     /// enabled on this fd are those requested in [`Uffd::open`]).
-    pub(super) fn supported_features(&self) -> u64 {
+    pub(crate) fn supported_features(&self) -> u64 {
         self.features
     }
 
     /// The raw fd (for poll).
-    pub(super) fn raw(&self) -> RawFd {
+    pub(crate) fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 
@@ -243,8 +258,47 @@ impl Uffd {
         Ok(())
     }
 
+    /// UFFDIO_REGISTER `[start, start+len)` with the `UFFDIO_REGISTER_MODE_*` bits `mode`.
+    pub(crate) fn register_modes(&self, start: usize, len: usize, mode: u64) -> io::Result<()> {
+        let mut reg = UffdioRegister { range: UffdioRange { start: start as u64, len: len as u64 }, mode, ioctls: 0 };
+        // SAFETY: UFFDIO_REGISTER reads and writes one `struct uffdio_register`; the kernel
+        // validates the range against this process's VMAs.
+        cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_REGISTER as _, &mut reg as *mut UffdioRegister) } as _)?;
+        Ok(())
+    }
+
+    /// UFFDIO_CONTINUE `[start, start+len)`: maps the pages, present in the page cache, into
+    /// the registered range and wakes the threads waiting on them. Retries EAGAIN. An
+    /// EEXIST error means a page of the range is mapped already.
+    pub(crate) fn continue_range(&self, start: usize, len: usize) -> io::Result<()> {
+        let mut done = 0usize;
+        let mut tries = 0;
+        while done < len {
+            let mut arg = UffdioContinue {
+                range: UffdioRange { start: (start + done) as u64, len: (len - done) as u64 },
+                mode: 0,
+                mapped: 0,
+            };
+            // SAFETY: UFFDIO_CONTINUE reads and writes one `struct uffdio_continue`; the kernel
+            // validates the range against the registration.
+            let r = cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_CONTINUE as _, &mut arg as *mut UffdioContinue) } as _);
+            if arg.mapped > 0 {
+                done += arg.mapped as usize;
+            }
+            match r {
+                Ok(_) => return Ok(()),
+                Err(e) if e.raw_os_error() == Some(libc::EAGAIN) && tries < 1000 => {
+                    tries += 1;
+                    std::thread::yield_now();
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+
     /// UFFDIO_UNREGISTER `[start, start+len)`.
-    pub(super) fn unregister(&self, start: usize, len: usize) -> Result<(), DirtyError> {
+    pub(crate) fn unregister(&self, start: usize, len: usize) -> Result<(), DirtyError> {
         let mut range = UffdioRange { start: start as u64, len: len as u64 };
         // SAFETY: UFFDIO_UNREGISTER reads one `struct uffdio_range`; the kernel validates it.
         cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_UNREGISTER as _, &mut range as *mut UffdioRange) } as _)
@@ -280,7 +334,7 @@ impl Uffd {
 
     /// UFFDIO_WAKE `[start, start+len)`: last resort to release a writer when un-protecting
     /// its page failed.
-    pub(super) fn wake(&self, start: usize, len: usize) -> io::Result<()> {
+    pub(crate) fn wake(&self, start: usize, len: usize) -> io::Result<()> {
         let mut range = UffdioRange { start: start as u64, len: len as u64 };
         // SAFETY: UFFDIO_WAKE reads one `struct uffdio_range`.
         cvt(unsafe { libc::ioctl(self.raw(), UFFDIO_WAKE as _, &mut range as *mut UffdioRange) } as _)?;
@@ -288,7 +342,7 @@ impl Uffd {
     }
 
     /// Reads pending events into `buf`; returns how many (0 when none is pending).
-    pub(super) fn read_msgs(&self, buf: &mut [UffdMsg]) -> io::Result<usize> {
+    pub(crate) fn read_msgs(&self, buf: &mut [UffdMsg]) -> io::Result<usize> {
         loop {
             // SAFETY: `buf` is valid for writes of `size_of_val(buf)` bytes and UffdMsg is
             // plain old data for which any byte pattern is valid.
@@ -314,7 +368,7 @@ pub(super) struct Pagemap {
 
 impl Pagemap {
     /// Opens `/proc/self/pagemap` read-only.
-    pub(super) fn open() -> Result<Self, DirtyError> {
+    pub(crate) fn open() -> Result<Self, DirtyError> {
         let file = File::open("/proc/self/pagemap").map_err(os_err(DirtyOp::OpenPagemap))?;
         Ok(Pagemap { file })
     }
@@ -390,7 +444,7 @@ impl EventFd {
     }
 
     /// The raw fd (for poll).
-    pub(super) fn raw(&self) -> RawFd {
+    pub(crate) fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
 }
@@ -421,6 +475,48 @@ pub(super) fn poll2(a: RawFd, b: RawFd) -> io::Result<Ready> {
             return Err(e);
         }
     }
+}
+
+/// Waits up to `timeout_ms` for `fd` to become readable; `Ok(false)` on timeout or EINTR.
+pub(crate) fn poll_in(fd: RawFd, timeout_ms: i32) -> io::Result<bool> {
+    let mut p = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd for the duration of the call.
+    let r = unsafe { libc::poll(&mut p, 1, timeout_ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::EINTR) { Ok(false) } else { Err(e) };
+    }
+    Ok(r > 0)
+}
+
+/// Drops this process's page-table entries for `[start, start+len)` of a shared mapping
+/// (`MADV_DONTNEED`): the page cache keeps the contents, the next access faults.
+pub(crate) fn zap_mapping(start: usize, len: usize) -> io::Result<()> {
+    // SAFETY: on a shared file mapping MADV_DONTNEED only removes page-table entries; the
+    // contents stay in the page cache and later accesses see them again. No Rust reference
+    // into the range is invalidated (the memory stays mapped).
+    if unsafe { libc::madvise(start as *mut libc::c_void, len, libc::MADV_DONTNEED) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Makes `[offset, offset+len)` of the file `fd` zero-filled pages present in the page
+/// cache: the range is punched out (dropping whatever it held), then allocated again, which
+/// gives fresh zeroed pages. Mappings of the range see zeros afterwards.
+pub(crate) fn fallocate_zero(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate takes a descriptor and a byte range; it touches no memory of ours.
+    let r = unsafe {
+        libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: as above.
+    if unsafe { libc::fallocate(fd, 0, offset as i64, len as i64) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// `MADV_POPULATE_READ` (5.14+), absent from older libc crates' constants on some targets.
@@ -495,6 +591,7 @@ mod tests {
         assert_eq!(UFFDIO_UNREGISTER, 0x8010_aa01);
         assert_eq!(UFFDIO_WAKE, 0x8010_aa02);
         assert_eq!(UFFDIO_WRITEPROTECT, 0xc018_aa06);
+        assert_eq!(UFFDIO_CONTINUE, 0xc020_aa07);
         assert_eq!(PAGEMAP_SCAN, 0xc060_6610);
         assert_eq!(USERFAULTFD_IOC_NEW, 0xaa00);
         assert_eq!(std::mem::size_of::<UffdMsg>(), 32);

@@ -1,0 +1,326 @@
+//! Post-copy placement through userfaultfd, without a copy.
+//!
+//! Each region of the destination's guest memory is a memfd (or a shared file) mapped twice:
+//! the guest's view, registered with userfaultfd in missing and minor mode, and a staging
+//! alias (`Region::alias`) that the transport writes arriving pages into. A page written into
+//! the alias is in the page cache but not mapped in the guest's view; [`Placer::install`]
+//! maps it there with `UFFDIO_CONTINUE`, which also wakes every thread waiting on it. A guest
+//! access to a page not installed yet faults — missing if the page is nowhere, minor if it
+//! arrived but is not installed — and the fault handler learns of it through
+//! [`Placer::wait_faults`].
+//!
+//! Zero pages are made in the page cache (`fallocate` after punching the range, so old
+//! contents of an embedder's memfd do not survive) and installed the same way.
+//!
+//! Anonymous memory has no second view; it would need `UFFDIO_COPY` from a staging buffer
+//! and is refused here.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Duration;
+
+use livemig_transport::{Access, Backing, Region, RegionError, RegionId};
+
+use crate::dirty::sys::{self, Uffd, UffdMsg};
+use crate::guest::GuestMemory;
+
+/// Why the placer could not be set up or failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PlacerError {
+    /// A region has no second view (anonymous or foreign memory).
+    #[error("region {index} is {backing:?} memory: post-copy placement needs a memfd or shared file")]
+    NotShared {
+        /// Region index in page-space order.
+        index: usize,
+        /// Its backing.
+        backing: Backing,
+    },
+    /// Mapping the staging alias failed.
+    #[error("mapping the staging view of region {index}")]
+    Alias {
+        /// Region index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: RegionError,
+    },
+    /// The kernel lacks minor faults on shared memory (Linux 5.13+).
+    #[error("this kernel has no userfaultfd minor faults on shared memory (UFFD_FEATURE_MINOR_SHMEM)")]
+    NoMinorShmem,
+    /// A userfaultfd operation failed.
+    #[error("userfaultfd {op} failed")]
+    Os {
+        /// What.
+        op: &'static str,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// Pages outside the guest memory.
+    #[error("pages [{first}, +{n}) are outside the guest memory")]
+    Range {
+        /// First page.
+        first: usize,
+        /// Pages.
+        n: usize,
+    },
+}
+
+fn os(op: &'static str) -> impl FnOnce(io::Error) -> PlacerError {
+    move |source| PlacerError::Os { op, source }
+}
+
+#[derive(Debug)]
+struct View {
+    view: Arc<Region>,
+    alias: Arc<Region>,
+    /// First page of the region in the page space.
+    base: usize,
+    pages: usize,
+}
+
+/// The destination's userfaultfd placement for a whole guest memory.
+#[derive(Debug)]
+pub struct Placer {
+    uffd: Uffd,
+    views: Vec<View>,
+    page_size: usize,
+}
+
+impl Placer {
+    /// Maps a staging alias of every region of `memory` (alias of region `i` gets id
+    /// `alias_id(i)` and `access`, e.g. remote write to expose it) and registers the guest's
+    /// views with userfaultfd. From now on, guest accesses to pages not installed block
+    /// until [`install`](Self::install).
+    pub fn new(
+        memory: &GuestMemory,
+        alias_id: impl Fn(usize) -> RegionId,
+        access: Access,
+    ) -> Result<Self, PlacerError> {
+        let mut views = Vec::with_capacity(memory.regions().len());
+        for (i, r) in memory.regions().iter().enumerate() {
+            if r.fd().is_none() || matches!(r.backing(), Backing::Anonymous) {
+                return Err(PlacerError::NotShared { index: i, backing: r.backing() });
+            }
+            let alias = r.alias(alias_id(i), access).map_err(|source| PlacerError::Alias { index: i, source })?;
+            views.push(View {
+                view: r.clone(),
+                alias: Arc::new(alias),
+                base: memory.base(i),
+                pages: r.pages(),
+            });
+        }
+        let uffd = Uffd::open(sys::UFFD_FEATURE_MINOR_SHMEM, true)
+            .map_err(|e| PlacerError::Os { op: "open", source: io::Error::other(crate::precopy::error_chain(&e)) })?;
+        if uffd.supported_features() & sys::UFFD_FEATURE_MINOR_SHMEM == 0 {
+            return Err(PlacerError::NoMinorShmem);
+        }
+        for v in &views {
+            // Pages the guest's view maps already (an embedder's memory that was touched)
+            // would never fault: unmap them from the view, so every access comes to us.
+            sys::zap_mapping(v.view.as_ptr() as usize, v.view.len() as usize).map_err(os("unmap (MADV_DONTNEED)"))?;
+            uffd.register_modes(
+                v.view.as_ptr() as usize,
+                v.view.len() as usize,
+                sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR,
+            )
+            .map_err(os("register (missing + minor)"))?;
+        }
+        Ok(Placer { uffd, views, page_size: memory.page_size() as usize })
+    }
+
+    /// The staging aliases, in page-space order (what the transport exposes).
+    pub fn aliases(&self) -> Vec<Arc<Region>> {
+        self.views.iter().map(|v| v.alias.clone()).collect()
+    }
+
+    /// Page size.
+    pub fn page_size(&self) -> usize {
+        self.page_size
+    }
+
+    /// The region index and local page of page-space page `page`.
+    fn locate(&self, page: usize) -> Option<(usize, usize)> {
+        let i = self.views.partition_point(|v| v.base + v.pages <= page);
+        let v = self.views.get(i)?;
+        (page >= v.base).then(|| (i, page - v.base))
+    }
+
+    /// Splits `[first, first+n)` into per-region pieces: (region, local first page, pages).
+    fn pieces(&self, first: usize, n: usize) -> Result<Vec<(usize, usize, usize)>, PlacerError> {
+        let mut out = Vec::new();
+        let (mut p, end) = (first, first.checked_add(n).ok_or(PlacerError::Range { first, n })?);
+        while p < end {
+            let (i, local) = self.locate(p).ok_or(PlacerError::Range { first, n })?;
+            let k = (self.views[i].pages - local).min(end - p);
+            out.push((i, local, k));
+            p += k;
+        }
+        Ok(out)
+    }
+
+    /// The staging alias holding page-space page `page`, and the page's index in it.
+    pub fn alias_of(&self, page: usize) -> Option<(&Arc<Region>, usize)> {
+        self.locate(page).map(|(i, local)| (&self.views[i].alias, local))
+    }
+
+    /// Page-space page of a byte offset in the alias of region `index`.
+    pub fn page_of_alias(&self, index: usize, offset: u64) -> Option<usize> {
+        let v = self.views.get(index)?;
+        let local = (offset / self.page_size as u64) as usize;
+        (local < v.pages).then_some(v.base + local)
+    }
+
+    /// Region index of the alias with id `id`.
+    pub fn alias_index(&self, id: RegionId) -> Option<usize> {
+        self.views.iter().position(|v| v.alias.id() == id)
+    }
+
+    /// Maps pages `[first, first+n)`, whose content is in their staging alias, into the
+    /// guest's view and wakes the threads waiting on them. A page already mapped is an
+    /// error (EEXIST): every page is installed once.
+    pub fn install(&self, first: usize, n: usize) -> Result<(), PlacerError> {
+        for (i, local, k) in self.pieces(first, n)? {
+            let v = &self.views[i];
+            let start = v.view.as_ptr() as usize + local * self.page_size;
+            self.uffd.continue_range(start, k * self.page_size).map_err(os("continue"))?;
+        }
+        Ok(())
+    }
+
+    /// Makes pages `[first, first+n)` zero in the page cache (whatever they held before) and
+    /// installs them.
+    pub fn install_zero(&self, first: usize, n: usize) -> Result<(), PlacerError> {
+        for (i, local, k) in self.pieces(first, n)? {
+            let v = &self.views[i];
+            let fd = v.alias.fd().ok_or(PlacerError::NotShared { index: i, backing: v.alias.backing() })?;
+            let ps = self.page_size as u64;
+            sys::fallocate_zero(fd, local as u64 * ps, k as u64 * ps).map_err(os("zero (fallocate)"))?;
+            let start = v.view.as_ptr() as usize + local * self.page_size;
+            self.uffd.continue_range(start, k * self.page_size).map_err(os("continue"))?;
+        }
+        Ok(())
+    }
+
+    /// Wakes the threads waiting on `page` (a fault whose page was installed meanwhile).
+    pub fn wake(&self, page: usize) -> Result<(), PlacerError> {
+        let (i, local) = self.locate(page).ok_or(PlacerError::Range { first: page, n: 1 })?;
+        let start = self.views[i].view.as_ptr() as usize + local * self.page_size;
+        self.uffd.wake(start, self.page_size).map_err(os("wake"))
+    }
+
+    /// Waits up to `timeout` for faults and appends the page-space pages that faulted to
+    /// `out` (a page may appear more than once: several threads fault on it).
+    pub fn wait_faults(&self, timeout: Duration, out: &mut Vec<usize>) -> Result<(), PlacerError> {
+        let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+        if !sys::poll_in(self.uffd.raw(), ms).map_err(os("poll"))? {
+            return Ok(());
+        }
+        let mut buf = [UffdMsg::default(); 64];
+        loop {
+            let n = self.uffd.read_msgs(&mut buf).map_err(os("read events"))?;
+            for m in &buf[..n] {
+                if m.event != sys::UFFD_EVENT_PAGEFAULT {
+                    continue;
+                }
+                let addr = m.address as usize;
+                if let Some(page) = self.views.iter().find_map(|v| {
+                    let start = v.view.as_ptr() as usize;
+                    (addr >= start && addr < start + v.view.len() as usize)
+                        .then(|| v.base + (addr - start) / self.page_size)
+                }) {
+                    out.push(page);
+                }
+            }
+            if n < buf.len() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+impl Drop for Placer {
+    fn drop(&mut self) {
+        // Pages never installed would block their faulting threads forever once nobody
+        // serves the descriptor; unregistering turns later accesses into plain page-cache
+        // faults (the memory is then whatever the page cache holds).
+        for v in &self.views {
+            let _ = self.uffd.unregister(v.view.as_ptr() as usize, v.view.len() as usize);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use livemig_transport::Access;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn memory(pages: &[u64]) -> GuestMemory {
+        let regions = pages
+            .iter()
+            .enumerate()
+            .map(|(i, &p)| Arc::new(Region::memfd(i as u32 + 1, p * 4096, 4096, Access::LOCAL).unwrap()))
+            .collect();
+        GuestMemory::new(regions).unwrap()
+    }
+
+    /// A guest thread reads pages that fault; the handler places each through the alias and
+    /// installs it; the guest sees exactly what was placed (missing faults), then old data
+    /// in the page cache is replaced before installation (minor faults), and zero pages
+    /// become zero whatever they held.
+    #[test]
+    fn faults_are_served_through_the_alias_without_a_copy() {
+        let mem = memory(&[8, 8]);
+        // Old content in region 1's page cache (an embedder's memfd is not fresh).
+        mem.regions()[1].write_at(0, &[0xEE; 4096 * 8]);
+        let placer = Placer::new(&mem, |i| 100 + i as u32, Access::LOCAL).unwrap();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let guest = s.spawn(|| {
+                let mut seen = Vec::new();
+                for p in 0..16usize {
+                    let (i, local) = mem.locate(p).unwrap();
+                    let mut b = [0u8; 8];
+                    assert!(mem.regions()[i].read_at(local as u64 * 4096 + 8, &mut b));
+                    seen.push(u64::from_le_bytes(b));
+                }
+                done.store(true, Ordering::SeqCst);
+                seen
+            });
+            let mut faults = Vec::new();
+            let mut served = 0;
+            while !done.load(Ordering::SeqCst) {
+                faults.clear();
+                placer.wait_faults(Duration::from_millis(50), &mut faults).unwrap();
+                for &p in &faults {
+                    let (alias, local) = placer.alias_of(p).unwrap();
+                    if p % 4 == 3 {
+                        placer.install_zero(p, 1).unwrap();
+                    } else {
+                        let mut page = vec![0u8; 4096];
+                        page[8..16].copy_from_slice(&(p as u64 * 1000).to_le_bytes());
+                        assert!(alias.write_at(local as u64 * 4096, &page));
+                        placer.install(p, 1).unwrap();
+                    }
+                    served += 1;
+                }
+            }
+            let seen = guest.join().unwrap();
+            let want: Vec<u64> = (0..16u64).map(|p| if p % 4 == 3 { 0 } else { p * 1000 }).collect();
+            assert_eq!(seen, want);
+            assert_eq!(served, 16, "one fault per page");
+        });
+        // Installing twice is refused.
+        assert!(placer.install(0, 1).is_err());
+        assert!(matches!(placer.install(15, 2), Err(PlacerError::Range { .. })));
+    }
+
+    #[test]
+    fn anonymous_memory_is_refused() {
+        let r = Arc::new(Region::anonymous(1, 4 * 4096, 4096, Access::LOCAL).unwrap());
+        let mem = GuestMemory::single(r);
+        assert!(matches!(Placer::new(&mem, |_| 9, Access::LOCAL), Err(PlacerError::NotShared { index: 0, .. })));
+    }
+}
