@@ -101,6 +101,22 @@ impl PageDigests {
         true
     }
 
+    /// The term `bytes` would give `page` (no state touched: hash outside a lock, record
+    /// with [`record_term`](Self::record_term) under it).
+    pub fn page_term(page: usize, bytes: &[u8]) -> u128 {
+        Self::term(page, xxh3_128(bytes))
+    }
+
+    /// Records a term computed by [`page_term`](Self::page_term). False if `page` is out of
+    /// range.
+    pub fn record_term(&mut self, page: usize, term: u128) -> bool {
+        if page >= self.terms.len() {
+            return false;
+        }
+        self.set(page, term);
+        true
+    }
+
     /// Reads page `local` of `region` (volatile copy) and records it as page `index` of the
     /// page space. False if either is out of range.
     pub fn record_from(&mut self, index: usize, region: &Region, local: usize) -> bool {

@@ -298,3 +298,73 @@ pub fn spawn_listening(cmd: &mut Command) -> Listening {
     let (addr, kind) = (addr.to_string(), kind.to_string());
     Listening { child, addr, kind }
 }
+
+/// What [`postcopy_pair`] returns.
+#[derive(Debug)]
+pub struct PostcopyRun {
+    /// The source's result.
+    pub source: Result<livemig_engine::postcopy::PostcopySummary, livemig_engine::postcopy::PostcopyError>,
+    /// The destination's result.
+    pub dest: Result<livemig_engine::postcopy::PostcopyDestReport, livemig_engine::postcopy::PostcopyDestError>,
+    /// The digest of the source memory after the migration (frozen since the hand-over).
+    pub source_digest: String,
+    /// The workload running at the destination, if one was migrated and started.
+    pub workload: Option<Workload>,
+}
+
+/// One post-copy migration in process over TCP loopback (with the urgent channel): a source
+/// region of `len` bytes running a workload with `params` (or an idle guest when `None`),
+/// into a memfd at the destination, placed through its staging alias.
+pub fn postcopy_pair(
+    len: u64,
+    params: Option<WorkloadParams>,
+    cfg: &livemig_engine::postcopy::PostcopyConfig,
+) -> PostcopyRun {
+    use livemig_engine::postcopy::{self, PostcopyDestConfig};
+    let io = Duration::from_secs(10);
+    let opts = TransportOptions {
+        choice: TransportChoice::Tcp,
+        io_timeout: io,
+        tcp: TcpConfig { io_timeout: io, urgent_stream: true, ..Default::default() },
+        verbs: Default::default(),
+    };
+    let secret = test_secret();
+    // Destination: the guest's view is a memfd; its staging alias is what the source writes.
+    let view = Arc::new(Region::memfd(2, len, 4096, Access::LOCAL).expect("memfd region"));
+    let memory = GuestMemory::single(view.clone());
+    let aliases = postcopy::staging_aliases(&memory, |_| 3, Access::REMOTE_WRITE).expect("staging alias");
+    let table = RegionTable::new();
+    let reg = table.register(aliases[0].clone()).expect("registering the alias");
+    let l = Listener::bind(TransportKind::Tcp, "127.0.0.1:0").expect("binding");
+    let addr = l.local_addr().expect("address").to_string();
+    let (o, s) = (opts.clone(), secret.clone());
+    let dst = std::thread::spawn(move || {
+        let _reg = reg;
+        let mut t = l.accept(&o, &s, &table).expect("accept");
+        let mut workload = None;
+        let mut start = livemig_workload::starter(view.clone(), &mut workload);
+        let dcfg = PostcopyDestConfig { reply_timeout: Duration::from_secs(20) };
+        let r = postcopy::receive(t.as_mut(), None, &memory, &aliases, &mut start, &dcfg, &mut |_, _| {});
+        drop(start);
+        (r, workload)
+    });
+    let Registered { region, table, reg: _reg } = registered_region(1, len, 4096, Access::LOCAL);
+    let mut workload = params.map(|p| {
+        let mut w = Workload::init(region.clone(), p).expect("workload init");
+        w.start().expect("workload start");
+        w
+    });
+    std::thread::sleep(Duration::from_millis(200));
+    let mut t = connect::connect(TransportKind::Tcp, &addr, &opts, &secret, &table).expect("connect");
+    let memory = GuestMemory::single(region.clone());
+    let mut idle = Idle;
+    let guest: &mut dyn GuestControl = match workload.as_mut() {
+        Some(w) => w,
+        None => &mut idle,
+    };
+    let source = postcopy::migrate(t.as_mut(), &memory, guest, cfg, &mut |_| {});
+    let source_digest = livemig_engine::integrity::region_digest(&region, len).hex();
+    let (dest, workload) = dst.join().expect("destination thread");
+    drop(t);
+    PostcopyRun { source, dest, source_digest, workload }
+}

@@ -207,9 +207,27 @@ fn page_size_mismatch_is_refused() {
 #[test]
 fn destination_refuses_a_bad_begin() {
     for (begin, want) in [
-        (Msg::Begin { regions: vec![RegionDesc { len: 64 * MIB, page_size: 4096 }] }, "smaller"),
-        (Msg::Begin { regions: vec![RegionDesc { len: 16 * MIB, page_size: 8192 }] }, "page size"),
-        (Msg::Begin { regions: vec![RegionDesc { len: 4 * MIB, page_size: 4096 }; 2] }, "regions"),
+        (
+            Msg::Begin {
+                strategy: proto::Strategy::Precopy,
+                regions: vec![RegionDesc { len: 64 * MIB, page_size: 4096 }],
+            },
+            "smaller",
+        ),
+        (
+            Msg::Begin {
+                strategy: proto::Strategy::Precopy,
+                regions: vec![RegionDesc { len: 16 * MIB, page_size: 8192 }],
+            },
+            "page size",
+        ),
+        (
+            Msg::Begin {
+                strategy: proto::Strategy::Precopy,
+                regions: vec![RegionDesc { len: 4 * MIB, page_size: 4096 }; 2],
+            },
+            "regions",
+        ),
     ] {
         let (addr, dst) = dest_receiver(32 * MIB, 4096);
         let Registered { table, reg: _reg, .. } = registered_region(1, MIB, 4096, Access::LOCAL);

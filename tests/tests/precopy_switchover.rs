@@ -160,7 +160,13 @@ fn garbage_instead_of_commit_is_refused_and_nothing_runs_at_the_destination() {
     let Registered { region, table, reg: _reg } = registered_region(1, LEN, 4096, Access::LOCAL);
     let mut t = conn().connect(&addr, &table);
     let send = |t: &mut Box<dyn Transport>, m: Msg| t.send_message(&m.encode()).unwrap();
-    send(&mut t, Msg::Begin { regions: vec![proto::RegionDesc { len: LEN, page_size: 4096 }] });
+    send(
+        &mut t,
+        Msg::Begin {
+            strategy: proto::Strategy::Precopy,
+            regions: vec![proto::RegionDesc { len: LEN, page_size: 4096 }],
+        },
+    );
     assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
     // Every page "placed" (both regions are fresh and zero): the destination hashes them all.
     send(&mut t, Msg::Placed { runs: vec![proto::PageRun { first: 0, pages: (LEN / 4096) as u32 }] });
@@ -186,7 +192,14 @@ fn a_frozen_source_is_given_up_by_the_destination() {
     let (addr, dst) = spawn_dest_with(|t| CutAt::new(t, None), Duration::from_millis(1500));
     let Registered { table, reg: _reg, .. } = registered_region(1, LEN, 4096, Access::LOCAL);
     let mut t = conn().connect(&addr, &table);
-    t.send_message(&Msg::Begin { regions: vec![proto::RegionDesc { len: LEN, page_size: 4096 }] }.encode()).unwrap();
+    t.send_message(
+        &Msg::Begin {
+            strategy: proto::Strategy::Precopy,
+            regions: vec![proto::RegionDesc { len: LEN, page_size: 4096 }],
+        }
+        .encode(),
+    )
+    .unwrap();
     assert_eq!(proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()), Ok(Msg::Accept));
     let t0 = std::time::Instant::now();
     let (_, res) = dst.join().unwrap();

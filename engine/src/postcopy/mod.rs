@@ -5,14 +5,20 @@
 //!   a pure scheduler.
 //! - [`pages`]: the destination's per-page state shared by the fault handler and the
 //!   installers (missing → requested → installed), lock-free.
+//! - [`source`] and [`dest`]: the drivers — hand-over, push with a demand responder, fault
+//!   handling and installation, and the digest comparison that ends the migration.
 //! - [`uffd`]: userfaultfd for a destination region: missing and minor faults on the
 //!   guest's view of a memfd, pages written into a second mapping (the staging alias) and
 //!   installed with `UFFDIO_CONTINUE`, without a copy.
 
+pub mod dest;
 pub mod pages;
 pub mod prepage;
+pub mod source;
 pub mod uffd;
 
+pub use dest::{receive, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
 pub use pages::{OnArrival, OnFault, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
-pub use uffd::{Placer, PlacerError};
+pub use source::{migrate, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress};
+pub use uffd::{staging_aliases, Placer, PlacerError};

@@ -80,6 +80,28 @@ struct View {
     pages: usize,
 }
 
+/// A staging alias of every region of `memory`, in page-space order: alias of region `i`
+/// gets id `alias_id(i)` and `access` (remote write, to expose it to the source). Writes into
+/// an alias are writes into the guest's memory (same pages); before the [`Placer`] is armed
+/// they are visible to the guest at once, as pre-copy wants.
+pub fn staging_aliases(
+    memory: &GuestMemory,
+    alias_id: impl Fn(usize) -> RegionId,
+    access: Access,
+) -> Result<Vec<Arc<Region>>, PlacerError> {
+    memory
+        .regions()
+        .iter()
+        .enumerate()
+        .map(|(i, r)| {
+            if r.fd().is_none() || matches!(r.backing(), Backing::Anonymous) {
+                return Err(PlacerError::NotShared { index: i, backing: r.backing() });
+            }
+            r.alias(alias_id(i), access).map(Arc::new).map_err(|source| PlacerError::Alias { index: i, source })
+        })
+        .collect()
+}
+
 /// The destination's userfaultfd placement for a whole guest memory.
 #[derive(Debug)]
 pub struct Placer {
@@ -89,27 +111,22 @@ pub struct Placer {
 }
 
 impl Placer {
-    /// Maps a staging alias of every region of `memory` (alias of region `i` gets id
-    /// `alias_id(i)` and `access`, e.g. remote write to expose it) and registers the guest's
-    /// views with userfaultfd. From now on, guest accesses to pages not installed block
-    /// until [`install`](Self::install).
-    pub fn new(
-        memory: &GuestMemory,
-        alias_id: impl Fn(usize) -> RegionId,
-        access: Access,
-    ) -> Result<Self, PlacerError> {
+    /// Registers the guest's views of `memory` with userfaultfd; `aliases` are their staging
+    /// views ([`staging_aliases`]), in page-space order. From now on, guest accesses to pages
+    /// not installed block until [`install`](Self::install).
+    pub fn new(memory: &GuestMemory, aliases: &[Arc<Region>]) -> Result<Self, PlacerError> {
         let mut views = Vec::with_capacity(memory.regions().len());
         for (i, r) in memory.regions().iter().enumerate() {
-            if r.fd().is_none() || matches!(r.backing(), Backing::Anonymous) {
-                return Err(PlacerError::NotShared { index: i, backing: r.backing() });
-            }
-            let alias = r.alias(alias_id(i), access).map_err(|source| PlacerError::Alias { index: i, source })?;
-            views.push(View {
-                view: r.clone(),
-                alias: Arc::new(alias),
-                base: memory.base(i),
-                pages: r.pages(),
-            });
+            let alias =
+                aliases.get(i).filter(|a| a.len() == r.len() && a.fd().is_some()).ok_or(PlacerError::Alias {
+                    index: i,
+                    source: RegionError::Map {
+                        len: r.len(),
+                        backing: r.backing(),
+                        source: io::Error::new(io::ErrorKind::InvalidInput, "no staging alias of this region's size"),
+                    },
+                })?;
+            views.push(View { view: r.clone(), alias: alias.clone(), base: memory.base(i), pages: r.pages() });
         }
         let uffd = Uffd::open(sys::UFFD_FEATURE_MINOR_SHMEM, true)
             .map_err(|e| PlacerError::Os { op: "open", source: io::Error::other(crate::precopy::error_chain(&e)) })?;
@@ -275,7 +292,8 @@ mod tests {
         let mem = memory(&[8, 8]);
         // Old content in region 1's page cache (an embedder's memfd is not fresh).
         mem.regions()[1].write_at(0, &[0xEE; 4096 * 8]);
-        let placer = Placer::new(&mem, |i| 100 + i as u32, Access::LOCAL).unwrap();
+        let aliases = staging_aliases(&mem, |i| 100 + i as u32, Access::LOCAL).unwrap();
+        let placer = Placer::new(&mem, &aliases).unwrap();
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
             let guest = s.spawn(|| {
@@ -321,6 +339,6 @@ mod tests {
     fn anonymous_memory_is_refused() {
         let r = Arc::new(Region::anonymous(1, 4 * 4096, 4096, Access::LOCAL).unwrap());
         let mem = GuestMemory::single(r);
-        assert!(matches!(Placer::new(&mem, |_| 9, Access::LOCAL), Err(PlacerError::NotShared { index: 0, .. })));
+        assert!(matches!(staging_aliases(&mem, |_| 9, Access::LOCAL), Err(PlacerError::NotShared { index: 0, .. })));
     }
 }

@@ -72,6 +72,9 @@ pub enum DestError {
         /// Ours.
         dst: usize,
     },
+    /// The source asked for a strategy this receiver does not run.
+    #[error("refused the migration: the source asked for {0}, this receiver runs pre-copy")]
+    Strategy(super::proto::Strategy),
     /// The transport failed.
     #[error("transport failed during {phase}")]
     Transport {
@@ -139,6 +142,19 @@ pub enum DestError {
 /// resumes its copy. `on_iteration(iter, pages, dirty)` is called per announced interval.
 pub fn receive(
     t: &mut dyn Transport,
+    memory: &GuestMemory,
+    start: &mut dyn FnMut(Vec<u8>) -> Result<(), GuestError>,
+    cfg: &DestConfig,
+    on_iteration: &mut dyn FnMut(u32, u64, u64),
+) -> Result<DestReport, DestError> {
+    receive_from(t, None, memory, start, cfg, on_iteration)
+}
+
+/// [`receive`], when the caller has read the session's first message (`Begin`) already to
+/// pick the strategy: `first` is handled before anything else is read.
+pub fn receive_from(
+    t: &mut dyn Transport,
+    mut first: Option<Vec<u8>>,
     memory: &GuestMemory,
     start: &mut dyn FnMut(Vec<u8>) -> Result<(), GuestError>,
     cfg: &DestConfig,
@@ -250,7 +266,11 @@ pub fn receive(
         // without a control message, so arriving page bytes count as progress too.
         let slice = timeout.unwrap_or(cfg.reply_timeout).min(Duration::from_millis(500));
         let phase = sess.phase();
-        match t.recv_message(Some(slice)) {
+        let got = match first.take() {
+            Some(b) => Ok(Some(b)),
+            None => t.recv_message(Some(slice)),
+        };
+        match got {
             Ok(Some(b)) => match proto::decode(&b) {
                 Ok(m) => sess.handle_message(now(), m),
                 Err(source) => {
@@ -287,6 +307,7 @@ pub fn receive(
             DestFailure::Refused { index, why } => DestError::Refused { index, source: why },
             DestFailure::RegionCount { src, dst } => DestError::RegionCount { src, dst },
             DestFailure::SourceAborted(r) => DestError::SourceAborted(r),
+            DestFailure::Strategy(st) => DestError::Strategy(st),
             DestFailure::Unexpected { got } => DestError::Unexpected { phase, got },
             DestFailure::Timeout { expected: "Begin", timeout } => DestError::Timeout(timeout),
             DestFailure::Timeout { expected, timeout } => DestError::ReplyTimeout { expected, timeout },

@@ -57,6 +57,8 @@ pub enum DestFailure {
         /// Ours.
         dst: usize,
     },
+    /// The source announced a strategy this session does not run.
+    Strategy(super::proto::Strategy),
     /// The source gave up.
     SourceAborted(String),
     /// A message out of turn or out of range.
@@ -240,11 +242,14 @@ impl DestSession {
             return;
         }
         match (self.step, m) {
-            (Step::AwaitBegin, Msg::Begin { regions }) => {
+            (Step::AwaitBegin, Msg::Begin { strategy, regions }) => {
                 let refuse = |s: &mut Self, why: DestFailure| {
                     s.out.push_back(DestAction::Send(Msg::Refuse { reason: describe(&why) }));
                     s.fail(why)
                 };
+                if strategy != super::proto::Strategy::Precopy {
+                    return refuse(self, DestFailure::Strategy(strategy));
+                }
                 if regions.len() != self.local.len() {
                     let why = DestFailure::RegionCount { src: regions.len(), dst: self.local.len() };
                     return refuse(self, why);
@@ -410,6 +415,7 @@ pub fn describe(f: &DestFailure) -> String {
     match f {
         DestFailure::Refused { index, why } => format!("region {index} does not fit: {why}"),
         DestFailure::RegionCount { src, dst } => format!("the source has {src} regions, this memory {dst}"),
+        DestFailure::Strategy(st) => format!("this destination receives pre-copy only, not {st}"),
         DestFailure::SourceAborted(r) => format!("the source aborted: {r}"),
         DestFailure::Unexpected { got } => format!("unexpected {got}"),
         DestFailure::Timeout { expected, timeout } => format!("no {expected} within {timeout:?}"),

@@ -79,8 +79,9 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-pub use dest::{receive, DestConfig, DestError, DestReport};
-pub use proto::{decode, Msg, PageRun, ProtoError, RegionDesc};
+pub use dest::{receive, receive_from, DestConfig, DestError, DestReport};
+pub use proto::{decode, Msg, PageRun, ProtoError, RegionDesc, Strategy};
+pub(crate) use source::pick_remotes;
 pub use source::{migrate, SourceConfig, SourceError};
 
 /// The pre-copy phase a failure happened in (for error messages).

@@ -11,7 +11,8 @@
 //! byte 4      version (VERSION; decoders accept MIN_VERSION..=VERSION)
 //! byte 5      message type (see `Msg`)
 //! byte 6..    payload, little-endian, fixed layout per type:
-//!   1 Begin          n u16 (1..=MAX_REGIONS) | n × (region_len u64 | page_size u32)
+//!   1 Begin          strategy u8 (0 pre-copy | 1 post-copy) | n u16 (1..=MAX_REGIONS) |
+//!                    n × (region_len u64 | page_size u32)
 //!   2 Accept         -
 //!   3 Refuse         reason: text
 //!   4 Zero           runs   (the destination makes these pages zero)
@@ -28,6 +29,8 @@
 //!  15 Placed         runs   (these pages were written before this message; hash them)
 //!  16 IterationAck   iter u32 (destination → source: every message up to IterationDone{iter}
 //!                    is processed, in particular its Zero runs)
+//!  17 Demand         page u64 (post-copy, destination → source on the urgent channel: the
+//!                    guest faulted on this page of the page space)
 //! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
 //! runs = n u32 (≤ MAX_RUNS) | n × (first_page u64 | pages u32 ≥ 1)
 //! checksum = a region digest (`integrity::Digest::to_bytes`): sum u128 | pages u64 | 0 u64
@@ -41,10 +44,11 @@
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"LMPC";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 3;
-/// Oldest version this build decodes. Version 2 compared whole-region SHA-256 checksums
-/// and left zero pages unwritten at the destination; version 1 had no `Commit`.
-pub const MIN_VERSION: u8 = 3;
+pub const VERSION: u8 = 4;
+/// Oldest version this build decodes. Version 3 had no strategy in `Begin` (pre-copy
+/// only); version 2 compared whole-region SHA-256 checksums and left zero pages unwritten
+/// at the destination; version 1 had no `Commit`.
+pub const MIN_VERSION: u8 = 4;
 /// Most regions a migration carries.
 pub const MAX_REGIONS: usize = 256;
 /// Largest piece of device state in one `DeviceState` message.
@@ -58,7 +62,7 @@ pub const MAX_RUNS: usize = 4096;
 /// Largest frame: a full `Zero` or `Placed` message (larger than a full `Begin` or
 /// `DeviceState`).
 pub const MAX_FRAME: usize = 6 + 4 + MAX_RUNS * 12;
-const _: () = assert!(6 + 2 + MAX_REGIONS * 12 <= MAX_FRAME && 6 + 5 + MAX_STATE_CHUNK <= MAX_FRAME);
+const _: () = assert!(6 + 3 + MAX_REGIONS * 12 <= MAX_FRAME && 6 + 5 + MAX_STATE_CHUNK <= MAX_FRAME);
 
 const HEADER: usize = 6;
 
@@ -69,6 +73,34 @@ pub struct RegionDesc {
     pub len: u64,
     /// Page size (a power of two).
     pub page_size: u32,
+}
+
+/// How the source moves the memory, announced in `Begin`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Strategy {
+    /// Rounds while the guest runs at the source, then stop-and-copy.
+    Precopy,
+    /// The guest moves first; its pages follow, pushed and demanded.
+    Postcopy,
+}
+
+impl Strategy {
+    fn code(self) -> u8 {
+        match self {
+            Strategy::Precopy => 0,
+            Strategy::Postcopy => 1,
+        }
+    }
+}
+
+impl std::fmt::Display for Strategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Strategy::Precopy => "pre-copy",
+            Strategy::Postcopy => "post-copy",
+        })
+    }
 }
 
 /// A run of pages: `pages` pages starting at `first`.
@@ -86,6 +118,8 @@ pub struct PageRun {
 pub enum Msg {
     /// Source → destination: opens the migration with the guest's memory layout.
     Begin {
+        /// How the memory will move.
+        strategy: Strategy,
         /// The source's regions, in page-space order (1 to [`MAX_REGIONS`]).
         regions: Vec<RegionDesc>,
     },
@@ -156,6 +190,12 @@ pub enum Msg {
     Resumed,
     /// Source → destination: the session is over.
     Done,
+    /// Destination → source on the urgent channel (post-copy): the guest faulted on `page`
+    /// (of the page space); send it now unless it is on its way.
+    Demand {
+        /// The page.
+        page: u64,
+    },
     /// Either way: the migration is abandoned.
     Abort {
         /// Why.
@@ -292,6 +332,7 @@ impl Msg {
             Msg::Alive => 14,
             Msg::Placed { .. } => 15,
             Msg::IterationAck { .. } => 16,
+            Msg::Demand { .. } => 17,
         }
     }
 
@@ -314,6 +355,7 @@ impl Msg {
             Msg::Alive => "Alive",
             Msg::Placed { .. } => "Placed",
             Msg::IterationAck { .. } => "IterationAck",
+            Msg::Demand { .. } => "Demand",
         }
     }
 
@@ -326,8 +368,9 @@ impl Msg {
         out.push(VERSION);
         out.push(self.code());
         match self {
-            Msg::Begin { regions } => {
+            Msg::Begin { strategy, regions } => {
                 debug_assert!((1..=MAX_REGIONS).contains(&regions.len()));
+                out.push(strategy.code());
                 out.extend_from_slice(&(regions.len() as u16).to_le_bytes());
                 for r in regions {
                     out.extend_from_slice(&r.len.to_le_bytes());
@@ -351,6 +394,7 @@ impl Msg {
                 }
             }
             Msg::IterationAck { iter } => out.extend_from_slice(&iter.to_le_bytes()),
+            Msg::Demand { page } => out.extend_from_slice(&page.to_le_bytes()),
             Msg::IterationDone { iter, pages, dirty } => {
                 out.extend_from_slice(&iter.to_le_bytes());
                 out.extend_from_slice(&pages.to_le_bytes());
@@ -384,6 +428,11 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
     let mut r = Reader { b, pos: HEADER };
     let msg = match b[5] {
         1 => {
+            let strategy = match r.u8()? {
+                0 => Strategy::Precopy,
+                1 => Strategy::Postcopy,
+                v => return Err(ProtoError::Invalid { field: "strategy", value: v as u64 }),
+            };
             let n = r.u16()? as usize;
             if !(1..=MAX_REGIONS).contains(&n) {
                 return Err(ProtoError::Invalid { field: "region count", value: n as u64 });
@@ -397,7 +446,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
                 }
                 regions.push(RegionDesc { len, page_size });
             }
-            Msg::Begin { regions }
+            Msg::Begin { strategy, regions }
         }
         2 => Msg::Accept,
         3 => Msg::Refuse { reason: r.text()? },
@@ -424,6 +473,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
         14 => Msg::Alive,
         15 => Msg::Placed { runs: r.runs()? },
         16 => Msg::IterationAck { iter: r.u32()? },
+        17 => Msg::Demand { page: r.u64()? },
         t => return Err(ProtoError::UnknownType(t)),
     };
     if r.pos != b.len() {
@@ -439,8 +489,12 @@ mod tests {
 
     fn samples() -> Vec<Msg> {
         vec![
-            Msg::Begin { regions: vec![RegionDesc { len: 64 << 20, page_size: 4096 }] },
-            Msg::Begin { regions: vec![RegionDesc { len: 1, page_size: 1 }; MAX_REGIONS] },
+            Msg::Begin { strategy: Strategy::Precopy, regions: vec![RegionDesc { len: 64 << 20, page_size: 4096 }] },
+            Msg::Begin {
+                strategy: Strategy::Postcopy,
+                regions: vec![RegionDesc { len: 1, page_size: 1 }; MAX_REGIONS],
+            },
+            Msg::Demand { page: u64::MAX },
             Msg::DeviceState { last: true, bytes: vec![1, 2, 3] },
             Msg::DeviceState { last: false, bytes: vec![] },
             Msg::Accept,
@@ -481,7 +535,8 @@ mod tests {
 
     #[test]
     fn typed_errors() {
-        let good = Msg::Begin { regions: vec![RegionDesc { len: 1, page_size: 4096 }] }.encode();
+        let good =
+            Msg::Begin { strategy: Strategy::Precopy, regions: vec![RegionDesc { len: 1, page_size: 4096 }] }.encode();
         assert!(matches!(decode(&good[..3]), Err(ProtoError::Truncated { .. })));
         assert!(matches!(decode(&good[..good.len() - 1]), Err(ProtoError::Truncated { .. })));
         let mut b = good.clone();
@@ -495,6 +550,8 @@ mod tests {
         assert_eq!(decode(&b), Err(ProtoError::Version(1)));
         b[4] = 2;
         assert_eq!(decode(&b), Err(ProtoError::Version(2)));
+        b[4] = 3;
+        assert_eq!(decode(&b), Err(ProtoError::Version(3)));
         let mut b = good.clone();
         b[5] = 200;
         assert_eq!(decode(&b), Err(ProtoError::UnknownType(200)));
@@ -502,11 +559,14 @@ mod tests {
         b.push(0);
         assert_eq!(decode(&b), Err(ProtoError::Trailing(1)));
         let mut b = good.clone();
-        b[16..20].copy_from_slice(&3000u32.to_le_bytes());
+        b[17..21].copy_from_slice(&3000u32.to_le_bytes());
         assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "page size", .. })));
-        let mut b = good;
-        b[6..8].copy_from_slice(&0u16.to_le_bytes());
+        let mut b = good.clone();
+        b[7..9].copy_from_slice(&0u16.to_le_bytes());
         assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "region count", .. })));
+        let mut b = good;
+        b[6] = 7;
+        assert!(matches!(decode(&b), Err(ProtoError::Invalid { field: "strategy", .. })));
         let mut d = Msg::DeviceState { last: true, bytes: vec![] }.encode();
         d[6] = 2;
         assert!(matches!(decode(&d), Err(ProtoError::Invalid { field: "last flag", .. })));

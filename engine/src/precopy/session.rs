@@ -239,7 +239,7 @@ impl SourceSession {
             end: None,
             cfg,
         };
-        s.out.push_back(Action::Send(Msg::Begin { regions }));
+        s.out.push_back(Action::Send(Msg::Begin { strategy: super::proto::Strategy::Precopy, regions }));
         s.expect(Duration::ZERO, "Accept", s.cfg.reply_timeout);
         s
     }

@@ -402,7 +402,7 @@ fn finish(mut summary: Summary, elapsed: Duration, reason: policy::Reason) -> Su
 
 /// The peer region each of ours is written to: the peer's writable regions in id order,
 /// region `i` to the `i`-th, each checked to fit.
-fn pick_remotes(t: &dyn Transport, memory: &GuestMemory) -> Result<Vec<RegionId>, SourceError> {
+pub(crate) fn pick_remotes(t: &dyn Transport, memory: &GuestMemory) -> Result<Vec<RegionId>, SourceError> {
     let mut peer: Vec<_> = t.peer_regions().iter().filter(|r| r.access.remote_write).copied().collect();
     peer.sort_by_key(|r| r.id);
     let mut out = Vec::with_capacity(memory.regions().len());

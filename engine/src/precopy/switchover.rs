@@ -268,7 +268,10 @@ mod tests {
 
     fn every_message() -> Vec<Msg> {
         vec![
-            Msg::Begin { regions: vec![super::super::proto::RegionDesc { len: 1, page_size: 4096 }] },
+            Msg::Begin {
+                strategy: super::super::proto::Strategy::Precopy,
+                regions: vec![super::super::proto::RegionDesc { len: 1, page_size: 4096 }],
+            },
             Msg::Accept,
             Msg::Refuse { reason: "x".into() },
             Msg::Zero { runs: vec![] },
@@ -381,7 +384,10 @@ mod dest_tests {
 
     fn every_message() -> Vec<Msg> {
         vec![
-            Msg::Begin { regions: vec![super::super::proto::RegionDesc { len: 1, page_size: 4096 }] },
+            Msg::Begin {
+                strategy: super::super::proto::Strategy::Precopy,
+                regions: vec![super::super::proto::RegionDesc { len: 1, page_size: 4096 }],
+            },
             Msg::Accept,
             Msg::Zero { runs: vec![] },
             Msg::IterationDone { iter: 1, pages: 1, dirty: 1 },

@@ -1,0 +1,526 @@
+//! The destination side of a post-copy migration (see [`super::source`] for the exchange).
+//!
+//! Three threads share the [`PageStates`] and the [`Placer`]:
+//! - the **fault handler** reads the guest's userfaultfd faults and sends a demand request
+//!   on the urgent channel for each page not asked for yet (a page already requested or
+//!   arriving just waits; one installed meanwhile is woken);
+//! - the **urgent installer** receives the answers (urgent writes into the staging alias),
+//!   hashes each page and installs it with `UFFDIO_CONTINUE`, which wakes the faulting
+//!   thread; it times fault → wake;
+//! - the **control loop** (the calling thread) runs the session: `Begin`, the device state,
+//!   `Commit` (arm userfaultfd, start the guest, `Resumed`), then `Zero` and `Placed` runs
+//!   from the push (hashed and installed the same way), and the final digest comparison once
+//!   every page is installed.
+//!
+//! A failure after the guest started leaves it unable to go on (its missing pages will not
+//! come): the placer is kept registered, so the guest's threads stay blocked on those pages
+//! rather than read wrong memory, and [`PostcopyDestError::GuestLost`] tells the caller,
+//! who must not let that guest run again (e.g. exit the process).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use livemig_transport::{Region, Transport, TransportError, UrgentChannel, UrgentEvent};
+use serde::Serialize;
+
+use super::pages::{OnArrival, OnFault, PageStates};
+use super::uffd::{Placer, PlacerError};
+use crate::guest::{GuestError, GuestMemory};
+use crate::integrity::{Digest, PageDigests};
+use crate::precopy::proto::{self, Msg, PageRun, Strategy, MAX_STATE};
+use crate::precopy::{check_fit, error_chain, Mismatch};
+
+/// Destination settings.
+#[derive(Debug, Clone)]
+pub struct PostcopyDestConfig {
+    /// How long to wait for each message of the handshake and the hand-over, and how long
+    /// the push may go without any progress (no message, no page) before the source counts
+    /// as lost.
+    pub reply_timeout: Duration,
+}
+
+impl Default for PostcopyDestConfig {
+    fn default() -> Self {
+        PostcopyDestConfig { reply_timeout: crate::precopy::REPLY_TIMEOUT }
+    }
+}
+
+/// What the destination saw.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostcopyDestReport {
+    /// Pages of the guest memory.
+    pub pages: u64,
+    /// Faults that sent a demand request.
+    pub demand_requests: u64,
+    /// Faults on pages already requested or arriving (they waited, no request).
+    pub waited_faults: u64,
+    /// Pages installed from the urgent channel.
+    pub urgent_pages: u64,
+    /// Pages installed from the push.
+    pub pushed_pages: u64,
+    /// Zero pages installed.
+    pub zero_pages: u64,
+    /// Fault service latency (fault read by the handler → page installed and the thread
+    /// woken), for requested pages: median, µs.
+    pub fault_p50_us: Option<f64>,
+    /// 99th percentile, µs.
+    pub fault_p99_us: Option<f64>,
+    /// Maximum, µs.
+    pub fault_max_us: Option<f64>,
+    /// Bytes of device state.
+    pub device_state_bytes: u64,
+    /// From starting the guest to the last page installed, ms.
+    pub complete_ms: f64,
+    /// The verified digest.
+    pub checksum: String,
+}
+
+/// Why receiving failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PostcopyDestError {
+    /// The source's layout does not fit ours.
+    #[error("refused the migration: {0}")]
+    Refused(String),
+    /// Region `index` does not fit.
+    #[error("refused the migration: region {index} does not fit")]
+    Fit {
+        /// Region index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: Mismatch,
+    },
+    /// The transport failed before the guest started (nothing runs here).
+    #[error("transport failed before the guest started")]
+    Transport(#[source] TransportError),
+    /// The session has no urgent channel.
+    #[error("post-copy needs the session's urgent channel")]
+    NoUrgentChannel(#[source] TransportError),
+    /// An undecodable or out-of-turn message before the guest started.
+    #[error("protocol error before the guest started: {0}")]
+    Protocol(String),
+    /// Nothing in time before the guest started.
+    #[error("no {0} from the source within {1:?}")]
+    Timeout(&'static str, Duration),
+    /// The source gave up before the guest started.
+    #[error("the source aborted: {0}")]
+    SourceAborted(String),
+    /// Arming userfaultfd failed (the guest was not started).
+    #[error("setting up userfaultfd placement failed")]
+    Placer(#[source] PlacerError),
+    /// The guest could not be started (the source was told, and resumes).
+    #[error("starting the guest failed")]
+    Guest(#[source] GuestError),
+    /// The guest started here but the migration failed: its memory is incomplete (or
+    /// differs from the source's). Its threads stay blocked on missing pages; it must not
+    /// run on.
+    #[error("post-copy failed after the guest started here ({installed} of {pages} pages installed); the guest cannot go on")]
+    GuestLost {
+        /// Pages installed.
+        installed: u64,
+        /// Pages in all.
+        pages: u64,
+        /// Why.
+        #[source]
+        source: Box<PostcopyDestError>,
+    },
+    /// After the start: the transport failed.
+    #[error("transport failed")]
+    Link(#[source] TransportError),
+    /// After the start: a page or message the protocol forbids.
+    #[error("the source broke the protocol: {0}")]
+    Violation(String),
+    /// After the start: installing pages failed.
+    #[error("installing pages failed")]
+    Install(#[source] PlacerError),
+    /// After the start: no progress in time.
+    #[error("no progress from the source within {0:?}")]
+    Stalled(Duration),
+    /// After the start: the digests differ.
+    #[error("digest mismatch: source {source_sum}, destination {dest_sum}")]
+    ChecksumMismatch {
+        /// The source's (hex).
+        source_sum: String,
+        /// Ours (hex).
+        dest_sum: String,
+    },
+}
+
+struct Ctx<'a> {
+    placer: &'a Placer,
+    states: &'a PageStates,
+    digests: &'a Mutex<PageDigests>,
+    requested_at: &'a Mutex<HashMap<usize, Instant>>,
+    latencies: &'a Mutex<Vec<Duration>>,
+    page_size: usize,
+}
+
+impl Ctx<'_> {
+    /// Installs the arrived pages `[first, first+n)` whose content is in the alias (or zero
+    /// pages): each claimed once, hashed, installed, timed if a fault asked for it.
+    fn arrive(&self, first: usize, n: usize, zero: bool) -> Result<u64, PostcopyDestError> {
+        let mut installed = 0;
+        let mut p = first;
+        let end = first + n;
+        let mut buf = vec![0u8; self.page_size];
+        while p < end {
+            // A stretch of pages this call claims.
+            let mut claimed = Vec::new();
+            while p < end {
+                match self.states.on_arrival(p) {
+                    OnArrival::Install { requested } => claimed.push((p, requested)),
+                    OnArrival::Duplicate => {
+                        return Err(PostcopyDestError::Violation(format!("page {p} arrived twice")))
+                    }
+                    OnArrival::OutOfRange => {
+                        return Err(PostcopyDestError::Violation(format!("page {p} is outside the guest memory")))
+                    }
+                }
+                p += 1;
+                if claimed.len() >= 256 {
+                    break;
+                }
+            }
+            let (f, k) = (claimed[0].0, claimed.len());
+            let mut terms = Vec::with_capacity(k);
+            if zero {
+                self.placer.install_zero(f, k).map_err(PostcopyDestError::Install)?;
+                let zero_page = vec![0u8; self.page_size];
+                for &(q, _) in &claimed {
+                    terms.push((q, PageDigests::page_term(q, &zero_page)));
+                }
+            } else {
+                // Hash before installing: until then the guest cannot touch the page.
+                for &(q, _) in &claimed {
+                    let (alias, local) = self.placer.alias_of(q).expect("claimed pages are in range");
+                    alias.read_at((local * self.page_size) as u64, &mut buf);
+                    terms.push((q, PageDigests::page_term(q, &buf)));
+                }
+                self.placer.install(f, k).map_err(PostcopyDestError::Install)?;
+            }
+            let now = Instant::now();
+            for &(q, requested) in &claimed {
+                self.states.installed_now(q);
+                if requested {
+                    if let Some(t) = self.requested_at.lock().unwrap_or_else(|e| e.into_inner()).remove(&q) {
+                        self.latencies.lock().unwrap_or_else(|e| e.into_inner()).push(now - t);
+                    }
+                }
+            }
+            let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+            for (q, term) in terms {
+                d.record_term(q, term);
+            }
+            installed += k as u64;
+        }
+        Ok(installed)
+    }
+}
+
+/// Receives one post-copy migration into `memory`, whose staging aliases `aliases` (see
+/// [`super::staging_aliases`]) are what `t` exposes to the source, in page-space order. `first`
+/// is the session's first message if the caller read it already (to pick the strategy).
+/// `start` starts the guest with its device state once the source commits; from then on
+/// the guest runs while its pages arrive. `on_progress(installed, pages)` is called as pages
+/// land.
+pub fn receive(
+    t: &mut dyn Transport,
+    first: Option<Vec<u8>>,
+    memory: &GuestMemory,
+    aliases: &[Arc<Region>],
+    start: &mut dyn FnMut(Vec<u8>) -> Result<(), GuestError>,
+    cfg: &PostcopyDestConfig,
+    on_progress: &mut dyn FnMut(u64, u64),
+) -> Result<PostcopyDestReport, PostcopyDestError> {
+    let span = tracing::info_span!("postcopy_receive", memory_bytes = memory.len(), transport = %t.kind());
+    let _span = span.enter();
+    let urgent = t.urgent().map_err(PostcopyDestError::NoUrgentChannel)?;
+    let mut first = first;
+    let mut next = |t: &mut dyn Transport, what: &'static str| -> Result<Msg, PostcopyDestError> {
+        let b = match first.take() {
+            Some(b) => b,
+            None => t
+                .recv_message(Some(cfg.reply_timeout))
+                .map_err(PostcopyDestError::Transport)?
+                .ok_or(PostcopyDestError::Timeout(what, cfg.reply_timeout))?,
+        };
+        match proto::decode(&b) {
+            Ok(Msg::Abort { reason }) => Err(PostcopyDestError::SourceAborted(reason)),
+            Ok(m) => Ok(m),
+            Err(e) => Err(PostcopyDestError::Protocol(e.to_string())),
+        }
+    };
+    let refuse = |t: &mut dyn Transport, e: PostcopyDestError| {
+        let _ = t.send_message(&Msg::Refuse { reason: error_chain(&e) }.encode());
+        e
+    };
+    match next(t, "Begin")? {
+        Msg::Begin { strategy: Strategy::Postcopy, regions } => {
+            if regions.len() != memory.regions().len() {
+                let e = PostcopyDestError::Refused(format!(
+                    "the source has {} regions, this memory {}",
+                    regions.len(),
+                    memory.regions().len()
+                ));
+                return Err(refuse(t, e));
+            }
+            for (index, (s, d)) in regions.iter().zip(memory.regions()).enumerate() {
+                if let Err(source) = check_fit(s.len, s.page_size, d.len(), d.page_size()) {
+                    return Err(refuse(t, PostcopyDestError::Fit { index, source }));
+                }
+            }
+        }
+        Msg::Begin { strategy, .. } => {
+            return Err(refuse(t, PostcopyDestError::Refused(format!("this receiver runs post-copy, not {strategy}"))))
+        }
+        m => return Err(PostcopyDestError::Protocol(format!("{} instead of Begin", m.name()))),
+    }
+    t.send_message(&Msg::Accept.encode()).map_err(PostcopyDestError::Transport)?;
+    let mut state = Vec::new();
+    loop {
+        match next(t, "DeviceState")? {
+            Msg::DeviceState { last, bytes } => {
+                if state.len() + bytes.len() > MAX_STATE {
+                    return Err(PostcopyDestError::Protocol(format!("device state over {MAX_STATE} bytes")));
+                }
+                state.extend_from_slice(&bytes);
+                if last {
+                    break;
+                }
+            }
+            m => return Err(PostcopyDestError::Protocol(format!("{} instead of DeviceState", m.name()))),
+        }
+    }
+    match next(t, "Commit")? {
+        Msg::Commit => {}
+        m => return Err(PostcopyDestError::Protocol(format!("{} instead of Commit", m.name()))),
+    }
+    let device_state_bytes = state.len() as u64;
+    let placer = match Placer::new(memory, aliases) {
+        Ok(p) => p,
+        Err(e) => {
+            let e = PostcopyDestError::Placer(e);
+            let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+            return Err(e);
+        }
+    };
+    let pages = memory.pages();
+    let states = PageStates::new(pages);
+    let digests = Mutex::new(PageDigests::new(pages, memory.page_size()));
+    let requested_at = Mutex::new(HashMap::new());
+    let latencies = Mutex::new(Vec::new());
+    let ctx = Ctx {
+        placer: &placer,
+        states: &states,
+        digests: &digests,
+        requested_at: &requested_at,
+        latencies: &latencies,
+        page_size: memory.page_size() as usize,
+    };
+    let stop = AtomicBool::new(false);
+    let counts = Mutex::new((0u64, 0u64, 0u64)); // demand requests, waited faults, urgent pages
+    let started = Instant::now();
+    let out = std::thread::scope(|s| {
+        let faults = s.spawn(|| handle_faults(&ctx, &*urgent, &stop, &counts));
+        let installer = s.spawn(|| install_urgent(&ctx, &*urgent, &stop, &counts));
+        let r = (|| {
+            if let Err(e) = start(state) {
+                let _ = t.send_message(
+                    &Msg::Abort { reason: format!("starting the guest failed: {}", error_chain(&e)) }.encode(),
+                );
+                return Err(PostcopyDestError::Guest(e));
+            }
+            tracing::info!("the guest runs here; its pages follow");
+            t.send_message(&Msg::Resumed.encode()).map_err(PostcopyDestError::Link)?;
+            control(t, &ctx, cfg, on_progress)
+        })();
+        stop.store(true, Ordering::SeqCst);
+        let f = faults.join().unwrap_or_else(|_| Err(PostcopyDestError::Violation("fault handler panicked".into())));
+        let i = installer.join().unwrap_or_else(|_| Err(PostcopyDestError::Violation("installer panicked".into())));
+        // The control loop's error first: it says what happened to the session.
+        match (r, f, i) {
+            (Ok(v), Ok(()), Ok(())) => Ok(v),
+            (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Err(e)) => Err(e),
+        }
+    });
+    let complete_ms = started.elapsed().as_secs_f64() * 1e3;
+    match out {
+        Ok((zero, pushed, checksum)) => {
+            let _ = t.send_message(&Msg::Done.encode());
+            let (demand_requests, waited_faults, urgent_pages) = *counts.lock().unwrap_or_else(|e| e.into_inner());
+            let mut l = latencies.into_inner().unwrap_or_else(|e| e.into_inner());
+            l.sort();
+            let pct =
+                |q: f64| (!l.is_empty()).then(|| l[((l.len() as f64 - 1.0) * q).round() as usize].as_secs_f64() * 1e6);
+            Ok(PostcopyDestReport {
+                pages: pages as u64,
+                demand_requests,
+                waited_faults,
+                urgent_pages,
+                pushed_pages: pushed,
+                zero_pages: zero,
+                fault_p50_us: pct(0.5),
+                fault_p99_us: pct(0.99),
+                fault_max_us: l.last().map(|d| d.as_secs_f64() * 1e6),
+                device_state_bytes,
+                complete_ms,
+                checksum,
+            })
+        }
+        Err(PostcopyDestError::Guest(e)) => Err(PostcopyDestError::Guest(e)),
+        Err(e) => {
+            let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+            let installed = states.installed() as u64;
+            // Keep the registration: the guest's threads stay blocked on missing pages
+            // instead of reading memory that never arrived.
+            std::mem::forget(placer);
+            Err(PostcopyDestError::GuestLost { installed, pages: pages as u64, source: Box::new(e) })
+        }
+    }
+}
+
+/// The control loop after the start: zero and pushed runs, then the verification.
+/// Returns (zero pages, pushed pages, digest hex).
+fn control(
+    t: &mut dyn Transport,
+    ctx: &Ctx<'_>,
+    cfg: &PostcopyDestConfig,
+    on_progress: &mut dyn FnMut(u64, u64),
+) -> Result<(u64, u64, String), PostcopyDestError> {
+    let pages = ctx.states.pages() as u64;
+    let (mut zero, mut pushed) = (0u64, 0u64);
+    let mut last_progress = Instant::now();
+    let mut last_bytes = t.stats().bytes_received;
+    let mut last_installed = 0;
+    let check_runs =
+        |runs: &[PageRun]| runs.iter().all(|r| r.first.checked_add(r.pages as u64).is_some_and(|e| e <= pages));
+    let theirs = loop {
+        let m = match t.recv_message(Some(Duration::from_millis(200))).map_err(PostcopyDestError::Link)? {
+            Some(b) => proto::decode(&b).map_err(|e| PostcopyDestError::Violation(e.to_string()))?,
+            None => {
+                let (bytes, inst) = (t.stats().bytes_received, ctx.states.installed());
+                if bytes != last_bytes || inst != last_installed {
+                    (last_bytes, last_installed) = (bytes, inst);
+                    last_progress = Instant::now();
+                } else if last_progress.elapsed() > cfg.reply_timeout {
+                    return Err(PostcopyDestError::Stalled(cfg.reply_timeout));
+                }
+                on_progress(inst as u64, pages);
+                continue;
+            }
+        };
+        last_progress = Instant::now();
+        match m {
+            Msg::Zero { runs } if check_runs(&runs) => {
+                for r in runs {
+                    zero += ctx.arrive(r.first as usize, r.pages as usize, true)?;
+                }
+            }
+            Msg::Placed { runs } if check_runs(&runs) => {
+                for r in runs {
+                    pushed += ctx.arrive(r.first as usize, r.pages as usize, false)?;
+                }
+                on_progress(ctx.states.installed() as u64, pages);
+            }
+            Msg::Final => {}
+            Msg::SourceChecksum { checksum } => break Digest::from_bytes(&checksum),
+            Msg::Abort { reason } => return Err(PostcopyDestError::Violation(format!("the source aborted: {reason}"))),
+            m => return Err(PostcopyDestError::Violation(format!("unexpected {}", m.name()))),
+        }
+    };
+    // Urgent pages may still be landing: wait for every page (bounded).
+    let deadline = Instant::now() + cfg.reply_timeout;
+    while !ctx.states.complete() {
+        if Instant::now() > deadline {
+            let first = ctx.states.first_missing().unwrap_or(0);
+            return Err(PostcopyDestError::Violation(format!(
+                "the source says it sent every page, but page {first} never arrived"
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    on_progress(pages, pages);
+    let ours = ctx.digests.lock().unwrap_or_else(|e| e.into_inner()).digest();
+    let ok = ours == theirs;
+    t.send_message(&Msg::Verified { ok, checksum: ours.to_bytes() }.encode()).map_err(PostcopyDestError::Link)?;
+    if !ok {
+        return Err(PostcopyDestError::ChecksumMismatch { source_sum: theirs.hex(), dest_sum: ours.hex() });
+    }
+    // Done (or the source closing) ends the session.
+    match t.recv_message(Some(cfg.reply_timeout)) {
+        Ok(Some(b)) => match proto::decode(&b) {
+            Ok(Msg::Done) => {}
+            Ok(m) => tracing::warn!(message = m.name(), "expected Done after Verified"),
+            Err(e) => tracing::warn!(error = %e, "undecodable message after Verified"),
+        },
+        Ok(None) | Err(_) => tracing::warn!("no Done after Verified; the memory is verified, going on"),
+    }
+    Ok((zero, pushed, ours.hex()))
+}
+
+/// The fault handler thread.
+fn handle_faults(
+    ctx: &Ctx<'_>,
+    urgent: &dyn UrgentChannel,
+    stop: &AtomicBool,
+    counts: &Mutex<(u64, u64, u64)>,
+) -> Result<(), PostcopyDestError> {
+    let mut faults = Vec::new();
+    while !stop.load(Ordering::SeqCst) && !ctx.states.complete() {
+        faults.clear();
+        ctx.placer.wait_faults(Duration::from_millis(50), &mut faults).map_err(PostcopyDestError::Install)?;
+        for &p in &faults {
+            match ctx.states.on_fault(p) {
+                OnFault::Request => {
+                    ctx.requested_at.lock().unwrap_or_else(|e| e.into_inner()).insert(p, Instant::now());
+                    counts.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+                    urgent.send_message(&Msg::Demand { page: p as u64 }.encode()).map_err(PostcopyDestError::Link)?;
+                }
+                OnFault::Wait => counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1,
+                OnFault::Wake => ctx.placer.wake(p).map_err(PostcopyDestError::Install)?,
+                OnFault::OutOfRange => {}
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The urgent installer thread.
+fn install_urgent(
+    ctx: &Ctx<'_>,
+    urgent: &dyn UrgentChannel,
+    stop: &AtomicBool,
+    counts: &Mutex<(u64, u64, u64)>,
+) -> Result<(), PostcopyDestError> {
+    while !stop.load(Ordering::SeqCst) && !ctx.states.complete() {
+        match urgent.recv(Some(Duration::from_millis(50))) {
+            Ok(Some(UrgentEvent::Placed { region, offset, len })) => {
+                let ps = ctx.page_size as u64;
+                let index = ctx.placer.alias_index(region).ok_or_else(|| {
+                    PostcopyDestError::Violation(format!("an urgent write into region {region}, not a staging view"))
+                })?;
+                if offset % ps != 0 || len as u64 % ps != 0 || len == 0 {
+                    return Err(PostcopyDestError::Violation(format!(
+                        "an urgent write of {len} bytes at {offset}, not whole pages"
+                    )));
+                }
+                let first = ctx.placer.page_of_alias(index, offset).ok_or_else(|| {
+                    PostcopyDestError::Violation(format!("an urgent write at {offset}, out of range"))
+                })?;
+                let n = (len as u64 / ps) as usize;
+                let k = ctx.arrive(first, n, false)?;
+                counts.lock().unwrap_or_else(|e| e.into_inner()).2 += k;
+            }
+            Ok(Some(UrgentEvent::Message(_))) => {
+                return Err(PostcopyDestError::Violation("a message from the source on the urgent channel".into()))
+            }
+            Ok(None) => {}
+            Err(_) if stop.load(Ordering::SeqCst) => return Ok(()),
+            Err(e) => return Err(PostcopyDestError::Link(e)),
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,649 @@
+//! The source side of a post-copy migration: hand the guest over first, then push its
+//! pages in the [`Prepager`]'s order while a responder thread answers the destination's
+//! demand requests on the urgent channel.
+//!
+//! ```text
+//!   source                                           destination
+//!   Begin{post-copy, regions} ───────────────────────▶ checks the layout
+//!   ◀──────────────────────────────────────────────── Accept | Refuse
+//!   pause (downtime starts), save the device state
+//!   DeviceState{…} ──────────────────────────────────▶ kept
+//!   Commit ──────────────────────────────────────────▶ arms userfaultfd, starts the guest
+//!   ◀──────────────────────────────────────────────── Resumed   (downtime ends)
+//!   Zero{runs}  (pages never populated) ─────────────▶ zero-filled and installed
+//!   push thread: runs of pages ──(bulk writes)───────▶ into the staging alias
+//!                Placed{runs} ───────────────────────▶ hashed, installed (UFFDIO_CONTINUE)
+//!   responder:   ◀──────────────── urgent Demand{page}  (a guest thread faulted)
+//!                urgent write of the page ───────────▶ hashed, installed, faulting thread woken
+//!   Final, SourceChecksum{digest} ───────────────────▶ waits for every page, compares
+//!   ◀──────────────────────────────────────────────── Verified{ok}
+//!   Done ────────────────────────────────────────────▶
+//! ```
+//!
+//! Every page crosses once: the scheduler marks a page sent when it is handed to the push or
+//! to the responder, and demands for sent pages are ignored (the destination waits for the
+//! page already on its way). Both sides hash every page as it goes and lands, so the digest
+//! comparison at the end proves the destination's memory equals the frozen source memory.
+//!
+//! **At most one copy runs.** Before `Commit` any failure resumes the source. From `Commit`
+//! on the destination may run the guest, so the source copy stays paused whatever happens
+//! ([`PostcopyError::HandedOver`]); it is kept, intact, until the destination has verified
+//! every page, and released by the caller afterwards.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use livemig_transport::{Segment, Transport, TransportError, UrgentChannel, UrgentEvent, WriteRequest};
+use serde::Serialize;
+
+use super::prepage::{Demand, PrepageStats, Prepager, PushOrder};
+use crate::guest::{GuestControl, GuestError, GuestMemory};
+use crate::integrity::{Digest, PageDigests};
+use crate::precopy::proto::{self, Msg, PageRun, RegionDesc, Strategy, MAX_RUNS, MAX_STATE_CHUNK};
+use crate::precopy::{error_chain, pick_remotes, Mismatch};
+
+/// Source settings.
+#[derive(Debug, Clone)]
+pub struct PostcopyConfig {
+    /// Push order.
+    pub order: PushOrder,
+    /// Pages per push batch (one `Placed` message each).
+    pub batch_pages: usize,
+    /// Pages per run taken from one bubble edge.
+    pub run_pages: usize,
+    /// How long to wait for each reply of the destination (`Accept`, `Resumed`, `Verified`).
+    pub reply_timeout: Duration,
+}
+
+impl Default for PostcopyConfig {
+    fn default() -> Self {
+        PostcopyConfig {
+            order: PushOrder::default(),
+            batch_pages: 2048,
+            run_pages: 64,
+            reply_timeout: crate::precopy::REPLY_TIMEOUT,
+        }
+    }
+}
+
+/// Where a post-copy migration was.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PostcopyPhase {
+    /// Begin/Accept.
+    Handshake,
+    /// Paused, sending the device state (before `Commit`).
+    Handover,
+    /// After `Commit`: pushing and serving demands.
+    Push,
+    /// Comparing digests.
+    Verify,
+}
+
+impl std::fmt::Display for PostcopyPhase {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PostcopyPhase::Handshake => "handshake",
+            PostcopyPhase::Handover => "hand-over",
+            PostcopyPhase::Push => "push",
+            PostcopyPhase::Verify => "verification",
+        })
+    }
+}
+
+/// Why a post-copy migration failed at the source. Every variant but
+/// [`PostcopyError::HandedOver`] leaves the guest running at the source.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PostcopyError {
+    /// The destination's exposed regions cannot take ours.
+    #[error("the destination cannot take region {index} of the guest memory")]
+    Incompatible {
+        /// Region index.
+        index: usize,
+        /// Why.
+        #[source]
+        source: Mismatch,
+    },
+    /// A region of ours is not registered with the transport.
+    #[error("source region {0} is not registered with the transport")]
+    NotRegistered(u32),
+    /// The session has no urgent channel (demand requests need one).
+    #[error("post-copy needs the session's urgent channel")]
+    NoUrgentChannel(#[source] TransportError),
+    /// The destination refused `Begin`.
+    #[error("the destination refused the migration: {0}")]
+    Refused(String),
+    /// The transport failed.
+    #[error("transport failed during {phase}")]
+    Transport {
+        /// Where.
+        phase: PostcopyPhase,
+        /// Why.
+        #[source]
+        source: TransportError,
+    },
+    /// The destination sent something undecodable.
+    #[error("undecodable message from the destination during {phase}")]
+    Protocol {
+        /// Where.
+        phase: PostcopyPhase,
+        /// Why.
+        #[source]
+        source: proto::ProtoError,
+    },
+    /// The destination sent a message out of turn.
+    #[error("unexpected {got} from the destination during {phase}")]
+    Unexpected {
+        /// Where.
+        phase: PostcopyPhase,
+        /// What came.
+        got: &'static str,
+    },
+    /// No reply in time.
+    #[error("no {expected} from the destination within {timeout:?} during {phase}")]
+    Timeout {
+        /// Where.
+        phase: PostcopyPhase,
+        /// What was expected.
+        expected: &'static str,
+        /// The limit.
+        timeout: Duration,
+    },
+    /// The destination gave up.
+    #[error("the destination aborted during {phase}: {reason}")]
+    PeerAborted {
+        /// Where.
+        phase: PostcopyPhase,
+        /// Its reason.
+        reason: String,
+    },
+    /// The destination's memory differs from the source's.
+    #[error("digest mismatch: source {source_sum}, destination {dest_sum}")]
+    ChecksumMismatch {
+        /// Ours (hex).
+        source_sum: String,
+        /// Theirs (hex).
+        dest_sum: String,
+    },
+    /// The demand responder failed.
+    #[error("serving demand requests failed")]
+    Responder(#[source] TransportError),
+    /// Pausing or saving the guest failed (it runs at the source).
+    #[error("guest control failed")]
+    Guest(#[source] GuestError),
+    /// The migration failed at or after `Commit`: the destination may run the guest, so the
+    /// source copy stays **paused** and intact. If the destination reported success for
+    /// some pages only, its guest cannot go on without the rest: whoever holds both sides
+    /// decides.
+    #[error("post-copy failed after the hand-over; the source copy stays paused")]
+    HandedOver(#[source] Box<PostcopyError>),
+}
+
+/// The end of a completed post-copy migration.
+#[derive(Debug, Clone, Serialize)]
+pub struct PostcopySummary {
+    /// `post-copy`.
+    pub strategy: String,
+    /// The push order.
+    pub order: PushOrder,
+    /// Transport backend.
+    pub transport: String,
+    /// Guest memory bytes.
+    pub region_bytes: u64,
+    /// Regions.
+    pub regions: usize,
+    /// Page size.
+    pub page_size: u32,
+    /// Seconds from `Begin` to `Verified`.
+    pub total_s: f64,
+    /// Pause to `Resumed`, ms: the only time the guest runs nowhere.
+    pub downtime_ms: f64,
+    /// `Resumed` to the last page sent, ms.
+    pub push_ms: f64,
+    /// Bytes of device state.
+    pub device_state_bytes: u64,
+    /// Pages announced as zero.
+    pub zero_pages: u64,
+    /// Pages pushed in the background.
+    pub pushed_pages: u64,
+    /// Pages sent on demand (urgent channel).
+    pub demanded_pages: u64,
+    /// Demands for pages already sent (ignored).
+    pub ignored_demands: u64,
+    /// Pivots replaced by newer faults.
+    pub pivots_replaced: u64,
+    /// Payload bytes sent.
+    pub bytes: u64,
+    /// The digest both sides agreed on.
+    pub checksum: String,
+}
+
+impl PostcopySummary {
+    /// Human-readable summary.
+    pub fn render(&self) -> String {
+        let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
+        let mut s =
+            format!("migration completed: {} over {}, push order {:?}\n", self.strategy, self.transport, self.order);
+        s += &format!(
+            "  memory         {:.0} MiB in {} region{}, {} B pages\n",
+            mb(self.region_bytes),
+            self.regions,
+            if self.regions == 1 { "" } else { "s" },
+            self.page_size
+        );
+        s += &format!("  total time     {:.2} s\n", self.total_s);
+        s += &format!(
+            "  downtime       {:.1} ms (pause to resume at the destination; {} B of device state)\n",
+            self.downtime_ms, self.device_state_bytes
+        );
+        s += &format!("  push           {:.1} ms after the resume\n", self.push_ms);
+        s += &format!(
+            "  pages          {} pushed, {} on demand ({} demands for pages already sent), {} zero\n",
+            self.pushed_pages, self.demanded_pages, self.ignored_demands, self.zero_pages
+        );
+        s += &format!("  bytes          {:.1} MiB\n", mb(self.bytes));
+        s += &format!("  digest         {} (verified by the destination)\n", self.checksum);
+        s
+    }
+}
+
+/// Progress of the push, for a progress bar.
+#[derive(Debug, Clone, Copy)]
+pub struct PushProgress {
+    /// Pages sent (pushed, demanded or zero).
+    pub sent: u64,
+    /// Pages in all.
+    pub pages: u64,
+    /// Pages sent on demand so far.
+    pub demanded: u64,
+}
+
+/// What the pusher and the responder share.
+struct Shared {
+    prepager: Prepager,
+    digests: PageDigests,
+}
+
+fn lock(m: &Mutex<Shared>) -> std::sync::MutexGuard<'_, Shared> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Migrates `memory` (every region registered in `t.regions()`) with post-copy: pauses
+/// `guest`, hands its device state over, and pushes the pages while serving the
+/// destination's demands. `t` must have an urgent channel. Returns once the destination has
+/// verified every page; the source copy is then no longer needed (its guest stays paused).
+pub fn migrate(
+    t: &mut dyn Transport,
+    memory: &GuestMemory,
+    guest: &mut dyn GuestControl,
+    cfg: &PostcopyConfig,
+    on_progress: &mut dyn FnMut(&PushProgress),
+) -> Result<PostcopySummary, PostcopyError> {
+    let span = tracing::info_span!("postcopy_migrate", memory_bytes = memory.len(), transport = %t.kind());
+    let _span = span.enter();
+    if let Some(r) = memory.regions().iter().find(|r| t.regions().get(r.id()).is_none()) {
+        return Err(PostcopyError::NotRegistered(r.id()));
+    }
+    let remotes = pick_remotes(t, memory).map_err(|e| match e {
+        crate::precopy::SourceError::Incompatible { index, source } => PostcopyError::Incompatible { index, source },
+        other => PostcopyError::Refused(error_chain(&other)),
+    })?;
+    let urgent = t.urgent().map_err(PostcopyError::NoUrgentChannel)?;
+    let t0 = Instant::now();
+    let ps = memory.page_size();
+    let pages = memory.pages();
+
+    // Handshake.
+    let phase = PostcopyPhase::Handshake;
+    let regions = memory.regions().iter().map(|r| RegionDesc { len: r.len(), page_size: r.page_size() }).collect();
+    send(t, phase, &Msg::Begin { strategy: Strategy::Postcopy, regions })?;
+    match recv(t, phase, "Accept", cfg.reply_timeout)? {
+        Msg::Accept => {}
+        Msg::Refuse { reason } => return Err(PostcopyError::Refused(reason)),
+        m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+    }
+
+    // Hand-over: the guest stops here.
+    let phase = PostcopyPhase::Handover;
+    guest.pause().map_err(PostcopyError::Guest)?;
+    let paused = Instant::now();
+    let handover = (|| -> Result<(Vec<u8>, PageBitmapRuns), PostcopyError> {
+        let state = guest.save_state().map_err(PostcopyError::Guest)?;
+        // Pages never populated: known zero without reading them (the guest is paused).
+        let zero = memory.known_zero_pages();
+        let runs: PageBitmapRuns = zero.runs().collect();
+        let mut chunks = state.chunks(MAX_STATE_CHUNK).peekable();
+        if chunks.peek().is_none() {
+            send(t, phase, &Msg::DeviceState { last: true, bytes: Vec::new() })?;
+        }
+        while let Some(c) = chunks.next() {
+            send(t, phase, &Msg::DeviceState { last: chunks.peek().is_none(), bytes: c.to_vec() })?;
+        }
+        Ok((state, runs))
+    })();
+    let (state, zero_runs) = match handover {
+        Ok(v) => v,
+        Err(e) => {
+            resume_after(guest, &e);
+            let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+            return Err(e);
+        }
+    };
+
+    let mut prepager = Prepager::new(pages, cfg.order);
+    let mut digests = PageDigests::new(pages, ps);
+    let mut zero_pages = 0u64;
+    for &(f, n) in &zero_runs {
+        prepager.mark_sent(f, n);
+        digests.record_zero(f, n);
+        zero_pages += n as u64;
+    }
+    let shared = Mutex::new(Shared { prepager, digests });
+    let stop = AtomicBool::new(false);
+
+    // From Commit on, the destination may run the guest: never resume here.
+    let res = std::thread::scope(|s| {
+        let responder = s.spawn(|| respond(&*urgent, memory, &remotes, &shared, &stop));
+        let r = push_phase(t, memory, &remotes, &shared, &zero_runs, cfg, on_progress, paused, t0);
+        stop.store(true, Ordering::SeqCst);
+        let served =
+            responder.join().unwrap_or_else(|_| Err(TransportError::Disconnected("responder panicked".into())));
+        match (r, served) {
+            (Ok(v), Ok(())) => Ok(v),
+            (Err(e), _) => Err(e),
+            (Ok(_), Err(e)) => Err(PostcopyError::Responder(e)),
+        }
+    });
+    guest.handed_over();
+    let (resumed_at, pushed_at, checksum) = res.map_err(|e| PostcopyError::HandedOver(Box::new(e)))?;
+    let st: PrepageStats = lock(&shared).prepager.stats();
+    Ok(PostcopySummary {
+        strategy: Strategy::Postcopy.to_string(),
+        order: cfg.order,
+        transport: t.kind().to_string(),
+        region_bytes: memory.len(),
+        regions: memory.regions().len(),
+        page_size: ps,
+        total_s: t0.elapsed().as_secs_f64(),
+        downtime_ms: (resumed_at - paused).as_secs_f64() * 1e3,
+        push_ms: pushed_at.saturating_duration_since(resumed_at).as_secs_f64() * 1e3,
+        device_state_bytes: state.len() as u64,
+        zero_pages,
+        pushed_pages: st.pushed,
+        demanded_pages: st.demanded,
+        ignored_demands: st.ignored,
+        pivots_replaced: st.pivots_replaced,
+        bytes: (st.pushed + st.demanded) * ps as u64,
+        checksum: checksum.hex(),
+    })
+}
+
+type PageBitmapRuns = Vec<(usize, usize)>;
+
+fn resume_after(guest: &mut dyn GuestControl, e: &PostcopyError) {
+    tracing::warn!(error = %error_chain(e), "post-copy failed before the hand-over; resuming the source");
+    if let Err(r) = guest.resume() {
+        tracing::error!(error = %error_chain(&r), "resuming the source guest failed");
+    }
+}
+
+/// Commit, the zero runs, the push, and the verification. Returns when `Resumed` came, when
+/// the last page went, and the agreed digest.
+#[allow(clippy::too_many_arguments)]
+fn push_phase(
+    t: &mut dyn Transport,
+    memory: &GuestMemory,
+    remotes: &[u32],
+    shared: &Mutex<Shared>,
+    zero_runs: &[(usize, usize)],
+    cfg: &PostcopyConfig,
+    on_progress: &mut dyn FnMut(&PushProgress),
+    paused: Instant,
+    _t0: Instant,
+) -> Result<(Instant, Instant, Digest), PostcopyError> {
+    let phase = PostcopyPhase::Push;
+    send(t, phase, &Msg::Commit)?;
+    match recv(t, phase, "Resumed", cfg.reply_timeout)? {
+        Msg::Resumed => {}
+        Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase, reason }),
+        m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+    }
+    let resumed = Instant::now();
+    tracing::info!(downtime_ms = (resumed - paused).as_secs_f64() * 1e3, "the guest runs at the destination");
+    for chunk in zero_runs.chunks(MAX_RUNS) {
+        let runs = chunk.iter().map(|&(f, n)| PageRun { first: f as u64, pages: n as u32 }).collect();
+        send(t, phase, &Msg::Zero { runs })?;
+    }
+    let ps = memory.page_size() as usize;
+    let total = memory.pages() as u64;
+    let mut batch: Vec<(usize, usize)> = Vec::new();
+    let mut segs: Vec<[Segment; 1]> = Vec::new();
+    let mut buf = vec![0u8; ps];
+    let mut terms: Vec<(usize, u128)> = Vec::new();
+    loop {
+        batch.clear();
+        let (sent, demanded) = {
+            let mut g = lock(shared);
+            let mut n = 0;
+            while n < cfg.batch_pages {
+                match g.prepager.next_run(cfg.run_pages.min(cfg.batch_pages - n)) {
+                    Some((f, k)) => {
+                        batch.push((f, k));
+                        n += k;
+                    }
+                    None => break,
+                }
+            }
+            (total - g.prepager.remaining() as u64, g.prepager.stats().demanded)
+        };
+        if batch.is_empty() {
+            break;
+        }
+        // Writes: each run split at region ends and at 1 MiB.
+        segs.clear();
+        let mut wrs_meta: Vec<(u32, u64)> = Vec::new();
+        for &(f, k) in &batch {
+            let mut p = f;
+            while p < f + k {
+                let (i, local) = memory.locate(p).expect("scheduled pages are in the page space");
+                let left_in_region = memory.regions()[i].pages() - local;
+                let n = (f + k - p).min(left_in_region).min((1 << 20) / ps);
+                segs.push([Segment { offset: (local * ps) as u64, len: (n * ps) as u32 }]);
+                wrs_meta.push((i as u32, (local * ps) as u64));
+                p += n;
+            }
+        }
+        let wrs: Vec<WriteRequest<'_>> = segs
+            .iter()
+            .zip(&wrs_meta)
+            .map(|(seg, &(i, off))| WriteRequest {
+                local: memory.regions()[i as usize].id(),
+                segments: seg,
+                remote: remotes[i as usize],
+                remote_offset: off,
+            })
+            .collect();
+        t.post_writes(&wrs).map_err(|source| PostcopyError::Transport { phase, source })?;
+        #[cfg(feature = "fault-injection")]
+        fault::corrupt_in_flight(t, memory, remotes, &batch)?;
+        let runs = batch.iter().map(|&(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();
+        send(t, phase, &Msg::Placed { runs })?;
+        // Hash outside the lock (the memory is frozen), record under it.
+        terms.clear();
+        for &(f, k) in &batch {
+            for p in f..f + k {
+                let (i, local) = memory.locate(p).expect("in the page space");
+                memory.regions()[i].read_at((local * ps) as u64, &mut buf);
+                terms.push((p, PageDigests::page_term(p, &buf)));
+            }
+        }
+        {
+            let mut g = lock(shared);
+            for &(p, term) in &terms {
+                g.digests.record_term(p, term);
+            }
+        }
+        on_progress(&PushProgress { sent, pages: total, demanded });
+        // An abort from the destination ends the push.
+        if let Some(b) =
+            t.recv_message(Some(Duration::ZERO)).map_err(|source| PostcopyError::Transport { phase, source })?
+        {
+            return Err(match proto::decode(&b) {
+                Ok(Msg::Abort { reason }) => PostcopyError::PeerAborted { phase, reason },
+                Ok(m) => PostcopyError::Unexpected { phase, got: m.name() },
+                Err(source) => PostcopyError::Protocol { phase, source },
+            });
+        }
+    }
+    t.flush().map_err(|source| PostcopyError::Transport { phase, source })?;
+    let pushed = Instant::now();
+    let (digest, demanded) = {
+        let g = lock(shared);
+        (g.digests.digest(), g.prepager.stats().demanded)
+    };
+    on_progress(&PushProgress { sent: total, pages: total, demanded });
+
+    let phase = PostcopyPhase::Verify;
+    send(t, phase, &Msg::Final)?;
+    send(t, phase, &Msg::SourceChecksum { checksum: digest.to_bytes() })?;
+    match recv(t, phase, "Verified", cfg.reply_timeout)? {
+        Msg::Verified { ok: true, checksum } if Digest::from_bytes(&checksum) == digest => {}
+        Msg::Verified { checksum, .. } => {
+            let e = PostcopyError::ChecksumMismatch {
+                source_sum: digest.hex(),
+                dest_sum: Digest::from_bytes(&checksum).hex(),
+            };
+            let _ = send(t, phase, &Msg::Abort { reason: e.to_string() });
+            return Err(e);
+        }
+        Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase, reason }),
+        m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+    }
+    send(t, phase, &Msg::Done)?;
+    Ok((resumed, pushed, digest))
+}
+
+/// The responder: answers demand requests until `stop`. A demand for a page not sent yet
+/// is sent at once as an urgent write; the page becomes a pivot of the push.
+fn respond(
+    urgent: &dyn UrgentChannel,
+    memory: &GuestMemory,
+    remotes: &[u32],
+    shared: &Mutex<Shared>,
+    stop: &AtomicBool,
+) -> Result<(), TransportError> {
+    let ps = memory.page_size() as usize;
+    let mut buf = vec![0u8; ps];
+    while !stop.load(Ordering::SeqCst) {
+        let m = match urgent.recv(Some(Duration::from_millis(50))) {
+            Ok(Some(UrgentEvent::Message(m))) => m,
+            Ok(Some(UrgentEvent::Placed { .. })) => {
+                return Err(TransportError::Disconnected("the destination wrote into our memory".into()))
+            }
+            Ok(None) => continue,
+            // The session ending (Done) closes the channel too.
+            Err(_) if stop.load(Ordering::SeqCst) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let page = match proto::decode(&m) {
+            Ok(Msg::Demand { page }) => page as usize,
+            Ok(other) => {
+                tracing::warn!(message = other.name(), "unexpected message on the urgent channel");
+                continue;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "undecodable demand request");
+                continue;
+            }
+        };
+        let verdict = lock(shared).prepager.demand(page);
+        match verdict {
+            Demand::Send => {}
+            Demand::AlreadySent => continue,
+            Demand::OutOfRange => {
+                tracing::warn!(page, "demand for a page outside the guest memory");
+                continue;
+            }
+        }
+        let (i, local) = memory.locate(page).expect("checked by the scheduler");
+        let seg = [Segment { offset: (local * ps) as u64, len: ps as u32 }];
+        urgent.post_write(&WriteRequest {
+            local: memory.regions()[i].id(),
+            segments: &seg,
+            remote: remotes[i],
+            remote_offset: (local * ps) as u64,
+        })?;
+        memory.regions()[i].read_at((local * ps) as u64, &mut buf);
+        let term = PageDigests::page_term(page, &buf);
+        lock(shared).digests.record_term(page, term);
+    }
+    Ok(())
+}
+
+fn send(t: &mut dyn Transport, phase: PostcopyPhase, m: &Msg) -> Result<(), PostcopyError> {
+    t.send_message(&m.encode()).map_err(|source| PostcopyError::Transport { phase, source })
+}
+
+/// The next control message within `timeout`.
+fn recv(
+    t: &mut dyn Transport,
+    phase: PostcopyPhase,
+    expected: &'static str,
+    timeout: Duration,
+) -> Result<Msg, PostcopyError> {
+    match t.recv_message(Some(timeout)) {
+        Ok(Some(b)) => proto::decode(&b).map_err(|source| PostcopyError::Protocol { phase, source }),
+        Ok(None) => Err(PostcopyError::Timeout { phase, expected, timeout }),
+        Err(source) => Err(PostcopyError::Transport { phase, source }),
+    }
+}
+
+#[cfg(feature = "fault-injection")]
+mod fault {
+    //! Test builds only: `LIVEMIG_CORRUPT_PAGE=N` overwrites page N at the destination with
+    //! a copy that has one byte flipped, right after the push wrote it and before its
+    //! `Placed`, so the destination hashes and installs the corrupted page.
+    use std::sync::Arc;
+
+    use livemig_transport::{Access, Region, Segment, Transport, WriteRequest};
+
+    use super::{PostcopyError, PostcopyPhase};
+    use crate::guest::GuestMemory;
+
+    const SCRATCH_ID: u32 = u32::MAX - 8;
+
+    pub(super) fn corrupt_in_flight(
+        t: &mut dyn Transport,
+        memory: &GuestMemory,
+        remotes: &[u32],
+        batch: &[(usize, usize)],
+    ) -> Result<(), PostcopyError> {
+        let Some(page) = std::env::var("LIVEMIG_CORRUPT_PAGE").ok().and_then(|v| v.parse::<usize>().ok()) else {
+            return Ok(());
+        };
+        if !batch.iter().any(|&(f, n)| page >= f && page < f + n) {
+            return Ok(());
+        }
+        let ps = memory.page_size();
+        let (i, local) = memory.locate(page).expect("in the batch");
+        let scratch = Arc::new(Region::anonymous(SCRATCH_ID, ps as u64, ps, Access::LOCAL).expect("scratch page"));
+        let mut buf = vec![0u8; ps as usize];
+        memory.regions()[i].read_at(local as u64 * ps as u64, &mut buf);
+        buf[ps as usize / 2] ^= 0x5a;
+        scratch.write_at(0, &buf);
+        let _reg = t.regions().register(scratch).expect("scratch id is free");
+        tracing::warn!(page, "fault injection: corrupting one page in flight");
+        let seg = [Segment { offset: 0, len: ps }];
+        let phase = PostcopyPhase::Push;
+        t.post_writes(&[WriteRequest {
+            local: SCRATCH_ID,
+            segments: &seg,
+            remote: remotes[i],
+            remote_offset: local as u64 * ps as u64,
+        }])
+        .map_err(|source| PostcopyError::Transport { phase, source })?;
+        t.flush().map_err(|source| PostcopyError::Transport { phase, source })
+    }
+}

@@ -1,0 +1,61 @@
+//! Post-copy migrations in process over TCP loopback: the guest resumes at the destination
+//! at once, its pages follow (pushed, and demanded by its faults through userfaultfd), and
+//! the migration ends with the destination's digest equal to the frozen source memory's.
+
+use std::time::Duration;
+
+use livemig_engine::postcopy::{Expansion, PostcopyConfig, PushOrder};
+use livemig_tests::{makes_progress, postcopy_pair, workload_params};
+use livemig_workload::{RunState, WorkloadKind, WorkloadParams};
+
+const MIB: u64 = 1 << 20;
+
+fn check(order: PushOrder, kind: WorkloadKind) {
+    let cfg = PostcopyConfig { order, ..Default::default() };
+    let p = WorkloadParams { rate_pages_per_sec: 0, ..workload_params(kind, 8192, 2) };
+    let run = postcopy_pair(64 * MIB, Some(p), &cfg);
+    let s = run.source.unwrap_or_else(|e| panic!("source: {}", livemig_tests::error_chain(&e)));
+    let d = run.dest.unwrap_or_else(|e| panic!("destination: {}", livemig_tests::error_chain(&e)));
+    eprintln!("{}", s.render());
+    eprintln!("{d:?}");
+    // The digest both sides agreed on is the source memory's, computed independently.
+    assert_eq!(s.checksum, run.source_digest);
+    assert_eq!(d.checksum, run.source_digest);
+    // Every page crossed exactly once (pushed, demanded or zero).
+    assert_eq!(s.pushed_pages + s.demanded_pages + s.zero_pages, 64 * MIB / 4096);
+    assert_eq!(d.pushed_pages + d.urgent_pages + d.zero_pages, 64 * MIB / 4096);
+    assert_eq!(d.urgent_pages, s.demanded_pages);
+    // The guest faulted on pages it had not got yet and asked for them.
+    assert!(d.demand_requests > 0, "no demand request: {d:?}");
+    assert!(d.fault_p50_us.is_some());
+    // It runs at the destination.
+    let w = run.workload.expect("the workload started at the destination");
+    assert_eq!(w.state(), RunState::Running);
+    assert!(makes_progress(&w, Duration::from_millis(100)));
+}
+
+#[test]
+fn postcopy_bubbling_moves_a_running_writer() {
+    check(PushOrder::Bubbling { pivots: 7, expansion: Expansion::Dual }, WorkloadKind::Random);
+}
+
+#[test]
+fn postcopy_push_only_moves_a_running_writer() {
+    check(PushOrder::Linear, WorkloadKind::Seq);
+}
+
+#[test]
+fn postcopy_single_forward_pivot_moves_a_reader() {
+    check(PushOrder::Bubbling { pivots: 1, expansion: Expansion::Forward }, WorkloadKind::Readonly);
+}
+
+#[test]
+fn postcopy_idle_guest_is_mostly_zero_pages() {
+    let run = postcopy_pair(32 * MIB, None, &PostcopyConfig::default());
+    let s = run.source.unwrap_or_else(|e| panic!("source: {}", livemig_tests::error_chain(&e)));
+    let d = run.dest.unwrap_or_else(|e| panic!("destination: {}", livemig_tests::error_chain(&e)));
+    assert_eq!(s.checksum, run.source_digest);
+    assert_eq!(d.checksum, run.source_digest);
+    assert_eq!(s.zero_pages, 32 * MIB / 4096, "a never-touched region is all zero pages");
+    assert_eq!(s.pushed_pages + s.demanded_pages, 0);
+}
