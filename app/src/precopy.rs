@@ -15,13 +15,18 @@ use livemig_engine::connect::{self, Listener, TransportChoice, TransportOptions}
 use livemig_engine::dirty::MemoryTracker;
 use livemig_engine::guest::{GuestControl, GuestMemory, Idle};
 use livemig_engine::policy::{KvmConfig, PolicyConfig, PolicyKind};
+use livemig_engine::postcopy::{self, Expansion, PushOrder};
 use livemig_engine::precopy::{self as engine_precopy, dest, source, IterationLine, Outcome};
 use livemig_workload::{Workload, WorkloadKind, WorkloadParams};
 
 /// Local region id of the source region.
 pub const SOURCE_REGION: u32 = 1;
-/// Exposed region id of the destination region.
+/// Exposed region id of the destination region (the staging view the source writes).
 pub const DEST_REGION: u32 = 2;
+/// Post-copy's default socket buffer (see `--sock-buf`).
+pub const POSTCOPY_SOCKET_BUFFER: u64 = 256 << 10;
+/// Local id of the destination guest's own view of its memory.
+pub const DEST_VIEW: u32 = 3;
 
 pub use crate::args::{parse_io_timeout, parse_size, transport_arg};
 use crate::args::{parse_secs, secs};
@@ -58,6 +63,33 @@ impl WorkloadChoice {
     }
 }
 
+/// The `--strategy` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum StrategyChoice {
+    /// Rounds while the guest runs here, then stop-and-copy (the convergence policies).
+    Precopy,
+    /// Hand the guest over first, then push its pages while its faults demand them.
+    Postcopy,
+}
+
+/// The `--push` choice (post-copy's push order).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum PushChoice {
+    /// Page order from the first page; faults do not move the push.
+    Linear,
+    /// Bubbles grow around the most recent faults (`--pivots`, `--expansion`).
+    Bubbling,
+}
+
+/// The `--expansion` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExpansionChoice {
+    /// Pages after and before each pivot.
+    Dual,
+    /// Pages after each pivot only.
+    Forward,
+}
+
 /// Options of `livemig migrate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct MigrateArgs {
@@ -92,6 +124,22 @@ pub struct MigrateArgs {
     /// Workload rate in pages/s over all threads (0 = flat out).
     #[arg(long, default_value_t = 0)]
     pub rate: u64,
+    /// How the memory moves: pre-copy rounds, or post-copy (the guest moves first).
+    #[arg(long, value_enum, default_value = "precopy")]
+    pub strategy: StrategyChoice,
+    /// Post-copy push order.
+    #[arg(long, value_enum, default_value = "bubbling")]
+    pub push: PushChoice,
+    /// Post-copy bubbling: how many recent faults are pivots at once.
+    #[arg(long, default_value_t = 7)]
+    pub pivots: usize,
+    /// Post-copy bubbling: which way bubbles grow.
+    #[arg(long, value_enum, default_value = "dual")]
+    pub expansion: ExpansionChoice,
+    /// SO_SNDBUF/SO_RCVBUF of the TCP streams (default: 256 KiB with post-copy, kernel
+    /// autotuning with pre-copy).
+    #[arg(long, value_parser = parse_size)]
+    pub sock_buf: Option<u64>,
     /// Convergence policy: ibrahim, kvm, xen.
     #[arg(long, default_value = "ibrahim")]
     pub policy: PolicyKind,
@@ -176,6 +224,25 @@ impl MigrateArgs {
         }
     }
 
+    /// The post-copy push order these flags select.
+    pub fn push_order(&self) -> Result<PushOrder> {
+        Ok(match self.push {
+            PushChoice::Linear => PushOrder::Linear,
+            PushChoice::Bubbling => {
+                if self.pivots == 0 {
+                    bail!("--pivots must be at least 1");
+                }
+                PushOrder::Bubbling {
+                    pivots: self.pivots,
+                    expansion: match self.expansion {
+                        ExpansionChoice::Dual => Expansion::Dual,
+                        ExpansionChoice::Forward => Expansion::Forward,
+                    },
+                }
+            }
+        })
+    }
+
     /// The workload parameters, `None` for `--workload none`.
     pub fn workload_params(&self) -> Result<Option<WorkloadParams>> {
         let Some(kind) = self.workload.kind() else { return Ok(None) };
@@ -215,6 +282,19 @@ impl MigrateArgs {
             kv("--wss", w.to_string());
         }
         kv("--rate", self.rate.to_string());
+        kv(
+            "--strategy",
+            clap::ValueEnum::to_possible_value(&self.strategy).expect("no skipped variant").get_name().into(),
+        );
+        kv("--push", clap::ValueEnum::to_possible_value(&self.push).expect("no skipped variant").get_name().into());
+        kv("--pivots", self.pivots.to_string());
+        if let Some(b) = self.sock_buf {
+            kv("--sock-buf", b.to_string());
+        }
+        kv(
+            "--expansion",
+            clap::ValueEnum::to_possible_value(&self.expansion).expect("no skipped variant").get_name().into(),
+        );
         kv("--policy", self.policy.to_string());
         kv("--max-time", self.max_time.to_string());
         kv("--downtime-ms", self.downtime_ms.to_string());
@@ -285,19 +365,31 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         }
         None => None,
     };
-    let opts = transport_options(a.transport, secs(a.io_timeout));
+    let mut opts = transport_options(a.transport, secs(a.io_timeout));
+    if a.strategy == StrategyChoice::Postcopy {
+        // Demand requests and their pages travel on a connection of their own.
+        opts.tcp.urgent_stream = true;
+        // A page the guest faults on may already be in flight in the push: keep the push's
+        // queue short so that it is not queued behind megabytes.
+        opts.tcp.socket_buffer = Some(a.sock_buf.unwrap_or(POSTCOPY_SOCKET_BUFFER) as usize);
+    } else if let Some(b) = a.sock_buf {
+        opts.tcp.socket_buffer = Some(b as usize);
+    }
     let t = connect::connect(kind, to, &opts, secret, &table).with_context(|| format!("connecting to {to}"))?;
     let mut t = cut_from_env(t);
     let mut err = std::io::stderr();
     let _ = writeln!(err, "{note}");
+    let how = match a.strategy {
+        StrategyChoice::Precopy => format!("pre-copy, policy {}", a.policy),
+        StrategyChoice::Postcopy => format!("post-copy, push {:?}", a.push_order()?),
+    };
     let _ = writeln!(
         err,
-        "migrating {} MiB ({} workload, wss {} MiB, rate {}) to {to} with policy {}; warming up {:.1} s",
+        "migrating {} MiB ({} workload, wss {} MiB, rate {}) to {to} with {how}; warming up {:.1} s",
         a.size >> 20,
         a.workload.as_str(),
         workload.as_ref().map_or(0, |w| w.params().working_set_pages.get() * ps as u64) >> 20,
         if a.rate == 0 { "flat out".to_string() } else { format!("{} pg/s", a.rate) },
-        a.policy,
         a.warmup
     );
     // The workload's rate before the migration, for the slowdown figure.
@@ -309,6 +401,9 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         }
         _ => None,
     };
+    if a.strategy == StrategyChoice::Postcopy {
+        return run_postcopy_source(a, t.as_mut(), &region, workload.as_mut(), before);
+    }
     let cfg = source::SourceConfig {
         policy: a.policy_config(),
         coalesce: CoalesceConfig { page_size: ps, ..Default::default() },
@@ -369,6 +464,62 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
     if summary.outcome == Outcome::Aborted {
         let running = workload.as_ref().map(|w| w.state().to_string()).unwrap_or_else(|| "none".into());
         bail!("migration aborted: {} (source workload {running})", summary.end_reason);
+    }
+    Ok(())
+}
+
+/// The source side of a post-copy migration over the connected `t`.
+fn run_postcopy_source(
+    a: &MigrateArgs,
+    t: &mut dyn livemig_transport::Transport,
+    region: &Arc<Region>,
+    mut workload: Option<&mut Workload>,
+    before: Option<f64>,
+) -> Result<()> {
+    let cfg = postcopy::PostcopyConfig {
+        order: a.push_order()?,
+        reply_timeout: engine_precopy::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
+        ..Default::default()
+    };
+    let bar = progress_bar(Some(region.pages() as u64), a.json || a.no_progress);
+    bar.set_style(spinner_style("{spinner} {elapsed} post-copy: sent {pos}/{len} pages ({msg} on demand)"));
+    bar.set_message("0");
+    let memory = GuestMemory::single(region.clone());
+    let mut idle = Idle;
+    let guest: &mut dyn GuestControl = match workload.as_deref_mut() {
+        Some(w) => w,
+        None => &mut idle,
+    };
+    let res = postcopy::migrate(t, &memory, guest, &cfg, &mut |p| {
+        bar.set_position(p.sent);
+        bar.set_message(p.demanded.to_string());
+    });
+    bar.finish_and_clear();
+    let summary = match res {
+        Ok(s) => s,
+        Err(e @ postcopy::PostcopyError::HandedOver(_)) => {
+            // The destination may run the guest: this copy stays paused, never resumed.
+            if let Some(w) = workload {
+                w.stop().context("discarding the paused source copy")?;
+            }
+            return Err(anyhow::Error::new(e).context("post-copy migration failed after the hand-over"));
+        }
+        Err(e) => {
+            let running = workload.as_ref().map(|w| w.state().to_string()).unwrap_or_else(|| "none".into());
+            return Err(anyhow::Error::new(e).context(format!("migration failed (source workload: {running})")));
+        }
+    };
+    // The destination verified every page: the frozen source copy is released.
+    if let Some(w) = workload {
+        w.stop().context("releasing the source copy")?;
+    }
+    if a.json {
+        let mut v = serde_json::to_value(&summary)?;
+        v["workload_before"] = serde_json::json!(before);
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        print!("{}", summary.render());
+        println!("  source copy    released after the destination verified every page");
     }
     Ok(())
 }
@@ -467,9 +618,14 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     let ps = page_size(a.page_size)?;
     let (kind, note) = connect::resolve(a.transport);
     let secret = Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
-    let region = Arc::new(Region::anonymous(DEST_REGION, a.size, ps, Access::REMOTE_WRITE)?);
+    // The guest's memory is a memfd; what the source writes is its staging alias, the same
+    // pages through a second mapping: pre-copy sees its writes at once, post-copy installs
+    // them with userfaultfd.
+    let region = Arc::new(Region::memfd(DEST_VIEW, a.size, ps, Access::LOCAL)?);
+    let memory = GuestMemory::single(region.clone());
+    let aliases = postcopy::staging_aliases(&memory, |_| DEST_REGION, Access::REMOTE_WRITE)?;
     let table = RegionTable::new();
-    let _reg = table.register(region.clone())?;
+    let _reg = table.register(aliases[0].clone())?;
     let l = Listener::bind(kind, &a.listen)?;
     // The first stdout line lets a parent (--local) or a script find us; the rest goes to
     // stderr so a parent may close the pipe.
@@ -487,16 +643,33 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
             return Err(e.into());
         }
     };
-    bar.set_message("connected; receiving the first pass");
+    bar.set_message("connected; waiting for Begin");
     let cfg = dest::DestConfig::default();
+    // The first message says how the memory will move.
+    let first = match t.recv_message(Some(cfg.reply_timeout)) {
+        Ok(Some(b)) => b,
+        Ok(None) => {
+            bar.finish_and_clear();
+            bail!("no Begin from the source within {:?}", cfg.reply_timeout);
+        }
+        Err(e) => {
+            bar.finish_and_clear();
+            return Err(anyhow::Error::new(e).context("waiting for Begin"));
+        }
+    };
+    if let Ok(engine_precopy::Msg::Begin { strategy: engine_precopy::Strategy::Postcopy, .. }) =
+        engine_precopy::decode(&first)
+    {
+        return run_postcopy_receive(a, t.as_mut(), first, &memory, &aliases, &region, bar);
+    }
+    bar.set_message("receiving the first pass");
     let mut on_iter = |i: u32, p: u64, d: u64| {
         tracing::debug!(iter = i, pages = p, dirty = d, "interval received");
         bar.set_message(format!("received interval {i}: {p} pages, {d} dirty at the source"));
     };
-    let memory = GuestMemory::single(region.clone());
     let mut workload = None;
     let mut start = livemig_workload::starter(region.clone(), &mut workload);
-    let res = dest::receive(t.as_mut(), &memory, &mut start, &cfg, &mut on_iter);
+    let res = dest::receive_from(t.as_mut(), Some(first), &memory, &mut start, &cfg, &mut on_iter);
     drop(start);
     bar.finish_and_clear();
     let rep = res.context("receiving the migration")?;
@@ -527,6 +700,68 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
             rep.verify_ms,
             rep.switchover_ms,
             after_rate.map_or("none".into(), |r| format!("resumed at {r:.0} pg/s"))
+        );
+    }
+    if let Some(w) = workload.as_mut() {
+        w.stop().context("stopping the workload")?;
+    }
+    Ok(())
+}
+
+/// The destination side of a post-copy migration whose `Begin` is `first`.
+fn run_postcopy_receive(
+    a: &ReceiveArgs,
+    t: &mut dyn livemig_transport::Transport,
+    first: Vec<u8>,
+    memory: &GuestMemory,
+    aliases: &[Arc<Region>],
+    region: &Arc<Region>,
+    bar: ProgressBar,
+) -> Result<()> {
+    bar.set_style(spinner_style("{spinner} {elapsed} post-copy: {msg}"));
+    bar.set_message("hand-over");
+    let mut workload = None;
+    let mut start = livemig_workload::starter(region.clone(), &mut workload);
+    let cfg = postcopy::PostcopyDestConfig { reply_timeout: secs(a.io_timeout).max(Duration::from_secs(10)) };
+    let res = postcopy::receive(t, Some(first), memory, aliases, &mut start, &cfg, &mut |done, pages| {
+        bar.set_message(format!("the guest runs here; {done}/{pages} pages installed"));
+    });
+    drop(start);
+    bar.finish_and_clear();
+    let rep = match res {
+        Ok(r) => r,
+        Err(e @ postcopy::PostcopyDestError::GuestLost { .. }) => {
+            // Its missing pages will never come: end the process (and the guest with it).
+            eprintln!("{}", engine_precopy::error_chain(&e));
+            std::process::exit(3);
+        }
+        Err(e) => return Err(anyhow::Error::new(e).context("receiving the migration")),
+    };
+    let after_rate = workload.as_ref().map(|w| {
+        let (n0, t0) = (w.pages_touched(), std::time::Instant::now());
+        std::thread::sleep(secs(a.after));
+        (w.pages_touched() - n0) as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+    });
+    if a.json {
+        let mut v = serde_json::to_value(&rep)?;
+        v["after_rate"] = serde_json::json!(after_rate);
+        eprintln!("{v}");
+    } else {
+        let us = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
+        eprintln!(
+            "destination: post-copy verified {} ({} pages: {} pushed, {} on demand, {} zero) in {:.1} ms after the start; \
+             {} demand requests, fault service p50 {} µs, p99 {} µs, max {} µs; workload {}",
+            &rep.checksum[..16],
+            rep.pages,
+            rep.pushed_pages,
+            rep.urgent_pages,
+            rep.zero_pages,
+            rep.complete_ms,
+            rep.demand_requests,
+            us(rep.fault_p50_us),
+            us(rep.fault_p99_us),
+            us(rep.fault_max_us),
+            after_rate.map_or("none".into(), |r| format!("runs at {r:.0} pg/s"))
         );
     }
     if let Some(w) = workload.as_mut() {
@@ -607,6 +842,16 @@ mod tests {
             "48M",
             "--policy",
             "kvm",
+            "--strategy",
+            "postcopy",
+            "--push",
+            "linear",
+            "--pivots",
+            "3",
+            "--expansion",
+            "forward",
+            "--sock-buf",
+            "1M",
         ])
         .unwrap();
         let argv = m.a.source_argv("10.0.0.2:4000");
@@ -618,5 +863,10 @@ mod tests {
         assert_eq!(again.a.to.as_deref(), Some("10.0.0.2:4000"));
         assert_eq!(again.a.size, 64 << 20);
         assert_eq!(again.a.wss, Some(48 << 20));
+        assert_eq!(again.a.strategy, StrategyChoice::Postcopy);
+        assert_eq!(again.a.push, PushChoice::Linear);
+        assert_eq!(again.a.pivots, 3);
+        assert_eq!(again.a.expansion, ExpansionChoice::Forward);
+        assert_eq!(again.a.sock_buf, Some(1 << 20));
     }
 }

@@ -320,6 +320,17 @@ pub fn postcopy_pair(
     params: Option<WorkloadParams>,
     cfg: &livemig_engine::postcopy::PostcopyConfig,
 ) -> PostcopyRun {
+    postcopy_pair_filled(len, params, cfg, 0)
+}
+
+/// [`postcopy_pair`] with the first `filled` pages of the source holding test data before
+/// the workload (if any) starts.
+pub fn postcopy_pair_filled(
+    len: u64,
+    params: Option<WorkloadParams>,
+    cfg: &livemig_engine::postcopy::PostcopyConfig,
+    filled: u64,
+) -> PostcopyRun {
     use livemig_engine::postcopy::{self, PostcopyDestConfig};
     let io = Duration::from_secs(10);
     let opts = TransportOptions {
@@ -349,6 +360,9 @@ pub fn postcopy_pair(
         (r, workload)
     });
     let Registered { region, table, reg: _reg } = registered_region(1, len, 4096, Access::LOCAL);
+    let mut fill = livemig_transport::PageBitmap::new(region.pages());
+    fill.set_range(0, filled.min(region.pages() as u64) as usize);
+    livemig_transport::testdata::fill_pages(&region, &fill, 1);
     let mut workload = params.map(|p| {
         let mut w = Workload::init(region.clone(), p).expect("workload init");
         w.start().expect("workload start");

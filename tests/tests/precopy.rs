@@ -228,6 +228,13 @@ fn destination_refuses_a_bad_begin() {
             },
             "regions",
         ),
+        (
+            Msg::Begin {
+                strategy: proto::Strategy::Postcopy,
+                regions: vec![RegionDesc { len: 16 * MIB, page_size: 4096 }],
+            },
+            "pre-copy only",
+        ),
     ] {
         let (addr, dst) = dest_receiver(32 * MIB, 4096);
         let Registered { table, reg: _reg, .. } = registered_region(1, MIB, 4096, Access::LOCAL);
@@ -236,7 +243,10 @@ fn destination_refuses_a_bad_begin() {
         let reply = proto::decode(&t.recv_message(Some(Duration::from_secs(10))).unwrap().unwrap()).unwrap();
         let Msg::Refuse { reason } = reply else { panic!("{reply:?}") };
         assert!(reason.contains(want), "{reason}");
-        assert!(matches!(dst.join().unwrap(), Err(DestError::Refused { .. } | DestError::RegionCount { .. })));
+        assert!(matches!(
+            dst.join().unwrap(),
+            Err(DestError::Refused { .. } | DestError::RegionCount { .. } | DestError::Strategy(_))
+        ));
     }
 }
 

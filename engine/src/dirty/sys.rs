@@ -501,6 +501,19 @@ pub(crate) fn zap_mapping(start: usize, len: usize) -> io::Result<()> {
     Ok(())
 }
 
+/// Punches `[offset, offset+len)` out of the file `fd`: the range reads as zeros, holds no
+/// pages, and its pages disappear from every mapping.
+pub(crate) fn punch_hole(fd: RawFd, offset: u64, len: u64) -> io::Result<()> {
+    // SAFETY: fallocate takes a descriptor and a byte range; it touches no memory of ours.
+    let r = unsafe {
+        libc::fallocate(fd, libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset as i64, len as i64)
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Makes `[offset, offset+len)` of the file `fd` zero-filled pages present in the page
 /// cache: the range is punched out (dropping whatever it held), then allocated again, which
 /// gives fresh zeroed pages. Mappings of the range see zeros afterwards.

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant};
 use livemig_transport::{Region, Transport, TransportError, UrgentChannel, UrgentEvent};
 use serde::Serialize;
 
-use super::pages::{OnArrival, OnFault, PageStates};
+use super::pages::{OnArrival, OnFault, OnZero, PageStates};
 use super::uffd::{Placer, PlacerError};
 use crate::guest::{GuestError, GuestMemory};
 use crate::integrity::{Digest, PageDigests};
@@ -159,9 +159,43 @@ struct Ctx<'a> {
 }
 
 impl Ctx<'_> {
+    /// Pages `[first, first+n)` are zero: their page cache is punched out (an embedder's
+    /// memory may hold old data), their digests recorded; a page a fault waits for is
+    /// installed now, the others by their first fault (or never: a hole reads as zeros).
+    fn zero(&self, first: usize, n: usize) -> Result<u64, PostcopyDestError> {
+        let end = first + n;
+        if let Some(p) = (first..end).find(|&p| p >= self.states.pages() || self.states.has_arrived(p)) {
+            return Err(PostcopyDestError::Violation(format!("zero page {p} arrived twice or is out of range")));
+        }
+        self.placer.punch(first, n).map_err(PostcopyDestError::Install)?;
+        let zero_page = vec![0u8; self.page_size];
+        let mut terms = Vec::with_capacity(n);
+        for p in first..end {
+            match self.states.on_zero(p) {
+                OnZero::Lazy => {}
+                OnZero::InstallNow => {
+                    self.placer.install_zero(p, 1).map_err(PostcopyDestError::Install)?;
+                    self.states.installed_now(p);
+                    if let Some(t) = self.requested_at.lock().unwrap_or_else(|e| e.into_inner()).remove(&p) {
+                        self.latencies.lock().unwrap_or_else(|e| e.into_inner()).push(t.elapsed());
+                    }
+                }
+                OnZero::Duplicate | OnZero::OutOfRange => {
+                    return Err(PostcopyDestError::Violation(format!("zero page {p} arrived twice")))
+                }
+            }
+            terms.push((p, PageDigests::page_term(p, &zero_page)));
+        }
+        let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+        for (q, term) in terms {
+            d.record_term(q, term);
+        }
+        Ok(n as u64)
+    }
+
     /// Installs the arrived pages `[first, first+n)` whose content is in the alias (or zero
     /// pages): each claimed once, hashed, installed, timed if a fault asked for it.
-    fn arrive(&self, first: usize, n: usize, zero: bool) -> Result<u64, PostcopyDestError> {
+    fn arrive(&self, first: usize, n: usize) -> Result<u64, PostcopyDestError> {
         let mut installed = 0;
         let mut p = first;
         let end = first + n;
@@ -186,21 +220,13 @@ impl Ctx<'_> {
             }
             let (f, k) = (claimed[0].0, claimed.len());
             let mut terms = Vec::with_capacity(k);
-            if zero {
-                self.placer.install_zero(f, k).map_err(PostcopyDestError::Install)?;
-                let zero_page = vec![0u8; self.page_size];
-                for &(q, _) in &claimed {
-                    terms.push((q, PageDigests::page_term(q, &zero_page)));
-                }
-            } else {
-                // Hash before installing: until then the guest cannot touch the page.
-                for &(q, _) in &claimed {
-                    let (alias, local) = self.placer.alias_of(q).expect("claimed pages are in range");
-                    alias.read_at((local * self.page_size) as u64, &mut buf);
-                    terms.push((q, PageDigests::page_term(q, &buf)));
-                }
-                self.placer.install(f, k).map_err(PostcopyDestError::Install)?;
+            // Hash before installing: until then the guest cannot touch the page.
+            for &(q, _) in &claimed {
+                let (alias, local) = self.placer.alias_of(q).expect("claimed pages are in range");
+                alias.read_at((local * self.page_size) as u64, &mut buf);
+                terms.push((q, PageDigests::page_term(q, &buf)));
             }
+            self.placer.install(f, k).map_err(PostcopyDestError::Install)?;
             let now = Instant::now();
             for &(q, requested) in &claimed {
                 self.states.installed_now(q);
@@ -416,12 +442,12 @@ fn control(
         match m {
             Msg::Zero { runs } if check_runs(&runs) => {
                 for r in runs {
-                    zero += ctx.arrive(r.first as usize, r.pages as usize, true)?;
+                    zero += ctx.zero(r.first as usize, r.pages as usize)?;
                 }
             }
             Msg::Placed { runs } if check_runs(&runs) => {
                 for r in runs {
-                    pushed += ctx.arrive(r.first as usize, r.pages as usize, false)?;
+                    pushed += ctx.arrive(r.first as usize, r.pages as usize)?;
                 }
                 on_progress(ctx.states.installed() as u64, pages);
             }
@@ -469,7 +495,8 @@ fn handle_faults(
     counts: &Mutex<(u64, u64, u64)>,
 ) -> Result<(), PostcopyDestError> {
     let mut faults = Vec::new();
-    while !stop.load(Ordering::SeqCst) && !ctx.states.complete() {
+    // Lazy zero pages may fault after every page has arrived: serve until told to stop.
+    while !stop.load(Ordering::SeqCst) {
         faults.clear();
         ctx.placer.wait_faults(Duration::from_millis(50), &mut faults).map_err(PostcopyDestError::Install)?;
         for &p in &faults {
@@ -481,6 +508,10 @@ fn handle_faults(
                 }
                 OnFault::Wait => counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1,
                 OnFault::Wake => ctx.placer.wake(p).map_err(PostcopyDestError::Install)?,
+                OnFault::InstallZero => {
+                    ctx.placer.install_zero(p, 1).map_err(PostcopyDestError::Install)?;
+                    ctx.states.zero_installed(p);
+                }
                 OnFault::OutOfRange => {}
             }
         }
@@ -511,7 +542,7 @@ fn install_urgent(
                     PostcopyDestError::Violation(format!("an urgent write at {offset}, out of range"))
                 })?;
                 let n = (len as u64 / ps) as usize;
-                let k = ctx.arrive(first, n, false)?;
+                let k = ctx.arrive(first, n)?;
                 counts.lock().unwrap_or_else(|e| e.into_inner()).2 += k;
             }
             Ok(Some(UrgentEvent::Message(_))) => {

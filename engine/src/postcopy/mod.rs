@@ -18,7 +18,7 @@ pub mod source;
 pub mod uffd;
 
 pub use dest::{receive, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
-pub use pages::{OnArrival, OnFault, PageStates};
+pub use pages::{OnArrival, OnFault, OnZero, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
 pub use source::{migrate, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress};
 pub use uffd::{staging_aliases, Placer, PlacerError};

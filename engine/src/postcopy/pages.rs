@@ -4,11 +4,15 @@
 //!
 //! ```text
 //!   Missing ──fault──▶ Requested ──arrives──▶ Installing ──mapped──▶ Installed
-//!      └────────────────────arrives (pushed)────────┘
+//!      ├────────────────────arrives (pushed)────────┘                   ▲
+//!      └──announced zero──▶ Zero ──fault──▶ Installing (zero) ──────────┘
 //! ```
 //!
 //! A fault on a requested or installing page waits (the installation wakes it); a fault on an
-//! installed page — one whose event was queued before the installation — is only woken.
+//! installed page — one whose event was queued before the installation — is only woken. A
+//! page announced as zero counts as arrived at once but is installed lazily, by the first
+//! fault on it (or never: when placement ends, the page is a hole of the memfd and reads as
+//! zeros anyway), so idle memory costs no zero-filling.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
@@ -16,6 +20,7 @@ const MISSING: u8 = 0;
 const REQUESTED: u8 = 1;
 const INSTALLING: u8 = 2;
 const INSTALLED: u8 = 3;
+const ZERO: u8 = 4;
 
 /// What the fault handler does with a fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,6 +31,9 @@ pub enum OnFault {
     Wait,
     /// Installed meanwhile: wake the faulting thread.
     Wake,
+    /// A zero page not installed yet: install it now (claimed by this call), then
+    /// [`PageStates::zero_installed`].
+    InstallZero,
     /// Not a page of the guest memory.
     OutOfRange,
 }
@@ -39,6 +47,19 @@ pub enum OnArrival {
         requested: bool,
     },
     /// It arrived before (the source sent a page twice: a protocol violation).
+    Duplicate,
+    /// Not a page of the guest memory.
+    OutOfRange,
+}
+
+/// What a page announced as zero finds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnZero {
+    /// Nobody waits: it stays uninstalled until a fault (counted as arrived).
+    Lazy,
+    /// A fault asked for it: install it now (claimed), then [`PageStates::installed_now`].
+    InstallNow,
+    /// It arrived before (a protocol violation).
     Duplicate,
     /// Not a page of the guest memory.
     OutOfRange,
@@ -72,7 +93,7 @@ impl PageStates {
         self.installed() == self.pages()
     }
 
-    /// Whether `page` is installed.
+    /// Whether `page` is installed (mapped into the guest's view).
     pub fn is_installed(&self, page: usize) -> bool {
         self.s.get(page).is_some_and(|s| s.load(Ordering::Acquire) == INSTALLED)
     }
@@ -83,6 +104,11 @@ impl PageStates {
         match s.compare_exchange(MISSING, REQUESTED, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => OnFault::Request,
             Err(INSTALLED) => OnFault::Wake,
+            Err(ZERO) => match s.compare_exchange(ZERO, INSTALLING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => OnFault::InstallZero,
+                Err(INSTALLED) => OnFault::Wake,
+                Err(_) => OnFault::Wait,
+            },
             Err(_) => OnFault::Wait,
         }
     }
@@ -90,14 +116,43 @@ impl PageStates {
     /// `page` arrived: claims its installation (exactly one caller gets `Install`).
     pub fn on_arrival(&self, page: usize) -> OnArrival {
         let Some(s) = self.s.get(page) else { return OnArrival::OutOfRange };
-        match s.swap(INSTALLING, Ordering::AcqRel) {
-            MISSING => OnArrival::Install { requested: false },
-            REQUESTED => OnArrival::Install { requested: true },
-            prev => {
-                // Put back what was there: the earlier arrival owns the page.
-                s.store(prev, Ordering::Release);
-                OnArrival::Duplicate
+        let mut cur = s.load(Ordering::Acquire);
+        loop {
+            let requested = match cur {
+                MISSING => false,
+                REQUESTED => true,
+                _ => return OnArrival::Duplicate,
+            };
+            match s.compare_exchange(cur, INSTALLING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return OnArrival::Install { requested },
+                // A fault turned Missing into Requested meanwhile: try again.
+                Err(now) => cur = now,
             }
+        }
+    }
+
+    /// Whether `page` has arrived (or is arriving): a second arrival would be a duplicate.
+    pub fn has_arrived(&self, page: usize) -> bool {
+        self.s.get(page).is_some_and(|s| !matches!(s.load(Ordering::Acquire), MISSING | REQUESTED))
+    }
+
+    /// `page` was announced as zero.
+    pub fn on_zero(&self, page: usize) -> OnZero {
+        let Some(s) = self.s.get(page) else { return OnZero::OutOfRange };
+        if s.compare_exchange(MISSING, ZERO, Ordering::AcqRel, Ordering::Acquire).is_ok() {
+            self.installed.fetch_add(1, Ordering::AcqRel);
+            return OnZero::Lazy;
+        }
+        match s.compare_exchange(REQUESTED, INSTALLING, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => OnZero::InstallNow,
+            Err(_) => OnZero::Duplicate,
+        }
+    }
+
+    /// A zero page claimed by [`OnFault::InstallZero`] is mapped.
+    pub fn zero_installed(&self, page: usize) {
+        if let Some(s) = self.s.get(page) {
+            s.store(INSTALLED, Ordering::Release);
         }
     }
 
@@ -110,9 +165,9 @@ impl PageStates {
         }
     }
 
-    /// The first page not installed, if any (for error messages).
+    /// The first page that has not arrived, if any (for error messages).
     pub fn first_missing(&self) -> Option<usize> {
-        self.s.iter().position(|s| s.load(Ordering::Acquire) != INSTALLED)
+        self.s.iter().position(|s| !matches!(s.load(Ordering::Acquire), INSTALLED | ZERO))
     }
 }
 
@@ -138,6 +193,28 @@ mod tests {
         assert_eq!(p.first_missing(), Some(0));
         assert_eq!(p.on_fault(9), OnFault::OutOfRange);
         assert_eq!(p.on_arrival(9), OnArrival::OutOfRange);
+    }
+
+    #[test]
+    fn zero_pages_are_installed_by_their_first_fault_or_at_once_if_awaited() {
+        let p = PageStates::new(4);
+        assert_eq!(p.on_zero(0), OnZero::Lazy);
+        assert_eq!(p.installed(), 1, "a lazy zero page has arrived");
+        assert!(!p.is_installed(0));
+        assert_eq!(p.on_fault(0), OnFault::InstallZero);
+        assert_eq!(p.on_fault(0), OnFault::Wait, "a second fault waits for the first one's install");
+        p.zero_installed(0);
+        assert_eq!(p.on_fault(0), OnFault::Wake);
+        assert_eq!(p.installed(), 1);
+        assert_eq!(p.on_fault(1), OnFault::Request);
+        assert_eq!(p.on_zero(1), OnZero::InstallNow, "a fault waits: install now");
+        p.installed_now(1);
+        assert_eq!(p.installed(), 2);
+        assert_eq!(p.on_zero(1), OnZero::Duplicate);
+        assert_eq!(p.on_zero(0), OnZero::Duplicate);
+        assert_eq!(p.on_arrival(0), OnArrival::Duplicate);
+        assert_eq!(p.on_zero(7), OnZero::OutOfRange);
+        assert_eq!(p.first_missing(), Some(2));
     }
 
     #[test]

@@ -48,7 +48,8 @@ use crate::precopy::{error_chain, pick_remotes, Mismatch};
 pub struct PostcopyConfig {
     /// Push order.
     pub order: PushOrder,
-    /// Pages per push batch (one `Placed` message each).
+    /// Pages per push batch (one `Placed` message each). Small batches keep the push's queue
+    /// short: a page the guest faults on while it is in flight waits for its batch.
     pub batch_pages: usize,
     /// Pages per run taken from one bubble edge.
     pub run_pages: usize,
@@ -60,7 +61,7 @@ impl Default for PostcopyConfig {
     fn default() -> Self {
         PostcopyConfig {
             order: PushOrder::default(),
-            batch_pages: 2048,
+            batch_pages: 256,
             run_pages: 64,
             reply_timeout: crate::precopy::REPLY_TIMEOUT,
         }
@@ -309,11 +310,8 @@ pub fn migrate(
     let phase = PostcopyPhase::Handover;
     guest.pause().map_err(PostcopyError::Guest)?;
     let paused = Instant::now();
-    let handover = (|| -> Result<(Vec<u8>, PageBitmapRuns), PostcopyError> {
+    let handover = (|| -> Result<Vec<u8>, PostcopyError> {
         let state = guest.save_state().map_err(PostcopyError::Guest)?;
-        // Pages never populated: known zero without reading them (the guest is paused).
-        let zero = memory.known_zero_pages();
-        let runs: PageBitmapRuns = zero.runs().collect();
         let mut chunks = state.chunks(MAX_STATE_CHUNK).peekable();
         if chunks.peek().is_none() {
             send(t, phase, &Msg::DeviceState { last: true, bytes: Vec::new() })?;
@@ -321,9 +319,9 @@ pub fn migrate(
         while let Some(c) = chunks.next() {
             send(t, phase, &Msg::DeviceState { last: chunks.peek().is_none(), bytes: c.to_vec() })?;
         }
-        Ok((state, runs))
+        Ok(state)
     })();
-    let (state, zero_runs) = match handover {
+    let state = match handover {
         Ok(v) => v,
         Err(e) => {
             resume_after(guest, &e);
@@ -332,21 +330,13 @@ pub fn migrate(
         }
     };
 
-    let mut prepager = Prepager::new(pages, cfg.order);
-    let mut digests = PageDigests::new(pages, ps);
-    let mut zero_pages = 0u64;
-    for &(f, n) in &zero_runs {
-        prepager.mark_sent(f, n);
-        digests.record_zero(f, n);
-        zero_pages += n as u64;
-    }
-    let shared = Mutex::new(Shared { prepager, digests });
+    let shared = Mutex::new(Shared { prepager: Prepager::new(pages, cfg.order), digests: PageDigests::new(pages, ps) });
     let stop = AtomicBool::new(false);
 
     // From Commit on, the destination may run the guest: never resume here.
     let res = std::thread::scope(|s| {
         let responder = s.spawn(|| respond(&*urgent, memory, &remotes, &shared, &stop));
-        let r = push_phase(t, memory, &remotes, &shared, &zero_runs, cfg, on_progress, paused, t0);
+        let r = push_phase(t, memory, &remotes, &shared, cfg, on_progress, paused);
         stop.store(true, Ordering::SeqCst);
         let served =
             responder.join().unwrap_or_else(|_| Err(TransportError::Disconnected("responder panicked".into())));
@@ -357,7 +347,7 @@ pub fn migrate(
         }
     });
     guest.handed_over();
-    let (resumed_at, pushed_at, checksum) = res.map_err(|e| PostcopyError::HandedOver(Box::new(e)))?;
+    let (resumed_at, pushed_at, checksum, zero_pages) = res.map_err(|e| PostcopyError::HandedOver(Box::new(e)))?;
     let st: PrepageStats = lock(&shared).prepager.stats();
     Ok(PostcopySummary {
         strategy: Strategy::Postcopy.to_string(),
@@ -380,8 +370,6 @@ pub fn migrate(
     })
 }
 
-type PageBitmapRuns = Vec<(usize, usize)>;
-
 fn resume_after(guest: &mut dyn GuestControl, e: &PostcopyError) {
     tracing::warn!(error = %error_chain(e), "post-copy failed before the hand-over; resuming the source");
     if let Err(r) = guest.resume() {
@@ -390,19 +378,16 @@ fn resume_after(guest: &mut dyn GuestControl, e: &PostcopyError) {
 }
 
 /// Commit, the zero runs, the push, and the verification. Returns when `Resumed` came, when
-/// the last page went, and the agreed digest.
-#[allow(clippy::too_many_arguments)]
+/// the last page went, the agreed digest, and how many pages were announced as zero.
 fn push_phase(
     t: &mut dyn Transport,
     memory: &GuestMemory,
     remotes: &[u32],
     shared: &Mutex<Shared>,
-    zero_runs: &[(usize, usize)],
     cfg: &PostcopyConfig,
     on_progress: &mut dyn FnMut(&PushProgress),
     paused: Instant,
-    _t0: Instant,
-) -> Result<(Instant, Instant, Digest), PostcopyError> {
+) -> Result<(Instant, Instant, Digest, u64), PostcopyError> {
     let phase = PostcopyPhase::Push;
     send(t, phase, &Msg::Commit)?;
     match recv(t, phase, "Resumed", cfg.reply_timeout)? {
@@ -412,9 +397,34 @@ fn push_phase(
     }
     let resumed = Instant::now();
     tracing::info!(downtime_ms = (resumed - paused).as_secs_f64() * 1e3, "the guest runs at the destination");
+    // Pages never populated are known zero without reading them (the source is frozen; this
+    // runs while the guest already runs at the destination, off the downtime). Pages the
+    // responder sent meanwhile are left out.
+    let zero = memory.known_zero_pages();
+    let mut zero_runs: Vec<PageRun> = Vec::new();
+    {
+        let mut g = lock(shared);
+        for (f, n) in zero.runs() {
+            let mut p = f;
+            while p < f + n {
+                if g.prepager.is_sent(p) {
+                    p += 1;
+                    continue;
+                }
+                let mut k = 0;
+                while p + k < f + n && !g.prepager.is_sent(p + k) && k < u32::MAX as usize {
+                    k += 1;
+                }
+                g.prepager.mark_sent(p, k);
+                g.digests.record_zero(p, k);
+                zero_runs.push(PageRun { first: p as u64, pages: k as u32 });
+                p += k;
+            }
+        }
+    }
+    let zero_pages: u64 = zero_runs.iter().map(|r| r.pages as u64).sum();
     for chunk in zero_runs.chunks(MAX_RUNS) {
-        let runs = chunk.iter().map(|&(f, n)| PageRun { first: f as u64, pages: n as u32 }).collect();
-        send(t, phase, &Msg::Zero { runs })?;
+        send(t, phase, &Msg::Zero { runs: chunk.to_vec() })?;
     }
     let ps = memory.page_size() as usize;
     let total = memory.pages() as u64;
@@ -522,7 +532,7 @@ fn push_phase(
         m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
     }
     send(t, phase, &Msg::Done)?;
-    Ok((resumed, pushed, digest))
+    Ok((resumed, pushed, digest, zero_pages))
 }
 
 /// The responder: answers demand requests until `stop`. A demand for a page not sent yet

@@ -220,6 +220,19 @@ impl Placer {
         Ok(())
     }
 
+    /// Drops whatever the page cache holds for pages `[first, first+n)` (they read as zeros
+    /// once installed or once placement ends). The pages must not be installed: punching
+    /// unmaps them from the guest's view too.
+    pub fn punch(&self, first: usize, n: usize) -> Result<(), PlacerError> {
+        for (i, local, k) in self.pieces(first, n)? {
+            let v = &self.views[i];
+            let fd = v.alias.fd().ok_or(PlacerError::NotShared { index: i, backing: v.alias.backing() })?;
+            let ps = self.page_size as u64;
+            sys::punch_hole(fd, local as u64 * ps, k as u64 * ps).map_err(os("zero (punch)"))?;
+        }
+        Ok(())
+    }
+
     /// Wakes the threads waiting on `page` (a fault whose page was installed meanwhile).
     pub fn wake(&self, page: usize) -> Result<(), PlacerError> {
         let (i, local) = self.locate(page).ok_or(PlacerError::Range { first: page, n: 1 })?;

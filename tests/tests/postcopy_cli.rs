@@ -1,0 +1,53 @@
+//! The real `livemig` binary with `--strategy postcopy`: a local migration that completes
+//! with its summary, and a destination too small for the source, refused at the handshake
+//! (the source keeps running). Skipped (with a message) when the binary is not built next
+//! to this test.
+
+use std::process::Command;
+
+use livemig_tests::{livemig_bin, receive_command, spawn_listening};
+
+#[test]
+fn postcopy_local_completes_with_a_summary() {
+    let Some(bin) = livemig_bin() else {
+        eprintln!("skipped: no livemig binary (cargo build -p livemig, or set LIVEMIG_BIN)");
+        return;
+    };
+    let out = Command::new(&bin)
+        .args(["migrate", "--local", "--transport", "tcp", "--strategy", "postcopy", "--size", "32M"])
+        .args(["--wss", "8M", "--workload", "random", "--warmup", "0.3", "--after", "0.3", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON summary on stdout");
+    assert_eq!(v["strategy"], "post-copy");
+    assert_eq!(
+        v["zero_pages"].as_u64().unwrap() + v["pushed_pages"].as_u64().unwrap() + v["demanded_pages"].as_u64().unwrap(),
+        8192
+    );
+    assert!(v["downtime_ms"].as_f64().is_some(), "{stdout}");
+    // The destination's report: every page installed, fault service timed.
+    assert!(stderr.contains("\"fault_p50_us\""), "destination report:\n{stderr}");
+    assert!(stderr.contains(v["checksum"].as_str().unwrap()), "both ends report the same digest:\n{stderr}");
+}
+
+#[test]
+fn postcopy_refused_by_a_smaller_destination_leaves_the_source_running() {
+    let Some(bin) = livemig_bin() else { return };
+    let secret = "cli-test-secret";
+    let args = ["--listen", "127.0.0.1:0", "--size", "16M", "--transport", "tcp"];
+    let mut dst = spawn_listening(&mut receive_command(&bin, secret, &args));
+    let out = Command::new(&bin)
+        .args(["migrate", "--to", &dst.addr, "--transport", "tcp", "--size", "32M", "--warmup", "0"])
+        .args(["--strategy", "postcopy"])
+        .env("LIVEMIG_SECRET", secret)
+        .output()
+        .unwrap();
+    let _ = dst.child.wait();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("smaller than the source region"), "{stderr}");
+    assert!(stderr.contains("source workload: running"), "{stderr}");
+}
