@@ -70,6 +70,8 @@ pub enum StrategyChoice {
     Precopy,
     /// Hand the guest over first, then push its pages while its faults demand them.
     Postcopy,
+    /// One pre-copy pass while the guest runs here, then post-copy for what it wrote since.
+    Hybrid,
 }
 
 /// The `--push` choice (post-copy's push order).
@@ -366,7 +368,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         None => None,
     };
     let mut opts = transport_options(a.transport, secs(a.io_timeout));
-    if a.strategy == StrategyChoice::Postcopy {
+    if a.strategy != StrategyChoice::Precopy {
         // Demand requests and their pages travel on a connection of their own.
         opts.tcp.urgent_stream = true;
         // A page the guest faults on may already be in flight in the push: keep the push's
@@ -382,6 +384,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
     let how = match a.strategy {
         StrategyChoice::Precopy => format!("pre-copy, policy {}", a.policy),
         StrategyChoice::Postcopy => format!("post-copy, push {:?}", a.push_order()?),
+        StrategyChoice::Hybrid => format!("hybrid (one pre-copy pass, then post-copy), push {:?}", a.push_order()?),
     };
     let _ = writeln!(
         err,
@@ -401,7 +404,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         }
         _ => None,
     };
-    if a.strategy == StrategyChoice::Postcopy {
+    if a.strategy != StrategyChoice::Precopy {
         return run_postcopy_source(a, t.as_mut(), &region, workload.as_mut(), before);
     }
     let cfg = source::SourceConfig {
@@ -490,10 +493,16 @@ fn run_postcopy_source(
         Some(w) => w,
         None => &mut idle,
     };
-    let res = postcopy::migrate(t, &memory, guest, &cfg, &mut |p| {
+    let mut on_progress = |p: &postcopy::PushProgress| {
         bar.set_position(p.sent);
         bar.set_message(p.demanded.to_string());
-    });
+    };
+    let res = if a.strategy == StrategyChoice::Hybrid {
+        let mut dirty = MemoryTracker::open(&memory).context("opening the dirty tracker")?;
+        postcopy::migrate_hybrid(t, &memory, guest, &mut dirty, &cfg, &mut on_progress)
+    } else {
+        postcopy::migrate(t, &memory, guest, &cfg, &mut on_progress)
+    };
     bar.finish_and_clear();
     let summary = match res {
         Ok(s) => s,
@@ -657,8 +666,10 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
             return Err(anyhow::Error::new(e).context("waiting for Begin"));
         }
     };
-    if let Ok(engine_precopy::Msg::Begin { strategy: engine_precopy::Strategy::Postcopy, .. }) =
-        engine_precopy::decode(&first)
+    if let Ok(engine_precopy::Msg::Begin {
+        strategy: engine_precopy::Strategy::Postcopy | engine_precopy::Strategy::Hybrid,
+        ..
+    }) = engine_precopy::decode(&first)
     {
         return run_postcopy_receive(a, t.as_mut(), first, &memory, &aliases, &region, bar);
     }

@@ -320,16 +320,27 @@ pub fn postcopy_pair(
     params: Option<WorkloadParams>,
     cfg: &livemig_engine::postcopy::PostcopyConfig,
 ) -> PostcopyRun {
-    postcopy_pair_filled(len, params, cfg, 0)
+    postcopy_pair_filled(len, params, cfg, 0, false)
+}
+
+/// [`postcopy_pair`] with the hybrid strategy: one pre-copy pass (the workload tracked with
+/// userfaultfd) before the hand-over.
+pub fn hybrid_pair(
+    len: u64,
+    params: Option<WorkloadParams>,
+    cfg: &livemig_engine::postcopy::PostcopyConfig,
+) -> PostcopyRun {
+    postcopy_pair_filled(len, params, cfg, 0, true)
 }
 
 /// [`postcopy_pair`] with the first `filled` pages of the source holding test data before
-/// the workload (if any) starts.
+/// the workload (if any) starts, post-copy or (`hybrid`) hybrid.
 pub fn postcopy_pair_filled(
     len: u64,
     params: Option<WorkloadParams>,
     cfg: &livemig_engine::postcopy::PostcopyConfig,
     filled: u64,
+    hybrid: bool,
 ) -> PostcopyRun {
     use livemig_engine::postcopy::{self, PostcopyDestConfig};
     let io = Duration::from_secs(10);
@@ -376,7 +387,12 @@ pub fn postcopy_pair_filled(
         Some(w) => w,
         None => &mut idle,
     };
-    let source = postcopy::migrate(t.as_mut(), &memory, guest, cfg, &mut |_| {});
+    let source = if hybrid {
+        let mut dirty = MemoryTracker::open(&memory).expect("opening the dirty tracker");
+        postcopy::migrate_hybrid(t.as_mut(), &memory, guest, &mut dirty, cfg, &mut |_| {})
+    } else {
+        postcopy::migrate(t.as_mut(), &memory, guest, cfg, &mut |_| {})
+    };
     let source_digest = livemig_engine::integrity::region_digest(&region, len).hex();
     let (dest, workload) = dst.join().expect("destination thread");
     drop(t);

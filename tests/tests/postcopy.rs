@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use livemig_engine::postcopy::{Expansion, PostcopyConfig, PushOrder};
-use livemig_tests::{makes_progress, postcopy_pair, workload_params};
+use livemig_tests::{hybrid_pair, makes_progress, postcopy_pair, workload_params};
 use livemig_workload::{RunState, WorkloadKind, WorkloadParams};
 
 const MIB: u64 = 1 << 20;
@@ -58,4 +58,27 @@ fn postcopy_idle_guest_is_mostly_zero_pages() {
     assert_eq!(d.checksum, run.source_digest);
     assert_eq!(s.zero_pages, 32 * MIB / 4096, "a never-touched region is all zero pages");
     assert_eq!(s.pushed_pages + s.demanded_pages, 0);
+}
+
+#[test]
+fn hybrid_sends_only_the_pages_written_during_the_pass_after_the_hand_over() {
+    // A slow writer over part of the memory: most pages are current after the pass.
+    let p = WorkloadParams { rate_pages_per_sec: 20_000, ..workload_params(WorkloadKind::Random, 4096, 1) };
+    let run = hybrid_pair(64 * MIB, Some(p), &PostcopyConfig::default());
+    let s = run.source.unwrap_or_else(|e| panic!("source: {}", livemig_tests::error_chain(&e)));
+    let d = run.dest.unwrap_or_else(|e| panic!("destination: {}", livemig_tests::error_chain(&e)));
+    eprintln!("{}", s.render());
+    eprintln!("{d:?}");
+    assert_eq!(s.strategy, "hybrid");
+    assert_eq!(s.checksum, run.source_digest);
+    assert_eq!(d.checksum, run.source_digest);
+    let pass = s.precopy_pages.expect("a pre-copy pass");
+    let invalidated = s.invalidated_pages.expect("the pages written during the pass");
+    assert!(pass > 0 && invalidated > 0, "{s:?}");
+    // After the hand-over only the invalidated pages cross, pushed or demanded.
+    assert_eq!(s.pushed_pages + s.demanded_pages, invalidated);
+    assert_eq!(d.pushed_pages + d.urgent_pages, invalidated);
+    let w = run.workload.expect("the workload started at the destination");
+    assert_eq!(w.state(), RunState::Running);
+    assert!(makes_progress(&w, Duration::from_millis(100)));
 }

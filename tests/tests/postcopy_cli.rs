@@ -34,6 +34,25 @@ fn postcopy_local_completes_with_a_summary() {
 }
 
 #[test]
+fn hybrid_local_completes_with_a_pass_then_post_copy() {
+    let Some(bin) = livemig_bin() else { return };
+    let out = Command::new(&bin)
+        .args(["migrate", "--local", "--transport", "tcp", "--strategy", "hybrid", "--size", "32M"])
+        .args(["--wss", "8M", "--workload", "seq", "--rate", "20000", "--warmup", "0.3", "--after", "0.3", "--json"])
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON summary on stdout");
+    assert_eq!(v["strategy"], "hybrid");
+    let inv = v["invalidated_pages"].as_u64().expect("pages written during the pass");
+    assert!(v["precopy_pages"].as_u64().unwrap() > 0, "{stdout}");
+    assert_eq!(v["pushed_pages"].as_u64().unwrap() + v["demanded_pages"].as_u64().unwrap(), inv, "{stdout}");
+    assert!(stderr.contains(v["checksum"].as_str().unwrap()), "both ends report the same digest:\n{stderr}");
+}
+
+#[test]
 fn postcopy_refused_by_a_smaller_destination_leaves_the_source_running() {
     let Some(bin) = livemig_bin() else { return };
     let secret = "cli-test-secret";

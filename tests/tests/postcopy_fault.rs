@@ -16,7 +16,7 @@ fn corrupted_page_is_detected_at_both_ends() {
     std::env::set_var("LIVEMIG_CORRUPT_PAGE", "1000");
     let cfg = PostcopyConfig { order: PushOrder::Linear, ..Default::default() };
     // No guest threads at the destination: every data page is pushed, page 1000 included.
-    let run = postcopy_pair_filled(16 << 20, None, &cfg, 2048);
+    let run = postcopy_pair_filled(16 << 20, None, &cfg, 2048, false);
     let err = run.source.unwrap_err();
     eprintln!("source: {}", livemig_tests::error_chain(&err));
     let PostcopyError::HandedOver(inner) = &err else { panic!("{err:?}") };

@@ -193,6 +193,26 @@ impl Ctx<'_> {
         Ok(n as u64)
     }
 
+    /// Pre-copied pages `[first, first+n)` (hybrid, before the guest runs here): hashed from
+    /// the alias and staged, to be mapped by their first fault.
+    fn stage(&self, first: usize, n: usize) -> Result<(), PostcopyDestError> {
+        let mut buf = vec![0u8; self.page_size];
+        let mut terms = Vec::with_capacity(n);
+        for p in first..first + n {
+            if !self.states.on_staged(p) {
+                return Err(PostcopyDestError::Protocol(format!("page {p} sent twice in the pre-copy pass")));
+            }
+            let (alias, local) = self.placer.alias_of(p).expect("checked against the page space");
+            alias.read_at((local * self.page_size) as u64, &mut buf);
+            terms.push((p, PageDigests::page_term(p, &buf)));
+        }
+        let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+        for (q, term) in terms {
+            d.record_term(q, term);
+        }
+        Ok(())
+    }
+
     /// Installs the arrived pages `[first, first+n)` whose content is in the alias (or zero
     /// pages): each claimed once, hashed, installed, timed if a fault asked for it.
     fn arrive(&self, first: usize, n: usize) -> Result<u64, PostcopyDestError> {
@@ -283,8 +303,8 @@ pub fn receive(
         let _ = t.send_message(&Msg::Refuse { reason: error_chain(&e) }.encode());
         e
     };
-    match next(t, "Begin")? {
-        Msg::Begin { strategy: Strategy::Postcopy, regions } => {
+    let hybrid = match next(t, "Begin")? {
+        Msg::Begin { strategy: strategy @ (Strategy::Postcopy | Strategy::Hybrid), regions } => {
             if regions.len() != memory.regions().len() {
                 let e = PostcopyDestError::Refused(format!(
                     "the source has {} regions, this memory {}",
@@ -298,54 +318,89 @@ pub fn receive(
                     return Err(refuse(t, PostcopyDestError::Fit { index, source }));
                 }
             }
+            strategy == Strategy::Hybrid
         }
         Msg::Begin { strategy, .. } => {
             return Err(refuse(t, PostcopyDestError::Refused(format!("this receiver runs post-copy, not {strategy}"))))
         }
         m => return Err(PostcopyDestError::Protocol(format!("{} instead of Begin", m.name()))),
-    }
-    t.send_message(&Msg::Accept.encode()).map_err(PostcopyDestError::Transport)?;
-    let mut state = Vec::new();
-    loop {
-        match next(t, "DeviceState")? {
-            Msg::DeviceState { last, bytes } => {
-                if state.len() + bytes.len() > MAX_STATE {
-                    return Err(PostcopyDestError::Protocol(format!("device state over {MAX_STATE} bytes")));
-                }
-                state.extend_from_slice(&bytes);
-                if last {
-                    break;
-                }
-            }
-            m => return Err(PostcopyDestError::Protocol(format!("{} instead of DeviceState", m.name()))),
-        }
-    }
-    match next(t, "Commit")? {
-        Msg::Commit => {}
-        m => return Err(PostcopyDestError::Protocol(format!("{} instead of Commit", m.name()))),
-    }
-    let device_state_bytes = state.len() as u64;
-    let placer = match Placer::new(memory, aliases) {
-        Ok(p) => p,
-        Err(e) => {
-            let e = PostcopyDestError::Placer(e);
-            let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
-            return Err(e);
-        }
     };
+    let mut placer = match Placer::new(memory, aliases) {
+        Ok(p) => p,
+        Err(e) => return Err(refuse(t, PostcopyDestError::Placer(e))),
+    };
+    t.send_message(&Msg::Accept.encode()).map_err(PostcopyDestError::Transport)?;
     let pages = memory.pages();
     let states = PageStates::new(pages);
     let digests = Mutex::new(PageDigests::new(pages, memory.page_size()));
     let requested_at = Mutex::new(HashMap::new());
     let latencies = Mutex::new(Vec::new());
-    let ctx = Ctx {
-        placer: &placer,
-        states: &states,
-        digests: &digests,
-        requested_at: &requested_at,
-        latencies: &latencies,
-        page_size: memory.page_size() as usize,
-    };
+    macro_rules! ctx {
+        ($placer:expr) => {
+            Ctx {
+                placer: $placer,
+                states: &states,
+                digests: &digests,
+                requested_at: &requested_at,
+                latencies: &latencies,
+                page_size: memory.page_size() as usize,
+            }
+        };
+    }
+    // Until Commit: the hybrid pass (staged pages, zero pages, invalidations) and the device
+    // state. Nothing runs here yet; a failure tells the source, which resumes.
+    let mut state = Vec::new();
+    let pre = (|| -> Result<(), PostcopyDestError> {
+        let c = ctx!(&placer);
+        let violation = |what: String| Err(PostcopyDestError::Protocol(what));
+        let check = |runs: &[PageRun]| {
+            runs.iter().all(|r| r.first.checked_add(r.pages as u64).is_some_and(|e| e <= pages as u64))
+        };
+        loop {
+            match next(t, "Commit")? {
+                Msg::Zero { runs } if hybrid && check(&runs) => {
+                    for r in runs {
+                        c.zero(r.first as usize, r.pages as usize)
+                            .map_err(|e| PostcopyDestError::Protocol(e.to_string()))?;
+                    }
+                }
+                Msg::Placed { runs } if hybrid && check(&runs) => {
+                    for r in runs {
+                        c.stage(r.first as usize, r.pages as usize)?;
+                    }
+                    on_progress(states.installed() as u64, pages as u64);
+                }
+                Msg::Invalidate { runs } if hybrid && check(&runs) => {
+                    for r in runs {
+                        for p in r.first as usize..(r.first + r.pages as u64) as usize {
+                            if !states.invalidate(p) {
+                                return violation(format!("page {p} invalidated but never sent"));
+                            }
+                        }
+                    }
+                }
+                Msg::DeviceState { last: _, bytes } if state.len() + bytes.len() > MAX_STATE => {
+                    return violation(format!("device state over {MAX_STATE} bytes"))
+                }
+                Msg::DeviceState { bytes, .. } => state.extend_from_slice(&bytes),
+                Msg::Commit => return Ok(()),
+                m => return violation(format!("unexpected {} before Commit", m.name())),
+            }
+        }
+    })();
+    if let Err(e) = pre {
+        if !matches!(e, PostcopyDestError::SourceAborted(_)) {
+            let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+        }
+        return Err(e);
+    }
+    let device_state_bytes = state.len() as u64;
+    if let Err(e) = placer.arm() {
+        let e = PostcopyDestError::Placer(e);
+        let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+        return Err(e);
+    }
+    let ctx = ctx!(&placer);
     let stop = AtomicBool::new(false);
     let counts = Mutex::new((0u64, 0u64, 0u64)); // demand requests, waited faults, urgent pages
     let started = Instant::now();
@@ -510,7 +565,11 @@ fn handle_faults(
                 OnFault::Wake => ctx.placer.wake(p).map_err(PostcopyDestError::Install)?,
                 OnFault::InstallZero => {
                     ctx.placer.install_zero(p, 1).map_err(PostcopyDestError::Install)?;
-                    ctx.states.zero_installed(p);
+                    ctx.states.lazy_installed(p);
+                }
+                OnFault::InstallStaged => {
+                    ctx.placer.install(p, 1).map_err(PostcopyDestError::Install)?;
+                    ctx.states.lazy_installed(p);
                 }
                 OnFault::OutOfRange => {}
             }

@@ -20,5 +20,7 @@ pub mod uffd;
 pub use dest::{receive, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
 pub use pages::{OnArrival, OnFault, OnZero, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
-pub use source::{migrate, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress};
+pub use source::{
+    migrate, migrate_hybrid, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress,
+};
 pub use uffd::{staging_aliases, Placer, PlacerError};

@@ -5,14 +5,17 @@
 //! ```text
 //!   Missing ──fault──▶ Requested ──arrives──▶ Installing ──mapped──▶ Installed
 //!      ├────────────────────arrives (pushed)────────┘                   ▲
-//!      └──announced zero──▶ Zero ──fault──▶ Installing (zero) ──────────┘
+//!      ├──announced zero──▶ Zero ──fault──▶ Installing (zero) ──────────┤
+//!      └──pre-copied─────▶ Staged ─fault──▶ Installing (staged) ────────┘
+//!   Zero / Staged ──invalidated (written again at the source)──▶ Missing
 //! ```
 //!
 //! A fault on a requested or installing page waits (the installation wakes it); a fault on an
 //! installed page — one whose event was queued before the installation — is only woken. A
 //! page announced as zero counts as arrived at once but is installed lazily, by the first
 //! fault on it (or never: when placement ends, the page is a hole of the memfd and reads as
-//! zeros anyway), so idle memory costs no zero-filling.
+//! zeros anyway), so idle memory costs no zero-filling. A page pre-copied before the hand-over
+//! (hybrid) is staged the same way: its content is in the page cache, the first fault maps it.
 
 use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 
@@ -21,6 +24,7 @@ const REQUESTED: u8 = 1;
 const INSTALLING: u8 = 2;
 const INSTALLED: u8 = 3;
 const ZERO: u8 = 4;
+const STAGED: u8 = 5;
 
 /// What the fault handler does with a fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +36,11 @@ pub enum OnFault {
     /// Installed meanwhile: wake the faulting thread.
     Wake,
     /// A zero page not installed yet: install it now (claimed by this call), then
-    /// [`PageStates::zero_installed`].
+    /// [`PageStates::lazy_installed`].
     InstallZero,
+    /// A staged page (its content is in the page cache): map it now (claimed by this
+    /// call), then [`PageStates::lazy_installed`].
+    InstallStaged,
     /// Not a page of the guest memory.
     OutOfRange,
 }
@@ -104,11 +111,14 @@ impl PageStates {
         match s.compare_exchange(MISSING, REQUESTED, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => OnFault::Request,
             Err(INSTALLED) => OnFault::Wake,
-            Err(ZERO) => match s.compare_exchange(ZERO, INSTALLING, Ordering::AcqRel, Ordering::Acquire) {
-                Ok(_) => OnFault::InstallZero,
-                Err(INSTALLED) => OnFault::Wake,
-                Err(_) => OnFault::Wait,
-            },
+            Err(lazy @ (ZERO | STAGED)) => {
+                match s.compare_exchange(lazy, INSTALLING, Ordering::AcqRel, Ordering::Acquire) {
+                    Ok(_) if lazy == ZERO => OnFault::InstallZero,
+                    Ok(_) => OnFault::InstallStaged,
+                    Err(INSTALLED) => OnFault::Wake,
+                    Err(_) => OnFault::Wait,
+                }
+            }
             Err(_) => OnFault::Wait,
         }
     }
@@ -149,8 +159,32 @@ impl PageStates {
         }
     }
 
-    /// A zero page claimed by [`OnFault::InstallZero`] is mapped.
-    pub fn zero_installed(&self, page: usize) {
+    /// `page` was pre-copied (before the guest runs here): staged, installed by its first
+    /// fault. False (nothing changed) if it had arrived already or is out of range.
+    pub fn on_staged(&self, page: usize) -> bool {
+        let Some(s) = self.s.get(page) else { return false };
+        let ok = s.compare_exchange(MISSING, STAGED, Ordering::AcqRel, Ordering::Acquire).is_ok();
+        if ok {
+            self.installed.fetch_add(1, Ordering::AcqRel);
+        }
+        ok
+    }
+
+    /// `page` changed at the source after it was staged or announced zero: it is missing
+    /// again (it will be sent again). False if it was not staged or zero.
+    pub fn invalidate(&self, page: usize) -> bool {
+        let Some(s) = self.s.get(page) else { return false };
+        let ok = [STAGED, ZERO]
+            .iter()
+            .any(|&from| s.compare_exchange(from, MISSING, Ordering::AcqRel, Ordering::Acquire).is_ok());
+        if ok {
+            self.installed.fetch_sub(1, Ordering::AcqRel);
+        }
+        ok
+    }
+
+    /// A page claimed by [`OnFault::InstallZero`] or [`OnFault::InstallStaged`] is mapped.
+    pub fn lazy_installed(&self, page: usize) {
         if let Some(s) = self.s.get(page) {
             s.store(INSTALLED, Ordering::Release);
         }
@@ -167,7 +201,7 @@ impl PageStates {
 
     /// The first page that has not arrived, if any (for error messages).
     pub fn first_missing(&self) -> Option<usize> {
-        self.s.iter().position(|s| !matches!(s.load(Ordering::Acquire), INSTALLED | ZERO))
+        self.s.iter().position(|s| !matches!(s.load(Ordering::Acquire), INSTALLED | ZERO | STAGED))
     }
 }
 
@@ -203,7 +237,7 @@ mod tests {
         assert!(!p.is_installed(0));
         assert_eq!(p.on_fault(0), OnFault::InstallZero);
         assert_eq!(p.on_fault(0), OnFault::Wait, "a second fault waits for the first one's install");
-        p.zero_installed(0);
+        p.lazy_installed(0);
         assert_eq!(p.on_fault(0), OnFault::Wake);
         assert_eq!(p.installed(), 1);
         assert_eq!(p.on_fault(1), OnFault::Request);
@@ -215,6 +249,25 @@ mod tests {
         assert_eq!(p.on_arrival(0), OnArrival::Duplicate);
         assert_eq!(p.on_zero(7), OnZero::OutOfRange);
         assert_eq!(p.first_missing(), Some(2));
+    }
+
+    #[test]
+    fn staged_pages_are_mapped_by_their_first_fault_unless_invalidated() {
+        let p = PageStates::new(4);
+        assert!(p.on_staged(0) && p.on_staged(1));
+        assert!(!p.on_staged(1), "staged twice");
+        assert_eq!(p.on_zero(2), OnZero::Lazy);
+        assert_eq!(p.installed(), 3);
+        assert!(p.invalidate(1) && p.invalidate(2), "written again at the source");
+        assert!(!p.invalidate(3), "never arrived");
+        assert_eq!(p.installed(), 1);
+        assert_eq!(p.on_fault(0), OnFault::InstallStaged);
+        p.lazy_installed(0);
+        assert!(p.is_installed(0));
+        assert_eq!(p.on_fault(1), OnFault::Request, "invalidated: asked for again");
+        assert_eq!(p.on_arrival(1), OnArrival::Install { requested: true });
+        assert_eq!(p.on_arrival(2), OnArrival::Install { requested: false });
+        assert!(!p.invalidate(0), "installed pages are not invalidated");
     }
 
     #[test]

@@ -38,6 +38,7 @@ use livemig_transport::{Segment, Transport, TransportError, UrgentChannel, Urgen
 use serde::Serialize;
 
 use super::prepage::{Demand, PrepageStats, Prepager, PushOrder};
+use crate::dirty::DirtySource;
 use crate::guest::{GuestControl, GuestError, GuestMemory};
 use crate::integrity::{Digest, PageDigests};
 use crate::precopy::proto::{self, Msg, PageRun, RegionDesc, Strategy, MAX_RUNS, MAX_STATE_CHUNK};
@@ -74,6 +75,8 @@ impl Default for PostcopyConfig {
 pub enum PostcopyPhase {
     /// Begin/Accept.
     Handshake,
+    /// Hybrid: the pre-copy pass while the guest runs here.
+    Precopy,
     /// Paused, sending the device state (before `Commit`).
     Handover,
     /// After `Commit`: pushing and serving demands.
@@ -86,6 +89,7 @@ impl std::fmt::Display for PostcopyPhase {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             PostcopyPhase::Handshake => "handshake",
+            PostcopyPhase::Precopy => "pre-copy pass",
             PostcopyPhase::Handover => "hand-over",
             PostcopyPhase::Push => "push",
             PostcopyPhase::Verify => "verification",
@@ -174,6 +178,9 @@ pub enum PostcopyError {
     /// Pausing or saving the guest failed (it runs at the source).
     #[error("guest control failed")]
     Guest(#[source] GuestError),
+    /// Dirty tracking failed (hybrid; the guest runs at the source).
+    #[error("dirty tracking failed")]
+    Dirty(#[source] crate::dirty::DirtyError),
     /// The migration failed at or after `Commit`: the destination may run the guest, so the
     /// source copy stays **paused** and intact. If the destination reported success for
     /// some pages only, its guest cannot go on without the rest: whoever holds both sides
@@ -185,8 +192,14 @@ pub enum PostcopyError {
 /// The end of a completed post-copy migration.
 #[derive(Debug, Clone, Serialize)]
 pub struct PostcopySummary {
-    /// `post-copy`.
+    /// `post-copy` or `hybrid`.
     pub strategy: String,
+    /// Hybrid: data pages sent in the pre-copy pass.
+    pub precopy_pages: Option<u64>,
+    /// Hybrid: length of the pre-copy pass, ms.
+    pub precopy_ms: Option<f64>,
+    /// Hybrid: pages written during the pass, sent again after the hand-over.
+    pub invalidated_pages: Option<u64>,
     /// The push order.
     pub order: PushOrder,
     /// Transport backend.
@@ -235,6 +248,9 @@ impl PostcopySummary {
             self.page_size
         );
         s += &format!("  total time     {:.2} s\n", self.total_s);
+        if let (Some(n), Some(ms), Some(inv)) = (self.precopy_pages, self.precopy_ms, self.invalidated_pages) {
+            s += &format!("  pre-copy pass  {n} pages in {ms:.1} ms; {inv} pages written meanwhile, sent again after the resume\n");
+        }
         s += &format!(
             "  downtime       {:.1} ms (pause to resume at the destination; {} B of device state)\n",
             self.downtime_ms, self.device_state_bytes
@@ -282,7 +298,34 @@ pub fn migrate(
     cfg: &PostcopyConfig,
     on_progress: &mut dyn FnMut(&PushProgress),
 ) -> Result<PostcopySummary, PostcopyError> {
-    let span = tracing::info_span!("postcopy_migrate", memory_bytes = memory.len(), transport = %t.kind());
+    run(t, memory, guest, None, cfg, on_progress)
+}
+
+/// Hybrid migration: one pre-copy pass over `memory` while `guest` keeps running (its
+/// writes tracked by `dirty`), then post-copy for the pages written since — they are
+/// invalidated at the destination before the hand-over and pushed or demanded after it,
+/// while every other page is already there.
+pub fn migrate_hybrid(
+    t: &mut dyn Transport,
+    memory: &GuestMemory,
+    guest: &mut dyn GuestControl,
+    dirty: &mut dyn DirtySource,
+    cfg: &PostcopyConfig,
+    on_progress: &mut dyn FnMut(&PushProgress),
+) -> Result<PostcopySummary, PostcopyError> {
+    run(t, memory, guest, Some(dirty), cfg, on_progress)
+}
+
+fn run(
+    t: &mut dyn Transport,
+    memory: &GuestMemory,
+    guest: &mut dyn GuestControl,
+    mut dirty: Option<&mut dyn DirtySource>,
+    cfg: &PostcopyConfig,
+    on_progress: &mut dyn FnMut(&PushProgress),
+) -> Result<PostcopySummary, PostcopyError> {
+    let strategy = if dirty.is_some() { Strategy::Hybrid } else { Strategy::Postcopy };
+    let span = tracing::info_span!("postcopy_migrate", %strategy, memory_bytes = memory.len(), transport = %t.kind());
     let _span = span.enter();
     if let Some(r) = memory.regions().iter().find(|r| t.regions().get(r.id()).is_none()) {
         return Err(PostcopyError::NotRegistered(r.id()));
@@ -299,18 +342,62 @@ pub fn migrate(
     // Handshake.
     let phase = PostcopyPhase::Handshake;
     let regions = memory.regions().iter().map(|r| RegionDesc { len: r.len(), page_size: r.page_size() }).collect();
-    send(t, phase, &Msg::Begin { strategy: Strategy::Postcopy, regions })?;
+    send(t, phase, &Msg::Begin { strategy, regions })?;
     match recv(t, phase, "Accept", cfg.reply_timeout)? {
         Msg::Accept => {}
         Msg::Refuse { reason } => return Err(PostcopyError::Refused(reason)),
         m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
     }
 
+    let mut digests = PageDigests::new(pages, ps);
+    // Hybrid: one pass while the guest runs.
+    let mut pass = None;
+    if let Some(d) = dirty.as_deref_mut() {
+        let t_pass = Instant::now();
+        match precopy_pass(t, memory, &remotes, d, &mut digests, on_progress) {
+            Ok(n) => pass = Some((n, t_pass.elapsed())),
+            Err(e) => {
+                d.stop();
+                let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+                return Err(e);
+            }
+        }
+    }
+
     // Hand-over: the guest stops here.
     let phase = PostcopyPhase::Handover;
-    guest.pause().map_err(PostcopyError::Guest)?;
+    if let Err(e) = guest.pause() {
+        if let Some(d) = dirty.as_deref_mut() {
+            d.stop();
+        }
+        let _ =
+            t.send_message(&Msg::Abort { reason: format!("pausing the guest failed: {}", error_chain(&e)) }.encode());
+        return Err(PostcopyError::Guest(e));
+    }
     let paused = Instant::now();
+    let mut prepager = Prepager::new(pages, cfg.order);
+    let mut invalidated = 0u64;
     let handover = (|| -> Result<Vec<u8>, PostcopyError> {
+        if let Some(d) = dirty.as_deref_mut() {
+            // Every page written since the pass started is stale at the destination.
+            let mut written = crate::PageBitmap::new(pages);
+            let r = d.collect(&mut written).map_err(PostcopyError::Dirty);
+            d.stop();
+            r?;
+            let runs: Vec<PageRun> =
+                written.runs().map(|(f, n)| PageRun { first: f as u64, pages: n as u32 }).collect();
+            for chunk in runs.chunks(MAX_RUNS) {
+                send(t, phase, &Msg::Invalidate { runs: chunk.to_vec() })?;
+            }
+            // Everything else is at the destination already.
+            let mut q = 0;
+            for r in &runs {
+                prepager.mark_sent(q, r.first as usize - q);
+                q = (r.first + r.pages as u64) as usize;
+            }
+            prepager.mark_sent(q, pages - q);
+            invalidated = written.count_ones() as u64;
+        }
         let state = guest.save_state().map_err(PostcopyError::Guest)?;
         let mut chunks = state.chunks(MAX_STATE_CHUNK).peekable();
         if chunks.peek().is_none() {
@@ -330,13 +417,13 @@ pub fn migrate(
         }
     };
 
-    let shared = Mutex::new(Shared { prepager: Prepager::new(pages, cfg.order), digests: PageDigests::new(pages, ps) });
+    let shared = Mutex::new(Shared { prepager, digests });
     let stop = AtomicBool::new(false);
 
     // From Commit on, the destination may run the guest: never resume here.
     let res = std::thread::scope(|s| {
         let responder = s.spawn(|| respond(&*urgent, memory, &remotes, &shared, &stop));
-        let r = push_phase(t, memory, &remotes, &shared, cfg, on_progress, paused);
+        let r = push_phase(t, memory, &remotes, &shared, cfg, on_progress, paused, strategy == Strategy::Postcopy);
         stop.store(true, Ordering::SeqCst);
         let served =
             responder.join().unwrap_or_else(|_| Err(TransportError::Disconnected("responder panicked".into())));
@@ -346,11 +433,21 @@ pub fn migrate(
             (Ok(_), Err(e)) => Err(PostcopyError::Responder(e)),
         }
     });
+    if let Err(e @ PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, .. }) = &res {
+        // An explicit refusal to start instead of Resumed: nothing runs there.
+        resume_after(guest, e);
+        return res.map(|_| unreachable!("matched an error"));
+    }
     guest.handed_over();
     let (resumed_at, pushed_at, checksum, zero_pages) = res.map_err(|e| PostcopyError::HandedOver(Box::new(e)))?;
+    let dirty_ran = strategy == Strategy::Hybrid;
     let st: PrepageStats = lock(&shared).prepager.stats();
+    let (precopy_pages, precopy_ms) = pass.map_or((None, None), |(n, d)| (Some(n), Some(d.as_secs_f64() * 1e3)));
     Ok(PostcopySummary {
-        strategy: Strategy::Postcopy.to_string(),
+        strategy: strategy.to_string(),
+        precopy_pages,
+        precopy_ms,
+        invalidated_pages: dirty_ran.then_some(invalidated),
         order: cfg.order,
         transport: t.kind().to_string(),
         region_bytes: memory.len(),
@@ -377,8 +474,111 @@ fn resume_after(guest: &mut dyn GuestControl, e: &PostcopyError) {
     }
 }
 
+/// The hybrid strategy's pre-copy pass while the guest runs: tracking starts, pages never
+/// populated are announced as zero, every other page is written once (hashed as it goes).
+/// Returns the data pages sent.
+fn precopy_pass(
+    t: &mut dyn Transport,
+    memory: &GuestMemory,
+    remotes: &[u32],
+    dirty: &mut dyn DirtySource,
+    digests: &mut PageDigests,
+    on_progress: &mut dyn FnMut(&PushProgress),
+) -> Result<u64, PostcopyError> {
+    let phase = PostcopyPhase::Precopy;
+    dirty.start().map_err(PostcopyError::Dirty)?;
+    // After start: a page populated from now on is tracked as written.
+    let zero = memory.known_zero_pages();
+    let zero_runs: Vec<PageRun> = zero.runs().map(|(f, n)| PageRun { first: f as u64, pages: n as u32 }).collect();
+    for r in &zero_runs {
+        digests.record_zero(r.first as usize, r.pages as usize);
+    }
+    for chunk in zero_runs.chunks(MAX_RUNS) {
+        send(t, phase, &Msg::Zero { runs: chunk.to_vec() })?;
+    }
+    let ps = memory.page_size() as usize;
+    let pages = memory.pages();
+    let mut sent = 0u64;
+    let mut buf = vec![0u8; ps];
+    let mut batch: Vec<(usize, usize)> = Vec::new();
+    let mut p = 0;
+    while p < pages {
+        // Next batch: up to PASS_BATCH data pages, in page order.
+        batch.clear();
+        let mut n = 0;
+        while p < pages && n < PASS_BATCH {
+            if zero.get(p) {
+                p = zero.next_zero(p);
+                continue;
+            }
+            let end = zero.next_one(p).unwrap_or(pages).min(p + (PASS_BATCH - n));
+            batch.push((p, end - p));
+            n += end - p;
+            p = end;
+        }
+        if batch.is_empty() {
+            break;
+        }
+        post_runs(t, memory, remotes, &batch, phase)?;
+        let runs = batch.iter().map(|&(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();
+        send(t, phase, &Msg::Placed { runs })?;
+        // Hashed after posting: a page the guest writes meanwhile is tracked and sent again.
+        for &(f, k) in &batch {
+            for q in f..f + k {
+                let (i, local) = memory.locate(q).expect("in the page space");
+                memory.regions()[i].read_at((local * ps) as u64, &mut buf);
+                digests.record_bytes(q, &buf);
+            }
+        }
+        sent += n as u64;
+        on_progress(&PushProgress { sent: sent + zero.count_ones() as u64, pages: pages as u64, demanded: 0 });
+    }
+    t.flush().map_err(|source| PostcopyError::Transport { phase, source })?;
+    Ok(sent)
+}
+
+/// Pages per batch of the hybrid pre-copy pass.
+const PASS_BATCH: usize = 2048;
+
+/// Posts the writes of `batch` (runs of pages), each run split at region ends and at 1 MiB.
+fn post_runs(
+    t: &mut dyn Transport,
+    memory: &GuestMemory,
+    remotes: &[u32],
+    batch: &[(usize, usize)],
+    phase: PostcopyPhase,
+) -> Result<(), PostcopyError> {
+    let ps = memory.page_size() as usize;
+    let mut segs: Vec<[Segment; 1]> = Vec::new();
+    let mut meta: Vec<(usize, u64)> = Vec::new();
+    for &(f, k) in batch {
+        let mut p = f;
+        while p < f + k {
+            let (i, local) = memory.locate(p).expect("scheduled pages are in the page space");
+            let left_in_region = memory.regions()[i].pages() - local;
+            let n = (f + k - p).min(left_in_region).min((1 << 20) / ps);
+            segs.push([Segment { offset: (local * ps) as u64, len: (n * ps) as u32 }]);
+            meta.push((i, (local * ps) as u64));
+            p += n;
+        }
+    }
+    let wrs: Vec<WriteRequest<'_>> = segs
+        .iter()
+        .zip(&meta)
+        .map(|(seg, &(i, off))| WriteRequest {
+            local: memory.regions()[i].id(),
+            segments: seg,
+            remote: remotes[i],
+            remote_offset: off,
+        })
+        .collect();
+    t.post_writes(&wrs).map_err(|source| PostcopyError::Transport { phase, source })?;
+    Ok(())
+}
+
 /// Commit, the zero runs, the push, and the verification. Returns when `Resumed` came, when
 /// the last page went, the agreed digest, and how many pages were announced as zero.
+#[allow(clippy::too_many_arguments)]
 fn push_phase(
     t: &mut dyn Transport,
     memory: &GuestMemory,
@@ -387,12 +587,14 @@ fn push_phase(
     cfg: &PostcopyConfig,
     on_progress: &mut dyn FnMut(&PushProgress),
     paused: Instant,
+    find_zero: bool,
 ) -> Result<(Instant, Instant, Digest, u64), PostcopyError> {
     let phase = PostcopyPhase::Push;
     send(t, phase, &Msg::Commit)?;
     match recv(t, phase, "Resumed", cfg.reply_timeout)? {
         Msg::Resumed => {}
-        Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase, reason }),
+        // The destination did not start the guest: it may run here again.
+        Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, reason }),
         m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
     }
     let resumed = Instant::now();
@@ -400,7 +602,7 @@ fn push_phase(
     // Pages never populated are known zero without reading them (the source is frozen; this
     // runs while the guest already runs at the destination, off the downtime). Pages the
     // responder sent meanwhile are left out.
-    let zero = memory.known_zero_pages();
+    let zero = if find_zero { memory.known_zero_pages() } else { crate::PageBitmap::new(0) };
     let mut zero_runs: Vec<PageRun> = Vec::new();
     {
         let mut g = lock(shared);
@@ -429,7 +631,6 @@ fn push_phase(
     let ps = memory.page_size() as usize;
     let total = memory.pages() as u64;
     let mut batch: Vec<(usize, usize)> = Vec::new();
-    let mut segs: Vec<[Segment; 1]> = Vec::new();
     let mut buf = vec![0u8; ps];
     let mut terms: Vec<(usize, u128)> = Vec::new();
     loop {
@@ -451,31 +652,7 @@ fn push_phase(
         if batch.is_empty() {
             break;
         }
-        // Writes: each run split at region ends and at 1 MiB.
-        segs.clear();
-        let mut wrs_meta: Vec<(u32, u64)> = Vec::new();
-        for &(f, k) in &batch {
-            let mut p = f;
-            while p < f + k {
-                let (i, local) = memory.locate(p).expect("scheduled pages are in the page space");
-                let left_in_region = memory.regions()[i].pages() - local;
-                let n = (f + k - p).min(left_in_region).min((1 << 20) / ps);
-                segs.push([Segment { offset: (local * ps) as u64, len: (n * ps) as u32 }]);
-                wrs_meta.push((i as u32, (local * ps) as u64));
-                p += n;
-            }
-        }
-        let wrs: Vec<WriteRequest<'_>> = segs
-            .iter()
-            .zip(&wrs_meta)
-            .map(|(seg, &(i, off))| WriteRequest {
-                local: memory.regions()[i as usize].id(),
-                segments: seg,
-                remote: remotes[i as usize],
-                remote_offset: off,
-            })
-            .collect();
-        t.post_writes(&wrs).map_err(|source| PostcopyError::Transport { phase, source })?;
+        post_runs(t, memory, remotes, &batch, phase)?;
         #[cfg(feature = "fault-injection")]
         fault::corrupt_in_flight(t, memory, remotes, &batch)?;
         let runs = batch.iter().map(|&(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();

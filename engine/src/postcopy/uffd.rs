@@ -108,12 +108,13 @@ pub struct Placer {
     uffd: Uffd,
     views: Vec<View>,
     page_size: usize,
+    armed: bool,
 }
 
 impl Placer {
-    /// Registers the guest's views of `memory` with userfaultfd; `aliases` are their staging
-    /// views ([`staging_aliases`]), in page-space order. From now on, guest accesses to pages
-    /// not installed block until [`install`](Self::install).
+    /// A placer for `memory`, whose staging views are `aliases` ([`staging_aliases`], in
+    /// page-space order), not armed yet: pages may be staged, punched and hashed, and
+    /// [`arm`](Self::arm) registers the guest's views with userfaultfd.
     pub fn new(memory: &GuestMemory, aliases: &[Arc<Region>]) -> Result<Self, PlacerError> {
         let mut views = Vec::with_capacity(memory.regions().len());
         for (i, r) in memory.regions().iter().enumerate() {
@@ -133,18 +134,26 @@ impl Placer {
         if uffd.supported_features() & sys::UFFD_FEATURE_MINOR_SHMEM == 0 {
             return Err(PlacerError::NoMinorShmem);
         }
-        for v in &views {
+        Ok(Placer { uffd, views, page_size: memory.page_size() as usize, armed: false })
+    }
+
+    /// Registers the guest's views with userfaultfd (missing and minor faults). From now on,
+    /// guest accesses to pages not installed block until they are installed.
+    pub fn arm(&mut self) -> Result<(), PlacerError> {
+        for v in &self.views {
             // Pages the guest's view maps already (an embedder's memory that was touched)
             // would never fault: unmap them from the view, so every access comes to us.
             sys::zap_mapping(v.view.as_ptr() as usize, v.view.len() as usize).map_err(os("unmap (MADV_DONTNEED)"))?;
-            uffd.register_modes(
-                v.view.as_ptr() as usize,
-                v.view.len() as usize,
-                sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR,
-            )
-            .map_err(os("register (missing + minor)"))?;
+            self.uffd
+                .register_modes(
+                    v.view.as_ptr() as usize,
+                    v.view.len() as usize,
+                    sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR,
+                )
+                .map_err(os("register (missing + minor)"))?;
+            self.armed = true;
         }
-        Ok(Placer { uffd, views, page_size: memory.page_size() as usize })
+        Ok(())
     }
 
     /// The staging aliases, in page-space order (what the transport exposes).
@@ -272,6 +281,9 @@ impl Placer {
 
 impl Drop for Placer {
     fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
         // Pages never installed would block their faulting threads forever once nobody
         // serves the descriptor; unregistering turns later accesses into plain page-cache
         // faults (the memory is then whatever the page cache holds).
@@ -306,7 +318,8 @@ mod tests {
         // Old content in region 1's page cache (an embedder's memfd is not fresh).
         mem.regions()[1].write_at(0, &[0xEE; 4096 * 8]);
         let aliases = staging_aliases(&mem, |i| 100 + i as u32, Access::LOCAL).unwrap();
-        let placer = Placer::new(&mem, &aliases).unwrap();
+        let mut placer = Placer::new(&mem, &aliases).unwrap();
+        placer.arm().unwrap();
         let done = AtomicBool::new(false);
         std::thread::scope(|s| {
             let guest = s.spawn(|| {

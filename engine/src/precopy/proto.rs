@@ -11,7 +11,7 @@
 //! byte 4      version (VERSION; decoders accept MIN_VERSION..=VERSION)
 //! byte 5      message type (see `Msg`)
 //! byte 6..    payload, little-endian, fixed layout per type:
-//!   1 Begin          strategy u8 (0 pre-copy | 1 post-copy) | n u16 (1..=MAX_REGIONS) |
+//!   1 Begin          strategy u8 (0 pre-copy | 1 post-copy | 2 hybrid) | n u16 (1..=MAX_REGIONS) |
 //!                    n × (region_len u64 | page_size u32)
 //!   2 Accept         -
 //!   3 Refuse         reason: text
@@ -31,6 +31,8 @@
 //!                    is processed, in particular its Zero runs)
 //!  17 Demand         page u64 (post-copy, destination → source on the urgent channel: the
 //!                    guest faulted on this page of the page space)
+//!  18 Invalidate     runs   (hybrid, before Commit: these pages were written again after
+//!                    they were sent; they will be sent again)
 //! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
 //! runs = n u32 (≤ MAX_RUNS) | n × (first_page u64 | pages u32 ≥ 1)
 //! checksum = a region digest (`integrity::Digest::to_bytes`): sum u128 | pages u64 | 0 u64
@@ -83,6 +85,9 @@ pub enum Strategy {
     Precopy,
     /// The guest moves first; its pages follow, pushed and demanded.
     Postcopy,
+    /// One pre-copy pass while the guest runs at the source, then post-copy for the pages
+    /// written since.
+    Hybrid,
 }
 
 impl Strategy {
@@ -90,6 +95,7 @@ impl Strategy {
         match self {
             Strategy::Precopy => 0,
             Strategy::Postcopy => 1,
+            Strategy::Hybrid => 2,
         }
     }
 }
@@ -99,6 +105,7 @@ impl std::fmt::Display for Strategy {
         f.write_str(match self {
             Strategy::Precopy => "pre-copy",
             Strategy::Postcopy => "post-copy",
+            Strategy::Hybrid => "hybrid",
         })
     }
 }
@@ -195,6 +202,12 @@ pub enum Msg {
     Demand {
         /// The page.
         page: u64,
+    },
+    /// Source → destination (hybrid, before `Commit`): these pages changed after they were
+    /// sent in the pre-copy pass; they will be sent again.
+    Invalidate {
+        /// Runs of pages (at most [`MAX_RUNS`]).
+        runs: Vec<PageRun>,
     },
     /// Either way: the migration is abandoned.
     Abort {
@@ -333,6 +346,7 @@ impl Msg {
             Msg::Placed { .. } => 15,
             Msg::IterationAck { .. } => 16,
             Msg::Demand { .. } => 17,
+            Msg::Invalidate { .. } => 18,
         }
     }
 
@@ -356,6 +370,7 @@ impl Msg {
             Msg::Placed { .. } => "Placed",
             Msg::IterationAck { .. } => "IterationAck",
             Msg::Demand { .. } => "Demand",
+            Msg::Invalidate { .. } => "Invalidate",
         }
     }
 
@@ -385,7 +400,7 @@ impl Msg {
                 out.extend_from_slice(bytes);
             }
             Msg::Refuse { reason } | Msg::Abort { reason } => put_text(&mut out, reason),
-            Msg::Zero { runs } | Msg::Placed { runs } => {
+            Msg::Zero { runs } | Msg::Placed { runs } | Msg::Invalidate { runs } => {
                 debug_assert!(runs.len() <= MAX_RUNS && runs.iter().all(|r| r.pages > 0));
                 out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
                 for r in runs {
@@ -431,6 +446,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
             let strategy = match r.u8()? {
                 0 => Strategy::Precopy,
                 1 => Strategy::Postcopy,
+                2 => Strategy::Hybrid,
                 v => return Err(ProtoError::Invalid { field: "strategy", value: v as u64 }),
             };
             let n = r.u16()? as usize;
@@ -474,6 +490,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
         15 => Msg::Placed { runs: r.runs()? },
         16 => Msg::IterationAck { iter: r.u32()? },
         17 => Msg::Demand { page: r.u64()? },
+        18 => Msg::Invalidate { runs: r.runs()? },
         t => return Err(ProtoError::UnknownType(t)),
     };
     if r.pos != b.len() {
@@ -495,6 +512,8 @@ mod tests {
                 regions: vec![RegionDesc { len: 1, page_size: 1 }; MAX_REGIONS],
             },
             Msg::Demand { page: u64::MAX },
+            Msg::Invalidate { runs: vec![PageRun { first: 3, pages: 2 }] },
+            Msg::Begin { strategy: Strategy::Hybrid, regions: vec![RegionDesc { len: 8192, page_size: 4096 }] },
             Msg::DeviceState { last: true, bytes: vec![1, 2, 3] },
             Msg::DeviceState { last: false, bytes: vec![] },
             Msg::Accept,
