@@ -405,7 +405,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         _ => None,
     };
     if a.strategy != StrategyChoice::Precopy {
-        return run_postcopy_source(a, t.as_mut(), &region, workload.as_mut(), before);
+        return run_postcopy_source(a, t, &region, workload.as_mut(), before);
     }
     let cfg = source::SourceConfig {
         policy: a.policy_config(),
@@ -474,7 +474,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
 /// The source side of a post-copy migration over the connected `t`.
 fn run_postcopy_source(
     a: &MigrateArgs,
-    t: &mut dyn livemig_transport::Transport,
+    mut t: Box<dyn livemig_transport::Transport>,
     region: &Arc<Region>,
     mut workload: Option<&mut Workload>,
     before: Option<f64>,
@@ -499,19 +499,23 @@ fn run_postcopy_source(
     };
     let res = if a.strategy == StrategyChoice::Hybrid {
         let mut dirty = MemoryTracker::open(&memory).context("opening the dirty tracker")?;
-        postcopy::migrate_hybrid(t, &memory, guest, &mut dirty, &cfg, &mut on_progress)
+        postcopy::migrate_hybrid(t.as_mut(), &memory, guest, &mut dirty, &cfg, &mut on_progress)
     } else {
-        postcopy::migrate(t, &memory, guest, &cfg, &mut on_progress)
+        postcopy::migrate(t.as_mut(), &memory, guest, &cfg, &mut on_progress)
     };
     bar.finish_and_clear();
     let summary = match res {
         Ok(s) => s,
         Err(e @ postcopy::PostcopyError::HandedOver(_)) => {
-            // The destination may run the guest: this copy stays paused, never resumed.
+            // The destination runs the guest: this copy is never resumed.
             if let Some(w) = workload {
-                w.stop().context("discarding the paused source copy")?;
+                w.stop().context("discarding the source copy")?;
             }
             return Err(anyhow::Error::new(e).context("post-copy migration failed after the hand-over"));
+        }
+        Err(e @ postcopy::PostcopyError::InDoubt(_)) => {
+            drop(t);
+            return hold_postcopy_in_doubt(e, workload, secs(a.after));
         }
         Err(e) => {
             let running = workload.as_ref().map(|w| w.state().to_string()).unwrap_or_else(|| "none".into());
@@ -533,14 +537,23 @@ fn run_postcopy_source(
     Ok(())
 }
 
+/// Post-copy's hand-over is in doubt: held like pre-copy's ([`hold_in_doubt`]).
+fn hold_postcopy_in_doubt(e: postcopy::PostcopyError, workload: Option<&mut Workload>, after: Duration) -> Result<()> {
+    hold_paused(engine_precopy::error_chain(&e), workload, after)
+}
+
 /// The switchover is in doubt ([`source::SourceError::InDoubt`]): the destination may run the
 /// workload, so the source copy is held paused — never resumed on its own, never thrown away
 /// on its own — until the operator says which copy lives: `SIGUSR1` resumes it here (do that
 /// only after making sure the destination does not run it), `SIGTERM`/`SIGINT` discards it.
 fn hold_in_doubt(e: source::SourceError, workload: Option<&mut Workload>, after: Duration) -> Result<()> {
+    hold_paused(engine_precopy::error_chain(&e), workload, after)
+}
+
+/// Holds the paused source copy until the operator decides (see [`hold_in_doubt`]).
+fn hold_paused(msg: String, workload: Option<&mut Workload>, after: Duration) -> Result<()> {
     use signal_hook::consts::{SIGINT, SIGTERM, SIGUSR1};
     use std::sync::atomic::{AtomicUsize, Ordering};
-    let msg = engine_precopy::error_chain(&e);
     let Some(w) = workload else {
         bail!("{msg} (no workload: nothing to hold)");
     };

@@ -310,6 +310,8 @@ pub struct PostcopyRun {
     pub source_digest: String,
     /// The workload running at the destination, if one was migrated and started.
     pub workload: Option<Workload>,
+    /// The source's workload (paused after a hand-over, running after a failure before it).
+    pub source_workload: Option<Workload>,
 }
 
 /// One post-copy migration in process over TCP loopback (with the urgent channel): a source
@@ -341,6 +343,19 @@ pub fn postcopy_pair_filled(
     cfg: &livemig_engine::postcopy::PostcopyConfig,
     filled: u64,
     hybrid: bool,
+) -> PostcopyRun {
+    postcopy_pair_with(len, params, cfg, filled, hybrid, |t| t)
+}
+
+/// [`postcopy_pair_filled`] with the source's transport passed through `wrap` first (e.g. a
+/// fault injector that cuts the link at a chosen message).
+pub fn postcopy_pair_with(
+    len: u64,
+    params: Option<WorkloadParams>,
+    cfg: &livemig_engine::postcopy::PostcopyConfig,
+    filled: u64,
+    hybrid: bool,
+    wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
 ) -> PostcopyRun {
     use livemig_engine::postcopy::{self, PostcopyDestConfig};
     let io = Duration::from_secs(10);
@@ -374,16 +389,17 @@ pub fn postcopy_pair_filled(
     let mut fill = livemig_transport::PageBitmap::new(region.pages());
     fill.set_range(0, filled.min(region.pages() as u64) as usize);
     livemig_transport::testdata::fill_pages(&region, &fill, 1);
-    let mut workload = params.map(|p| {
+    let mut source_workload = params.map(|p| {
         let mut w = Workload::init(region.clone(), p).expect("workload init");
         w.start().expect("workload start");
         w
     });
     std::thread::sleep(Duration::from_millis(200));
-    let mut t = connect::connect(TransportKind::Tcp, &addr, &opts, &secret, &table).expect("connect");
+    let t = connect::connect(TransportKind::Tcp, &addr, &opts, &secret, &table).expect("connect");
+    let mut t = wrap(t);
     let memory = GuestMemory::single(region.clone());
     let mut idle = Idle;
-    let guest: &mut dyn GuestControl = match workload.as_mut() {
+    let guest: &mut dyn GuestControl = match source_workload.as_mut() {
         Some(w) => w,
         None => &mut idle,
     };
@@ -394,7 +410,7 @@ pub fn postcopy_pair_filled(
         postcopy::migrate(t.as_mut(), &memory, guest, cfg, &mut |_| {})
     };
     let source_digest = livemig_engine::integrity::region_digest(&region, len).hex();
-    let (dest, workload) = dst.join().expect("destination thread");
     drop(t);
-    PostcopyRun { source, dest, source_digest, workload }
+    let (dest, workload) = dst.join().expect("destination thread");
+    PostcopyRun { source, dest, source_digest, workload, source_workload }
 }

@@ -181,12 +181,18 @@ pub enum PostcopyError {
     /// Dirty tracking failed (hybrid; the guest runs at the source).
     #[error("dirty tracking failed")]
     Dirty(#[source] crate::dirty::DirtyError),
-    /// The migration failed at or after `Commit`: the destination may run the guest, so the
-    /// source copy stays **paused** and intact. If the destination reported success for
-    /// some pages only, its guest cannot go on without the rest: whoever holds both sides
-    /// decides.
-    #[error("post-copy failed after the hand-over; the source copy stays paused")]
+    /// The migration failed after the destination reported the guest running (`Resumed`):
+    /// the source copy never runs again ([`GuestControl::handed_over`] was called) and is
+    /// kept intact; the destination's guest cannot go on without the pages that did not
+    /// arrive.
+    #[error("post-copy failed after the hand-over; the source copy is kept but never resumed")]
     HandedOver(#[source] Box<PostcopyError>),
+    /// The migration failed after `Commit` was sent and before `Resumed` came: the
+    /// destination may or may not run the guest, so the source copy stays **paused** and
+    /// intact; whoever holds both sides decides (resume it only once sure the destination
+    /// does not run it).
+    #[error("post-copy hand-over in doubt: Commit was sent, no Resumed came; the source copy stays paused")]
+    InDoubt(#[source] Box<PostcopyError>),
 }
 
 /// The end of a completed post-copy migration.
@@ -419,11 +425,22 @@ fn run(
 
     let shared = Mutex::new(Shared { prepager, digests });
     let stop = AtomicBool::new(false);
+    let resumed = AtomicBool::new(false);
 
     // From Commit on, the destination may run the guest: never resume here.
     let res = std::thread::scope(|s| {
         let responder = s.spawn(|| respond(&*urgent, memory, &remotes, &shared, &stop));
-        let r = push_phase(t, memory, &remotes, &shared, cfg, on_progress, paused, strategy == Strategy::Postcopy);
+        let r = push_phase(
+            t,
+            memory,
+            &remotes,
+            &shared,
+            cfg,
+            on_progress,
+            paused,
+            strategy == Strategy::Postcopy,
+            &resumed,
+        );
         stop.store(true, Ordering::SeqCst);
         let served =
             responder.join().unwrap_or_else(|_| Err(TransportError::Disconnected("responder panicked".into())));
@@ -437,6 +454,9 @@ fn run(
         // An explicit refusal to start instead of Resumed: nothing runs there.
         resume_after(guest, e);
         return res.map(|_| unreachable!("matched an error"));
+    }
+    if !resumed.load(Ordering::SeqCst) {
+        return res.map(|_| unreachable!("no Resumed means an error")).map_err(|e| PostcopyError::InDoubt(Box::new(e)));
     }
     guest.handed_over();
     let (resumed_at, pushed_at, checksum, zero_pages) = res.map_err(|e| PostcopyError::HandedOver(Box::new(e)))?;
@@ -588,6 +608,7 @@ fn push_phase(
     on_progress: &mut dyn FnMut(&PushProgress),
     paused: Instant,
     find_zero: bool,
+    resumed_flag: &AtomicBool,
 ) -> Result<(Instant, Instant, Digest, u64), PostcopyError> {
     let phase = PostcopyPhase::Push;
     send(t, phase, &Msg::Commit)?;
@@ -598,6 +619,7 @@ fn push_phase(
         m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
     }
     let resumed = Instant::now();
+    resumed_flag.store(true, Ordering::SeqCst);
     tracing::info!(downtime_ms = (resumed - paused).as_secs_f64() * 1e3, "the guest runs at the destination");
     // Pages never populated are known zero without reading them (the source is frozen; this
     // runs while the guest already runs at the destination, off the downtime). Pages the
