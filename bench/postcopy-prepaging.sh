@@ -8,7 +8,8 @@
 # Pre-copy of the same guest on the same link is printed as a second baseline (downtime).
 #
 #   bench/postcopy-prepaging.sh [LIVEMIG_BIN] ; env: LINK=1gbit SIZE=512M WSS=256M THREADS=8
-#   WORKLOAD=seq RATE=0 (pages/s over all threads, 0 = flat out) RUNS=1
+#   WORKLOAD=seq RATE=0 (pages/s over all threads, 0 = flat out) WARMUP=0.5 (seconds the
+#   workload runs before the migration: with a rate, long enough to populate WSS) RUNS=1
 set -euo pipefail
 BIN=${1:-${LIVEMIG_BIN:-target/release/livemig}}
 LINK=${LINK:-1gbit}
@@ -18,6 +19,7 @@ THREADS=${THREADS:-8}
 WORKLOAD=${WORKLOAD:-seq}
 RATE=${RATE:-0}
 RUNS=${RUNS:-1}
+WARMUP=${WARMUP:-0.5}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 
@@ -32,7 +34,7 @@ orders=(
   "bubbling-7-dual|--push bubbling --pivots 7 --expansion dual"
 )
 common=(--local --link "$LINK" --transport tcp --size "$SIZE" --wss "$WSS" --threads "$THREADS"
-        --workload "$WORKLOAD" --rate "$RATE" --warmup 0.5 --after 0.5 --json --no-progress)
+        --workload "$WORKLOAD" --rate "$RATE" --warmup "$WARMUP" --after 0.5 --json --no-progress)
 
 for r in $(seq 1 "$RUNS"); do
   for o in "${orders[@]}"; do

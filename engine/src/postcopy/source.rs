@@ -62,7 +62,7 @@ impl Default for PostcopyConfig {
     fn default() -> Self {
         PostcopyConfig {
             order: PushOrder::default(),
-            batch_pages: 256,
+            batch_pages: 64,
             run_pages: 64,
             reply_timeout: crate::precopy::REPLY_TIMEOUT,
         }
