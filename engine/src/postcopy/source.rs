@@ -386,10 +386,10 @@ fn run(
     let handover = (|| -> Result<Vec<u8>, PostcopyError> {
         if let Some(d) = dirty.as_deref_mut() {
             // Every page written since the pass started is stale at the destination.
+            // (Tracking is stopped after the hand-over: un-protecting the memory takes time
+            // and the paused guest writes nothing meanwhile.)
             let mut written = crate::PageBitmap::new(pages);
-            let r = d.collect(&mut written).map_err(PostcopyError::Dirty);
-            d.stop();
-            r?;
+            d.collect(&mut written).map_err(PostcopyError::Dirty)?;
             let runs: Vec<PageRun> =
                 written.runs().map(|(f, n)| PageRun { first: f as u64, pages: n as u32 }).collect();
             for chunk in runs.chunks(MAX_RUNS) {
@@ -417,6 +417,9 @@ fn run(
     let state = match handover {
         Ok(v) => v,
         Err(e) => {
+            if let Some(d) = dirty.as_deref_mut() {
+                d.stop();
+            }
             resume_after(guest, &e);
             let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
             return Err(e);
@@ -430,6 +433,11 @@ fn run(
     // From Commit on, the destination may run the guest: never resume here.
     let res = std::thread::scope(|s| {
         let responder = s.spawn(|| respond(&*urgent, memory, &remotes, &shared, &stop));
+        let mut on_resumed = || {
+            if let Some(d) = dirty.as_deref_mut() {
+                d.stop();
+            }
+        };
         let r = push_phase(
             t,
             memory,
@@ -440,7 +448,9 @@ fn run(
             paused,
             strategy == Strategy::Postcopy,
             &resumed,
+            &mut on_resumed,
         );
+        on_resumed();
         stop.store(true, Ordering::SeqCst);
         let served =
             responder.join().unwrap_or_else(|_| Err(TransportError::Disconnected("responder panicked".into())));
@@ -609,6 +619,7 @@ fn push_phase(
     paused: Instant,
     find_zero: bool,
     resumed_flag: &AtomicBool,
+    on_resumed: &mut dyn FnMut(),
 ) -> Result<(Instant, Instant, Digest, u64), PostcopyError> {
     let phase = PostcopyPhase::Push;
     send(t, phase, &Msg::Commit)?;
@@ -620,6 +631,7 @@ fn push_phase(
     }
     let resumed = Instant::now();
     resumed_flag.store(true, Ordering::SeqCst);
+    on_resumed();
     tracing::info!(downtime_ms = (resumed - paused).as_secs_f64() * 1e3, "the guest runs at the destination");
     // Pages never populated are known zero without reading them (the source is frozen; this
     // runs while the guest already runs at the destination, off the downtime). Pages the
