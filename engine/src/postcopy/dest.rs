@@ -169,7 +169,13 @@ impl Ctx<'_> {
         }
         self.placer.punch(first, n).map_err(PostcopyDestError::Install)?;
         let zero_page = vec![0u8; self.page_size];
-        let mut terms = Vec::with_capacity(n);
+        // Terms first: once the last page counts as arrived, the digest is taken.
+        {
+            let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+            for p in first..end {
+                d.record_term(p, PageDigests::page_term(p, &zero_page));
+            }
+        }
         for p in first..end {
             match self.states.on_zero(p) {
                 OnZero::Lazy => {}
@@ -184,11 +190,6 @@ impl Ctx<'_> {
                     return Err(PostcopyDestError::Violation(format!("zero page {p} arrived twice")))
                 }
             }
-            terms.push((p, PageDigests::page_term(p, &zero_page)));
-        }
-        let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
-        for (q, term) in terms {
-            d.record_term(q, term);
         }
         Ok(n as u64)
     }
@@ -248,6 +249,13 @@ impl Ctx<'_> {
             }
             self.placer.install(f, k).map_err(PostcopyDestError::Install)?;
             let now = Instant::now();
+            // Terms first: once the last page counts as installed, the digest is taken.
+            {
+                let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
+                for (q, term) in terms {
+                    d.record_term(q, term);
+                }
+            }
             for &(q, requested) in &claimed {
                 self.states.installed_now(q);
                 if requested {
@@ -255,10 +263,6 @@ impl Ctx<'_> {
                         self.latencies.lock().unwrap_or_else(|e| e.into_inner()).push(now - t);
                     }
                 }
-            }
-            let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
-            for (q, term) in terms {
-                d.record_term(q, term);
             }
             installed += k as u64;
         }
@@ -404,11 +408,23 @@ pub fn receive(
     let stop = AtomicBool::new(false);
     let counts = Mutex::new((0u64, 0u64, 0u64)); // demand requests, waited faults, urgent pages
     let started = Instant::now();
+    // Set by a helper thread that failed, so the control loop stops at once.
+    let failed = AtomicBool::new(false);
+    let mut resumed_sent = false;
     let out = std::thread::scope(|s| {
-        let faults = s.spawn(|| handle_faults(&ctx, &*urgent, &stop, &counts));
-        let installer = s.spawn(|| install_urgent(&ctx, &*urgent, &stop, &counts));
+        let failed = &failed;
+        let flag = move |r: Result<(), PostcopyDestError>| {
+            if r.is_err() {
+                failed.store(true, Ordering::SeqCst);
+            }
+            r
+        };
+        let (ctx, urgent, stop, counts) = (&ctx, &*urgent, &stop, &counts);
+        let faults = s.spawn(move || flag(handle_faults(ctx, urgent, stop, counts)));
+        let installer = s.spawn(move || flag(install_urgent(ctx, urgent, stop, counts)));
         let r = (|| {
             if let Err(e) = start(state) {
+                // Nothing runs here: the source may resume its copy.
                 let _ = t.send_message(
                     &Msg::Abort { reason: format!("starting the guest failed: {}", error_chain(&e)) }.encode(),
                 );
@@ -416,20 +432,25 @@ pub fn receive(
             }
             tracing::info!("the guest runs here; its pages follow");
             t.send_message(&Msg::Resumed.encode()).map_err(PostcopyDestError::Link)?;
-            control(t, &ctx, cfg, on_progress)
+            resumed_sent = true;
+            control(t, ctx, cfg, failed, on_progress)
         })();
         stop.store(true, Ordering::SeqCst);
         let f = faults.join().unwrap_or_else(|_| Err(PostcopyDestError::Violation("fault handler panicked".into())));
         let i = installer.join().unwrap_or_else(|_| Err(PostcopyDestError::Violation("installer panicked".into())));
-        // The control loop's error first: it says what happened to the session.
         match (r, f, i) {
             (Ok(v), Ok(()), Ok(())) => Ok(v),
+            // A helper's own error says more than the control loop's "a helper failed".
+            (_, Err(e), _) | (_, Ok(()), Err(e)) if failed.load(Ordering::SeqCst) => Err(e),
             (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Err(e)) => Err(e),
         }
     });
     let complete_ms = started.elapsed().as_secs_f64() * 1e3;
     match out {
         Ok((zero, pushed, checksum)) => {
+            // Every page is verified: stop placing (faults on lazy pages now go to the page
+            // cache directly) before anything else.
+            drop(placer);
             let _ = t.send_message(&Msg::Done.encode());
             let (demand_requests, waited_faults, urgent_pages) = *counts.lock().unwrap_or_else(|e| e.into_inner());
             let mut l = latencies.into_inner().unwrap_or_else(|e| e.into_inner());
@@ -453,7 +474,11 @@ pub fn receive(
         }
         Err(PostcopyDestError::Guest(e)) => Err(PostcopyDestError::Guest(e)),
         Err(e) => {
-            let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+            // Only once the source knows the guest runs here: an Abort instead of Resumed
+            // would tell it that nothing runs here, and it would resume its copy.
+            if resumed_sent {
+                let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+            }
             let installed = states.installed() as u64;
             // Keep the registration: the guest's threads stay blocked on missing pages
             // instead of reading memory that never arrived.
@@ -469,8 +494,10 @@ fn control(
     t: &mut dyn Transport,
     ctx: &Ctx<'_>,
     cfg: &PostcopyDestConfig,
+    failed: &AtomicBool,
     on_progress: &mut dyn FnMut(u64, u64),
 ) -> Result<(u64, u64, String), PostcopyDestError> {
+    let helper_failed = || PostcopyDestError::Violation("a fault-handling thread failed".into());
     let pages = ctx.states.pages() as u64;
     let (mut zero, mut pushed) = (0u64, 0u64);
     let mut last_progress = Instant::now();
@@ -479,6 +506,9 @@ fn control(
     let check_runs =
         |runs: &[PageRun]| runs.iter().all(|r| r.first.checked_add(r.pages as u64).is_some_and(|e| e <= pages));
     let theirs = loop {
+        if failed.load(Ordering::SeqCst) {
+            return Err(helper_failed());
+        }
         let m = match t.recv_message(Some(Duration::from_millis(200))).map_err(PostcopyDestError::Link)? {
             Some(b) => proto::decode(&b).map_err(|e| PostcopyDestError::Violation(e.to_string()))?,
             None => {
@@ -515,6 +545,9 @@ fn control(
     // Urgent pages may still be landing: wait for every page (bounded).
     let deadline = Instant::now() + cfg.reply_timeout;
     while !ctx.states.complete() {
+        if failed.load(Ordering::SeqCst) {
+            return Err(helper_failed());
+        }
         if Instant::now() > deadline {
             let first = ctx.states.first_missing().unwrap_or(0);
             return Err(PostcopyDestError::Violation(format!(
@@ -562,7 +595,10 @@ fn handle_faults(
                     urgent.send_message(&Msg::Demand { page: p as u64 }.encode()).map_err(PostcopyDestError::Link)?;
                 }
                 OnFault::Wait => counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1,
-                OnFault::Wake => ctx.placer.wake(p).map_err(PostcopyDestError::Install)?,
+                // Installed, yet it faulted: either the event predates the installation (the
+                // page is mapped: EEXIST, just wake) or the page lost its mapping since
+                // (reclaim, the embedder's MADV_DONTNEED): map it again.
+                OnFault::Wake => ctx.placer.reinstall(p).map_err(PostcopyDestError::Install)?,
                 OnFault::InstallZero => {
                     ctx.placer.install_zero(p, 1).map_err(PostcopyDestError::Install)?;
                     ctx.states.lazy_installed(p);

@@ -172,9 +172,6 @@ pub enum PostcopyError {
         /// Theirs (hex).
         dest_sum: String,
     },
-    /// The demand responder failed.
-    #[error("serving demand requests failed")]
-    Responder(#[source] TransportError),
     /// Pausing or saving the guest failed (it runs at the source).
     #[error("guest control failed")]
     Guest(#[source] GuestError),
@@ -457,7 +454,12 @@ fn run(
         match (r, served) {
             (Ok(v), Ok(())) => Ok(v),
             (Err(e), _) => Err(e),
-            (Ok(_), Err(e)) => Err(PostcopyError::Responder(e)),
+            // The destination verified every page; the channel closing at the end is no
+            // failure.
+            (Ok(v), Err(e)) => {
+                tracing::debug!(error = %e, "the demand responder ended with an error after the verification");
+                Ok(v)
+            }
         }
     });
     if let Err(e @ PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, .. }) = &res {
@@ -672,8 +674,9 @@ fn push_phase(
         let (sent, demanded) = {
             let mut g = lock(shared);
             let mut n = 0;
-            while n < cfg.batch_pages {
-                match g.prepager.next_run(cfg.run_pages.min(cfg.batch_pages - n)) {
+            let batch_pages = cfg.batch_pages.max(1);
+            while n < batch_pages {
+                match g.prepager.next_run(cfg.run_pages.max(1).min(batch_pages - n)) {
                     Some((f, k)) => {
                         batch.push((f, k));
                         n += k;
@@ -779,16 +782,27 @@ fn respond(
                 continue;
             }
         };
-        let verdict = lock(shared).prepager.demand(page);
-        match verdict {
-            Demand::Send => {}
-            Demand::AlreadySent => continue,
-            Demand::OutOfRange => {
-                tracing::warn!(page, "demand for a page outside the guest memory");
-                continue;
+        let Some((i, local)) = memory.locate(page) else {
+            tracing::warn!(page, "demand for a page outside the guest memory");
+            continue;
+        };
+        // The memory is frozen: hash first, then take the page and record its term at once,
+        // so that the digest covers every page the scheduler counts as sent.
+        memory.regions()[i].read_at((local * ps) as u64, &mut buf);
+        let term = PageDigests::page_term(page, &buf);
+        {
+            let mut g = lock(shared);
+            match g.prepager.demand(page) {
+                Demand::Send => {
+                    g.digests.record_term(page, term);
+                }
+                Demand::AlreadySent => continue,
+                Demand::OutOfRange => {
+                    tracing::warn!(page, "demand for a page outside the guest memory");
+                    continue;
+                }
             }
         }
-        let (i, local) = memory.locate(page).expect("checked by the scheduler");
         let seg = [Segment { offset: (local * ps) as u64, len: ps as u32 }];
         urgent.post_write(&WriteRequest {
             local: memory.regions()[i].id(),
@@ -796,9 +810,6 @@ fn respond(
             remote: remotes[i],
             remote_offset: (local * ps) as u64,
         })?;
-        memory.regions()[i].read_at((local * ps) as u64, &mut buf);
-        let term = PageDigests::page_term(page, &buf);
-        lock(shared).digests.record_term(page, term);
     }
     Ok(())
 }

@@ -129,7 +129,9 @@ impl Placer {
                 })?;
             views.push(View { view: r.clone(), alias: alias.clone(), base: memory.base(i), pages: r.pages() });
         }
-        let uffd = Uffd::open(sys::UFFD_FEATURE_MINOR_SHMEM, true)
+        // Not the user-mode-only fallback: kernel accesses to guest memory (system calls on
+        // its buffers, futexes) must block on missing pages too, not fail with EFAULT.
+        let uffd = Uffd::open(sys::UFFD_FEATURE_MINOR_SHMEM, false)
             .map_err(|e| PlacerError::Os { op: "open", source: io::Error::other(crate::precopy::error_chain(&e)) })?;
         if uffd.supported_features() & sys::UFFD_FEATURE_MINOR_SHMEM == 0 {
             return Err(PlacerError::NoMinorShmem);
@@ -141,9 +143,6 @@ impl Placer {
     /// guest accesses to pages not installed block until they are installed.
     pub fn arm(&mut self) -> Result<(), PlacerError> {
         for v in &self.views {
-            // Pages the guest's view maps already (an embedder's memory that was touched)
-            // would never fault: unmap them from the view, so every access comes to us.
-            sys::zap_mapping(v.view.as_ptr() as usize, v.view.len() as usize).map_err(os("unmap (MADV_DONTNEED)"))?;
             self.uffd
                 .register_modes(
                     v.view.as_ptr() as usize,
@@ -152,6 +151,10 @@ impl Placer {
                 )
                 .map_err(os("register (missing + minor)"))?;
             self.armed = true;
+            // Pages the guest's view maps already (an embedder's memory that was touched)
+            // would never fault: unmap them from the view (after registering, so that no
+            // access slips in between), and every access comes to us.
+            sys::zap_mapping(v.view.as_ptr() as usize, v.view.len() as usize).map_err(os("unmap (MADV_DONTNEED)"))?;
         }
         Ok(())
     }
@@ -240,6 +243,21 @@ impl Placer {
             sys::punch_hole(fd, local as u64 * ps, k as u64 * ps).map_err(os("zero (punch)"))?;
         }
         Ok(())
+    }
+
+    /// A fault on `page`, installed already: maps it again if it lost its mapping (from the
+    /// page cache, or as a zero page if its page cache entry is gone too), else wakes the
+    /// threads waiting on it.
+    pub fn reinstall(&self, page: usize) -> Result<(), PlacerError> {
+        let (i, local) = self.locate(page).ok_or(PlacerError::Range { first: page, n: 1 })?;
+        let start = self.views[i].view.as_ptr() as usize + local * self.page_size;
+        match self.uffd.continue_range(start, self.page_size) {
+            Ok(()) => Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.wake(page),
+            // No page in the cache (a hole punched by the embedder): it reads as zeros.
+            Err(e) if e.raw_os_error() == Some(libc::EFAULT) => self.install_zero(page, 1),
+            Err(e) => Err(PlacerError::Os { op: "continue", source: e }),
+        }
     }
 
     /// Wakes the threads waiting on `page` (a fault whose page was installed meanwhile).
@@ -359,6 +377,41 @@ mod tests {
         // Installing twice is refused.
         assert!(placer.install(0, 1).is_err());
         assert!(matches!(placer.install(15, 2), Err(PlacerError::Range { .. })));
+    }
+
+    /// A page installed, then unmapped from the guest's view (reclaim, an embedder's
+    /// MADV_DONTNEED), faults again: `reinstall` maps it again with its content.
+    #[test]
+    fn a_page_that_lost_its_mapping_is_mapped_again() {
+        let mem = memory(&[4]);
+        let aliases = staging_aliases(&mem, |_| 100, Access::LOCAL).unwrap();
+        let mut placer = Placer::new(&mem, &aliases).unwrap();
+        placer.arm().unwrap();
+        assert!(aliases[0].write_at(4096, &[7u8; 4096]));
+        placer.install(1, 1).unwrap();
+        let view = &mem.regions()[0];
+        sys::zap_mapping(view.as_ptr() as usize + 4096, 4096).unwrap();
+        let done = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let reader = s.spawn(|| {
+                let mut b = [0u8; 1];
+                assert!(view.read_at(4096 + 9, &mut b));
+                done.store(true, Ordering::SeqCst);
+                b[0]
+            });
+            let mut faults = Vec::new();
+            while !done.load(Ordering::SeqCst) {
+                faults.clear();
+                placer.wait_faults(Duration::from_millis(50), &mut faults).unwrap();
+                for &p in &faults {
+                    assert_eq!(p, 1);
+                    placer.reinstall(p).unwrap();
+                }
+            }
+            assert_eq!(reader.join().unwrap(), 7);
+        });
+        // Mapped: a second reinstall only wakes (EEXIST).
+        placer.reinstall(1).unwrap();
     }
 
     #[test]
