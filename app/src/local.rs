@@ -58,7 +58,7 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
             let mut dst = spawn_dest(a, Some(&net.dst), &format!("{}:0", net.dst_ip), &secret)?;
             let exe = std::env::current_exe()?;
             eprintln!(
-                "link: veth {} <-> {} in netns {} / {}, shaped to {rate} with tc tbf",
+                "link: veth {} <-> {} in netns {} / {}, shaped to {rate} with tc tbf (urgent traffic first)",
                 net.veth_src, net.veth_dst, net.src, net.dst
             );
             let mut src = Command::new("ip");
@@ -202,13 +202,25 @@ impl Netns {
             ip(&["-n", ns, "addr", "add", &addr, "dev", dev])?;
             ip(&["-n", ns, "link", "set", dev, "up"])?;
             ip(&["-n", ns, "link", "set", "lo", "up"])?;
-            let out = Command::new("ip")
-                .args(["netns", "exec", ns, "tc", "qdisc", "add", "dev", dev, "root", "tbf"])
-                .args(["rate", &rate, "burst", &burst, "latency", "50ms"])
-                .output()
-                .context("running tc")?;
-            if !out.status.success() {
-                bail!("tc on {dev} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+            // The shaper's queue is a `pfifo_fast`: packets of the urgent connection (socket
+            // priority 6) leave from its first band, before the bulk streams'. It holds
+            // txqueuelen packets, set to ~50 ms at the rate in 64 KiB segments, as tbf's
+            // own queue held 50 ms.
+            let qlen = (bits_per_sec / 8 / 20 / (64 << 10)).clamp(16, 10_000).to_string();
+            ip(&["-n", ns, "link", "set", dev, "txqueuelen", &qlen])?;
+            let tc = [
+                vec!["qdisc", "add", "dev", dev, "root", "handle", "1:", "tbf", "rate", &rate, "burst", &burst]
+                    .into_iter()
+                    .chain(["latency", "50ms"])
+                    .collect::<Vec<&str>>(),
+                vec!["qdisc", "add", "dev", dev, "parent", "1:1", "handle", "10:", "pfifo_fast"],
+            ];
+            for args in tc {
+                let out =
+                    Command::new("ip").args(["netns", "exec", ns, "tc"]).args(&args).output().context("running tc")?;
+                if !out.status.success() {
+                    bail!("tc {} on {dev} failed: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+                }
             }
         }
         Ok(n)

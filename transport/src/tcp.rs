@@ -471,6 +471,7 @@ impl TcpTransport {
         }
         let urgent = match urgent_sock {
             Some(s) => {
+                mark_urgent(&s);
                 let rd = s.try_clone().map_err(io_err("cloning the socket"))?;
                 Some(Arc::new(TcpUrgent {
                     sock: Mutex::new(s),
@@ -657,6 +658,30 @@ fn cvt(rc: isize) -> std::io::Result<usize> {
         Err(std::io::Error::last_os_error())
     } else {
         Ok(rc as usize)
+    }
+}
+
+/// Marks the urgent connection's packets for the network: socket priority 6
+/// (`TC_PRIO_INTERACTIVE`: the first band of a `prio` or `pfifo_fast` queue) and DSCP EF
+/// (expedited forwarding) for routers that honour it, so that a queue holding the bulk
+/// streams' packets lets them pass. Best effort: a refusal only costs the priority.
+fn mark_urgent(s: &TcpStream) {
+    let fd = s.as_raw_fd();
+    // IP_TOS also sets the socket priority (from the TOS bits): priority goes last.
+    for (level, opt, val, what) in [
+        (libc::IPPROTO_IP, libc::IP_TOS, 0xb8, "IP_TOS"),
+        (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 0xb8, "IPV6_TCLASS"),
+        (libc::SOL_SOCKET, libc::SO_PRIORITY, 6, "SO_PRIORITY"),
+    ] {
+        // SAFETY: `fd` is an open socket owned by `s`; the option value is a live i32 whose
+        // size is passed alongside.
+        let rc = unsafe {
+            libc::setsockopt(fd, level, opt, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
+        };
+        if rc != 0 {
+            // IPv6 options on an IPv4 socket and the reverse fail; that is expected.
+            tracing::trace!(option = what, error = %std::io::Error::last_os_error(), "not marking the urgent stream");
+        }
     }
 }
 
