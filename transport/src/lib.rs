@@ -32,7 +32,7 @@ use std::time::Duration;
 
 pub use bitmap::PageBitmap;
 pub use coalesce::{CoalesceConfig, Coalescer, WorkRequest};
-pub use region::{Access, Backing, Region, RegionError, RegionId, RegionInfo, RegionTable, Registration};
+pub use region::{Access, Backing, Region, RegionError, RegionId, RegionInfo, RegionTable, Registration, WriteGuard};
 pub use window::{SendWindow, WindowConfig};
 
 /// Which backend carries a connection.

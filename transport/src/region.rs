@@ -119,7 +119,12 @@ pub struct Region {
     backing: Backing,
     page_size: u32,
     _file: Option<File>,
+    guard: std::sync::RwLock<Option<WriteGuard>>,
 }
+
+/// Decides, before the TCP transport places a peer's write into an exposed region, whether
+/// `[offset, offset + len)` may be written now (see [`Region::set_write_guard`]).
+pub type WriteGuard = std::sync::Arc<dyn Fn(u64, u64) -> bool + Send + Sync>;
 
 impl std::fmt::Debug for Region {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -150,7 +155,7 @@ impl Region {
             source,
         })?;
         let map = Mapping::Map(MmapRaw::from(map));
-        Ok(Region { id, map, access, backing: Backing::Anonymous, page_size, _file: None })
+        Ok(Region { id, map, access, backing: Backing::Anonymous, page_size, _file: None, guard: Default::default() })
     }
 
     /// A memfd of `len` bytes mapped shared.
@@ -166,7 +171,7 @@ impl Region {
         let file = unsafe { File::from_raw_fd(fd) };
         file.set_len(len).map_err(err)?;
         let map = Mapping::Map(MmapOptions::new().len(len as usize).map_raw(&file).map_err(err)?);
-        Ok(Region { id, map, access, backing: Backing::Memfd, page_size, _file: Some(file) })
+        Ok(Region { id, map, access, backing: Backing::Memfd, page_size, _file: Some(file), guard: Default::default() })
     }
 
     /// The first `len` bytes of a memfd someone else created (an embedder sharing its guest
@@ -189,7 +194,15 @@ impl Region {
             )));
         }
         let map = Mapping::Map(MmapOptions::new().len(len as usize).map_raw(&memfd).map_err(err)?);
-        Ok(Region { id, map, access, backing: Backing::Memfd, page_size, _file: Some(memfd) })
+        Ok(Region {
+            id,
+            map,
+            access,
+            backing: Backing::Memfd,
+            page_size,
+            _file: Some(memfd),
+            guard: Default::default(),
+        })
     }
 
     /// A second mapping of this region's memfd or file, as region `id` with `access`: the
@@ -211,7 +224,15 @@ impl Region {
             }
         };
         let map = Mapping::Map(MmapOptions::new().len(len as usize).map_raw(&file).map_err(err)?);
-        Ok(Region { id, map, access, backing: self.backing, page_size: self.page_size, _file: Some(file) })
+        Ok(Region {
+            id,
+            map,
+            access,
+            backing: self.backing,
+            page_size: self.page_size,
+            _file: Some(file),
+            guard: Default::default(),
+        })
     }
 
     /// Memory the caller mapped and owns, e.g. a VMM's guest RAM.
@@ -240,7 +261,7 @@ impl Region {
             source: std::io::Error::new(std::io::ErrorKind::InvalidInput, "null pointer"),
         })?;
         let map = Mapping::Raw { ptr, len: len as usize };
-        Ok(Region { id, map, access, backing: Backing::Foreign, page_size, _file: None })
+        Ok(Region { id, map, access, backing: Backing::Foreign, page_size, _file: None, guard: Default::default() })
     }
 
     /// A regular file mapped shared; the file is extended to `len` if shorter.
@@ -252,7 +273,7 @@ impl Region {
             file.set_len(len).map_err(err)?;
         }
         let map = Mapping::Map(MmapOptions::new().len(len as usize).map_raw(&file).map_err(err)?);
-        Ok(Region { id, map, access, backing: Backing::File, page_size, _file: Some(file) })
+        Ok(Region { id, map, access, backing: Backing::File, page_size, _file: Some(file), guard: Default::default() })
     }
 
     /// The region id.
@@ -287,6 +308,20 @@ impl Region {
     pub fn as_ptr(&self) -> *mut u8 {
         self.map.ptr()
     }
+    /// Installs (or removes) a check the TCP transport makes before placing each write of
+    /// the peer into this region: a write it refuses is a protocol violation (nothing of the
+    /// frame is placed, the connection is closed). A post-copy destination uses it so that
+    /// a page, once hashed and installed, cannot be rewritten by the source. RDMA writes
+    /// bypass the CPU and cannot be checked this way.
+    pub fn set_write_guard(&self, guard: Option<WriteGuard>) {
+        *self.guard.write().unwrap_or_else(|e| e.into_inner()) = guard;
+    }
+
+    /// Whether the write guard (if any) lets the peer write `[offset, offset + len)` now.
+    pub fn write_allowed(&self, offset: u64, len: u64) -> bool {
+        self.guard.read().unwrap_or_else(|e| e.into_inner()).as_ref().is_none_or(|g| g(offset, len))
+    }
+
     /// File descriptor of a memfd/file backing.
     pub fn fd(&self) -> Option<i32> {
         self._file.as_ref().map(|f| f.as_raw_fd())

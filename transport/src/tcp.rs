@@ -1014,6 +1014,12 @@ fn place(sock: &TcpStream, regions: &RegionTable, w: &WriteFrame, lowat: usize) 
                 r.len()
             )));
         }
+        if !r.write_allowed(offset, len as u64) {
+            return Err(PlaceError::Refused(format!(
+                "work request {}: [{offset}, +{len}) of region {region} may not be written now",
+                w.wr_first + i as u64
+            )));
+        }
         // SAFETY: [offset, offset+len) was checked to lie inside the region just above.
         targets.push((unsafe { r.as_ptr().add(offset as usize) }, len as usize));
     }

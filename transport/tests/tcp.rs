@@ -209,7 +209,17 @@ fn adversary_exposing(
     exposed: Vec<livemig_transport::RegionInfo>,
     frame: Vec<u8>,
 ) -> (TransportError, Vec<u8>, Option<Frame>) {
+    adversary_guarded(exposed, frame, None)
+}
+
+/// [`adversary_exposing`] with `guard` installed on the destination region.
+fn adversary_guarded(
+    exposed: Vec<livemig_transport::RegionInfo>,
+    frame: Vec<u8>,
+    guard: Option<livemig_transport::WriteGuard>,
+) -> (TransportError, Vec<u8>, Option<Frame>) {
     let r = conf::regions(1 << 20);
+    r.dst.set_write_guard(guard);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let dst = r.dst_table.clone();
@@ -284,6 +294,25 @@ fn malformed_frames_get_typed_errors_and_write_nothing() {
     f.truncate(f.len() - 1);
     let (e, _) = adversary(f);
     assert!(matches!(e, TransportError::Disconnected(_)), "{e}");
+}
+
+#[test]
+fn a_write_guard_refuses_writes_and_nothing_is_placed() {
+    // The guard forbids the second page (e.g. a page already installed by post-copy).
+    let guard: livemig_transport::WriteGuard = std::sync::Arc::new(|off, len| off + len <= 4096 || off >= 8192);
+    let entries =
+        vec![WriteEntry { region: 2, len: 4096, offset: 0 }, WriteEntry { region: 2, len: 4096, offset: 4096 }];
+    let (e, d, _) = adversary_guarded(vec![], write_frame(entries, 8192), Some(guard.clone()));
+    assert!(matches!(e, TransportError::Protocol(_)), "{e}");
+    assert!(d.iter().all(|&b| b == 0), "nothing of the frame was placed");
+    // A write the guard allows is placed (the peer then closes: a disconnect, not a refusal).
+    let (e, d, _) = adversary_guarded(
+        vec![],
+        write_frame(vec![WriteEntry { region: 2, len: 4096, offset: 8192 }], 4096),
+        Some(guard),
+    );
+    assert!(matches!(e, TransportError::Disconnected(_)), "{e}");
+    assert!(d[8192..12288].iter().all(|&b| b == 0xee));
 }
 
 fn urgent_cfg(streams: u8) -> TcpConfig {

@@ -335,7 +335,18 @@ pub fn receive(
     };
     t.send_message(&Msg::Accept.encode()).map_err(PostcopyDestError::Transport)?;
     let pages = memory.pages();
-    let states = PageStates::new(pages);
+    let states = Arc::new(PageStates::new(pages));
+    // The source may write a page only until it has arrived (been hashed): the transport
+    // refuses later writes, so nothing changes a page after its digest term is taken.
+    let _guards = GuardReset(aliases);
+    for (i, alias) in aliases.iter().enumerate() {
+        let (st, base, ps) = (states.clone(), memory.base(i), memory.page_size() as u64);
+        alias.set_write_guard(Some(Arc::new(move |offset: u64, len: u64| {
+            let first = base + (offset / ps) as usize;
+            let last = base + ((offset + len.max(1) - 1) / ps) as usize;
+            (first..=last).all(|p| !st.has_arrived(p))
+        })));
+    }
     let digests = Mutex::new(PageDigests::new(pages, memory.page_size()));
     let requested_at = Mutex::new(HashMap::new());
     let latencies = Mutex::new(Vec::new());
@@ -343,7 +354,7 @@ pub fn receive(
         ($placer:expr) => {
             Ctx {
                 placer: $placer,
-                states: &states,
+                states: &*states,
                 digests: &digests,
                 requested_at: &requested_at,
                 latencies: &latencies,
@@ -484,6 +495,17 @@ pub fn receive(
             // instead of reading memory that never arrived.
             std::mem::forget(placer);
             Err(PostcopyDestError::GuestLost { installed, pages: pages as u64, source: Box::new(e) })
+        }
+    }
+}
+
+/// Removes the write guards of the staging aliases when the session ends, whichever way.
+struct GuardReset<'a>(&'a [Arc<Region>]);
+
+impl Drop for GuardReset<'_> {
+    fn drop(&mut self) {
+        for a in self.0 {
+            a.set_write_guard(None);
         }
     }
 }
