@@ -755,6 +755,23 @@ fn write_all_vectored(w: &mut impl Write, mut bufs: &mut [IoSlice<'_>]) -> std::
     Ok(())
 }
 
+/// `read_exact` that gives up at `deadline` however the bytes trickle in.
+fn read_exact_until(sock: &TcpStream, mut buf: &mut [u8], deadline: Instant) -> std::io::Result<()> {
+    let mut r = sock;
+    while !buf.is_empty() {
+        let left = deadline.checked_duration_since(Instant::now()).filter(|t| !t.is_zero());
+        let Some(left) = left else { return Err(std::io::ErrorKind::TimedOut.into()) };
+        sock.set_read_timeout(Some(left))?;
+        match r.read(buf) {
+            Ok(0) => return Err(std::io::ErrorKind::UnexpectedEof.into()),
+            Ok(k) => buf = &mut buf[k..],
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 /// Longest wait for the receive low-water mark. When it passes, the read returns what has
 /// arrived (the mark stays for the next read); if nothing arrived, the rest of the frame is
 /// read without a mark. The kernel does not always wake a reader whose mark is out of reach —
@@ -768,7 +785,12 @@ const LOWAT_WAIT: Duration = Duration::from_millis(1);
 /// per `lowat` bytes rather than per segment. Every wait for the mark is bounded by
 /// [`LOWAT_WAIT`]. The mark is back to 1 (and the socket without a read timeout) when this
 /// returns: headers and small frames must wake the reader at once.
-fn read_exact_vectored(sock: &TcpStream, mut bufs: &mut [IoSliceMut<'_>], lowat: usize) -> std::io::Result<()> {
+fn read_exact_vectored(
+    sock: &TcpStream,
+    mut bufs: &mut [IoSliceMut<'_>],
+    lowat: usize,
+    deadline: Option<Instant>,
+) -> std::io::Result<()> {
     let mut remaining: usize = bufs.iter().map(|b| b.len()).sum();
     let mut armed = lowat > 1 && remaining > lowat && sock.set_read_timeout(Some(LOWAT_WAIT)).is_ok();
     let mut mark = 1;
@@ -784,6 +806,18 @@ fn read_exact_vectored(sock: &TcpStream, mut bufs: &mut [IoSliceMut<'_>], lowat:
                 break Err(e);
             }
             mark = want;
+        }
+        if let Some(d) = deadline {
+            // Each read waits at most until the frame's deadline (without a mark to wait for).
+            match d.checked_duration_since(Instant::now()).filter(|t| !t.is_zero()) {
+                Some(left) if !armed => {
+                    if let Err(e) = sock.set_read_timeout(Some(left)) {
+                        break Err(e);
+                    }
+                }
+                Some(_) => {}
+                None => break Err(std::io::ErrorKind::TimedOut.into()),
+            }
         }
         let n = bufs.len().min(IOV_MAX);
         match r.read_vectored(&mut bufs[..n]) {
@@ -888,7 +922,7 @@ fn reader(idx: usize, mut sock: TcpStream, regions: RegionTable, shared: Arc<Sha
         }
         match f {
             Frame::Write(w) => {
-                if let Err(e) = place(&sock, &regions, &w, lowat) {
+                if let Err(e) = place(&sock, &regions, &w, lowat, None) {
                     match e {
                         PlaceError::Refused(reason) => {
                             let d = wire::DecodeError::Invalid { field: "write target", value: w.wr_first };
@@ -989,7 +1023,13 @@ enum PlaceError {
 }
 
 /// Validates every entry of a WRITE frame, then reads its payload straight into the regions.
-fn place(sock: &TcpStream, regions: &RegionTable, w: &WriteFrame, lowat: usize) -> Result<(), PlaceError> {
+fn place(
+    sock: &TcpStream,
+    regions: &RegionTable,
+    w: &WriteFrame,
+    lowat: usize,
+    deadline: Option<Instant>,
+) -> Result<(), PlaceError> {
     // Regions stay alive (mapped) in `cur` and `keep` until the payload is read. Consecutive
     // entries nearly always name the same region: look it up once per change.
     let mut cur: Option<Arc<crate::Region>> = None;
@@ -1033,7 +1073,7 @@ fn place(sock: &TcpStream, regions: &RegionTable, w: &WriteFrame, lowat: usize) 
             IoSliceMut::new(unsafe { std::slice::from_raw_parts_mut(p, len) })
         })
         .collect();
-    read_exact_vectored(sock, &mut iov, lowat).map_err(PlaceError::Io)
+    read_exact_vectored(sock, &mut iov, lowat, deadline).map_err(PlaceError::Io)
 }
 
 /// Acknowledger thread: sends cumulative ACKs without ever blocking the reader.
@@ -1391,10 +1431,11 @@ impl TcpUrgent {
             self.shared.end(why);
             Err(e)
         };
-        let mut sock = rd;
+        // One deadline for the whole frame: a peer that trickles a frame a byte at a time
+        // cannot hold the reader longer than the I/O timeout.
+        let deadline = Instant::now() + self.io_timeout;
         let mut hb = [0u8; wire::HEADER_LEN];
-        rd.set_read_timeout(Some(self.io_timeout)).map_err(io_err("setting the read timeout"))?;
-        if let Err(e) = sock.read_exact(&mut hb) {
+        if let Err(e) = read_exact_until(rd, &mut hb, deadline) {
             return fail(Ended::Broken(format!("urgent stream: {e}")));
         }
         let h = match Header::decode(&hb) {
@@ -1405,7 +1446,7 @@ impl TcpUrgent {
             }
         };
         let mut ctl = vec![0u8; h.control_len()];
-        if let Err(e) = sock.read_exact(&mut ctl) {
+        if let Err(e) = read_exact_until(rd, &mut ctl, deadline) {
             return fail(Ended::Broken(format!("truncated urgent {:?} frame: {e}", h.kind)));
         }
         let f = match Frame::decode_body(&h, &ctl) {
@@ -1418,7 +1459,7 @@ impl TcpUrgent {
         let event = match f {
             Frame::Urgent(m) => vec![UrgentEvent::Message(m)],
             Frame::Write(w) if w.urgent => {
-                match place(rd, &self.regions, &w, 0) {
+                match place(rd, &self.regions, &w, 0, Some(deadline)) {
                     Ok(()) => {}
                     Err(PlaceError::Refused(reason)) => {
                         let d = wire::DecodeError::Invalid { field: "urgent write target", value: w.wr_first };

@@ -351,6 +351,56 @@ fn urgent_writes_are_bounds_checked() {
     drop((a, b));
 }
 
+/// A peer that trickles an urgent frame a byte at a time cannot hold the receiver: the
+/// frame has one deadline (the I/O timeout), not one per read.
+#[test]
+fn a_trickled_urgent_frame_times_out_as_a_whole() {
+    let r = conf::regions(1 << 20);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = r.dst_table.clone();
+    let io = Duration::from_millis(800);
+    let acc = std::thread::spawn(move || {
+        let c = TcpConfig { io_timeout: io, ..cfg(1) };
+        let tr = l.accept(&c, &secret(), &dst).unwrap();
+        let u = tr.urgent().unwrap();
+        let t0 = std::time::Instant::now();
+        let got = u.recv(Some(Duration::from_secs(20)));
+        (got, t0.elapsed(), tr)
+    });
+    let mut socks = Vec::new();
+    for stream in 0..2u8 {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let p = HandshakeParams {
+            role: Role::Connector,
+            stream,
+            streams: 2,
+            flags: wire::HELLO_URGENT_STREAM,
+            byte_streams: 0,
+            session: 7,
+            exposed: vec![],
+        };
+        auth::handshake(&mut s, &secret(), &p).unwrap();
+        socks.push(s);
+    }
+    // An urgent message, one byte every 300 ms: 12 bytes of header alone take 3.6 s.
+    let frame = Frame::Urgent(b"page".to_vec()).encode();
+    let trickle = std::thread::spawn(move || {
+        let mut u = socks.pop().unwrap();
+        for b in frame {
+            if u.write_all(&[b]).is_err() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(300));
+        }
+        socks
+    });
+    let (got, took, _tr) = acc.join().unwrap();
+    assert!(got.is_err(), "{got:?}");
+    assert!(took < Duration::from_millis(2500), "held for {took:?}");
+    let _ = trickle.join();
+}
+
 /// A peer that sends an URGENT frame on a bulk stream (or bulk on the urgent one) breaks the
 /// protocol: the receiver refuses it with a typed error.
 #[test]
