@@ -284,19 +284,13 @@ impl MigrateArgs {
             kv("--wss", w.to_string());
         }
         kv("--rate", self.rate.to_string());
-        kv(
-            "--strategy",
-            clap::ValueEnum::to_possible_value(&self.strategy).expect("no skipped variant").get_name().into(),
-        );
-        kv("--push", clap::ValueEnum::to_possible_value(&self.push).expect("no skipped variant").get_name().into());
+        kv("--strategy", value_name(&self.strategy));
+        kv("--push", value_name(&self.push));
         kv("--pivots", self.pivots.to_string());
         if let Some(b) = self.sock_buf {
             kv("--sock-buf", b.to_string());
         }
-        kv(
-            "--expansion",
-            clap::ValueEnum::to_possible_value(&self.expansion).expect("no skipped variant").get_name().into(),
-        );
+        kv("--expansion", value_name(&self.expansion));
         kv("--policy", self.policy.to_string());
         kv("--max-time", self.max_time.to_string());
         kv("--downtime-ms", self.downtime_ms.to_string());
@@ -579,13 +573,22 @@ fn hold_paused(msg: String, workload: Option<&mut Workload>, after: Duration) ->
         bail!("switchover was in doubt; the held source copy was discarded on signal {sig}");
     }
     w.resume().context("resuming the held workload")?;
-    let n0 = w.pages_touched();
-    let t0 = std::time::Instant::now();
-    std::thread::sleep(after);
-    let rate = (w.pages_touched() - n0) as f64 / t0.elapsed().as_secs_f64().max(1e-9);
+    let rate = rate_over(w, after);
     eprintln!("resumed the held source copy on SIGUSR1: workload {} at {rate:.0} pg/s", w.state());
     w.stop().context("stopping the workload")?;
     bail!("migration did not complete (switchover in doubt); the source copy was resumed by the operator")
+}
+
+/// The workload's pages per second, measured over `d`.
+fn rate_over(w: &Workload, d: Duration) -> f64 {
+    let (n0, t0) = (w.pages_touched(), std::time::Instant::now());
+    std::thread::sleep(d);
+    (w.pages_touched() - n0) as f64 / t0.elapsed().as_secs_f64().max(1e-9)
+}
+
+/// The command-line spelling of a `clap::ValueEnum` value.
+fn value_name<T: clap::ValueEnum>(v: &T) -> String {
+    v.to_possible_value().map(|p| p.get_name().to_string()).unwrap_or_default()
 }
 
 /// A progress bar on stderr, hidden when `hide` (`--json`, `--no-progress`) or when stderr is
@@ -698,11 +701,7 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     bar.finish_and_clear();
     let rep = res.context("receiving the migration")?;
     // The resumed workload's rate, measured here.
-    let after_rate = workload.as_ref().map(|w| {
-        let (n0, t0) = (w.pages_touched(), std::time::Instant::now());
-        std::thread::sleep(secs(a.after));
-        (w.pages_touched() - n0) as f64 / t0.elapsed().as_secs_f64().max(1e-9)
-    });
+    let after_rate = workload.as_ref().map(|w| rate_over(w, secs(a.after)));
     if a.json {
         let v = serde_json::json!({
             "iterations": rep.iterations,
@@ -761,11 +760,7 @@ fn run_postcopy_receive(
         }
         Err(e) => return Err(anyhow::Error::new(e).context("receiving the migration")),
     };
-    let after_rate = workload.as_ref().map(|w| {
-        let (n0, t0) = (w.pages_touched(), std::time::Instant::now());
-        std::thread::sleep(secs(a.after));
-        (w.pages_touched() - n0) as f64 / t0.elapsed().as_secs_f64().max(1e-9)
-    });
+    let after_rate = workload.as_ref().map(|w| rate_over(w, secs(a.after)));
     if a.json {
         let mut v = serde_json::to_value(&rep)?;
         v["after_rate"] = serde_json::json!(after_rate);

@@ -7,49 +7,50 @@ use std::process::Command;
 
 use livemig_tests::{livemig_bin, receive_command, spawn_listening};
 
+/// Runs `livemig migrate --local --transport tcp --size 32M --wss 8M --warmup 0.3 --after 0.3
+/// --json` plus `args`; checks it succeeded and both ends report the same digest. Returns the
+/// source's JSON summary and the stderr (which carries the destination's report).
+fn local_json(bin: &std::path::Path, args: &[&str]) -> (serde_json::Value, String) {
+    let out = Command::new(bin)
+        .args(["migrate", "--local", "--transport", "tcp", "--size", "32M", "--wss", "8M"])
+        .args(["--warmup", "0.3", "--after", "0.3", "--json"])
+        .args(args)
+        .output()
+        .expect("running livemig");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON summary on stdout");
+    let sum = v["checksum"].as_str().expect("a digest");
+    assert!(stderr.contains(sum), "both ends report the same digest:\n{stderr}");
+    (v, stderr)
+}
+
 #[test]
 fn postcopy_local_completes_with_a_summary() {
     let Some(bin) = livemig_bin() else {
         eprintln!("skipped: no livemig binary (cargo build -p livemig, or set LIVEMIG_BIN)");
         return;
     };
-    let out = Command::new(&bin)
-        .args(["migrate", "--local", "--transport", "tcp", "--strategy", "postcopy", "--size", "32M"])
-        .args(["--wss", "8M", "--workload", "random", "--warmup", "0.3", "--after", "0.3", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON summary on stdout");
+    let (v, stderr) = local_json(&bin, &["--strategy", "postcopy", "--workload", "random"]);
     assert_eq!(v["strategy"], "post-copy");
     assert_eq!(
         v["zero_pages"].as_u64().unwrap() + v["pushed_pages"].as_u64().unwrap() + v["demanded_pages"].as_u64().unwrap(),
         8192
     );
-    assert!(v["downtime_ms"].as_f64().is_some(), "{stdout}");
+    assert!(v["downtime_ms"].as_f64().is_some(), "{v}");
     // The destination's report: every page installed, fault service timed.
     assert!(stderr.contains("\"fault_p50_us\""), "destination report:\n{stderr}");
-    assert!(stderr.contains(v["checksum"].as_str().unwrap()), "both ends report the same digest:\n{stderr}");
 }
 
 #[test]
 fn hybrid_local_completes_with_a_pass_then_post_copy() {
     let Some(bin) = livemig_bin() else { return };
-    let out = Command::new(&bin)
-        .args(["migrate", "--local", "--transport", "tcp", "--strategy", "hybrid", "--size", "32M"])
-        .args(["--wss", "8M", "--workload", "seq", "--rate", "20000", "--warmup", "0.3", "--after", "0.3", "--json"])
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
-    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON summary on stdout");
+    let (v, _) = local_json(&bin, &["--strategy", "hybrid", "--workload", "seq", "--rate", "20000"]);
     assert_eq!(v["strategy"], "hybrid");
     let inv = v["invalidated_pages"].as_u64().expect("pages written during the pass");
-    assert!(v["precopy_pages"].as_u64().unwrap() > 0, "{stdout}");
-    assert_eq!(v["pushed_pages"].as_u64().unwrap() + v["demanded_pages"].as_u64().unwrap(), inv, "{stdout}");
-    assert!(stderr.contains(v["checksum"].as_str().unwrap()), "both ends report the same digest:\n{stderr}");
+    assert!(v["precopy_pages"].as_u64().unwrap() > 0, "{v}");
+    assert_eq!(v["pushed_pages"].as_u64().unwrap() + v["demanded_pages"].as_u64().unwrap(), inv, "{v}");
 }
 
 #[test]

@@ -534,11 +534,10 @@ impl TokenBucket {
 /// The `u64` at byte offset `off` of `region`, as an atomic.
 fn word_at(region: &Region, off: usize) -> &AtomicU64 {
     assert!(off % 8 == 0 && off + 8 <= region.len() as usize, "word at {off} outside the region");
-    // SAFETY: the assert keeps the word inside the mapping, which lives as long as the
-    // returned borrow of `region`; the mapping is page-aligned and `off` a multiple of 8, so
-    // the word is aligned. Workload threads and the controller only touch the region through
-    // these atomics; other accessors (a transport copying pages) are ordered against them by
-    // `pause`, as the Region contract requires.
+    // Workload threads and the controller only touch the region through these atomics;
+    // other accessors (a transport copying pages) are ordered against them by `pause`.
+    // SAFETY: in the mapping (assert above), alive as long as the borrow of `region`, and
+    // 8-aligned (page-aligned base, `off` a multiple of 8).
     unsafe { AtomicU64::from_ptr(region.as_ptr().add(off).cast::<u64>()) }
 }
 

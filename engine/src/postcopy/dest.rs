@@ -168,14 +168,8 @@ impl Ctx<'_> {
             return Err(PostcopyDestError::Violation(format!("zero page {p} arrived twice or is out of range")));
         }
         self.placer.punch(first, n).map_err(PostcopyDestError::Install)?;
-        let zero_page = vec![0u8; self.page_size];
         // Terms first: once the last page counts as arrived, the digest is taken.
-        {
-            let mut d = self.digests.lock().unwrap_or_else(|e| e.into_inner());
-            for p in first..end {
-                d.record_term(p, PageDigests::page_term(p, &zero_page));
-            }
-        }
+        self.digests.lock().unwrap_or_else(|e| e.into_inner()).record_zero(first, n);
         for p in first..end {
             match self.states.on_zero(p) {
                 OnZero::Lazy => {}

@@ -243,13 +243,7 @@ impl PostcopySummary {
         let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
         let mut s =
             format!("migration completed: {} over {}, push order {:?}\n", self.strategy, self.transport, self.order);
-        s += &format!(
-            "  memory         {:.0} MiB in {} region{}, {} B pages\n",
-            mb(self.region_bytes),
-            self.regions,
-            if self.regions == 1 { "" } else { "s" },
-            self.page_size
-        );
+        s += &crate::precopy::memory_line(self.region_bytes, self.regions, self.page_size);
         s += &format!("  total time     {:.2} s\n", self.total_s);
         if let (Some(n), Some(ms), Some(inv)) = (self.precopy_pages, self.precopy_ms, self.invalidated_pages) {
             s += &format!("  pre-copy pass  {n} pages in {ms:.1} ms; {inv} pages written meanwhile, sent again after the resume\n");

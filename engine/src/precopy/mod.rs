@@ -266,13 +266,7 @@ impl Summary {
         let mb = |b: u64| b as f64 / (1u64 << 20) as f64;
         s +=
             &format!("migration {verdict}: policy {} over {}, tracker {}\n", self.policy, self.transport, self.tracker);
-        s += &format!(
-            "  memory         {:.0} MiB in {} region{}, {} B pages\n",
-            mb(self.region_bytes),
-            self.regions,
-            if self.regions == 1 { "" } else { "s" },
-            self.page_size
-        );
+        s += &memory_line(self.region_bytes, self.regions, self.page_size);
         s += &format!("  total time     {:.2} s\n", self.total_s);
         match self.downtime_ms {
             Some(d) => {
@@ -302,6 +296,17 @@ impl Summary {
         }
         s
     }
+}
+
+/// The `memory` line of a migration summary.
+pub(crate) fn memory_line(bytes: u64, regions: usize, page_size: u32) -> String {
+    format!(
+        "  memory         {:.0} MiB in {} region{}, {} B pages\n",
+        bytes as f64 / (1u64 << 20) as f64,
+        regions,
+        if regions == 1 { "" } else { "s" },
+        page_size
+    )
 }
 
 /// `e` and its sources, joined with ": " (for logs and reports).

@@ -554,11 +554,11 @@ impl VerbsTransport {
             return Ok(());
         }
         let qp = self.qp.as_ref().expect("the QP lives until drop");
-        // SAFETY: every non-inline SGE in the batch was produced by `MrCache::sges` or points
-        // into one of our rings; those registrations (and the Arc<Region> mappings they hold)
-        // live in `self` and are dropped only after the QP is destroyed (Drop), and the cache
-        // never deregisters an MR while the connection lives. Inline SGEs point to buffers
-        // of the caller that are alive for this call (messages and credits post at once).
+        // Non-inline SGEs come from `MrCache::sges` or our rings: those MRs (and the mappings
+        // they hold) live in `self` until after the QP is destroyed, and the cache never
+        // deregisters while the connection lives. Inline SGEs point to caller buffers alive
+        // for this call (messages and credits post at once).
+        // SAFETY: every SGE of the batch is valid until the device has read it (above).
         let r = unsafe { qp.post_send(&mut self.batch) };
         if let Err(e) = r {
             let msg = error_chain(&e);
