@@ -33,7 +33,7 @@ done
 
 printf '\nTable 1 shape: pre-copy on a %s link, %s region, random writer at %s pages/s\n' \
   "$LINK" "$SIZE" "$([ "$RATE" = 0 ] && echo 'flat-out' || echo "$RATE")"
-printf '%-8s %-7s %-10s %8s %11s %9s %14s  %s\n' policy wss converged total_s downtime_ms slowdown ended_at why
+printf '%-8s %-7s %-10s %8s %11s %9s %14s  %s\n' policy wss converged total_s downtime_ms guest_kept ended_at why
 for policy in kvm ibrahim; do
   for wss in "$BIG_WSS" "$SMALL_WSS"; do
     f="$OUT/$policy-$wss.json"
@@ -45,7 +45,7 @@ for policy in kvm ibrahim; do
         (if .outcome == "completed" then "yes" else "NO (aborted)" end),
         (.total_s | . * 10 | round / 10 | tostring),
         (if .downtime_ms == null then "-" else (.downtime_ms | round | tostring) end),
-        (if .slowdown_percent == null then "-" else ((.slowdown_percent | round | tostring) + "%") end),
+        (if .during_percent_of_before == null then "-" else ((.during_percent_of_before | round | tostring) + "%") end),
         ("interval " + (.iterations | tostring) + " @" +
           ((.intervals[-1].at_ms // 0) / 100 | round / 10 | tostring) + "s"),
         .end_reason ] | @tsv' "$f" |

@@ -114,7 +114,7 @@ fn table(vm: &Vm) -> (RegionTable, Vec<livemig_transport::Registration>) {
 }
 
 fn main() {
-    let secret = Secret::new("embedder-example-secret").unwrap();
+    let secret = Secret::new("embedder-example-secret-embedder-example").unwrap();
     if std::env::args().any(|a| a == "--dest") {
         let mut vm = Vm::new(Access::REMOTE_WRITE);
         let (t, _regs) = table(&vm);

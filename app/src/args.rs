@@ -18,9 +18,12 @@ pub fn parse_size(s: &str) -> Result<u64, String> {
         Some('K' | 'k') => (&t[..t.len() - 1], 1u64 << 10),
         Some('M' | 'm') => (&t[..t.len() - 1], 1 << 20),
         Some('G' | 'g') => (&t[..t.len() - 1], 1 << 30),
+        Some('T' | 't') => (&t[..t.len() - 1], 1 << 40),
         _ => (t, 1),
     };
-    let n: u64 = num.parse().map_err(|_| format!("bad size {s:?}"))?;
+    let n: u64 = num.parse().map_err(|_| {
+        format!("bad size {s:?}: a whole number of bytes, or with a suffix K, M, G or T (powers of 1024), e.g. 512M")
+    })?;
     n.checked_mul(mul).ok_or_else(|| format!("size {s:?} overflows"))
 }
 
@@ -84,7 +87,7 @@ impl ChildSecret {
         match file {
             Some(f) => Ok(ChildSecret { secret: Secret::load(Some(f))?, file: Some(f.to_path_buf()), hex: None }),
             None => {
-                let hex = random_hex();
+                let hex = Secret::generate_hex();
                 Ok(ChildSecret { secret: Secret::new(hex.clone())?, file: None, hex: Some(hex) })
             }
         }
@@ -111,13 +114,6 @@ impl ChildSecret {
     }
 }
 
-fn random_hex() -> String {
-    use rand::RngCore;
-    let mut b = [0u8; 24];
-    rand::thread_rng().fill_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -130,6 +126,8 @@ mod tests {
         assert_eq!(parse_size("4kb"), Ok(4096));
         assert_eq!(parse_size(" 2M "), Ok(2 << 20));
         assert_eq!(parse_size("1G"), Ok(1 << 30));
+        assert_eq!(parse_size("1T"), Ok(1 << 40));
+        assert!(parse_size("1P").unwrap_err().contains("K, M, G or T"));
         assert!(parse_size("x").is_err());
         assert!(parse_size("").is_err());
         assert!(parse_size("99999999999G").is_err());
@@ -150,13 +148,13 @@ mod tests {
     #[test]
     fn child_secret_from_a_file_or_random() {
         let r = ChildSecret::new(None).unwrap();
-        assert_eq!(r.env_value().map(str::len), Some(48));
+        assert_eq!(r.env_value().map(str::len), Some(64));
         let mut c = Command::new("true");
         r.apply(&mut c);
         assert!(c.get_envs().any(|(k, v)| k == SECRET_ENV && v.is_some()));
 
         let dir = std::env::temp_dir().join(format!("livemig-secret-{}", std::process::id()));
-        std::fs::write(&dir, "a-file-secret\n").unwrap();
+        std::fs::write(&dir, "a-file-secret-a-file-secret-a-file-secret\n").unwrap();
         let f = ChildSecret::new(Some(&dir)).unwrap();
         assert_eq!(f.env_value(), None);
         let mut c = Command::new("true");

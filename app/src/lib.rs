@@ -4,5 +4,6 @@
 //! libraries without any of this.
 
 pub mod args;
+pub mod cleanup;
 pub mod local;
 pub mod precopy;

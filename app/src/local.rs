@@ -5,8 +5,10 @@
 //! (created here, unique per process id) joined by a veth pair, both ends shaped with a tc
 //! token bucket filter; the source is re-executed inside its namespace so that the workload,
 //! the tracker and the sender live in one process, as on a real host. The namespaces (and
-//! with them the veth pair) are deleted on every exit path by a drop guard. Only these
-//! namespaces carry the migration traffic; no host interface is touched.
+//! with them the veth pair) are deleted on every exit path: by a drop guard on returns and
+//! errors, and by the [`cleanup`](crate::cleanup) thread on SIGINT, SIGTERM or SIGHUP, which
+//! also stops the child processes. Only these namespaces carry the migration traffic; no host
+//! interface is touched.
 //!
 //! The destination child gets the source's `--io-timeout` and `--no-progress` (the source
 //! draws the only progress bar on the shared terminal); the re-executed source gets all of
@@ -19,6 +21,7 @@ use anyhow::{bail, Context, Result};
 use livemig_transport::auth::SECRET_ENV;
 
 use crate::args::{transport_arg, ChildSecret};
+use crate::cleanup;
 use crate::precopy::{run_source, MigrateArgs};
 
 /// A tc rate like `1gbit`, `10gbit`, `500mbit`, `100kbit` in bits per second.
@@ -46,6 +49,7 @@ pub fn parse_rate(s: &str) -> Result<u64> {
 pub fn run(a: &MigrateArgs) -> Result<()> {
     // Both ends share --secret-file if given, else a random secret made here.
     let secret = ChildSecret::new(a.secret_file.as_deref()).context("loading the shared secret")?;
+    cleanup::install()?;
     match &a.link {
         None => {
             let mut dst = spawn_dest(a, None, "127.0.0.1:0", &secret)?;
@@ -67,7 +71,14 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
             if let Some(h) = secret.env_value() {
                 src.env(SECRET_ENV, h);
             }
-            let status = src.status().context("starting the source process in its namespace")?;
+            cleanup::dies_with_parent(&mut src);
+            let mut child = src.spawn().context("starting the source process in its namespace")?;
+            let guard = cleanup::ChildGuard::new(child.id());
+            let status = child.wait().context("waiting for the source process")?;
+            drop(guard);
+            if !status.success() {
+                cleanup::yield_to_signal();
+            }
             let res =
                 if status.success() { Ok(()) } else { Err(anyhow::anyhow!("the source process failed: {status}")) };
             finish(res, &mut dst.child)
@@ -78,6 +89,7 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
 /// Waits for (or, when the source failed, stops) the destination child.
 fn finish(res: Result<()>, child: &mut Child) -> Result<()> {
     if res.is_err() {
+        cleanup::yield_to_signal();
         // The source already reported; give the destination a moment to see the abort.
         for _ in 0..50 {
             if child.try_wait()?.is_some() {
@@ -91,6 +103,7 @@ fn finish(res: Result<()>, child: &mut Child) -> Result<()> {
     }
     let st = child.wait()?;
     if !st.success() {
+        cleanup::yield_to_signal();
         bail!("the destination process failed: {st}");
     }
     Ok(())
@@ -99,6 +112,7 @@ fn finish(res: Result<()>, child: &mut Child) -> Result<()> {
 struct Dest {
     child: Child,
     addr: String,
+    _guard: cleanup::ChildGuard,
 }
 
 impl Drop for Dest {
@@ -132,16 +146,19 @@ fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret: &Child
         cmd.arg("--json");
     }
     secret.apply(&mut cmd);
+    cleanup::dies_with_parent(&mut cmd);
     let mut child = cmd.spawn().context("starting the destination process")?;
+    let guard = cleanup::ChildGuard::new(child.id());
     let out = child.stdout.take().context("destination stdout")?;
     let mut line = String::new();
     std::io::BufReader::new(out).read_line(&mut line)?;
     let Some(addr) = line.split_whitespace().nth(1).map(str::to_string) else {
+        // Almost always the child refused its arguments and said why on the shared stderr.
         let _ = child.kill();
-        let _ = child.wait();
-        bail!("the destination did not report its address (got {line:?})");
+        let st = child.wait()?;
+        bail!("the destination process ended before listening ({st}); its error is above");
     };
-    Ok(Dest { child, addr })
+    Ok(Dest { child, addr, _guard: guard })
 }
 
 /// Two namespaces joined by a shaped veth pair; deleted on drop.
@@ -177,6 +194,7 @@ impl Netns {
         };
         for ns in [n.src.clone(), n.dst.clone()] {
             ip(&["netns", "add", &ns]).context("creating a network namespace (needs root)")?;
+            cleanup::register_namespace(&ns);
             n.created.push(ns);
         }
         ip(&[
@@ -233,6 +251,7 @@ impl Drop for Netns {
             if let Err(e) = ip(&["netns", "del", &ns]) {
                 tracing::warn!(error = %e, "cleaning up the network namespaces");
             }
+            cleanup::forget_namespace(&ns);
         }
     }
 }

@@ -389,7 +389,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         if a.rate == 0 { "flat out".to_string() } else { format!("{} pg/s", a.rate) },
         a.warmup
     );
-    // The workload's rate before the migration, for the slowdown figure.
+    // The workload's rate before the migration, to compare with its rate during pre-copy.
     let before = match workload.as_ref() {
         Some(w) if a.warmup > 0.0 => {
             let (n0, t0) = (w.pages_touched(), std::time::Instant::now());
@@ -442,20 +442,21 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
             return Err(anyhow::Error::new(e).context(format!("migration failed (source workload: {running})")));
         }
     };
-    // Slowdown of the workload while pre-copy ran, against its rate before.
-    let slowdown = match (before, summary.guest_rate_during) {
-        (Some(b), Some(d)) if b > 0.0 => Some((b - d) / b * 100.0),
+    // The workload's rate while pre-copy ran, as a share of its rate before (both measured
+    // rates are printed: a share above 100 % is what was measured, not a figure to hide).
+    let during_share = match (before, summary.guest_rate_during) {
+        (Some(b), Some(d)) if b > 0.0 => Some(d / b * 100.0),
         _ => None,
     };
     if json {
         let mut v = serde_json::to_value(&summary)?;
         v["workload_before"] = serde_json::json!(before);
-        v["slowdown_percent"] = serde_json::json!(slowdown);
+        v["during_percent_of_before"] = serde_json::json!(during_share);
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", summary.render());
-        if let (Some(b), Some(s)) = (before, slowdown) {
-            println!("  workload       {b:.0} pages/s before, slowdown during pre-copy {s:.1} %");
+        if let (Some(b), Some(d), Some(p)) = (before, summary.guest_rate_during, during_share) {
+            println!("  workload       {b:.0} pages/s before, {d:.0} pages/s during pre-copy ({p:.0} % of before)");
         }
     }
     if summary.outcome == Outcome::Aborted {
@@ -656,7 +657,10 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     // stderr so a parent may close the pipe.
     println!("listening {} {}", l.local_addr()?, kind);
     std::io::stdout().flush()?;
-    eprintln!("{note}");
+    // Why this backend: for a person watching (a parent such as --local prints its own).
+    if std::io::stdout().is_terminal() {
+        eprintln!("{note}");
+    }
     let bar = progress_bar(None, a.json || a.no_progress);
     bar.set_style(spinner_style("{spinner} {elapsed} {msg}"));
     bar.set_message("waiting for the source");

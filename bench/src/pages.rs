@@ -53,6 +53,7 @@ impl std::fmt::Display for Pattern {
 
 pub use livemig_app::args::parse_size;
 use livemig_app::args::{parse_secs, transport_arg, ChildSecret};
+use livemig_app::cleanup::OwnedChild;
 
 /// Options of `livemig bench pages|chunks`.
 #[derive(Debug, Clone, clap::Args)]
@@ -110,6 +111,10 @@ pub struct BenchArgs {
     /// Shared-secret file (else $LIVEMIG_SECRET; --loopback makes a random one).
     #[arg(long)]
     pub secret_file: Option<std::path::PathBuf>,
+    /// Seconds without progress from the peer after which either end gives up (the sender
+    /// sends a heartbeat every second while it pushes).
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = livemig_app::precopy::default_io_timeout_secs())]
+    pub io_timeout: f64,
     /// Machine-readable output.
     #[arg(long)]
     pub json: bool,
@@ -272,6 +277,7 @@ fn options(a: &BenchArgs) -> Result<TransportOptions> {
         max_frame_bytes: (a.max_write as u32).max(TcpConfig::default().max_frame_bytes),
         zero_copy: !a.tcp_copy,
         rcv_lowat: u32::try_from(a.rcv_lowat).context("--rcv-lowat must be below 4 GiB")?,
+        io_timeout: Duration::from_secs_f64(a.io_timeout),
         ..Default::default()
     };
     let verbs = livemig_engine::connect::VerbsOptions {
@@ -324,13 +330,18 @@ pub fn run(kind: Kind, a: &BenchArgs) -> Result<()> {
         let l = Listener::bind(tkind, addr)?;
         // The bound address on stdout lets a parent (--loopback) or a script find us.
         println!("listening {} {}", l.local_addr()?, tkind);
-        eprintln!("{note}");
+        // The listening line names the backend; why it was chosen is for a person watching
+        // (a parent such as --loopback reads the line and prints its own).
+        if std::io::stdout().is_terminal() {
+            eprintln!("{note}");
+        }
         let mut t = l.accept(&opts, &secret, &table)?;
-        return serve(t.as_mut(), &r);
+        return serve(t.as_mut(), &r, opts.io_timeout);
     }
     let (addr, child, secret) = if a.loopback {
         // Both ends share --secret-file if given, else a random secret made here.
         let cs = ChildSecret::new(a.secret_file.as_deref()).context("loading the shared secret")?;
+        livemig_app::cleanup::install()?;
         let (addr, child) = spawn_listener(kind, a, size, ps, &cs)?;
         (addr, Some(child), cs.secret().clone())
     } else if let Some(c) = &a.connect {
@@ -338,7 +349,10 @@ pub fn run(kind: Kind, a: &BenchArgs) -> Result<()> {
     } else {
         bail!("give --listen ADDR, --connect ADDR or --loopback");
     };
-    let report = send(kind, a, &opts, tkind, note, &addr, size, ps, &secret)?;
+    let report = send(kind, a, &opts, tkind, note, &addr, size, ps, &secret).inspect_err(|_| {
+        // A Ctrl-C ends the child too; let the signal thread report and clean up.
+        livemig_app::cleanup::yield_to_signal();
+    })?;
     if let Some(mut c) = child {
         let st = c.wait()?;
         if !st.success() {
@@ -356,19 +370,14 @@ pub fn run(kind: Kind, a: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn spawn_listener(
-    kind: Kind,
-    a: &BenchArgs,
-    size: u64,
-    ps: u64,
-    secret: &ChildSecret,
-) -> Result<(String, std::process::Child)> {
+fn spawn_listener(kind: Kind, a: &BenchArgs, size: u64, ps: u64, secret: &ChildSecret) -> Result<(String, OwnedChild)> {
     let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.args(["bench", kind.name, "--listen", "127.0.0.1:0", "--size", &size.to_string()])
         .args(["--page-size", &ps.to_string(), "--transport", transport_arg(a.transport)])
         .args(["--streams", &a.streams.to_string(), "--window", &a.window.to_string()])
         .args(["--rcv-lowat", &a.rcv_lowat.to_string()])
+        .args(["--io-timeout", &a.io_timeout.to_string()])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if let Some(b) = a.sock_buf {
@@ -387,8 +396,8 @@ fn spawn_listener(
         cmd.arg("--busy-poll");
     }
     secret.apply(&mut cmd);
-    let mut child = cmd.spawn().context("starting the destination process")?;
-    let out = child.stdout.take().context("child stdout")?;
+    let mut child = OwnedChild::spawn(&mut cmd).context("starting the destination process")?;
+    let out = child.child().stdout.take().context("child stdout")?;
     let mut line = String::new();
     std::io::BufRead::read_line(&mut std::io::BufReader::new(out), &mut line)?;
     let addr = line.split_whitespace().nth(1).context("the destination did not report its address")?.to_string();
@@ -396,10 +405,15 @@ fn spawn_listener(
 }
 
 /// Destination side: wait for CHECK, compare checksums, answer.
-fn serve(t: &mut dyn Transport, r: &Region) -> Result<()> {
+/// The sender's heartbeat while it pushes (writes alone are invisible to a verbs receiver).
+const TICK: &[u8] = b"TICK";
+
+fn serve(t: &mut dyn Transport, r: &Region, io_timeout: Duration) -> Result<()> {
     let cpu0 = cpu_seconds();
     loop {
-        let m = t.recv_message(None)?.context("the sender went away")?;
+        let m = t.recv_message(Some(io_timeout))?.with_context(|| {
+            format!("the sender went silent: nothing for {:.1} s (--io-timeout)", io_timeout.as_secs_f64())
+        })?;
         let text = String::from_utf8_lossy(&m).to_string();
         if let Some(theirs) = text.strip_prefix("CHECK ") {
             let ours = region_checksum(r);
@@ -451,9 +465,6 @@ fn send(
         .map(|w| WriteRequest { local: 1, segments: &w.segments, remote: 2, remote_offset: w.offset })
         .collect();
     let memcpy = memcpy_gbps(&r, cst.pages * ps);
-    if !a.json {
-        eprintln!("{note}");
-    }
     let mut t = connect::connect(tkind, addr, opts, secret, &table)?;
     let pb = if a.json || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
@@ -468,11 +479,16 @@ fn send(
     let start = Instant::now();
     let dur = Duration::from_secs_f64(a.duration.max(0.0));
     let mut passes = 0u64;
+    let mut ticked = Instant::now();
     loop {
         for chunk in reqs.chunks(512) {
             t.post_writes(chunk)?;
         }
         passes += 1;
+        if ticked.elapsed() >= Duration::from_secs(1) {
+            t.send_message(TICK)?;
+            ticked = Instant::now();
+        }
         let el = start.elapsed();
         pb.set_position((el.as_secs_f64() * 10.0) as u64);
         pb.set_message(format!("{:.2} GB/s", (passes * cst.pages * ps) as f64 / el.as_secs_f64().max(1e-9) / 1e9));

@@ -109,7 +109,7 @@ fn connect(a: &UrgentArgs) -> Result<Ends> {
     }
     let (st, dt) = (RegionTable::new(), RegionTable::new());
     let regs = vec![st.register(src.clone())?, dt.register(dst.clone())?];
-    let secret = Secret::new(hex_secret()?).context("secret")?;
+    let secret = Secret::new(Secret::generate_hex()).context("secret")?;
     let cfg = TcpConfig {
         urgent_stream: true,
         streams: std::num::NonZeroU8::new(a.streams.max(1)).context("streams")?,
@@ -123,12 +123,6 @@ fn connect(a: &UrgentArgs) -> Result<Ends> {
     let tx = TcpTransport::connect(addr, &cfg, &secret, &st)?;
     let rx = acc.join().map_err(|_| anyhow::anyhow!("the accepting thread panicked"))??;
     Ok(Ends { tx, rx, src, _keep: (st, dt, regs) })
-}
-
-fn hex_secret() -> Result<String> {
-    let mut b = [0u8; 16];
-    getrandom::getrandom(&mut b).map_err(|e| anyhow::anyhow!("drawing a random secret: {e}"))?;
-    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 /// The page a request names (8 bytes, little endian); an error for anything else.

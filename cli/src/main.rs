@@ -20,6 +20,21 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Shared secrets for the handshake.
+    Secret {
+        #[command(subcommand)]
+        what: SecretCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SecretCmd {
+    /// Write a fresh random 256-bit secret (hex) to FILE, created with mode 0600; an existing
+    /// file is never overwritten. Give the same file to both ends with --secret-file.
+    New {
+        /// Where to write it.
+        file: std::path::PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -32,7 +47,19 @@ enum BenchCmd {
     Urgent(livemig_bench::urgent::UrgentArgs),
 }
 
-fn main() -> anyhow::Result<()> {
+/// Errors are printed once, as one line with their causes (`error: what: why: …`), without a
+/// backtrace; the exit status is 1 (commands with their own statuses exit before this).
+fn main() -> std::process::ExitCode {
+    match run() {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("LIVEMIG_LOG")
@@ -48,5 +75,10 @@ fn main() -> anyhow::Result<()> {
         Cmd::Bench { what: BenchCmd::Pages(a) } => livemig_bench::pages::run(livemig_bench::pages::PAGES, &a),
         Cmd::Bench { what: BenchCmd::Chunks(a) } => livemig_bench::pages::run(livemig_bench::pages::CHUNKS, &a),
         Cmd::Bench { what: BenchCmd::Urgent(a) } => livemig_bench::urgent::run(&a),
+        Cmd::Secret { what: SecretCmd::New { file } } => {
+            livemig_transport::auth::Secret::write_new(&file)?;
+            eprintln!("wrote a new 256-bit secret to {} (mode 0600)", file.display());
+            Ok(())
+        }
     }
 }

@@ -29,24 +29,38 @@ fn chunks_between_files() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("\"checksum_match\": true"));
 }
 
+/// A port scan, a silent client and a wrong secret in front of the real source: the
+/// listener logs each and serves the real one.
 #[test]
-fn wrong_secret_between_processes_is_refused() {
+fn hostile_and_wrong_secret_clients_do_not_end_the_listener() {
+    let right = "the-right-secret-the-right-secret";
     let dst = spawn_listening(
         Command::new(BIN)
             .args(["bench", "pages", "--listen", "127.0.0.1:0", "--size", "4M", "--transport", "tcp"])
-            .env("LIVEMIG_SECRET", "the-right-secret")
+            .args(["--io-timeout", "5"])
+            .env("LIVEMIG_SECRET", right)
             .stderr(Stdio::piped()),
     );
-    let src = Command::new(BIN)
-        .args(["bench", "pages", "--connect", &dst.addr, "--size", "4M", "--transport", "tcp", "--duration", "0"])
-        .env("LIVEMIG_SECRET", "a-wrong-secret!")
-        .output()
-        .unwrap();
-    assert!(!src.status.success());
-    let dst = dst.child.wait_with_output().unwrap();
-    assert!(!dst.status.success());
-    let err = String::from_utf8_lossy(&dst.stderr);
+    drop(std::net::TcpStream::connect(&dst.addr).unwrap());
+    let idle = std::net::TcpStream::connect(&dst.addr).unwrap();
+    let src = |secret: &str| {
+        Command::new(BIN)
+            .args(["bench", "pages", "--connect", &dst.addr, "--size", "4M", "--transport", "tcp", "--duration", "0"])
+            .env("LIVEMIG_SECRET", secret)
+            .output()
+            .unwrap()
+    };
+    let wrong = src("a-wrong-secret!-a-wrong-secret!-a-wrong");
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
     assert!(err.contains("wrong shared secret"), "{err}");
+    let good = src(right);
+    assert!(good.status.success(), "{}", String::from_utf8_lossy(&good.stderr));
+    let dst = dst.child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&dst.stderr);
+    assert!(dst.status.success(), "{err}");
+    assert!(err.contains("handshake failed"), "{err}");
+    drop(idle);
 }
 
 #[test]

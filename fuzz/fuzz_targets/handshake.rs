@@ -25,7 +25,7 @@ impl Write for Peer<'_> {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let secret = Secret::new("fuzzing-secret").unwrap();
+    let secret = Secret::new("fuzzing-secret-fuzzing-secret-fuzzing").unwrap();
     let p = HandshakeParams { role: Role::Acceptor, stream: 0, streams: 1, flags: 0, byte_streams: 0, session: 0, exposed: vec![] };
     let r = handshake(&mut Peer { input: data }, &secret, &p);
     // Without knowing our random nonce in advance, no input can produce a valid proof.

@@ -81,7 +81,7 @@ pub fn receive_workload(
 }
 
 /// The shared secret of in-process tests (both ends use it; its value does not matter).
-pub const TEST_SECRET: &str = "livemig-test-secret";
+pub const TEST_SECRET: &str = "livemig-test-secret-livemig-test-secret";
 
 /// [`TEST_SECRET`] as a [`Secret`].
 pub fn test_secret() -> Secret {

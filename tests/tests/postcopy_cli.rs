@@ -56,7 +56,7 @@ fn hybrid_local_completes_with_a_pass_then_post_copy() {
 #[test]
 fn postcopy_refused_by_a_smaller_destination_leaves_the_source_running() {
     let Some(bin) = livemig_bin() else { return };
-    let secret = "cli-test-secret";
+    let secret = "cli-test-secret-cli-test-secret-cli-test";
     let args = ["--listen", "127.0.0.1:0", "--size", "16M", "--transport", "tcp"];
     let mut dst = spawn_listening(&mut receive_command(&bin, secret, &args));
     let out = Command::new(&bin)

@@ -37,7 +37,7 @@ fn migrate_refuses_a_smaller_destination_at_handshake() {
     if !Command::new(&bin).args(["migrate", "--help"]).output().unwrap().status.success() {
         return;
     }
-    let secret = "cli-test-secret";
+    let secret = "cli-test-secret-cli-test-secret-cli-test";
     let args = ["--listen", "127.0.0.1:0", "--size", "16M", "--transport", "tcp"];
     let mut dst = spawn_listening(&mut receive_command(&bin, secret, &args));
     let out = Command::new(&bin)
@@ -63,7 +63,7 @@ fn in_doubt_run(
     use std::io::{BufRead, BufReader, Read};
     use std::process::Stdio;
     let bin = livemig_bin()?;
-    let secret = "in-doubt-secret";
+    let secret = "in-doubt-secret-in-doubt-secret-in-doubt";
     let args = ["--listen", "127.0.0.1:0", "--size", "16M", "--transport", "tcp", "--after", "0.2"];
     let mut cmd = receive_command(&bin, secret, &args);
     cmd.args(["--no-progress", "--io-timeout", "5"]).env("LIVEMIG_CUT_AT", cut_dest.unwrap_or(""));

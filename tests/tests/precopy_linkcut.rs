@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 
 use livemig_tests::{livemig_bin, parse_listening};
 
-const SECRET: &str = "linkcut-test-secret-0123456789";
+const SECRET: &str = "linkcut-test-secret-0123456789abcdef";
 /// `--io-timeout` of both ends, seconds.
 const IO_TIMEOUT: u64 = 3;
 /// The source must have failed this long after the cut.

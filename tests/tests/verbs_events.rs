@@ -121,7 +121,7 @@ impl Drop for PrivateRxe {
 }
 
 fn secret() -> Secret {
-    Secret::new("verbs-events-secret").unwrap()
+    Secret::new("verbs-events-secret-verbs-events-secret").unwrap()
 }
 
 fn cfg(mode: CompletionMode) -> VerbsConfig {

@@ -1,18 +1,27 @@
-//! Peer authentication: a mutual HMAC-SHA256 challenge–response over a shared secret,
-//! run before any region is exposed or any memory written.
+//! Peer authentication: a password-authenticated key exchange (SPAKE2 over Ed25519) on the
+//! shared secret, then key confirmation, before any region is exposed or any memory written.
 //!
 //! ```text
 //!  connector                                  acceptor
 //!    HELLO(versions, role=C, session, stream, nonce_c)  ──►
 //!                                      ◄──  HELLO(versions, role=A, same session/stream, nonce_a)
-//!    AUTH(HMAC(k, tag|C|session|stream|nonce_c|nonce_a)) ──►
-//!                                      ◄──  AUTH(HMAC(k, tag|A|session|stream|nonce_a|nonce_c))
-//!    both verify (constant time); on failure CLOSE(AUTH) and error
+//!                                      ◄──  PAKE(spake2 B message)
+//!    PAKE(spake2 A message)            ──►
+//!    AUTH(HMAC(K, C|transcript))       ──►     acceptor verifies; on failure CLOSE(AUTH)
+//!                                      ◄──  AUTH(HMAC(K, A|transcript))   only after that
+//!    connector verifies; on failure CLOSE(AUTH)
 //!    REGIONS(exposed table)            ◄──►  REGIONS(exposed table)
 //! ```
 //!
-//! The role byte in the MAC stops a reflected proof; fresh nonces on both sides stop replay.
-//! The secret comes from `LIVEMIG_SECRET` or a file (`--secret-file`).
+//! K is the SPAKE2 key. Neither side's messages let a peer that does not know the secret test
+//! guesses offline: the PAKE messages are blinded by the secret, and the proofs are MACs
+//! under K, which such a peer cannot compute. An active attacker gets one online guess per
+//! connection. The side that answers (the acceptor) reveals its proof only after checking the
+//! connector's. The transcript (session, stream, both nonces, both PAKE messages) and the role
+//! byte bind the proofs to this connection and stop reflection.
+//!
+//! Secrets must be high entropy: at least [`MIN_SECRET_LEN`] bytes (`livemig secret new FILE`
+//! writes a random 256-bit one). They come from `LIVEMIG_SECRET` or a file (`--secret-file`).
 
 use std::io::{Read, Write};
 use std::path::Path;
@@ -21,11 +30,17 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 
 use crate::region::RegionInfo;
-use crate::wire::{self, close_code, DecodeError, Frame, FrameType, Header, Hello, Role};
+use spake2::{Ed25519Group, Identity, Password, Spake2};
+
+use crate::wire::{self, close_code, DecodeError, Frame, FrameType, Header, Hello, Role, PAKE_LEN};
 
 /// Environment variable holding the shared secret.
 pub const SECRET_ENV: &str = "LIVEMIG_SECRET";
-const TAG: &[u8] = b"livemig-auth-v1";
+/// Shortest accepted secret, in bytes.
+pub const MIN_SECRET_LEN: usize = 32;
+const TAG: &[u8] = b"livemig-auth-v3";
+const ID_CONNECTOR: &[u8] = b"livemig connector";
+const ID_ACCEPTOR: &[u8] = b"livemig acceptor";
 
 /// The shared secret.
 #[derive(Clone)]
@@ -54,8 +69,20 @@ pub enum SecretError {
         source: std::io::Error,
     },
     /// Too short to be a secret.
-    #[error("the shared secret must be at least 8 bytes (got {0})")]
+    #[error(
+        "the shared secret must be at least {MIN_SECRET_LEN} bytes of random data (got {0}); \
+         make one with `livemig secret new FILE`"
+    )]
     TooShort(usize),
+    /// `secret new` could not write the file.
+    #[error("cannot create secret file {path}")]
+    Create {
+        /// Path.
+        path: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl Secret {
@@ -65,10 +92,27 @@ impl Secret {
         while v.last().is_some_and(|b| *b == b'\n' || *b == b'\r') {
             v.pop();
         }
-        if v.len() < 8 {
+        if v.len() < MIN_SECRET_LEN {
             return Err(SecretError::TooShort(v.len()));
         }
         Ok(Secret(v))
+    }
+
+    /// A fresh 256-bit random secret, hex-encoded (what `livemig secret new` writes).
+    pub fn generate_hex() -> String {
+        let mut b = [0u8; 32];
+        getrandom::getrandom(&mut b).expect("the OS random source is available");
+        b.iter().map(|x| format!("{x:02x}")).collect()
+    }
+
+    /// Writes a fresh secret to `path`, created with mode 0600; an existing file is left alone
+    /// and reported.
+    pub fn write_new(path: &Path) -> Result<(), SecretError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        let err = |source| SecretError::Create { path: path.display().to_string(), source };
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
+        f.write_all(format!("{}\n", Self::generate_hex()).as_bytes()).map_err(err)?;
+        f.sync_all().map_err(err)
     }
 
     /// From `file` if given, else from `LIVEMIG_SECRET`.
@@ -109,6 +153,9 @@ pub enum HandshakeError {
         /// The peer's.
         theirs: (u8, u8),
     },
+    /// The peer's key-exchange message is not a valid SPAKE2 message.
+    #[error("invalid key-exchange message from the peer")]
+    KeyExchange,
     /// The peer claimed our own role or a different stream.
     #[error("peer hello is inconsistent: {0}")]
     Inconsistent(&'static str),
@@ -150,41 +197,74 @@ pub struct HandshakeOutcome {
     pub peer_regions: Vec<RegionInfo>,
 }
 
-/// The proof a side with `role` sends (pure).
-pub fn proof(
-    secret: &Secret,
-    role: Role,
-    session: u64,
-    stream: u8,
-    own_nonce: &[u8; 32],
-    peer_nonce: &[u8; 32],
-) -> [u8; 32] {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&secret.0).expect("HMAC accepts any key length");
+/// An authenticated connection, before the region tables are exchanged.
+#[derive(Debug, Clone)]
+pub struct Authenticated {
+    /// Negotiated protocol version.
+    pub version: u8,
+    /// The peer's HELLO.
+    pub peer: Hello,
+}
+
+/// What both proofs cover, in connector-then-acceptor order.
+#[derive(Debug, Clone)]
+pub struct Transcript {
+    /// Session id.
+    pub session: u64,
+    /// Stream index.
+    pub stream: u8,
+    /// The connector's nonce.
+    pub nonce_c: [u8; 32],
+    /// The acceptor's nonce.
+    pub nonce_a: [u8; 32],
+    /// The connector's PAKE message.
+    pub pake_c: [u8; PAKE_LEN],
+    /// The acceptor's PAKE message.
+    pub pake_a: [u8; PAKE_LEN],
+}
+
+fn mac_for(key: &[u8], role: Role, t: &Transcript) -> Hmac<Sha256> {
+    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
     m.update(TAG);
-    m.update(&[role as u8, stream]);
-    m.update(&session.to_le_bytes());
-    m.update(own_nonce);
-    m.update(peer_nonce);
-    m.finalize().into_bytes().into()
+    m.update(&[role as u8, t.stream]);
+    m.update(&t.session.to_le_bytes());
+    m.update(&t.nonce_c);
+    m.update(&t.nonce_a);
+    m.update(&t.pake_c);
+    m.update(&t.pake_a);
+    m
+}
+
+/// The key-confirmation proof a side with `role` sends, keyed by the PAKE key (pure).
+pub fn proof(key: &[u8], role: Role, t: &Transcript) -> [u8; 32] {
+    mac_for(key, role, t).finalize().into_bytes().into()
 }
 
 /// Verifies a proof in constant time (pure).
-pub fn verify(
-    secret: &Secret,
-    role: Role,
-    session: u64,
-    stream: u8,
-    own_nonce: &[u8; 32],
-    peer_nonce: &[u8; 32],
-    mac: &[u8; 32],
-) -> bool {
-    let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&secret.0).expect("HMAC accepts any key length");
-    m.update(TAG);
-    m.update(&[role as u8, stream]);
-    m.update(&session.to_le_bytes());
-    m.update(own_nonce);
-    m.update(peer_nonce);
-    m.verify_slice(mac).is_ok()
+pub fn verify(key: &[u8], role: Role, t: &Transcript, mac: &[u8; 32]) -> bool {
+    mac_for(key, role, t).verify_slice(mac).is_ok()
+}
+
+/// One side of the key exchange.
+struct Pake {
+    state: Spake2<Ed25519Group>,
+    msg: [u8; PAKE_LEN],
+}
+
+impl Pake {
+    fn start(secret: &Secret, role: Role) -> Pake {
+        let pw = Password::new(&secret.0);
+        let (c, a) = (Identity::new(ID_CONNECTOR), Identity::new(ID_ACCEPTOR));
+        let (state, msg) = match role {
+            Role::Connector => Spake2::<Ed25519Group>::start_a(&pw, &c, &a),
+            Role::Acceptor => Spake2::<Ed25519Group>::start_b(&pw, &c, &a),
+        };
+        Pake { state, msg: msg.try_into().expect("an Ed25519 SPAKE2 message is 33 bytes") }
+    }
+
+    fn finish(self, theirs: &[u8; PAKE_LEN]) -> Result<Vec<u8>, HandshakeError> {
+        self.state.finish(theirs).map_err(|_| HandshakeError::KeyExchange)
+    }
 }
 
 /// Writes one control frame.
@@ -215,12 +295,55 @@ fn expect_frame(r: &mut impl Read, kind: FrameType, what: &'static str) -> Resul
     }
 }
 
-/// Runs the handshake on `s`. Nothing is exposed before the peer has proven the secret.
+fn expect_pake(s: &mut impl Read) -> Result<[u8; PAKE_LEN], HandshakeError> {
+    match expect_frame(s, FrameType::Pake, "PAKE")? {
+        Frame::Pake(m) => Ok(m),
+        _ => unreachable!("kind checked"),
+    }
+}
+
+fn expect_auth(s: &mut impl Read) -> Result<[u8; 32], HandshakeError> {
+    match expect_frame(s, FrameType::Auth, "AUTH")? {
+        Frame::Auth(m) => Ok(m),
+        _ => unreachable!("kind checked"),
+    }
+}
+
+fn refuse_auth(s: &mut impl Write) -> HandshakeError {
+    let _ = write_frame(
+        s,
+        &Frame::Close { code: close_code::AUTH, reason: "authentication failed: wrong shared secret".into() },
+    );
+    HandshakeError::BadSecret
+}
+
+/// Runs the handshake on `s`: authentication, then the region tables. Nothing is exposed
+/// before the peer has proven the secret.
 pub fn handshake<S: Read + Write>(
     s: &mut S,
     secret: &Secret,
     p: &HandshakeParams,
 ) -> Result<HandshakeOutcome, HandshakeError> {
+    let a = authenticate(s, secret, p)?;
+    let peer_regions = exchange_regions(s, &p.exposed)?;
+    Ok(HandshakeOutcome { version: a.version, peer: a.peer, peer_regions })
+}
+
+/// Sends our region table and reads the peer's (after [`authenticate`]).
+pub fn exchange_regions<S: Read + Write>(s: &mut S, exposed: &[RegionInfo]) -> Result<Vec<RegionInfo>, HandshakeError> {
+    write_frame(s, &Frame::Regions(exposed.to_vec()))?;
+    match expect_frame(s, FrameType::Regions, "REGIONS")? {
+        Frame::Regions(r) => Ok(r),
+        _ => unreachable!("kind checked"),
+    }
+}
+
+/// Authenticates the peer on `s` (HELLO, PAKE, AUTH; `p.exposed` is not used).
+pub fn authenticate<S: Read + Write>(
+    s: &mut S,
+    secret: &Secret,
+    p: &HandshakeParams,
+) -> Result<Authenticated, HandshakeError> {
     let mut nonce = [0u8; 32];
     getrandom::getrandom(&mut nonce).map_err(|e| std::io::Error::other(e.to_string()))?;
     let mut ours = Hello {
@@ -275,22 +398,31 @@ pub fn handshake<S: Read + Write>(
     {
         return Err(HandshakeError::Inconsistent("session, stream index, stream count or flags differ"));
     }
+    let pake = Pake::start(secret, p.role);
     let (session, stream) = (ours.session, ours.stream);
-    let mac = proof(secret, p.role, session, stream, &nonce, &peer.nonce);
-    write_frame(s, &Frame::Auth(mac))?;
-    let Frame::Auth(theirs) = expect_frame(s, FrameType::Auth, "AUTH")? else { unreachable!("kind checked") };
-    if !verify(secret, peer.role, session, stream, &peer.nonce, &nonce, &theirs) {
-        let _ = write_frame(
-            s,
-            &Frame::Close { code: close_code::AUTH, reason: "authentication failed: wrong shared secret".into() },
-        );
-        return Err(HandshakeError::BadSecret);
+    if p.role == Role::Connector {
+        let pake_a = expect_pake(s)?;
+        let t = Transcript { session, stream, nonce_c: nonce, nonce_a: peer.nonce, pake_c: pake.msg, pake_a };
+        write_frame(s, &Frame::Pake(pake.msg))?;
+        let key = pake.finish(&pake_a)?;
+        write_frame(s, &Frame::Auth(proof(&key, Role::Connector, &t)))?;
+        let theirs = expect_auth(s)?;
+        if !verify(&key, Role::Acceptor, &t, &theirs) {
+            return Err(refuse_auth(s));
+        }
+    } else {
+        write_frame(s, &Frame::Pake(pake.msg))?;
+        let pake_c = expect_pake(s)?;
+        let t = Transcript { session, stream, nonce_c: peer.nonce, nonce_a: nonce, pake_c, pake_a: pake.msg };
+        let key = pake.finish(&pake_c)?;
+        let theirs = expect_auth(s)?;
+        // Our proof goes out only once the connector has proven the secret.
+        if !verify(&key, Role::Connector, &t, &theirs) {
+            return Err(refuse_auth(s));
+        }
+        write_frame(s, &Frame::Auth(proof(&key, Role::Acceptor, &t)))?;
     }
-    write_frame(s, &Frame::Regions(p.exposed.clone()))?;
-    let Frame::Regions(peer_regions) = expect_frame(s, FrameType::Regions, "REGIONS")? else {
-        unreachable!("kind checked")
-    };
-    Ok(HandshakeOutcome { version, peer, peer_regions })
+    Ok(Authenticated { version, peer })
 }
 
 #[cfg(test)]
@@ -298,20 +430,57 @@ mod tests {
     use super::*;
     use std::os::unix::net::UnixStream;
 
+    const GOOD: &str = "sesame-open-sesame-open-sesame-open";
+    const BAD: &str = "sesame-shut-sesame-shut-sesame-shut";
+
     fn params(role: Role) -> HandshakeParams {
         HandshakeParams { role, stream: 0, streams: 1, flags: 0, byte_streams: 0, session: 9, exposed: vec![] }
     }
 
     #[test]
-    fn proofs_bind_role_and_nonces() {
-        let s = Secret::new("0123456789").unwrap();
-        let (a, b) = ([1u8; 32], [2u8; 32]);
-        let p = proof(&s, Role::Connector, 1, 0, &a, &b);
-        assert!(verify(&s, Role::Connector, 1, 0, &a, &b, &p));
-        assert!(!verify(&s, Role::Acceptor, 1, 0, &a, &b, &p), "a reflected proof fails");
-        assert!(!verify(&s, Role::Connector, 1, 0, &b, &a, &p));
-        assert!(!verify(&Secret::new("0123456780").unwrap(), Role::Connector, 1, 0, &a, &b, &p));
-        assert!(matches!(Secret::new("short\n"), Err(SecretError::TooShort(5))));
+    fn proofs_bind_role_and_transcript() {
+        let t = Transcript {
+            session: 1,
+            stream: 0,
+            nonce_c: [1; 32],
+            nonce_a: [2; 32],
+            pake_c: [3; PAKE_LEN],
+            pake_a: [4; PAKE_LEN],
+        };
+        let p = proof(b"key", Role::Connector, &t);
+        assert!(verify(b"key", Role::Connector, &t, &p));
+        assert!(!verify(b"key", Role::Acceptor, &t, &p), "a reflected proof fails");
+        assert!(!verify(b"kex", Role::Connector, &t, &p));
+        let mut other = t.clone();
+        other.pake_a[0] ^= 1;
+        assert!(!verify(b"key", Role::Connector, &other, &p));
+        let mut other = t.clone();
+        std::mem::swap(&mut other.nonce_a, &mut other.nonce_c);
+        assert!(!verify(b"key", Role::Connector, &other, &p));
+    }
+
+    #[test]
+    fn short_secrets_are_refused_naming_the_command() {
+        let e = Secret::new("0123456789abcdef0123456789abcde\n").unwrap_err();
+        assert!(matches!(e, SecretError::TooShort(31)));
+        assert!(e.to_string().contains("livemig secret new"), "{e}");
+        assert!(Secret::new(Secret::generate_hex()).is_ok());
+    }
+
+    #[test]
+    fn new_secret_files_are_private_and_never_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = std::env::temp_dir().join(format!("livemig-secret-{}", std::process::id()));
+        let _ = std::fs::remove_file(&dir);
+        Secret::write_new(&dir).unwrap();
+        let meta = std::fs::metadata(&dir).unwrap();
+        assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+        let text = std::fs::read_to_string(&dir).unwrap();
+        assert_eq!(text.trim_end().len(), 64);
+        assert!(Secret::load(Some(&dir)).is_ok());
+        assert!(matches!(Secret::write_new(&dir), Err(SecretError::Create { .. })));
+        assert_eq!(std::fs::read_to_string(&dir).unwrap(), text, "an existing secret stays");
+        std::fs::remove_file(&dir).unwrap();
     }
 
     fn run(sa: &str, sb: &str) -> (Result<HandshakeOutcome, HandshakeError>, Result<HandshakeOutcome, HandshakeError>) {
@@ -325,11 +494,71 @@ mod tests {
 
     #[test]
     fn good_and_bad_secrets() {
-        let (a, b) = run("sesame-open", "sesame-open");
+        let (a, b) = run(GOOD, GOOD);
         assert_eq!(a.unwrap().version, wire::VERSION);
         assert_eq!(b.unwrap().peer.session, 9);
-        let (a, b) = run("sesame-open", "sesame-shut");
-        assert!(matches!(a, Err(HandshakeError::BadSecret) | Err(HandshakeError::Refused(_))), "{a:?}");
-        assert!(matches!(b, Err(HandshakeError::BadSecret) | Err(HandshakeError::Refused(_))), "{b:?}");
+        let (a, b) = run(GOOD, BAD);
+        assert!(matches!(a, Err(HandshakeError::Refused(_))), "{a:?}");
+        assert!(matches!(b, Err(HandshakeError::BadSecret)), "{b:?}");
+    }
+
+    /// A connector that does not know the secret runs the protocol faithfully with a guess:
+    /// the acceptor answers its proof with CLOSE, never with a proof of its own.
+    #[test]
+    fn the_acceptor_reveals_no_proof_to_a_connector_that_failed() {
+        let (mut x, mut y) = UnixStream::pair().unwrap();
+        let good = Secret::new(GOOD).unwrap();
+        let t = std::thread::spawn(move || authenticate(&mut y, &good, &params(Role::Acceptor)));
+        let nonce = [6u8; 32];
+        let hello = Hello {
+            min_version: wire::MIN_VERSION,
+            max_version: wire::VERSION,
+            role: Role::Connector,
+            stream: 0,
+            streams: 1,
+            flags: 0,
+            byte_streams: 0,
+            session: 9,
+            nonce,
+        };
+        write_frame(&mut x, &Frame::Hello(hello)).unwrap();
+        let Frame::Hello(theirs) = read_frame(&mut x).unwrap() else { panic!("expected HELLO") };
+        let Frame::Pake(pake_a) = read_frame(&mut x).unwrap() else { panic!("expected PAKE") };
+        let guess = Pake::start(&Secret::new(BAD).unwrap(), Role::Connector);
+        let tr = Transcript { session: 9, stream: 0, nonce_c: nonce, nonce_a: theirs.nonce, pake_c: guess.msg, pake_a };
+        write_frame(&mut x, &Frame::Pake(guess.msg)).unwrap();
+        let key = guess.finish(&pake_a).unwrap();
+        write_frame(&mut x, &Frame::Auth(proof(&key, Role::Connector, &tr))).unwrap();
+        match read_frame(&mut x).unwrap() {
+            Frame::Close { code, .. } => assert_eq!(code, close_code::AUTH),
+            f => panic!("the acceptor answered a failed proof with {f:?}"),
+        }
+        assert!(matches!(t.join().unwrap(), Err(HandshakeError::BadSecret)));
+    }
+
+    /// A listener that does not know the secret gets the connector's proof only under a key
+    /// it cannot derive: its own guess does not verify the proof.
+    #[test]
+    fn a_rogue_listener_cannot_check_a_guess_against_the_connectors_proof() {
+        let (mut x, mut y) = UnixStream::pair().unwrap();
+        let good = Secret::new(GOOD).unwrap();
+        let t = std::thread::spawn(move || authenticate(&mut x, &good, &params(Role::Connector)));
+        let Frame::Hello(theirs) = read_frame(&mut y).unwrap() else { panic!("expected HELLO") };
+        let mut ours = theirs;
+        ours.role = Role::Acceptor;
+        ours.nonce = [8; 32];
+        write_frame(&mut y, &Frame::Hello(ours)).unwrap();
+        let rogue = Pake::start(&Secret::new(BAD).unwrap(), Role::Acceptor);
+        write_frame(&mut y, &Frame::Pake(rogue.msg)).unwrap();
+        let Frame::Pake(pake_c) = read_frame(&mut y).unwrap() else { panic!("expected PAKE") };
+        let Frame::Auth(mac) = read_frame(&mut y).unwrap() else { panic!("expected AUTH") };
+        let tr =
+            Transcript { session: 9, stream: 0, nonce_c: theirs.nonce, nonce_a: [8; 32], pake_c, pake_a: rogue.msg };
+        let key = rogue.finish(&pake_c).unwrap();
+        assert!(!verify(&key, Role::Connector, &tr, &mac));
+        // Nor is the proof a MAC under the secret itself, as an unkeyed exchange would give.
+        assert!(!verify(GOOD.as_bytes(), Role::Connector, &tr, &mac));
+        write_frame(&mut y, &Frame::Auth([0; 32])).unwrap();
+        assert!(matches!(t.join().unwrap(), Err(HandshakeError::BadSecret)));
     }
 }

@@ -19,6 +19,7 @@ pub mod bitmap;
 pub mod coalesce;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
+pub mod gate;
 mod oob;
 pub mod region;
 pub mod tcp;
@@ -30,8 +31,21 @@ pub mod wire;
 
 use std::time::Duration;
 
+/// Formats an error with its chain of sources ("a: b: c").
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 pub use bitmap::PageBitmap;
 pub use coalesce::{CoalesceConfig, Coalescer, WorkRequest};
+pub use gate::{Admitted, Gate, GateConfig};
 pub use region::{Access, Backing, Region, RegionError, RegionId, RegionInfo, RegionTable, Registration, WriteGuard};
 pub use window::{SendWindow, WindowConfig};
 

@@ -16,14 +16,37 @@ pub(crate) struct BoundListener(std::net::TcpListener);
 
 impl BoundListener {
     pub(crate) fn bind(addr: impl ToSocketAddrs) -> Result<Self, TransportError> {
-        std::net::TcpListener::bind(addr).map(BoundListener).map_err(io_err("binding the listening socket"))
+        let l = std::net::TcpListener::bind(addr).map_err(io_err("binding the listening socket"))?;
+        // The gate polls it: accepting never blocks.
+        l.set_nonblocking(true).map_err(io_err("binding the listening socket"))?;
+        Ok(BoundListener(l))
     }
 
     pub(crate) fn local_addr(&self) -> Result<SocketAddr, TransportError> {
         self.0.local_addr().map_err(io_err("reading the local address"))
     }
 
-    pub(crate) fn accept(&self) -> Result<(std::net::TcpStream, SocketAddr), TransportError> {
-        self.0.accept().map_err(io_err("accepting a connection"))
+    /// One pending connection, or `None` if none is waiting.
+    pub(crate) fn accept_nonblocking(&self) -> std::io::Result<Option<(std::net::TcpStream, SocketAddr)>> {
+        match self.0.accept() {
+            Ok(c) => Ok(Some(c)),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(None),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A gate admitting authenticated connections from this listener.
+    pub(crate) fn gate(
+        &self,
+        secret: &crate::auth::Secret,
+        cfg: &crate::GateConfig,
+    ) -> Result<crate::Gate<'_>, TransportError> {
+        crate::Gate::new(self, secret, cfg)
+    }
+}
+
+impl std::os::fd::AsRawFd for BoundListener {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.as_raw_fd()
     }
 }

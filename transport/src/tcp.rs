@@ -46,6 +46,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, HandshakeParams, Secret};
+use crate::gate::{Deadlined, GateConfig};
 use crate::region::{RegionInfo, RegionTable};
 use crate::window::{SendWindow, WindowConfig};
 use crate::wire::{self, close_code, Frame, Header, Role, WriteEntry, WriteFrame};
@@ -84,6 +85,10 @@ pub struct TcpConfig {
     /// `wire::MAX_BYTE_STREAMS`; the connector decides, the acceptor follows.
     #[serde(default)]
     pub byte_streams: u8,
+    /// Limits on connections that have not authenticated yet (listener side), and the
+    /// handshake deadline (both sides).
+    #[serde(default)]
+    pub gate: GateConfig,
 }
 
 fn default_zero_copy() -> bool {
@@ -106,6 +111,7 @@ impl Default for TcpConfig {
             rcv_lowat: default_rcv_lowat(),
             urgent_stream: false,
             byte_streams: 0,
+            gate: GateConfig::default(),
         }
     }
 }
@@ -285,58 +291,49 @@ impl TcpListener {
         self.inner.local_addr()
     }
 
-    /// Accepts one session (all of its parallel streams), authenticating each connection.
-    /// `regions` holds what this endpoint exposes (and may send from).
+    /// Accepts one session (all of its parallel streams), authenticating each connection
+    /// through the gate (`cfg.gate`): connections that fail to authenticate are logged and
+    /// closed while the listener goes on waiting. Once a session's first stream is in, the
+    /// others must follow within `cfg.io_timeout`. `regions` holds what this endpoint exposes
+    /// (and may send from).
     pub fn accept(
         &self,
         cfg: &TcpConfig,
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<TcpTransport, TransportError> {
+        let mut gate = self.inner.gate(secret, &cfg.gate)?;
         let mut socks: Vec<Option<TcpStream>> = Vec::new();
         let mut session = None;
         let mut urgent = false;
         let mut byte_streams = 0;
         let mut peer_regions = Vec::new();
         let mut peer = String::new();
+        let mut deadline = None;
         loop {
-            let (mut s, addr) = self.inner.accept()?;
-            tune(&s, cfg)?;
-            s.set_read_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the read timeout"))?;
-            let params = HandshakeParams {
-                role: Role::Acceptor,
-                stream: 0,
-                streams: 1,
-                flags: 0,
-                byte_streams: 0,
-                session: 0,
-                exposed: regions.exposed(),
+            let Some(a) = gate.next(deadline)? else {
+                let missing = socks.iter().filter(|s| s.is_none()).count();
+                return Err(TransportError::Disconnected(format!(
+                    "{peer} opened its session but {missing} of its {} streams did not follow within {:?}",
+                    socks.len(),
+                    cfg.io_timeout
+                )));
             };
-            let out = match auth::handshake(&mut s, secret, &params) {
-                Ok(o) => o,
-                Err(source) => {
-                    let e = TransportError::Handshake { peer: addr.to_string(), source };
-                    if session.is_none() {
-                        return Err(e);
-                    }
-                    tracing::warn!(peer = %addr, error = %e, "rejected a stream");
-                    continue;
-                }
-            };
+            let (mut s, addr, hello) = (a.stream, a.addr, a.auth.peer);
             match session {
                 None => {
-                    session = Some(out.peer.session);
-                    urgent = out.peer.flags & wire::HELLO_URGENT_STREAM != 0;
-                    byte_streams = out.peer.byte_streams;
-                    if urgent && out.peer.streams < 2 {
+                    if hello.flags & wire::HELLO_URGENT_STREAM != 0 && hello.streams < 2 {
                         let e = TransportError::Disconnected("an urgent channel needs a bulk stream too".into());
                         return Err(e);
                     }
-                    socks = (0..out.peer.streams).map(|_| None).collect();
-                    peer_regions = out.peer_regions;
+                    session = Some(hello.session);
+                    urgent = hello.flags & wire::HELLO_URGENT_STREAM != 0;
+                    byte_streams = hello.byte_streams;
+                    socks = (0..hello.streams).map(|_| None).collect();
                     peer = addr.to_string();
+                    deadline = Some(Instant::now() + cfg.io_timeout);
                 }
-                Some(id) if id != out.peer.session => {
+                Some(id) if id != hello.session => {
                     let _ = auth::write_frame(
                         &mut s,
                         &Frame::Close { code: close_code::REFUSED, reason: "another session is being accepted".into() },
@@ -345,11 +342,24 @@ impl TcpListener {
                 }
                 Some(_) => {}
             }
-            let i = out.peer.stream as usize;
-            if i < socks.len() && socks[i].is_none() {
-                s.set_read_timeout(None).map_err(io_err("clearing the read timeout"))?;
-                socks[i] = Some(s);
+            let i = hello.stream as usize;
+            if i >= socks.len() || socks[i].is_some() {
+                let _ = auth::write_frame(
+                    &mut s,
+                    &Frame::Close { code: close_code::REFUSED, reason: format!("stream {i} is not expected") },
+                );
+                continue;
             }
+            tune(&s, cfg)?;
+            let d = deadline.unwrap_or_else(|| Instant::now() + cfg.io_timeout);
+            let theirs = auth::exchange_regions(&mut Deadlined::new(&s, d), &regions.exposed())
+                .map_err(|source| TransportError::Handshake { peer: addr.to_string(), source })?;
+            if i == 0 {
+                peer_regions = theirs;
+            }
+            s.set_read_timeout(None).map_err(io_err("clearing the read timeout"))?;
+            s.set_write_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the write timeout"))?;
+            socks[i] = Some(s);
             if socks.iter().all(|s| s.is_some()) {
                 break;
             }
@@ -392,9 +402,8 @@ impl TcpTransport {
         let mut socks = Vec::new();
         let mut peer_regions = Vec::new();
         for i in 0..n {
-            let mut s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
+            let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
             tune(&s, cfg)?;
-            s.set_read_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the read timeout"))?;
             let params = HandshakeParams {
                 role: Role::Connector,
                 stream: i,
@@ -404,9 +413,13 @@ impl TcpTransport {
                 session,
                 exposed: regions.exposed(),
             };
-            let out = auth::handshake(&mut s, secret, &params)
+            // The listener may be busy with other connections: the whole handshake of each
+            // stream is bounded by the handshake timeout plus the I/O timeout.
+            let d = Instant::now() + cfg.gate.handshake_timeout + cfg.io_timeout;
+            let out = auth::handshake(&mut Deadlined::new(&s, d), secret, &params)
                 .map_err(|source| TransportError::Handshake { peer: target.to_string(), source })?;
             s.set_read_timeout(None).map_err(io_err("clearing the read timeout"))?;
+            s.set_write_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the write timeout"))?;
             if i == 0 {
                 peer_regions = out.peer_regions;
             }

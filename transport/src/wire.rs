@@ -1,4 +1,4 @@
-//! The livemig wire protocol (version 2): the framing used by the TCP backend and by the
+//! The livemig wire protocol (version 3): the framing used by the TCP backend and by the
 //! out-of-band connection setup of the verbs backend.
 //!
 //! Every frame starts with a 16-byte header, little endian:
@@ -21,7 +21,7 @@
 //!               urgent channel (see below); other bits must be zero. byte_streams
 //!               (≤ MAX_BYTE_STREAMS): the last that many connections are byte-stream
 //!               channels, raw bytes after the handshake. At least one bulk stream remains.
-//!  AUTH    (2): mac [32]  (HMAC-SHA256, see auth.rs)                          (32 bytes)
+//!  AUTH    (2): mac [32]  (HMAC-SHA256 key confirmation, see auth.rs)         (32 bytes)
 //!  REGIONS (3): count u32 | count × { id u32 | access u8 | 0 u8[3] | len u64
 //!               | addr u64 | rkey u32 | page_size u32 }               (4 + 32·count)
 //!  WRITE   (4): wr_first u64 | 0 u64 | aux × { region u32 | len u32 | offset u64 }
@@ -40,6 +40,7 @@
 //!  VERBS   (9): qpn u32 | psn u32 | lid u16 | mtu u8 | gid_index u8 | gid [16]
 //!               | max_sge u32 | credits u32                                      (36)
 //!  URGENT (10): opaque urgent message bytes (≤ MAX_MESSAGE), delivered apart from MSG
+//!  PAKE   (11): SPAKE2 message [33] (see auth.rs)                               (33)
 //! ```
 //!
 //! The urgent channel: when the connector sets HELLO_URGENT_STREAM, its last connection
@@ -54,7 +55,8 @@
 //! vanished peer.
 //!
 //! `aux` must be 0 and `flags` 0 for every type but WRITE. Version 1 had no urgent channel
-//! (HELLO byte 5 was reserved).
+//! (HELLO byte 5 was reserved); version 2 authenticated with an HMAC over the shared secret
+//! itself, which let an unauthenticated peer collect a proof to attack offline.
 //!
 //! Decoders never panic: they return a typed [`DecodeError`] for bad magic, an unsupported
 //! version, an unknown type, a body that is too long, too short or inconsistent.
@@ -64,9 +66,9 @@ use crate::region::{Access, RegionInfo};
 /// Frame magic, "LMIG".
 pub const MAGIC: [u8; 4] = *b"LMIG";
 /// The protocol version this build speaks.
-pub const VERSION: u8 = 2;
+pub const VERSION: u8 = 3;
 /// Oldest version this build accepts.
-pub const MIN_VERSION: u8 = 2;
+pub const MIN_VERSION: u8 = 3;
 /// Header size in bytes.
 pub const HEADER_LEN: usize = 16;
 /// Fixed part of a WRITE body (before the entry table).
@@ -89,6 +91,8 @@ pub const FLAG_SIGNALED: u16 = 1;
 pub const FLAG_URGENT: u16 = 2;
 /// HELLO flag: the session's last stream is the urgent channel.
 pub const HELLO_URGENT_STREAM: u8 = 1;
+/// Size of a SPAKE2 message (Ed25519 group: a side byte and a compressed point).
+pub const PAKE_LEN: usize = 33;
 /// Most byte-stream channels a session opens.
 pub const MAX_BYTE_STREAMS: u8 = 16;
 
@@ -117,6 +121,8 @@ pub enum FrameType {
     Verbs = 9,
     /// Urgent control message.
     Urgent = 10,
+    /// Password-authenticated key exchange message (SPAKE2).
+    Pake = 11,
 }
 
 impl FrameType {
@@ -132,6 +138,7 @@ impl FrameType {
             8 => Self::Close,
             9 => Self::Verbs,
             10 => Self::Urgent,
+            11 => Self::Pake,
             _ => return None,
         })
     }
@@ -298,6 +305,7 @@ fn body_bounds(kind: FrameType) -> (u32, u64) {
         FrameType::Msg | FrameType::Urgent => (0, MAX_MESSAGE as u64),
         FrameType::Close => (4, 4 + MAX_REASON as u64),
         FrameType::Verbs => (36, 36),
+        FrameType::Pake => (PAKE_LEN as u32, PAKE_LEN as u64),
     }
 }
 
@@ -418,6 +426,8 @@ pub enum Frame {
     Verbs(VerbsInfo),
     /// Urgent control message.
     Urgent(Vec<u8>),
+    /// SPAKE2 message.
+    Pake([u8; PAKE_LEN]),
 }
 
 /// Close codes.
@@ -455,6 +465,7 @@ impl Frame {
             Frame::Close { .. } => FrameType::Close,
             Frame::Verbs(_) => FrameType::Verbs,
             Frame::Urgent(_) => FrameType::Urgent,
+            Frame::Pake(_) => FrameType::Pake,
         }
     }
 
@@ -481,6 +492,7 @@ impl Frame {
                 body.extend_from_slice(&h.nonce);
             }
             Frame::Auth(mac) => body.extend_from_slice(mac),
+            Frame::Pake(m) => body.extend_from_slice(m),
             Frame::Regions(rs) => {
                 body.extend_from_slice(&(rs.len() as u32).to_le_bytes());
                 for r in rs {
@@ -594,6 +606,7 @@ impl Frame {
                 })
             }
             FrameType::Auth => Frame::Auth(b.try_into().expect("32-byte body")),
+            FrameType::Pake => Frame::Pake(b.try_into().expect("33-byte body")),
             FrameType::Regions => {
                 let count = u32_at(b, 0);
                 if count > MAX_REGIONS {
@@ -717,6 +730,7 @@ mod tests {
                 nonce: [7; 32],
             }),
             Frame::Auth([9; 32]),
+            Frame::Pake([5; PAKE_LEN]),
             Frame::Urgent(b"fault at page 7".to_vec()),
             Frame::Regions(vec![
                 RegionInfo {

@@ -12,7 +12,7 @@ use livemig_transport::{
 };
 
 fn secret() -> Secret {
-    Secret::new("conformance-secret").unwrap()
+    Secret::new("conformance-secret-conformance-secret").unwrap()
 }
 
 fn cfg(streams: u8) -> TcpConfig {
@@ -183,17 +183,92 @@ fn conformance_peer_vanishes() {
 }
 
 #[test]
-fn wrong_secret_is_refused() {
+fn wrong_secret_is_refused_and_the_listener_goes_on() {
     let r = conf::regions(1 << 20);
     let l = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = l.local_addr().unwrap();
     let dst = r.dst_table.clone();
     let t = std::thread::spawn(move || l.accept(&cfg(1), &secret(), &dst));
-    let e = TcpTransport::connect(addr, &cfg(1), &Secret::new("not-the-secret").unwrap(), &r.src_table).unwrap_err();
-    assert!(matches!(e, TransportError::Handshake { .. }), "{e}");
-    let e = t.join().unwrap().unwrap_err();
+    let wrong = Secret::new("not-the-secret-not-the-secret-not-the-secret").unwrap();
+    let e = TcpTransport::connect(addr, &cfg(1), &wrong, &r.src_table).unwrap_err();
     let msg = format!("{e}: {}", std::error::Error::source(&e).unwrap());
+    assert!(matches!(e, TransportError::Handshake { .. }), "{e}");
     assert!(msg.contains("wrong shared secret"), "{msg}");
+    // The listener logged it and still serves the peer that knows the secret.
+    let mut a = TcpTransport::connect(addr, &cfg(1), &secret(), &r.src_table).unwrap();
+    let mut b = t.join().unwrap().unwrap();
+    a.send_message(b"still here").unwrap();
+    assert_eq!(b.recv_message(Some(Duration::from_secs(5))).unwrap().unwrap(), b"still here");
+}
+
+/// What a port scanner, a stalled client, a garbage sender and a trickler do to a listener:
+/// none of it ends the listener or delays the real peer behind them.
+#[test]
+fn hostile_connections_cost_one_slot_each_and_never_the_listener() {
+    let r = conf::regions(1 << 20);
+    let mut c = cfg(2);
+    c.gate.handshake_timeout = Duration::from_millis(1500);
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = r.dst_table.clone();
+    let ca = c.clone();
+    let t = std::thread::spawn(move || l.accept(&ca, &secret(), &dst));
+    // Closes before HELLO (a port scan).
+    drop(TcpStream::connect(addr).unwrap());
+    // Connects and sends nothing.
+    let idle = TcpStream::connect(addr).unwrap();
+    // Sends garbage.
+    let mut garbage = TcpStream::connect(addr).unwrap();
+    garbage.write_all(&[0x5a; 300]).unwrap();
+    // Sends half a HELLO and stops.
+    let mut half = TcpStream::connect(addr).unwrap();
+    half.write_all(&b"LMIG"[..]).unwrap();
+    let started = std::time::Instant::now();
+    let mut a = TcpTransport::connect(addr, &c, &secret(), &r.src_table).unwrap();
+    let mut b = t.join().unwrap().unwrap();
+    assert!(
+        started.elapsed() < c.gate.handshake_timeout,
+        "the real peer waited {:?} behind hostile connections",
+        started.elapsed()
+    );
+    a.send_message(b"through").unwrap();
+    assert_eq!(b.recv_message(Some(Duration::from_secs(5))).unwrap().unwrap(), b"through");
+    // The stalled ones were closed at the handshake deadline, not left open.
+    for mut s in [idle, half] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut sink = Vec::new();
+        let got = s.read_to_end(&mut sink);
+        assert!(got.is_ok() || sink.is_empty(), "{got:?}");
+    }
+}
+
+/// Beyond `max_pending` unauthenticated connections, more are closed at once; the real peer
+/// gets in once a slot frees up.
+#[test]
+fn unauthenticated_connections_are_capped() {
+    let r = conf::regions(1 << 20);
+    let mut c = cfg(1);
+    c.gate.handshake_timeout = Duration::from_millis(800);
+    c.gate.max_pending = 2;
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let dst = r.dst_table.clone();
+    let ca = c.clone();
+    let t = std::thread::spawn(move || l.accept(&ca, &secret(), &dst));
+    let idle: Vec<TcpStream> = (0..2).map(|_| TcpStream::connect(addr).unwrap()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut shed = TcpStream::connect(addr).unwrap();
+    shed.set_read_timeout(Some(Duration::from_millis(500))).unwrap();
+    let mut b = [0u8; 1];
+    // Closed by the listener without a word (EOF), well before the handshake timeout.
+    assert_eq!(shed.read(&mut b).unwrap(), 0, "a connection beyond the cap was kept");
+    // The stalled two time out; then there is room again.
+    std::thread::sleep(c.gate.handshake_timeout);
+    let mut a = TcpTransport::connect(addr, &c, &secret(), &r.src_table).unwrap();
+    let mut rx = t.join().unwrap().unwrap();
+    a.send_message(b"after the cap").unwrap();
+    assert_eq!(rx.recv_message(Some(Duration::from_secs(5))).unwrap().unwrap(), b"after the cap");
+    drop(idle);
 }
 
 /// An adversarial client: authenticates correctly, then sends `frame` raw. Returns what the

@@ -136,6 +136,9 @@ pub struct VerbsConfig {
     pub max_sge: NonZeroU32,
     /// Any wait (window, credits, flush, setup) longer than this fails.
     pub io_timeout: Duration,
+    /// Limits on connections that have not authenticated yet (listener side), and the
+    /// handshake deadline (both sides).
+    pub gate: crate::GateConfig,
 }
 
 impl Default for VerbsConfig {
@@ -153,6 +156,7 @@ impl Default for VerbsConfig {
             max_inline: 128,
             max_sge: NonZeroU32::new(32).expect("non-zero"),
             io_timeout: Duration::from_secs(20),
+            gate: crate::GateConfig::default(),
         }
     }
 }
@@ -169,17 +173,7 @@ impl VerbsConfig {
     }
 }
 
-/// Formats an error with its chain of sources ("a: b: c").
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub(crate) use crate::error_chain;
 
 /// Skips a device test on a host without RDMA (with a visible message), unless
 /// `RXE_REQUIRED=1` (set by `tests/rxe/run-verbs-tests.sh` in the Soft-RoCE guest), in which

@@ -215,8 +215,10 @@ impl VerbsListener {
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<VerbsTransport, TransportError> {
-        let (s, addr) = self.inner.accept()?;
-        VerbsTransport::establish(s, addr.to_string(), Role::Acceptor, cfg, secret, regions)
+        // Connections that fail to authenticate are logged and closed; the listener goes on.
+        let mut gate = self.inner.gate(secret, &cfg.gate)?;
+        let a = gate.next(None)?.expect("no deadline was given");
+        VerbsTransport::establish(a.stream, a.addr.to_string(), Some(a.auth), cfg, secret, regions)
     }
 }
 
@@ -324,18 +326,39 @@ impl VerbsTransport {
         let target =
             *addrs.first().ok_or_else(|| TransportError::Disconnected("address resolved to nothing".into()))?;
         let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
-        Self::establish(s, target.to_string(), Role::Connector, cfg, secret, regions)
+        Self::establish(s, target.to_string(), None, cfg, secret, regions)
     }
 
+    /// Sets up a connection: `admitted` is the listener's already authenticated connection;
+    /// `None` authenticates here as the connector.
     fn establish(
         mut sock: TcpStream,
         peer: String,
-        role: Role,
+        admitted: Option<auth::Authenticated>,
         cfg: &VerbsConfig,
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<VerbsTransport, TransportError> {
         tune(&sock, cfg.io_timeout)?;
+        if admitted.is_none() {
+            let mut session = [0u8; 8];
+            getrandom::getrandom(&mut session)
+                .map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
+            let params = HandshakeParams {
+                role: Role::Connector,
+                stream: 0,
+                streams: 1,
+                flags: 0,
+                byte_streams: 0,
+                session: u64::from_le_bytes(session),
+                exposed: Vec::new(),
+            };
+            let timeout = cfg.gate.handshake_timeout + cfg.io_timeout;
+            crate::gate::authenticate_within(&sock, secret, &params, timeout)
+                .map_err(|source| TransportError::Handshake { peer: peer.clone(), source })?;
+        }
+        sock.set_read_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the read timeout"))?;
+        sock.set_write_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the write timeout"))?;
         let local = match LocalSetup::new(cfg, regions) {
             Ok(l) => l,
             Err(e) => {
@@ -350,19 +373,7 @@ impl VerbsTransport {
                 return Err(e);
             }
         };
-        let mut session = [0u8; 8];
-        getrandom::getrandom(&mut session)
-            .map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
-        let params = HandshakeParams {
-            role,
-            stream: 0,
-            streams: 1,
-            flags: 0,
-            byte_streams: 0,
-            session: if role == Role::Connector { u64::from_le_bytes(session) } else { 0 },
-            exposed: local.exposed.clone(),
-        };
-        let out = auth::handshake(&mut sock, secret, &params)
+        let peer_regions = auth::exchange_regions(&mut sock, &local.exposed)
             .map_err(|source| TransportError::Handshake { peer: peer.clone(), source })?;
 
         let ep = local.qp.endpoint();
@@ -431,7 +442,7 @@ impl VerbsTransport {
             sock,
             cfg: cfg.clone(),
             peer,
-            peer_regions: out.peer_regions,
+            peer_regions,
             regions: regions.clone(),
             remote: PeerInfo { credits: theirs.credits, recv_buf, credit_addr, credit_rkey },
             max_sge: caps.max_send_sge.min(local.max_sge).max(1),

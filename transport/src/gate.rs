@@ -1,0 +1,244 @@
+//! The pre-authentication gate of a listening socket: every accepted connection is
+//! authenticated on its own thread, bounded by a deadline for the whole handshake, with a cap
+//! on how many are in that state at once. A connection that closes early, sends garbage, stays
+//! silent or trickles bytes costs one slot until its deadline and one log line; it never ends
+//! the listener or delays a legitimate peer.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{self, Receiver, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::auth::{self, Authenticated, HandshakeError, HandshakeParams, Secret};
+use crate::oob::{io_err, BoundListener};
+use crate::wire::Role;
+use crate::TransportError;
+
+/// Limits on connections that have not authenticated yet.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GateConfig {
+    /// Longest a connection may take to authenticate (HELLO, PAKE and AUTH together).
+    pub handshake_timeout: Duration,
+    /// Most connections authenticating at once; one more is closed at once (and logged).
+    pub max_pending: usize,
+}
+
+impl Default for GateConfig {
+    fn default() -> Self {
+        GateConfig { handshake_timeout: Duration::from_secs(10), max_pending: 64 }
+    }
+}
+
+/// A stream whose every read and write must finish before one deadline, so a peer that
+/// trickles bytes cannot stretch a bounded exchange.
+#[derive(Debug)]
+pub struct Deadlined<'a> {
+    sock: &'a TcpStream,
+    deadline: Instant,
+}
+
+impl<'a> Deadlined<'a> {
+    /// Wraps `sock` until `deadline`; the socket's own timeouts are overwritten on each call.
+    pub fn new(sock: &'a TcpStream, deadline: Instant) -> Self {
+        Deadlined { sock, deadline }
+    }
+
+    fn left(&self) -> std::io::Result<Duration> {
+        let left = self.deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the handshake deadline passed"));
+        }
+        Ok(left)
+    }
+}
+
+impl Read for Deadlined<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.sock.set_read_timeout(Some(self.left()?))?;
+        (&*self.sock).read(buf)
+    }
+}
+
+impl Write for Deadlined<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.sock.set_write_timeout(Some(self.left()?))?;
+        (&*self.sock).write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        (&*self.sock).flush()
+    }
+}
+
+/// Authenticates `sock` as `p.role` within `timeout`.
+pub fn authenticate_within(
+    sock: &TcpStream,
+    secret: &Secret,
+    p: &HandshakeParams,
+    timeout: Duration,
+) -> Result<Authenticated, HandshakeError> {
+    auth::authenticate(&mut Deadlined::new(sock, Instant::now() + timeout), secret, p)
+}
+
+/// A connection that proved the secret.
+#[derive(Debug)]
+pub struct Admitted {
+    /// The socket (blocking, its timeouts left as the handshake set them).
+    pub stream: TcpStream,
+    /// The peer's address.
+    pub addr: SocketAddr,
+    /// What the handshake established.
+    pub auth: Authenticated,
+}
+
+/// Counters of a gate.
+#[derive(Debug, Default)]
+pub struct GateStats {
+    /// Connections admitted.
+    pub admitted: AtomicUsize,
+    /// Connections whose handshake failed or timed out.
+    pub rejected: AtomicUsize,
+    /// Connections closed at once because `max_pending` were authenticating.
+    pub shed: AtomicUsize,
+}
+
+/// Accepts and authenticates connections on a listener (see the module doc).
+#[derive(Debug)]
+pub struct Gate<'l> {
+    listener: &'l BoundListener,
+    secret: Secret,
+    cfg: GateConfig,
+    tx: Sender<Admitted>,
+    rx: Receiver<Admitted>,
+    wake_rx: UnixStream,
+    wake_tx: Arc<UnixStream>,
+    pending: Arc<AtomicUsize>,
+    stats: Arc<GateStats>,
+}
+
+impl<'l> Gate<'l> {
+    pub(crate) fn new(listener: &'l BoundListener, secret: &Secret, cfg: &GateConfig) -> Result<Self, TransportError> {
+        let (wake_rx, wake_tx) = UnixStream::pair().map_err(io_err("creating the gate's wake-up pipe"))?;
+        wake_rx.set_nonblocking(true).map_err(io_err("creating the gate's wake-up pipe"))?;
+        wake_tx.set_nonblocking(true).map_err(io_err("creating the gate's wake-up pipe"))?;
+        let (tx, rx) = mpsc::channel();
+        Ok(Gate {
+            listener,
+            secret: secret.clone(),
+            cfg: cfg.clone(),
+            tx,
+            rx,
+            wake_rx,
+            wake_tx: Arc::new(wake_tx),
+            pending: Arc::new(AtomicUsize::new(0)),
+            stats: Arc::new(GateStats::default()),
+        })
+    }
+
+    /// The gate's counters.
+    pub fn stats(&self) -> &GateStats {
+        &self.stats
+    }
+
+    /// The next authenticated connection; `None` once `deadline` passes without one.
+    pub fn next(&mut self, deadline: Option<Instant>) -> Result<Option<Admitted>, TransportError> {
+        loop {
+            if let Ok(a) = self.rx.try_recv() {
+                return Ok(Some(a));
+            }
+            let wait = match deadline {
+                Some(d) => {
+                    let left = d.saturating_duration_since(Instant::now());
+                    if left.is_zero() {
+                        return Ok(None);
+                    }
+                    left.as_millis().clamp(1, i32::MAX as u128) as i32
+                }
+                None => -1,
+            };
+            let mut fds = [
+                libc::pollfd { fd: self.listener.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+                libc::pollfd { fd: self.wake_rx.as_raw_fd(), events: libc::POLLIN, revents: 0 },
+            ];
+            // SAFETY: `fds` is a live array of two initialised pollfd structs and its length is
+            // passed alongside.
+            let rc = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait) };
+            if rc < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.kind() == std::io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(io_err("waiting for connections")(e));
+            }
+            if fds[1].revents != 0 {
+                let mut sink = [0u8; 64];
+                while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
+            }
+            if fds[0].revents & libc::POLLIN != 0 {
+                self.admit_one()?;
+            }
+        }
+    }
+
+    fn admit_one(&mut self) -> Result<(), TransportError> {
+        let (sock, addr) = match self.listener.accept_nonblocking() {
+            Ok(Some(c)) => c,
+            Ok(None) => return Ok(()),
+            Err(e) => {
+                // Per-connection failures (ECONNABORTED, EMFILE under load) must not end the
+                // listener; they are logged and the gate goes on.
+                tracing::warn!(error = %e, "accept failed");
+                std::thread::sleep(Duration::from_millis(10));
+                return Ok(());
+            }
+        };
+        if self.pending.load(Ordering::Acquire) >= self.cfg.max_pending {
+            self.stats.shed.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(peer = %addr, max = self.cfg.max_pending, "too many unauthenticated connections; closed one");
+            return Ok(());
+        }
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let (secret, timeout, tx) = (self.secret.clone(), self.cfg.handshake_timeout, self.tx.clone());
+        let (pending, stats, wake) = (self.pending.clone(), self.stats.clone(), self.wake_tx.clone());
+        let spawned = std::thread::Builder::new().name("livemig-handshake".into()).spawn(move || {
+            let r = sock
+                .set_nonblocking(false)
+                .map_err(HandshakeError::Io)
+                .and_then(|()| authenticate_within(&sock, &secret, &acceptor_params(), timeout));
+            match r {
+                Ok(auth) => {
+                    stats.admitted.fetch_add(1, Ordering::Relaxed);
+                    let _ = tx.send(Admitted { stream: sock, addr, auth });
+                }
+                Err(e) => {
+                    stats.rejected.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(peer = %addr, error = %crate::error_chain(&e), "handshake failed; connection closed");
+                }
+            }
+            pending.fetch_sub(1, Ordering::AcqRel);
+            let _ = (&*wake).write(&[1]);
+        });
+        if let Err(e) = spawned {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            tracing::warn!(peer = %addr, error = %e, "no thread for a handshake; connection closed");
+        }
+        Ok(())
+    }
+}
+
+/// What an acceptor brings to a handshake (it adopts the connector's session and streams).
+fn acceptor_params() -> HandshakeParams {
+    HandshakeParams {
+        role: Role::Acceptor,
+        stream: 0,
+        streams: 1,
+        flags: 0,
+        byte_streams: 0,
+        session: 0,
+        exposed: vec![],
+    }
+}
