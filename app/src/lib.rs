@@ -6,4 +6,5 @@
 pub mod args;
 pub mod cleanup;
 pub mod local;
+pub mod open;
 pub mod precopy;

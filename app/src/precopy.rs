@@ -375,6 +375,17 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
     let mut t = cut_from_env(t);
     let mut err = std::io::stderr();
     let _ = writeln!(err, "{note}");
+    if crate::open::peer_is_daemon(t.as_ref()) {
+        let req = crate::open::OpenRequest {
+            version: crate::open::OPEN_VERSION,
+            service: crate::open::Service::Receive,
+            size: a.size,
+            page_size: a.page_size,
+            after_s: a.after,
+        };
+        let n = crate::open::open(t.as_mut(), &req, secs(a.io_timeout))?;
+        let _ = writeln!(err, "{to} is a livemig daemon: session {n} opened");
+    }
     let how = match a.strategy {
         StrategyChoice::Precopy => format!("pre-copy, policy {}", a.policy),
         StrategyChoice::Postcopy => format!("post-copy, push {:?}", a.push_order()?),
@@ -639,19 +650,43 @@ impl SourceProgress {
     }
 }
 
+/// A destination's memory: the guest's view (a memfd) and its staging alias, the same pages
+/// through a second mapping, which is what the peer writes: pre-copy sees its writes at once,
+/// post-copy installs them with userfaultfd.
+#[derive(Debug)]
+pub struct DestMemory {
+    /// The guest's view.
+    pub region: Arc<Region>,
+    /// The view as guest memory.
+    pub memory: GuestMemory,
+    /// The staging alias (region id [`DEST_REGION`], remote-writable).
+    pub aliases: Vec<Arc<Region>>,
+}
+
+impl DestMemory {
+    /// `size` bytes of `page_size` pages.
+    pub fn new(size: u64, page_size: u64) -> Result<DestMemory> {
+        let ps = self::page_size(page_size)?;
+        let region = Arc::new(Region::memfd(DEST_VIEW, size, ps, Access::LOCAL)?);
+        let memory = GuestMemory::single(region.clone());
+        let aliases = postcopy::staging_aliases(&memory, |_| DEST_REGION, Access::REMOTE_WRITE)?;
+        Ok(DestMemory { region, memory, aliases })
+    }
+}
+
+/// A post-copy destination whose guest cannot go on (its missing pages will never come);
+/// `livemig receive` exits with status 3 on it.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct GuestLost(pub String);
+
 /// Entry point of `livemig receive`.
 pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
-    let ps = page_size(a.page_size)?;
     let (kind, note) = connect::resolve(a.transport);
     let secret = Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
-    // The guest's memory is a memfd; what the source writes is its staging alias, the same
-    // pages through a second mapping: pre-copy sees its writes at once, post-copy installs
-    // them with userfaultfd.
-    let region = Arc::new(Region::memfd(DEST_VIEW, a.size, ps, Access::LOCAL)?);
-    let memory = GuestMemory::single(region.clone());
-    let aliases = postcopy::staging_aliases(&memory, |_| DEST_REGION, Access::REMOTE_WRITE)?;
+    let dm = DestMemory::new(a.size, a.page_size)?;
     let table = RegionTable::new();
-    let _reg = table.register(aliases[0].clone())?;
+    let _reg = table.register(dm.aliases[0].clone())?;
     let l = Listener::bind(kind, &a.listen)?;
     // The first stdout line lets a parent (--local) or a script find us; the rest goes to
     // stderr so a parent may close the pipe.
@@ -665,13 +700,33 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     bar.set_style(spinner_style("{spinner} {elapsed} {msg}"));
     bar.set_message("waiting for the source");
     let accepted = l.accept(&transport_options(a.transport, secs(a.io_timeout)), &secret, &table);
-    let mut t = match accepted {
+    let t = match accepted {
         Ok(t) => cut_from_env(t),
         Err(e) => {
             bar.finish_and_clear();
             return Err(e.into());
         }
     };
+    match receive_on(a, t, &dm, bar) {
+        Err(e) if e.downcast_ref::<GuestLost>().is_some() => {
+            // Its missing pages will never come: end the process (and the guest with it).
+            eprintln!("{e}");
+            std::process::exit(3);
+        }
+        r => r,
+    }
+}
+
+/// The destination side of a migration on the accepted session `t` into `dm` (the alias is
+/// exposed to the peer already): pre-copy, post-copy or hybrid, as the source's `Begin` says.
+/// `a` gives the timeouts, the measurement after the resume and the output format.
+pub fn receive_on(
+    a: &ReceiveArgs,
+    mut t: Box<dyn livemig_transport::Transport>,
+    dm: &DestMemory,
+    bar: ProgressBar,
+) -> Result<()> {
+    let (memory, aliases, region) = (&dm.memory, &dm.aliases, &dm.region);
     bar.set_message("connected; waiting for Begin");
     let cfg = dest::DestConfig::default();
     // The first message says how the memory will move.
@@ -691,7 +746,7 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
         ..
     }) = engine_precopy::decode(&first)
     {
-        return run_postcopy_receive(a, t.as_mut(), first, &memory, &aliases, &region, bar);
+        return run_postcopy_receive(a, t.as_mut(), first, memory, aliases, region, bar);
     }
     bar.set_message("receiving the first pass");
     let mut on_iter = |i: u32, p: u64, d: u64| {
@@ -700,7 +755,7 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     };
     let mut workload = None;
     let mut start = livemig_workload::starter(region.clone(), &mut workload);
-    let res = dest::receive_from(t.as_mut(), Some(first), &memory, &mut start, &cfg, &mut on_iter);
+    let res = dest::receive_from(t.as_mut(), Some(first), memory, &mut start, &cfg, &mut on_iter);
     drop(start);
     bar.finish_and_clear();
     let rep = res.context("receiving the migration")?;
@@ -758,9 +813,7 @@ fn run_postcopy_receive(
     let rep = match res {
         Ok(r) => r,
         Err(e @ postcopy::PostcopyDestError::GuestLost { .. }) => {
-            // Its missing pages will never come: end the process (and the guest with it).
-            eprintln!("{}", engine_precopy::error_chain(&e));
-            std::process::exit(3);
+            return Err(GuestLost(engine_precopy::error_chain(&e)).into());
         }
         Err(e) => return Err(anyhow::Error::new(e).context("receiving the migration")),
     };

@@ -54,6 +54,7 @@ impl std::fmt::Display for Pattern {
 pub use livemig_app::args::parse_size;
 use livemig_app::args::{parse_secs, transport_arg, ChildSecret};
 use livemig_app::cleanup::OwnedChild;
+use livemig_app::open;
 
 /// Options of `livemig bench pages|chunks`.
 #[derive(Debug, Clone, clap::Args)]
@@ -291,10 +292,23 @@ fn options(a: &BenchArgs) -> Result<TransportOptions> {
 }
 
 fn make_region(kind: Kind, id: u32, len: u64, ps: u32, access: Access) -> Result<Arc<Region>> {
+    make_region_in(&std::env::temp_dir(), kind, id, len, ps, access)
+}
+
+/// The region a benchmark moves: anonymous memory for pages; for chunks a real file (an
+/// image) in `dir`, mapped shared and unlinked right away.
+pub fn make_region_in(
+    dir: &std::path::Path,
+    kind: Kind,
+    id: u32,
+    len: u64,
+    ps: u32,
+    access: Access,
+) -> Result<Arc<Region>> {
     let r = if kind.name == "chunks" {
-        // Storage chunks: a real file (an image) mapped shared, unlinked right away.
-        let dir = std::env::temp_dir();
-        let path = dir.join(format!("livemig-bench-{}-{id}.img", std::process::id()));
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let path = dir.join(format!("livemig-bench-{}-{id}-{n}.img", std::process::id()));
         let f = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
@@ -404,11 +418,12 @@ fn spawn_listener(kind: Kind, a: &BenchArgs, size: u64, ps: u64, secret: &ChildS
     Ok((addr, child))
 }
 
-/// Destination side: wait for CHECK, compare checksums, answer.
 /// The sender's heartbeat while it pushes (writes alone are invisible to a verbs receiver).
 const TICK: &[u8] = b"TICK";
 
-fn serve(t: &mut dyn Transport, r: &Region, io_timeout: Duration) -> Result<()> {
+/// The destination of a benchmark session: waits for the sender's CHECK, compares the
+/// checksums and answers; a sender silent for `io_timeout` is an error.
+pub fn serve(t: &mut dyn Transport, r: &Region, io_timeout: Duration) -> Result<()> {
     let cpu0 = cpu_seconds();
     loop {
         let m = t.recv_message(Some(io_timeout))?.with_context(|| {
@@ -466,6 +481,11 @@ fn send(
         .collect();
     let memcpy = memcpy_gbps(&r, cst.pages * ps);
     let mut t = connect::connect(tkind, addr, opts, secret, &table)?;
+    if open::peer_is_daemon(t.as_ref()) {
+        let service = if kind.name == "chunks" { open::Service::BenchChunks } else { open::Service::BenchPages };
+        let req = open::OpenRequest { version: open::OPEN_VERSION, service, size, page_size: ps, after_s: 0.0 };
+        open::open(t.as_mut(), &req, opts.io_timeout)?;
+    }
     let pb = if a.json || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
     } else {

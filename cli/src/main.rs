@@ -20,6 +20,8 @@ enum Cmd {
         #[command(subcommand)]
         what: BenchCmd,
     },
+    /// Host daemon: serves many concurrent sessions (migrations, benchmarks) on one port.
+    Serve(livemig_daemon::ServeArgs),
     /// Shared secrets for the handshake.
     Secret {
         #[command(subcommand)]
@@ -75,6 +77,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench { what: BenchCmd::Pages(a) } => livemig_bench::pages::run(livemig_bench::pages::PAGES, &a),
         Cmd::Bench { what: BenchCmd::Chunks(a) } => livemig_bench::pages::run(livemig_bench::pages::CHUNKS, &a),
         Cmd::Bench { what: BenchCmd::Urgent(a) } => livemig_bench::urgent::run(&a),
+        Cmd::Serve(a) => livemig_daemon::run(&a),
         Cmd::Secret { what: SecretCmd::New { file } } => {
             livemig_transport::auth::Secret::write_new(&file)?;
             eprintln!("wrote a new 256-bit secret to {} (mode 0600)", file.display());

@@ -12,11 +12,13 @@
 //! - [`precopy`]: pre-copy live migration (send schedule, source and destination drivers,
 //!   control protocol, switchover state machine).
 //! - [`connect`]: choosing and connecting a transport backend.
+//! - [`open`]: the request that opens a service on a host daemon.
 
 pub mod connect;
 pub mod dirty;
 pub mod guest;
 pub mod integrity;
+pub mod open;
 pub mod policy;
 pub mod postcopy;
 pub mod precopy;

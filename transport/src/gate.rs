@@ -1,8 +1,10 @@
 //! The pre-authentication gate of a listening socket: every accepted connection is
 //! authenticated on its own thread, bounded by a deadline for the whole handshake, with a cap
-//! on how many are in that state at once. A connection that closes early, sends garbage, stays
-//! silent or trickles bytes costs one slot until its deadline and one log line; it never ends
-//! the listener or delays a legitimate peer.
+//! on how many are in that state at once: at the cap, a new connection evicts the one that has
+//! been authenticating longest (a peer that knows the secret takes milliseconds, so under a
+//! flood of idle connections the victims are the idle ones). A connection that closes early,
+//! sends garbage, stays silent or trickles bytes costs one slot until its deadline or its
+//! eviction and one log line; it never ends the listener.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,7 +12,7 @@ use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, Authenticated, HandshakeError, HandshakeParams, Secret};
@@ -24,7 +26,7 @@ use crate::TransportError;
 pub struct GateConfig {
     /// Longest a connection may take to authenticate (HELLO, PAKE and AUTH together).
     pub handshake_timeout: Duration,
-    /// Most connections authenticating at once; one more is closed at once (and logged).
+    /// Most connections authenticating at once; one more evicts the oldest (logged).
     pub max_pending: usize,
 }
 
@@ -102,8 +104,8 @@ pub struct GateStats {
     pub admitted: AtomicUsize,
     /// Connections whose handshake failed or timed out.
     pub rejected: AtomicUsize,
-    /// Connections closed at once because `max_pending` were authenticating.
-    pub shed: AtomicUsize,
+    /// Connections closed because `max_pending` were authenticating and they were the oldest.
+    pub evicted: AtomicUsize,
 }
 
 /// Accepts and authenticates connections on a listener (see the module doc).
@@ -116,8 +118,15 @@ pub struct Gate<'l> {
     rx: Receiver<Admitted>,
     wake_rx: UnixStream,
     wake_tx: Arc<UnixStream>,
-    pending: Arc<AtomicUsize>,
+    pending: Arc<Mutex<Pending>>,
     stats: Arc<GateStats>,
+}
+
+/// Connections authenticating now: id → (since, a handle to shut it down).
+#[derive(Debug, Default)]
+struct Pending {
+    next: u64,
+    conns: std::collections::BTreeMap<u64, (Instant, TcpStream)>,
 }
 
 impl<'l> Gate<'l> {
@@ -134,7 +143,7 @@ impl<'l> Gate<'l> {
             rx,
             wake_rx,
             wake_tx: Arc::new(wake_tx),
-            pending: Arc::new(AtomicUsize::new(0)),
+            pending: Arc::new(Mutex::new(Pending::default())),
             stats: Arc::new(GateStats::default()),
         })
     }
@@ -196,12 +205,30 @@ impl<'l> Gate<'l> {
                 return Ok(());
             }
         };
-        if self.pending.load(Ordering::Acquire) >= self.cfg.max_pending {
-            self.stats.shed.fetch_add(1, Ordering::Relaxed);
-            tracing::warn!(peer = %addr, max = self.cfg.max_pending, "too many unauthenticated connections; closed one");
-            return Ok(());
-        }
-        self.pending.fetch_add(1, Ordering::AcqRel);
+        let id = {
+            let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            if p.conns.len() >= self.cfg.max_pending {
+                // Ids grow with time: the first entry is the oldest.
+                if let Some((_, (since, old))) = p.conns.pop_first() {
+                    let _ = old.shutdown(std::net::Shutdown::Both);
+                    self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+                    tracing::warn!(
+                        peer = ?old.peer_addr().ok(),
+                        after = ?since.elapsed(),
+                        max = self.cfg.max_pending,
+                        "too many unauthenticated connections; closed the oldest"
+                    );
+                }
+            }
+            let Ok(handle) = sock.try_clone() else {
+                tracing::warn!(peer = %addr, "cannot track a connection; closed it");
+                return Ok(());
+            };
+            let id = p.next;
+            p.next += 1;
+            p.conns.insert(id, (Instant::now(), handle));
+            id
+        };
         let (secret, timeout, tx) = (self.secret.clone(), self.cfg.handshake_timeout, self.tx.clone());
         let (pending, stats, wake) = (self.pending.clone(), self.stats.clone(), self.wake_tx.clone());
         let spawned = std::thread::Builder::new().name("livemig-handshake".into()).spawn(move || {
@@ -219,11 +246,11 @@ impl<'l> Gate<'l> {
                     tracing::warn!(peer = %addr, error = %crate::error_chain(&e), "handshake failed; connection closed");
                 }
             }
-            pending.fetch_sub(1, Ordering::AcqRel);
+            pending.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&id);
             let _ = (&*wake).write(&[1]);
         });
         if let Err(e) = spawned {
-            self.pending.fetch_sub(1, Ordering::AcqRel);
+            self.pending.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&id);
             tracing::warn!(peer = %addr, error = %e, "no thread for a handshake; connection closed");
         }
         Ok(())

@@ -342,6 +342,6 @@ pub fn check_remote(
         _ => Err(TransportError::RemoteRange { region: remote, offset, len }),
     }
 }
-pub use tcp::{TcpConfig, TcpListener, TcpTransport};
+pub use tcp::{SessionAssembler, TcpConfig, TcpListener, TcpTransport};
 #[cfg(feature = "verbs")]
 pub use verbs::{VerbsConfig, VerbsListener, VerbsTransport};

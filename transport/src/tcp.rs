@@ -46,7 +46,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::auth::{self, HandshakeParams, Secret};
-use crate::gate::{Deadlined, GateConfig};
+use crate::gate::{Admitted, Deadlined, Gate, GateConfig};
 use crate::region::{RegionInfo, RegionTable};
 use crate::window::{SendWindow, WindowConfig};
 use crate::wire::{self, close_code, Frame, Header, Role, WriteEntry, WriteFrame};
@@ -302,70 +302,137 @@ impl TcpListener {
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<TcpTransport, TransportError> {
-        let mut gate = self.inner.gate(secret, &cfg.gate)?;
-        let mut socks: Vec<Option<TcpStream>> = Vec::new();
-        let mut session = None;
-        let mut urgent = false;
-        let mut byte_streams = 0;
-        let mut peer_regions = Vec::new();
-        let mut peer = String::new();
-        let mut deadline = None;
+        let mut gate = self.gate(secret, &cfg.gate)?;
+        let mut sessions = SessionAssembler::new(cfg.io_timeout);
         loop {
-            let Some(a) = gate.next(deadline)? else {
-                let missing = socks.iter().filter(|s| s.is_none()).count();
-                return Err(TransportError::Disconnected(format!(
-                    "{peer} opened its session but {missing} of its {} streams did not follow within {:?}",
-                    socks.len(),
-                    cfg.io_timeout
-                )));
-            };
-            let (mut s, addr, hello) = (a.stream, a.addr, a.auth.peer);
-            match session {
-                None => {
-                    if hello.flags & wire::HELLO_URGENT_STREAM != 0 && hello.streams < 2 {
-                        let e = TransportError::Disconnected("an urgent channel needs a bulk stream too".into());
-                        return Err(e);
-                    }
-                    session = Some(hello.session);
-                    urgent = hello.flags & wire::HELLO_URGENT_STREAM != 0;
-                    byte_streams = hello.byte_streams;
-                    socks = (0..hello.streams).map(|_| None).collect();
-                    peer = addr.to_string();
-                    deadline = Some(Instant::now() + cfg.io_timeout);
-                }
-                Some(id) if id != hello.session => {
-                    let _ = auth::write_frame(
-                        &mut s,
-                        &Frame::Close { code: close_code::REFUSED, reason: "another session is being accepted".into() },
-                    );
-                    continue;
-                }
-                Some(_) => {}
+            let deadline = sessions.next_expiry();
+            let admitted = gate.next(deadline)?;
+            if let Some(e) = sessions.expire(Instant::now()).into_iter().next() {
+                return Err(e);
             }
-            let i = hello.stream as usize;
-            if i >= socks.len() || socks[i].is_some() {
-                let _ = auth::write_frame(
-                    &mut s,
-                    &Frame::Close { code: close_code::REFUSED, reason: format!("stream {i} is not expected") },
-                );
-                continue;
+            let Some(a) = admitted else { continue };
+            match sessions.offer(a) {
+                Ok(Some(streams)) => return TcpTransport::from_admitted(cfg, streams, regions),
+                Ok(None) => {}
+                Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// The gate of this listener, for a caller that assembles sessions itself (a daemon
+    /// serving many at once: [`SessionAssembler`], [`TcpTransport::from_admitted`]).
+    pub fn gate(&self, secret: &Secret, cfg: &GateConfig) -> Result<Gate<'_>, TransportError> {
+        self.inner.gate(secret, cfg)
+    }
+}
+
+/// Groups authenticated connections into sessions by the session id of their HELLO; a session
+/// is complete when all of its streams are in. Pure bookkeeping: no I/O but the CLOSE frames
+/// sent to connections it turns away.
+#[derive(Debug)]
+pub struct SessionAssembler {
+    follow_within: Duration,
+    pending: std::collections::HashMap<u64, PendingSession>,
+}
+
+#[derive(Debug)]
+struct PendingSession {
+    streams: Vec<Option<Admitted>>,
+    peer: String,
+    expires: Instant,
+}
+
+impl SessionAssembler {
+    /// A session's streams must all arrive within `follow_within` of its first.
+    pub fn new(follow_within: Duration) -> Self {
+        SessionAssembler { follow_within, pending: Default::default() }
+    }
+
+    /// Sessions still missing streams.
+    pub fn pending(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// When the oldest incomplete session expires.
+    pub fn next_expiry(&self) -> Option<Instant> {
+        self.pending.values().map(|p| p.expires).min()
+    }
+
+    /// Adds one authenticated connection; returns the session's streams, in order, once all
+    /// are in. A stream index seen twice is refused (CLOSE) and the first one kept.
+    pub fn offer(&mut self, a: Admitted) -> Result<Option<Vec<Admitted>>, TransportError> {
+        let h = a.auth.peer;
+        if h.flags & wire::HELLO_URGENT_STREAM != 0 && h.streams < 2 {
+            return Err(TransportError::Disconnected("an urgent channel needs a bulk stream too".into()));
+        }
+        let p = self.pending.entry(h.session).or_insert_with(|| PendingSession {
+            streams: (0..h.streams).map(|_| None).collect(),
+            peer: a.addr.to_string(),
+            expires: Instant::now() + self.follow_within,
+        });
+        let i = h.stream as usize;
+        if i >= p.streams.len() || p.streams[i].is_some() {
+            let mut s = a.stream;
+            let _ = auth::write_frame(
+                &mut s,
+                &Frame::Close { code: close_code::REFUSED, reason: format!("stream {i} is not expected") },
+            );
+            return Ok(None);
+        }
+        p.streams[i] = Some(a);
+        if p.streams.iter().all(Option::is_some) {
+            let p = self.pending.remove(&h.session).expect("present");
+            return Ok(Some(p.streams.into_iter().map(|s| s.expect("all streams present")).collect()));
+        }
+        Ok(None)
+    }
+
+    /// Drops the sessions whose streams did not all follow in time; one error for each.
+    pub fn expire(&mut self, now: Instant) -> Vec<TransportError> {
+        let late: Vec<u64> = self.pending.iter().filter(|(_, p)| p.expires <= now).map(|(k, _)| *k).collect();
+        late.into_iter()
+            .map(|k| {
+                let p = self.pending.remove(&k).expect("present");
+                let missing = p.streams.iter().filter(|s| s.is_none()).count();
+                TransportError::Disconnected(format!(
+                    "{} opened its session but {missing} of its {} streams did not follow within {:?}",
+                    p.peer,
+                    p.streams.len(),
+                    self.follow_within
+                ))
+            })
+            .collect()
+    }
+}
+
+impl TcpTransport {
+    /// Starts a session from its authenticated streams ([`SessionAssembler::offer`]):
+    /// exchanges the region tables on each (exposing `regions`) and starts the readers.
+    pub fn from_admitted(
+        cfg: &TcpConfig,
+        streams: Vec<Admitted>,
+        regions: &RegionTable,
+    ) -> Result<TcpTransport, TransportError> {
+        let first = streams.first().ok_or_else(|| TransportError::Disconnected("a session without streams".into()))?;
+        let hello = first.auth.peer;
+        let peer = first.addr.to_string();
+        let deadline = Instant::now() + cfg.io_timeout;
+        let mut socks = Vec::with_capacity(streams.len());
+        let mut peer_regions = Vec::new();
+        for (i, a) in streams.into_iter().enumerate() {
+            let s = a.stream;
             tune(&s, cfg)?;
-            let d = deadline.unwrap_or_else(|| Instant::now() + cfg.io_timeout);
-            let theirs = auth::exchange_regions(&mut Deadlined::new(&s, d), &regions.exposed())
-                .map_err(|source| TransportError::Handshake { peer: addr.to_string(), source })?;
+            let theirs = auth::exchange_regions(&mut Deadlined::new(&s, deadline), &regions.exposed())
+                .map_err(|source| TransportError::Handshake { peer: a.addr.to_string(), source })?;
             if i == 0 {
                 peer_regions = theirs;
             }
             s.set_read_timeout(None).map_err(io_err("clearing the read timeout"))?;
             s.set_write_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the write timeout"))?;
-            socks[i] = Some(s);
-            if socks.iter().all(|s| s.is_some()) {
-                break;
-            }
+            socks.push(s);
         }
-        let socks = socks.into_iter().map(|s| s.expect("all streams present")).collect();
-        TcpTransport::start(cfg.clone(), peer, peer_regions, regions.clone(), socks, urgent, byte_streams)
+        let urgent = hello.flags & wire::HELLO_URGENT_STREAM != 0;
+        TcpTransport::start(cfg.clone(), peer, peer_regions, regions.clone(), socks, urgent, hello.byte_streams)
     }
 }
 
@@ -399,8 +466,9 @@ impl TcpTransport {
             .and_then(|n| n.checked_add(cfg.byte_streams))
             .ok_or(TransportError::TooLarge("more than 255 connections in one session".into()))?;
         let flags = if urgent { wire::HELLO_URGENT_STREAM } else { 0 };
+        // Every stream authenticates first; the region tables are exchanged once all are in
+        // (the acceptor assembles the whole session before it answers them).
         let mut socks = Vec::new();
-        let mut peer_regions = Vec::new();
         for i in 0..n {
             let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
             tune(&s, cfg)?;
@@ -411,19 +479,25 @@ impl TcpTransport {
                 flags,
                 byte_streams: cfg.byte_streams,
                 session,
-                exposed: regions.exposed(),
+                exposed: Vec::new(),
             };
-            // The listener may be busy with other connections: the whole handshake of each
-            // stream is bounded by the handshake timeout plus the I/O timeout.
+            // The listener may be busy with other connections: each stream's authentication
+            // is bounded by the handshake timeout plus the I/O timeout.
             let d = Instant::now() + cfg.gate.handshake_timeout + cfg.io_timeout;
-            let out = auth::handshake(&mut Deadlined::new(&s, d), secret, &params)
+            auth::authenticate(&mut Deadlined::new(&s, d), secret, &params)
+                .map_err(|source| TransportError::Handshake { peer: target.to_string(), source })?;
+            socks.push(s);
+        }
+        let d = Instant::now() + cfg.io_timeout;
+        let mut peer_regions = Vec::new();
+        for (i, s) in socks.iter().enumerate() {
+            let theirs = auth::exchange_regions(&mut Deadlined::new(s, d), &regions.exposed())
                 .map_err(|source| TransportError::Handshake { peer: target.to_string(), source })?;
             s.set_read_timeout(None).map_err(io_err("clearing the read timeout"))?;
             s.set_write_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the write timeout"))?;
             if i == 0 {
-                peer_regions = out.peer_regions;
+                peer_regions = theirs;
             }
-            socks.push(s);
         }
         Self::start(cfg.clone(), target.to_string(), peer_regions, regions.clone(), socks, urgent, cfg.byte_streams)
     }

@@ -1,0 +1,131 @@
+//! The daemon's configuration file (TOML). Every field is optional; unknown fields are an
+//! error. `daemon/livemig.toml` is a commented example.
+
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// `livemig serve` settings.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DaemonConfig {
+    /// TCP addresses to listen on (`host:port`; port 0 picks one, printed at start).
+    pub listen: Vec<String>,
+    /// File holding the shared secret (`livemig secret new FILE`); unset: `$LIVEMIG_SECRET`.
+    pub secret_file: Option<PathBuf>,
+    /// Seconds a connection may take to authenticate, all of its handshake together.
+    pub handshake_timeout_s: f64,
+    /// Connections authenticating at once, per listen address; more are closed at once.
+    pub max_pending_handshakes: usize,
+    /// Sessions served at once; a session beyond it is refused with a reason.
+    pub max_sessions: usize,
+    /// Largest memory (or disk) one session may ask for: bytes, or a size like "16G".
+    #[serde(deserialize_with = "size")]
+    pub max_session_bytes: u64,
+    /// Memory all sessions together may hold: bytes, or a size like "64G". Default: half of
+    /// this host's physical memory.
+    #[serde(deserialize_with = "size")]
+    pub max_total_bytes: u64,
+    /// Seconds without progress from a peer after which its session fails.
+    pub io_timeout_s: f64,
+    /// Where file-backed regions (chunk benchmarks) are created; memory regions are memfds
+    /// and live nowhere in the file system.
+    pub region_dir: PathBuf,
+    /// Print the daemon's state (sessions, memory held, resident memory, open files) every
+    /// this many seconds; 0: never.
+    pub stats_every_s: f64,
+}
+
+fn physical_memory() -> u64 {
+    // SAFETY: sysconf has no preconditions.
+    let (pages, size) = unsafe { (libc::sysconf(libc::_SC_PHYS_PAGES), libc::sysconf(libc::_SC_PAGESIZE)) };
+    (pages.max(0) as u64).saturating_mul(size.max(0) as u64)
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            listen: vec!["127.0.0.1:7879".into()],
+            secret_file: None,
+            handshake_timeout_s: 10.0,
+            max_pending_handshakes: 64,
+            max_sessions: 128,
+            max_session_bytes: 64 << 30,
+            max_total_bytes: (physical_memory() / 2).max(1 << 30),
+            io_timeout_s: 20.0,
+            region_dir: std::env::temp_dir(),
+            stats_every_s: 0.0,
+        }
+    }
+}
+
+fn size<'de, D: Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Spec {
+        Bytes(u64),
+        Text(String),
+    }
+    match Spec::deserialize(d)? {
+        Spec::Bytes(b) => Ok(b),
+        Spec::Text(t) => livemig_app::args::parse_size(&t).map_err(serde::de::Error::custom),
+    }
+}
+
+impl DaemonConfig {
+    /// Reads and checks `path`.
+    pub fn load(path: &Path) -> Result<DaemonConfig> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        let c: DaemonConfig = toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        c.check().with_context(|| format!("checking {}", path.display()))?;
+        Ok(c)
+    }
+
+    /// Rejects settings that cannot work.
+    pub fn check(&self) -> Result<()> {
+        if self.listen.is_empty() {
+            bail!("listen: give at least one address");
+        }
+        for (name, v) in [
+            ("handshake_timeout_s", self.handshake_timeout_s),
+            ("io_timeout_s", self.io_timeout_s),
+            ("stats_every_s", self.stats_every_s),
+        ] {
+            if !(v.is_finite() && (0.0..=86400.0).contains(&v)) {
+                bail!("{name} = {v}: must be between 0 and 86400 seconds");
+            }
+        }
+        if self.handshake_timeout_s < 0.001 || self.io_timeout_s < 0.001 {
+            bail!("handshake_timeout_s and io_timeout_s must be at least 0.001 s");
+        }
+        if self.max_pending_handshakes == 0 || self.max_sessions == 0 {
+            bail!("max_pending_handshakes and max_sessions must be at least 1");
+        }
+        if self.max_session_bytes == 0 || self.max_total_bytes == 0 {
+            bail!("max_session_bytes and max_total_bytes must be positive");
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_documented_example_and_refuses_unknown_fields() {
+        let example = include_str!("../livemig.toml");
+        let c: DaemonConfig = toml::from_str(example).unwrap();
+        c.check().unwrap();
+        assert_eq!(c.max_session_bytes, 16 << 30);
+        assert_eq!(c.listen, ["0.0.0.0:7879"]);
+        assert!(toml::from_str::<DaemonConfig>("listen = [\"a:1\"]\nmax_sesions = 3\n").is_err());
+        let c: DaemonConfig = toml::from_str("max_total_bytes = 1048576\n").unwrap();
+        assert_eq!(c.max_total_bytes, 1 << 20);
+        let c: DaemonConfig = toml::from_str("io_timeout_s = -1.0\n").unwrap();
+        assert!(c.check().is_err());
+        let c: DaemonConfig = toml::from_str("listen = []\n").unwrap();
+        assert!(c.check().is_err());
+    }
+}

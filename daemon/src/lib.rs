@@ -1,0 +1,356 @@
+//! `livemig serve`: one daemon per host serving any number of concurrent sessions —
+//! migration destinations and benchmark sinks — each with its own memory and limits.
+//!
+//! ```text
+//!  listen address ─► gate (transport::gate): each connection authenticates on its own
+//!                    thread under one handshake deadline; at most N at once
+//!                 ─► SessionAssembler: authenticated streams grouped by session id
+//!                 ─► session thread: open request (app::open) → limits → memory created
+//!                    and exposed → reply → the service (receive_on / bench serve)
+//! ```
+//!
+//! A bad, slow or idle connection costs one gate slot until its deadline and one log line;
+//! a session that fails costs its own thread and memory, never the daemon or another session.
+//! Sessions run over TCP (the verbs backend cannot expose memory mid-session yet).
+
+pub mod config;
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use livemig_app::open::{OpenReply, OpenRequest, Service};
+use livemig_app::precopy::{receive_on, DestMemory, ReceiveArgs};
+use livemig_engine::connect::TransportChoice;
+use livemig_transport::auth::Secret;
+use livemig_transport::wire::{close_code, Frame};
+use livemig_transport::{
+    Access, Admitted, GateConfig, RegionTable, SessionAssembler, TcpConfig, TcpListener, TcpTransport, Transport,
+};
+
+pub use config::DaemonConfig;
+
+/// Options of `livemig serve` (flags override the configuration file).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ServeArgs {
+    /// Configuration file (TOML; `daemon/livemig.toml` is a commented example).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Address to listen on (repeat for several); replaces the file's `listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Vec<String>,
+    /// Shared-secret file (else the file's `secret_file`, else $LIVEMIG_SECRET).
+    #[arg(long)]
+    pub secret_file: Option<PathBuf>,
+    /// Sessions served at once.
+    #[arg(long)]
+    pub max_sessions: Option<usize>,
+    /// Memory all sessions together may hold (e.g. 8G).
+    #[arg(long, value_parser = livemig_app::args::parse_size)]
+    pub max_total_bytes: Option<u64>,
+    /// Print the daemon's state every SECS seconds (0: never).
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs)]
+    pub stats_every: Option<f64>,
+}
+
+impl ServeArgs {
+    /// The configuration: the file's (or the defaults), with the flags applied.
+    pub fn config(&self) -> Result<DaemonConfig> {
+        let mut c = match &self.config {
+            Some(p) => DaemonConfig::load(p)?,
+            None => DaemonConfig::default(),
+        };
+        if !self.listen.is_empty() {
+            c.listen = self.listen.clone();
+        }
+        if let Some(f) = &self.secret_file {
+            c.secret_file = Some(f.clone());
+        }
+        if let Some(n) = self.max_sessions {
+            c.max_sessions = n;
+        }
+        if let Some(b) = self.max_total_bytes {
+            c.max_total_bytes = b;
+        }
+        if let Some(s) = self.stats_every {
+            c.stats_every_s = s;
+        }
+        c.check()?;
+        Ok(c)
+    }
+}
+
+/// What every thread of the daemon shares.
+#[derive(Debug)]
+struct Daemon {
+    cfg: DaemonConfig,
+    tcp: TcpConfig,
+    active: AtomicUsize,
+    next_id: AtomicU64,
+    done: AtomicU64,
+    failed: AtomicU64,
+    refused: AtomicU64,
+    held_bytes: AtomicU64,
+}
+
+/// Memory reserved for one session against `max_total_bytes`; released on drop.
+struct Reservation<'a> {
+    d: &'a Daemon,
+    bytes: u64,
+}
+
+impl Daemon {
+    fn reserve(&self, bytes: u64) -> Option<Reservation<'_>> {
+        let mut cur = self.held_bytes.load(Ordering::Acquire);
+        loop {
+            let next = cur.checked_add(bytes).filter(|n| *n <= self.cfg.max_total_bytes)?;
+            match self.held_bytes.compare_exchange(cur, next, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => return Some(Reservation { d: self, bytes }),
+                Err(now) => cur = now,
+            }
+        }
+    }
+}
+
+impl Drop for Reservation<'_> {
+    fn drop(&mut self) {
+        self.d.held_bytes.fetch_sub(self.bytes, Ordering::AcqRel);
+    }
+}
+
+/// Entry point of `livemig serve`: binds every address (printing `listening ADDR tcp` for
+/// each, first thing on stdout), then serves until killed.
+pub fn run(a: &ServeArgs) -> Result<()> {
+    let cfg = a.config()?;
+    let secret = Secret::load(cfg.secret_file.as_deref()).context("loading the shared secret")?;
+    let io_timeout = Duration::from_secs_f64(cfg.io_timeout_s);
+    let tcp = TcpConfig {
+        gate: GateConfig {
+            handshake_timeout: Duration::from_secs_f64(cfg.handshake_timeout_s),
+            max_pending: cfg.max_pending_handshakes,
+        },
+        ..livemig_app::precopy::transport_options(TransportChoice::Tcp, io_timeout).tcp
+    };
+    let d = Arc::new(Daemon {
+        cfg,
+        tcp,
+        active: AtomicUsize::new(0),
+        next_id: AtomicU64::new(1),
+        done: AtomicU64::new(0),
+        failed: AtomicU64::new(0),
+        refused: AtomicU64::new(0),
+        held_bytes: AtomicU64::new(0),
+    });
+    let mut listeners = Vec::new();
+    for addr in &d.cfg.listen {
+        let l = TcpListener::bind(addr.as_str()).with_context(|| format!("listening on {addr}"))?;
+        println!("listening {} tcp", l.local_addr()?);
+        listeners.push(l);
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    eprintln!(
+        "livemig serve: {} address(es), at most {} sessions and {} MiB in all, {} unauthenticated connections per address",
+        listeners.len(),
+        d.cfg.max_sessions,
+        d.cfg.max_total_bytes >> 20,
+        d.cfg.max_pending_handshakes
+    );
+    for l in listeners {
+        let (d, secret) = (d.clone(), secret.clone());
+        std::thread::Builder::new().name("livemig-accept".into()).spawn(move || accept_loop(&l, &secret, &d))?;
+    }
+    let every = d.cfg.stats_every_s;
+    loop {
+        if every > 0.0 {
+            std::thread::sleep(Duration::from_secs_f64(every));
+            eprintln!("{}", stats_line(&d));
+        } else {
+            std::thread::sleep(Duration::from_secs(3600));
+        }
+    }
+}
+
+/// Resident memory (bytes) and open file descriptors of this process.
+pub fn process_usage() -> (u64, usize) {
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(0) as u64;
+    let fds = std::fs::read_dir("/proc/self/fd").map(|d| d.count()).unwrap_or(0);
+    (rss * page, fds)
+}
+
+fn stats_line(d: &Daemon) -> String {
+    let (rss, fds) = process_usage();
+    format!(
+        "stats: {} active, {} done, {} failed, {} refused; {} MiB held for sessions; rss {:.1} MiB, {fds} open files",
+        d.active.load(Ordering::Relaxed),
+        d.done.load(Ordering::Relaxed),
+        d.failed.load(Ordering::Relaxed),
+        d.refused.load(Ordering::Relaxed),
+        d.held_bytes.load(Ordering::Relaxed) >> 20,
+        rss as f64 / (1 << 20) as f64
+    )
+}
+
+fn accept_loop(l: &TcpListener, secret: &Secret, d: &Arc<Daemon>) {
+    let mut gate = match l.gate(secret, &d.tcp.gate) {
+        Ok(g) => g,
+        Err(e) => {
+            eprintln!("error: cannot serve {:?}: {e:#}", l.local_addr().ok());
+            std::process::exit(1);
+        }
+    };
+    let mut sessions = SessionAssembler::new(d.tcp.io_timeout);
+    loop {
+        let wake = sessions.next_expiry().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
+        let admitted = match gate.next(Some(wake)) {
+            Ok(a) => a,
+            Err(e) => {
+                tracing::warn!(error = %e, "accepting");
+                std::thread::sleep(Duration::from_millis(100));
+                None
+            }
+        };
+        for e in sessions.expire(Instant::now()) {
+            tracing::warn!(error = %e, "incomplete session dropped");
+        }
+        let Some(a) = admitted else { continue };
+        match sessions.offer(a) {
+            Ok(Some(streams)) => dispatch(streams, d),
+            Ok(None) => {}
+            Err(e) => tracing::warn!(error = %e, "session refused"),
+        }
+    }
+}
+
+fn refuse_streams(streams: Vec<Admitted>, reason: &str) {
+    for a in streams {
+        let mut s = a.stream;
+        let _ = livemig_transport::auth::write_frame(
+            &mut s,
+            &Frame::Close { code: close_code::REFUSED, reason: reason.to_string() },
+        );
+    }
+}
+
+fn dispatch(streams: Vec<Admitted>, d: &Arc<Daemon>) {
+    let id = d.next_id.fetch_add(1, Ordering::Relaxed);
+    let peer = streams[0].addr.to_string();
+    if d.active.fetch_add(1, Ordering::AcqRel) >= d.cfg.max_sessions {
+        d.active.fetch_sub(1, Ordering::AcqRel);
+        d.refused.fetch_add(1, Ordering::Relaxed);
+        let reason = format!("the daemon serves its limit of {} sessions; try again later", d.cfg.max_sessions);
+        eprintln!("session {id} from {peer}: refused: {reason}");
+        refuse_streams(streams, &reason);
+        return;
+    }
+    let d2 = d.clone();
+    let spawned = std::thread::Builder::new().name(format!("livemig-session-{id}")).spawn(move || {
+        let t0 = Instant::now();
+        let r = session(id, streams, &d2);
+        let secs = t0.elapsed().as_secs_f64();
+        match r {
+            Ok(what) => {
+                d2.done.fetch_add(1, Ordering::Relaxed);
+                eprintln!("session {id} from {peer}: {what}: done in {secs:.2} s");
+            }
+            Err(e) => {
+                d2.failed.fetch_add(1, Ordering::Relaxed);
+                eprintln!("session {id} from {peer}: failed after {secs:.2} s: {e:#}");
+            }
+        }
+        d2.active.fetch_sub(1, Ordering::AcqRel);
+    });
+    if let Err(e) = spawned {
+        d.active.fetch_sub(1, Ordering::AcqRel);
+        d.failed.fetch_add(1, Ordering::Relaxed);
+        eprintln!("session {id}: no thread for it: {e}");
+    }
+}
+
+fn reply(t: &mut dyn Transport, r: &OpenReply) -> Result<()> {
+    t.send_message(&r.encode()).context("answering the service request")
+}
+
+fn refuse(t: &mut dyn Transport, reason: String) -> Result<String> {
+    let _ = reply(t, &OpenReply::Refused { reason: reason.clone() });
+    bail!("refused: {reason}")
+}
+
+/// One session, start to end; returns what it served.
+fn session(id: u64, streams: Vec<Admitted>, d: &Daemon) -> Result<String> {
+    let table = RegionTable::new();
+    let t = TcpTransport::from_admitted(&d.tcp, streams, &table).context("setting up the session")?;
+    let mut t: Box<dyn Transport> = Box::new(t);
+    let io_timeout = d.tcp.io_timeout;
+    let m = t
+        .recv_message(Some(io_timeout))
+        .context("waiting for the service request")?
+        .with_context(|| format!("no service request within {io_timeout:?}"))?;
+    let req = match OpenRequest::decode(&m) {
+        Ok(r) => r,
+        Err(e) => return refuse(t.as_mut(), e.to_string()),
+    };
+    if req.size > d.cfg.max_session_bytes {
+        return refuse(
+            t.as_mut(),
+            format!("{} MiB asked, at most {} MiB per session", req.size >> 20, d.cfg.max_session_bytes >> 20),
+        );
+    }
+    let Some(_held) = d.reserve(req.size) else {
+        let free = d.cfg.max_total_bytes.saturating_sub(d.held_bytes.load(Ordering::Relaxed));
+        return refuse(t.as_mut(), format!("{} MiB asked, {} MiB free on this daemon", req.size >> 20, free >> 20));
+    };
+    let what = format!("{} {} MiB", req.service.name(), req.size >> 20);
+    match req.service {
+        Service::Receive => {
+            let dm = match DestMemory::new(req.size, req.page_size) {
+                Ok(m) => m,
+                Err(e) => return refuse(t.as_mut(), format!("cannot create the memory: {e:#}")),
+            };
+            let _reg = t.expose(dm.aliases[0].clone()).context("exposing the memory")?;
+            reply(t.as_mut(), &OpenReply::Opened { session: id })?;
+            let args = ReceiveArgs {
+                listen: String::new(),
+                transport: TransportChoice::Tcp,
+                size: req.size,
+                page_size: req.page_size,
+                after: req.after_s,
+                io_timeout: io_timeout.as_secs_f64(),
+                secret_file: None,
+                json: false,
+                no_progress: true,
+            };
+            receive_on(&args, t, &dm, indicatif::ProgressBar::hidden())?;
+        }
+        Service::BenchPages | Service::BenchChunks => {
+            let kind = if req.service == Service::BenchChunks {
+                livemig_bench::pages::CHUNKS
+            } else {
+                livemig_bench::pages::PAGES
+            };
+            let ps = u32::try_from(req.page_size).context("page size")?;
+            let r = match livemig_bench::pages::make_region_in(
+                &d.cfg.region_dir,
+                kind,
+                2,
+                req.size,
+                ps,
+                Access::REMOTE_WRITE,
+            ) {
+                Ok(r) => r,
+                Err(e) => return refuse(t.as_mut(), format!("cannot create the region: {e:#}")),
+            };
+            let _reg = t.expose(r.clone()).context("exposing the region")?;
+            reply(t.as_mut(), &OpenReply::Opened { session: id })?;
+            livemig_bench::pages::serve(t.as_mut(), &r, io_timeout)?;
+        }
+    }
+    Ok(what)
+}

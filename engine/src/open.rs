@@ -1,0 +1,168 @@
+//! The request that opens a service on a host daemon (`livemig serve`), and its answer. A daemon exposes no memory at the
+//! handshake (it cannot know what the peer wants); the peer's first message on the session
+//! asks for a service and its memory, the daemon checks it against its limits, creates and
+//! exposes the memory, and answers. From there the session goes on as with a one-shot
+//! `receive` or bench listener.
+//!
+//! Both messages are one JSON object each (at most [`MAX_REQUEST`] bytes), versioned.
+
+use serde::{Deserialize, Serialize};
+
+/// Version of the request format.
+pub const OPEN_VERSION: u32 = 1;
+/// Largest request or reply.
+pub const MAX_REQUEST: usize = 4096;
+
+/// What a daemon can serve.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Service {
+    /// The destination of a memory migration (pre-copy, post-copy or hybrid).
+    Receive,
+    /// The sink of `bench pages`.
+    BenchPages,
+    /// The sink of `bench chunks` (file-backed).
+    BenchChunks,
+}
+
+impl Service {
+    /// Its name in requests and logs.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::Receive => "receive",
+            Service::BenchPages => "bench-pages",
+            Service::BenchChunks => "bench-chunks",
+        }
+    }
+}
+
+/// The peer's request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OpenRequest {
+    /// [`OPEN_VERSION`].
+    pub version: u32,
+    /// The service.
+    pub service: Service,
+    /// Bytes of memory (or disk) the service needs.
+    pub size: u64,
+    /// Page (chunk) size.
+    pub page_size: u64,
+    /// Receive: seconds to measure the resumed workload before reporting its rate.
+    #[serde(default)]
+    pub after_s: f64,
+}
+
+/// The daemon's answer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub enum OpenReply {
+    /// The memory is exposed; the session id is the daemon's, for its logs.
+    Opened {
+        /// Daemon session number.
+        session: u64,
+    },
+    /// Not served, and why.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+}
+
+/// A request that cannot be served as sent.
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum OpenError {
+    /// Longer than [`MAX_REQUEST`].
+    #[error("request of {0} bytes (at most {MAX_REQUEST})")]
+    TooLong(usize),
+    /// Not a request.
+    #[error("malformed request: {0}")]
+    Malformed(String),
+    /// Another version.
+    #[error("request version {0} (this daemon speaks {OPEN_VERSION})")]
+    Version(u32),
+    /// Sizes that make no sense.
+    #[error("size {size} is not a positive multiple of the page size {page_size} (a power of two, 512 B to 2 MiB)")]
+    Sizes {
+        /// Size.
+        size: u64,
+        /// Page size.
+        page_size: u64,
+    },
+    /// `after_s` outside 0..=3600.
+    #[error("after_s {0} must be between 0 and 3600")]
+    After(f64),
+}
+
+impl OpenRequest {
+    /// Encodes the request.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a request serialises")
+    }
+
+    /// Decodes and validates a request (pure; fuzzed).
+    pub fn decode(b: &[u8]) -> Result<OpenRequest, OpenError> {
+        if b.len() > MAX_REQUEST {
+            return Err(OpenError::TooLong(b.len()));
+        }
+        let r: OpenRequest = serde_json::from_slice(b).map_err(|e| OpenError::Malformed(e.to_string()))?;
+        if r.version != OPEN_VERSION {
+            return Err(OpenError::Version(r.version));
+        }
+        let ps_ok = r.page_size.is_power_of_two() && (512..=2 << 20).contains(&r.page_size);
+        if !ps_ok || r.size == 0 || r.size % r.page_size != 0 {
+            return Err(OpenError::Sizes { size: r.size, page_size: r.page_size });
+        }
+        if !(r.after_s.is_finite() && (0.0..=3600.0).contains(&r.after_s)) {
+            return Err(OpenError::After(r.after_s));
+        }
+        Ok(r)
+    }
+}
+
+impl OpenReply {
+    /// Encodes the reply.
+    pub fn encode(&self) -> Vec<u8> {
+        serde_json::to_vec(self).expect("a reply serialises")
+    }
+
+    /// Decodes a reply (pure; fuzzed).
+    pub fn decode(b: &[u8]) -> Result<OpenReply, OpenError> {
+        if b.len() > MAX_REQUEST {
+            return Err(OpenError::TooLong(b.len()));
+        }
+        serde_json::from_slice(b).map_err(|e| OpenError::Malformed(e.to_string()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn req() -> OpenRequest {
+        OpenRequest { version: 1, service: Service::Receive, size: 16 << 20, page_size: 4096, after_s: 0.5 }
+    }
+
+    #[test]
+    fn round_trip_and_validation() {
+        assert_eq!(OpenRequest::decode(&req().encode()), Ok(req()));
+        let bad = |f: &dyn Fn(&mut OpenRequest)| {
+            let mut r = req();
+            f(&mut r);
+            OpenRequest::decode(&r.encode()).unwrap_err()
+        };
+        assert_eq!(bad(&|r| r.version = 2), OpenError::Version(2));
+        assert!(matches!(bad(&|r| r.size = 0), OpenError::Sizes { .. }));
+        assert!(matches!(bad(&|r| r.size = 4097), OpenError::Sizes { .. }));
+        assert!(matches!(bad(&|r| r.page_size = 3000), OpenError::Sizes { .. }));
+        assert!(matches!(bad(&|r| r.page_size = 4 << 20), OpenError::Sizes { .. }));
+        assert!(matches!(bad(&|r| r.after_s = -1.0), OpenError::After(_)));
+        assert!(matches!(OpenRequest::decode(b"{\"version\":1}"), Err(OpenError::Malformed(_))));
+        assert!(matches!(OpenRequest::decode(&[b' '; 5000]), Err(OpenError::TooLong(5000))));
+        let unknown = br#"{"version":1,"service":"receive","size":4096,"page_size":4096,"extra":1}"#;
+        assert!(matches!(OpenRequest::decode(unknown), Err(OpenError::Malformed(_))));
+        let r = OpenReply::Refused { reason: "full".into() };
+        assert_eq!(OpenReply::decode(&r.encode()), Ok(r));
+        assert_eq!(OpenReply::decode(&OpenReply::Opened { session: 3 }.encode()), Ok(OpenReply::Opened { session: 3 }));
+    }
+}
