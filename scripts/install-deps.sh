@@ -4,10 +4,13 @@
 #  - RDMA tests: qemu-system-x86 + linux-image-amd64 (a kernel with rdma_rxe) + busybox-static,
 #    cpio, kmod, rdma-core, ibverbs-providers, ibverbs-utils, perftest, iproute2
 #  - benchmarks/tests: iperf3, iproute2 (netns, veth, tc), procps (kill, for the CLI in-doubt tests)
+#  - NBD clients for the disk tests and benchmarks: qemu-utils (qemu-img, qemu-io, qemu-nbd),
+#    libnbd-bin (nbdinfo, nbdcopy)
 set -euo pipefail
 SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
-      ibverbs-utils perftest iproute2 iperf3 jq qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3 procps)
+      ibverbs-utils perftest iproute2 iperf3 jq qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3 procps
+      qemu-utils libnbd-bin)
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [[ ${#missing[@]} -gt 0 ]]; then

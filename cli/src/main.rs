@@ -22,11 +22,22 @@ enum Cmd {
     },
     /// Host daemon: serves many concurrent sessions (migrations, benchmarks) on one port.
     Serve(livemig_daemon::ServeArgs),
+    /// Disks: a chunked mirror of a base image, served over NBD.
+    Disk {
+        #[command(subcommand)]
+        what: DiskCmd,
+    },
     /// Shared secrets for the handshake.
     Secret {
         #[command(subcommand)]
         what: SecretCmd,
     },
+}
+
+#[derive(Debug, Subcommand)]
+enum DiskCmd {
+    /// Serve a disk over NBD (qemu-nbd style): a plain image, or a lazy mirror of --base.
+    Serve(livemig_storage::cli::DiskServeArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -78,6 +89,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench { what: BenchCmd::Chunks(a) } => livemig_bench::pages::run(livemig_bench::pages::CHUNKS, &a),
         Cmd::Bench { what: BenchCmd::Urgent(a) } => livemig_bench::urgent::run(&a),
         Cmd::Serve(a) => livemig_daemon::run(&a),
+        Cmd::Disk { what: DiskCmd::Serve(a) } => livemig_storage::cli::run_serve(&a),
         Cmd::Secret { what: SecretCmd::New { file } } => {
             livemig_transport::auth::Secret::write_new(&file)?;
             eprintln!("wrote a new 256-bit secret to {} (mode 0600)", file.display());

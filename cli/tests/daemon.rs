@@ -17,24 +17,31 @@ const SECRET: &str = "daemon-test-secret-daemon-test-secret";
 struct Daemon {
     child: Child,
     addr: String,
+    log: std::path::PathBuf,
 }
 
 impl Drop for Daemon {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.log);
     }
 }
 
 fn daemon(args: &[&str]) -> Daemon {
+    // The daemon logs a line per rejected connection: its stderr goes to a file, never to a
+    // pipe nobody drains (a full pipe would block the daemon's logging threads).
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let log = std::env::temp_dir().join(format!("livemig-daemon-test-{}-{n}.log", std::process::id()));
     let l = spawn_listening(
         Command::new(BIN)
             .args(["serve", "--listen", "127.0.0.1:0"])
             .args(args)
             .env("LIVEMIG_SECRET", SECRET)
-            .stderr(Stdio::piped()),
+            .stderr(std::fs::File::create(&log).unwrap()),
     );
-    Daemon { child: l.child, addr: l.addr }
+    Daemon { child: l.child, addr: l.addr, log }
 }
 
 fn client(args: &[&str]) -> Command {

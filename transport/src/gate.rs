@@ -188,47 +188,53 @@ impl<'l> Gate<'l> {
                 while matches!((&self.wake_rx).read(&mut sink), Ok(n) if n > 0) {}
             }
             if fds[0].revents & libc::POLLIN != 0 {
-                self.admit_one()?;
+                // Drain the backlog (bounded, so admitted connections are handed out too).
+                for _ in 0..256 {
+                    if !self.admit_one()? {
+                        break;
+                    }
+                }
             }
         }
     }
 
-    fn admit_one(&mut self) -> Result<(), TransportError> {
+    /// Accepts one waiting connection and starts its handshake; `false` if none was waiting.
+    fn admit_one(&mut self) -> Result<bool, TransportError> {
         let (sock, addr) = match self.listener.accept_nonblocking() {
             Ok(Some(c)) => c,
-            Ok(None) => return Ok(()),
+            Ok(None) => return Ok(false),
             Err(e) => {
                 // Per-connection failures (ECONNABORTED, EMFILE under load) must not end the
                 // listener; they are logged and the gate goes on.
                 tracing::warn!(error = %e, "accept failed");
                 std::thread::sleep(Duration::from_millis(10));
-                return Ok(());
+                return Ok(false);
             }
         };
-        let id = {
+        let Ok(handle) = sock.try_clone() else {
+            tracing::warn!(peer = %addr, "cannot track a connection; closed it");
+            return Ok(true);
+        };
+        let (id, evicted) = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            if p.conns.len() >= self.cfg.max_pending {
-                // Ids grow with time: the first entry is the oldest.
-                if let Some((_, (since, old))) = p.conns.pop_first() {
-                    let _ = old.shutdown(std::net::Shutdown::Both);
-                    self.stats.evicted.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(
-                        peer = ?old.peer_addr().ok(),
-                        after = ?since.elapsed(),
-                        max = self.cfg.max_pending,
-                        "too many unauthenticated connections; closed the oldest"
-                    );
-                }
-            }
-            let Ok(handle) = sock.try_clone() else {
-                tracing::warn!(peer = %addr, "cannot track a connection; closed it");
-                return Ok(());
-            };
+            // Ids grow with time: the first entry is the oldest.
+            let evicted = if p.conns.len() >= self.cfg.max_pending { p.conns.pop_first() } else { None };
             let id = p.next;
             p.next += 1;
             p.conns.insert(id, (Instant::now(), handle));
-            id
+            (id, evicted)
         };
+        // Logged outside the lock: a slow log sink must not stall the handshake threads.
+        if let Some((_, (since, old))) = evicted {
+            let _ = old.shutdown(std::net::Shutdown::Both);
+            self.stats.evicted.fetch_add(1, Ordering::Relaxed);
+            tracing::warn!(
+                peer = ?old.peer_addr().ok(),
+                after = ?since.elapsed(),
+                max = self.cfg.max_pending,
+                "too many unauthenticated connections; closed the oldest"
+            );
+        }
         let (secret, timeout, tx) = (self.secret.clone(), self.cfg.handshake_timeout, self.tx.clone());
         let (pending, stats, wake) = (self.pending.clone(), self.stats.clone(), self.wake_tx.clone());
         let spawned = std::thread::Builder::new().name("livemig-handshake".into()).spawn(move || {
@@ -253,7 +259,7 @@ impl<'l> Gate<'l> {
             self.pending.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&id);
             tracing::warn!(peer = %addr, error = %e, "no thread for a handshake; connection closed");
         }
-        Ok(())
+        Ok(true)
     }
 }
 

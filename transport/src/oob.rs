@@ -19,6 +19,12 @@ impl BoundListener {
         let l = std::net::TcpListener::bind(addr).map_err(io_err("binding the listening socket"))?;
         // The gate polls it: accepting never blocks.
         l.set_nonblocking(true).map_err(io_err("binding the listening socket"))?;
+        // A deeper accept queue than std's 128, for bursts of connections (a hostile client's
+        // among them) between two passes of the gate; the kernel caps it at somaxconn.
+        // SAFETY: listen(2) on our own bound socket; calling it again only resizes the queue.
+        unsafe {
+            libc::listen(std::os::fd::AsRawFd::as_raw_fd(&l), 4096);
+        }
         Ok(BoundListener(l))
     }
 

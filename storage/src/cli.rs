@@ -1,0 +1,160 @@
+//! `livemig disk serve`: an NBD export of a plain image file or of a mirror of a base image.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::base::{Base, ChunkDirBase, FileBase};
+use crate::mirror::Mirror;
+use crate::nbd::server::{serve_connection, Conn, Export};
+
+/// Options of `livemig disk serve`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiskServeArgs {
+    /// The disk: with --base/--base-dir, the local mirror file (created if missing; its
+    /// state is kept in FILE.lmmeta); without, a plain image file served as it is.
+    pub file: PathBuf,
+    /// Read-only base image to mirror lazily (whole chunks on first read; writes stay local).
+    #[arg(long, value_name = "IMAGE", conflicts_with = "base_dir")]
+    pub base: Option<PathBuf>,
+    /// Base as a directory of chunks (`manifest.json` + `chunks/<index>`).
+    #[arg(long, value_name = "DIR")]
+    pub base_dir: Option<PathBuf>,
+    /// Chunk size of a new mirror.
+    #[arg(long, value_parser = livemig_app::args::parse_size, default_value = "256K")]
+    pub chunk_size: u64,
+    /// Serve on this unix socket (removed first if it is a stale socket).
+    #[arg(long, value_name = "PATH", conflicts_with = "listen", required_unless_present = "listen")]
+    pub socket: Option<PathBuf>,
+    /// Serve on this TCP address (port 0 picks one; printed at start).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: Option<String>,
+    /// Export name (clients may also ask for "").
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Refuse writes.
+    #[arg(long)]
+    pub read_only: bool,
+    /// Most connections served at once.
+    #[arg(long, default_value_t = 64)]
+    pub max_connections: usize,
+    /// Seconds a client may take to negotiate or to send a request's payload.
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 30.0)]
+    pub io_timeout: f64,
+}
+
+fn open_disk(a: &DiskServeArgs) -> Result<Mirror> {
+    let chunk = u32::try_from(a.chunk_size).ok().filter(|c| *c >= 4096 && c.is_power_of_two());
+    let base: Option<Box<dyn Base>> = match (&a.base, &a.base_dir) {
+        (Some(p), _) => Some(Box::new(FileBase::open(p).with_context(|| format!("opening the base {}", p.display()))?)),
+        (None, Some(d)) => {
+            Some(Box::new(ChunkDirBase::open(d).with_context(|| format!("opening the base {}", d.display()))?))
+        }
+        (None, None) => None,
+    };
+    match base {
+        Some(b) => {
+            let Some(chunk) = chunk else {
+                bail!("--chunk-size {} must be a power of two of at least 4K", a.chunk_size)
+            };
+            Ok(Mirror::open(b, &a.file, chunk)?)
+        }
+        None => {
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(!a.read_only)
+                .open(&a.file)
+                .with_context(|| format!("opening {}", a.file.display()))?;
+            Ok(Mirror::plain(f)?)
+        }
+    }
+}
+
+fn spawn_conn<C: Conn + Send + 'static>(c: C, export: &Arc<Export>, live: &Arc<AtomicUsize>, max: usize, who: String) {
+    if live.fetch_add(1, Ordering::AcqRel) >= max {
+        live.fetch_sub(1, Ordering::AcqRel);
+        tracing::warn!(peer = %who, max, "too many NBD connections; closed one");
+        return;
+    }
+    let (export, live) = (export.clone(), live.clone());
+    let spawned = std::thread::Builder::new().name("livemig-nbd".into()).spawn(move || {
+        if let Err(e) = serve_connection(c, &export) {
+            tracing::warn!(peer = %who, error = %e, "NBD connection ended");
+        }
+        live.fetch_sub(1, Ordering::AcqRel);
+    });
+    if spawned.is_err() {
+        tracing::warn!("no thread for an NBD connection");
+    }
+}
+
+/// Entry point of `livemig disk serve`: prints `listening ADDR|PATH nbd` first on stdout,
+/// serves until SIGINT/SIGTERM, then saves the mirror state and exits.
+pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
+    let disk = Arc::new(open_disk(a)?);
+    let export = Arc::new(Export {
+        name: a.name.clone(),
+        description: format!("livemig disk {}", a.file.display()),
+        disk: disk.clone(),
+        read_only: a.read_only,
+        io_timeout: Duration::from_secs_f64(a.io_timeout),
+    });
+    let live = Arc::new(AtomicUsize::new(0));
+    let max = a.max_connections.max(1);
+    if let Some(path) = &a.socket {
+        if let Ok(m) = std::fs::symlink_metadata(path) {
+            use std::os::unix::fs::FileTypeExt;
+            if !m.file_type().is_socket() {
+                bail!("{} exists and is not a socket", path.display());
+            }
+            std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+        }
+        let l = std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+        println!("listening {} nbd", path.display());
+        let (export, live) = (export.clone(), live.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                match c {
+                    Ok(c) => spawn_conn(c, &export, &live, max, "unix".into()),
+                    Err(e) => tracing::warn!(error = %e, "accept"),
+                }
+            }
+        });
+    } else if let Some(addr) = &a.listen {
+        let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        println!("listening {} nbd", l.local_addr()?);
+        let (export, live) = (export.clone(), live.clone());
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                match c {
+                    Ok(c) => {
+                        let _ = c.set_nodelay(true);
+                        let who = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                        spawn_conn(c, &export, &live, max, who);
+                    }
+                    Err(e) => tracing::warn!(error = %e, "accept"),
+                }
+            }
+        });
+    }
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("installing signal handlers")?;
+    let sig = signals.forever().next().unwrap_or(0);
+    disk.flush().context("saving the disk state")?;
+    let map = disk.map();
+    eprintln!(
+        "disk serve: stopped on signal {sig}; {} of {} chunks local, {} modified; state saved",
+        map.local_chunks(),
+        map.len(),
+        map.modified().len()
+    );
+    if let Some(p) = &a.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    Ok(())
+}

@@ -1,0 +1,15 @@
+//! livemig-storage: disks as a read-only base image plus locally held chunks (the mirroring
+//! module of the lazy-deployment paper, section 3.3), served to real clients over NBD.
+//!
+//! - [`chunks`]: the pure per-chunk state (one contiguous local range per chunk, the
+//!   ModifiedSet) and the fetch plans for reads and writes.
+//! - [`base`]: where the base comes from (a local image file, a directory of chunks).
+//! - [`mirror`]: the disk (local file + chunk map, persisted beside it).
+//! - [`nbd`]: the NBD protocol and server.
+//! - [`cli`]: `livemig disk serve`.
+
+pub mod base;
+pub mod chunks;
+pub mod cli;
+pub mod mirror;
+pub mod nbd;

@@ -1,0 +1,402 @@
+//! The mirroring module: a disk that is a read-only base image plus locally held chunks
+//! ([`ChunkMap`]), served from a local file of the disk's size. Reads of bytes not held
+//! locally fetch from the base first (whole chunks); writes stay local (fetching only the gap
+//! that keeps each chunk's local range contiguous). The chunk map is written beside the local
+//! file (`FILE.lmmeta`) on every flush and on close, after the data reached stable storage,
+//! so a restarted process finds what it held.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use crate::base::Base;
+use crate::chunks::{ChunkMap, OutOfRange, Range};
+
+/// Default chunk size (the paper's setup).
+pub const DEFAULT_CHUNK: u32 = 256 << 10;
+
+/// A disk operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// Outside the disk.
+    #[error(transparent)]
+    Range(#[from] OutOfRange),
+    /// The base could not be read.
+    #[error("reading the base at {offset} ({len} bytes)")]
+    Base {
+        /// Offset.
+        offset: u64,
+        /// Length.
+        len: u64,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The local file failed (a full disk shows here as ENOSPC).
+    #[error("{op} on the local file")]
+    Local {
+        /// What.
+        op: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The metadata beside the local file is unreadable or does not fit the disk.
+    #[error("metadata {path}: {why}")]
+    Meta {
+        /// Path.
+        path: String,
+        /// Why.
+        why: String,
+    },
+}
+
+impl DiskError {
+    /// The errno an NBD client should see.
+    pub fn errno(&self) -> i32 {
+        match self {
+            DiskError::Range(_) => libc::EINVAL,
+            DiskError::Local { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => libc::ENOSPC,
+            _ => libc::EIO,
+        }
+    }
+}
+
+/// A mirrored disk (see the module doc).
+#[derive(Debug)]
+pub struct Mirror {
+    base: Option<Box<dyn Base>>,
+    local: File,
+    meta: Option<PathBuf>,
+    map: Mutex<ChunkMap>,
+    /// Serialises fetches and the map updates that follow them (reads and writes of bytes
+    /// already local do not take it).
+    fetch: Mutex<()>,
+}
+
+fn local_err(op: &'static str) -> impl FnOnce(std::io::Error) -> DiskError {
+    move |source| DiskError::Local { op, source }
+}
+
+/// The metadata path beside `local`.
+pub fn meta_path(local: &Path) -> PathBuf {
+    let mut p = local.as_os_str().to_owned();
+    p.push(".lmmeta");
+    PathBuf::from(p)
+}
+
+impl Mirror {
+    /// A plain disk: every byte of `file` is local; no base, no metadata.
+    pub fn plain(file: File) -> Result<Mirror, DiskError> {
+        let size = file.metadata().map_err(local_err("reading the size"))?.len();
+        Ok(Mirror {
+            base: None,
+            local: file,
+            meta: None,
+            map: Mutex::new(ChunkMap::all_local(size, DEFAULT_CHUNK)),
+            fetch: Mutex::new(()),
+        })
+    }
+
+    /// Mirrors `base` into the local file at `path` (created, sparse, of the base's size, if
+    /// missing). If metadata from an earlier run is beside it, its state is taken up again.
+    pub fn open(base: Box<dyn Base>, path: &Path, chunk: u32) -> Result<Mirror, DiskError> {
+        let size = base.size();
+        let meta = meta_path(path);
+        let existing = path.exists();
+        let local = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+            .map_err(local_err("opening"))?;
+        let map = if existing && meta.exists() {
+            let m = load_meta(&meta)?;
+            if m.size() != size {
+                return Err(DiskError::Meta {
+                    path: meta.display().to_string(),
+                    why: format!("describes a {}-byte disk, the base has {size} bytes", m.size()),
+                });
+            }
+            m
+        } else {
+            // Without metadata nothing local can be trusted: start empty.
+            ChunkMap::new(size, chunk)
+        };
+        local.set_len(size).map_err(local_err("sizing"))?;
+        Ok(Mirror { base: Some(base), local, meta: Some(meta), map: Mutex::new(map), fetch: Mutex::new(()) })
+    }
+
+    /// Disk size.
+    pub fn size(&self) -> u64 {
+        self.lock().size()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, ChunkMap> {
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A copy of the chunk map.
+    pub fn map(&self) -> ChunkMap {
+        self.lock().clone()
+    }
+
+    /// Copies `ranges` from the base into the local file and records them.
+    fn fetch(&self, ranges: &[Range], record: impl Fn(&mut ChunkMap, Range)) -> Result<(), DiskError> {
+        let base = self.base.as_ref().expect("only a mirror has bytes that are not local");
+        let mut buf = Vec::new();
+        for r in ranges {
+            buf.resize(r.len() as usize, 0);
+            base.read_at(r.start, &mut buf).map_err(|source| DiskError::Base {
+                offset: r.start,
+                len: r.len(),
+                source,
+            })?;
+            self.local.write_all_at(&buf, r.start).map_err(local_err("writing fetched bytes"))?;
+            record(&mut self.lock(), *r);
+        }
+        Ok(())
+    }
+
+    /// Reads `buf.len()` bytes at `offset`.
+    pub fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        let r = self.lock().check(offset, buf.len() as u64)?;
+        if !self.lock().is_local(r) {
+            let _g = self.fetch.lock().unwrap_or_else(|e| e.into_inner());
+            let plan = self.lock().plan_read(r);
+            self.fetch(&plan, |m, r| m.fetched(r))?;
+        }
+        self.local.read_exact_at(buf, offset).map_err(local_err("reading"))
+    }
+
+    /// Writes `data` at `offset`; with `fua`, it reaches stable storage before this returns.
+    pub fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DiskError> {
+        let r = self.lock().check(offset, data.len() as u64)?;
+        if self.base.is_some() {
+            let _g = self.fetch.lock().unwrap_or_else(|e| e.into_inner());
+            let plan = self.lock().plan_write(r);
+            self.fetch(&plan, |m, r| m.fetched(r))?;
+            self.local.write_all_at(data, offset).map_err(local_err("writing"))?;
+            self.lock().written(r);
+        } else {
+            self.local.write_all_at(data, offset).map_err(local_err("writing"))?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Writes `len` zero bytes at `offset` (a hole where the file system allows).
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+        let r = self.lock().check(offset, len)?;
+        let punch = |m: &Mirror| -> Result<(), DiskError> {
+            // SAFETY: fallocate on our own open file descriptor; no memory is passed.
+            let rc = unsafe {
+                libc::fallocate(
+                    std::os::fd::AsRawFd::as_raw_fd(&m.local),
+                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                    offset as libc::off_t,
+                    len as libc::off_t,
+                )
+            };
+            if rc == 0 {
+                return Ok(());
+            }
+            // No hole punching here: write the zeros.
+            let zeros = vec![0u8; (len as usize).min(1 << 20)];
+            let mut at = offset;
+            while at < offset + len {
+                let n = (offset + len - at).min(zeros.len() as u64) as usize;
+                m.local.write_all_at(&zeros[..n], at).map_err(local_err("writing zeros"))?;
+                at += n as u64;
+            }
+            Ok(())
+        };
+        if self.base.is_some() {
+            let _g = self.fetch.lock().unwrap_or_else(|e| e.into_inner());
+            let plan = self.lock().plan_write(r);
+            self.fetch(&plan, |m, r| m.fetched(r))?;
+            punch(self)?;
+            self.lock().written(r);
+        } else {
+            punch(self)?;
+        }
+        if fua {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Makes every acknowledged write stable (fdatasync), then the metadata.
+    pub fn flush(&self) -> Result<(), DiskError> {
+        self.local.sync_data().map_err(local_err("syncing"))?;
+        self.save_meta()
+    }
+
+    /// Which of `r` is allocated locally and which is a hole reading as zeros (for
+    /// `base:allocation`): `(length, is_hole)` runs covering `r`, from SEEK_DATA/SEEK_HOLE on
+    /// local bytes; bytes still in the base count as data.
+    pub fn allocation(&self, r: Range) -> Result<Vec<(u64, bool)>, DiskError> {
+        let map = self.lock().clone();
+        let mut out: Vec<(u64, bool)> = Vec::new();
+        let mut push = |len: u64, hole: bool| match out.last_mut() {
+            Some((l, h)) if *h == hole => *l += len,
+            _ => out.push((len, hole)),
+        };
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.local);
+        let mut at = r.start;
+        while at < r.end {
+            if !map.is_local(Range::new(at, at + 1)) {
+                // Not local: the base's bytes (reported as data).
+                let i = (at / map.chunk_size() as u64) as usize;
+                let end = (map.chunk_start(i) + map.chunk_len(i) as u64).min(r.end);
+                push(end - at, false);
+                at = end;
+                continue;
+            }
+            // SAFETY: lseek on our own descriptor; no memory is passed.
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            let (len, hole) = if data < 0 || data as u64 > at {
+                let next = if data < 0 { r.end } else { (data as u64).min(r.end) };
+                (next - at, true)
+            } else {
+                // SAFETY: as above.
+                let h = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_HOLE) };
+                let next = if h < 0 { r.end } else { (h as u64).min(r.end) };
+                (next.max(at + 1) - at, false)
+            };
+            // Never report past the local part of this chunk.
+            let i = (at / map.chunk_size() as u64) as usize;
+            let chunk_end = map.chunk_start(i) + map.chunk_len(i) as u64;
+            let len = len.min(chunk_end - at).max(1);
+            push(len, hole);
+            at += len;
+        }
+        Ok(out)
+    }
+
+    fn save_meta(&self) -> Result<(), DiskError> {
+        let Some(path) = &self.meta else { return Ok(()) };
+        let text = serde_json::to_vec(&*self.lock()).expect("the chunk map serialises");
+        let tmp = path.with_extension("lmmeta.tmp");
+        let werr = |source| DiskError::Local { op: "writing the metadata", source };
+        let f = File::create(&tmp).map_err(werr)?;
+        f.write_all_at(&text, 0).map_err(werr)?;
+        f.sync_all().map_err(werr)?;
+        std::fs::rename(&tmp, path).map_err(werr)?;
+        if let Some(dir) = path.parent() {
+            let d = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+            if let Ok(d) = File::open(d) {
+                let _ = d.sync_all();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mirror {
+    fn drop(&mut self) {
+        if let Err(e) = self.flush() {
+            tracing::warn!(error = %e, "saving the mirror state on close");
+        }
+    }
+}
+
+fn load_meta(path: &Path) -> Result<ChunkMap, DiskError> {
+    let err = |why: String| DiskError::Meta { path: path.display().to_string(), why };
+    let b = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let m: ChunkMap = serde_json::from_slice(&b).map_err(|e| err(e.to_string()))?;
+    m.validate().map_err(err)?;
+    Ok(m)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::base::{ChunkDirBase, FileBase};
+
+    fn dir(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("livemig-mirror-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn image(d: &Path, size: usize) -> (PathBuf, Vec<u8>) {
+        let data: Vec<u8> = (0..size).map(|i| (i * 7 + i / 4096) as u8).collect();
+        let p = d.join("base.img");
+        std::fs::write(&p, &data).unwrap();
+        (p, data)
+    }
+
+    #[test]
+    fn reads_come_from_the_base_writes_stay_local_and_state_survives_a_restart() {
+        let d = dir("restart");
+        let (bp, mut want) = image(&d, 1 << 20);
+        let local = d.join("disk.img");
+        {
+            let m = Mirror::open(Box::new(FileBase::open(&bp).unwrap()), &local, 64 << 10).unwrap();
+            let mut b = vec![0u8; 100];
+            m.read(70_000, &mut b).unwrap();
+            assert_eq!(b, want[70_000..70_100]);
+            assert_eq!(m.map().local_chunks(), 1, "one whole chunk fetched");
+            // A write into an untouched chunk fetches nothing; a second one that leaves a
+            // gap fetches the gap.
+            m.write(300_000, &[0xaa; 10], false).unwrap();
+            m.write(300_100, &[0xbb; 10], false).unwrap();
+            let c = m.map().chunk(300_000 / (64 << 10));
+            assert_eq!(c.valid, Some(((300_000 % 65536) as u32, (300_110 % 65536) as u32)));
+            want[300_000..300_010].fill(0xaa);
+            want[300_100..300_110].fill(0xbb);
+            m.write_zeroes(500_000, 5000, true).unwrap();
+            want[500_000..505_000].fill(0);
+        }
+        assert_eq!(
+            std::fs::read(&bp).unwrap()[300_000],
+            (300_000usize * 7 + 300_000 / 4096) as u8,
+            "the base is never written"
+        );
+        let m = Mirror::open(Box::new(FileBase::open(&bp).unwrap()), &local, 64 << 10).unwrap();
+        assert_eq!(m.map().modified().len(), 2, "the ModifiedSet came back");
+        let mut all = vec![0u8; 1 << 20];
+        m.read(0, &mut all).unwrap();
+        assert!(all == want, "the restarted mirror reads the base plus the writes");
+        assert!(matches!(m.read((1 << 20) - 10, &mut [0u8; 11]), Err(DiskError::Range(_))));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn metadata_for_another_disk_is_refused() {
+        let d = dir("meta");
+        let (bp, _) = image(&d, 1 << 20);
+        let local = d.join("disk.img");
+        drop(Mirror::open(Box::new(FileBase::open(&bp).unwrap()), &local, 64 << 10).unwrap());
+        std::fs::write(&bp, vec![1u8; 2 << 20]).unwrap();
+        let e = Mirror::open(Box::new(FileBase::open(&bp).unwrap()), &local, 64 << 10).unwrap_err();
+        assert!(matches!(e, DiskError::Meta { .. }), "{e}");
+        std::fs::write(meta_path(&local), b"{not json").unwrap();
+        assert!(matches!(
+            Mirror::open(Box::new(FileBase::open(&bp).unwrap()), &local, 64 << 10),
+            Err(DiskError::Meta { .. })
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_chunk_directory_reads_as_the_image() {
+        let d = dir("chunkdir");
+        let (bp, mut want) = image(&d, 300_000);
+        want[100_000..200_000].fill(0);
+        std::fs::write(&bp, &want).unwrap();
+        ChunkDirBase::create(&d.join("chunks"), &bp, 64 << 10).unwrap();
+        let b = ChunkDirBase::open(&d.join("chunks")).unwrap();
+        assert_eq!(b.size(), 300_000);
+        let mut got = vec![1u8; 300_000];
+        b.read_at(0, &mut got).unwrap();
+        assert!(got == want);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+}
