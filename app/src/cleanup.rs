@@ -21,6 +21,9 @@ use anyhow::{Context, Result};
 struct Registry {
     children: Vec<u32>,
     namespaces: Vec<String>,
+    /// The signal thread has taken the lists: anything registered from now on is removed
+    /// at once.
+    closing: bool,
 }
 
 fn registry() -> &'static Mutex<Registry> {
@@ -77,14 +80,17 @@ pub fn yield_to_signal() {
 }
 
 /// Stops every registered child and deletes every registered namespace; returns the counts.
+/// The first signals go out under the registry lock: an owner unregisters a child before it
+/// reaps it ([`OwnedChild`]), so no pid signalled here can have been reaped and reused.
 fn clean_all() -> (usize, usize) {
     let (children, namespaces) = {
         let mut r = lock();
+        r.closing = true;
+        for &pid in &r.children {
+            signal(pid, libc::SIGTERM);
+        }
         (std::mem::take(&mut r.children), std::mem::take(&mut r.namespaces))
     };
-    for &pid in &children {
-        signal(pid, libc::SIGTERM);
-    }
     let deadline = Instant::now() + Duration::from_secs(3);
     for &pid in &children {
         while alive(pid) && Instant::now() < deadline {
@@ -140,9 +146,15 @@ pub fn dies_with_parent(cmd: &mut Command) -> &mut Command {
 pub struct ChildGuard(u32);
 
 impl ChildGuard {
-    /// Registers `pid` (a child this process spawned).
+    /// Registers `pid` (a child this process spawned). Unregister it (drop the guard) before
+    /// reaping the child.
     pub fn new(pid: u32) -> ChildGuard {
-        lock().children.push(pid);
+        let mut r = lock();
+        if r.closing {
+            signal(pid, libc::SIGTERM);
+        } else {
+            r.children.push(pid);
+        }
         ChildGuard(pid)
     }
 }
@@ -155,7 +167,13 @@ impl Drop for ChildGuard {
 
 /// Registers a network namespace this process created (see [`forget_namespace`]).
 pub fn register_namespace(name: &str) {
-    lock().namespaces.push(name.to_string());
+    let mut r = lock();
+    if r.closing {
+        drop(r);
+        let _ = Command::new("ip").args(["netns", "del", name]).output();
+    } else {
+        r.namespaces.push(name.to_string());
+    }
 }
 
 /// Unregisters a namespace its owner deleted.
@@ -168,7 +186,7 @@ pub fn forget_namespace(name: &str) {
 #[derive(Debug)]
 pub struct OwnedChild {
     child: std::process::Child,
-    _guard: ChildGuard,
+    guard: Option<ChildGuard>,
 }
 
 impl OwnedChild {
@@ -176,25 +194,61 @@ impl OwnedChild {
     pub fn spawn(cmd: &mut Command) -> std::io::Result<OwnedChild> {
         let child = dies_with_parent(cmd).spawn()?;
         let guard = ChildGuard::new(child.id());
-        Ok(OwnedChild { child, _guard: guard })
+        Ok(OwnedChild { child, guard: Some(guard) })
     }
 
-    /// The child.
+    /// The child (reap it only through [`wait`](Self::wait) or [`try_wait`](Self::try_wait)).
     pub fn child(&mut self) -> &mut std::process::Child {
         &mut self.child
     }
 
-    /// Waits for it to exit.
+    /// Its exit status if it has exited (reaped then, after unregistering), else `None`.
+    pub fn try_wait(&mut self) -> std::io::Result<Option<std::process::ExitStatus>> {
+        // SAFETY: `info` is a zeroed siginfo_t that waitid fills; the pid is our child's.
+        let (rc, pid) = unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let rc =
+                libc::waitid(libc::P_PID, self.child.id(), &mut info, libc::WEXITED | libc::WNOWAIT | libc::WNOHANG);
+            (rc, info.si_pid())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        if pid == 0 {
+            return Ok(None);
+        }
+        self.wait().map(Some)
+    }
+
+    /// Waits for it to exit: first without reaping it (`waitid` with `WNOWAIT`), then
+    /// unregisters it, then reaps it — its pid stays its own while the signal thread may use it.
     pub fn wait(&mut self) -> std::io::Result<std::process::ExitStatus> {
+        if self.guard.is_some() {
+            loop {
+                // SAFETY: `info` is a zeroed siginfo_t that waitid fills; the pid is our child's.
+                let rc = unsafe {
+                    let mut info: libc::siginfo_t = std::mem::zeroed();
+                    libc::waitid(libc::P_PID, self.child.id(), &mut info, libc::WEXITED | libc::WNOWAIT)
+                };
+                if rc == 0 {
+                    break;
+                }
+                let e = std::io::Error::last_os_error();
+                if e.kind() != std::io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            self.guard = None;
+        }
         self.child.wait()
     }
 }
 
 impl Drop for OwnedChild {
     fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
+        // Not reaped yet (a zombie's pid is still ours): kill is safe either way.
+        let _ = self.child.kill();
+        // Unregistered before it is reaped (see `wait`).
+        let _ = self.wait();
     }
 }

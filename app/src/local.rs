@@ -15,7 +15,7 @@
 //! its flags back through [`MigrateArgs::source_argv`].
 
 use std::io::BufRead;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 
 use anyhow::{bail, Context, Result};
 use livemig_transport::auth::SECRET_ENV;
@@ -71,11 +71,9 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
             if let Some(h) = secret.env_value() {
                 src.env(SECRET_ENV, h);
             }
-            cleanup::dies_with_parent(&mut src);
-            let mut child = src.spawn().context("starting the source process in its namespace")?;
-            let guard = cleanup::ChildGuard::new(child.id());
+            let mut child =
+                cleanup::OwnedChild::spawn(&mut src).context("starting the source process in its namespace")?;
             let status = child.wait().context("waiting for the source process")?;
-            drop(guard);
             if !status.success() {
                 cleanup::yield_to_signal();
             }
@@ -87,7 +85,7 @@ pub fn run(a: &MigrateArgs) -> Result<()> {
 }
 
 /// Waits for (or, when the source failed, stops) the destination child.
-fn finish(res: Result<()>, child: &mut Child) -> Result<()> {
+fn finish(res: Result<()>, child: &mut cleanup::OwnedChild) -> Result<()> {
     if res.is_err() {
         cleanup::yield_to_signal();
         // The source already reported; give the destination a moment to see the abort.
@@ -97,7 +95,7 @@ fn finish(res: Result<()>, child: &mut Child) -> Result<()> {
             }
             std::thread::sleep(std::time::Duration::from_millis(100));
         }
-        let _ = child.kill();
+        let _ = child.child().kill();
         let _ = child.wait();
         return res;
     }
@@ -109,19 +107,10 @@ fn finish(res: Result<()>, child: &mut Child) -> Result<()> {
     Ok(())
 }
 
+/// The destination child; stopped if still running when dropped.
 struct Dest {
-    child: Child,
+    child: cleanup::OwnedChild,
     addr: String,
-    _guard: cleanup::ChildGuard,
-}
-
-impl Drop for Dest {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
 }
 
 fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret: &ChildSecret) -> Result<Dest> {
@@ -146,19 +135,17 @@ fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret: &Child
         cmd.arg("--json");
     }
     secret.apply(&mut cmd);
-    cleanup::dies_with_parent(&mut cmd);
-    let mut child = cmd.spawn().context("starting the destination process")?;
-    let guard = cleanup::ChildGuard::new(child.id());
-    let out = child.stdout.take().context("destination stdout")?;
+    let mut child = cleanup::OwnedChild::spawn(&mut cmd).context("starting the destination process")?;
+    let out = child.child().stdout.take().context("destination stdout")?;
     let mut line = String::new();
     std::io::BufReader::new(out).read_line(&mut line)?;
     let Some(addr) = line.split_whitespace().nth(1).map(str::to_string) else {
         // Almost always the child refused its arguments and said why on the shared stderr.
-        let _ = child.kill();
+        let _ = child.child().kill();
         let st = child.wait()?;
         bail!("the destination process ended before listening ({st}); its error is above");
     };
-    Ok(Dest { child, addr, _guard: guard })
+    Ok(Dest { child, addr })
 }
 
 /// Two namespaces joined by a shaped veth pair; deleted on drop.

@@ -106,7 +106,7 @@ fn a_mirror_served_to_qemu_and_libnbd_clients_survives_a_restart() {
         "-c",
         "write -P 0xcd 3M 300k",
         "-c",
-        "write -z 6M 512k",
+        "write -z -u 6M 512k",
         "-c",
         "read -P 0xab 1000 5000",
         &s.uri(),

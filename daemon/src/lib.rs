@@ -206,7 +206,7 @@ fn accept_loop(l: &TcpListener, secret: &Secret, d: &Arc<Daemon>) {
             std::process::exit(1);
         }
     };
-    let mut sessions = SessionAssembler::new(d.tcp.io_timeout);
+    let mut sessions = SessionAssembler::new(d.tcp.gate.handshake_timeout + d.tcp.io_timeout);
     loop {
         let wake = sessions.next_expiry().unwrap_or_else(|| Instant::now() + Duration::from_secs(1));
         let admitted = match gate.next(Some(wake)) {
@@ -252,6 +252,14 @@ fn dispatch(streams: Vec<Admitted>, d: &Arc<Daemon>) {
     }
     let d2 = d.clone();
     let spawned = std::thread::Builder::new().name(format!("livemig-session-{id}")).spawn(move || {
+        // The slot is given back however the session ends, a panic included.
+        struct Slot<'a>(&'a Daemon);
+        impl Drop for Slot<'_> {
+            fn drop(&mut self) {
+                self.0.active.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        let _slot = Slot(&d2);
         let t0 = Instant::now();
         let r = session(id, streams, &d2);
         let secs = t0.elapsed().as_secs_f64();
@@ -265,7 +273,6 @@ fn dispatch(streams: Vec<Admitted>, d: &Arc<Daemon>) {
                 eprintln!("session {id} from {peer}: failed after {secs:.2} s: {e:#}");
             }
         }
-        d2.active.fetch_sub(1, Ordering::AcqRel);
     });
     if let Err(e) = spawned {
         d.active.fetch_sub(1, Ordering::AcqRel);

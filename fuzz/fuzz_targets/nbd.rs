@@ -31,6 +31,9 @@ impl Conn for Peer<'_> {
     fn set_timeout(&self, _: Option<Duration>) -> std::io::Result<()> {
         Ok(())
     }
+    fn set_send_timeout(&self, _: Option<Duration>) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 fn export() -> &'static Export {

@@ -79,14 +79,15 @@ fn spawn_conn<C: Conn + Send + 'static>(c: C, export: &Arc<Export>, live: &Arc<A
         tracing::warn!(peer = %who, max, "too many NBD connections; closed one");
         return;
     }
-    let (export, live) = (export.clone(), live.clone());
+    let (export, live2) = (export.clone(), live.clone());
     let spawned = std::thread::Builder::new().name("livemig-nbd".into()).spawn(move || {
         if let Err(e) = serve_connection(c, &export) {
             tracing::warn!(peer = %who, error = %e, "NBD connection ended");
         }
-        live.fetch_sub(1, Ordering::AcqRel);
+        live2.fetch_sub(1, Ordering::AcqRel);
     });
     if spawned.is_err() {
+        live.fetch_sub(1, Ordering::AcqRel);
         tracing::warn!("no thread for an NBD connection");
     }
 }

@@ -6,6 +6,8 @@
 //! - [`base`]: where the base comes from (a local image file, a directory of chunks).
 //! - [`mirror`]: the disk (local file + chunk map, persisted beside it).
 //! - [`nbd`]: the NBD protocol and server.
+//! - [`transfer`]: live storage transfer (hybrid push / prioritized prefetch) as pure
+//!   source and destination state machines.
 //! - [`cli`]: `livemig disk serve`.
 
 pub mod base;
@@ -13,3 +15,4 @@ pub mod chunks;
 pub mod cli;
 pub mod mirror;
 pub mod nbd;
+pub mod transfer;

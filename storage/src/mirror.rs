@@ -70,6 +70,10 @@ pub struct Mirror {
     local: File,
     meta: Option<PathBuf>,
     map: Mutex<ChunkMap>,
+    /// Maps taken for saving, numbered; and the number of the last one written (its lock
+    /// also serialises the metadata writes).
+    generation: std::sync::atomic::AtomicU64,
+    meta_lock: Mutex<u64>,
     /// Serialises fetches and the map updates that follow them (reads and writes of bytes
     /// already local do not take it).
     fetch: Mutex<()>,
@@ -95,6 +99,8 @@ impl Mirror {
             local: file,
             meta: None,
             map: Mutex::new(ChunkMap::all_local(size, DEFAULT_CHUNK)),
+            generation: Default::default(),
+            meta_lock: Mutex::new(0),
             fetch: Mutex::new(()),
         })
     }
@@ -126,7 +132,15 @@ impl Mirror {
             ChunkMap::new(size, chunk)
         };
         local.set_len(size).map_err(local_err("sizing"))?;
-        Ok(Mirror { base: Some(base), local, meta: Some(meta), map: Mutex::new(map), fetch: Mutex::new(()) })
+        Ok(Mirror {
+            base: Some(base),
+            local,
+            meta: Some(meta),
+            map: Mutex::new(map),
+            generation: Default::default(),
+            meta_lock: Mutex::new(0),
+            fetch: Mutex::new(()),
+        })
     }
 
     /// Disk size.
@@ -189,18 +203,23 @@ impl Mirror {
         Ok(())
     }
 
-    /// Writes `len` zero bytes at `offset` (a hole where the file system allows).
-    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool) -> Result<(), DiskError> {
+    /// Writes `len` zero bytes at `offset`: a hole where the file system allows and `hole`
+    /// is set, else written zeros (NBD's NO_HOLE).
+    pub fn write_zeroes(&self, offset: u64, len: u64, fua: bool, hole: bool) -> Result<(), DiskError> {
         let r = self.lock().check(offset, len)?;
         let punch = |m: &Mirror| -> Result<(), DiskError> {
-            // SAFETY: fallocate on our own open file descriptor; no memory is passed.
-            let rc = unsafe {
-                libc::fallocate(
-                    std::os::fd::AsRawFd::as_raw_fd(&m.local),
-                    libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
-                    offset as libc::off_t,
-                    len as libc::off_t,
-                )
+            let rc = if !hole {
+                -1
+            } else {
+                // SAFETY: fallocate on our own open file descriptor; no memory is passed.
+                unsafe {
+                    libc::fallocate(
+                        std::os::fd::AsRawFd::as_raw_fd(&m.local),
+                        libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                        offset as libc::off_t,
+                        len as libc::off_t,
+                    )
+                }
             };
             if rc == 0 {
                 return Ok(());
@@ -230,15 +249,31 @@ impl Mirror {
         Ok(())
     }
 
-    /// Makes every acknowledged write stable (fdatasync), then the metadata.
+    /// Makes every acknowledged write stable (fdatasync), then the metadata. The chunk map
+    /// is taken *before* the sync, so it never claims bytes the sync did not cover; maps are
+    /// written in the order they were taken (a slower, older one never replaces a newer one).
     pub fn flush(&self) -> Result<(), DiskError> {
+        let Some(path) = &self.meta else {
+            return self.local.sync_data().map_err(local_err("syncing"));
+        };
+        let (snapshot, generation) = {
+            let m = self.lock();
+            let g = self.generation.fetch_add(1, std::sync::atomic::Ordering::AcqRel) + 1;
+            (m.clone(), g)
+        };
         self.local.sync_data().map_err(local_err("syncing"))?;
-        self.save_meta()
+        let mut written = self.meta_lock.lock().unwrap_or_else(|e| e.into_inner());
+        if *written >= generation {
+            return Ok(()); // a newer map is already on disk
+        }
+        save_meta(path, &snapshot)?;
+        *written = generation;
+        Ok(())
     }
 
     /// Which of `r` is allocated locally and which is a hole reading as zeros (for
-    /// `base:allocation`): `(length, is_hole)` runs covering `r`, from SEEK_DATA/SEEK_HOLE on
-    /// local bytes; bytes still in the base count as data.
+    /// `base:allocation`): `(length, is_hole)` runs covering `r`. Bytes still in the base count
+    /// as data; within a chunk's local range, SEEK_DATA/SEEK_HOLE on the local file tell.
     pub fn allocation(&self, r: Range) -> Result<Vec<(u64, bool)>, DiskError> {
         let map = self.lock().clone();
         let mut out: Vec<(u64, bool)> = Vec::new();
@@ -249,52 +284,61 @@ impl Mirror {
         let fd = std::os::fd::AsRawFd::as_raw_fd(&self.local);
         let mut at = r.start;
         while at < r.end {
-            if !map.is_local(Range::new(at, at + 1)) {
-                // Not local: the base's bytes (reported as data).
-                let i = (at / map.chunk_size() as u64) as usize;
-                let end = (map.chunk_start(i) + map.chunk_len(i) as u64).min(r.end);
+            let i = (at / map.chunk_size() as u64) as usize;
+            let start = map.chunk_start(i);
+            let chunk_end = start + map.chunk_len(i) as u64;
+            let (lo, hi) = match map.chunk(i).valid {
+                Some((lo, hi)) => (start + lo as u64, start + hi as u64),
+                None => (chunk_end, chunk_end),
+            };
+            if at < lo || at >= hi {
+                // In the base: data, up to where the local range starts or the chunk ends.
+                let end = if at < lo { lo } else { chunk_end }.min(r.end);
                 push(end - at, false);
                 at = end;
                 continue;
             }
+            // Local: never report past the local range.
+            let end = hi.min(r.end);
             // SAFETY: lseek on our own descriptor; no memory is passed.
             let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
-            let (len, hole) = if data < 0 || data as u64 > at {
-                let next = if data < 0 { r.end } else { (data as u64).min(r.end) };
-                (next - at, true)
+            let (next, hole) = if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    (end, true) // no data after `at`: a hole to the end
+                } else {
+                    (end, false) // cannot tell: data
+                }
+            } else if data as u64 > at {
+                ((data as u64).min(end), true)
             } else {
                 // SAFETY: as above.
                 let h = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_HOLE) };
-                let next = if h < 0 { r.end } else { (h as u64).min(r.end) };
-                (next.max(at + 1) - at, false)
+                let next = if h < 0 { end } else { (h as u64).min(end) };
+                (next.max(at + 1), false)
             };
-            // Never report past the local part of this chunk.
-            let i = (at / map.chunk_size() as u64) as usize;
-            let chunk_end = map.chunk_start(i) + map.chunk_len(i) as u64;
-            let len = len.min(chunk_end - at).max(1);
-            push(len, hole);
-            at += len;
+            push(next - at, hole);
+            at = next;
         }
         Ok(out)
     }
+}
 
-    fn save_meta(&self) -> Result<(), DiskError> {
-        let Some(path) = &self.meta else { return Ok(()) };
-        let text = serde_json::to_vec(&*self.lock()).expect("the chunk map serialises");
-        let tmp = path.with_extension("lmmeta.tmp");
-        let werr = |source| DiskError::Local { op: "writing the metadata", source };
-        let f = File::create(&tmp).map_err(werr)?;
-        f.write_all_at(&text, 0).map_err(werr)?;
-        f.sync_all().map_err(werr)?;
-        std::fs::rename(&tmp, path).map_err(werr)?;
-        if let Some(dir) = path.parent() {
-            let d = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
-            if let Ok(d) = File::open(d) {
-                let _ = d.sync_all();
-            }
+/// Writes `map` to `path` atomically (temporary file, fsync, rename, fsync of the directory).
+fn save_meta(path: &Path, map: &ChunkMap) -> Result<(), DiskError> {
+    let text = serde_json::to_vec(map).expect("the chunk map serialises");
+    let tmp = path.with_extension("lmmeta.tmp");
+    let werr = |source| DiskError::Local { op: "writing the metadata", source };
+    let f = File::create(&tmp).map_err(werr)?;
+    f.write_all_at(&text, 0).map_err(werr)?;
+    f.sync_all().map_err(werr)?;
+    std::fs::rename(&tmp, path).map_err(werr)?;
+    if let Some(dir) = path.parent() {
+        let d = if dir.as_os_str().is_empty() { Path::new(".") } else { dir };
+        if let Ok(d) = File::open(d) {
+            let _ = d.sync_all();
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl Drop for Mirror {
@@ -351,7 +395,7 @@ mod tests {
             assert_eq!(c.valid, Some(((300_000 % 65536) as u32, (300_110 % 65536) as u32)));
             want[300_000..300_010].fill(0xaa);
             want[300_100..300_110].fill(0xbb);
-            m.write_zeroes(500_000, 5000, true).unwrap();
+            m.write_zeroes(500_000, 5000, true, true).unwrap();
             want[500_000..505_000].fill(0);
         }
         assert_eq!(
@@ -365,6 +409,50 @@ mod tests {
         m.read(0, &mut all).unwrap();
         assert!(all == want, "the restarted mirror reads the base plus the writes");
         assert!(matches!(m.read((1 << 20) - 10, &mut [0u8; 11]), Err(DiskError::Range(_))));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn allocation_never_calls_base_bytes_a_hole() {
+        let d = dir("alloc");
+        let (bp, _) = image(&d, 1 << 20);
+        let m = Mirror::open(Box::new(FileBase::open(&bp).unwrap()), &d.join("disk.img"), 64 << 10).unwrap();
+        // Chunk 0: bytes 0..4096 zeroed locally, the rest still in the base.
+        m.write_zeroes(0, 4096, false, true).unwrap();
+        let runs = m.allocation(Range::new(0, 65536)).unwrap();
+        assert_eq!(runs, [(4096, true), (61440, false)]);
+        // Chunk 1 wholly fetched (data), chunk 2 untouched (base: data).
+        let mut b = vec![0u8; 10];
+        m.read(65536, &mut b).unwrap();
+        let runs = m.allocation(Range::new(65536, 3 * 65536)).unwrap();
+        assert_eq!(runs, [(2 * 65536, false)]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn concurrent_flushes_keep_the_newest_map() {
+        let d = dir("flush");
+        let (bp, _) = image(&d, 1 << 20);
+        let local = d.join("disk.img");
+        {
+            let m =
+                std::sync::Arc::new(Mirror::open(Box::new(FileBase::open(&bp).unwrap()), &local, 64 << 10).unwrap());
+            let ts: Vec<_> = (0..8u64)
+                .map(|i| {
+                    let m = m.clone();
+                    std::thread::spawn(move || {
+                        m.write(i * 65536, &[i as u8 + 1; 100], true).unwrap();
+                    })
+                })
+                .collect();
+            for t in ts {
+                t.join().unwrap();
+            }
+            // No drop-time save: what the FUA flushes wrote must already hold all 8 writes.
+            let saved = load_meta(&meta_path(&local)).unwrap();
+            assert_eq!(saved.modified(), (0..8).collect::<Vec<_>>());
+            std::mem::forget(m);
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 

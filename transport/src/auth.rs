@@ -206,17 +206,14 @@ pub struct Authenticated {
     pub peer: Hello,
 }
 
-/// What both proofs cover, in connector-then-acceptor order.
+/// What both proofs cover, in connector-then-acceptor order: both HELLOs whole (versions,
+/// session, streams, flags, nonces), both PAKE messages.
 #[derive(Debug, Clone)]
 pub struct Transcript {
-    /// Session id.
-    pub session: u64,
-    /// Stream index.
-    pub stream: u8,
-    /// The connector's nonce.
-    pub nonce_c: [u8; 32],
-    /// The acceptor's nonce.
-    pub nonce_a: [u8; 32],
+    /// The connector's HELLO.
+    pub hello_c: Hello,
+    /// The acceptor's HELLO.
+    pub hello_a: Hello,
     /// The connector's PAKE message.
     pub pake_c: [u8; PAKE_LEN],
     /// The acceptor's PAKE message.
@@ -226,10 +223,9 @@ pub struct Transcript {
 fn mac_for(key: &[u8], role: Role, t: &Transcript) -> Hmac<Sha256> {
     let mut m = <Hmac<Sha256> as Mac>::new_from_slice(key).expect("HMAC accepts any key length");
     m.update(TAG);
-    m.update(&[role as u8, t.stream]);
-    m.update(&t.session.to_le_bytes());
-    m.update(&t.nonce_c);
-    m.update(&t.nonce_a);
+    m.update(&[role as u8]);
+    m.update(&Frame::Hello(t.hello_c).encode());
+    m.update(&Frame::Hello(t.hello_a).encode());
     m.update(&t.pake_c);
     m.update(&t.pake_a);
     m
@@ -287,7 +283,17 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, HandshakeError> {
 }
 
 fn expect_frame(r: &mut impl Read, kind: FrameType, what: &'static str) -> Result<Frame, HandshakeError> {
-    let f = read_frame(r)?;
+    // The type is checked before the body is read: a peer cannot make us allocate and read
+    // a 4 MiB message body where a 33-byte PAKE frame belongs.
+    let mut hb = [0u8; wire::HEADER_LEN];
+    r.read_exact(&mut hb)?;
+    let h = Header::decode(&hb)?;
+    if h.kind != kind && h.kind != FrameType::Close {
+        return Err(DecodeError::Unexpected { got: h.kind, expected: what }.into());
+    }
+    let mut body = vec![0u8; h.body_len as usize];
+    r.read_exact(&mut body)?;
+    let f = Frame::decode_body(&h, &body)?;
     match f {
         Frame::Close { reason, .. } => Err(HandshakeError::Refused(reason)),
         f if f.kind() == kind => Ok(f),
@@ -399,10 +405,9 @@ pub fn authenticate<S: Read + Write>(
         return Err(HandshakeError::Inconsistent("session, stream index, stream count or flags differ"));
     }
     let pake = Pake::start(secret, p.role);
-    let (session, stream) = (ours.session, ours.stream);
     if p.role == Role::Connector {
         let pake_a = expect_pake(s)?;
-        let t = Transcript { session, stream, nonce_c: nonce, nonce_a: peer.nonce, pake_c: pake.msg, pake_a };
+        let t = Transcript { hello_c: ours, hello_a: peer, pake_c: pake.msg, pake_a };
         write_frame(s, &Frame::Pake(pake.msg))?;
         let key = pake.finish(&pake_a)?;
         write_frame(s, &Frame::Auth(proof(&key, Role::Connector, &t)))?;
@@ -413,7 +418,7 @@ pub fn authenticate<S: Read + Write>(
     } else {
         write_frame(s, &Frame::Pake(pake.msg))?;
         let pake_c = expect_pake(s)?;
-        let t = Transcript { session, stream, nonce_c: peer.nonce, nonce_a: nonce, pake_c, pake_a: pake.msg };
+        let t = Transcript { hello_c: peer, hello_a: ours, pake_c, pake_a: pake.msg };
         let key = pake.finish(&pake_c)?;
         let theirs = expect_auth(s)?;
         // Our proof goes out only once the connector has proven the secret.
@@ -433,6 +438,20 @@ mod tests {
     const GOOD: &str = "sesame-open-sesame-open-sesame-open";
     const BAD: &str = "sesame-shut-sesame-shut-sesame-shut";
 
+    fn hello(role: Role, nonce: [u8; 32]) -> Hello {
+        Hello {
+            min_version: wire::MIN_VERSION,
+            max_version: wire::VERSION,
+            role,
+            stream: 0,
+            streams: 1,
+            flags: 0,
+            byte_streams: 0,
+            session: 1,
+            nonce,
+        }
+    }
+
     fn params(role: Role) -> HandshakeParams {
         HandshakeParams { role, stream: 0, streams: 1, flags: 0, byte_streams: 0, session: 9, exposed: vec![] }
     }
@@ -440,10 +459,8 @@ mod tests {
     #[test]
     fn proofs_bind_role_and_transcript() {
         let t = Transcript {
-            session: 1,
-            stream: 0,
-            nonce_c: [1; 32],
-            nonce_a: [2; 32],
+            hello_c: hello(Role::Connector, [1; 32]),
+            hello_a: hello(Role::Acceptor, [2; 32]),
             pake_c: [3; PAKE_LEN],
             pake_a: [4; PAKE_LEN],
         };
@@ -455,7 +472,15 @@ mod tests {
         other.pake_a[0] ^= 1;
         assert!(!verify(b"key", Role::Connector, &other, &p));
         let mut other = t.clone();
-        std::mem::swap(&mut other.nonce_a, &mut other.nonce_c);
+        std::mem::swap(&mut other.hello_a.nonce, &mut other.hello_c.nonce);
+        assert!(!verify(b"key", Role::Connector, &other, &p));
+        // Every HELLO field is covered: a downgraded version range or changed stream count
+        // breaks the proof.
+        let mut other = t.clone();
+        other.hello_c.max_version -= 1;
+        assert!(!verify(b"key", Role::Connector, &other, &p));
+        let mut other = t.clone();
+        other.hello_a.streams = 3;
         assert!(!verify(b"key", Role::Connector, &other, &p));
     }
 
@@ -525,7 +550,7 @@ mod tests {
         let Frame::Hello(theirs) = read_frame(&mut x).unwrap() else { panic!("expected HELLO") };
         let Frame::Pake(pake_a) = read_frame(&mut x).unwrap() else { panic!("expected PAKE") };
         let guess = Pake::start(&Secret::new(BAD).unwrap(), Role::Connector);
-        let tr = Transcript { session: 9, stream: 0, nonce_c: nonce, nonce_a: theirs.nonce, pake_c: guess.msg, pake_a };
+        let tr = Transcript { hello_c: hello, hello_a: theirs, pake_c: guess.msg, pake_a };
         write_frame(&mut x, &Frame::Pake(guess.msg)).unwrap();
         let key = guess.finish(&pake_a).unwrap();
         write_frame(&mut x, &Frame::Auth(proof(&key, Role::Connector, &tr))).unwrap();
@@ -552,8 +577,7 @@ mod tests {
         write_frame(&mut y, &Frame::Pake(rogue.msg)).unwrap();
         let Frame::Pake(pake_c) = read_frame(&mut y).unwrap() else { panic!("expected PAKE") };
         let Frame::Auth(mac) = read_frame(&mut y).unwrap() else { panic!("expected AUTH") };
-        let tr =
-            Transcript { session: 9, stream: 0, nonce_c: theirs.nonce, nonce_a: [8; 32], pake_c, pake_a: rogue.msg };
+        let tr = Transcript { hello_c: theirs, hello_a: ours, pake_c, pake_a: rogue.msg };
         let key = rogue.finish(&pake_c).unwrap();
         assert!(!verify(&key, Role::Connector, &tr, &mac));
         // Nor is the proof a MAC under the secret itself, as an unkeyed exchange would give.

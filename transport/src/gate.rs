@@ -1,8 +1,10 @@
 //! The pre-authentication gate of a listening socket: every accepted connection is
 //! authenticated on its own thread, bounded by a deadline for the whole handshake, with a cap
-//! on how many are in that state at once: at the cap, a new connection evicts the one that has
-//! been authenticating longest (a peer that knows the secret takes milliseconds, so under a
-//! flood of idle connections the victims are the idle ones). A connection that closes early,
+//! on how many are in that state at once: at the cap, a new connection evicts the oldest one that
+//! has not yet sent a whole HELLO (idle, slow or garbage), else the oldest (a peer that knows
+//! the secret takes a few round trips, so under a flood of idle connections the victims are
+//! the idle ones; a flood of well-formed HELLOs faster than the cap per handshake time can
+//! still crowd a real peer out). A connection that closes early,
 //! sends garbage, stays silent or trickles bytes costs one slot until its deadline or its
 //! eviction and one log line; it never ends the listener.
 
@@ -10,7 +12,7 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -122,11 +124,49 @@ pub struct Gate<'l> {
     stats: Arc<GateStats>,
 }
 
-/// Connections authenticating now: id → (since, a handle to shut it down).
+/// Connections authenticating now: id → (since, a handle to shut it down, bytes it sent).
 #[derive(Debug, Default)]
 struct Pending {
     next: u64,
-    conns: std::collections::BTreeMap<u64, (Instant, TcpStream)>,
+    conns: std::collections::BTreeMap<u64, (Instant, TcpStream, Arc<AtomicU64>)>,
+}
+
+/// Bytes of a whole HELLO frame: a connection that sent this much is past the first step.
+const HELLO_BYTES: u64 = (crate::wire::HEADER_LEN + 48) as u64;
+
+impl Pending {
+    /// The entry to evict: the oldest that has not sent a whole HELLO yet (idle, slow or
+    /// garbage), else the oldest. Ids grow with time, so map order is age order.
+    fn victim(&self) -> Option<u64> {
+        self.conns
+            .iter()
+            .find(|(_, (_, _, read))| read.load(Ordering::Relaxed) < HELLO_BYTES)
+            .or_else(|| self.conns.iter().next())
+            .map(|(id, _)| *id)
+    }
+}
+
+/// A handshake stream that counts what the peer sent (for [`Pending::victim`]).
+struct Progress<'a> {
+    inner: Deadlined<'a>,
+    read: &'a AtomicU64,
+}
+
+impl Read for Progress<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.read.fetch_add(n as u64, Ordering::Relaxed);
+        Ok(n)
+    }
+}
+
+impl Write for Progress<'_> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.inner.write(buf)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.inner.flush()
+    }
 }
 
 impl<'l> Gate<'l> {
@@ -215,17 +255,18 @@ impl<'l> Gate<'l> {
             tracing::warn!(peer = %addr, "cannot track a connection; closed it");
             return Ok(true);
         };
+        let progress = Arc::new(AtomicU64::new(0));
         let (id, evicted) = {
             let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-            // Ids grow with time: the first entry is the oldest.
-            let evicted = if p.conns.len() >= self.cfg.max_pending { p.conns.pop_first() } else { None };
+            let evicted =
+                if p.conns.len() >= self.cfg.max_pending { p.victim().and_then(|v| p.conns.remove(&v)) } else { None };
             let id = p.next;
             p.next += 1;
-            p.conns.insert(id, (Instant::now(), handle));
+            p.conns.insert(id, (Instant::now(), handle, progress.clone()));
             (id, evicted)
         };
         // Logged outside the lock: a slow log sink must not stall the handshake threads.
-        if let Some((_, (since, old))) = evicted {
+        if let Some((since, old, _)) = evicted {
             let _ = old.shutdown(std::net::Shutdown::Both);
             self.stats.evicted.fetch_add(1, Ordering::Relaxed);
             tracing::warn!(
@@ -238,21 +279,24 @@ impl<'l> Gate<'l> {
         let (secret, timeout, tx) = (self.secret.clone(), self.cfg.handshake_timeout, self.tx.clone());
         let (pending, stats, wake) = (self.pending.clone(), self.stats.clone(), self.wake_tx.clone());
         let spawned = std::thread::Builder::new().name("livemig-handshake".into()).spawn(move || {
-            let r = sock
-                .set_nonblocking(false)
-                .map_err(HandshakeError::Io)
-                .and_then(|()| authenticate_within(&sock, &secret, &acceptor_params(), timeout));
+            let r = sock.set_nonblocking(false).map_err(HandshakeError::Io).and_then(|()| {
+                let mut s = Progress { inner: Deadlined::new(&sock, Instant::now() + timeout), read: &progress };
+                auth::authenticate(&mut s, &secret, &acceptor_params())
+            });
+            // Leave the pending set first: an entry still there can be evicted (shut down),
+            // and an authenticated connection must not be handed out after that.
+            let still_ours = pending.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&id).is_some();
             match r {
-                Ok(auth) => {
+                Ok(auth) if still_ours => {
                     stats.admitted.fetch_add(1, Ordering::Relaxed);
                     let _ = tx.send(Admitted { stream: sock, addr, auth });
                 }
+                Ok(_) => {}
                 Err(e) => {
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %addr, error = %crate::error_chain(&e), "handshake failed; connection closed");
                 }
             }
-            pending.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&id);
             let _ = (&*wake).write(&[1]);
         });
         if let Err(e) = spawned {

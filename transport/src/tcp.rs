@@ -294,7 +294,8 @@ impl TcpListener {
     /// Accepts one session (all of its parallel streams), authenticating each connection
     /// through the gate (`cfg.gate`): connections that fail to authenticate are logged and
     /// closed while the listener goes on waiting. Once a session's first stream is in, the
-    /// others must follow within `cfg.io_timeout`. `regions` holds what this endpoint exposes
+    /// others must follow within `cfg.gate.handshake_timeout + cfg.io_timeout`, else that
+    /// session is dropped (and logged) and the listener goes on. `regions` holds what this endpoint exposes
     /// (and may send from).
     pub fn accept(
         &self,
@@ -303,12 +304,15 @@ impl TcpListener {
         regions: &RegionTable,
     ) -> Result<TcpTransport, TransportError> {
         let mut gate = self.gate(secret, &cfg.gate)?;
-        let mut sessions = SessionAssembler::new(cfg.io_timeout);
+        // A connector authenticates its streams one after another, each within the handshake
+        // timeout plus the I/O timeout.
+        let mut sessions = SessionAssembler::new(cfg.gate.handshake_timeout + cfg.io_timeout);
         loop {
             let deadline = sessions.next_expiry();
             let admitted = gate.next(deadline)?;
-            if let Some(e) = sessions.expire(Instant::now()).into_iter().next() {
-                return Err(e);
+            // A session whose streams did not all come is dropped; the listener goes on.
+            for e in sessions.expire(Instant::now()) {
+                tracing::warn!(error = %e, "incomplete session dropped");
             }
             let Some(a) = admitted else { continue };
             match sessions.offer(a) {

@@ -32,17 +32,25 @@ pub struct Export {
 pub trait Conn: Read + Write {
     /// Sets the read timeout.
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
+    /// Sets the write timeout (a client that stops reading its replies).
+    fn set_send_timeout(&self, t: Option<Duration>) -> std::io::Result<()>;
 }
 
 impl Conn for std::net::TcpStream {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(t)
     }
+    fn set_send_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_write_timeout(t)
+    }
 }
 
 impl Conn for std::os::unix::net::UnixStream {
     fn set_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.set_read_timeout(t)
+    }
+    fn set_send_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_write_timeout(t)
     }
 }
 
@@ -68,20 +76,26 @@ struct Session {
     base_allocation: bool,
 }
 
-fn tflags(e: &Export) -> u16 {
+/// Transmission flags; DF only once structured replies are negotiated. FAST_ZERO is not
+/// offered: zeroing a mirror's chunk may need a fetch from the base first.
+fn tflags(e: &Export, structured: bool) -> u16 {
     let mut f = tflag::HAS_FLAGS | tflag::SEND_FLUSH | tflag::SEND_FUA | tflag::CAN_MULTI_CONN | tflag::SEND_CACHE;
     if e.read_only {
         f |= tflag::READ_ONLY;
     } else {
-        f |= tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES | tflag::SEND_FAST_ZERO;
+        f |= tflag::SEND_TRIM | tflag::SEND_WRITE_ZEROES;
     }
-    f | tflag::SEND_DF
+    if structured {
+        f |= tflag::SEND_DF;
+    }
+    f
 }
 
 /// Serves one connection until the client disconnects; `Ok` for a clean end (DISC, ABORT,
 /// or the client closing between requests).
 pub fn serve_connection<C: Conn>(mut c: C, e: &Export) -> Result<(), ServeError> {
     c.set_timeout(Some(e.io_timeout))?;
+    c.set_send_timeout(Some(e.io_timeout))?;
     let mut hello = Vec::with_capacity(18);
     hello.extend_from_slice(&proto::NBDMAGIC.to_be_bytes());
     hello.extend_from_slice(&proto::IHAVEOPT.to_be_bytes());
@@ -110,7 +124,7 @@ pub fn serve_connection<C: Conn>(mut c: C, e: &Export) -> Result<(), ServeError>
                     return Err(protocol(format!("unknown export {name:?}")));
                 }
                 let mut b = size.to_be_bytes().to_vec();
-                b.extend_from_slice(&tflags(e).to_be_bytes());
+                b.extend_from_slice(&tflags(e, s.structured).to_be_bytes());
                 if !no_zeroes {
                     b.extend_from_slice(&[0u8; 124]);
                 }
@@ -155,7 +169,7 @@ pub fn serve_connection<C: Conn>(mut c: C, e: &Export) -> Result<(), ServeError>
                 }
                 let mut d = info::EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&size.to_be_bytes());
-                d.extend_from_slice(&tflags(e).to_be_bytes());
+                d.extend_from_slice(&tflags(e, s.structured).to_be_bytes());
                 reply(&mut c, rep::INFO, &d)?;
                 let mut d = info::BLOCK_SIZE.to_be_bytes().to_vec();
                 for v in [1u32, 4096, proto::MAX_REQUEST] {
@@ -328,7 +342,8 @@ fn transmission<C: Conn>(mut c: C, e: &Export, s: &Session) -> Result<(), ServeE
                 } else if !in_bounds {
                     fail(&mut c, errno::ENOSPC, "write past the end of the export")?;
                 } else {
-                    match e.disk.write_zeroes(r.offset, r.len as u64, fua) {
+                    let punch = r.flags & cflag::NO_HOLE == 0;
+                    match e.disk.write_zeroes(r.offset, r.len as u64, fua, punch) {
                         Ok(()) => ok(&mut c)?,
                         Err(err) => fail(&mut c, errno_of(&err), &err.to_string())?,
                     }
