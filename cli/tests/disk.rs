@@ -263,3 +263,50 @@ fn bad_requests_get_nbd_errors_and_vanishing_clients_cost_nothing() {
     s.stop();
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// The daemon serves disks from its config file beside its sessions; SIGTERM saves them.
+#[test]
+fn the_daemon_serves_a_disk_from_its_config() {
+    if !tools() {
+        return;
+    }
+    let d = scratch("daemon");
+    base_image(&d, 4 << 20);
+    let sock = d.join("vm.sock");
+    let cfg = d.join("livemig.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\n[[disks]]\nfile = \"{}\"\nbase = \"{}\"\nsocket = \"{}\"\n",
+            d.join("vm.img").display(),
+            d.join("base.img").display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("LIVEMIG_SECRET", "daemon-disk-secret-daemon-disk-secret")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = String::new();
+    for _ in 0..2 {
+        std::io::BufRead::read_line(&mut out, &mut lines).unwrap();
+    }
+    assert!(lines.contains(" tcp") && lines.contains(&format!("{} nbd", sock.display())), "{lines}");
+    let uri = format!("nbd+unix:///?socket={}", sock.display());
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", "base.img", &uri]).current_dir(&d));
+    run(Command::new("qemu-io").args(["-f", "raw", "-c", "write -P 0x5a 0 64k", &uri]));
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let o = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    assert!(err.contains("1 modified; state saved"), "{err}");
+    assert!(d.join("vm.img.lmmeta").exists());
+    let _ = std::fs::remove_dir_all(&d);
+}

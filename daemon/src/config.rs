@@ -35,6 +35,41 @@ pub struct DaemonConfig {
     /// Print the daemon's state (sessions, memory held, resident memory, open files) every
     /// this many seconds; 0: never.
     pub stats_every_s: f64,
+    /// Disks served over NBD by the daemon (`[[disks]]` tables), as `livemig disk serve`.
+    pub disks: Vec<DiskConfig>,
+}
+
+/// One NBD export of the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The disk: the local mirror file of `base`/`base_dir`, or a plain image without them.
+    pub file: PathBuf,
+    /// Read-only base image mirrored lazily.
+    #[serde(default)]
+    pub base: Option<PathBuf>,
+    /// Base as a directory of chunks.
+    #[serde(default)]
+    pub base_dir: Option<PathBuf>,
+    /// Chunk size of a new mirror (bytes or a size like "256K").
+    #[serde(default = "default_chunk", deserialize_with = "size")]
+    pub chunk_size: u64,
+    /// Serve on this unix socket...
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// ...or on this TCP address.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Export name.
+    #[serde(default)]
+    pub name: String,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+fn default_chunk() -> u64 {
+    256 << 10
 }
 
 fn physical_memory() -> u64 {
@@ -56,6 +91,7 @@ impl Default for DaemonConfig {
             io_timeout_s: 20.0,
             region_dir: std::env::temp_dir(),
             stats_every_s: 0.0,
+            disks: Vec::new(),
         }
     }
 }
@@ -105,6 +141,14 @@ impl DaemonConfig {
         if self.max_session_bytes == 0 || self.max_total_bytes == 0 {
             bail!("max_session_bytes and max_total_bytes must be positive");
         }
+        for (i, d) in self.disks.iter().enumerate() {
+            if d.socket.is_some() == d.listen.is_some() {
+                bail!("disks[{i}] ({}): give exactly one of socket and listen", d.file.display());
+            }
+            if d.base.is_some() && d.base_dir.is_some() {
+                bail!("disks[{i}] ({}): give at most one of base and base_dir", d.file.display());
+            }
+        }
         Ok(())
     }
 }
@@ -127,5 +171,11 @@ mod tests {
         assert!(c.check().is_err());
         let c: DaemonConfig = toml::from_str("listen = []\n").unwrap();
         assert!(c.check().is_err());
+        let c: DaemonConfig = toml::from_str("[[disks]]\nfile = \"d.img\"\n").unwrap();
+        assert!(c.check().is_err(), "a disk needs a socket or an address");
+        let c: DaemonConfig =
+            toml::from_str("[[disks]]\nfile = \"d.img\"\nsocket = \"/tmp/s\"\nchunk_size = \"1M\"\n").unwrap();
+        c.check().unwrap();
+        assert_eq!(c.disks[0].chunk_size, 1 << 20);
     }
 }

@@ -149,6 +149,41 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         println!("listening {} tcp", l.local_addr()?);
         listeners.push(l);
     }
+    // Disks served over NBD by the daemon.
+    let mut served = Vec::new();
+    for dc in &d.cfg.disks {
+        let args = livemig_storage::cli::DiskServeArgs {
+            file: dc.file.clone(),
+            base: dc.base.clone(),
+            base_dir: dc.base_dir.clone(),
+            chunk_size: dc.chunk_size,
+            socket: dc.socket.clone(),
+            listen: dc.listen.clone(),
+            name: dc.name.clone(),
+            read_only: dc.read_only,
+            max_connections: 64,
+            io_timeout: d.cfg.io_timeout_s,
+        };
+        let s =
+            livemig_storage::cli::start(&args).with_context(|| format!("serving the disk {}", dc.file.display()))?;
+        println!("listening {} nbd", s.endpoint);
+        served.push(s);
+    }
+    // SIGINT/SIGTERM: save every disk's state, then exit.
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("installing signal handlers")?;
+    std::thread::Builder::new().name("livemig-signals".into()).spawn(move || {
+        if let Some(sig) = signals.forever().next() {
+            for s in &served {
+                match s.stop() {
+                    Ok(summary) => eprintln!("disk {summary}"),
+                    Err(e) => eprintln!("error: disk {}: {e:#}", s.endpoint),
+                }
+            }
+            eprintln!("livemig serve: stopped on signal {sig}");
+            std::process::exit(0);
+        }
+    })?;
     use std::io::Write;
     std::io::stdout().flush()?;
     eprintln!(

@@ -95,6 +95,48 @@ fn spawn_conn<C: Conn + Send + 'static>(c: C, export: &Arc<Export>, live: &Arc<A
 /// Entry point of `livemig disk serve`: prints `listening ADDR|PATH nbd` first on stdout,
 /// serves until SIGINT/SIGTERM, then saves the mirror state and exits.
 pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
+    let served = start(a)?;
+    println!("listening {} nbd", served.endpoint);
+    use std::io::Write;
+    std::io::stdout().flush()?;
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("installing signal handlers")?;
+    let sig = signals.forever().next().unwrap_or(0);
+    let summary = served.stop()?;
+    eprintln!("disk serve: stopped on signal {sig}; {summary}");
+    Ok(())
+}
+
+/// An export being served (by `disk serve`, or by the daemon).
+#[derive(Debug)]
+pub struct Served {
+    /// The disk.
+    pub disk: Arc<Mirror>,
+    /// The socket path or bound TCP address.
+    pub endpoint: String,
+    socket: Option<PathBuf>,
+}
+
+impl Served {
+    /// Saves the disk state (and removes the unix socket); returns a one-line summary.
+    pub fn stop(&self) -> Result<String> {
+        self.disk.flush().context("saving the disk state")?;
+        if let Some(p) = &self.socket {
+            let _ = std::fs::remove_file(p);
+        }
+        let map = self.disk.map();
+        Ok(format!(
+            "{}: {} of {} chunks local, {} modified; state saved",
+            self.endpoint,
+            map.local_chunks(),
+            map.len(),
+            map.modified().len()
+        ))
+    }
+}
+
+/// Opens the disk and starts serving it on `a.socket` or `a.listen` (threads of their own).
+pub fn start(a: &DiskServeArgs) -> Result<Served> {
     let disk = Arc::new(open_disk(a)?);
     let export = Arc::new(Export {
         name: a.name.clone(),
@@ -105,6 +147,7 @@ pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
     });
     let live = Arc::new(AtomicUsize::new(0));
     let max = a.max_connections.max(1);
+    let mut endpoint = String::new();
     if let Some(path) = &a.socket {
         if let Ok(m) = std::fs::symlink_metadata(path) {
             use std::os::unix::fs::FileTypeExt;
@@ -114,7 +157,7 @@ pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
             std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
         }
         let l = std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-        println!("listening {} nbd", path.display());
+        endpoint = path.display().to_string();
         let (export, live) = (export.clone(), live.clone());
         std::thread::spawn(move || {
             for c in l.incoming() {
@@ -126,7 +169,7 @@ pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
         });
     } else if let Some(addr) = &a.listen {
         let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        println!("listening {} nbd", l.local_addr()?);
+        endpoint = l.local_addr()?.to_string();
         let (export, live) = (export.clone(), live.clone());
         std::thread::spawn(move || {
             for c in l.incoming() {
@@ -141,21 +184,8 @@ pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
             }
         });
     }
-    use std::io::Write;
-    std::io::stdout().flush()?;
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("installing signal handlers")?;
-    let sig = signals.forever().next().unwrap_or(0);
-    disk.flush().context("saving the disk state")?;
-    let map = disk.map();
-    eprintln!(
-        "disk serve: stopped on signal {sig}; {} of {} chunks local, {} modified; state saved",
-        map.local_chunks(),
-        map.len(),
-        map.modified().len()
-    );
-    if let Some(p) = &a.socket {
-        let _ = std::fs::remove_file(p);
+    if endpoint.is_empty() {
+        bail!("give --socket PATH or --listen ADDR");
     }
-    Ok(())
+    Ok(Served { disk, endpoint, socket: a.socket.clone() })
 }
