@@ -392,6 +392,9 @@ fn session(id: u64, streams: Vec<Admitted>, d: &Daemon) -> Result<String> {
             let _reg = t.expose(r.clone()).context("exposing the region")?;
             reply(t.as_mut(), &OpenReply::Opened { session: id })?;
             livemig_bench::pages::serve(t.as_mut(), &r, io_timeout)?;
+            // The session's memory goes before its reservation is given back.
+            drop(t);
+            drop(r);
         }
     }
     Ok(what)
