@@ -87,7 +87,7 @@ impl ChildSecret {
         match file {
             Some(f) => Ok(ChildSecret { secret: Secret::load(Some(f))?, file: Some(f.to_path_buf()), hex: None }),
             None => {
-                let hex = Secret::generate_hex();
+                let hex = Secret::generate_hex()?;
                 Ok(ChildSecret { secret: Secret::new(hex.clone())?, file: None, hex: Some(hex) })
             }
         }

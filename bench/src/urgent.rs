@@ -109,7 +109,7 @@ fn connect(a: &UrgentArgs) -> Result<Ends> {
     }
     let (st, dt) = (RegionTable::new(), RegionTable::new());
     let regs = vec![st.register(src.clone())?, dt.register(dst.clone())?];
-    let secret = Secret::new(Secret::generate_hex()).context("secret")?;
+    let secret = Secret::new(Secret::generate_hex()?).context("secret")?;
     let cfg = TcpConfig {
         urgent_stream: true,
         streams: std::num::NonZeroU8::new(a.streams.max(1)).context("streams")?,

@@ -2,7 +2,6 @@
 //! (negotiation and transmission) driven by arbitrary client bytes against a small plain disk.
 //! It must end with an error or a clean close, never a panic.
 #![no_main]
-use std::io::{Read, Write};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -11,22 +10,9 @@ use livemig_storage::mirror::Mirror;
 use livemig_storage::nbd::proto;
 use livemig_storage::nbd::server::{serve_connection, Conn, Export};
 
-struct Peer<'a> {
-    input: &'a [u8],
-}
-impl Read for Peer<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        self.input.read(buf)
-    }
-}
-impl Write for Peer<'_> {
-    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+#[path = "common/peer.rs"]
+mod peer;
+use peer::Peer;
 impl Conn for Peer<'_> {
     fn set_timeout(&self, _: Option<Duration>) -> std::io::Result<()> {
         Ok(())

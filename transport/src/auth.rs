@@ -74,6 +74,9 @@ pub enum SecretError {
          make one with `livemig secret new FILE`"
     )]
     TooShort(usize),
+    /// The OS random source failed.
+    #[error("cannot draw a random secret: {0}")]
+    Random(String),
     /// `secret new` could not write the file.
     #[error("cannot create secret file {path}")]
     Create {
@@ -99,10 +102,10 @@ impl Secret {
     }
 
     /// A fresh 256-bit random secret, hex-encoded (what `livemig secret new` writes).
-    pub fn generate_hex() -> String {
+    pub fn generate_hex() -> Result<String, SecretError> {
         let mut b = [0u8; 32];
-        getrandom::getrandom(&mut b).expect("the OS random source is available");
-        b.iter().map(|x| format!("{x:02x}")).collect()
+        getrandom::getrandom(&mut b).map_err(|e| SecretError::Random(e.to_string()))?;
+        Ok(b.iter().map(|x| format!("{x:02x}")).collect())
     }
 
     /// Writes a fresh secret to `path`, created with mode 0600; an existing file is left alone
@@ -110,8 +113,10 @@ impl Secret {
     pub fn write_new(path: &Path) -> Result<(), SecretError> {
         use std::os::unix::fs::OpenOptionsExt;
         let err = |source| SecretError::Create { path: path.display().to_string(), source };
+        // Drawn first: a failing random source leaves no empty file behind.
+        let hex = Self::generate_hex()?;
         let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(path).map_err(err)?;
-        f.write_all(format!("{}\n", Self::generate_hex()).as_bytes()).map_err(err)?;
+        f.write_all(format!("{hex}\n").as_bytes()).map_err(err)?;
         f.sync_all().map_err(err)
     }
 
@@ -489,7 +494,7 @@ mod tests {
         let e = Secret::new("0123456789abcdef0123456789abcde\n").unwrap_err();
         assert!(matches!(e, SecretError::TooShort(31)));
         assert!(e.to_string().contains("livemig secret new"), "{e}");
-        assert!(Secret::new(Secret::generate_hex()).is_ok());
+        assert!(Secret::new(Secret::generate_hex().unwrap()).is_ok());
     }
 
     #[test]

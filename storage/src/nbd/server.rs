@@ -156,17 +156,9 @@ pub fn serve_connection<C: Conn>(mut c: C, e: &Export) -> Result<(), ServeError>
                 reply(&mut c, rep::ACK, &[])?;
             }
             opt::INFO | opt::GO => {
-                let (name, infos) = match proto::decode_info_request(&data) {
-                    Ok(x) => x,
-                    Err(err) => {
-                        reply(&mut c, rep::ERR_INVALID, err.to_string().as_bytes())?;
-                        continue;
-                    }
-                };
-                if !name.is_empty() && name != e.name {
-                    reply(&mut c, rep::ERR_UNKNOWN, format!("no export {name:?}").as_bytes())?;
+                let Some(infos) = for_this_export(&mut c, o, proto::decode_info_request(&data), e)? else {
                     continue;
-                }
+                };
                 let mut d = info::EXPORT.to_be_bytes().to_vec();
                 d.extend_from_slice(&size.to_be_bytes());
                 d.extend_from_slice(&tflags(e, s.structured).to_be_bytes());
@@ -196,17 +188,9 @@ pub fn serve_connection<C: Conn>(mut c: C, e: &Export) -> Result<(), ServeError>
                     reply(&mut c, rep::ERR_INVALID, b"negotiate structured replies first")?;
                     continue;
                 }
-                let (name, queries) = match proto::decode_meta_request(&data) {
-                    Ok(x) => x,
-                    Err(err) => {
-                        reply(&mut c, rep::ERR_INVALID, err.to_string().as_bytes())?;
-                        continue;
-                    }
-                };
-                if !name.is_empty() && name != e.name {
-                    reply(&mut c, rep::ERR_UNKNOWN, format!("no export {name:?}").as_bytes())?;
+                let Some(queries) = for_this_export(&mut c, o, proto::decode_meta_request(&data), e)? else {
                     continue;
-                }
+                };
                 let wanted = if o == opt::LIST_META_CONTEXT {
                     queries.is_empty() || queries.iter().any(|q| q == "base:" || q == proto::BASE_ALLOCATION)
                 } else {
@@ -226,6 +210,25 @@ pub fn serve_connection<C: Conn>(mut c: C, e: &Export) -> Result<(), ServeError>
         }
     }
     transmission(c, e, &s)
+}
+
+/// The rest of an option payload naming an export, if it decoded and names ours (`""` too);
+/// otherwise the error reply (ERR_INVALID or ERR_UNKNOWN) is sent and `None` returned.
+fn for_this_export<C: Conn, T>(
+    c: &mut C,
+    option: u32,
+    decoded: Result<(String, T), proto::ProtoError>,
+    e: &Export,
+) -> std::io::Result<Option<T>> {
+    match decoded {
+        Err(err) => {
+            c.write_all(&proto::option_reply(option, rep::ERR_INVALID, err.to_string().as_bytes())).map(|_| None)
+        }
+        Ok((name, _)) if !name.is_empty() && name != e.name => c
+            .write_all(&proto::option_reply(option, rep::ERR_UNKNOWN, format!("no export {name:?}").as_bytes()))
+            .map(|_| None),
+        Ok((_, rest)) => Ok(Some(rest)),
+    }
 }
 
 fn errno_of(err: &DiskError) -> u32 {
