@@ -38,6 +38,14 @@ enum Cmd {
 enum DiskCmd {
     /// Serve a disk over NBD (qemu-nbd style): a plain image, or a lazy mirror of --base.
     Serve(livemig_storage::cli::DiskServeArgs),
+    /// Migrate a disk served with `disk serve --control` to a `disk receive` host, live.
+    Migrate(livemig_storage::cli::control::DiskMigrateArgs),
+    /// Hand a running disk migration over now (for `disk migrate --switchover command`).
+    Switchover(livemig_storage::cli::control::DiskControlArgs),
+    /// Where a served disk stands: idle, migrating or handed-over.
+    Status(livemig_storage::cli::control::DiskControlArgs),
+    /// Receive a live disk migration, then serve the disk over NBD from the handover on.
+    Receive(livemig_storage::cli::receive::DiskReceiveArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -90,6 +98,10 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench { what: BenchCmd::Urgent(a) } => livemig_bench::urgent::run(&a),
         Cmd::Serve(a) => livemig_daemon::run(&a),
         Cmd::Disk { what: DiskCmd::Serve(a) } => livemig_storage::cli::run_serve(&a),
+        Cmd::Disk { what: DiskCmd::Migrate(a) } => livemig_storage::cli::control::run_migrate(&a),
+        Cmd::Disk { what: DiskCmd::Switchover(a) } => livemig_storage::cli::control::run_simple(&a, false),
+        Cmd::Disk { what: DiskCmd::Status(a) } => livemig_storage::cli::control::run_simple(&a, true),
+        Cmd::Disk { what: DiskCmd::Receive(a) } => livemig_storage::cli::receive::run_receive(&a),
         Cmd::Secret { what: SecretCmd::New { file } } => {
             livemig_transport::auth::Secret::write_new(&file)?;
             eprintln!("wrote a new 256-bit secret to {} (mode 0600)", file.display());

@@ -66,6 +66,10 @@ pub struct DiskConfig {
     /// Refuse writes.
     #[serde(default)]
     pub read_only: bool,
+    /// Control socket through which `livemig disk migrate --control PATH` moves the disk
+    /// live to another host (none: the disk cannot be migrated).
+    #[serde(default)]
+    pub control: Option<PathBuf>,
 }
 
 fn default_chunk() -> u64 {

@@ -163,6 +163,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             read_only: dc.read_only,
             max_connections: 64,
             io_timeout: d.cfg.io_timeout_s,
+            control: dc.control.clone(),
         };
         let s =
             livemig_storage::cli::start(&args).with_context(|| format!("serving the disk {}", dc.file.display()))?;

@@ -8,11 +8,15 @@
 //! - [`nbd`]: the NBD protocol and server.
 //! - [`transfer`]: live storage transfer (hybrid push / prioritized prefetch) as pure
 //!   source and destination state machines.
-//! - [`cli`]: `livemig disk serve`.
+//! - [`disk`]: what the NBD server serves.
+//! - [`live`]: live transfer drivers over a livemig session (source, destination, messages).
+//! - [`cli`]: `livemig disk serve|migrate|switchover|status|receive`.
 
 pub mod base;
 pub mod chunks;
 pub mod cli;
+pub mod disk;
+pub mod live;
 pub mod mirror;
 pub mod nbd;
 pub mod transfer;

@@ -42,6 +42,17 @@ pub enum DiskError {
         #[source]
         source: std::io::Error,
     },
+    /// The disk was handed over to a migration destination: this host serves no more I/O.
+    #[error("the disk was handed over to the migration destination")]
+    HandedOver,
+    /// A chunk could not be brought from the migration source (it died or went silent).
+    #[error("chunk {chunk} is unavailable: {why}")]
+    Unavailable {
+        /// The chunk.
+        chunk: usize,
+        /// Why.
+        why: String,
+    },
     /// The metadata beside the local file is unreadable or does not fit the disk.
     #[error("metadata {path}: {why}")]
     Meta {
@@ -57,6 +68,7 @@ impl DiskError {
     pub fn errno(&self) -> i32 {
         match self {
             DiskError::Range(_) => libc::EINVAL,
+            DiskError::HandedOver => libc::ESHUTDOWN,
             DiskError::Local { source, .. } if source.raw_os_error() == Some(libc::ENOSPC) => libc::ENOSPC,
             _ => libc::EIO,
         }
@@ -172,6 +184,75 @@ impl Mirror {
             record(&mut self.lock(), *r);
         }
         Ok(())
+    }
+
+    /// Chunk size of the map.
+    pub fn chunk_size(&self) -> u32 {
+        self.lock().chunk_size()
+    }
+
+    /// Chunk `c`'s locally valid range, relative to its start.
+    pub fn valid_range(&self, c: usize) -> Option<(u32, u32)> {
+        let m = self.lock();
+        (c < m.len()).then(|| m.chunk(c).valid).flatten()
+    }
+
+    /// Whether this disk mirrors a base (else every byte is local).
+    pub fn has_base(&self) -> bool {
+        self.base.is_some()
+    }
+
+    /// What a live transfer must move: the ModifiedSet of a mirror (the rest reads the
+    /// same from the base on both hosts); every chunk holding data of a plain disk.
+    pub fn transfer_set(&self) -> Result<Vec<usize>, DiskError> {
+        let map = self.map();
+        if self.base.is_some() {
+            return Ok(map.modified());
+        }
+        let fd = std::os::fd::AsRawFd::as_raw_fd(&self.local);
+        let mut out = Vec::new();
+        let mut at = 0u64;
+        while at < map.size() {
+            // SAFETY: lseek on our own descriptor; no memory is passed.
+            let data = unsafe { libc::lseek(fd, at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                let e = std::io::Error::last_os_error();
+                if e.raw_os_error() == Some(libc::ENXIO) {
+                    break; // only a hole from here on
+                }
+                return Ok((0..map.len()).collect()); // cannot tell: everything
+            }
+            let c = (data as u64 / map.chunk_size() as u64) as usize;
+            if c >= map.len() {
+                break;
+            }
+            out.push(c);
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd, data, libc::SEEK_HOLE) };
+            let end = if hole < 0 { map.size() } else { hole as u64 };
+            let last = (end.div_ceil(map.chunk_size() as u64) as usize).min(map.len());
+            out.extend(c + 1..last);
+            at = (last as u64 * map.chunk_size() as u64).max(data as u64 + 1);
+        }
+        out.dedup();
+        Ok(out)
+    }
+
+    /// A fingerprint of the base (its size and the hash of its first and last MiB), so two
+    /// hosts can tell they mirror the same image without reading it whole; 0 for a plain
+    /// disk.
+    pub fn base_fingerprint(&self) -> Result<u64, DiskError> {
+        let Some(b) = &self.base else { return Ok(0) };
+        let size = b.size();
+        let n = size.min(1 << 20);
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        h.update(&size.to_le_bytes());
+        let mut buf = vec![0u8; n as usize];
+        for at in [0, size - n] {
+            b.read_at(at, &mut buf).map_err(|source| DiskError::Base { offset: at, len: n, source })?;
+            h.update(&buf);
+        }
+        Ok(h.digest())
     }
 
     /// Reads `buf.len()` bytes at `offset`.

@@ -15,6 +15,9 @@
 //! a read of a chunk being pulled waits for it; a write of a whole remaining chunk cancels its
 //! pull (a partial write first needs the chunk, like a read). When the RemainingSet is empty
 //! the source is released.
+//!
+//! [`PrecopyTransfer`] is the baseline: iterative rounds of dirty chunks, then a last round
+//! with I/O stopped.
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 
@@ -111,6 +114,80 @@ impl SourceTransfer {
     /// Chunks pushed and pulled so far.
     pub fn counts(&self) -> (u64, u64) {
         (self.pushed, self.pulled)
+    }
+}
+
+/// Pre-copy block migration at the source (the baseline, as QEMU's block migration and
+/// drive-mirror): the ModifiedSet is pushed in a first round; every chunk written meanwhile
+/// is pushed again in the next round, and so on. When the pending set fits the downtime, I/O
+/// stops and [`stop`](Self::stop) hands out the last round; the destination needs no pulls.
+#[derive(Debug, Clone, Default)]
+pub struct PrecopyTransfer {
+    round: BTreeSet<usize>,
+    dirty: BTreeSet<usize>,
+    rounds: u32,
+    pushed: u64,
+    stopped: bool,
+}
+
+impl PrecopyTransfer {
+    /// Round 1 pushes `modified`.
+    pub fn new(modified: impl IntoIterator<Item = usize>) -> PrecopyTransfer {
+        PrecopyTransfer { round: modified.into_iter().collect(), rounds: 1, ..Default::default() }
+    }
+
+    /// A write of chunk `c`: pushed again in a later round (unless still pending in this one).
+    pub fn on_write(&mut self, c: usize) {
+        if !self.stopped && !self.round.contains(&c) {
+            self.dirty.insert(c);
+        }
+    }
+
+    /// The next chunk to push; when a round is over, the chunks written during it start the
+    /// next. `None`: nothing pending now.
+    pub fn next_push(&mut self) -> Option<usize> {
+        if self.stopped {
+            return None;
+        }
+        if self.round.is_empty() && !self.dirty.is_empty() {
+            self.round = std::mem::take(&mut self.dirty);
+            self.rounds += 1;
+        }
+        let c = self.round.pop_first()?;
+        self.pushed += 1;
+        Some(c)
+    }
+
+    /// Chunks still to push (this round's and the ones written since).
+    pub fn pending(&self) -> usize {
+        self.round.len() + self.dirty.len()
+    }
+
+    /// Rounds started so far.
+    pub fn rounds(&self) -> u32 {
+        self.rounds
+    }
+
+    /// Whether the rest fits `limit` chunks, once the first round is over (the whole set
+    /// crosses once before convergence is judged).
+    pub fn converged(&self, limit: usize) -> bool {
+        (self.rounds > 1 || self.round.is_empty()) && self.pending() <= limit
+    }
+
+    /// I/O has stopped: the last round (every chunk still pending), in order.
+    pub fn stop(&mut self) -> Vec<usize> {
+        self.stopped = true;
+        let mut last: Vec<usize> = std::mem::take(&mut self.round).into_iter().collect();
+        last.extend(std::mem::take(&mut self.dirty));
+        last.sort_unstable();
+        last.dedup();
+        self.pushed += last.len() as u64;
+        last
+    }
+
+    /// Chunks pushed so far (the last round counted once [`stop`](Self::stop) handed it out).
+    pub fn pushed(&self) -> u64 {
+        self.pushed
     }
 }
 
@@ -239,6 +316,11 @@ impl DestTransfer {
         }
     }
 
+    /// Whether `c` has yet to come from the source (remaining, or being pulled).
+    pub fn needs(&self, c: usize) -> bool {
+        self.remaining.contains(&c)
+    }
+
     /// Every chunk is here: the source can be released.
     pub fn done(&self) -> bool {
         self.in_control && self.remaining.is_empty() && self.in_flight.is_empty()
@@ -322,6 +404,30 @@ mod tests {
         // The source dies here: 11 is in flight, 12 never asked for.
         assert!(!d.done());
         assert_eq!(d.missing(), [11, 12]);
+    }
+
+    #[test]
+    fn precopy_rounds_repush_what_was_written_and_stop_hands_out_the_rest() {
+        let mut p = PrecopyTransfer::new([0, 1, 2]);
+        assert!(!p.converged(100), "not before the first round is over");
+        assert_eq!(p.next_push(), Some(0));
+        p.on_write(0); // already pushed: next round
+        p.on_write(2); // still pending in this round: pushed once
+        assert_eq!(p.next_push(), Some(1));
+        assert_eq!(p.next_push(), Some(2));
+        assert_eq!(p.pending(), 1);
+        assert!(p.converged(1));
+        assert!(!p.converged(0));
+        assert_eq!(p.next_push(), Some(0), "round 2");
+        assert_eq!(p.rounds(), 2);
+        assert_eq!(p.next_push(), None);
+        p.on_write(5);
+        p.on_write(3);
+        assert_eq!(p.stop(), [3, 5]);
+        assert_eq!(p.next_push(), None);
+        p.on_write(7);
+        assert_eq!(p.pending(), 0, "no writes count once stopped");
+        assert_eq!(p.pushed(), 6);
     }
 
     /// Random interleavings: every chunk written at the source after its last push crosses

@@ -167,6 +167,8 @@ pub mod errno {
     pub const EOVERFLOW: u32 = 75;
     /// Not supported.
     pub const ENOTSUP: u32 = 95;
+    /// The server is shutting down (or, here, handed the disk over).
+    pub const ESHUTDOWN: u32 = 108;
 }
 
 /// Largest option payload accepted.

@@ -1,4 +1,4 @@
-//! An NBD server for one export backed by a [`Mirror`]: fixed newstyle negotiation
+//! An NBD server for one export backed by a [`Disk`]: fixed newstyle negotiation
 //! (EXPORT_NAME, ABORT, LIST, INFO, GO, STRUCTURED_REPLY, LIST/SET_META_CONTEXT with
 //! `base:allocation`), then READ, WRITE (FUA), FLUSH, TRIM, WRITE_ZEROES, CACHE, BLOCK_STATUS
 //! and DISC, in simple or structured replies. One thread per connection; bad requests get NBD
@@ -10,7 +10,8 @@ use std::time::Duration;
 
 use super::proto::{self, cflag, chunk, cmd, errno, info, opt, rep, tflag, Request, REQUEST_LEN};
 use crate::chunks::Range;
-use crate::mirror::{DiskError, Mirror};
+use crate::disk::Disk;
+use crate::mirror::DiskError;
 
 /// What is served.
 #[derive(Debug)]
@@ -20,7 +21,7 @@ pub struct Export {
     /// Description sent on request.
     pub description: String,
     /// The disk.
-    pub disk: Arc<Mirror>,
+    pub disk: Arc<dyn Disk>,
     /// Refuse writes.
     pub read_only: bool,
     /// Bound on negotiation and on reading a request's payload (an idle client between
@@ -235,6 +236,7 @@ fn errno_of(err: &DiskError) -> u32 {
     match err.errno() {
         libc::EINVAL => errno::EINVAL,
         libc::ENOSPC => errno::ENOSPC,
+        libc::ESHUTDOWN => errno::ESHUTDOWN,
         _ => errno::EIO,
     }
 }

@@ -1,6 +1,11 @@
-//! `livemig disk serve`: an NBD export of a plain image file or of a mirror of a base image.
+//! `livemig disk serve`: an NBD export of a plain image file or of a mirror of a base image,
+//! with a control socket through which `livemig disk migrate` moves it live to a host that
+//! runs `livemig disk receive`.
 
-use std::path::PathBuf;
+pub mod control;
+pub mod receive;
+
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
@@ -8,6 +13,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::base::{Base, ChunkDirBase, FileBase};
+use crate::live::source::SourceDisk;
 use crate::mirror::Mirror;
 use crate::nbd::server::{serve_connection, Conn, Export};
 
@@ -44,6 +50,10 @@ pub struct DiskServeArgs {
     /// Seconds a client may take to negotiate or to send a request's payload.
     #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 30.0)]
     pub io_timeout: f64,
+    /// Control socket (mode 0600) for `livemig disk migrate` and `livemig disk switchover`:
+    /// one JSON request per line (`{"migrate":{…}}`, `"switchover"`, `"status"`).
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 fn open_disk(a: &DiskServeArgs) -> Result<Mirror> {
@@ -92,6 +102,60 @@ fn spawn_conn<C: Conn + Send + 'static>(c: C, export: &Arc<Export>, live: &Arc<A
     }
 }
 
+/// Binds a unix socket, replacing a stale one (never a file that is not a socket).
+fn bind_unix(path: &Path) -> Result<std::os::unix::net::UnixListener> {
+    if let Ok(m) = std::fs::symlink_metadata(path) {
+        use std::os::unix::fs::FileTypeExt;
+        if !m.file_type().is_socket() {
+            bail!("{} exists and is not a socket", path.display());
+        }
+        std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
+    }
+    std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+/// Serves `export` on the unix socket `socket` or the TCP address `listen` (accept loop on a
+/// thread of its own); returns the socket path or the bound address.
+pub fn serve_export(export: Arc<Export>, socket: Option<&Path>, listen: Option<&str>, max: usize) -> Result<String> {
+    let live = Arc::new(AtomicUsize::new(0));
+    let max = max.max(1);
+    if let Some(path) = socket {
+        let l = bind_unix(path)?;
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                match c {
+                    Ok(c) => spawn_conn(c, &export, &live, max, "unix".into()),
+                    Err(e) => tracing::warn!(error = %e, "accept"),
+                }
+            }
+        });
+        return Ok(path.display().to_string());
+    }
+    let Some(addr) = listen else { bail!("give --socket PATH or --listen ADDR") };
+    let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let endpoint = l.local_addr()?.to_string();
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            match c {
+                Ok(c) => {
+                    let _ = c.set_nodelay(true);
+                    let who = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
+                    spawn_conn(c, &export, &live, max, who);
+                }
+                Err(e) => tracing::warn!(error = %e, "accept"),
+            }
+        }
+    });
+    Ok(endpoint)
+}
+
+/// Waits for SIGINT or SIGTERM; returns the signal.
+fn wait_for_stop_signal() -> Result<i32> {
+    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
+        .context("installing signal handlers")?;
+    Ok(signals.forever().next().unwrap_or(0))
+}
+
 /// Entry point of `livemig disk serve`: prints `listening ADDR|PATH nbd` first on stdout,
 /// serves until SIGINT/SIGTERM, then saves the mirror state and exits.
 pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
@@ -99,9 +163,7 @@ pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
     println!("listening {} nbd", served.endpoint);
     use std::io::Write;
     std::io::stdout().flush()?;
-    let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
-        .context("installing signal handlers")?;
-    let sig = signals.forever().next().unwrap_or(0);
+    let sig = wait_for_stop_signal()?;
     let summary = served.stop()?;
     eprintln!("disk serve: stopped on signal {sig}; {summary}");
     Ok(())
@@ -112,80 +174,48 @@ pub fn run_serve(a: &DiskServeArgs) -> Result<()> {
 pub struct Served {
     /// The disk.
     pub disk: Arc<Mirror>,
+    /// The disk as served (it can be migrated live).
+    pub source: Arc<SourceDisk>,
     /// The socket path or bound TCP address.
     pub endpoint: String,
     socket: Option<PathBuf>,
+    control: Option<PathBuf>,
 }
 
 impl Served {
-    /// Saves the disk state (and removes the unix socket); returns a one-line summary.
+    /// Saves the disk state (and removes the unix sockets); returns a one-line summary.
     pub fn stop(&self) -> Result<String> {
         self.disk.flush().context("saving the disk state")?;
-        if let Some(p) = &self.socket {
+        for p in [&self.socket, &self.control].into_iter().flatten() {
             let _ = std::fs::remove_file(p);
         }
         let map = self.disk.map();
         Ok(format!(
-            "{}: {} of {} chunks local, {} modified; state saved",
+            "{}: {} of {} chunks local, {} modified; {}; state saved",
             self.endpoint,
             map.local_chunks(),
             map.len(),
-            map.modified().len()
+            map.modified().len(),
+            self.source.state()
         ))
     }
 }
 
-/// Opens the disk and starts serving it on `a.socket` or `a.listen` (threads of their own).
+/// Opens the disk and starts serving it on `a.socket` or `a.listen` (threads of their own),
+/// and the control socket if asked.
 pub fn start(a: &DiskServeArgs) -> Result<Served> {
     let disk = Arc::new(open_disk(a)?);
+    let source = Arc::new(SourceDisk::new(disk.clone()));
     let export = Arc::new(Export {
         name: a.name.clone(),
         description: format!("livemig disk {}", a.file.display()),
-        disk: disk.clone(),
+        disk: source.clone(),
         read_only: a.read_only,
         io_timeout: Duration::from_secs_f64(a.io_timeout),
     });
-    let live = Arc::new(AtomicUsize::new(0));
-    let max = a.max_connections.max(1);
-    let mut endpoint = String::new();
-    if let Some(path) = &a.socket {
-        if let Ok(m) = std::fs::symlink_metadata(path) {
-            use std::os::unix::fs::FileTypeExt;
-            if !m.file_type().is_socket() {
-                bail!("{} exists and is not a socket", path.display());
-            }
-            std::fs::remove_file(path).with_context(|| format!("removing the stale socket {}", path.display()))?;
-        }
-        let l = std::os::unix::net::UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
-        endpoint = path.display().to_string();
-        let (export, live) = (export.clone(), live.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                match c {
-                    Ok(c) => spawn_conn(c, &export, &live, max, "unix".into()),
-                    Err(e) => tracing::warn!(error = %e, "accept"),
-                }
-            }
-        });
-    } else if let Some(addr) = &a.listen {
-        let l = std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
-        endpoint = l.local_addr()?.to_string();
-        let (export, live) = (export.clone(), live.clone());
-        std::thread::spawn(move || {
-            for c in l.incoming() {
-                match c {
-                    Ok(c) => {
-                        let _ = c.set_nodelay(true);
-                        let who = c.peer_addr().map(|p| p.to_string()).unwrap_or_default();
-                        spawn_conn(c, &export, &live, max, who);
-                    }
-                    Err(e) => tracing::warn!(error = %e, "accept"),
-                }
-            }
-        });
+    if let Some(c) = &a.control {
+        control::listen(c, source.clone())?;
     }
-    if endpoint.is_empty() {
-        bail!("give --socket PATH or --listen ADDR");
-    }
-    Ok(Served { disk, endpoint, socket: a.socket.clone() })
+    let endpoint = serve_export(export, a.socket.as_deref(), a.listen.as_deref(), a.max_connections)?;
+    Ok(Served { disk, source, endpoint, socket: a.socket.clone(), control: a.control.clone() })
 }

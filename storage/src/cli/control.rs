@@ -1,0 +1,330 @@
+//! The control socket of `livemig disk serve` and its clients `livemig disk migrate`,
+//! `livemig disk switchover` and `livemig disk status`. One JSON value per line, in the
+//! manner of QMP: a request (`{"migrate":{…}}`, `"switchover"`, `"status"`), then replies
+//! (`{"progress":{…}}` lines while a migration runs, and one `{"return":…}` or
+//! `{"error":"…"}` to end it).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::live::source::{MigrateOptions, SourceDisk};
+use crate::live::{Strategy, SwitchoverMode};
+
+/// Longest request line accepted.
+pub const MAX_LINE: usize = 64 << 10;
+
+/// A request on the control socket.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Migrate the disk live; replies stream until it ends.
+    Migrate(MigrateRequest),
+    /// Hand over now (a migration started with `switchover: command`, or earlier than auto).
+    Switchover,
+    /// Where the disk stands.
+    Status,
+}
+
+/// The `migrate` request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateRequest {
+    /// The destination (`livemig disk receive --listen`).
+    pub to: String,
+    /// The shared secret's file (read by the server).
+    pub secret_file: PathBuf,
+    /// `hybrid` or `precopy`.
+    pub strategy: Strategy,
+    /// Hybrid: chunks written this often are held back from pushing.
+    #[serde(default = "default_threshold")]
+    pub threshold: u32,
+    /// `auto` or `command`.
+    #[serde(default)]
+    pub switchover: SwitchoverMode,
+    /// Pre-copy: the last round must fit this, ms.
+    #[serde(default = "default_downtime")]
+    pub max_downtime_ms: u64,
+    /// Pre-copy: last round forced after this many rounds.
+    #[serde(default = "default_rounds")]
+    pub max_rounds: u32,
+    /// Seconds of silence after which the peer is declared gone.
+    #[serde(default = "default_io_timeout")]
+    pub io_timeout_s: f64,
+}
+
+fn default_threshold() -> u32 {
+    2
+}
+fn default_downtime() -> u64 {
+    300
+}
+fn default_rounds() -> u32 {
+    30
+}
+fn default_io_timeout() -> f64 {
+    10.0
+}
+
+/// Parses one request line.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_LINE {
+        return Err(format!("request longer than {MAX_LINE} bytes"));
+    }
+    let r: Request = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    if let Request::Migrate(m) = &r {
+        if !(m.io_timeout_s.is_finite() && m.io_timeout_s > 0.0 && m.io_timeout_s <= 3600.0) {
+            return Err(format!("io_timeout_s {} must be in (0, 3600]", m.io_timeout_s));
+        }
+        if m.max_downtime_ms > 3_600_000 {
+            return Err("max_downtime_ms is more than an hour".into());
+        }
+    }
+    Ok(r)
+}
+
+/// Listens on `path` (mode 0600) and serves requests for `disk`, a thread per connection.
+pub fn listen(path: &Path, disk: Arc<SourceDisk>) -> Result<()> {
+    let l = super::bind_unix(path)?;
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    std::thread::spawn(move || {
+        for c in l.incoming() {
+            let Ok(c) = c else { continue };
+            let disk = disk.clone();
+            let _ = std::thread::Builder::new().name("livemig-disk-control".into()).spawn(move || {
+                if let Err(e) = serve_control(c, &disk) {
+                    tracing::warn!(error = %e, "control connection");
+                }
+            });
+        }
+    });
+    Ok(())
+}
+
+fn reply(w: &mut UnixStream, v: &serde_json::Value) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(v).expect("JSON values serialise");
+    line.push(b'\n');
+    w.write_all(&line)
+}
+
+fn serve_control(c: UnixStream, disk: &SourceDisk) -> std::io::Result<()> {
+    c.set_read_timeout(Some(Duration::from_secs(600)))?;
+    let mut w = c.try_clone()?;
+    let mut r = BufReader::new(c);
+    loop {
+        let mut line = Vec::new();
+        let n = (&mut r).take(MAX_LINE as u64 + 1).read_until(b'\n', &mut line)?;
+        if n == 0 {
+            return Ok(());
+        }
+        let req = match parse_request(line.trim_ascii()) {
+            Ok(r) => r,
+            Err(e) => {
+                reply(&mut w, &serde_json::json!({ "error": format!("bad request: {e}") }))?;
+                if line.len() > MAX_LINE {
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        match req {
+            Request::Status => reply(&mut w, &serde_json::json!({ "return": { "state": disk.state() } }))?,
+            Request::Switchover => {
+                if disk.request_switchover() {
+                    reply(&mut w, &serde_json::json!({ "return": {} }))?
+                } else {
+                    reply(&mut w, &serde_json::json!({ "error": "no migration is running" }))?
+                }
+            }
+            Request::Migrate(m) => {
+                let secret = match livemig_transport::auth::Secret::load(Some(&m.secret_file)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        reply(&mut w, &serde_json::json!({ "error": format!("loading the shared secret: {e}") }))?;
+                        continue;
+                    }
+                };
+                let o = MigrateOptions {
+                    to: m.to,
+                    strategy: m.strategy,
+                    threshold: m.threshold.max(1),
+                    switchover: m.switchover,
+                    max_downtime: Duration::from_millis(m.max_downtime_ms),
+                    max_rounds: m.max_rounds.max(1),
+                    io_timeout: Duration::from_secs_f64(m.io_timeout_s),
+                };
+                // A client that stops reading its progress does not stop the migration.
+                let mut pw = w.try_clone()?;
+                pw.set_write_timeout(Some(Duration::from_secs(1)))?;
+                let res = disk.migrate(&o, &secret, &mut |p| {
+                    let _ = reply(&mut pw, &serde_json::json!({ "progress": p }));
+                });
+                match res {
+                    Ok(s) => reply(&mut w, &serde_json::json!({ "return": s }))?,
+                    Err(e) => {
+                        tracing::warn!(error = %livemig_engine::precopy::error_chain(&e), "disk migration failed");
+                        reply(&mut w, &serde_json::json!({ "error": livemig_engine::precopy::error_chain(&e) }))?
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Options of `livemig disk migrate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiskMigrateArgs {
+    /// The control socket of the `livemig disk serve` that serves the disk.
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+    /// The destination: `livemig disk receive --listen ADDR` on the other host.
+    #[arg(long, value_name = "ADDR")]
+    pub to: String,
+    /// The shared secret's file (read by the serving process; the same file at both ends).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: PathBuf,
+    /// hybrid: push the ModifiedSet, hand over, pull the rest hottest-first (and on demand);
+    /// precopy: rounds of dirty chunks, then a last round with I/O stopped.
+    #[arg(long, value_enum, default_value_t = Strategy::Hybrid)]
+    pub strategy: Strategy,
+    /// Hybrid: chunks written this many times during the migration are held back from the
+    /// push (they would only cross again) and pulled after the handover.
+    #[arg(long, default_value_t = 2)]
+    pub threshold: u32,
+    /// auto: hand over when the push is done (hybrid) or the rest fits --max-downtime
+    /// (precopy); command: when `livemig disk switchover` is run.
+    #[arg(long, value_enum, default_value_t = SwitchoverMode::Auto)]
+    pub switchover: SwitchoverMode,
+    /// Pre-copy: the last round (I/O stopped) must fit this, in ms at the measured rate.
+    #[arg(long, value_name = "MS", default_value_t = 300)]
+    pub max_downtime: u64,
+    /// Pre-copy: force the last round after this many rounds.
+    #[arg(long, default_value_t = 30)]
+    pub max_rounds: u32,
+    /// Seconds of silence after which the peer is declared gone.
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 10.0)]
+    pub io_timeout: f64,
+    /// Machine-readable summary (JSON) on stdout, no progress.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn connect(path: &Path) -> Result<(UnixStream, BufReader<UnixStream>)> {
+    let c =
+        UnixStream::connect(path).with_context(|| format!("connecting to the control socket {}", path.display()))?;
+    let r = BufReader::new(c.try_clone()?);
+    Ok((c, r))
+}
+
+fn request(c: &mut UnixStream, req: &Request) -> Result<()> {
+    let mut line = serde_json::to_vec(req)?;
+    line.push(b'\n');
+    c.write_all(&line).context("sending the request")
+}
+
+fn read_reply(r: &mut BufReader<UnixStream>) -> Result<serde_json::Value> {
+    let mut line = String::new();
+    if r.read_line(&mut line).context("reading the reply")? == 0 {
+        bail!("the disk server closed the control connection");
+    }
+    serde_json::from_str(&line).context("a reply that is not JSON")
+}
+
+/// Entry point of `livemig disk migrate`.
+pub fn run_migrate(a: &DiskMigrateArgs) -> Result<()> {
+    let secret_file = std::fs::canonicalize(&a.secret_file)
+        .with_context(|| format!("the secret file {}", a.secret_file.display()))?;
+    let (mut c, mut r) = connect(&a.control)?;
+    request(
+        &mut c,
+        &Request::Migrate(MigrateRequest {
+            to: a.to.clone(),
+            secret_file,
+            strategy: a.strategy,
+            threshold: a.threshold,
+            switchover: a.switchover,
+            max_downtime_ms: a.max_downtime,
+            max_rounds: a.max_rounds,
+            io_timeout_s: a.io_timeout,
+        }),
+    )?;
+    use std::io::IsTerminal;
+    let bar = if a.json || !std::io::stderr().is_terminal() {
+        indicatif::ProgressBar::hidden()
+    } else {
+        let b = indicatif::ProgressBar::new_spinner();
+        b.enable_steady_tick(Duration::from_millis(200));
+        b
+    };
+    loop {
+        let v = read_reply(&mut r)?;
+        if let Some(p) = v.get("progress") {
+            let mib = |k: &str| p.get(k).and_then(|x| x.as_u64()).unwrap_or(0) as f64 / (1 << 20) as f64;
+            bar.set_message(format!(
+                "{} {:.1}s: pushed {:.1} MiB ({} chunks), pending {}, pulled {}",
+                p.get("phase").and_then(|x| x.as_str()).unwrap_or(""),
+                p.get("elapsed_s").and_then(|x| x.as_f64()).unwrap_or(0.0),
+                mib("bytes_pushed"),
+                p.get("chunks_pushed").and_then(|x| x.as_u64()).unwrap_or(0),
+                p.get("pending").and_then(|x| x.as_u64()).unwrap_or(0),
+                p.get("chunks_pulled").and_then(|x| x.as_u64()).unwrap_or(0),
+            ));
+            continue;
+        }
+        bar.finish_and_clear();
+        if let Some(e) = v.get("error") {
+            bail!("disk migration failed: {}", e.as_str().unwrap_or("?"));
+        }
+        let s = v.get("return").cloned().unwrap_or_default();
+        if a.json {
+            println!("{s}");
+        } else {
+            let f = |k: &str| s.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+            let u = |k: &str| s.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+            println!(
+                "disk migrated ({}): {:.2} s total, handed over at {:.2} s (I/O stopped {:.1} ms); \
+                 pushed {} chunks ({:.1} MiB), pulled {} in the background + {} on demand ({:.1} MiB); \
+                 {} chunks left at the handover{}; {} chunks verified equal at both ends",
+                s.get("strategy").and_then(|x| x.as_str()).unwrap_or("?"),
+                f("total_s"),
+                f("switchover_s"),
+                f("handover_ms"),
+                u("chunks_pushed"),
+                u("bytes_pushed") as f64 / (1 << 20) as f64,
+                u("chunks_pulled"),
+                u("chunks_pulled_urgent"),
+                u("bytes_pulled") as f64 / (1 << 20) as f64,
+                u("remaining_at_switchover"),
+                if u("rounds") > 0 { format!(", {} rounds", u("rounds")) } else { String::new() },
+                u("verified_chunks"),
+            );
+        }
+        return Ok(());
+    }
+}
+
+/// Options of `livemig disk switchover` and `livemig disk status`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiskControlArgs {
+    /// The control socket of the `livemig disk serve` that serves the disk.
+    #[arg(long, value_name = "PATH")]
+    pub control: PathBuf,
+}
+
+/// Entry point of `livemig disk switchover` (`status`: with `status` set).
+pub fn run_simple(a: &DiskControlArgs, status: bool) -> Result<()> {
+    let (mut c, mut r) = connect(&a.control)?;
+    request(&mut c, if status { &Request::Status } else { &Request::Switchover })?;
+    let v = read_reply(&mut r)?;
+    if let Some(e) = v.get("error") {
+        bail!("{}", e.as_str().unwrap_or("?"));
+    }
+    println!("{}", v.get("return").cloned().unwrap_or_default());
+    Ok(())
+}

@@ -1,0 +1,227 @@
+//! `livemig disk receive`: the destination of a live disk migration. Waits for one
+//! authenticated session, receives the pushed chunks, starts serving the disk over NBD at the
+//! handover, pulls the rest, and keeps serving until SIGINT/SIGTERM.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+
+use crate::base::{Base, ChunkDirBase, FileBase};
+use crate::live::dest::{self, Offer, ReceiveOptions};
+use crate::mirror::{Mirror, DEFAULT_CHUNK};
+use crate::nbd::server::Export;
+
+/// Options of `livemig disk receive`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DiskReceiveArgs {
+    /// The disk here: with --base/--base-dir, the local mirror file (the base must be the
+    /// source's); without, a plain image file created for the transfer (it must not exist or
+    /// be empty).
+    pub file: PathBuf,
+    /// The same read-only base image as the source's.
+    #[arg(long, value_name = "IMAGE", conflicts_with = "base_dir")]
+    pub base: Option<PathBuf>,
+    /// Base as a directory of chunks.
+    #[arg(long, value_name = "DIR")]
+    pub base_dir: Option<PathBuf>,
+    /// Address to accept the source's session on (port 0 picks one; printed at start).
+    #[arg(long, value_name = "ADDR")]
+    pub listen: String,
+    /// The shared secret's file (the same at both ends).
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Serve the disk over NBD on this unix socket from the handover on.
+    #[arg(long, value_name = "PATH", conflicts_with = "nbd_listen", required_unless_present = "nbd_listen")]
+    pub socket: Option<PathBuf>,
+    /// Serve it on this TCP address instead.
+    #[arg(long, value_name = "ADDR")]
+    pub nbd_listen: Option<String>,
+    /// Export name.
+    #[arg(long, default_value = "")]
+    pub name: String,
+    /// Seconds of silence after which the source is declared gone (also bounds a client's
+    /// wait for a chunk pulled on demand).
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 10.0)]
+    pub io_timeout: f64,
+    /// Background pulls outstanding at once.
+    #[arg(long, default_value_t = 4)]
+    pub pulls_in_flight: usize,
+    /// Exit once the transfer has ended (after saving the disk) instead of serving on.
+    #[arg(long)]
+    pub exit_when_done: bool,
+    /// Machine-readable summary (JSON) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+fn open_base(a: &DiskReceiveArgs) -> Result<Option<Box<dyn Base>>> {
+    Ok(match (&a.base, &a.base_dir) {
+        (Some(p), _) => Some(Box::new(FileBase::open(p).with_context(|| format!("opening the base {}", p.display()))?)),
+        (None, Some(d)) => {
+            Some(Box::new(ChunkDirBase::open(d).with_context(|| format!("opening the base {}", d.display()))?))
+        }
+        (None, None) => None,
+    })
+}
+
+/// Opens the disk for an offer, or says why it cannot take it.
+fn open_for(a: &DiskReceiveArgs, base: Option<Box<dyn Base>>, o: &Offer) -> Result<Arc<Mirror>, String> {
+    let m = match base {
+        Some(b) => {
+            if b.size() != o.disk_size {
+                return Err(format!("the base here has {} bytes, the source's disk {}", b.size(), o.disk_size));
+            }
+            let m = Mirror::open(b, &a.file, o.chunk_size).map_err(|e| format!("{}: {e}", a.file.display()))?;
+            if m.base_fingerprint().map_err(|e| e.to_string())? != o.base {
+                return Err("the base here is not the source's base".into());
+            }
+            m
+        }
+        None => {
+            if o.base != 0 {
+                return Err("the source mirrors a base: give this end the same --base".into());
+            }
+            if o.chunk_size != DEFAULT_CHUNK {
+                return Err(format!("a plain disk moves in {DEFAULT_CHUNK}-byte chunks, not {}", o.chunk_size));
+            }
+            if std::fs::metadata(&a.file).is_ok_and(|m| m.len() > 0) {
+                return Err(format!("{} exists and is not empty", a.file.display()));
+            }
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&a.file)
+                .map_err(|e| format!("creating {}: {e}", a.file.display()))?;
+            f.set_len(o.disk_size).map_err(|e| format!("sizing {}: {e}", a.file.display()))?;
+            Mirror::plain(f).map_err(|e| e.to_string())?
+        }
+    };
+    if m.chunk_size() != o.chunk_size || m.size() != o.disk_size {
+        return Err(format!(
+            "{} holds a {}-byte disk in {}-byte chunks; the source's is {} bytes in {}-byte chunks",
+            a.file.display(),
+            m.size(),
+            m.chunk_size(),
+            o.disk_size,
+            o.chunk_size
+        ));
+    }
+    Ok(Arc::new(m))
+}
+
+/// Entry point of `livemig disk receive`: prints `listening ADDR disk` first on stdout, then
+/// `serving ENDPOINT nbd` at the handover, and the summary at the end.
+pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
+    let secret =
+        livemig_transport::auth::Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
+    let base = open_base(a)?;
+    let io_timeout = Duration::from_secs_f64(a.io_timeout);
+    let tcp = livemig_transport::TcpConfig { io_timeout, urgent_stream: true, ..Default::default() };
+    let l = livemig_transport::TcpListener::bind(a.listen.as_str()).with_context(|| format!("binding {}", a.listen))?;
+    println!("listening {} disk", l.local_addr()?);
+    std::io::stdout().flush()?;
+    // Stray connections (scans, wrong secrets) cost a log line each; the first session that
+    // authenticates is the transfer.
+    let t = l.accept(&tcp, &secret, &livemig_transport::RegionTable::new()).context("accepting the source")?;
+    let o = ReceiveOptions { io_timeout, pulls_in_flight: a.pulls_in_flight };
+    let mut served: Option<(Arc<Mirror>, String)> = None;
+    let mut opened: Option<Arc<Mirror>> = None;
+    let json = a.json;
+    let res = dest::receive(
+        Box::new(t),
+        &o,
+        |offer| {
+            let m = open_for(a, base, offer)?;
+            opened = Some(m.clone());
+            Ok(m)
+        },
+        |disk| {
+            let export = Arc::new(Export {
+                name: a.name.clone(),
+                description: format!("livemig disk {}", a.file.display()),
+                disk: disk.clone(),
+                read_only: false,
+                io_timeout: Duration::from_secs(30),
+            })
+            .clone();
+            let endpoint = super::serve_export(export, a.socket.as_deref(), a.nbd_listen.as_deref(), 64)
+                .map_err(|e| format!("{e:#}"))?;
+            println!("serving {endpoint} nbd");
+            let _ = std::io::stdout().flush();
+            served = Some((disk.mirror().clone(), endpoint));
+            Ok(())
+        },
+        &mut |p| {
+            if !json {
+                eprintln!(
+                    "disk receive: {} {:.1}s: {} chunks pushed ({:.1} MiB), {} pulled, {} to come",
+                    p.phase,
+                    p.elapsed_s,
+                    p.chunks_pushed,
+                    p.bytes_pushed as f64 / (1 << 20) as f64,
+                    p.chunks_pulled,
+                    p.pending
+                );
+            }
+        },
+    );
+    let outcome = match &res {
+        Ok(s) => {
+            if json {
+                println!("{}", serde_json::to_string(s)?);
+            } else {
+                println!(
+                    "disk received ({}): {:.2} s total, handover at {:.2} s, then {:.2} s of pulls; \
+                     {} chunks pushed ({:.1} MiB), {} left at the handover: {} pulled in the background, \
+                     {} on demand, {} cancelled by writes ({:.1} MiB pulled); {} chunks verified equal to the source's",
+                    s.strategy,
+                    s.total_s,
+                    s.handover_s,
+                    s.pull_s,
+                    s.chunks_pushed,
+                    s.bytes_pushed as f64 / (1 << 20) as f64,
+                    s.remaining_at_handover,
+                    s.chunks_pulled,
+                    s.chunks_pulled_urgent,
+                    s.pulls_cancelled,
+                    s.bytes_pulled as f64 / (1 << 20) as f64,
+                    s.verified_chunks
+                );
+            }
+            Ok(())
+        }
+        Err(e) => {
+            Err(anyhow::anyhow!("disk transfer failed: {}: {}", livemig_engine::precopy::error_chain(&e.cause), e))
+        }
+    };
+    std::io::stdout().flush()?;
+    let Some((mirror, endpoint)) = served else {
+        // Never handed over: nothing was served here; keep what arrived (the source still
+        // has everything).
+        if let Some(m) = opened {
+            m.flush().context("saving the disk state")?;
+        }
+        return outcome;
+    };
+    if let Err(e) = &outcome {
+        eprintln!("error: {e:#}");
+        eprintln!("disk receive: still serving {endpoint}; reads of the missing chunks fail with EIO");
+    }
+    if !a.exit_when_done {
+        let sig = super::wait_for_stop_signal()?;
+        eprintln!("disk receive: stopped on signal {sig}");
+    }
+    mirror.flush().context("saving the disk state")?;
+    if let Some(p) = &a.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    if outcome.is_err() {
+        bail!("the transfer did not complete");
+    }
+    Ok(())
+}

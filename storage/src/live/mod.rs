@@ -1,0 +1,107 @@
+//! Live disk transfer over a livemig session: the drivers of the pure state machines in
+//! [`crate::transfer`]. Chunks travel as control messages on the session's bulk stream
+//! (pushes, background pulls, the handover, the final check) and on its urgent stream (pulls
+//! for a read or a partial write that cannot wait), so a demand pull never queues behind the
+//! background traffic.
+//!
+//! - [`source::SourceDisk`]: the disk as served at the source; its `migrate` runs a transfer.
+//! - [`dest::receive`]: the destination: installs pushed chunks, takes over I/O at the
+//!   handover ([`dest::DestDisk`] is then served), pulls the rest, and checks with the source
+//!   that every chunk it holds equals the source's.
+
+pub mod dest;
+pub mod proto;
+pub mod source;
+
+use std::time::Duration;
+
+use livemig_engine::connect::{TransportChoice, TransportOptions};
+use livemig_transport::auth::Secret;
+use livemig_transport::{RegionTable, TcpConfig, Transport, TransportError, TransportKind};
+
+pub use proto::Strategy;
+
+/// When the source hands I/O over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum SwitchoverMode {
+    /// Hybrid: once everything below the threshold is pushed. Pre-copy: once the rest fits
+    /// the downtime.
+    #[default]
+    Auto,
+    /// When asked (`switchover` on the control socket): what an orchestrator that moves the
+    /// guest does.
+    Command,
+}
+
+/// A live transfer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The session failed.
+    #[error("the session failed")]
+    Transport(#[source] TransportError),
+    /// The peer sent a malformed message.
+    #[error(transparent)]
+    Decode(#[from] proto::DecodeError),
+    /// The peer sent a message out of turn.
+    #[error("protocol: {0}")]
+    Unexpected(String),
+    /// The peer said nothing for too long.
+    #[error("no word from {0} within the I/O timeout")]
+    Silent(&'static str),
+    /// The destination refused the disk.
+    #[error("refused: {0}")]
+    Refused(String),
+    /// The peer gave up.
+    #[error("the peer aborted: {0}")]
+    PeerAborted(String),
+    /// A transfer is already running for this disk.
+    #[error("a transfer of this disk is already running")]
+    Busy,
+    /// A disk operation failed.
+    #[error(transparent)]
+    Disk(#[from] crate::mirror::DiskError),
+    /// The final check found chunks that differ.
+    #[error("{} chunk(s) differ between source and destination: {:?}", .0.len(), &.0[..(.0.len().min(16))])]
+    Mismatch(Vec<u32>),
+    /// Failed before the handover: the source still serves the disk, with every write.
+    #[error("failed before the handover (the disk is still served here, intact)")]
+    BeforeHandover(#[source] Box<Error>),
+    /// The destination did not confirm the handover and did not refuse it either: it may be
+    /// serving the disk, so this end does not serve it again.
+    #[error("the handover is in doubt: the destination may be serving the disk, so it stays handed over here")]
+    InDoubt(#[source] Box<Error>),
+    /// Failed after the handover.
+    #[error("failed after the handover (the disk stays handed over)")]
+    AfterHandover(#[source] Box<Error>),
+}
+
+/// A progress report (one per second at most).
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Progress {
+    /// `pushing`, `pulled`, `pulling`.
+    pub phase: &'static str,
+    /// Since the request.
+    pub elapsed_s: f64,
+    /// Chunks pushed so far.
+    pub chunks_pushed: u64,
+    /// Bytes pushed so far.
+    pub bytes_pushed: u64,
+    /// Chunks waiting to be pushed (pre-copy) or pulled (destination).
+    pub pending: u64,
+    /// Pre-copy round.
+    pub rounds: u32,
+    /// Chunks pulled so far.
+    pub chunks_pulled: u64,
+}
+
+fn options(io_timeout: Duration) -> TransportOptions {
+    let tcp = TcpConfig { io_timeout, urgent_stream: true, ..TcpConfig::default() };
+    TransportOptions { choice: TransportChoice::Tcp, io_timeout, tcp, verbs: Default::default() }
+}
+
+/// Connects a session with an urgent stream to `addr`.
+pub fn connect(addr: &str, secret: &Secret, io_timeout: Duration) -> Result<Box<dyn Transport>, Error> {
+    livemig_engine::connect::connect(TransportKind::Tcp, addr, &options(io_timeout), secret, &RegionTable::new())
+        .map_err(Error::Transport)
+}

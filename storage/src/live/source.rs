@@ -1,0 +1,630 @@
+//! The source of a live disk transfer: [`SourceDisk`] is what the NBD server serves (it
+//! counts every write for the running transfer and refuses I/O once the disk is handed
+//! over), and [`SourceDisk::migrate`] is the driver that moves chunks over a session.
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use livemig_transport::auth::Secret;
+use livemig_transport::{Transport, UrgentChannel, UrgentEvent};
+
+use super::proto::{self, HeldChunk, Msg, Strategy};
+use super::{Error, Progress, SwitchoverMode};
+use crate::chunks::Range;
+use crate::disk::Disk;
+use crate::mirror::{DiskError, Mirror};
+use crate::transfer::{PrecopyTransfer, SourceTransfer};
+
+/// Which state machine runs.
+#[derive(Debug)]
+enum Sm {
+    Hybrid(SourceTransfer),
+    Precopy(PrecopyTransfer),
+}
+
+impl Sm {
+    fn on_write(&mut self, c: usize) {
+        match self {
+            Sm::Hybrid(s) => s.on_write(c),
+            Sm::Precopy(p) => p.on_write(c),
+        }
+    }
+    fn next_push(&mut self) -> Option<usize> {
+        match self {
+            Sm::Hybrid(s) => s.next_push(),
+            Sm::Precopy(p) => p.next_push(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Live {
+    sm: Sm,
+    /// Every chunk that must reach the destination (the transfer set and every chunk written
+    /// during the transfer).
+    must: BTreeSet<usize>,
+}
+
+/// Where the disk's I/O stands.
+#[derive(Debug)]
+enum Mode {
+    /// Served here; no transfer.
+    Idle,
+    /// Served here while a transfer runs.
+    Migrating(Arc<Mutex<Live>>),
+    /// Handed over: no I/O here any more.
+    Handed,
+}
+
+/// A disk that can be migrated while it is served.
+#[derive(Debug)]
+pub struct SourceDisk {
+    mirror: Arc<Mirror>,
+    mode: RwLock<Mode>,
+    switchover: AtomicBool,
+    busy: AtomicBool,
+}
+
+/// What the source driver is told.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// The destination (`livemig disk receive --listen`).
+    pub to: String,
+    /// Strategy.
+    pub strategy: Strategy,
+    /// Hybrid: chunks written this often are held back from pushing.
+    pub threshold: u32,
+    /// When to hand over.
+    pub switchover: SwitchoverMode,
+    /// Pre-copy: the last round (run with I/O stopped) must fit this at the measured rate.
+    pub max_downtime: Duration,
+    /// Pre-copy: rounds after which the last round is forced.
+    pub max_rounds: u32,
+    /// A silent peer is declared gone after this.
+    pub io_timeout: Duration,
+}
+
+/// The outcome at the source.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct SourceSummary {
+    /// Strategy.
+    pub strategy: String,
+    /// From the request to the release, seconds.
+    pub total_s: f64,
+    /// From the request to the handover, seconds.
+    pub switchover_s: f64,
+    /// I/O stopped here until the destination was told it has control, ms (pre-copy: the last
+    /// round).
+    pub handover_ms: f64,
+    /// Chunks pushed (every round).
+    pub chunks_pushed: u64,
+    /// Bytes pushed.
+    pub bytes_pushed: u64,
+    /// Chunks pulled by the destination in the background.
+    pub chunks_pulled: u64,
+    /// Chunks pulled on demand (urgent).
+    pub chunks_pulled_urgent: u64,
+    /// Bytes pulled.
+    pub bytes_pulled: u64,
+    /// Chunks handed over still to move (hybrid), or pushed in the last round (pre-copy).
+    pub remaining_at_switchover: u64,
+    /// Pre-copy rounds.
+    pub rounds: u32,
+    /// Pre-copy: the last round was forced after `max_rounds`.
+    pub forced: bool,
+    /// Chunks compared with the destination's at the end.
+    pub verified_chunks: u32,
+}
+
+fn chunk_range(map_chunk: u32, size: u64, c: usize) -> Range {
+    let start = c as u64 * map_chunk as u64;
+    Range::new(start, (start + map_chunk as u64).min(size))
+}
+
+impl SourceDisk {
+    /// Serves `mirror`; no transfer yet.
+    pub fn new(mirror: Arc<Mirror>) -> SourceDisk {
+        SourceDisk {
+            mirror,
+            mode: RwLock::new(Mode::Idle),
+            switchover: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
+        }
+    }
+
+    /// The disk underneath.
+    pub fn mirror(&self) -> &Arc<Mirror> {
+        &self.mirror
+    }
+
+    /// Asks a running transfer to hand over now (`switchover: command`, or earlier than
+    /// `auto` would).
+    pub fn request_switchover(&self) -> bool {
+        let running = matches!(*self.mode.read().unwrap_or_else(|e| e.into_inner()), Mode::Migrating(_));
+        if running {
+            self.switchover.store(true, Ordering::Release);
+        }
+        running
+    }
+
+    /// `idle`, `migrating` or `handed-over`.
+    pub fn state(&self) -> &'static str {
+        match *self.mode.read().unwrap_or_else(|e| e.into_inner()) {
+            Mode::Idle => "idle",
+            Mode::Migrating(_) => "migrating",
+            Mode::Handed => "handed-over",
+        }
+    }
+
+    fn count_writes(&self, r: Range, f: impl FnOnce() -> Result<(), DiskError>) -> Result<(), DiskError> {
+        let g = self.mode.read().unwrap_or_else(|e| e.into_inner());
+        match &*g {
+            Mode::Handed => Err(DiskError::HandedOver),
+            Mode::Idle => f(),
+            Mode::Migrating(live) => {
+                let res = f();
+                // Counted even when the write failed part-way: its chunks may have changed.
+                let chunk = self.mirror.chunk_size() as u64;
+                if !r.is_empty() {
+                    let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+                    for c in (r.start / chunk) as usize..r.end.div_ceil(chunk) as usize {
+                        l.sm.on_write(c);
+                        l.must.insert(c);
+                    }
+                }
+                res
+            }
+        }
+    }
+
+    /// Runs a transfer to `o.to` to its end: pushes while the disk is served here, hands
+    /// over, answers pulls, then checks the destination's chunks against these. A failure
+    /// before the handover leaves the disk served here, intact; after it, the disk stays
+    /// handed over (the destination may have written) and the error says what was not pulled.
+    pub fn migrate(
+        &self,
+        o: &MigrateOptions,
+        secret: &Secret,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<SourceSummary, Error> {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return Err(Error::Busy);
+        }
+        struct Unbusy<'a>(&'a AtomicBool);
+        impl Drop for Unbusy<'_> {
+            fn drop(&mut self) {
+                self.0.store(false, Ordering::Release);
+            }
+        }
+        let _unbusy = Unbusy(&self.busy);
+        if matches!(*self.mode.read().unwrap_or_else(|e| e.into_inner()), Mode::Handed) {
+            return Err(Error::Refused("this disk was already handed over".into()));
+        }
+        self.switchover.store(false, Ordering::Release);
+        let chunk = self.mirror.chunk_size();
+        if chunk > proto::MAX_CHUNK {
+            return Err(Error::Refused(format!("chunks of {chunk} bytes are larger than a transfer carries")));
+        }
+        let start = Instant::now();
+        let mut t = super::connect(&o.to, secret, o.io_timeout)?;
+        let urgent = t.urgent().map_err(Error::Transport)?;
+        send(
+            &mut *t,
+            &Msg::Begin {
+                version: proto::VERSION,
+                strategy: o.strategy,
+                chunk_size: chunk,
+                disk_size: self.mirror.size(),
+                base: self.mirror.base_fingerprint()?,
+            },
+        )?;
+        match recv(&mut *t, o.io_timeout, "the destination's answer")? {
+            Msg::Accept => {}
+            Msg::Refuse(why) => return Err(Error::Refused(why)),
+            m => return Err(Error::Unexpected(format!("{m:?} instead of Accept"))),
+        }
+        // Writes are counted from the instant the set is taken.
+        let live = {
+            let mut g = self.mode.write().unwrap_or_else(|e| e.into_inner());
+            let set = self.mirror.transfer_set()?;
+            let must: BTreeSet<usize> = set.iter().copied().collect();
+            let sm = match o.strategy {
+                Strategy::Hybrid => Sm::Hybrid(SourceTransfer::new(set, o.threshold)),
+                Strategy::Precopy => Sm::Precopy(PrecopyTransfer::new(set)),
+            };
+            let live = Arc::new(Mutex::new(Live { sm, must }));
+            *g = Mode::Migrating(live.clone());
+            live
+        };
+        let mut sum = SourceSummary { strategy: o.strategy.as_str().into(), ..Default::default() };
+        let res = self.push_phase(&mut *t, o, &live, &mut sum, start, progress);
+        if let Err(Error::InDoubt(e)) = res {
+            return Err(Error::InDoubt(e));
+        }
+        if let Err(e) = res {
+            // Nothing was handed over: the disk is served here as before.
+            *self.mode.write().unwrap_or_else(|e| e.into_inner()) = Mode::Idle;
+            let _ = send(&mut *t, &Msg::Abort(e.to_string()));
+            return Err(Error::BeforeHandover(Box::new(e)));
+        }
+        sum.switchover_s = start.elapsed().as_secs_f64();
+        // Passive: answer pulls until the destination is done.
+        let stop = Arc::new(AtomicBool::new(false));
+        let activity = Arc::new(AtomicU64::new(0));
+        let responder = {
+            let (mirror, live, stop, activity, urgent) =
+                (self.mirror.clone(), live.clone(), stop.clone(), activity.clone(), urgent.clone());
+            std::thread::Builder::new()
+                .name("livemig-disk-urgent".into())
+                .spawn(move || answer_urgent(&mirror, &live, &*urgent, &stop, &activity, start))
+                .map_err(|e| Error::Unexpected(format!("no thread for urgent pulls: {e}")))?
+        };
+        let res = self.passive_phase(&mut *t, o, &live, &mut sum, start, &activity, progress);
+        stop.store(true, Ordering::Release);
+        let urgent_res =
+            responder.join().unwrap_or_else(|_| Err(Error::Unexpected("urgent responder panicked".into())));
+        let (n, bytes) = urgent_res.unwrap_or((0, 0));
+        sum.chunks_pulled_urgent = n;
+        sum.bytes_pulled += bytes;
+        sum.total_s = start.elapsed().as_secs_f64();
+        match res {
+            Ok(()) => Ok(sum),
+            Err(e) => {
+                let _ = send(&mut *t, &Msg::Abort(e.to_string()));
+                Err(Error::AfterHandover(Box::new(e)))
+            }
+        }
+    }
+
+    fn push_one(&self, t: &mut dyn Transport, c: usize) -> Result<u64, Error> {
+        let chunk = self.mirror.chunk_size();
+        let Some((lo, hi)) = self.mirror.valid_range(c) else {
+            // Written, then nothing local? Only a failed fetch leaves that; send nothing.
+            return Ok(0);
+        };
+        let r = chunk_range(chunk, self.mirror.size(), c);
+        let mut buf = vec![0u8; (hi - lo) as usize];
+        self.mirror.read(r.start + lo as u64, &mut buf)?;
+        let h = proto::hash(&buf);
+        t.send_message(&proto::encode_chunk(c as u32, lo, h, &buf)).map_err(Error::Transport)?;
+        Ok(buf.len() as u64)
+    }
+
+    fn push_phase(
+        &self,
+        t: &mut dyn Transport,
+        o: &MigrateOptions,
+        live: &Arc<Mutex<Live>>,
+        sum: &mut SourceSummary,
+        start: Instant,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), Error> {
+        let chunk = self.mirror.chunk_size() as u64;
+        let mut last_report = Instant::now();
+        loop {
+            // The destination may give up at any time.
+            if let Some(m) = t.recv_message(Some(Duration::ZERO)).map_err(Error::Transport)? {
+                return Err(match proto::decode(&m)? {
+                    Msg::Abort(why) => Error::PeerAborted(why),
+                    m => Error::Unexpected(format!("{m:?} while pushing")),
+                });
+            }
+            let elapsed = start.elapsed().as_secs_f64().max(1e-3);
+            let rate = sum.bytes_pushed as f64 / elapsed;
+            let (next, pending, converged, rounds) = {
+                let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+                let limit = ((rate * o.max_downtime.as_secs_f64()) / chunk as f64) as usize;
+                let (converged, rounds, pending) = match &l.sm {
+                    Sm::Precopy(p) => (p.converged(limit.max(1)) || p.rounds() > o.max_rounds, p.rounds(), p.pending()),
+                    Sm::Hybrid(_) => (false, 0, 0),
+                };
+                // Pre-copy stops pushing once converged: the rest goes in the last round.
+                let next = if converged && o.switchover == SwitchoverMode::Auto { None } else { l.sm.next_push() };
+                (next, pending, converged, rounds)
+            };
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                progress(&Progress {
+                    phase: "pushing",
+                    elapsed_s: start.elapsed().as_secs_f64(),
+                    chunks_pushed: sum.chunks_pushed,
+                    bytes_pushed: sum.bytes_pushed,
+                    pending: pending as u64,
+                    rounds,
+                    ..Default::default()
+                });
+            }
+            let wanted = self.switchover.load(Ordering::Acquire);
+            match next {
+                Some(c) => {
+                    let n = self.push_one(t, c)?;
+                    sum.chunks_pushed += 1;
+                    sum.bytes_pushed += n;
+                    if !wanted {
+                        continue;
+                    }
+                }
+                None if o.switchover == SwitchoverMode::Auto && (o.strategy == Strategy::Hybrid || converged) => {}
+                None if wanted => {}
+                None => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+            }
+            if o.strategy == Strategy::Precopy {
+                sum.forced = rounds > o.max_rounds;
+            }
+            return self.hand_over(t, live, sum, o.io_timeout);
+        }
+    }
+
+    /// Stops I/O here (waiting for writes under way), tells the destination what it still
+    /// needs, and leaves the disk handed over.
+    fn hand_over(
+        &self,
+        t: &mut dyn Transport,
+        live: &Arc<Mutex<Live>>,
+        sum: &mut SourceSummary,
+        io_timeout: Duration,
+    ) -> Result<(), Error> {
+        let stopped = Instant::now();
+        let mut g = self.mode.write().unwrap_or_else(|e| e.into_inner());
+        let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
+        let rest: Vec<(u32, u32)> = match &mut l.sm {
+            Sm::Hybrid(s) => s.transfer_control().into_iter().map(|(c, n)| (c as u32, n)).collect(),
+            Sm::Precopy(p) => {
+                let last = p.stop();
+                sum.rounds = p.rounds();
+                drop(l);
+                // The last round, with I/O stopped (this is the downtime of pre-copy).
+                for &c in &last {
+                    let n = self.push_one(t, c)?;
+                    sum.chunks_pushed += 1;
+                    sum.bytes_pushed += n;
+                }
+                sum.remaining_at_switchover = last.len() as u64;
+                l = live.lock().unwrap_or_else(|e| e.into_inner());
+                Vec::new()
+            }
+        };
+        drop(l);
+        if !rest.is_empty() {
+            sum.remaining_at_switchover = rest.len() as u64;
+        }
+        for part in rest.chunks(proto::MAX_ENTRIES) {
+            send(t, &Msg::Remaining(part.to_vec()))?;
+        }
+        send(t, &Msg::Control { entries: rest.len() as u32 })?;
+        // I/O stays blocked (not failed) until the destination confirms: if it refuses, the
+        // disk is served here again as if nothing happened.
+        match recv(t, io_timeout, "the destination's confirmation of the handover") {
+            Ok(Msg::Taken) => {}
+            Ok(Msg::Abort(why)) => return Err(Error::PeerAborted(why)),
+            Ok(m) => {
+                *g = Mode::Handed;
+                return Err(Error::InDoubt(Box::new(Error::Unexpected(format!("{m:?} instead of Taken")))));
+            }
+            Err(e) => {
+                *g = Mode::Handed;
+                return Err(Error::InDoubt(Box::new(e)));
+            }
+        }
+        *g = Mode::Handed;
+        drop(g);
+        sum.handover_ms = stopped.elapsed().as_secs_f64() * 1e3;
+        #[cfg(feature = "fault-injection")]
+        if std::env::var_os("LIVEMIG_EXIT_AFTER_HANDOVER").is_some() {
+            // Test builds only: the source host dies right after the handover.
+            // Nothing answers pulls yet; give the handover time to leave.
+            std::thread::sleep(Duration::from_millis(300));
+            std::process::exit(7);
+        }
+        Ok(())
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn passive_phase(
+        &self,
+        t: &mut dyn Transport,
+        o: &MigrateOptions,
+        live: &Arc<Mutex<Live>>,
+        sum: &mut SourceSummary,
+        start: Instant,
+        activity: &AtomicU64,
+        progress: &mut dyn FnMut(&Progress),
+    ) -> Result<(), Error> {
+        let mut held: Vec<HeldChunk> = Vec::new();
+        let mut cancelled: HashSet<u32> = HashSet::new();
+        let mut last_heard = start.elapsed();
+        let mut last_report = Instant::now();
+        loop {
+            let m = match t.recv_message(Some(Duration::from_millis(500))).map_err(Error::Transport)? {
+                Some(m) => m,
+                None => {
+                    let urgent_heard = Duration::from_nanos(activity.load(Ordering::Acquire));
+                    if start.elapsed().saturating_sub(last_heard.max(urgent_heard)) > o.io_timeout {
+                        return Err(Error::Silent("the destination while it pulled"));
+                    }
+                    continue;
+                }
+            };
+            last_heard = start.elapsed();
+            match proto::decode(&m)? {
+                Msg::Pull(c) => {
+                    let ok = match &mut live.lock().unwrap_or_else(|e| e.into_inner()).sm {
+                        Sm::Hybrid(s) => s.on_pull(c as usize),
+                        Sm::Precopy(_) => false,
+                    };
+                    if ok {
+                        sum.bytes_pulled += self.push_one(t, c as usize)?;
+                        sum.chunks_pulled += 1;
+                    } else {
+                        send(t, &Msg::Unavailable(c))?;
+                    }
+                }
+                Msg::Held(v) => {
+                    if held.len() + v.len() > self.mirror.map().len() {
+                        return Err(Error::Unexpected("more held chunks than the disk has".into()));
+                    }
+                    held.extend(v)
+                }
+                Msg::Cancelled(v) => cancelled.extend(v),
+                Msg::Done { held: h, cancelled: n } => {
+                    if h as usize != held.len() || n as usize != cancelled.len() {
+                        return Err(Error::Unexpected(format!(
+                            "Done announces {h} held and {n} cancelled chunks, {} and {} arrived",
+                            held.len(),
+                            cancelled.len()
+                        )));
+                    }
+                    if let Sm::Hybrid(s) = &mut live.lock().unwrap_or_else(|e| e.into_inner()).sm {
+                        s.release();
+                    }
+                    let must = live.lock().unwrap_or_else(|e| e.into_inner()).must.clone();
+                    let bad = self.verify(&held, &cancelled, &must)?;
+                    sum.verified_chunks = held.len() as u32;
+                    send(t, &Msg::Verified { checked: held.len() as u32, bad: bad.clone() })?;
+                    if !bad.is_empty() {
+                        return Err(Error::Mismatch(bad));
+                    }
+                    return Ok(());
+                }
+                Msg::Abort(why) => return Err(Error::PeerAborted(why)),
+                m => return Err(Error::Unexpected(format!("{m:?} after the handover"))),
+            }
+            if last_report.elapsed() >= Duration::from_secs(1) {
+                last_report = Instant::now();
+                progress(&Progress {
+                    phase: "pulled",
+                    elapsed_s: start.elapsed().as_secs_f64(),
+                    chunks_pushed: sum.chunks_pushed,
+                    bytes_pushed: sum.bytes_pushed,
+                    chunks_pulled: sum.chunks_pulled,
+                    ..Default::default()
+                });
+            }
+        }
+    }
+
+    /// Compares the destination's chunks with these (the disk is frozen here now): every
+    /// chunk that had to cross is either held there with the same bytes, or was overwritten
+    /// there after the handover. Returns the chunks that fail.
+    fn verify(&self, held: &[HeldChunk], cancelled: &HashSet<u32>, must: &BTreeSet<usize>) -> Result<Vec<u32>, Error> {
+        let chunk = self.mirror.chunk_size();
+        let size = self.mirror.size();
+        let mut bad = BTreeSet::new();
+        let mut seen: HashMap<u32, bool> = HashMap::new();
+        for h in held {
+            let ok = (h.index as usize) < self.mirror.map().len()
+                && self.mirror.valid_range(h.index as usize) == Some((h.lo, h.hi))
+                && must.contains(&(h.index as usize))
+                && {
+                    let r = chunk_range(chunk, size, h.index as usize);
+                    let mut buf = vec![0u8; (h.hi - h.lo) as usize];
+                    self.mirror.read(r.start + h.lo as u64, &mut buf)?;
+                    proto::hash(&buf) == h.hash
+                };
+            if !ok || seen.insert(h.index, ok).is_some() {
+                bad.insert(h.index);
+            }
+        }
+        for &c in must {
+            let c32 = c as u32;
+            if !seen.contains_key(&c32) && !cancelled.contains(&c32) {
+                bad.insert(c32);
+            }
+        }
+        Ok(bad.into_iter().collect())
+    }
+}
+
+/// Answers pulls on the urgent channel until `stop`; returns the chunks and bytes sent.
+fn answer_urgent(
+    mirror: &Mirror,
+    live: &Mutex<Live>,
+    urgent: &dyn UrgentChannel,
+    stop: &AtomicBool,
+    activity: &AtomicU64,
+    start: Instant,
+) -> Result<(u64, u64), Error> {
+    let (mut n, mut bytes) = (0u64, 0u64);
+    let chunk = mirror.chunk_size();
+    while !stop.load(Ordering::Acquire) {
+        let ev = match urgent.recv(Some(Duration::from_millis(100))) {
+            Ok(Some(ev)) => ev,
+            Ok(None) => continue,
+            Err(_) => break, // the bulk side reports the session's end
+        };
+        activity.store(start.elapsed().as_nanos() as u64, Ordering::Release);
+        let UrgentEvent::Message(m) = ev else { continue };
+        let Ok(Msg::Pull(c)) = proto::decode(&m) else {
+            tracing::warn!("unexpected urgent message from the destination");
+            continue;
+        };
+        let ok = match &mut live.lock().unwrap_or_else(|e| e.into_inner()).sm {
+            Sm::Hybrid(s) => s.on_pull(c as usize),
+            Sm::Precopy(_) => false,
+        };
+        let reply = match (ok, mirror.valid_range(c as usize)) {
+            (true, Some((lo, hi))) => {
+                let r = chunk_range(chunk, mirror.size(), c as usize);
+                let mut buf = vec![0u8; (hi - lo) as usize];
+                match mirror.read(r.start + lo as u64, &mut buf) {
+                    Ok(()) => {
+                        n += 1;
+                        bytes += buf.len() as u64;
+                        proto::encode_chunk(c, lo, proto::hash(&buf), &buf)
+                    }
+                    Err(e) => {
+                        tracing::warn!(chunk = c, error = %e, "reading a pulled chunk");
+                        proto::encode(&Msg::Unavailable(c))
+                    }
+                }
+            }
+            _ => proto::encode(&Msg::Unavailable(c)),
+        };
+        if urgent.send_message(&reply).is_err() {
+            break;
+        }
+    }
+    Ok((n, bytes))
+}
+
+fn send(t: &mut dyn Transport, m: &Msg) -> Result<(), Error> {
+    t.send_message(&proto::encode(m)).map_err(Error::Transport)
+}
+
+fn recv(t: &mut dyn Transport, timeout: Duration, what: &'static str) -> Result<Msg, Error> {
+    match t.recv_message(Some(timeout)).map_err(Error::Transport)? {
+        Some(m) => Ok(proto::decode(&m)?),
+        None => Err(Error::Silent(what)),
+    }
+}
+
+impl Disk for SourceDisk {
+    fn size(&self) -> u64 {
+        self.mirror.size()
+    }
+    fn read(&self, offset: u64, buf: &mut [u8]) -> Result<(), DiskError> {
+        if matches!(*self.mode.read().unwrap_or_else(|e| e.into_inner()), Mode::Handed) {
+            return Err(DiskError::HandedOver);
+        }
+        self.mirror.read(offset, buf)
+    }
+    fn write(&self, offset: u64, data: &[u8], fua: bool) -> Result<(), DiskError> {
+        let r = Range::new(offset, offset.saturating_add(data.len() as u64).min(self.mirror.size().max(offset)));
+        self.count_writes(r, || self.mirror.write(offset, data, fua))
+    }
+    fn write_zeroes(&self, offset: u64, len: u64, fua: bool, hole: bool) -> Result<(), DiskError> {
+        let r = Range::new(offset, offset.saturating_add(len).min(self.mirror.size().max(offset)));
+        self.count_writes(r, || self.mirror.write_zeroes(offset, len, fua, hole))
+    }
+    fn flush(&self) -> Result<(), DiskError> {
+        self.mirror.flush()
+    }
+    fn allocation(&self, r: Range) -> Result<Vec<(u64, bool)>, DiskError> {
+        self.mirror.allocation(r)
+    }
+}
