@@ -90,6 +90,7 @@ run() { # $1 = strategy
       pushed_mib: ($m[0].bytes_pushed / 1048576), pulled_mib: ($m[0].bytes_pulled / 1048576),
       pulled_urgent: $m[0].chunks_pulled_urgent, cancelled: ($r[0].pulls_cancelled // 0),
       verified: $m[0].verified_chunks,
+      base_mib: (($m[0].base_fetched_bytes + ($r[0].base_fetched_bytes // 0)) / 1048576),
       before: rate(.t <= $a), during: rate(.t > $a and .t <= $b), after: rate(.t > $b),
       window: [$a, $b] }' > "$st-row.json"
 }
@@ -101,13 +102,14 @@ done
 
 echo
 echo "== live disk migration, $WORKLOAD writer over ${SPAN} MiB, ${PREWRITE} MiB modified before, $SIZE disk, $LINK link"
-printf '%-8s %8s %9s %10s %10s %9s %7s %8s %9s %9s %9s\n' strategy total_s traffic_MiB pushed_MiB pulled_MiB handover rounds verified before during after
+printf '%-8s %8s %9s %10s %10s %8s %9s %7s %8s %9s %9s %9s\n' strategy total_s traffic_MiB pushed_MiB pulled_MiB base_MiB handover rounds verified before during after
 for st in $STRATEGIES; do
-  jq -r '[.strategy, (.total_s*100|round/100), (.traffic_mib|round), (.pushed_mib|round), (.pulled_mib|round),
+  jq -r '[.strategy, (.total_s*100|round/100), (.traffic_mib|round), (.pushed_mib|round), (.pulled_mib|round), (.base_mib|round),
     ((.handover_ms|round|tostring) + "ms"), .rounds, .verified, (.before|round), (.during|round), (.after|round)] | @tsv' "$st-row.json" |
-    awk -F'\t' '{ printf "%-8s %8s %9s %10s %10s %9s %7s %8s %9s %9s %9s\n", $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11 }'
+    awk -F'\t' '{ printf "%-8s %8s %9s %10s %10s %8s %9s %7s %8s %9s %9s %9s\n", $1,$2,$3,$4,$5,$6,$7,$8,$9,$10,$11,$12 }'
 done
-echo "(before/during/after: the client's write throughput in MiB/s; during = from 'disk migrate' to the source's release)"
+echo "(base_MiB: read from the base image at both ends during the migration; before/during/after: the client's write"
+echo " throughput in MiB/s; during = from 'disk migrate' to the source's release)"
 if [[ -f hybrid-row.json && -f precopy-row.json ]]; then
   jq -rn --slurpfile h hybrid-row.json --slurpfile p precopy-row.json '
     "hybrid vs pre-copy: \(($p[0].traffic_mib / $h[0].traffic_mib)*10|round/10)x less traffic, \(($p[0].total_s / $h[0].total_s)*10|round/10)x shorter migration; client writes during the migration at \(($h[0].during / $h[0].before)*100|round) % of before (hybrid), \(($p[0].during / $p[0].before)*100|round) % (pre-copy)"'

@@ -11,6 +11,9 @@ echo "== host tests" >&2
 # The disk tests need real NBD clients here (install-deps.sh installs them); elsewhere they
 # skip with a message.
 export LIVEMIG_REQUIRE_NBD_TOOLS=1
+# The QEMU test boots a real guest under TCG (qemu-system-x86 and the Debian kernel, which
+# install-deps.sh installs); elsewhere it skips with a message.
+export LIVEMIG_REQUIRE_QEMU=1
 cargo test --workspace --features livemig/fault-injection,livemig-tests/fault-injection
 echo "== fuzzing (${FUZZ_SECONDS:-20}s per target)" >&2
 fuzz/run.sh "${FUZZ_SECONDS:-20}"

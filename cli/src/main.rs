@@ -27,6 +27,11 @@ enum Cmd {
         #[command(subcommand)]
         what: DiskCmd,
     },
+    /// QEMU: livemig as the carrier of QEMU's migration stream, driven over QMP.
+    Qemu {
+        #[command(subcommand)]
+        what: QemuCmd,
+    },
     /// Shared secrets for the handshake.
     Secret {
         #[command(subcommand)]
@@ -46,6 +51,15 @@ enum DiskCmd {
     Status(livemig_storage::cli::control::DiskControlArgs),
     /// Receive a live disk migration, then serve the disk over NBD from the handover on.
     Receive(livemig_storage::cli::receive::DiskReceiveArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum QemuCmd {
+    /// Carry QEMU's migration connections over a livemig session: at the destination
+    /// (--listen, --incoming, --dst-qmp) or standalone at the source (--unix, --to).
+    Carrier(livemig_qemu::cli::CarrierArgs),
+    /// Migrate a QEMU guest through livemig, driving the source QEMU over QMP.
+    Migrate(livemig_qemu::cli::QemuMigrateArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -97,6 +111,8 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench { what: BenchCmd::Chunks(a) } => livemig_bench::pages::run(livemig_bench::pages::CHUNKS, &a),
         Cmd::Bench { what: BenchCmd::Urgent(a) } => livemig_bench::urgent::run(&a),
         Cmd::Serve(a) => livemig_daemon::run(&a),
+        Cmd::Qemu { what: QemuCmd::Carrier(a) } => livemig_qemu::cli::run_carrier(&a),
+        Cmd::Qemu { what: QemuCmd::Migrate(a) } => livemig_qemu::cli::run_migrate(&a),
         Cmd::Disk { what: DiskCmd::Serve(a) } => livemig_storage::cli::run_serve(&a),
         Cmd::Disk { what: DiskCmd::Migrate(a) } => livemig_storage::cli::control::run_migrate(&a),
         Cmd::Disk { what: DiskCmd::Switchover(a) } => livemig_storage::cli::control::run_simple(&a, false),

@@ -89,6 +89,8 @@ pub struct Mirror {
     /// Serialises fetches and the map updates that follow them (reads and writes of bytes
     /// already local do not take it).
     fetch: Mutex<()>,
+    /// Bytes copied from the base so far.
+    fetched: std::sync::atomic::AtomicU64,
 }
 
 fn local_err(op: &'static str) -> impl FnOnce(std::io::Error) -> DiskError {
@@ -114,6 +116,7 @@ impl Mirror {
             generation: Default::default(),
             meta_lock: Mutex::new(0),
             fetch: Mutex::new(()),
+            fetched: Default::default(),
         })
     }
 
@@ -152,6 +155,7 @@ impl Mirror {
             generation: Default::default(),
             meta_lock: Mutex::new(0),
             fetch: Mutex::new(()),
+            fetched: Default::default(),
         })
     }
 
@@ -181,9 +185,15 @@ impl Mirror {
                 source,
             })?;
             self.local.write_all_at(&buf, r.start).map_err(local_err("writing fetched bytes"))?;
+            self.fetched.fetch_add(r.len(), std::sync::atomic::Ordering::Relaxed);
             record(&mut self.lock(), *r);
         }
         Ok(())
+    }
+
+    /// Bytes copied from the base since this mirror was opened.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.fetched.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Chunk size of the map.

@@ -66,6 +66,9 @@ pub struct DestSummary {
     pub bytes_pulled: u64,
     /// Chunks the source compared with its own at the end.
     pub verified_chunks: u32,
+    /// Bytes this host read from the base while the transfer ran (fills of partly pushed
+    /// chunks, and reads of chunks never modified).
+    pub base_fetched_bytes: u64,
 }
 
 #[derive(Debug, Default)]
@@ -378,6 +381,7 @@ pub fn receive(
         sum.chunks_pulled = st.sm.counts().1 - st.pulled_urgent;
     }
     sum.total_s = start.elapsed().as_secs_f64();
+    sum.base_fetched_bytes = shared.mirror.fetched_bytes();
     match res {
         Ok(()) => Ok(sum),
         Err(cause) => {

@@ -116,6 +116,8 @@ pub struct SourceSummary {
     pub forced: bool,
     /// Chunks compared with the destination's at the end.
     pub verified_chunks: u32,
+    /// Bytes this host read from the base during the migration.
+    pub base_fetched_bytes: u64,
 }
 
 fn chunk_range(map_chunk: u32, size: u64, c: usize) -> Range {
@@ -208,6 +210,7 @@ impl SourceDisk {
             return Err(Error::Refused(format!("chunks of {chunk} bytes are larger than a transfer carries")));
         }
         let start = Instant::now();
+        let fetched_at_start = self.mirror.fetched_bytes();
         let mut t = super::connect(&o.to, secret, o.io_timeout)?;
         let urgent = t.urgent().map_err(Error::Transport)?;
         send(
@@ -269,6 +272,7 @@ impl SourceDisk {
         sum.chunks_pulled_urgent = n;
         sum.bytes_pulled += bytes;
         sum.total_s = start.elapsed().as_secs_f64();
+        sum.base_fetched_bytes = self.mirror.fetched_bytes() - fetched_at_start;
         match res {
             Ok(()) => Ok(sum),
             Err(e) => {

@@ -1,0 +1,240 @@
+//! A real QEMU guest (TCG; kernel + busybox initramfs + a memory dirtier that prints a
+//! counter every second, built by qemu-patch/guest/build.sh) migrated through `livemig qemu
+//! migrate` and the destination carrier: a single channel, then multifd onwards from the
+//! destination, then a migration whose destination carrier is killed mid-stream. Skipped with
+//! a message when QEMU or a readable kernel is missing, unless LIVEMIG_REQUIRE_QEMU=1
+//! (scripts/test.sh sets it).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_livemig");
+
+fn available() -> bool {
+    let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
+    let kernel = std::fs::read_dir("/boot")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with("vmlinuz-") && std::fs::File::open(e.path()).is_ok());
+    if !(qemu && kernel) {
+        assert!(
+            std::env::var_os("LIVEMIG_REQUIRE_QEMU").is_none(),
+            "qemu-system-x86 and a readable /boot/vmlinuz-* are required (scripts/install-deps.sh; run as root)"
+        );
+        eprintln!("SKIPPED: qemu-system-x86_64 or a readable kernel is missing");
+    }
+    qemu && kernel
+}
+
+struct Guest {
+    child: Child,
+    qmp: PathBuf,
+    serial: PathBuf,
+}
+
+impl Drop for Guest {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Guest {
+    fn start(dir: &Path, guest: &Path, name: &str, incoming: bool) -> Guest {
+        let qmp = dir.join(format!("{name}.qmp"));
+        let serial = dir.join(format!("{name}.serial"));
+        let mut c = Command::new("qemu-system-x86_64");
+        c.args(["-accel", "tcg", "-M", "q35", "-m", "256", "-smp", "1", "-display", "none", "-nodefaults"])
+            .args(["-monitor", "none", "-no-reboot", "-serial"])
+            .arg(format!("file:{}", serial.display()))
+            .arg("-kernel")
+            .arg(guest.join("vmlinuz"))
+            .arg("-initrd")
+            .arg(guest.join("initramfs.cpio.gz"))
+            .args(["-append", "console=ttyS0 quiet panic=-1 dirty=64,16,2000", "-qmp"])
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap());
+        if incoming {
+            c.args(["-incoming", "defer"]);
+        }
+        let g = Guest { child: c.spawn().unwrap(), qmp, serial };
+        let t0 = Instant::now();
+        while !g.qmp.exists() {
+            assert!(t0.elapsed() < Duration::from_secs(20), "QEMU {name} never opened its QMP socket");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        g
+    }
+
+    /// The last `DIRTY t=N` counter on the serial console.
+    fn counter(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(&self.serial).unwrap_or_default();
+        s.lines().rev().find_map(|l| l.strip_prefix("DIRTY t=")?.split_whitespace().next()?.parse().ok())
+    }
+
+    /// Waits until the counter reaches `n`.
+    fn wait_counter(&self, n: u64, within: Duration) -> u64 {
+        let t0 = Instant::now();
+        loop {
+            if let Some(c) = self.counter().filter(|&c| c >= n) {
+                return c;
+            }
+            assert!(t0.elapsed() < within, "the guest's counter never reached {n}: {:?}", self.counter());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+/// A child killed and reaped when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn carrier(dir: &Path, dst: &Guest, name: &str) -> (Proc, String) {
+    let out = dir.join(format!("{name}-carrier.out"));
+    let child = Proc(
+        Command::new(BIN)
+            .args(["qemu", "carrier", "--listen", "127.0.0.1:0", "--secret-file", "secret", "--json", "--incoming"])
+            .arg(dir.join(format!("{name}.in")))
+            .arg("--dst-qmp")
+            .arg(&dst.qmp)
+            .current_dir(dir)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}-carrier.err"))).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    loop {
+        let o = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(addr) = o.lines().next().and_then(|l| l.strip_prefix("listening ")) {
+            return (child, addr.split_whitespace().next().unwrap().to_string());
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "the carrier never listened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn migrate(dir: &Path, src: &Guest, to: &str, extra: &[&str]) -> std::process::Output {
+    Command::new(BIN)
+        .args(["qemu", "migrate", "--json", "--secret-file", "secret", "--max-time", "120", "--src-qmp"])
+        .arg(&src.qmp)
+        .args(["--to", to, "--socket-dir"])
+        .arg(dir)
+        .args(extra)
+        .current_dir(dir)
+        .output()
+        .unwrap()
+}
+
+fn qmp_status(q: &Path) -> String {
+    use std::io::{BufRead, BufReader, Write};
+    let mut s = std::os::unix::net::UnixStream::connect(q).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut line = String::new();
+    r.read_line(&mut line).unwrap();
+    s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n").unwrap();
+    loop {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+        if line.contains("\"status\"") {
+            return line;
+        }
+    }
+}
+
+#[test]
+fn a_qemu_guest_migrates_through_livemig_and_keeps_running() {
+    if !available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("livemig-qemu-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-guest");
+    let o = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../qemu-patch/guest/build.sh"))
+        .arg(&guest)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "building the guest: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(Command::new(BIN).args(["secret", "new", "secret"]).current_dir(&dir).status().unwrap().success());
+
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
+    // A boots and dirties memory; B waits for it.
+    let a = Guest::start(&dir, &guest, "a", false);
+    let before = a.wait_counter(2, Duration::from_secs(90));
+    step("A booted");
+    let b = Guest::start(&dir, &guest, "b", true);
+    let (mut cb, addr) = carrier(&dir, &b, "b");
+    let o = migrate(&dir, &a, &addr, &["--max-bandwidth", "1G"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "A→B: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["status"], "completed");
+    assert_eq!(v["dest_running"], true);
+    assert_eq!(v["channels"], 1);
+    assert!(v["carried"].as_u64().unwrap() > 64 << 20, "the guest's touched memory crossed: {v}");
+    assert!(cb.0.wait().unwrap().success(), "{}", std::fs::read_to_string(dir.join("b-carrier.err")).unwrap());
+    // B goes on from where A was: its counter continues past A's.
+    let after = b.wait_counter(before + 2, Duration::from_secs(30));
+    assert!(after > before);
+    assert!(qmp_status(&a.qmp).contains("postmigrate"), "A stopped after the migration");
+
+    step("A→B migrated, B runs");
+    // B → C with multifd (3 connections).
+    let c = Guest::start(&dir, &guest, "c", true);
+    let (mut cc, addr) = carrier(&dir, &c, "c");
+    let o = migrate(&dir, &b, &addr, &["--max-bandwidth", "1G", "--multifd", "2"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "B→C: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["dest_running"].as_bool(), v["channels"].as_u64()),
+        (Some("completed"), Some(true), Some(3))
+    );
+    assert!(cc.0.wait().unwrap().success());
+    c.wait_counter(after + 2, Duration::from_secs(30));
+
+    step("B→C migrated, C runs");
+    // C → D, with D's carrier killed mid-stream: the migration fails, C runs on.
+    let d = Guest::start(&dir, &guest, "d", true);
+    let (mut cd, addr) = carrier(&dir, &d, "d");
+    let m = Command::new(BIN)
+        .args(["qemu", "migrate", "--json", "--secret-file", "secret", "--max-bandwidth", "4M", "--src-qmp"])
+        .arg(&c.qmp)
+        .args(["--to", &addr, "--socket-dir"])
+        .arg(&dir)
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_secs(2));
+    cd.0.kill().unwrap();
+    let _ = cd.0.wait();
+    let o = m.wait_with_output().unwrap();
+    step("C→D failed");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a killed carrier must fail the migration: {err}");
+    assert!(err.contains("runs on at the source"), "{err}");
+    let t0 = Instant::now();
+    while !qmp_status(&c.qmp).contains("\"running\": true") {
+        assert!(t0.elapsed() < Duration::from_secs(20), "C must run on: {}", qmp_status(&c.qmp));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let now = c.counter().unwrap();
+    c.wait_counter(now + 2, Duration::from_secs(30));
+    step("C runs on");
+    drop((a, b, c, d));
+    let _ = std::fs::remove_dir_all(&dir);
+}

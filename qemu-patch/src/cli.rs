@@ -1,0 +1,240 @@
+//! `livemig qemu carrier` and `livemig qemu migrate`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::sync::atomic::AtomicBool;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use livemig_transport::auth::Secret;
+
+use crate::carrier::{self, CarrierMsg, Counters, DestOptions};
+use crate::migrate::{self, MigrateOptions};
+
+/// Options of `livemig qemu carrier`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CarrierArgs {
+    /// Destination: accept the source's session here (port 0 picks one; printed at start).
+    #[arg(long, value_name = "ADDR", conflicts_with_all = ["unix", "to"])]
+    pub listen: Option<String>,
+    /// Destination: QEMU's incoming unix socket (`-incoming unix:PATH`, or given to
+    /// `migrate-incoming` when --dst-qmp is set).
+    #[arg(long, value_name = "PATH", requires = "listen")]
+    pub incoming: Option<PathBuf>,
+    /// Destination: the QEMU's QMP socket (QEMU started with `-incoming defer`): the carrier
+    /// sets the source's capabilities and parameters there, starts the incoming side and
+    /// reports how it ended.
+    #[arg(long, value_name = "PATH", requires = "listen")]
+    pub dst_qmp: Option<PathBuf>,
+    /// Source: listen on this unix socket; point QEMU's `migrate` at `unix:PATH`.
+    #[arg(long, value_name = "PATH", requires = "to")]
+    pub unix: Option<PathBuf>,
+    /// Source: the destination carrier.
+    #[arg(long, value_name = "ADDR")]
+    pub to: Option<String>,
+    /// Source: connections QEMU will open (1 + multifd channels).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=16))]
+    pub channels: u8,
+    /// Source: capabilities the destination carrier sets on its QEMU (repeatable).
+    #[arg(long = "capability", value_name = "NAME")]
+    pub capabilities: Vec<String>,
+    /// The shared secret's file.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Longest a migration may take.
+    #[arg(long, value_name = "SECS", default_value_t = 600.0)]
+    pub max_time: f64,
+    /// Seconds of silence after which the peer is declared gone.
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 20.0)]
+    pub io_timeout: f64,
+    /// Machine-readable outcome (JSON) on stdout.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Entry point of `livemig qemu carrier`.
+pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
+    let secret = Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
+    let io_timeout = Duration::from_secs_f64(a.io_timeout);
+    if let Some(listen) = &a.listen {
+        let Some(incoming) = a.incoming.clone() else {
+            bail!("--listen needs --incoming PATH (QEMU's incoming socket)")
+        };
+        let tcp = livemig_transport::TcpConfig { io_timeout, ..Default::default() };
+        let l = livemig_transport::TcpListener::bind(listen.as_str()).with_context(|| format!("binding {listen}"))?;
+        println!("listening {} qemu-carrier", l.local_addr()?);
+        std::io::stdout().flush()?;
+        let t =
+            l.accept(&tcp, &secret, &livemig_transport::RegionTable::new()).context("accepting the source carrier")?;
+        let o = DestOptions {
+            incoming,
+            qmp: a.dst_qmp.clone(),
+            timeout: io_timeout,
+            max_time: Duration::from_secs_f64(a.max_time),
+        };
+        let out = carrier::run_dest(Box::new(t), &o).context("carrying the migration")?;
+        if a.json {
+            println!("{}", serde_json::to_string(&out)?);
+        } else {
+            println!(
+                "carried into QEMU: {} channel(s), {:.1} MiB in, {:.1} KiB back, {:.2} s; destination {}{}",
+                out.channels,
+                out.bytes_in as f64 / (1 << 20) as f64,
+                out.bytes_back as f64 / 1024.0,
+                out.elapsed_s,
+                out.status,
+                if out.running { ", guest running" } else { "" }
+            );
+        }
+        if a.dst_qmp.is_some() && !(out.status == "completed" && out.running) {
+            bail!("the destination's migration ended {} (guest running: {})", out.status, out.running);
+        }
+        return Ok(());
+    }
+    let (Some(unix), Some(to)) = (&a.unix, &a.to) else {
+        bail!("give --listen ADDR --incoming PATH (destination) or --unix PATH --to ADDR (source)")
+    };
+    let tcp = livemig_transport::TcpConfig { io_timeout, byte_streams: a.channels, ..Default::default() };
+    let opts = livemig_engine::connect::TransportOptions {
+        choice: livemig_engine::connect::TransportChoice::Tcp,
+        io_timeout,
+        tcp,
+        verbs: Default::default(),
+    };
+    let mut t = livemig_engine::connect::connect(
+        livemig_transport::TransportKind::Tcp,
+        to,
+        &opts,
+        &secret,
+        &livemig_transport::RegionTable::new(),
+    )
+    .with_context(|| format!("connecting to the destination carrier {to}"))?;
+    let caps = a.capabilities.iter().map(|c| (c.clone(), true)).collect();
+    let mut params = serde_json::Map::new();
+    if a.channels > 1 {
+        params.insert("multifd-channels".into(), serde_json::json!(a.channels - 1));
+    }
+    carrier::send(&mut *t, &CarrierMsg::Prepare { capabilities: caps, parameters: params })?;
+    match carrier::recv(&mut *t, io_timeout + Duration::from_secs(10), "the destination carrier's Ready")? {
+        CarrierMsg::Ready => {}
+        m => bail!("the destination carrier answered {m:?}"),
+    }
+    if std::fs::symlink_metadata(unix).is_ok() {
+        bail!("{} exists", unix.display());
+    }
+    let l = std::os::unix::net::UnixListener::bind(unix).with_context(|| format!("binding {}", unix.display()))?;
+    println!("listening {} qemu-carrier", unix.display());
+    std::io::stdout().flush()?;
+    let chans = carrier::take_channels(&mut *t);
+    let stop = AtomicBool::new(false);
+    let counters = Counters::default();
+    let res = carrier::source_relays(l, chans, &stop, &counters);
+    let _ = std::fs::remove_file(unix);
+    res?;
+    let fin = carrier::recv(&mut *t, io_timeout + Duration::from_secs(10), "the destination's outcome").ok();
+    println!(
+        "carried from QEMU: {} channel(s), {:.1} MiB, {:.1} KiB back; destination: {:?}",
+        counters.channels.load(std::sync::atomic::Ordering::Acquire),
+        counters.forward.load(std::sync::atomic::Ordering::Acquire) as f64 / (1 << 20) as f64,
+        counters.back.load(std::sync::atomic::Ordering::Acquire) as f64 / 1024.0,
+        fin
+    );
+    Ok(())
+}
+
+/// Options of `livemig qemu migrate`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QemuMigrateArgs {
+    /// The source QEMU's QMP socket.
+    #[arg(long, value_name = "PATH")]
+    pub src_qmp: PathBuf,
+    /// The destination carrier (`livemig qemu carrier --listen ADDR --incoming … --dst-qmp …`).
+    #[arg(long, value_name = "ADDR")]
+    pub to: String,
+    /// The shared secret's file.
+    #[arg(long, value_name = "FILE")]
+    pub secret_file: Option<PathBuf>,
+    /// Multifd channels (0: a single channel).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u8).range(0..=15))]
+    pub multifd: u8,
+    /// Enable QEMU's postcopy-ram capability on both ends.
+    #[arg(long)]
+    pub postcopy: bool,
+    /// QEMU's max-bandwidth, bytes/s (K, M, G suffixes); QEMU's default when absent.
+    #[arg(long, value_parser = livemig_app::args::parse_size)]
+    pub max_bandwidth: Option<u64>,
+    /// QEMU's downtime-limit, ms.
+    #[arg(long, value_name = "MS")]
+    pub downtime_limit: Option<u64>,
+    /// Cancel the migration after this many seconds (the guest keeps running at the source).
+    #[arg(long, value_name = "SECS", default_value_t = 300.0)]
+    pub max_time: f64,
+    /// Seconds of silence after which the peer or QEMU is declared gone.
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 20.0)]
+    pub io_timeout: f64,
+    /// Directory for the carrier's unix socket.
+    #[arg(long, value_name = "DIR", default_value = "/tmp")]
+    pub socket_dir: PathBuf,
+    /// Machine-readable summary (JSON) on stdout; no per-pass lines.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Entry point of `livemig qemu migrate`.
+pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
+    let secret = Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
+    let o = MigrateOptions {
+        src_qmp: a.src_qmp.clone(),
+        to: a.to.clone(),
+        multifd: a.multifd,
+        postcopy: a.postcopy,
+        max_bandwidth: a.max_bandwidth,
+        downtime_limit: a.downtime_limit,
+        max_time: Duration::from_secs_f64(a.max_time),
+        io_timeout: Duration::from_secs_f64(a.io_timeout),
+        socket_dir: a.socket_dir.clone(),
+    };
+    let json = a.json;
+    let s = migrate::migrate(&o, &secret, &mut |p| {
+        if !json {
+            println!(
+                "pass {:>3} at {:6.2} s: {:8.1} MiB sent, {:8.1} MiB remaining, {:7.0} Mbit/s",
+                p.pass,
+                p.elapsed_s,
+                p.transferred as f64 / (1 << 20) as f64,
+                p.remaining as f64 / (1 << 20) as f64,
+                p.mbps
+            );
+        }
+    })
+    .context("QEMU migration through livemig")?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else if s.status == "completed" {
+        println!(
+            "QEMU migration {}: {} ms total, {} ms downtime, {} passes; {:.1} MiB carried on {} channel(s) \
+             at {:.0} MiB/s ({:.1} MiB of RAM); destination {}{}",
+            s.status,
+            s.total_ms,
+            s.downtime_ms,
+            s.passes,
+            s.carried as f64 / (1 << 20) as f64,
+            s.channels,
+            s.throughput_mib_s,
+            s.ram_transferred as f64 / (1 << 20) as f64,
+            s.dest_status,
+            if s.dest_running { ", guest running" } else { ", guest NOT running" }
+        );
+    }
+    if s.status != "completed" {
+        bail!(
+            "the migration ended {}; the guest {} at the source",
+            s.status,
+            if s.source_running { "runs on" } else { "does NOT run" }
+        );
+    }
+    if !s.dest_running {
+        bail!("the migration completed but the destination's guest does not run ({})", s.dest_status);
+    }
+    Ok(())
+}

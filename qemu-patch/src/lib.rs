@@ -1,0 +1,14 @@
+//! livemig-qemu: livemig as the carrier of QEMU migrations, and a QMP controller.
+//!
+//! - [`relay`]: full-duplex `splice(2)` relay between two sockets.
+//! - [`qmp`]: a small synchronous QMP client (bounded waits, events queued apart).
+//! - [`carrier`]: QEMU's migration connections as byte channels of one livemig session, and
+//!   the destination carrier that prepares its QEMU and reports how it ended.
+//! - [`migrate`]: `livemig qemu migrate` — the source QEMU driven over QMP through the carrier.
+//! - [`cli`]: the commands.
+
+pub mod carrier;
+pub mod cli;
+pub mod migrate;
+pub mod qmp;
+pub mod relay;

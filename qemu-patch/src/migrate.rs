@@ -1,0 +1,264 @@
+//! `livemig qemu migrate`: drives a QEMU migration over QMP with livemig as its carrier. The
+//! source QEMU migrates to a unix socket of this process; its connections ride one
+//! authenticated livemig session to the destination carrier (`livemig qemu carrier`), which
+//! prepares the destination QEMU with the same capabilities and parameters. Each pass
+//! (`MIGRATION_PASS`) is reported with QEMU's own figures; the summary takes total time,
+//! downtime and bytes from QEMU and adds the destination's outcome.
+
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use livemig_engine::connect::{TransportChoice, TransportOptions};
+use livemig_transport::auth::Secret;
+use livemig_transport::{RegionTable, TcpConfig, TransportKind};
+use serde_json::{json, Map, Value};
+
+use crate::carrier::{self, CarrierError, CarrierMsg, Counters};
+use crate::qmp::Qmp;
+
+/// What `qemu migrate` is told.
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    /// The source QEMU's QMP socket.
+    pub src_qmp: PathBuf,
+    /// The destination carrier.
+    pub to: String,
+    /// Multifd channels (0: one channel, no multifd).
+    pub multifd: u8,
+    /// Allow `postcopy-ram` (set on both QEMUs; switching to it is a later decision).
+    pub postcopy: bool,
+    /// `max-bandwidth`, bytes/s (None: QEMU's).
+    pub max_bandwidth: Option<u64>,
+    /// `downtime-limit`, ms (None: QEMU's).
+    pub downtime_limit: Option<u64>,
+    /// Longest the migration may take before it is cancelled.
+    pub max_time: Duration,
+    /// A silent peer or QEMU is declared gone after this.
+    pub io_timeout: Duration,
+    /// Where the carrier's unix socket is created.
+    pub socket_dir: PathBuf,
+}
+
+/// One pass, as QEMU reports it after its dirty-bitmap sync.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Pass {
+    /// Pass number (`MIGRATION_PASS`).
+    pub pass: u64,
+    /// Since `migrate`, seconds.
+    pub elapsed_s: f64,
+    /// RAM bytes sent so far.
+    pub transferred: u64,
+    /// RAM bytes still dirty.
+    pub remaining: u64,
+    /// Dirty-bitmap syncs.
+    pub dirty_sync_count: u64,
+    /// QEMU's current throughput, Mbit/s.
+    pub mbps: f64,
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct Summary {
+    /// QEMU's final status at the source.
+    pub status: String,
+    /// QEMU's `total-time`, ms.
+    pub total_ms: u64,
+    /// QEMU's `downtime`, ms.
+    pub downtime_ms: u64,
+    /// QEMU's `setup-time`, ms.
+    pub setup_ms: u64,
+    /// RAM bytes QEMU sent.
+    pub ram_transferred: u64,
+    /// Bytes the carrier moved from QEMU into the session (all channels).
+    pub carried: u64,
+    /// Bytes back (return path).
+    pub carried_back: u64,
+    /// Connections QEMU opened.
+    pub channels: u64,
+    /// Carried bytes over the time from `migrate` to completion, MiB/s.
+    pub throughput_mib_s: f64,
+    /// Dirty-bitmap syncs (passes).
+    pub passes: u64,
+    /// Every pass.
+    pub pass_log: Vec<Pass>,
+    /// The destination's migration status.
+    pub dest_status: String,
+    /// Whether the destination's guest runs.
+    pub dest_running: bool,
+    /// After a failed migration: whether the guest runs at the source.
+    pub source_running: bool,
+}
+
+fn u(v: &Value, path: &[&str]) -> u64 {
+    let mut x = v;
+    for p in path {
+        x = &x[*p];
+    }
+    x.as_u64().unwrap_or(0)
+}
+
+/// Runs one migration; `on_pass` sees each pass as it is reported.
+pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pass)) -> Result<Summary, CarrierError> {
+    let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
+    // Every capability that changes the connections is set either way: a guest that came in
+    // by a multifd migration keeps the capability until it is cleared.
+    let caps: Vec<(String, bool)> =
+        vec![("events".into(), true), ("multifd".into(), o.multifd > 0), ("postcopy-ram".into(), o.postcopy)];
+    let mut params = Map::new();
+    if o.multifd > 0 {
+        params.insert("multifd-channels".into(), json!(o.multifd));
+    }
+    if let Some(b) = o.max_bandwidth {
+        params.insert("max-bandwidth".into(), json!(b));
+    }
+    if let Some(d) = o.downtime_limit {
+        params.insert("downtime-limit".into(), json!(d));
+    }
+    let channels = 1 + o.multifd;
+    let tcp = TcpConfig { io_timeout: o.io_timeout, byte_streams: channels, ..TcpConfig::default() };
+    let opts =
+        TransportOptions { choice: TransportChoice::Tcp, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
+    let mut t = livemig_engine::connect::connect(TransportKind::Tcp, &o.to, &opts, secret, &RegionTable::new())
+        .map_err(CarrierError::Transport)?;
+    carrier::send(&mut *t, &CarrierMsg::Prepare { capabilities: caps.clone(), parameters: params.clone() })?;
+    match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination carrier's Ready")? {
+        CarrierMsg::Ready => {}
+        CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
+        m => return Err(CarrierError::Peer(format!("{m:?} instead of Ready"))),
+    }
+    let sock = o.socket_dir.join(format!("livemig-qemu-{}-{}.sock", std::process::id(), rand_suffix()));
+    let listener = std::os::unix::net::UnixListener::bind(&sock)
+        .map_err(|source| CarrierError::Io { what: format!("binding {}", sock.display()), source })?;
+    struct Unlink(PathBuf);
+    impl Drop for Unlink {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let _unlink = Unlink(sock.clone());
+    let caps_ref: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+    q.set_capabilities(&caps_ref)?;
+    if !params.is_empty() {
+        q.execute("migrate-set-parameters", Value::Object(params))?;
+    }
+    let chans = carrier::take_channels(&mut *t);
+    let stop = AtomicBool::new(false);
+    let counters = Counters::default();
+    let started = Instant::now();
+    let mut sum = Summary::default();
+    let watched = std::thread::scope(|s| {
+        let relays = s.spawn(|| carrier::source_relays(listener, chans, &stop, &counters));
+        let watched = (|| -> Result<String, CarrierError> {
+            q.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()) }))?;
+            loop {
+                if started.elapsed() > o.max_time {
+                    let _ = q.execute("migrate_cancel", json!({}));
+                    return Err(CarrierError::Timeout(format!(
+                        "the migration took more than {:?}: cancelled, the guest runs at the source",
+                        o.max_time
+                    )));
+                }
+                let ev = q.next_event(Duration::from_millis(500))?;
+                let status = match ev {
+                    Some(e) if e.name == "MIGRATION_PASS" => {
+                        let m = q.execute("query-migrate", json!({}))?;
+                        let p = Pass {
+                            pass: e.data.get("pass").and_then(|p| p.as_u64()).unwrap_or(0),
+                            elapsed_s: started.elapsed().as_secs_f64(),
+                            transferred: u(&m, &["ram", "transferred"]),
+                            remaining: u(&m, &["ram", "remaining"]),
+                            dirty_sync_count: u(&m, &["ram", "dirty-sync-count"]),
+                            mbps: m["ram"]["mbps"].as_f64().unwrap_or(0.0),
+                        };
+                        on_pass(&p);
+                        sum.pass_log.push(p);
+                        continue;
+                    }
+                    Some(e) if e.name == "MIGRATION" => {
+                        e.data.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string()
+                    }
+                    Some(_) => continue,
+                    None => {
+                        let m = q.execute("query-migrate", json!({}))?;
+                        m.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string()
+                    }
+                };
+                if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+                    return Ok(status);
+                }
+            }
+        })();
+        let elapsed = started.elapsed();
+        // QEMU closes its connections when it is done; wait for the relays to drain (briefly
+        // after a failure: QEMU may keep a failed stream's socket open), then end them.
+        let grace = if matches!(&watched, Ok(s) if s == "completed") { o.io_timeout } else { Duration::from_secs(1) };
+        let deadline = Instant::now() + grace;
+        while !relays.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        stop.store(true, Ordering::Release);
+        let drained = relays.is_finished();
+        counters.abort_all();
+        let r = relays.join().unwrap_or_else(|_| Err(CarrierError::Peer("relays panicked".into())));
+        let r = if drained || watched.is_err() {
+            r
+        } else {
+            Err(CarrierError::Timeout("QEMU's connections did not end after the migration".into()))
+        };
+        sum.throughput_mib_s =
+            counters.forward.load(Ordering::Acquire) as f64 / (1 << 20) as f64 / elapsed.as_secs_f64();
+        match (watched, r) {
+            (Ok(st), Err(e)) if st != "completed" => {
+                // The stream broke, and QEMU says so: report QEMU's outcome.
+                tracing::warn!(error = %e, "the carrier's relay failed");
+                Ok(st)
+            }
+            (Ok(st), r) => r.map(|()| st),
+            (Err(e), _) => Err(e),
+        }
+    });
+    sum.carried = counters.forward.load(Ordering::Acquire);
+    sum.carried_back = counters.back.load(Ordering::Acquire);
+    sum.channels = counters.channels.load(Ordering::Acquire);
+    let status = watched?;
+    let m = q.execute("query-migrate", json!({}))?;
+    sum.status = status;
+    sum.total_ms = u(&m, &["total-time"]);
+    sum.downtime_ms = u(&m, &["downtime"]);
+    sum.setup_ms = u(&m, &["setup-time"]);
+    sum.ram_transferred = u(&m, &["ram", "transferred"]);
+    sum.passes = u(&m, &["ram", "dirty-sync-count"]);
+    if sum.status != "completed" {
+        // Not migrated: QEMU resumes the guest at the source; say whether it runs.
+        let st = q.execute("query-status", json!({}))?;
+        sum.source_running = st.get("running").and_then(|r| r.as_bool()).unwrap_or(false);
+        sum.dest_status = "unknown (the migration failed)".into();
+        return Ok(sum);
+    }
+    match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination's outcome")? {
+        CarrierMsg::Finished { status, running } => {
+            sum.dest_status = status;
+            sum.dest_running = running;
+        }
+        CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
+        m => return Err(CarrierError::Peer(format!("{m:?} instead of Finished"))),
+    }
+    Ok(sum)
+}
+
+fn rand_suffix() -> u64 {
+    let mut b = [0u8; 8];
+    let _ = getrandom_fill(&mut b);
+    u64::from_le_bytes(b)
+}
+
+fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
+    // SAFETY: getrandom(2) writes at most b.len() bytes into the buffer we own.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    if n < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
