@@ -1,7 +1,8 @@
 //! A real QEMU guest (TCG; kernel + busybox initramfs + a memory dirtier that prints a
 //! counter every second, built by qemu-patch/guest/build.sh) migrated through `livemig qemu
 //! migrate` and the destination carrier: a single channel, then multifd onwards from the
-//! destination, then a migration whose destination carrier is killed mid-stream. Skipped with
+//! destination, then a migration whose destination carrier is killed mid-stream, then one that
+//! QEMU's own rule would never end, ended by livemig's controller. Skipped with
 //! a message when QEMU or a readable kernel is missing, unless LIVEMIG_REQUIRE_QEMU=1
 //! (scripts/test.sh sets it).
 
@@ -53,7 +54,7 @@ impl Guest {
             .arg(guest.join("vmlinuz"))
             .arg("-initrd")
             .arg(guest.join("initramfs.cpio.gz"))
-            .args(["-append", "console=ttyS0 quiet panic=-1 dirty=64,16,2000", "-qmp"])
+            .args(["-append", "console=ttyS0 quiet panic=-1 dirty=64,24,0", "-qmp"])
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap());
@@ -235,6 +236,26 @@ fn a_qemu_guest_migrates_through_livemig_and_keeps_running() {
     let now = c.counter().unwrap();
     c.wait_counter(now + 2, Duration::from_secs(30));
     step("C runs on");
-    drop((a, b, c, d));
+
+    // C → E under a bandwidth the working set outruns (QEMU's own rule never converges): the
+    // controller sees the pattern and raises the downtime limit; E runs on.
+    let e = Guest::start(&dir, &guest, "e", true);
+    let (mut ce, addr) = carrier(&dir, &e, "e");
+    let now = c.counter().unwrap();
+    let o = migrate(
+        &dir,
+        &c,
+        &addr,
+        &["--max-bandwidth", "16M", "--downtime-limit", "50", "--switchover", "stop-and-copy"],
+    );
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "C→E: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((v["status"].as_str(), v["dest_running"].as_bool()), (Some("completed"), Some(true)), "{v}");
+    assert!(v["action"].as_str().unwrap_or("").contains("downtime-limit raised"), "the controller decided: {v}");
+    assert!(ce.0.wait().unwrap().success());
+    e.wait_counter(now + 2, Duration::from_secs(30));
+    step("C→E converged by the controller");
+    drop((a, b, c, d, e));
     let _ = std::fs::remove_dir_all(&dir);
 }

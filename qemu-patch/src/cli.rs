@@ -172,6 +172,17 @@ pub struct QemuMigrateArgs {
     /// Seconds of silence after which the peer or QEMU is declared gone.
     #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 20.0)]
     pub io_timeout: f64,
+    /// Convergence policy fed with QEMU's passes (ibrahim: the SC11 patterns a/b/c).
+    #[arg(long, default_value = "ibrahim")]
+    pub policy: livemig_engine::policy::PolicyKind,
+    /// When the policy decides pre-copy no longer pays: leave it to QEMU (qemu), raise
+    /// downtime-limit to what the remainder needs (stop-and-copy), or start postcopy
+    /// (postcopy, needs --postcopy). A dirty set that drains by itself is always left to QEMU.
+    #[arg(long, value_enum, default_value_t = crate::controller::Switchover::Qemu)]
+    pub switchover: crate::controller::Switchover,
+    /// Cap on the downtime limit the controller sets, ms.
+    #[arg(long, value_name = "MS", default_value_t = 10_000)]
+    pub max_downtime: u64,
     /// Directory for the carrier's unix socket.
     #[arg(long, value_name = "DIR", default_value = "/tmp")]
     pub socket_dir: PathBuf,
@@ -193,17 +204,21 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         max_time: Duration::from_secs_f64(a.max_time),
         io_timeout: Duration::from_secs_f64(a.io_timeout),
         socket_dir: a.socket_dir.clone(),
+        policy: a.policy,
+        switchover: a.switchover,
+        max_downtime_ms: a.max_downtime,
     };
     let json = a.json;
     let s = migrate::migrate(&o, &secret, &mut |p| {
         if !json {
             println!(
-                "pass {:>3} at {:6.2} s: {:8.1} MiB sent, {:8.1} MiB remaining, {:7.0} Mbit/s",
+                "pass {:>3} at {:6.2} s: {:8.1} MiB sent, {:8.1} MiB remaining, {:7.0} Mbit/s{}",
                 p.pass,
                 p.elapsed_s,
                 p.transferred as f64 / (1 << 20) as f64,
                 p.remaining as f64 / (1 << 20) as f64,
-                p.mbps
+                p.mbps,
+                p.action.as_ref().map(|a| format!("  → {a}")).unwrap_or_default()
             );
         }
     })
@@ -225,6 +240,9 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
             s.dest_status,
             if s.dest_running { ", guest running" } else { ", guest NOT running" }
         );
+        if let (Some(by), Some(action)) = (&s.decided_by, &s.action) {
+            println!("decided by {by}: {action}");
+        }
     }
     if s.status != "completed" {
         bail!(

@@ -4,11 +4,13 @@
 //! - [`qmp`]: a small synchronous QMP client (bounded waits, events queued apart).
 //! - [`carrier`]: QEMU's migration connections as byte channels of one livemig session, and
 //!   the destination carrier that prepares its QEMU and reports how it ended.
+//! - [`controller`]: livemig's convergence policies fed with QEMU's per-pass figures.
 //! - [`migrate`]: `livemig qemu migrate` — the source QEMU driven over QMP through the carrier.
 //! - [`cli`]: the commands.
 
 pub mod carrier;
 pub mod cli;
+pub mod controller;
 pub mod migrate;
 pub mod qmp;
 pub mod relay;

@@ -10,11 +10,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use livemig_engine::connect::{TransportChoice, TransportOptions};
+use livemig_engine::policy::PolicyKind;
 use livemig_transport::auth::Secret;
 use livemig_transport::{RegionTable, TcpConfig, TransportKind};
 use serde_json::{json, Map, Value};
 
 use crate::carrier::{self, CarrierError, CarrierMsg, Counters};
+use crate::controller::{Action, Controller, PassFigures, Switchover};
 use crate::qmp::Qmp;
 
 /// What `qemu migrate` is told.
@@ -38,6 +40,12 @@ pub struct MigrateOptions {
     pub io_timeout: Duration,
     /// Where the carrier's unix socket is created.
     pub socket_dir: PathBuf,
+    /// The convergence policy fed with QEMU's passes.
+    pub policy: PolicyKind,
+    /// What ends pre-copy once the policy decides.
+    pub switchover: Switchover,
+    /// Cap on the downtime limit the controller sets, ms.
+    pub max_downtime_ms: u64,
 }
 
 /// One pass, as QEMU reports it after its dirty-bitmap sync.
@@ -55,6 +63,9 @@ pub struct Pass {
     pub dirty_sync_count: u64,
     /// QEMU's current throughput, Mbit/s.
     pub mbps: f64,
+    /// What the controller did after this pass, if anything.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<String>,
 }
 
 /// The outcome.
@@ -88,6 +99,12 @@ pub struct Summary {
     pub dest_running: bool,
     /// After a failed migration: whether the guest runs at the source.
     pub source_running: bool,
+    /// The policy rule that decided pre-copy no longer pays, if one did.
+    pub decided_by: Option<String>,
+    /// What was done about it (`downtime-limit N ms`, `postcopy`, `observed`).
+    pub action: Option<String>,
+    /// Whether postcopy ran.
+    pub postcopy: bool,
 }
 
 fn u(v: &Value, path: &[&str]) -> u64 {
@@ -100,6 +117,9 @@ fn u(v: &Value, path: &[&str]) -> u64 {
 
 /// Runs one migration; `on_pass` sees each pass as it is reported.
 pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pass)) -> Result<Summary, CarrierError> {
+    if o.switchover == Switchover::Postcopy && !o.postcopy {
+        return Err(CarrierError::Peer("--switchover postcopy needs --postcopy (the capability on both ends)".into()));
+    }
     let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
     // Every capability that changes the connections is set either way: a guest that came in
     // by a multifd migration keeps the capability until it is cleared.
@@ -147,6 +167,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     let counters = Counters::default();
     let started = Instant::now();
     let mut sum = Summary::default();
+    let mut controller: Option<Controller> = None;
     let watched = std::thread::scope(|s| {
         let relays = s.spawn(|| carrier::source_relays(listener, chans, &stop, &counters));
         let watched = (|| -> Result<String, CarrierError> {
@@ -163,14 +184,52 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                 let status = match ev {
                     Some(e) if e.name == "MIGRATION_PASS" => {
                         let m = q.execute("query-migrate", json!({}))?;
-                        let p = Pass {
+                        let mut p = Pass {
                             pass: e.data.get("pass").and_then(|p| p.as_u64()).unwrap_or(0),
                             elapsed_s: started.elapsed().as_secs_f64(),
                             transferred: u(&m, &["ram", "transferred"]),
                             remaining: u(&m, &["ram", "remaining"]),
                             dirty_sync_count: u(&m, &["ram", "dirty-sync-count"]),
                             mbps: m["ram"]["mbps"].as_f64().unwrap_or(0.0),
+                            action: None,
                         };
+                        let ctl = controller.get_or_insert_with(|| {
+                            Controller::new(
+                                &o.policy.default_config(),
+                                u(&m, &["ram", "total"]).max(1),
+                                4096,
+                                o.switchover,
+                                o.max_downtime_ms,
+                            )
+                        });
+                        let figures = PassFigures {
+                            elapsed: started.elapsed(),
+                            transferred: p.transferred,
+                            remaining: p.remaining,
+                            dirty_sync_count: p.dirty_sync_count,
+                            mbps: p.mbps,
+                        };
+                        match ctl.on_pass(&figures) {
+                            Action::Continue => {}
+                            Action::Observed { reason } => {
+                                sum.decided_by = Some(reason.to_string());
+                                sum.action = Some("observed (QEMU's own rule ends pre-copy)".into());
+                                p.action = Some(format!("{}: left to QEMU", reason.label()));
+                            }
+                            Action::RaiseDowntimeLimit { ms, reason } => {
+                                q.execute("migrate-set-parameters", json!({ "downtime-limit": ms }))?;
+                                sum.decided_by = Some(reason.to_string());
+                                sum.action = Some(format!("downtime-limit raised to {ms} ms"));
+                                p.action = Some(format!("{}: downtime-limit {ms} ms", reason.label()));
+                            }
+                            Action::StartPostcopy { reason } => {
+                                q.execute("migrate-start-postcopy", json!({}))?;
+                                sum.decided_by = Some(reason.to_string());
+                                sum.action = Some("postcopy started".into());
+                                sum.postcopy = true;
+                                p.action = Some(format!("{}: postcopy", reason.label()));
+                            }
+                        }
                         on_pass(&p);
                         sum.pass_log.push(p);
                         continue;
