@@ -27,6 +27,7 @@ REPO=$PWD
 OUT=${OUT:-$(mktemp -d)}
 S=livemig-dc-src-$$ D=livemig-dc-dst-$$
 PIDS=()
+WLS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
   ip netns del "$S" 2>/dev/null || true
@@ -56,8 +57,9 @@ for i in $(seq "$N"); do
   wait_for serve$i.out listening; wait_for receive$i.out listening
   qemu-io -f raw -c "write -P $((i % 200 + 1)) 0 ${PREWRITE}M" "nbd+unix:///?socket=src$i.sock" >/dev/null
   $PY "$REPO/bench/disk-workload.py" --uri "nbd+unix:///?socket=$OUT/src$i.sock" --next "nbd+unix:///?socket=$OUT/dst$i.sock" \
-    --offset-mib "$PREWRITE" --span-mib "$SPAN" --compute-ms "$COMPUTE_MS" --duration 600 >workload$i.jsonl &
+    --offset-mib "$PREWRITE" --span-mib "$SPAN" --compute-ms "$COMPUTE_MS" --duration 600 >workload$i.jsonl 2>workload$i.err &
   PIDS+=($!)
+  WLS+=($!)
 done
 sleep "$WARM"
 t0=$(date +%s.%N)
@@ -70,6 +72,9 @@ done
 fails=0
 for p in "${MIG[@]}"; do wait "$p" || fails=$((fails + 1)); done
 t1=$(date +%s.%N)
+# The writers stop (and flush at the destination) before the servers go.
+for p in "${WLS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+for p in "${WLS[@]}"; do wait "$p" 2>/dev/null || true; done
 echo
 echo "== $N disks ($SIZE, $PREWRITE MiB modified, a writer each) migrating at once with $STRATEGY over a $LINK link"
 printf '%-5s %8s %12s %9s\n' disk total_s traffic_MiB verified

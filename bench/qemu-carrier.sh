@@ -1,17 +1,20 @@
 #!/usr/bin/env bash
 # QEMU's own `tcp:` migration against QEMU migrating through livemig (`livemig qemu migrate`
-# + the destination carrier, unix: sockets, splice relay, one authenticated TCP session), the
+# + the destination carrier over one authenticated session: a single channel's connection is
+# handed to QEMU with getfd/fd:, multifd channels are relayed with splice; livemig-relay
+# forces the relay for a single channel too), the
 # same guest migrated back and forth on this machine, single channel and multifd. The guest
 # (qemu-patch/guest/build.sh) is idle after touching DATA MiB of its MEM MiB. Each run starts
 # a fresh destination QEMU; modes are interleaved so drift hits both alike. Prints every run,
-# the medians of QEMU's own figures (RAM bytes / total-time, downtime) and livemig / tcp.
+# the medians (QEMU's RAM bytes over the time from `migrate` to completion seen on QMP, QEMU's
+# downtime) and livemig / tcp.
 #
-#   MEM=1024 DATA=768 RUNS=3 MULTIFD="0 4" bench/qemu-carrier.sh
+#   MEM=1024 DATA=768 RUNS=5 MULTIFD="0 4" bench/qemu-carrier.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEM=${MEM:-1024}
 DATA=${DATA:-768}
-RUNS=${RUNS:-3}
+RUNS=${RUNS:-5}
 MULTIFD=${MULTIFD:-"0 4"}
 BW=${BW:-100G}
 cargo build --release -q -p livemig
@@ -59,24 +62,26 @@ for f in (src, dst):
     cmd(f, "migrate-set-parameters", p)
 s = socket.socket(); s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]; s.close()
 cmd(dst, "migrate-incoming", {"uri": f"tcp:127.0.0.1:{port}"})
+t0 = time.monotonic()
 cmd(src, "migrate", {"uri": f"tcp:127.0.0.1:{port}"})
 while True:
     m = cmd(src, "query-migrate")
     if m.get("status") in ("completed", "failed", "cancelled"): break
-    time.sleep(0.05)
+    time.sleep(0.01)
+wall = (time.monotonic() - t0) * 1000
 print(json.dumps({"status": m["status"], "total_ms": m.get("total-time", 0), "downtime_ms": m.get("downtime", 0),
-                  "ram_transferred": m.get("ram", {}).get("transferred", 0)}))
+                  "wall_ms": round(wall), "ram_transferred": m.get("ram", {}).get("transferred", 0)}))
 EOF
 }
 
-through_livemig() { # $1 = src, $2 = dst, $3 = multifd
+through_livemig() { # $1 = src, $2 = dst, $3 = multifd, then extra flags
   "$BIN" qemu carrier --listen 127.0.0.1:0 --incoming "$OUT/$2.in" --dst-qmp "$2.qmp" --secret-file secret \
     --json >"$2.carrier" 2>"$2.carrier.err" &
   local cp=$!
   for _ in $(seq 100); do grep -q listening "$2.carrier" 2>/dev/null && break; sleep 0.05; done
   local addr; addr=$(awk '{print $2; exit}' "$2.carrier")
   "$BIN" qemu migrate --src-qmp "$1.qmp" --to "$addr" --secret-file secret --multifd "$3" --max-bandwidth "$BW" \
-    --socket-dir "$OUT" --json 2>"$2.migrate.err"
+    --socket-dir "$OUT" --json "${@:4}" 2>"$2.migrate.err"
   wait "$cp" || true
 }
 
@@ -88,25 +93,39 @@ cur=g0
 : > runs.jsonl
 for run in $(seq "$RUNS"); do
   for mf in $MULTIFD; do
-    for mode in tcp livemig; do
+    modes="tcp livemig"
+    [[ $mf == 0 ]] && modes="tcp livemig livemig-relay"
+    for mode in $modes; do
       n=$((n + 1))
       qemu "g$n" "-incoming defer"
-      if [[ $mode == tcp ]]; then r=$(direct "$cur" "g$n" "$mf"); else r=$(through_livemig "$cur" "g$n" "$mf"); fi
-      kill "$(cat "$cur.pid")" 2>/dev/null || true
-      cur=g$n
-      echo "$r" | jq -c --arg mode "$mode" --argjson mf "$mf" --argjson run "$run" \
-        '{mode: $mode, multifd: $mf, run: $run, status, total_ms, downtime_ms, ram_transferred,
-          mib_s: (.ram_transferred / 1048576 / (.total_ms / 1000))}' | tee -a runs.jsonl >&2
+      case $mode in
+        tcp) r=$(direct "$cur" "g$n" "$mf") ;;
+        livemig) r=$(through_livemig "$cur" "g$n" "$mf") ;;
+        livemig-relay) r=$(through_livemig "$cur" "g$n" "$mf" --relay) ;;
+      esac
+      if echo "$r" | jq -e '.status == "completed"' >/dev/null 2>&1; then
+        old=$(cat "$cur.pid"); cur=g$n
+      else
+        old=$(cat "g$n.pid")   # not migrated: the guest runs on where it was
+      fi
+      kill "$old" 2>/dev/null || true
+      while kill -0 "$old" 2>/dev/null; do sleep 0.1; done
+      sleep 1
+      echo "${r:-{\"status\": \"no result\"\}}" | jq -c --arg mode "$mode" --argjson mf "$mf" --argjson run "$run" \
+        '{mode: $mode, multifd: $mf, run: $run, status, wall_ms, total_ms, downtime_ms, ram_transferred,
+          mib_s: (if (.wall_ms // 0) > 0 then .ram_transferred / 1048576 / (.wall_ms / 1000) else null end)}' | tee -a runs.jsonl >&2
     done
   done
 done
 
 echo
 echo "== QEMU migration of an idle ${MEM} MiB guest holding $DATA MiB: direct tcp: vs through livemig (medians of $RUNS)"
-printf '%-8s %8s %9s %10s %12s %9s\n' mode multifd MiB/s total_ms downtime_ms RAM_MiB
-jq -s -r 'group_by([.multifd, .mode]) | .[] | (map(.mib_s)|sort) as $r | (map(.total_ms)|sort) as $t | (map(.downtime_ms)|sort) as $d |
+printf '%-8s %8s %9s %10s %12s %9s\n' mode multifd MiB/s wall_ms downtime_ms RAM_MiB
+jq -s -r 'map(select(.status == "completed" and .mib_s != null)) | group_by([.multifd, .mode]) | .[] | (map(.mib_s)|sort) as $r | (map(.wall_ms)|sort) as $t | (map(.downtime_ms)|sort) as $d |
   [.[0].mode, .[0].multifd, ($r[($r|length)/2|floor]|round), $t[($t|length)/2|floor], $d[($d|length)/2|floor],
    (.[0].ram_transferred/1048576|round)] | @tsv' runs.jsonl | awk -F'\t' '{ printf "%-8s %8s %9s %10s %12s %9s\n", $1,$2,$3,$4,$5,$6 }'
-jq -s -r 'group_by(.multifd) | .[] | (map(select(.mode=="tcp").mib_s)|sort) as $a | (map(select(.mode=="livemig").mib_s)|sort) as $b |
-  "multifd \(.[0].multifd): livemig / direct tcp = \((($b[($b|length)/2|floor]) / ($a[($a|length)/2|floor]))*100|round/100)"' runs.jsonl
-echo "(runs in $OUT/runs.jsonl)"
+jq -s -r 'map(select(.status == "completed" and .mib_s != null)) | group_by(.multifd) | .[] | (map(select(.mode=="tcp").mib_s)|sort) as $a | (map(select(.mode=="livemig").mib_s)|sort) as $b |
+  (map(select(.mode=="livemig-relay").mib_s)|sort) as $c |
+  "multifd \(.[0].multifd): livemig / direct tcp = \((($b[($b|length)/2|floor]) / ($a[($a|length)/2|floor]))*100|round/100)" +
+  (if ($c|length) > 0 then ", relayed single channel / direct tcp = \((($c[($c|length)/2|floor]) / ($a[($a|length)/2|floor]))*100|round/100)" else "" end)' runs.jsonl
+echo "runs left out (not completed): $(jq -s 'map(select(.status != "completed" or .mib_s == null)) | length' runs.jsonl) (runs in $OUT/runs.jsonl)"

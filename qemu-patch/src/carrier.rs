@@ -38,6 +38,10 @@ pub enum CarrierMsg {
         capabilities: Vec<(String, bool)>,
         /// Migration parameters (`migrate-set-parameters` arguments).
         parameters: serde_json::Map<String, Value>,
+        /// Hand the single channel's socket to QEMU itself (`getfd` + `fd:`), so QEMU speaks
+        /// on the authenticated connection with no relay; else relay every channel.
+        #[serde(default)]
+        handoff: bool,
     },
     /// Destination → source: QEMU is waiting for the stream.
     Ready,
@@ -334,9 +338,16 @@ pub struct DestOutcome {
 /// Runs the destination carrier on an accepted session.
 pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcome, CarrierError> {
     let (caps, params) = match recv(&mut *t, o.timeout, "the source carrier's Prepare")? {
-        CarrierMsg::Prepare { capabilities, parameters } => (capabilities, parameters),
+        CarrierMsg::Prepare { capabilities, parameters, handoff } => (capabilities, (parameters, handoff)),
         m => return Err(CarrierError::Peer(format!("{m:?} instead of Prepare"))),
     };
+    let (caps, params, handoff) = (caps, params.0, params.1);
+    let mut channels = take_channels(&mut *t);
+    if handoff && (o.qmp.is_none() || channels.len() != 1) {
+        let reason = "handing the connection to QEMU needs --dst-qmp and exactly one channel".to_string();
+        let _ = send(&mut *t, &CarrierMsg::Failed { reason: reason.clone() });
+        return Err(CarrierError::Peer(reason));
+    }
     let mut qmp = match &o.qmp {
         Some(p) => {
             let prepared = (|| -> Result<Qmp, QmpError> {
@@ -348,7 +359,15 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
                 if !params.is_empty() {
                     q.execute("migrate-set-parameters", Value::Object(params.clone()))?;
                 }
-                q.execute("migrate-incoming", json!({ "uri": format!("unix:{}", o.incoming.display()) }))?;
+                if handoff {
+                    // QEMU reads the stream straight from the authenticated connection.
+                    let fd =
+                        channels[0].raw_fd().ok_or_else(|| QmpError::Protocol("no descriptor to hand over".into()))?;
+                    q.execute_with_fd("getfd", json!({ "fdname": "livemig" }), fd)?;
+                    q.execute("migrate-incoming", json!({ "uri": "fd:livemig" }))?;
+                } else {
+                    q.execute("migrate-incoming", json!({ "uri": format!("unix:{}", o.incoming.display()) }))?;
+                }
                 Ok(q)
             })();
             match prepared {
@@ -361,7 +380,10 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
         }
         None => None,
     };
-    let channels = take_channels(&mut *t);
+    if handoff {
+        // QEMU holds its own copy of the socket now; nothing to relay.
+        channels.clear();
+    }
     send(&mut *t, &CarrierMsg::Ready)?;
     let started = Instant::now();
     let stop = AtomicBool::new(false);

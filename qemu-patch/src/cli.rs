@@ -114,7 +114,7 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
     if a.channels > 1 {
         params.insert("multifd-channels".into(), serde_json::json!(a.channels - 1));
     }
-    carrier::send(&mut *t, &CarrierMsg::Prepare { capabilities: caps, parameters: params })?;
+    carrier::send(&mut *t, &CarrierMsg::Prepare { capabilities: caps, parameters: params, handoff: false })?;
     match carrier::recv(&mut *t, io_timeout + Duration::from_secs(10), "the destination carrier's Ready")? {
         CarrierMsg::Ready => {}
         m => bail!("the destination carrier answered {m:?}"),
@@ -183,6 +183,10 @@ pub struct QemuMigrateArgs {
     /// Cap on the downtime limit the controller sets, ms.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub max_downtime: u64,
+    /// Relay a single channel through a unix socket too (by default its authenticated
+    /// connection is handed to QEMU with getfd and `fd:`, so nothing is relayed).
+    #[arg(long)]
+    pub relay: bool,
     /// Directory for the carrier's unix socket.
     #[arg(long, value_name = "DIR", default_value = "/tmp")]
     pub socket_dir: PathBuf,
@@ -207,6 +211,7 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         policy: a.policy,
         switchover: a.switchover,
         max_downtime_ms: a.max_downtime,
+        relay: a.relay,
     };
     let json = a.json;
     let s = migrate::migrate(&o, &secret, &mut |p| {
@@ -252,7 +257,11 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         );
     }
     if !s.dest_running {
-        bail!("the migration completed but the destination's guest does not run ({})", s.dest_status);
+        bail!(
+            "QEMU completed the migration at the source, but the destination's guest is not known to run ({}); \
+             check the destination QEMU",
+            s.dest_status
+        );
     }
     Ok(())
 }

@@ -46,6 +46,8 @@ pub struct MigrateOptions {
     pub switchover: Switchover,
     /// Cap on the downtime limit the controller sets, ms.
     pub max_downtime_ms: u64,
+    /// Relay a single channel too, instead of handing the connection to QEMU.
+    pub relay: bool,
 }
 
 /// One pass, as QEMU reports it after its dirty-bitmap sync.
@@ -85,10 +87,14 @@ pub struct Summary {
     pub carried: u64,
     /// Bytes back (return path).
     pub carried_back: u64,
-    /// Connections QEMU opened.
+    /// Connections QEMU opened through the relay (0 when the connection was handed over).
     pub channels: u64,
+    /// The single channel's connection was handed to QEMU (no relay).
+    pub handoff: bool,
     /// Carried bytes over the time from `migrate` to completion, MiB/s.
     pub throughput_mib_s: f64,
+    /// From `migrate` to the end status, as seen here, ms.
+    pub wall_ms: u64,
     /// Dirty-bitmap syncs (passes).
     pub passes: u64,
     /// Every pass.
@@ -141,15 +147,24 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         TransportOptions { choice: TransportChoice::Tcp, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
     let mut t = livemig_engine::connect::connect(TransportKind::Tcp, &o.to, &opts, secret, &RegionTable::new())
         .map_err(CarrierError::Transport)?;
-    carrier::send(&mut *t, &CarrierMsg::Prepare { capabilities: caps.clone(), parameters: params.clone() })?;
+    // A single channel is handed to QEMU itself at both ends: QEMU speaks on the
+    // authenticated connection and nothing is relayed.
+    let handoff = o.multifd == 0 && !o.relay;
+    carrier::send(&mut *t, &CarrierMsg::Prepare { capabilities: caps.clone(), parameters: params.clone(), handoff })?;
     match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination carrier's Ready")? {
         CarrierMsg::Ready => {}
         CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
         m => return Err(CarrierError::Peer(format!("{m:?} instead of Ready"))),
     }
     let sock = o.socket_dir.join(format!("livemig-qemu-{}-{}.sock", std::process::id(), rand_suffix()));
-    let listener = std::os::unix::net::UnixListener::bind(&sock)
-        .map_err(|source| CarrierError::Io { what: format!("binding {}", sock.display()), source })?;
+    let listener = if handoff {
+        None
+    } else {
+        Some(
+            std::os::unix::net::UnixListener::bind(&sock)
+                .map_err(|source| CarrierError::Io { what: format!("binding {}", sock.display()), source })?,
+        )
+    };
     struct Unlink(PathBuf);
     impl Drop for Unlink {
         fn drop(&mut self) {
@@ -162,16 +177,31 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     if !params.is_empty() {
         q.execute("migrate-set-parameters", Value::Object(params))?;
     }
-    let chans = carrier::take_channels(&mut *t);
+    let mut chans = carrier::take_channels(&mut *t);
+    let uri = if handoff {
+        let fd = chans
+            .first()
+            .and_then(|c| c.raw_fd())
+            .ok_or_else(|| CarrierError::Peer("the session has no channel to hand to QEMU".into()))?;
+        q.execute_with_fd("getfd", json!({ "fdname": "livemig" }), fd)?;
+        // QEMU holds its own copy now.
+        chans.clear();
+        "fd:livemig".to_string()
+    } else {
+        format!("unix:{}", sock.display())
+    };
     let stop = AtomicBool::new(false);
     let counters = Counters::default();
     let started = Instant::now();
     let mut sum = Summary::default();
     let mut controller: Option<Controller> = None;
     let watched = std::thread::scope(|s| {
-        let relays = s.spawn(|| carrier::source_relays(listener, chans, &stop, &counters));
+        let relays = s.spawn(|| match listener {
+            Some(l) => carrier::source_relays(l, chans, &stop, &counters),
+            None => Ok(()),
+        });
         let watched = (|| -> Result<String, CarrierError> {
-            q.execute("migrate", json!({ "uri": format!("unix:{}", sock.display()) }))?;
+            q.execute("migrate", json!({ "uri": uri }))?;
             loop {
                 if started.elapsed() > o.max_time {
                     let _ = q.execute("migrate_cancel", json!({}));
@@ -249,6 +279,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
             }
         })();
         let elapsed = started.elapsed();
+        sum.wall_ms = elapsed.as_millis() as u64;
         // QEMU closes its connections when it is done; wait for the relays to drain (briefly
         // after a failure: QEMU may keep a failed stream's socket open), then end them.
         let grace = if matches!(&watched, Ok(s) if s == "completed") { o.io_timeout } else { Duration::from_secs(1) };
@@ -280,6 +311,12 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     sum.carried = counters.forward.load(Ordering::Acquire);
     sum.carried_back = counters.back.load(Ordering::Acquire);
     sum.channels = counters.channels.load(Ordering::Acquire);
+    sum.handoff = handoff;
+    if handoff {
+        sum.carried = u(&q.execute("query-migrate", json!({}))?, &["ram", "transferred"]);
+        sum.channels = 1;
+        sum.throughput_mib_s = sum.carried as f64 / (1 << 20) as f64 / (sum.wall_ms.max(1) as f64 / 1e3);
+    }
     let status = watched?;
     let m = q.execute("query-migrate", json!({}))?;
     sum.status = status;
@@ -295,13 +332,17 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         sum.dest_status = "unknown (the migration failed)".into();
         return Ok(sum);
     }
-    match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination's outcome")? {
-        CarrierMsg::Finished { status, running } => {
+    match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination's outcome") {
+        Ok(CarrierMsg::Finished { status, running }) => {
             sum.dest_status = status;
             sum.dest_running = running;
         }
-        CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
-        m => return Err(CarrierError::Peer(format!("{m:?} instead of Finished"))),
+        Ok(CarrierMsg::Failed { reason }) => {
+            sum.dest_status = format!("unknown (the destination carrier failed: {reason})")
+        }
+        Ok(m) => return Err(CarrierError::Peer(format!("{m:?} instead of Finished"))),
+        // QEMU completed at the source; only the report from the destination is missing.
+        Err(e) => sum.dest_status = format!("unknown (no report from the destination carrier: {e})"),
     }
     Ok(sum)
 }

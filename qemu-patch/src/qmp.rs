@@ -3,6 +3,7 @@
 
 use std::collections::VecDeque;
 use std::io::{BufRead, BufReader, Read, Write};
+use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -128,6 +129,15 @@ impl Qmp {
 
     /// Runs `command` with `arguments`; returns its `return` value.
     pub fn execute(&mut self, command: &str, arguments: Value) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, None)
+    }
+
+    /// Runs `command` with `fd` passed alongside (SCM_RIGHTS), as `getfd` expects.
+    pub fn execute_with_fd(&mut self, command: &str, arguments: Value, fd: RawFd) -> Result<Value, QmpError> {
+        self.execute_inner(command, arguments, Some(fd))
+    }
+
+    fn execute_inner(&mut self, command: &str, arguments: Value, fd: Option<RawFd>) -> Result<Value, QmpError> {
         let id = self.next_id;
         self.next_id += 1;
         let mut req = json!({ "execute": command, "id": id });
@@ -136,7 +146,11 @@ impl Qmp {
         }
         let mut line = serde_json::to_vec(&req).expect("JSON values serialise");
         line.push(b'\n');
-        self.w.write_all(&line).map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
+        let sent = match fd {
+            None => self.w.write_all(&line),
+            Some(fd) => send_with_fd(&self.w, &line, fd),
+        };
+        sent.map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
         let deadline = Instant::now() + self.timeout;
         loop {
             let v = self.read_value(deadline, command)?;
@@ -178,6 +192,38 @@ impl Qmp {
         let list: Vec<Value> = caps.iter().map(|(c, s)| json!({ "capability": c, "state": s })).collect();
         self.execute("migrate-set-capabilities", json!({ "capabilities": list })).map(|_| ())
     }
+}
+
+/// Writes `data` on `sock` with `fd` attached to its first byte (SCM_RIGHTS).
+fn send_with_fd(sock: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()> {
+    let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
+    // SAFETY: CMSG_SPACE is a pure size computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is a valid empty header; every pointer set below refers to
+    // buffers (iov, data, cbuf) that outlive the sendmsg call.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space as _;
+    // SAFETY: the control buffer holds exactly one header with room for one descriptor
+    // (CMSG_SPACE above), so CMSG_FIRSTHDR is non-null and CMSG_DATA points inside it.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+    }
+    // SAFETY: sendmsg on our connected socket with the header built above.
+    let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &msg, libc::MSG_NOSIGNAL) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // The descriptor went with the first byte; the rest of the line follows plainly.
+    let mut w = sock;
+    w.write_all(&data[n as usize..])
 }
 
 #[cfg(test)]

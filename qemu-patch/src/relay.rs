@@ -31,16 +31,7 @@ impl Pipe {
 fn splice(from: RawFd, to: RawFd, len: usize) -> std::io::Result<usize> {
     loop {
         // SAFETY: splice between descriptors the caller keeps open; no memory is passed.
-        let n = unsafe {
-            libc::splice(
-                from,
-                std::ptr::null_mut(),
-                to,
-                std::ptr::null_mut(),
-                len,
-                libc::SPLICE_F_MOVE | libc::SPLICE_F_MORE,
-            )
-        };
+        let n = unsafe { libc::splice(from, std::ptr::null_mut(), to, std::ptr::null_mut(), len, libc::SPLICE_F_MOVE) };
         if n >= 0 {
             return Ok(n as usize);
         }
