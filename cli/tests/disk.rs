@@ -459,15 +459,25 @@ fn a_served_disk_migrates_live_with_writes_during_the_transfer() {
     }
     for strategy in ["hybrid", "precopy"] {
         let (d, mut want, s) = migration_setup(&format!("live-{strategy}"));
-        let r = Receiver::start(&d, &["--base", "base.img", "dst.img"], &[]);
-        let mut m = migrate_cmd(&d, &r.addr(), &["--strategy", strategy, "--switchover", "command"]);
+        let r = Receiver::start(&d, &["--base", "base.img", "dst.img", "--io-timeout", "2"], &[]);
+        let mut m =
+            migrate_cmd(&d, &r.addr(), &["--strategy", strategy, "--switchover", "command", "--io-timeout", "2"]);
         wait_status(&d, "migrating");
-        // During the transfer: a cold range written once, and hot chunks written three times.
+        // During the transfer: a cold range written once, hot chunks written three times, and
+        // a read that grows a pushed chunk's local range from the base (nothing to resend).
         let o = qemu_io(
             &s.uri(),
-            &["write -P 0x22 4M 1M", "write -P 0x31 8M 512k", "write -P 0x32 8M 512k", "write -P 0x33 8M 512k"],
+            &[
+                "write -P 0x22 4M 1M",
+                "write -P 0x31 8M 512k",
+                "write -P 0x32 8M 512k",
+                "write -P 0x33 8M 512k",
+                "read 5300k 4k",
+            ],
         );
         assert!(o.status.success(), "{o:?}");
+        // Waiting for the switchover command longer than either side's silence bound.
+        std::thread::sleep(Duration::from_secs(3));
         want[4 << 20..5 << 20].fill(0x22);
         want[8 << 20..(8 << 20) + (512 << 10)].fill(0x33);
         run(Command::new(BIN).args(["disk", "switchover", "--control", "src.ctl"]).current_dir(&d));

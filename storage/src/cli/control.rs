@@ -165,6 +165,8 @@ fn serve_control(c: UnixStream, disk: &SourceDisk) -> std::io::Result<()> {
                 let res = disk.migrate(&o, &secret, &mut |p| {
                     let _ = reply(&mut pw, &serde_json::json!({ "progress": p }));
                 });
+                // The timeout is the socket's: the final reply gets a longer one.
+                w.set_write_timeout(Some(Duration::from_secs(30)))?;
                 match res {
                     Ok(s) => reply(&mut w, &serde_json::json!({ "return": s }))?,
                     Err(e) => {

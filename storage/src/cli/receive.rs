@@ -71,6 +71,14 @@ fn open_base(a: &DiskReceiveArgs) -> Result<Option<Box<dyn Base>>> {
 fn open_for(a: &DiskReceiveArgs, base: Option<Box<dyn Base>>, o: &Offer) -> Result<Arc<Mirror>, String> {
     let m = match base {
         Some(b) => {
+            if crate::mirror::meta_path(&a.file).exists() {
+                // Chunks held from an earlier run would be served unchecked.
+                return Err(format!(
+                    "{} already holds a mirror ({}): give a new file",
+                    a.file.display(),
+                    "FILE.lmmeta"
+                ));
+            }
             if b.size() != o.disk_size {
                 return Err(format!("the base here has {} bytes, the source's disk {}", b.size(), o.disk_size));
             }

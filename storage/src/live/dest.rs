@@ -82,6 +82,8 @@ struct State {
     overwritten: HashSet<usize>,
     pulled_urgent: u64,
     bytes_pulled: u64,
+    /// Chunks asked for on the urgent stream and not yet answered.
+    urgent_asked: HashSet<usize>,
 }
 
 /// Shared between the driver, the urgent receiver and the disk served to clients.
@@ -153,6 +155,7 @@ impl Shared {
                 },
             };
             if pull {
+                st.urgent_asked.insert(c);
                 drop(st);
                 let sent = urgent.send_message(&proto::encode(&Msg::Pull(c as u32)));
                 st = self.lock();
@@ -242,7 +245,15 @@ impl Disk for DestDisk {
         self.shared.mirror.flush()
     }
     fn allocation(&self, r: Range) -> Result<Vec<(u64, bool)>, DiskError> {
-        // Chunks still at the source are reported as data (the mirror sees them as base).
+        // A chunk still at the source may be a hole in the local file (a plain disk): a
+        // range touching one is reported as data, so no client skips reading it.
+        let pending = {
+            let st = self.shared.lock();
+            self.chunks(r.start, r.len()).any(|c| st.sm.needs(c))
+        };
+        if pending {
+            return Ok(vec![(r.len(), false)]);
+        }
         self.shared.mirror.allocation(r)
     }
 }
@@ -293,6 +304,13 @@ pub fn receive(
                 let _ = send(&mut *t, &Msg::Refuse(why.clone()));
                 return Err(fail(Error::Refused(why)));
             }
+            // An authenticated peer still gets its numbers checked before anything is sized.
+            if !(4096..=proto::MAX_CHUNK).contains(&chunk_size) || !chunk_size.is_power_of_two() || disk_size > 1 << 50
+            {
+                let why = format!("a {disk_size}-byte disk in {chunk_size}-byte chunks is out of range");
+                let _ = send(&mut *t, &Msg::Refuse(why.clone()));
+                return Err(fail(Error::Refused(why)));
+            }
             Offer { strategy, chunk_size, disk_size, base }
         }
         m => return Err(fail(Error::Unexpected(format!("{m:?} instead of Begin")))),
@@ -314,8 +332,16 @@ pub fn receive(
     let nchunks = offer.disk_size.div_ceil(offer.chunk_size as u64) as usize;
     let mut rest: Vec<(usize, u32)> = Vec::new();
     let mut last_report = Instant::now();
+    let mut last_alive = Instant::now();
     loop {
+        if last_alive.elapsed() >= Duration::from_secs(1) {
+            // Installing a backlog of pushes can take a while: the source must not take it
+            // for silence.
+            send(&mut *t, &Msg::Alive).map_err(fail)?;
+            last_alive = Instant::now();
+        }
         match recv(&mut *t, o.io_timeout, "the source while it pushed").map_err(fail)? {
+            Msg::Alive => {}
             Msg::Chunk { index, lo, hash, data } => {
                 let c = shared.install(index, lo, hash, &data).map_err(fail)?;
                 shared.lock().sm.on_pushed(c);
@@ -351,13 +377,10 @@ pub fn receive(
             });
         }
     }
-    // TRANSFER_IO_CONTROL: confirmed first; I/O is served here from then on.
-    send(&mut *t, &Msg::Taken).map_err(fail)?;
-    let mut t = t.0.take().expect("the session is still here");
+    // TRANSFER_IO_CONTROL: the disk is served here first (a failure to serve it is an Abort,
+    // and the source serves on), then the handover is confirmed.
     sum.remaining_at_handover = rest.len() as u64;
     shared.lock().sm.on_control(rest);
-    sum.handover_s = start.elapsed().as_secs_f64();
-    let handover = Instant::now();
     let disk = Arc::new(DestDisk { shared: shared.clone(), urgent: urgent.clone() });
     let stop = Arc::new(AtomicBool::new(false));
     let receiver = {
@@ -367,9 +390,16 @@ pub fn receive(
             .spawn(move || receive_urgent(&shared, &*urgent, &stop))
             .map_err(|e| fail(Error::Unexpected(format!("no thread for urgent pulls: {e}"))))?
     };
-    let res = serve(disk.clone())
-        .map_err(|why| Error::Unexpected(format!("serving the disk: {why}")))
-        .and_then(|()| pull_rest(&mut *t, o, &shared, &mut sum, start, progress));
+    if let Err(why) = serve(disk.clone()) {
+        stop.store(true, Ordering::Release);
+        let _ = receiver.join();
+        return Err(fail(Error::Unexpected(format!("serving the disk: {why}"))));
+    }
+    send(&mut *t, &Msg::Taken).map_err(fail)?;
+    let mut t = t.0.take().expect("the session is still here");
+    sum.handover_s = start.elapsed().as_secs_f64();
+    let handover = Instant::now();
+    let res = pull_rest(&mut *t, o, &shared, &mut sum, start, progress);
     sum.pull_s = handover.elapsed().as_secs_f64();
     stop.store(true, Ordering::Release);
     let _ = receiver.join();
@@ -378,7 +408,7 @@ pub fn receive(
         sum.chunks_pulled_urgent = st.pulled_urgent;
         sum.bytes_pulled = st.bytes_pulled;
         sum.pulls_cancelled = st.sm.counts().2;
-        sum.chunks_pulled = st.sm.counts().1 - st.pulled_urgent;
+        sum.chunks_pulled = st.sm.counts().1.saturating_sub(st.pulled_urgent);
     }
     sum.total_s = start.elapsed().as_secs_f64();
     sum.base_fetched_bytes = shared.mirror.fetched_bytes();
@@ -434,7 +464,12 @@ fn pull_rest(
     let mut in_flight: BTreeSet<usize> = BTreeSet::new();
     let mut last_heard = Instant::now();
     let mut last_report = Instant::now();
+    let mut last_alive = Instant::now();
     loop {
+        if last_alive.elapsed() >= Duration::from_secs(1) {
+            send(t, &Msg::Alive)?;
+            last_alive = Instant::now();
+        }
         {
             let mut st = shared.lock();
             if let Some(why) = &st.lost {
@@ -484,6 +519,7 @@ fn pull_rest(
                 shared.cv.notify_all();
             }
             Msg::Unavailable(c) => return Err(Error::Unexpected(format!("the source cannot send chunk {c}"))),
+            Msg::Alive => {}
             Msg::Abort(why) => return Err(Error::PeerAborted(why)),
             m => return Err(Error::Unexpected(format!("{m:?} while pulling"))),
         }
@@ -497,7 +533,11 @@ fn pull_rest(
         send(t, &Msg::Cancelled(part.to_vec()))?;
     }
     send(t, &Msg::Done { held: held.len() as u32, cancelled: overwritten.len() as u32 })?;
-    match recv(t, o.io_timeout.max(Duration::from_secs(60)), "the source's check")? {
+    let mut answer = recv(t, o.io_timeout.max(Duration::from_secs(60)), "the source's check")?;
+    while answer == Msg::Alive {
+        answer = recv(t, o.io_timeout.max(Duration::from_secs(60)), "the source's check")?;
+    }
+    match answer {
         Msg::Verified { checked, bad } if bad.is_empty() => {
             sum.verified_chunks = checked;
             Ok(())
@@ -556,9 +596,9 @@ fn receive_urgent(shared: &Shared, urgent: &dyn UrgentChannel, stop: &AtomicBool
         let UrgentEvent::Message(m) = ev else { continue };
         let outcome = match proto::decode(&m) {
             Ok(Msg::Chunk { index, lo, hash, data }) => {
-                let asked = shared.lock().sm.needs(index as usize);
+                let asked = shared.lock().urgent_asked.remove(&(index as usize));
                 if !asked {
-                    Err(format!("urgent chunk {index} that is not needed"))
+                    Err(format!("urgent chunk {index} that was not asked for"))
                 } else {
                     match shared.install(index, lo, hash, &data) {
                         Ok(c) => {

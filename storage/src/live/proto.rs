@@ -18,6 +18,7 @@
 //!  12   Verified      checked u32, bad n u32, n × index u32
 //!  13   Abort         reason (UTF-8)
 //!  14   Taken         — (the destination serves I/O from now on)
+//!  15   Alive         — (either side, at least every second while it has nothing else to say)
 //! ```
 
 /// Protocol version.
@@ -126,6 +127,9 @@ pub enum Msg {
     Abort(String),
     /// Destination → source: control taken; it serves I/O from now on.
     Taken,
+    /// Either side: still here (sent while there is nothing else to say, so the peer's
+    /// silence bound only catches a peer that is really gone).
+    Alive,
 }
 
 /// A message that does not decode.
@@ -237,6 +241,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, DecodeError> {
         }
         13 => Msg::Abort(r.text()?),
         14 => Msg::Taken,
+        15 => Msg::Alive,
         t => return bad(format!("unknown message type {t}")),
     };
     r.end()?;
@@ -261,7 +266,7 @@ pub fn encode(m: &Msg) -> Vec<u8> {
         Msg::Accept => b.push(2),
         Msg::Refuse(s) => {
             b.push(3);
-            b.extend_from_slice(&s.as_bytes()[..s.len().min(4096)]);
+            b.extend_from_slice(short(s).as_bytes());
         }
         Msg::Chunk { index, lo, hash, data } => return encode_chunk(*index, *lo, *hash, data),
         Msg::Remaining(v) => {
@@ -316,11 +321,21 @@ pub fn encode(m: &Msg) -> Vec<u8> {
         }
         Msg::Abort(s) => {
             b.push(13);
-            b.extend_from_slice(&s.as_bytes()[..s.len().min(4096)]);
+            b.extend_from_slice(short(s).as_bytes());
         }
         Msg::Taken => b.push(14),
+        Msg::Alive => b.push(15),
     }
     b
+}
+
+/// At most 4096 bytes of `s`, cut at a character boundary.
+fn short(s: &str) -> &str {
+    let mut n = s.len().min(4096);
+    while !s.is_char_boundary(n) {
+        n -= 1;
+    }
+    &s[..n]
 }
 
 /// Encodes a Chunk message straight from the bytes (no intermediate copy).
@@ -366,6 +381,7 @@ mod tests {
             Msg::Verified { checked: 3, bad: vec![2] },
             Msg::Abort("gone".into()),
             Msg::Taken,
+            Msg::Alive,
         ];
         for m in msgs {
             assert_eq!(decode(&encode(&m)), Ok(m.clone()));

@@ -45,6 +45,33 @@ struct Live {
     /// Every chunk that must reach the destination (the transfer set and every chunk written
     /// during the transfer).
     must: BTreeSet<usize>,
+    /// The range last sent of each chunk (what the destination must hold: a read here may
+    /// grow a chunk's local range from the base afterwards, which changes nothing there).
+    sent: HashMap<usize, (u32, u32)>,
+}
+
+/// Reads chunk `c`'s locally valid bytes: `(lo, bytes)`, or `None` when nothing is local (a
+/// write that failed before any byte landed; the chunk still reads as the base).
+fn read_chunk(mirror: &Mirror, c: usize) -> Result<Option<(u32, Vec<u8>)>, DiskError> {
+    let Some((lo, hi)) = mirror.valid_range(c) else { return Ok(None) };
+    let r = chunk_range(mirror.chunk_size(), mirror.size(), c);
+    let mut buf = vec![0u8; (hi - lo) as usize];
+    mirror.read(r.start + lo as u64, &mut buf)?;
+    Ok(Some((lo, buf)))
+}
+
+impl Live {
+    /// Records what was sent of `c` (or that nothing could be: it reads as the base).
+    fn record(&mut self, c: usize, sent: &Option<(u32, Vec<u8>)>) {
+        match sent {
+            Some((lo, b)) => {
+                self.sent.insert(c, (*lo, *lo + b.len() as u32));
+            }
+            None => {
+                self.must.remove(&c);
+            }
+        }
+    }
 }
 
 /// Where the disk's I/O stands.
@@ -237,7 +264,7 @@ impl SourceDisk {
                 Strategy::Hybrid => Sm::Hybrid(SourceTransfer::new(set, o.threshold)),
                 Strategy::Precopy => Sm::Precopy(PrecopyTransfer::new(set)),
             };
-            let live = Arc::new(Mutex::new(Live { sm, must }));
+            let live = Arc::new(Mutex::new(Live { sm, must, sent: HashMap::new() }));
             *g = Mode::Migrating(live.clone());
             live
         };
@@ -282,17 +309,12 @@ impl SourceDisk {
         }
     }
 
-    fn push_one(&self, t: &mut dyn Transport, c: usize) -> Result<u64, Error> {
-        let chunk = self.mirror.chunk_size();
-        let Some((lo, hi)) = self.mirror.valid_range(c) else {
-            // Written, then nothing local? Only a failed fetch leaves that; send nothing.
-            return Ok(0);
-        };
-        let r = chunk_range(chunk, self.mirror.size(), c);
-        let mut buf = vec![0u8; (hi - lo) as usize];
-        self.mirror.read(r.start + lo as u64, &mut buf)?;
-        let h = proto::hash(&buf);
-        t.send_message(&proto::encode_chunk(c as u32, lo, h, &buf)).map_err(Error::Transport)?;
+    /// Pushes chunk `c` (or, with nothing local, drops it from what must cross).
+    fn push_one(&self, t: &mut dyn Transport, live: &Mutex<Live>, c: usize) -> Result<u64, Error> {
+        let got = read_chunk(&self.mirror, c)?;
+        live.lock().unwrap_or_else(|e| e.into_inner()).record(c, &got);
+        let Some((lo, buf)) = got else { return Ok(0) };
+        t.send_message(&proto::encode_chunk(c as u32, lo, proto::hash(&buf), &buf)).map_err(Error::Transport)?;
         Ok(buf.len() as u64)
     }
 
@@ -307,13 +329,15 @@ impl SourceDisk {
     ) -> Result<(), Error> {
         let chunk = self.mirror.chunk_size() as u64;
         let mut last_report = Instant::now();
+        let mut last_alive = Instant::now();
         loop {
             // The destination may give up at any time.
             if let Some(m) = t.recv_message(Some(Duration::ZERO)).map_err(Error::Transport)? {
-                return Err(match proto::decode(&m)? {
-                    Msg::Abort(why) => Error::PeerAborted(why),
-                    m => Error::Unexpected(format!("{m:?} while pushing")),
-                });
+                match proto::decode(&m)? {
+                    Msg::Alive => {}
+                    Msg::Abort(why) => return Err(Error::PeerAborted(why)),
+                    m => return Err(Error::Unexpected(format!("{m:?} while pushing"))),
+                }
             }
             let elapsed = start.elapsed().as_secs_f64().max(1e-3);
             let rate = sum.bytes_pushed as f64 / elapsed;
@@ -343,7 +367,7 @@ impl SourceDisk {
             let wanted = self.switchover.load(Ordering::Acquire);
             match next {
                 Some(c) => {
-                    let n = self.push_one(t, c)?;
+                    let n = self.push_one(t, live, c)?;
                     sum.chunks_pushed += 1;
                     sum.bytes_pushed += n;
                     if !wanted {
@@ -353,6 +377,11 @@ impl SourceDisk {
                 None if o.switchover == SwitchoverMode::Auto && (o.strategy == Strategy::Hybrid || converged) => {}
                 None if wanted => {}
                 None => {
+                    // Waiting for the switchover command: tell the destination we are here.
+                    if last_alive.elapsed() >= Duration::from_secs(1) {
+                        send(t, &Msg::Alive)?;
+                        last_alive = Instant::now();
+                    }
                     std::thread::sleep(Duration::from_millis(5));
                     continue;
                 }
@@ -377,14 +406,25 @@ impl SourceDisk {
         let mut g = self.mode.write().unwrap_or_else(|e| e.into_inner());
         let mut l = live.lock().unwrap_or_else(|e| e.into_inner());
         let rest: Vec<(u32, u32)> = match &mut l.sm {
-            Sm::Hybrid(s) => s.transfer_control().into_iter().map(|(c, n)| (c as u32, n)).collect(),
+            Sm::Hybrid(s) => {
+                let mut rest = Vec::new();
+                for (c, n) in s.transfer_control() {
+                    if self.mirror.valid_range(c).is_some() {
+                        rest.push((c as u32, n));
+                    } else {
+                        // Nothing local: it reads as the base there too.
+                        l.must.remove(&c);
+                    }
+                }
+                rest
+            }
             Sm::Precopy(p) => {
                 let last = p.stop();
                 sum.rounds = p.rounds();
                 drop(l);
                 // The last round, with I/O stopped (this is the downtime of pre-copy).
                 for &c in &last {
-                    let n = self.push_one(t, c)?;
+                    let n = self.push_one(t, live, c)?;
                     sum.chunks_pushed += 1;
                     sum.bytes_pushed += n;
                 }
@@ -403,7 +443,13 @@ impl SourceDisk {
         send(t, &Msg::Control { entries: rest.len() as u32 })?;
         // I/O stays blocked (not failed) until the destination confirms: if it refuses, the
         // disk is served here again as if nothing happened.
-        match recv(t, io_timeout, "the destination's confirmation of the handover") {
+        // The destination confirms once it has installed every push before the handover; it
+        // says Alive meanwhile, so only its silence counts.
+        let mut answer = recv(t, io_timeout, "the destination's confirmation of the handover");
+        while let Ok(Msg::Alive) = answer {
+            answer = recv(t, io_timeout, "the destination's confirmation of the handover");
+        }
+        match answer {
             Ok(Msg::Taken) => {}
             Ok(Msg::Abort(why)) => return Err(Error::PeerAborted(why)),
             Ok(m) => {
@@ -461,11 +507,18 @@ impl SourceDisk {
                         Sm::Hybrid(s) => s.on_pull(c as usize),
                         Sm::Precopy(_) => false,
                     };
+                    let got = if ok { read_chunk(&self.mirror, c as usize)? } else { None };
                     if ok {
-                        sum.bytes_pulled += self.push_one(t, c as usize)?;
-                        sum.chunks_pulled += 1;
-                    } else {
-                        send(t, &Msg::Unavailable(c))?;
+                        live.lock().unwrap_or_else(|e| e.into_inner()).record(c as usize, &got);
+                    }
+                    match got {
+                        Some((lo, buf)) => {
+                            t.send_message(&proto::encode_chunk(c, lo, proto::hash(&buf), &buf))
+                                .map_err(Error::Transport)?;
+                            sum.bytes_pulled += buf.len() as u64;
+                            sum.chunks_pulled += 1;
+                        }
+                        None => send(t, &Msg::Unavailable(c))?,
                     }
                 }
                 Msg::Held(v) => {
@@ -486,8 +539,11 @@ impl SourceDisk {
                     if let Sm::Hybrid(s) = &mut live.lock().unwrap_or_else(|e| e.into_inner()).sm {
                         s.release();
                     }
-                    let must = live.lock().unwrap_or_else(|e| e.into_inner()).must.clone();
-                    let bad = self.verify(&held, &cancelled, &must)?;
+                    let (must, sent) = {
+                        let l = live.lock().unwrap_or_else(|e| e.into_inner());
+                        (l.must.clone(), l.sent.clone())
+                    };
+                    let bad = self.verify(&held, &cancelled, &must, &sent)?;
                     sum.verified_chunks = held.len() as u32;
                     send(t, &Msg::Verified { checked: held.len() as u32, bad: bad.clone() })?;
                     if !bad.is_empty() {
@@ -495,6 +551,7 @@ impl SourceDisk {
                     }
                     return Ok(());
                 }
+                Msg::Alive => {}
                 Msg::Abort(why) => return Err(Error::PeerAborted(why)),
                 m => return Err(Error::Unexpected(format!("{m:?} after the handover"))),
             }
@@ -515,21 +572,24 @@ impl SourceDisk {
     /// Compares the destination's chunks with these (the disk is frozen here now): every
     /// chunk that had to cross is either held there with the same bytes, or was overwritten
     /// there after the handover. Returns the chunks that fail.
-    fn verify(&self, held: &[HeldChunk], cancelled: &HashSet<u32>, must: &BTreeSet<usize>) -> Result<Vec<u32>, Error> {
+    fn verify(
+        &self,
+        held: &[HeldChunk],
+        cancelled: &HashSet<u32>,
+        must: &BTreeSet<usize>,
+        sent: &HashMap<usize, (u32, u32)>,
+    ) -> Result<Vec<u32>, Error> {
         let chunk = self.mirror.chunk_size();
         let size = self.mirror.size();
         let mut bad = BTreeSet::new();
         let mut seen: HashMap<u32, bool> = HashMap::new();
         for h in held {
-            let ok = (h.index as usize) < self.mirror.map().len()
-                && self.mirror.valid_range(h.index as usize) == Some((h.lo, h.hi))
-                && must.contains(&(h.index as usize))
-                && {
-                    let r = chunk_range(chunk, size, h.index as usize);
-                    let mut buf = vec![0u8; (h.hi - h.lo) as usize];
-                    self.mirror.read(r.start + h.lo as u64, &mut buf)?;
-                    proto::hash(&buf) == h.hash
-                };
+            let ok = sent.get(&(h.index as usize)) == Some(&(h.lo, h.hi)) && must.contains(&(h.index as usize)) && {
+                let r = chunk_range(chunk, size, h.index as usize);
+                let mut buf = vec![0u8; (h.hi - h.lo) as usize];
+                self.mirror.read(r.start + h.lo as u64, &mut buf)?;
+                proto::hash(&buf) == h.hash
+            };
             if !ok || seen.insert(h.index, ok).is_some() {
                 bad.insert(h.index);
             }
@@ -554,7 +614,6 @@ fn answer_urgent(
     start: Instant,
 ) -> Result<(u64, u64), Error> {
     let (mut n, mut bytes) = (0u64, 0u64);
-    let chunk = mirror.chunk_size();
     while !stop.load(Ordering::Acquire) {
         let ev = match urgent.recv(Some(Duration::from_millis(100))) {
             Ok(Some(ev)) => ev,
@@ -571,23 +630,24 @@ fn answer_urgent(
             Sm::Hybrid(s) => s.on_pull(c as usize),
             Sm::Precopy(_) => false,
         };
-        let reply = match (ok, mirror.valid_range(c as usize)) {
-            (true, Some((lo, hi))) => {
-                let r = chunk_range(chunk, mirror.size(), c as usize);
-                let mut buf = vec![0u8; (hi - lo) as usize];
-                match mirror.read(r.start + lo as u64, &mut buf) {
-                    Ok(()) => {
-                        n += 1;
-                        bytes += buf.len() as u64;
-                        proto::encode_chunk(c, lo, proto::hash(&buf), &buf)
-                    }
-                    Err(e) => {
-                        tracing::warn!(chunk = c, error = %e, "reading a pulled chunk");
-                        proto::encode(&Msg::Unavailable(c))
-                    }
-                }
+        let got = if ok {
+            read_chunk(mirror, c as usize).unwrap_or_else(|e| {
+                tracing::warn!(chunk = c, error = %e, "reading a pulled chunk");
+                None
+            })
+        } else {
+            None
+        };
+        if ok {
+            live.lock().unwrap_or_else(|e| e.into_inner()).record(c as usize, &got);
+        }
+        let reply = match got {
+            Some((lo, buf)) => {
+                n += 1;
+                bytes += buf.len() as u64;
+                proto::encode_chunk(c, lo, proto::hash(&buf), &buf)
             }
-            _ => proto::encode(&Msg::Unavailable(c)),
+            None => proto::encode(&Msg::Unavailable(c)),
         };
         if urgent.send_message(&reply).is_err() {
             break;
