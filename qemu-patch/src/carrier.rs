@@ -132,15 +132,21 @@ pub struct Counters {
     pub forward: AtomicU64,
     /// Bytes the other way (the return path).
     pub back: AtomicU64,
-    /// Descriptors of the relays under way (removed, under this lock, before they close).
-    live: Mutex<Vec<RawFd>>,
+    /// A relay failed (the destination's watch stops waiting for QEMU then).
+    pub failed: AtomicBool,
+    /// Whether every relay was ended, and the descriptors of the relays under way (removed,
+    /// under this lock, before they close).
+    live: Mutex<(bool, Vec<RawFd>)>,
 }
 
 impl Counters {
     /// Ends every relay under way: QEMU may keep a failed migration's socket open without
     /// sending, so the carrier shuts the sockets down itself once the migration is over.
+    /// Relays that start later are ended as they start.
     pub fn abort_all(&self) {
-        for &fd in self.live.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+        let mut l = self.live.lock().unwrap_or_else(|e| e.into_inner());
+        l.0 = true;
+        for &fd in l.1.iter() {
             // SAFETY: shutdown(2) on a descriptor that stays open while it is in the list.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
         }
@@ -149,9 +155,15 @@ impl Counters {
     fn track(&self, fds: [RawFd; 2], on: bool) {
         let mut l = self.live.lock().unwrap_or_else(|e| e.into_inner());
         if on {
-            l.extend(fds);
+            if l.0 {
+                for fd in fds {
+                    // SAFETY: shutdown(2) on descriptors the caller keeps open.
+                    unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+                }
+            }
+            l.1.extend(fds);
         } else {
-            l.retain(|f| !fds.contains(f));
+            l.1.retain(|f| !fds.contains(f));
         }
     }
 }
@@ -169,7 +181,14 @@ pub fn source_relays(
     let mut channels: std::collections::VecDeque<Box<dyn ByteChannel>> = channels.into();
     std::thread::scope(|s| {
         let mut relays = Vec::new();
-        while !stop.load(Ordering::Acquire) && !channels.is_empty() {
+        // QEMU opens every channel while its main channel is open: once that one has ended,
+        // no more will come.
+        while !stop.load(Ordering::Acquire)
+            && !channels.is_empty()
+            && !relays
+                .first()
+                .is_some_and(|r: &std::thread::ScopedJoinHandle<'_, Result<(), CarrierError>>| r.is_finished())
+        {
             match listener.accept() {
                 Ok((conn, _)) => {
                     let ch = channels.pop_front().expect("checked above");
@@ -209,11 +228,14 @@ fn relay_pair(
     counters.track([qemu.as_raw_fd(), fd], true);
     let m = relay::relay(qemu.as_raw_fd(), fd);
     counters.track([qemu.as_raw_fd(), fd], false);
-    let m = m.map_err(io(format!("relaying channel {i}")))?;
+    let m = m.map_err(|e| {
+        counters.failed.store(true, Ordering::Release);
+        io(format!("relaying channel {i}"))(e)
+    })?;
     let (fwd, back) = if from_qemu { (m.a_to_b, m.b_to_a) } else { (m.b_to_a, m.a_to_b) };
     counters.forward.fetch_add(fwd, Ordering::Relaxed);
     counters.back.fetch_add(back, Ordering::Relaxed);
-    tracing::info!(channel = i, forward = m.a_to_b, back = m.b_to_a, "channel ended");
+    tracing::info!(channel = i, forward = fwd, back, "channel ended");
     Ok(())
 }
 
@@ -268,10 +290,16 @@ pub fn dest_relays(
                     g = turn.1.wait_timeout(g, Duration::from_millis(100)).unwrap_or_else(|e| e.into_inner()).0;
                 }
                 let conn = if data {
-                    Some(
-                        UnixStream::connect(incoming)
-                            .map_err(io(format!("connecting channel {i} to QEMU at {}", incoming.display())))?,
-                    )
+                    match UnixStream::connect(incoming) {
+                        Ok(c) => Some(c),
+                        Err(e) => {
+                            // The later channels must not wait for a turn that never comes.
+                            counters.failed.store(true, Ordering::Release);
+                            stop.store(true, Ordering::Release);
+                            turn.1.notify_all();
+                            return Err(io(format!("connecting channel {i} to QEMU at {}", incoming.display()))(e));
+                        }
+                    }
                 } else {
                     None
                 };
@@ -391,7 +419,7 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
     let (status, running, relays) = std::thread::scope(|s| {
         let relays = s.spawn(|| dest_relays(&o.incoming, channels, &stop, &counters));
         let watched = match qmp.as_mut() {
-            Some(q) => watch_dest(q, started, o.max_time),
+            Some(q) => watch_dest(q, started, o.max_time, &counters.failed),
             None => {
                 while !relays.is_finished() && started.elapsed() < o.max_time {
                     std::thread::sleep(Duration::from_millis(50));
@@ -411,6 +439,13 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
         counters.abort_all();
         let r = relays.join().unwrap_or_else(|_| Err(CarrierError::Peer("relays panicked".into())));
         match watched {
+            Ok((st, run)) if st == "completed" => {
+                // The guest runs here: a relay that ended badly afterwards changes nothing.
+                if let Err(e) = &r {
+                    tracing::warn!(error = %e, "a relay ended with an error after the migration completed");
+                }
+                (st, run, Ok(()))
+            }
             Ok((st, run)) => (st, run, r),
             Err(e) => ("failed".to_string(), false, Err(e)),
         }
@@ -431,10 +466,23 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
 
 /// Waits for the destination QEMU's migration to end; returns its status and whether the
 /// guest runs.
-fn watch_dest(q: &mut Qmp, started: Instant, max_time: Duration) -> Result<(String, bool), CarrierError> {
+fn watch_dest(
+    q: &mut Qmp,
+    started: Instant,
+    max_time: Duration,
+    relay_failed: &AtomicBool,
+) -> Result<(String, bool), CarrierError> {
     loop {
         if started.elapsed() > max_time {
             return Err(CarrierError::Timeout(format!("the incoming migration took more than {max_time:?}")));
+        }
+        if relay_failed.load(Ordering::Acquire) {
+            // QEMU may wait forever for a channel that will not come.
+            let st = q.execute("query-migrate", json!({})).ok();
+            let status = st.as_ref().and_then(|m| m.get("status")).and_then(|s| s.as_str()).unwrap_or("");
+            if status != "completed" {
+                return Err(CarrierError::Peer(format!("a channel failed (QEMU's incoming status: {status:?})")));
+            }
         }
         let e = q.next_event(Duration::from_millis(500))?;
         let status = match e {

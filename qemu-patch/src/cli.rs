@@ -128,7 +128,22 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
     let chans = carrier::take_channels(&mut *t);
     let stop = AtomicBool::new(false);
     let counters = Counters::default();
-    let res = carrier::source_relays(l, chans, &stop, &counters);
+    let max_time = Duration::from_secs_f64(a.max_time);
+    let res = std::thread::scope(|s| {
+        let relays = s.spawn(|| carrier::source_relays(l, chans, &stop, &counters));
+        // Nothing here watches QEMU: --max-time bounds the carrier (connections QEMU never
+        // opened, a stream that stalls).
+        let t0 = std::time::Instant::now();
+        while !relays.is_finished() && t0.elapsed() < max_time {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if !relays.is_finished() {
+            eprintln!("qemu carrier: --max-time reached; ending the relays");
+            stop.store(true, std::sync::atomic::Ordering::Release);
+            counters.abort_all();
+        }
+        relays.join().unwrap_or_else(|_| Err(carrier::CarrierError::Peer("relays panicked".into())))
+    });
     let _ = std::fs::remove_file(unix);
     res?;
     let fin = carrier::recv(&mut *t, io_timeout + Duration::from_secs(10), "the destination's outcome").ok();

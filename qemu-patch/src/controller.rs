@@ -109,6 +109,10 @@ impl Controller {
 
     /// Feeds one pass; returns what to do (an action other than `Continue` only once).
     pub fn on_pass(&mut self, f: &PassFigures) -> Action {
+        // A pass whose sync count did not advance (events queued up) carries no new figures.
+        if self.last.is_some_and(|l| f.dirty_sync_count <= l.dirty_sync_count) {
+            return Action::Continue;
+        }
         let Some(last) = self.last.replace(*f) else { return Action::Continue };
         if self.decided.is_some() {
             return Action::Continue;
@@ -130,9 +134,12 @@ impl Controller {
             first_pass_done,
         };
         let reason = match self.policy.handle_interval(&report) {
-            Decision::StopAndCopy(r) | Decision::Abort(r) => r,
+            Decision::StopAndCopy(r) => r,
+            // A policy that gives up (its own timeout) does not end QEMU's migration here:
+            // `--max-time` does.
             _ => return Action::Continue,
         };
+
         self.decided = Some(reason);
         if matches!(reason, Reason::PatternB { .. }) {
             // The dirty set drains within a pass: pre-copy converges by itself, and QEMU's
@@ -146,7 +153,16 @@ impl Controller {
             Switchover::StopAndCopy => {
                 // The remainder at QEMU's measured rate, with half again as margin (the final
                 // stop-and-copy ignores max-bandwidth, so this overestimates), capped.
-                let bytes_per_ms = (f.mbps * 1e6 / 8.0 / 1e3).max(1.0);
+                // QEMU's rate estimate, else this pass's own (bytes sent over its length).
+                let pass_ms = f.elapsed.saturating_sub(last.elapsed).as_secs_f64() * 1e3;
+                let bytes_per_ms = if f.mbps > 0.0 {
+                    f.mbps * 1e6 / 8.0 / 1e3
+                } else if pass_ms > 0.0 {
+                    sent as f64 / pass_ms
+                } else {
+                    0.0
+                }
+                .max(1.0);
                 let ms = ((f.remaining as f64 / bytes_per_ms) * 1.5) as u64 + 50;
                 Action::RaiseDowntimeLimit { ms: ms.min(self.max_downtime_ms), reason }
             }

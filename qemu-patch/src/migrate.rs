@@ -156,7 +156,17 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
         m => return Err(CarrierError::Peer(format!("{m:?} instead of Ready"))),
     }
-    let sock = o.socket_dir.join(format!("livemig-qemu-{}-{}.sock", std::process::id(), rand_suffix()));
+    // The socket lives in a directory of its own, mode 0700: only QEMU's user may connect
+    // and become a channel.
+    let sock_dir = o.socket_dir.join(format!("livemig-qemu-{}-{}", std::process::id(), rand_suffix()));
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .mode(0o700)
+            .create(&sock_dir)
+            .map_err(|source| CarrierError::Io { what: format!("creating {}", sock_dir.display()), source })?;
+    }
+    let sock = sock_dir.join("migrate.sock");
     let listener = if handoff {
         None
     } else {
@@ -168,10 +178,10 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     struct Unlink(PathBuf);
     impl Drop for Unlink {
         fn drop(&mut self) {
-            let _ = std::fs::remove_file(&self.0);
+            let _ = std::fs::remove_dir_all(&self.0);
         }
     }
-    let _unlink = Unlink(sock.clone());
+    let _unlink = Unlink(sock_dir.clone());
     let caps_ref: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
     q.set_capabilities(&caps_ref)?;
     if !params.is_empty() {
@@ -204,7 +214,12 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
             q.execute("migrate", json!({ "uri": uri }))?;
             loop {
                 if started.elapsed() > o.max_time {
-                    let _ = q.execute("migrate_cancel", json!({}));
+                    if sum.postcopy {
+                        return Err(CarrierError::Timeout(format!(
+                            "postcopy still running after {:?}: the guest runs at the destination",
+                            o.max_time
+                        )));
+                    }
                     return Err(CarrierError::Timeout(format!(
                         "the migration took more than {:?}: cancelled, the guest runs at the source",
                         o.max_time
@@ -247,17 +262,37 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                                 p.action = Some(format!("{}: left to QEMU", reason.label()));
                             }
                             Action::RaiseDowntimeLimit { ms, reason } => {
-                                q.execute("migrate-set-parameters", json!({ "downtime-limit": ms }))?;
+                                // Only ever raised: a limit the operator set higher stays.
+                                let current = q
+                                    .execute("query-migrate-parameters", json!({}))
+                                    .map(|v| u(&v, &["downtime-limit"]))
+                                    .unwrap_or(0);
+                                let ms = ms.max(current);
                                 sum.decided_by = Some(reason.to_string());
-                                sum.action = Some(format!("downtime-limit raised to {ms} ms"));
-                                p.action = Some(format!("{}: downtime-limit {ms} ms", reason.label()));
+                                match q.execute("migrate-set-parameters", json!({ "downtime-limit": ms })) {
+                                    Ok(_) => {
+                                        sum.action = Some(format!("downtime-limit raised to {ms} ms"));
+                                        p.action = Some(format!("{}: downtime-limit {ms} ms", reason.label()));
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "raising downtime-limit");
+                                        sum.action = Some(format!("raising downtime-limit failed: {e}"));
+                                    }
+                                }
                             }
                             Action::StartPostcopy { reason } => {
-                                q.execute("migrate-start-postcopy", json!({}))?;
                                 sum.decided_by = Some(reason.to_string());
-                                sum.action = Some("postcopy started".into());
-                                sum.postcopy = true;
-                                p.action = Some(format!("{}: postcopy", reason.label()));
+                                match q.execute("migrate-start-postcopy", json!({})) {
+                                    Ok(_) => {
+                                        sum.action = Some("postcopy started".into());
+                                        sum.postcopy = true;
+                                        p.action = Some(format!("{}: postcopy", reason.label()));
+                                    }
+                                    Err(e) => {
+                                        tracing::warn!(error = %e, "starting postcopy");
+                                        sum.action = Some(format!("starting postcopy failed: {e}"));
+                                    }
+                                }
                             }
                         }
                         on_pass(&p);
@@ -273,11 +308,22 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                         m.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string()
                     }
                 };
-                if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
+                // postcopy-paused: the stream broke after the guest moved; it needs a
+                // recovery this tool does not drive.
+                if matches!(status.as_str(), "completed" | "failed" | "cancelled" | "postcopy-paused") {
                     return Ok(status);
                 }
             }
         })();
+        let watched = match watched {
+            Err(e) if !sum.postcopy => {
+                // Whatever failed here, QEMU must not go on migrating unobserved (a handed-over
+                // connection would carry on by itself): cancel, so the guest runs at the source.
+                let _ = q.execute("migrate_cancel", json!({}));
+                Err(e)
+            }
+            w => w,
+        };
         let elapsed = started.elapsed();
         sum.wall_ms = elapsed.as_millis() as u64;
         // QEMU closes its connections when it is done; wait for the relays to drain (briefly
@@ -299,12 +345,13 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         sum.throughput_mib_s =
             counters.forward.load(Ordering::Acquire) as f64 / (1 << 20) as f64 / elapsed.as_secs_f64();
         match (watched, r) {
-            (Ok(st), Err(e)) if st != "completed" => {
-                // The stream broke, and QEMU says so: report QEMU's outcome.
-                tracing::warn!(error = %e, "the carrier's relay failed");
+            (Ok(st), Err(e)) => {
+                // QEMU's own status is the outcome (a completed migration stays completed: the
+                // guest runs at the destination, whatever a relay said after).
+                tracing::warn!(error = %e, status = %st, "the carrier's relay ended with an error");
                 Ok(st)
             }
-            (Ok(st), r) => r.map(|()| st),
+            (Ok(st), Ok(())) => Ok(st),
             (Err(e), _) => Err(e),
         }
     });

@@ -71,6 +71,8 @@ pub struct Qmp {
     events: VecDeque<Event>,
     next_id: u64,
     timeout: Duration,
+    /// The start of a line not yet complete.
+    partial: Vec<u8>,
 }
 
 impl Qmp {
@@ -81,7 +83,7 @@ impl Qmp {
         let io = |source| QmpError::Io { path: p.clone(), source };
         let w = UnixStream::connect(path).map_err(io)?;
         let r = BufReader::new(w.try_clone().map_err(io)?);
-        let mut q = Qmp { path: p.clone(), w, r, events: VecDeque::new(), next_id: 1, timeout };
+        let mut q = Qmp { path: p.clone(), w, r, events: VecDeque::new(), next_id: 1, timeout, partial: Vec::new() };
         let greeting = q.read_value(Instant::now() + timeout, "the QMP greeting")?;
         if greeting.get("QMP").is_none() {
             return Err(QmpError::Protocol(format!("expected the greeting, got {greeting}")));
@@ -99,17 +101,25 @@ impl Qmp {
             .get_ref()
             .set_read_timeout(Some(deadline - now))
             .map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
-        let mut line = Vec::new();
-        let n = match (&mut self.r).take(MAX_LINE as u64).read_until(b'\n', &mut line) {
+        // A line cut by the timeout is kept and completed by the next read.
+        let room = (MAX_LINE as u64).saturating_sub(self.partial.len() as u64);
+        let n = match (&mut self.r).take(room).read_until(b'\n', &mut self.partial) {
             Ok(n) => n,
             Err(e) if matches!(e.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut) => {
                 return Err(QmpError::Timeout { what: what.into(), secs: self.timeout.as_secs() })
             }
             Err(source) => return Err(QmpError::Io { path: self.path.clone(), source }),
         };
-        if n == 0 {
+        if n == 0 && self.partial.is_empty() {
             return Err(QmpError::Closed);
         }
+        if self.partial.last() != Some(&b'\n') {
+            if n == 0 || self.partial.len() >= MAX_LINE {
+                return Err(QmpError::Protocol("a QMP line that does not end".into()));
+            }
+            return Err(QmpError::Timeout { what: what.into(), secs: self.timeout.as_secs() });
+        }
+        let line = std::mem::take(&mut self.partial);
         serde_json::from_slice(&line)
             .map_err(|e| QmpError::Protocol(format!("{e}: {}", String::from_utf8_lossy(&line))))
     }
@@ -199,7 +209,8 @@ fn send_with_fd(sock: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()
     let mut iov = libc::iovec { iov_base: data.as_ptr() as *mut libc::c_void, iov_len: data.len() };
     // SAFETY: CMSG_SPACE is a pure size computation.
     let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<RawFd>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
+    // u64 words: the control buffer must be aligned for cmsghdr.
+    let mut cbuf = vec![0u64; space.div_ceil(8)];
     // SAFETY: a zeroed msghdr is a valid empty header; every pointer set below refers to
     // buffers (iov, data, cbuf) that outlive the sendmsg call.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -216,11 +227,17 @@ fn send_with_fd(sock: &UnixStream, data: &[u8], fd: RawFd) -> std::io::Result<()
         (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<RawFd>() as u32) as _;
         std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
     }
-    // SAFETY: sendmsg on our connected socket with the header built above.
-    let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &msg, libc::MSG_NOSIGNAL) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
+    let n = loop {
+        // SAFETY: sendmsg on our connected socket with the header built above.
+        let n = unsafe { libc::sendmsg(std::os::fd::AsRawFd::as_raw_fd(sock), &msg, libc::MSG_NOSIGNAL) };
+        if n >= 0 {
+            break n;
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    };
     // The descriptor went with the first byte; the rest of the line follows plainly.
     let mut w = sock;
     w.write_all(&data[n as usize..])
