@@ -204,14 +204,7 @@ pub fn source_relays(
         for ch in channels.drain(..) {
             let _ = ch.shutdown_write();
         }
-        let mut first = Ok(());
-        for r in relays {
-            let res = r.join().unwrap_or_else(|_| Err(CarrierError::Peer("a relay panicked".into())));
-            if first.is_ok() {
-                first = res;
-            }
-        }
-        first
+        join_relays(relays)
     })
 }
 
@@ -237,6 +230,18 @@ fn relay_pair(
     counters.back.fetch_add(back, Ordering::Relaxed);
     tracing::info!(channel = i, forward = fwd, back, "channel ended");
     Ok(())
+}
+
+/// Waits for every relay; the first failure (if any) is the result.
+fn join_relays(relays: Vec<std::thread::ScopedJoinHandle<'_, Result<(), CarrierError>>>) -> Result<(), CarrierError> {
+    let mut first = Ok(());
+    for r in relays {
+        let res = r.join().unwrap_or_else(|_| Err(CarrierError::Peer("a relay panicked".into())));
+        if first.is_ok() {
+            first = res;
+        }
+    }
+    first
 }
 
 /// Whether `fd` has bytes to read or has ended, waiting up to `wait`.
@@ -315,14 +320,7 @@ pub fn dest_relays(
                 }
             }));
         }
-        let mut first = Ok(());
-        for r in relays {
-            let res = r.join().unwrap_or_else(|_| Err(CarrierError::Peer("a relay panicked".into())));
-            if first.is_ok() {
-                first = res;
-            }
-        }
-        first
+        join_relays(relays)
     })
 }
 

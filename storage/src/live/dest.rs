@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use livemig_transport::{Transport, UrgentChannel, UrgentEvent};
 
 use super::proto::{self, HeldChunk, Msg, Strategy};
-use super::{Error, Progress};
+use super::{recv, send, Error, Progress};
 use crate::chunks::Range;
 use crate::disk::Disk;
 use crate::mirror::{DiskError, Mirror};
@@ -255,17 +255,6 @@ impl Disk for DestDisk {
             return Ok(vec![(r.len(), false)]);
         }
         self.shared.mirror.allocation(r)
-    }
-}
-
-fn send(t: &mut dyn Transport, m: &Msg) -> Result<(), Error> {
-    t.send_message(&proto::encode(m)).map_err(Error::Transport)
-}
-
-fn recv(t: &mut dyn Transport, timeout: Duration, what: &'static str) -> Result<Msg, Error> {
-    match t.recv_message(Some(timeout)).map_err(Error::Transport)? {
-        Some(m) => Ok(proto::decode(&m)?),
-        None => Err(Error::Silent(what)),
     }
 }
 

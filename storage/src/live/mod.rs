@@ -105,3 +105,16 @@ pub fn connect(addr: &str, secret: &Secret, io_timeout: Duration) -> Result<Box<
     livemig_engine::connect::connect(TransportKind::Tcp, addr, &options(io_timeout), secret, &RegionTable::new())
         .map_err(Error::Transport)
 }
+
+/// Sends one transfer message on the bulk stream.
+pub(crate) fn send(t: &mut dyn Transport, m: &proto::Msg) -> Result<(), Error> {
+    t.send_message(&proto::encode(m)).map_err(Error::Transport)
+}
+
+/// Receives and decodes one transfer message; `what` names it in the silence error.
+pub(crate) fn recv(t: &mut dyn Transport, timeout: Duration, what: &'static str) -> Result<proto::Msg, Error> {
+    match t.recv_message(Some(timeout)).map_err(Error::Transport)? {
+        Some(m) => Ok(proto::decode(&m)?),
+        None => Err(Error::Silent(what)),
+    }
+}

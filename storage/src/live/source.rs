@@ -11,7 +11,7 @@ use livemig_transport::auth::Secret;
 use livemig_transport::{Transport, UrgentChannel, UrgentEvent};
 
 use super::proto::{self, HeldChunk, Msg, Strategy};
-use super::{Error, Progress, SwitchoverMode};
+use super::{recv, send, Error, Progress, SwitchoverMode};
 use crate::chunks::Range;
 use crate::disk::Disk;
 use crate::mirror::{DiskError, Mirror};
@@ -654,17 +654,6 @@ fn answer_urgent(
         }
     }
     Ok((n, bytes))
-}
-
-fn send(t: &mut dyn Transport, m: &Msg) -> Result<(), Error> {
-    t.send_message(&proto::encode(m)).map_err(Error::Transport)
-}
-
-fn recv(t: &mut dyn Transport, timeout: Duration, what: &'static str) -> Result<Msg, Error> {
-    match t.recv_message(Some(timeout)).map_err(Error::Transport)? {
-        Some(m) => Ok(proto::decode(&m)?),
-        None => Err(Error::Silent(what)),
-    }
 }
 
 impl Disk for SourceDisk {
