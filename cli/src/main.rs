@@ -47,6 +47,10 @@ enum DiskCmd {
     Migrate(livemig_storage::cli::control::DiskMigrateArgs),
     /// Hand a running disk migration over now (for `disk migrate --switchover command`).
     Switchover(livemig_storage::cli::control::DiskControlArgs),
+    /// Hand over now and return once the destination serves the disk (or the handover failed).
+    Handover(livemig_storage::cli::control::DiskControlArgs),
+    /// Cancel a disk migration that has not handed over (the disk stays served here).
+    Cancel(livemig_storage::cli::control::DiskControlArgs),
     /// Where a served disk stands: idle, migrating or handed-over.
     Status(livemig_storage::cli::control::DiskControlArgs),
     /// Receive a live disk migration, then serve the disk over NBD from the handover on.
@@ -115,8 +119,18 @@ fn run() -> anyhow::Result<()> {
         Cmd::Qemu { what: QemuCmd::Migrate(a) } => livemig_qemu::cli::run_migrate(&a),
         Cmd::Disk { what: DiskCmd::Serve(a) } => livemig_storage::cli::run_serve(&a),
         Cmd::Disk { what: DiskCmd::Migrate(a) } => livemig_storage::cli::control::run_migrate(&a),
-        Cmd::Disk { what: DiskCmd::Switchover(a) } => livemig_storage::cli::control::run_simple(&a, false),
-        Cmd::Disk { what: DiskCmd::Status(a) } => livemig_storage::cli::control::run_simple(&a, true),
+        Cmd::Disk { what: DiskCmd::Switchover(a) } => {
+            livemig_storage::cli::control::run_simple(&a, &livemig_storage::cli::control::Request::Switchover)
+        }
+        Cmd::Disk { what: DiskCmd::Handover(a) } => {
+            livemig_storage::cli::control::run_simple(&a, &livemig_storage::cli::control::Request::Handover)
+        }
+        Cmd::Disk { what: DiskCmd::Cancel(a) } => {
+            livemig_storage::cli::control::run_simple(&a, &livemig_storage::cli::control::Request::Cancel)
+        }
+        Cmd::Disk { what: DiskCmd::Status(a) } => {
+            livemig_storage::cli::control::run_simple(&a, &livemig_storage::cli::control::Request::Status)
+        }
         Cmd::Disk { what: DiskCmd::Receive(a) } => livemig_storage::cli::receive::run_receive(&a),
         Cmd::Secret { what: SecretCmd::New { file } } => {
             livemig_transport::auth::Secret::write_new(&file)?;

@@ -536,6 +536,70 @@ fn a_destination_lost_before_the_handover_leaves_the_source_serving() {
     let _ = std::fs::remove_dir_all(&d);
 }
 
+/// A destination that serves its disk from the start (as a QEMU started with `-incoming`
+/// needs): a request before the handover waits for it, and fails after --io-timeout rather
+/// than reading zeroes; `disk handover` returns once the destination serves the disk, which
+/// then reads as the source's. A migration cancelled before its handover leaves the source
+/// serving every write, and the destination's early export failing.
+#[test]
+fn an_early_destination_waits_for_the_handover_and_a_cancel_keeps_the_disk_at_the_source() {
+    if !tools() {
+        return;
+    }
+    let (d, want, s) = migration_setup("early");
+    let r = Receiver::start(&d, &["--base", "base.img", "dst.img", "--serve-early", "--io-timeout", "1"], &[]);
+    assert!(r.output().contains("serving "), "served at once: {}", r.output());
+    // Nothing has arrived: a read waits --io-timeout, then fails.
+    let t0 = std::time::Instant::now();
+    let o = qemu_io(&r.uri(), &["read 0 4k"]);
+    assert!(!o.status.success() || String::from_utf8_lossy(&o.stdout).contains("failed"), "{o:?}");
+    assert!(t0.elapsed() >= Duration::from_millis(900), "the read waited for the handover");
+    let m = migrate_cmd(&d, &r.addr(), &["--switchover", "command", "--io-timeout", "3"]);
+    wait_status(&d, "migrating");
+    // Reads made now wait for the handover and then see the source's disk.
+    let reader = {
+        let uri = r.uri();
+        std::thread::spawn(move || qemu_io(&uri, &["read -P 0x11 0 2M", "read -P 0x12 5M 100k"]))
+    };
+    std::thread::sleep(Duration::from_millis(300));
+    let h = run(Command::new(BIN).args(["disk", "handover", "--control", "src.ctl"]).current_dir(&d));
+    assert!(h.contains("handed-over"), "{h}");
+    let o = reader.join().unwrap();
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"), "{o:?}");
+    let o = m.wait_with_output().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    r.wait_for("disk received");
+    std::fs::write(d.join("want.img"), &want).unwrap();
+    run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", "want.img", &r.uri()]).current_dir(&d));
+    drop(r);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&d);
+
+    // Cancelled before the handover.
+    let (d, _, s) = migration_setup("cancel");
+    let mut r = Receiver::start(&d, &["--base", "base.img", "dst.img", "--serve-early"], &[]);
+    let m = migrate_cmd(&d, &r.addr(), &["--switchover", "command"]);
+    wait_status(&d, "migrating");
+    let o = qemu_io(&s.uri(), &["write -P 0x22 4M 1M"]);
+    assert!(o.status.success(), "{o:?}");
+    run(Command::new(BIN).args(["disk", "cancel", "--control", "src.ctl"]).current_dir(&d));
+    let o = m.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success() && err.contains("cancelled"), "{err}");
+    wait_status(&d, "idle");
+    let o = qemu_io(&s.uri(), &["read -P 0x11 0 2M", "read -P 0x22 4M 1M"]);
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"), "{o:?}");
+    // The destination gives up: told by the source, it exits with the reason.
+    let st = r.child.wait().unwrap();
+    assert!(!st.success(), "{}", r.err());
+    assert!(r.err().contains("cancelled"), "{}", r.err());
+    // Nothing left to cancel.
+    let o = Command::new(BIN).args(["disk", "cancel", "--control", "src.ctl"]).current_dir(&d).output().unwrap();
+    assert!(!o.status.success(), "{o:?}");
+    drop(s);
+    let _ = std::fs::remove_dir_all(&d);
+}
+
 /// A chunk damaged at the destination after it was installed is caught by the final check at
 /// both ends, by index.
 #[cfg(feature = "fault-injection")]

@@ -12,6 +12,10 @@ use std::time::{Duration, Instant};
 
 const BIN: &str = env!("CARGO_BIN_EXE_livemig");
 
+/// TCG guests are CPU-bound: one test's guests at a time, so timing-bound steps (a guest's
+/// counter advancing, a migration converging) do not starve each other on a small machine.
+static ONE_AT_A_TIME: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn available() -> bool {
     let qemu = Command::new("qemu-system-x86_64").arg("--version").output().is_ok_and(|o| o.status.success());
     let kernel = std::fs::read_dir("/boot")
@@ -44,6 +48,11 @@ impl Drop for Guest {
 
 impl Guest {
     fn start(dir: &Path, guest: &Path, name: &str, incoming: bool) -> Guest {
+        Guest::start_with(dir, guest, name, incoming, "dirty=64,24,0", &[])
+    }
+
+    /// A guest with `append` on its kernel command line and `extra` QEMU arguments.
+    fn start_with(dir: &Path, guest: &Path, name: &str, incoming: bool, append: &str, extra: &[String]) -> Guest {
         let qmp = dir.join(format!("{name}.qmp"));
         let serial = dir.join(format!("{name}.serial"));
         let mut c = Command::new("qemu-system-x86_64");
@@ -54,8 +63,11 @@ impl Guest {
             .arg(guest.join("vmlinuz"))
             .arg("-initrd")
             .arg(guest.join("initramfs.cpio.gz"))
-            .args(["-append", "console=ttyS0 quiet panic=-1 dirty=64,24,0", "-qmp"])
+            .arg("-append")
+            .arg(format!("console=ttyS0 quiet panic=-1 {append}"))
+            .arg("-qmp")
             .arg(format!("unix:{},server=on,wait=off", qmp.display()))
+            .args(extra)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap());
         if incoming {
@@ -74,6 +86,39 @@ impl Guest {
     fn counter(&self) -> Option<u64> {
         let s = std::fs::read_to_string(&self.serial).unwrap_or_default();
         s.lines().rev().find_map(|l| l.strip_prefix("DIRTY t=")?.split_whitespace().next()?.parse().ok())
+    }
+
+    /// The serial console so far.
+    fn console(&self) -> String {
+        std::fs::read_to_string(&self.serial).unwrap_or_default()
+    }
+
+    /// Full sweeps of the disk checker so far.
+    fn sweeps(&self) -> usize {
+        self.console().lines().filter(|l| l.starts_with("DISKCHK sweep=")).count()
+    }
+
+    /// Waits until the disk checker has made `n` sweeps.
+    fn wait_sweeps(&self, n: usize, within: Duration) {
+        let t0 = Instant::now();
+        while self.sweeps() < n {
+            assert!(
+                t0.elapsed() < within,
+                "the disk checker made {} of {n} sweeps:\n{}",
+                self.sweeps(),
+                self.console()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Lines where the disk checker found its disk disagreeing with its memory, or failed.
+    fn disk_faults(&self) -> Vec<String> {
+        self.console()
+            .lines()
+            .filter(|l| l.starts_with("DISKCHK BAD") || l.starts_with("DISKCHK ERROR"))
+            .map(String::from)
+            .collect()
     }
 
     /// Waits until the counter reaches `n`.
@@ -155,6 +200,7 @@ fn qmp_status(q: &Path) -> String {
 
 #[test]
 fn a_qemu_guest_migrates_through_livemig_and_keeps_running() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     if !available() {
         return;
     }
@@ -258,5 +304,219 @@ fn a_qemu_guest_migrates_through_livemig_and_keeps_running() {
     e.wait_counter(now + 2, Duration::from_secs(30));
     step("C→E converged by the controller");
     drop((a, b, c, d, e));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Starts `livemig` with `args` in `dir`, its stdout to `name.out`, and waits for a line of
+/// it starting with `wait_for` (returned).
+fn spawn_waiting(dir: &Path, name: &str, args: &[&str], wait_for: &str) -> (Proc, String) {
+    let out = dir.join(format!("{name}.out"));
+    let child = Proc(
+        Command::new(BIN)
+            .args(args)
+            .current_dir(dir)
+            .stdout(std::fs::File::create(&out).unwrap())
+            .stderr(std::fs::File::create(dir.join(format!("{name}.err"))).unwrap())
+            .spawn()
+            .unwrap(),
+    );
+    let t0 = Instant::now();
+    loop {
+        let o = std::fs::read_to_string(&out).unwrap_or_default();
+        if let Some(l) = o.lines().find(|l| l.starts_with(wait_for)) {
+            return (child, l.to_string());
+        }
+        assert!(t0.elapsed() < Duration::from_secs(10), "{name} never printed {wait_for:?}: {o}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn nbd_drive(sock: &Path) -> Vec<String> {
+    vec![
+        "-blockdev".into(),
+        format!("driver=nbd,server.type=unix,server.path={},node-name=disk0", sock.display()),
+        "-device".into(),
+        "virtio-blk-pci,drive=disk0".into(),
+    ]
+}
+
+fn read_range(p: &Path, r: std::ops::Range<u64>) -> Vec<u8> {
+    use std::os::unix::fs::FileExt;
+    let mut b = vec![0u8; (r.end - r.start) as usize];
+    std::fs::File::open(p).unwrap().read_exact_at(&mut b, r.start).unwrap();
+    b
+}
+
+fn disk_state(dir: &Path, control: &str) -> String {
+    let o = Command::new(BIN).args(["disk", "status", "--control", control]).current_dir(dir).output().unwrap();
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// A guest whose disk is served by livemig moves with its disk: the disk's live transfer runs
+/// beside the memory migration and is handed over while QEMU waits in pre-switchover. The
+/// guest's checker keeps in memory the generation of every block it wrote and reads the
+/// blocks back: after the move every block must hold what the guest's memory says. A
+/// destination disk that dies before the switchover cancels the migration instead.
+#[test]
+fn a_guest_and_its_livemig_disk_move_together() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !available() {
+        return;
+    }
+    let dir = std::env::temp_dir().join(format!("livemig-qemu-disk-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-guest");
+    let o = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../qemu-patch/guest/build.sh"))
+        .arg(&guest)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "building the guest: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(Command::new(BIN).args(["secret", "new", "secret"]).current_dir(&dir).status().unwrap().success());
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
+
+    // A 96 MiB disk of known content; the guest writes and checks its first 32 MiB.
+    const SIZE: u64 = 96 << 20;
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let img: Vec<u8> = (0..SIZE / 8)
+        .flat_map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x.to_le_bytes()
+        })
+        .collect();
+    std::fs::write(dir.join("src.img"), &img).unwrap();
+    drop(img);
+    let (_serve, _) = spawn_waiting(
+        &dir,
+        "serve",
+        &["disk", "serve", "src.img", "--socket", "src.nbd", "--control", "src.ctl"],
+        "listening",
+    );
+    let append = "dirty=64,24,0 diskchk=32,64,0";
+    let a = Guest::start_with(&dir, &guest, "a", false, append, &nbd_drive(&dir.join("src.nbd")));
+    a.wait_sweeps(3, Duration::from_secs(90));
+    step("A booted, its disk checked");
+
+    // The destination's disk dies while the memory migration runs: QEMU's migration is
+    // cancelled, A runs on with its disk served at the source.
+    let (mut r1, l) = spawn_waiting(
+        &dir,
+        "recv1",
+        &[
+            "disk",
+            "receive",
+            "dst1.img",
+            "--size",
+            "96M",
+            "--serve-early",
+            "--listen",
+            "127.0.0.1:0",
+            "--socket",
+            "dst1.nbd",
+            "--secret-file",
+            "secret",
+        ],
+        "listening",
+    );
+    let addr1 = l.split_whitespace().nth(1).unwrap().to_string();
+    let c = Guest::start_with(&dir, &guest, "c", true, append, &nbd_drive(&dir.join("dst1.nbd")));
+    let (_cc, caddr) = carrier(&dir, &c, "c");
+    let m = Command::new(BIN)
+        .args(["qemu", "migrate", "--json", "--secret-file", "secret", "--max-bandwidth", "8M", "--src-qmp"])
+        .arg(&a.qmp)
+        .args(["--to", &caddr, "--socket-dir"])
+        .arg(&dir)
+        .args(["--disk", &format!("src.ctl={addr1}")])
+        .current_dir(&dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let w0 = Instant::now();
+    while !disk_state(&dir, "src.ctl").contains("migrating") {
+        assert!(w0.elapsed() < Duration::from_secs(20), "the disk transfer never started");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_secs(1));
+    r1.0.kill().unwrap();
+    let _ = r1.0.wait();
+    let o = m.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a dead destination disk must fail the migration: {err}");
+    assert!(err.contains("disk") && err.contains("runs on at the source"), "{err}");
+    let w0 = Instant::now();
+    while !qmp_status(&a.qmp).contains("\"running\": true") {
+        assert!(w0.elapsed() < Duration::from_secs(20), "A must run on: {}", qmp_status(&a.qmp));
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(disk_state(&dir, "src.ctl").contains("idle"), "the disk is served at the source again");
+    let n = a.sweeps();
+    a.wait_sweeps(n + 2, Duration::from_secs(30));
+    assert_eq!(a.disk_faults(), Vec::<String>::new(), "A's disk stayed whole");
+    drop(c);
+    step("A→C failed with its disk destination, A runs on");
+
+    // A → B with the disk.
+    let (_r2, l) = spawn_waiting(
+        &dir,
+        "recv2",
+        &[
+            "disk",
+            "receive",
+            "dst2.img",
+            "--size",
+            "96M",
+            "--serve-early",
+            "--listen",
+            "127.0.0.1:0",
+            "--socket",
+            "dst2.nbd",
+            "--secret-file",
+            "secret",
+        ],
+        "listening",
+    );
+    let addr2 = l.split_whitespace().nth(1).unwrap().to_string();
+    let b = Guest::start_with(&dir, &guest, "b", true, append, &nbd_drive(&dir.join("dst2.nbd")));
+    let (mut cb, baddr) = carrier(&dir, &b, "b");
+    let o = migrate(&dir, &a, &baddr, &["--max-bandwidth", "1G", "--disk", &format!("src.ctl={addr2}")]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "A→B: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!((v["status"].as_str(), v["dest_running"].as_bool()), (Some("completed"), Some(true)), "{v}");
+    let d = &v["disks"][0];
+    assert_eq!(d["ok"], true, "{v}");
+    // Chunks the guest wrote again at the destination differ from the source's by right; the
+    // rest of the disk (64 MiB of 256 KiB chunks) the guest never writes, so all of it is
+    // compared.
+    assert!(d["summary"]["verified_chunks"].as_u64().unwrap() >= (SIZE - (32 << 20)) / (256 << 10), "{v}");
+    assert!(v["disk_handover_ms"].as_f64().is_some(), "{v}");
+    assert!(cb.0.wait().unwrap().success());
+    step("A→B migrated with its disk");
+
+    // B reads back every block it wrote, through the destination's disk.
+    b.wait_sweeps(3, Duration::from_secs(60));
+    assert_eq!(b.disk_faults(), Vec::<String>::new(), "B's disk agrees with B's memory");
+    // What the guest never wrote came across too.
+    assert!(
+        read_range(&dir.join("dst2.img"), 32 << 20..SIZE) == read_range(&dir.join("src.img"), 32 << 20..SIZE),
+        "the rest of the disk equals the source's"
+    );
+    // The checker is no rubber stamp: blocks changed behind the guest's back are caught.
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::OpenOptions::new().write(true).open(dir.join("dst2.img")).unwrap();
+        f.write_all_at(&vec![0u8; 4 << 20], 0).unwrap();
+    }
+    let w0 = Instant::now();
+    while b.disk_faults().is_empty() {
+        assert!(w0.elapsed() < Duration::from_secs(30), "a corrupted block went unnoticed:\n{}", b.console());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    step("B's checker catches a corrupted block");
+    drop((a, b));
     let _ = std::fs::remove_dir_all(&dir);
 }

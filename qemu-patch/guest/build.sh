@@ -2,8 +2,10 @@
 # Builds the test guest for the QEMU tests and benchmarks from Debian packages: the host's
 # Debian kernel (linux-image-amd64) and an initramfs with busybox-static, the static memory
 # dirtier `dirty` (dirty.c), the virtio-blk modules, and `init` (kernel command line:
-# dirty=N,W,RATE runs the dirtier; diskwr=MB,SPAN,MS loops O_DIRECT writes to /dev/vda).
-# The dirtier prints a `DIRTY t=…` line every second on the serial console.
+# dirty=N,W,RATE runs the dirtier; diskwr=MB,SPAN,MS loops O_DIRECT writes to /dev/vda;
+# diskchk=SPAN,BLOCK_KIB,RATE runs the disk checker `diskchk` (diskchk.c) on /dev/vda).
+# The dirtier prints a `DIRTY t=…` line every second on the serial console, the checker
+# `DISKCHK …` lines.
 #
 # Usage: qemu-patch/guest/build.sh [OUT_DIR]   (default: target/qemu-guest)
 # Produces OUT/vmlinuz and OUT/initramfs.cpio.gz; reuses them when they are newer than the
@@ -13,7 +15,8 @@ HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 OUT=${1:-$HERE/../../target/qemu-guest}
 mkdir -p "$OUT"
 if [[ -s $OUT/initramfs.cpio.gz && -s $OUT/vmlinuz && $OUT/initramfs.cpio.gz -nt $HERE/init &&
-      $OUT/initramfs.cpio.gz -nt $HERE/dirty.c && $OUT/initramfs.cpio.gz -nt $HERE/build.sh ]]; then
+      $OUT/initramfs.cpio.gz -nt $HERE/dirty.c && $OUT/initramfs.cpio.gz -nt $HERE/diskchk.c &&
+      $OUT/initramfs.cpio.gz -nt $HERE/build.sh ]]; then
   echo "$OUT"; exit 0
 fi
 KVER=${KVER:-$(ls -1 /lib/modules | sort -V | tail -1)}
@@ -29,6 +32,7 @@ for a in $("$ROOT/bin/busybox" --list); do
   [[ $a == busybox ]] || ln -sf busybox "$ROOT/bin/$a"
 done
 gcc -static -O2 -o "$ROOT/bin/dirty" "$HERE/dirty.c"
+gcc -static -O2 -Wall -Werror -o "$ROOT/bin/diskchk" "$HERE/diskchk.c"
 # virtio-blk and what it needs, flat under /lib/modules (the init loads them by name).
 for m in virtio_pci virtio_blk; do
   while read -r cmd path _; do

@@ -105,6 +105,9 @@ pub enum CarrierError {
     /// Waited too long.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A disk moving with the guest failed.
+    #[error("{0}")]
+    Disk(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CarrierError {

@@ -205,6 +205,20 @@ pub struct QemuMigrateArgs {
     /// Directory for the carrier's unix socket.
     #[arg(long, value_name = "DIR", default_value = "/tmp")]
     pub socket_dir: PathBuf,
+    /// A disk that moves with the guest: the control socket of the `livemig disk serve`
+    /// that serves it to the source QEMU, and the address of the `livemig disk receive
+    /// --serve-early` that serves it to the destination QEMU. Repeatable. Its transfer starts
+    /// before the memory migration; while QEMU waits in pre-switchover (guest stopped) it is
+    /// handed over, and QEMU goes on once the destination serves it. Needs --secret-file.
+    #[arg(long, value_name = "CONTROL=ADDR", requires = "secret_file")]
+    pub disk: Vec<crate::disks::DiskSpec>,
+    /// How the disks move: hybrid (push, hand over, pull the rest on demand and hottest
+    /// first) or precopy (rounds; the last inside QEMU's downtime).
+    #[arg(long, value_enum, default_value_t = livemig_storage::live::Strategy::Hybrid)]
+    pub disk_strategy: livemig_storage::live::Strategy,
+    /// Hybrid: disk chunks written this many times are held back from the push.
+    #[arg(long, default_value_t = 2)]
+    pub disk_threshold: u32,
     /// Machine-readable summary (JSON) on stdout; no per-pass lines.
     #[arg(long)]
     pub json: bool,
@@ -227,6 +241,13 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         switchover: a.switchover,
         max_downtime_ms: a.max_downtime,
         relay: a.relay,
+        disks: a.disk.clone(),
+        disk_options: a.secret_file.as_ref().map(|f| crate::disks::DiskOptions {
+            strategy: a.disk_strategy,
+            threshold: a.disk_threshold,
+            secret_file: f.clone(),
+            io_timeout: Duration::from_secs_f64(a.io_timeout),
+        }),
     };
     let json = a.json;
     let s = migrate::migrate(&o, &secret, &mut |p| {
@@ -263,12 +284,48 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         if let (Some(by), Some(action)) = (&s.decided_by, &s.action) {
             println!("decided by {by}: {action}");
         }
+        if let Some(ms) = s.disk_handover_ms {
+            println!(
+                "disks handed over in {ms:.1} ms with the guest stopped ({:.1} MiB pushed before)",
+                s.disk_pushed_before as f64 / (1 << 20) as f64
+            );
+        }
+    }
+    for d in &s.disks {
+        match (&d.summary, &d.error) {
+            (Some(v), _) if !json => {
+                let f = |k: &str| v.get(k).and_then(|x| x.as_f64()).unwrap_or(0.0);
+                let n = |k: &str| v.get(k).and_then(|x| x.as_u64()).unwrap_or(0);
+                println!(
+                    "disk {} → {}: {:.2} s, {:.1} MiB pushed, {} chunks left at the handover, {} pulled + {} on \
+                     demand ({:.1} MiB); {} chunks verified equal at both ends",
+                    d.control,
+                    d.to,
+                    f("total_s"),
+                    n("bytes_pushed") as f64 / (1 << 20) as f64,
+                    n("remaining_at_switchover"),
+                    n("chunks_pulled"),
+                    n("chunks_pulled_urgent"),
+                    n("bytes_pulled") as f64 / (1 << 20) as f64,
+                    n("verified_chunks")
+                );
+            }
+            (None, Some(e)) => eprintln!("disk {} → {}: {e}", d.control, d.to),
+            _ => {}
+        }
     }
     if s.status != "completed" {
         bail!(
             "the migration ended {}; the guest {} at the source",
             s.status,
             if s.source_running { "runs on" } else { "does NOT run" }
+        );
+    }
+    if let Some(d) = s.disks.iter().find(|d| !d.ok) {
+        bail!(
+            "the guest runs at the destination, but the transfer of disk {} did not complete: {}",
+            d.control,
+            d.error.as_deref().unwrap_or("?")
         );
     }
     if !s.dest_running {

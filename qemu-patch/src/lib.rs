@@ -5,12 +5,15 @@
 //! - [`carrier`]: QEMU's migration connections as byte channels of one livemig session, and
 //!   the destination carrier that prepares its QEMU and reports how it ended.
 //! - [`controller`]: livemig's convergence policies fed with QEMU's per-pass figures.
+//! - [`disks`]: disks that move with the migration, handed over while QEMU waits in
+//!   `pre-switchover`.
 //! - [`migrate`]: `livemig qemu migrate` — the source QEMU driven over QMP through the carrier.
 //! - [`cli`]: the commands.
 
 pub mod carrier;
 pub mod cli;
 pub mod controller;
+pub mod disks;
 pub mod migrate;
 pub mod qmp;
 pub mod relay;

@@ -17,6 +17,7 @@ use serde_json::{json, Map, Value};
 
 use crate::carrier::{self, CarrierError, CarrierMsg, Counters};
 use crate::controller::{Action, Controller, PassFigures, Switchover};
+use crate::disks::{DiskOptions, DiskOutcome, DiskSpec, Disks};
 use crate::qmp::Qmp;
 
 /// What `qemu migrate` is told.
@@ -48,6 +49,11 @@ pub struct MigrateOptions {
     pub max_downtime_ms: u64,
     /// Relay a single channel too, instead of handing the connection to QEMU.
     pub relay: bool,
+    /// Disks that move with the guest (each handed over while QEMU waits in
+    /// `pre-switchover`).
+    pub disks: Vec<DiskSpec>,
+    /// How they move.
+    pub disk_options: Option<DiskOptions>,
 }
 
 /// One pass, as QEMU reports it after its dirty-bitmap sync.
@@ -111,6 +117,13 @@ pub struct Summary {
     pub action: Option<String>,
     /// Whether postcopy ran.
     pub postcopy: bool,
+    /// With disks: how long the guest waited, stopped, for every disk's handover, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_handover_ms: Option<f64>,
+    /// With disks: disk bytes pushed before the handover.
+    pub disk_pushed_before: u64,
+    /// How each disk's transfer ended.
+    pub disks: Vec<DiskOutcome>,
 }
 
 fn u(v: &Value, path: &[&str]) -> u64 {
@@ -184,6 +197,14 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     let _unlink = Unlink(sock_dir.clone());
     let caps_ref: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
     q.set_capabilities(&caps_ref)?;
+    // With disks, QEMU waits for them with the guest stopped before it switches over.
+    q.set_capabilities(&[("pause-before-switchover", !o.disks.is_empty())])?;
+    let disks = match (&o.disk_options, o.disks.is_empty()) {
+        (_, true) => None,
+        (Some(d), false) => Some(Disks::start(&o.disks, d)?),
+        (None, false) => return Err(CarrierError::Disk("disks given without disk options".into())),
+    };
+    let mut handed_over = false;
     if !params.is_empty() {
         q.execute("migrate-set-parameters", Value::Object(params))?;
     }
@@ -223,6 +244,12 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                     return Err(CarrierError::Timeout(format!(
                         "the migration took more than {:?}: cancelled, the guest runs at the source",
                         o.max_time
+                    )));
+                }
+                if let Some(why) = disks.as_ref().filter(|_| !handed_over).and_then(|d| d.ended()) {
+                    // Its error is in the outcome; the guest stays with its disks.
+                    return Err(CarrierError::Disk(format!(
+                        "{why}: the migration is cancelled; the guest runs on at the source with its disks"
                     )));
                 }
                 let ev = q.next_event(Duration::from_millis(500))?;
@@ -308,6 +335,27 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                         m.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string()
                     }
                 };
+                if status == "pre-switchover" && !handed_over {
+                    // The guest is stopped and its disk I/O drained: the disks move now, and
+                    // QEMU goes on only once every destination serves its disk.
+                    if let Some(d) = &disks {
+                        sum.disk_pushed_before = d.pushed();
+                        let took = match d.hand_over() {
+                            Ok(t) => t,
+                            Err(why) => {
+                                // Before the switchover, even when postcopy was asked for.
+                                let _ = q.execute("migrate_cancel", json!({}));
+                                return Err(CarrierError::Disk(format!(
+                                    "the disk handover failed, the migration is cancelled (the guest runs on at the source): {why}"
+                                )));
+                            }
+                        };
+                        sum.disk_handover_ms = Some(took.as_secs_f64() * 1e3);
+                    }
+                    handed_over = true;
+                    q.execute("migrate-continue", json!({ "state": "pre-switchover" }))?;
+                    continue;
+                }
                 // postcopy-paused: the stream broke after the guest moved; it needs a
                 // recovery this tool does not drive.
                 if matches!(status.as_str(), "completed" | "failed" | "cancelled" | "postcopy-paused") {
@@ -364,6 +412,23 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         sum.channels = 1;
         sum.throughput_mib_s = sum.carried as f64 / (1 << 20) as f64 / (sum.wall_ms.max(1) as f64 / 1e3);
     }
+    if let Some(d) = disks {
+        if !handed_over {
+            // The disks stay with the guest at the source. (Handed over and the memory
+            // migration failed after: each disk lives at its destination now, and its
+            // outcome says so.)
+            d.cancel();
+        }
+        sum.disks = d.finish();
+    }
+    let disk_errors: Vec<String> =
+        sum.disks.iter().filter_map(|d| d.error.as_ref().map(|e| format!("disk {}: {e}", d.control))).collect();
+    let watched = match watched {
+        Err(CarrierError::Disk(m)) if !disk_errors.is_empty() => {
+            Err(CarrierError::Disk(format!("{m} ({})", disk_errors.join("; "))))
+        }
+        w => w,
+    };
     let status = watched?;
     let m = q.execute("query-migrate", json!({}))?;
     sum.status = status;

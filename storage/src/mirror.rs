@@ -53,6 +53,9 @@ pub enum DiskError {
         /// Why.
         why: String,
     },
+    /// The disk is not served here yet (it arrives with a migration's handover).
+    #[error("the disk is not here yet: {0}")]
+    NotYet(String),
     /// The metadata beside the local file is unreadable or does not fit the disk.
     #[error("metadata {path}: {why}")]
     Meta {

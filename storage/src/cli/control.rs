@@ -2,7 +2,7 @@
 //! `livemig disk switchover` and `livemig disk status`. One JSON value per line, in the
 //! manner of QMP: a request (`{"migrate":{…}}`, `"switchover"`, `"status"`), then replies
 //! (`{"progress":{…}}` lines while a migration runs, and one `{"return":…}` or
-//! `{"error":"…"}` to end it).
+//! `{"error":"…"}` to end it). [`Client`] and [`call`] are the client side for other tools.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
@@ -15,6 +15,9 @@ use anyhow::{bail, Context, Result};
 use crate::live::source::{MigrateOptions, SourceDisk};
 use crate::live::{Strategy, SwitchoverMode};
 
+/// Longest a `handover` request waits for the destination's confirmation.
+pub const HANDOVER_WAIT: Duration = Duration::from_secs(120);
+
 /// Longest request line accepted.
 pub const MAX_LINE: usize = 64 << 10;
 
@@ -26,6 +29,11 @@ pub enum Request {
     Migrate(MigrateRequest),
     /// Hand over now (a migration started with `switchover: command`, or earlier than auto).
     Switchover,
+    /// Hand over now and reply once the destination serves the disk (or the handover failed):
+    /// what an orchestrator that moves the guest at the same instant needs.
+    Handover,
+    /// Cancel a migration that has not handed over: the disk stays served here.
+    Cancel,
     /// Where the disk stands.
     Status,
 }
@@ -142,6 +150,17 @@ fn serve_control(c: UnixStream, disk: &SourceDisk) -> std::io::Result<()> {
                     reply(&mut w, &serde_json::json!({ "error": "no migration is running" }))?
                 }
             }
+            Request::Handover => match disk.hand_over_now(HANDOVER_WAIT) {
+                Ok(()) => reply(&mut w, &serde_json::json!({ "return": { "state": disk.state() } }))?,
+                Err(why) => reply(&mut w, &serde_json::json!({ "error": format!("the handover failed: {why}") }))?,
+            },
+            Request::Cancel => {
+                if disk.cancel() {
+                    reply(&mut w, &serde_json::json!({ "return": {} }))?
+                } else {
+                    reply(&mut w, &serde_json::json!({ "error": "no migration before its handover is running" }))?
+                }
+            }
             Request::Migrate(m) => {
                 let secret = match livemig_transport::auth::Secret::load(Some(&m.secret_file)) {
                     Ok(s) => s,
@@ -217,45 +236,68 @@ pub struct DiskMigrateArgs {
     pub json: bool,
 }
 
-fn connect(path: &Path) -> Result<(UnixStream, BufReader<UnixStream>)> {
-    let c =
-        UnixStream::connect(path).with_context(|| format!("connecting to the control socket {}", path.display()))?;
-    let r = BufReader::new(c.try_clone()?);
-    Ok((c, r))
+/// A connection to a disk server's control socket.
+#[derive(Debug)]
+pub struct Client {
+    c: UnixStream,
+    r: BufReader<UnixStream>,
 }
 
-fn request(c: &mut UnixStream, req: &Request) -> Result<()> {
-    let mut line = serde_json::to_vec(req)?;
-    line.push(b'\n');
-    c.write_all(&line).context("sending the request")
-}
-
-fn read_reply(r: &mut BufReader<UnixStream>) -> Result<serde_json::Value> {
-    let mut line = String::new();
-    if r.read_line(&mut line).context("reading the reply")? == 0 {
-        bail!("the disk server closed the control connection");
+impl Client {
+    /// Connects to the control socket at `path`.
+    pub fn connect(path: &Path) -> Result<Client> {
+        let c = UnixStream::connect(path)
+            .with_context(|| format!("connecting to the control socket {}", path.display()))?;
+        let r = BufReader::new(c.try_clone()?);
+        Ok(Client { c, r })
     }
-    serde_json::from_str(&line).context("a reply that is not JSON")
+
+    /// Sends one request.
+    pub fn send(&mut self, req: &Request) -> Result<()> {
+        let mut line = serde_json::to_vec(req)?;
+        line.push(b'\n');
+        self.c.write_all(&line).context("sending the request")
+    }
+
+    /// The next reply (`None` waits without bound: a migration's replies come at least once
+    /// a second while it runs, and it has its own timeouts).
+    pub fn reply(&mut self, timeout: Option<Duration>) -> Result<serde_json::Value> {
+        self.c.set_read_timeout(timeout)?;
+        let mut line = String::new();
+        if (&mut self.r).take(MAX_LINE as u64 * 16).read_line(&mut line).context("reading the reply")? == 0 {
+            bail!("the disk server closed the control connection");
+        }
+        serde_json::from_str(&line).context("a reply that is not JSON")
+    }
+}
+
+/// Sends `req` to the control socket at `path` and returns its `return` value; an `error`
+/// reply is the error. Waits at most `timeout` for the reply.
+pub fn call(path: &Path, req: &Request, timeout: Duration) -> Result<serde_json::Value> {
+    let mut c = Client::connect(path)?;
+    c.send(req)?;
+    let v = c.reply(Some(timeout))?;
+    if let Some(e) = v.get("error") {
+        bail!("{}", e.as_str().unwrap_or("?"));
+    }
+    Ok(v.get("return").cloned().unwrap_or_default())
 }
 
 /// Entry point of `livemig disk migrate`.
 pub fn run_migrate(a: &DiskMigrateArgs) -> Result<()> {
     let secret_file = std::fs::canonicalize(&a.secret_file)
         .with_context(|| format!("the secret file {}", a.secret_file.display()))?;
-    let (mut c, mut r) = connect(&a.control)?;
-    request(
-        &mut c,
-        &Request::Migrate(MigrateRequest {
-            to: a.to.clone(),
-            secret_file,
-            strategy: a.strategy,
-            threshold: a.threshold,
-            switchover: a.switchover,
-            max_downtime_ms: a.max_downtime,
-            max_rounds: a.max_rounds,
-            io_timeout_s: a.io_timeout,
-        }),
-    )?;
+    let mut c = Client::connect(&a.control)?;
+    c.send(&Request::Migrate(MigrateRequest {
+        to: a.to.clone(),
+        secret_file,
+        strategy: a.strategy,
+        threshold: a.threshold,
+        switchover: a.switchover,
+        max_downtime_ms: a.max_downtime,
+        max_rounds: a.max_rounds,
+        io_timeout_s: a.io_timeout,
+    }))?;
     use std::io::IsTerminal;
     let bar = if a.json || !std::io::stderr().is_terminal() {
         indicatif::ProgressBar::hidden()
@@ -265,7 +307,7 @@ pub fn run_migrate(a: &DiskMigrateArgs) -> Result<()> {
         b
     };
     loop {
-        let v = read_reply(&mut r)?;
+        let v = c.reply(None)?;
         if let Some(p) = v.get("progress") {
             let mib = |k: &str| p.get(k).and_then(|x| x.as_u64()).unwrap_or(0) as f64 / (1 << 20) as f64;
             bar.set_message(format!(
@@ -319,14 +361,9 @@ pub struct DiskControlArgs {
     pub control: PathBuf,
 }
 
-/// Entry point of `livemig disk switchover` (`status`: with `status` set).
-pub fn run_simple(a: &DiskControlArgs, status: bool) -> Result<()> {
-    let (mut c, mut r) = connect(&a.control)?;
-    request(&mut c, if status { &Request::Status } else { &Request::Switchover })?;
-    let v = read_reply(&mut r)?;
-    if let Some(e) = v.get("error") {
-        bail!("{}", e.as_str().unwrap_or("?"));
-    }
-    println!("{}", v.get("return").cloned().unwrap_or_default());
+/// Entry point of `livemig disk switchover|handover|cancel|status`.
+pub fn run_simple(a: &DiskControlArgs, req: &Request) -> Result<()> {
+    let v = call(&a.control, req, HANDOVER_WAIT + Duration::from_secs(5))?;
+    println!("{v}");
     Ok(())
 }

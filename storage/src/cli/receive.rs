@@ -10,6 +10,7 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 
 use crate::base::{Base, ChunkDirBase, FileBase};
+use crate::disk::{Deferred, Disk};
 use crate::live::dest::{self, Offer, ReceiveOptions};
 use crate::mirror::{Mirror, DEFAULT_CHUNK};
 use crate::nbd::server::Export;
@@ -33,7 +34,8 @@ pub struct DiskReceiveArgs {
     /// The shared secret's file (the same at both ends).
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
-    /// Serve the disk over NBD on this unix socket from the handover on.
+    /// Serve the disk over NBD on this unix socket from the handover on (with --serve-early,
+    /// from the start).
     #[arg(long, value_name = "PATH", conflicts_with = "nbd_listen", required_unless_present = "nbd_listen")]
     pub socket: Option<PathBuf>,
     /// Serve it on this TCP address instead.
@@ -49,12 +51,32 @@ pub struct DiskReceiveArgs {
     /// Background pulls outstanding at once.
     #[arg(long, default_value_t = 4)]
     pub pulls_in_flight: usize,
+    /// Serve the disk from the start, before it arrives: what a destination QEMU started with
+    /// `-incoming` needs, as it opens its drives at once. Requests made before the handover
+    /// wait for it (at most --io-timeout, then EIO). The disk's size comes from --base, or
+    /// --size for a plain disk, and the source's must match.
+    #[arg(long)]
+    pub serve_early: bool,
+    /// A plain disk's size in bytes (with --serve-early; suffixes K, M, G).
+    #[arg(long, value_name = "BYTES", value_parser = parse_size)]
+    pub size: Option<u64>,
     /// Exit once the transfer has ended (after saving the disk) instead of serving on.
     #[arg(long)]
     pub exit_when_done: bool,
     /// Machine-readable summary (JSON) on stdout.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_size(s: &str) -> Result<u64, String> {
+    let (num, mul) = match s.as_bytes().last() {
+        Some(b'K' | b'k') => (&s[..s.len() - 1], 1u64 << 10),
+        Some(b'M' | b'm') => (&s[..s.len() - 1], 1 << 20),
+        Some(b'G' | b'g') => (&s[..s.len() - 1], 1 << 30),
+        _ => (s, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a size (bytes, or with K, M, G)"))?;
+    n.checked_mul(mul).filter(|&b| b > 0 && b <= 1 << 50).ok_or_else(|| format!("{s} is out of range"))
 }
 
 fn open_base(a: &DiskReceiveArgs) -> Result<Option<Box<dyn Base>>> {
@@ -129,9 +151,36 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
         livemig_transport::auth::Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
     let base = open_base(a)?;
     let io_timeout = Duration::from_secs_f64(a.io_timeout);
+    let early = if a.serve_early {
+        let size = match (&base, a.size) {
+            (Some(b), None) => b.size(),
+            (Some(b), Some(s)) if s == b.size() => s,
+            (Some(b), Some(s)) => bail!("--size {s} differs from the base's {} bytes", b.size()),
+            (None, Some(s)) => s,
+            (None, None) => bail!("--serve-early needs the disk's size: --base, or --size for a plain disk"),
+        };
+        let d = Arc::new(Deferred::new(size, io_timeout));
+        let export = Arc::new(Export {
+            name: a.name.clone(),
+            description: format!("livemig disk {} (arriving)", a.file.display()),
+            disk: d.clone(),
+            read_only: false,
+            io_timeout: Duration::from_secs(30),
+        });
+        let endpoint = super::serve_export(export, a.socket.as_deref(), a.nbd_listen.as_deref(), 64)?;
+        Some((d, endpoint))
+    } else {
+        if a.size.is_some() {
+            bail!("--size is for --serve-early");
+        }
+        None
+    };
     let tcp = livemig_transport::TcpConfig { io_timeout, urgent_stream: true, ..Default::default() };
     let l = livemig_transport::TcpListener::bind(a.listen.as_str()).with_context(|| format!("binding {}", a.listen))?;
     println!("listening {} disk", l.local_addr()?);
+    if let Some((_, endpoint)) = &early {
+        println!("serving {endpoint} nbd (early: requests wait for the handover)");
+    }
     std::io::stdout().flush()?;
     // Stray connections (scans, wrong secrets) cost a log line each; the first session that
     // authenticates is the transfer.
@@ -144,11 +193,25 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
         Box::new(t),
         &o,
         |offer| {
+            if let Some((d, _)) = &early {
+                if d.size() != offer.disk_size {
+                    return Err(format!(
+                        "this end serves a {}-byte disk already; the source's is {} bytes",
+                        d.size(),
+                        offer.disk_size
+                    ));
+                }
+            }
             let m = open_for(a, base, offer)?;
             opened = Some(m.clone());
             Ok(m)
         },
         |disk| {
+            if let Some((d, endpoint)) = &early {
+                d.arrive(disk.clone())?;
+                served = Some((disk.mirror().clone(), endpoint.clone()));
+                return Ok(());
+            }
             let export = Arc::new(Export {
                 name: a.name.clone(),
                 description: format!("livemig disk {}", a.file.display()),
@@ -209,6 +272,9 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
     };
     std::io::stdout().flush()?;
     let Some((mirror, endpoint)) = served else {
+        if let Some((d, _)) = &early {
+            d.fail("the transfer failed before the handover".into());
+        }
         // Never handed over: nothing was served here; keep what arrived (the source still
         // has everything).
         if let Some(m) = opened {

@@ -55,6 +55,9 @@ pub enum Error {
     /// The peer gave up.
     #[error("the peer aborted: {0}")]
     PeerAborted(String),
+    /// Cancelled on request before the handover.
+    #[error("cancelled")]
+    Cancelled,
     /// A transfer is already running for this disk.
     #[error("a transfer of this disk is already running")]
     Busy,

@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use livemig_transport::auth::Secret;
@@ -91,7 +91,23 @@ pub struct SourceDisk {
     mirror: Arc<Mirror>,
     mode: RwLock<Mode>,
     switchover: AtomicBool,
+    cancel: AtomicBool,
     busy: AtomicBool,
+    /// How the running transfer's handover went, for those waiting on it.
+    handover: Mutex<Handover>,
+    handover_cv: Condvar,
+}
+
+/// How a transfer's handover went.
+#[derive(Debug, Clone, Default, PartialEq)]
+enum Handover {
+    /// Not yet.
+    #[default]
+    Pending,
+    /// The destination serves the disk.
+    Confirmed,
+    /// The transfer ended without a confirmed handover.
+    Failed(String),
 }
 
 /// What the source driver is told.
@@ -159,7 +175,10 @@ impl SourceDisk {
             mirror,
             mode: RwLock::new(Mode::Idle),
             switchover: AtomicBool::new(false),
+            cancel: AtomicBool::new(false),
             busy: AtomicBool::new(false),
+            handover: Mutex::new(Handover::Pending),
+            handover_cv: Condvar::new(),
         }
     }
 
@@ -176,6 +195,47 @@ impl SourceDisk {
             self.switchover.store(true, Ordering::Release);
         }
         running
+    }
+
+    /// Hands over now and waits until the destination confirms it serves the disk (`Ok`), or
+    /// the handover failed (the reason; the disk is then still served here unless the
+    /// reason says it is in doubt), at most `wait`.
+    pub fn hand_over_now(&self, wait: Duration) -> Result<(), String> {
+        if !self.request_switchover() {
+            return match &*self.handover.lock().unwrap_or_else(|e| e.into_inner()) {
+                Handover::Confirmed if self.state() == "handed-over" => Ok(()),
+                _ => Err("no migration is running".into()),
+            };
+        }
+        let g = self.handover.lock().unwrap_or_else(|e| e.into_inner());
+        let (g, _) = self
+            .handover_cv
+            .wait_timeout_while(g, wait, |h| *h == Handover::Pending)
+            .unwrap_or_else(|e| e.into_inner());
+        match &*g {
+            Handover::Confirmed => Ok(()),
+            Handover::Failed(why) => Err(why.clone()),
+            Handover::Pending => Err(format!("the handover did not end within {wait:?}")),
+        }
+    }
+
+    /// Cancels a running transfer that has not handed over yet: the destination is told and
+    /// the disk is served here as before. False when there is none to cancel.
+    pub fn cancel(&self) -> bool {
+        let running = matches!(*self.mode.read().unwrap_or_else(|e| e.into_inner()), Mode::Migrating(_))
+            && *self.handover.lock().unwrap_or_else(|e| e.into_inner()) == Handover::Pending;
+        if running {
+            self.cancel.store(true, Ordering::Release);
+        }
+        running
+    }
+
+    fn settle(&self, h: Handover) {
+        let mut g = self.handover.lock().unwrap_or_else(|e| e.into_inner());
+        if *g == Handover::Pending {
+            *g = h;
+        }
+        self.handover_cv.notify_all();
     }
 
     /// `idle`, `migrating` or `handed-over`.
@@ -232,6 +292,16 @@ impl SourceDisk {
             return Err(Error::Refused("this disk was already handed over".into()));
         }
         self.switchover.store(false, Ordering::Release);
+        self.cancel.store(false, Ordering::Release);
+        *self.handover.lock().unwrap_or_else(|e| e.into_inner()) = Handover::Pending;
+        // Whatever ends this call before a confirmed handover settles it as failed.
+        struct Settle<'a>(&'a SourceDisk);
+        impl Drop for Settle<'_> {
+            fn drop(&mut self) {
+                self.0.settle(Handover::Failed("the migration ended before the handover".into()));
+            }
+        }
+        let _settle = Settle(self);
         let chunk = self.mirror.chunk_size();
         if chunk > proto::MAX_CHUNK {
             return Err(Error::Refused(format!("chunks of {chunk} bytes are larger than a transfer carries")));
@@ -271,9 +341,11 @@ impl SourceDisk {
         let mut sum = SourceSummary { strategy: o.strategy.as_str().into(), ..Default::default() };
         let res = self.push_phase(&mut *t, o, &live, &mut sum, start, progress);
         if let Err(Error::InDoubt(e)) = res {
+            self.settle(Handover::Failed(format!("in doubt: the destination may serve the disk: {e}")));
             return Err(Error::InDoubt(e));
         }
         if let Err(e) = res {
+            self.settle(Handover::Failed(format!("{e} (the disk is still served here)")));
             // Nothing was handed over: the disk is served here as before.
             *self.mode.write().unwrap_or_else(|e| e.into_inner()) = Mode::Idle;
             let _ = send(&mut *t, &Msg::Abort(e.to_string()));
@@ -363,6 +435,9 @@ impl SourceDisk {
                     rounds,
                     ..Default::default()
                 });
+            }
+            if self.cancel.load(Ordering::Acquire) {
+                return Err(Error::Cancelled);
             }
             let wanted = self.switchover.load(Ordering::Acquire);
             match next {
@@ -463,6 +538,7 @@ impl SourceDisk {
         }
         *g = Mode::Handed;
         drop(g);
+        self.settle(Handover::Confirmed);
         sum.handover_ms = stopped.elapsed().as_secs_f64() * 1e3;
         #[cfg(feature = "fault-injection")]
         if std::env::var_os("LIVEMIG_EXIT_AFTER_HANDOVER").is_some() {

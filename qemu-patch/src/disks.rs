@@ -1,0 +1,255 @@
+//! Disks that move with a QEMU migration. Each disk is served to the source QEMU by
+//! `livemig disk serve --control` and received by `livemig disk receive --serve-early` at the
+//! destination (whose QEMU opens it at start). Its live transfer runs beside the memory
+//! migration with the switchover left to this module: while QEMU waits in `pre-switchover`
+//! (the guest stopped, its disk I/O drained and flushed), every disk is handed over, and QEMU
+//! goes on only once every destination serves its disk. A disk that cannot be handed over
+//! cancels the migration: the guest runs on at the source with its disks intact.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use livemig_storage::cli::control::{self, Client, MigrateRequest, Request};
+use livemig_storage::live::{Strategy, SwitchoverMode};
+use serde_json::Value;
+
+use crate::carrier::CarrierError;
+
+/// One disk: the control socket of its `disk serve` and the address of its `disk receive`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct DiskSpec {
+    /// The source's control socket.
+    pub control: PathBuf,
+    /// The destination (`livemig disk receive --listen`).
+    pub to: String,
+}
+
+impl std::str::FromStr for DiskSpec {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (control, to) =
+            s.split_once('=').ok_or_else(|| format!("{s:?}: expected CONTROL_SOCKET=DESTINATION_ADDR"))?;
+        if control.is_empty() || to.is_empty() {
+            return Err(format!("{s:?}: expected CONTROL_SOCKET=DESTINATION_ADDR"));
+        }
+        Ok(DiskSpec { control: control.into(), to: to.into() })
+    }
+}
+
+/// How the disks move.
+#[derive(Debug, Clone)]
+pub struct DiskOptions {
+    /// `hybrid` (push, hand over, pull the rest) or `precopy` (rounds; the last one runs
+    /// during the handover, inside QEMU's downtime).
+    pub strategy: Strategy,
+    /// Hybrid: chunks written this often are held back.
+    pub threshold: u32,
+    /// The shared secret's file, read by each disk server.
+    pub secret_file: PathBuf,
+    /// A silent peer is declared gone after this.
+    pub io_timeout: Duration,
+}
+
+/// How one disk's transfer ended.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct DiskOutcome {
+    /// The source's control socket.
+    pub control: String,
+    /// The destination.
+    pub to: String,
+    /// Whether the transfer completed (every chunk checked equal at both ends).
+    pub ok: bool,
+    /// The source's summary (`disk migrate --json`), when it completed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub summary: Option<Value>,
+    /// Why it failed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+/// Disk transfers under way.
+#[derive(Debug)]
+pub struct Disks {
+    runs: Vec<Run>,
+}
+
+#[derive(Debug)]
+struct Run {
+    spec: DiskSpec,
+    progress: Arc<Mutex<Option<Value>>>,
+    thread: Option<JoinHandle<Result<Value, String>>>,
+}
+
+impl Disks {
+    /// Starts every disk's transfer (switchover on command) and returns once each is
+    /// pushing, or the first failure (the ones started are cancelled).
+    pub fn start(specs: &[DiskSpec], o: &DiskOptions) -> Result<Disks, CarrierError> {
+        let secret_file = std::fs::canonicalize(&o.secret_file).map_err(|source| CarrierError::Io {
+            what: format!("the secret file {}", o.secret_file.display()),
+            source,
+        })?;
+        let mut d = Disks { runs: Vec::new() };
+        for spec in specs {
+            let req = Request::Migrate(MigrateRequest {
+                to: spec.to.clone(),
+                secret_file: secret_file.clone(),
+                strategy: o.strategy,
+                threshold: o.threshold.max(1),
+                switchover: SwitchoverMode::Command,
+                max_downtime_ms: 300,
+                max_rounds: 30,
+                io_timeout_s: o.io_timeout.as_secs_f64(),
+            });
+            let mut c = match Client::connect(&spec.control).and_then(|mut c| c.send(&req).map(|_| c)) {
+                Ok(c) => c,
+                Err(e) => {
+                    d.cancel();
+                    return Err(CarrierError::Disk(format!("disk {}: {e:#}", spec.control.display())));
+                }
+            };
+            let progress = Arc::new(Mutex::new(None));
+            // Replies come at least once a second while the transfer runs.
+            let quiet = o.io_timeout + Duration::from_secs(30);
+            let p = progress.clone();
+            let thread = std::thread::Builder::new()
+                .name("livemig-qemu-disk".into())
+                .spawn(move || loop {
+                    let v = c.reply(Some(quiet)).map_err(|e| format!("{e:#}"))?;
+                    if let Some(x) = v.get("progress") {
+                        *p.lock().unwrap_or_else(|e| e.into_inner()) = Some(x.clone());
+                    } else if let Some(e) = v.get("error") {
+                        return Err(e.as_str().unwrap_or("?").to_string());
+                    } else {
+                        return Ok(v.get("return").cloned().unwrap_or_default());
+                    }
+                })
+                .map_err(|source| CarrierError::Io { what: "starting a disk thread".into(), source })?;
+            d.runs.push(Run { spec: spec.clone(), progress, thread: Some(thread) });
+        }
+        // Each transfer is under way once its server says so (the destination accepted).
+        let deadline = Instant::now() + o.io_timeout + Duration::from_secs(10);
+        for i in 0..d.runs.len() {
+            loop {
+                let r = &mut d.runs[i];
+                if r.thread.as_ref().is_some_and(|t| t.is_finished()) {
+                    let why = match r.thread.take().map(|t| t.join()) {
+                        Some(Ok(Err(e))) => e,
+                        _ => "the transfer ended at once".into(),
+                    };
+                    let what = format!("disk {} to {}: {why}", r.spec.control.display(), r.spec.to);
+                    d.cancel();
+                    return Err(CarrierError::Disk(what));
+                }
+                let state = control::call(&r.spec.control, &Request::Status, Duration::from_secs(5))
+                    .map(|v| v.get("state").and_then(|s| s.as_str()).unwrap_or("").to_string());
+                if matches!(state.as_deref(), Ok("migrating")) {
+                    break;
+                }
+                if Instant::now() > deadline {
+                    let what = format!("disk {}: its transfer did not start ({state:?})", r.spec.control.display());
+                    d.cancel();
+                    return Err(CarrierError::Timeout(what));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(d)
+    }
+
+    /// How many disks move.
+    pub fn len(&self) -> usize {
+        self.runs.len()
+    }
+
+    /// Whether no disk moves.
+    pub fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// Bytes pushed so far, all disks.
+    pub fn pushed(&self) -> u64 {
+        self.runs
+            .iter()
+            .filter_map(|r| r.progress.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            .map(|p| p.get("bytes_pushed").and_then(|b| b.as_u64()).unwrap_or(0))
+            .sum()
+    }
+
+    /// A transfer that already ended, and how (before the handover, any end is a failure).
+    pub fn ended(&self) -> Option<String> {
+        self.runs.iter().find(|r| r.thread.as_ref().is_some_and(|t| t.is_finished())).map(|r| {
+            format!("the transfer of disk {} to {} ended before the handover", r.spec.control.display(), r.spec.to)
+        })
+    }
+
+    /// Hands every disk over at once and returns when every destination serves its disk, or
+    /// the first failure. Must be called with the guest stopped.
+    pub fn hand_over(&self) -> Result<Duration, String> {
+        let t0 = Instant::now();
+        let results: Vec<Result<(), String>> = std::thread::scope(|s| {
+            let hs: Vec<_> = self
+                .runs
+                .iter()
+                .map(|r| {
+                    s.spawn(move || {
+                        control::call(
+                            &r.spec.control,
+                            &Request::Handover,
+                            control::HANDOVER_WAIT + Duration::from_secs(5),
+                        )
+                        .map(|_| ())
+                        .map_err(|e| format!("disk {}: {e:#}", r.spec.control.display()))
+                    })
+                })
+                .collect();
+            hs.into_iter().map(|h| h.join().unwrap_or_else(|_| Err("a handover thread panicked".into()))).collect()
+        });
+        let failed: Vec<String> = results.into_iter().filter_map(|r| r.err()).collect();
+        if failed.is_empty() {
+            Ok(t0.elapsed())
+        } else {
+            Err(failed.join("; "))
+        }
+    }
+
+    /// Cancels every transfer that has not handed over (its disk stays served at the source).
+    pub fn cancel(&self) {
+        for r in &self.runs {
+            let _ = control::call(&r.spec.control, &Request::Cancel, Duration::from_secs(5));
+        }
+    }
+
+    /// Waits for every transfer to end (after a handover: the pulls and the final check).
+    pub fn finish(mut self) -> Vec<DiskOutcome> {
+        self.runs
+            .iter_mut()
+            .map(|r| {
+                let res = match r.thread.take() {
+                    Some(t) => t.join().unwrap_or_else(|_| Err("the disk thread panicked".into())),
+                    None => Err("not started".into()),
+                };
+                let (ok, summary, error) = match res {
+                    Ok(v) => (true, Some(v), None),
+                    Err(e) => (false, None, Some(e)),
+                };
+                DiskOutcome { control: r.spec.control.display().to_string(), to: r.spec.to.clone(), ok, summary, error }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_disk_is_named_by_its_control_socket_and_its_destination() {
+        let d: DiskSpec = "/run/disk0.ctl=10.0.0.2:7000".parse().unwrap();
+        assert_eq!(d, DiskSpec { control: "/run/disk0.ctl".into(), to: "10.0.0.2:7000".into() });
+        assert!("/run/disk0.ctl".parse::<DiskSpec>().is_err());
+        assert!("=10.0.0.2:7000".parse::<DiskSpec>().is_err());
+        assert!("/run/x=".parse::<DiskSpec>().is_err());
+    }
+}
