@@ -284,6 +284,9 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         if let (Some(by), Some(action)) = (&s.decided_by, &s.action) {
             println!("decided by {by}: {action}");
         }
+        if let Some(ms) = s.disk_ready_ms {
+            println!("pre-copy disks converged after {:.1} s; QEMU's migration started then", ms as f64 / 1e3);
+        }
         if let Some(ms) = s.disk_handover_ms {
             println!(
                 "disks handed over in {ms:.1} ms with the guest stopped ({:.1} MiB pushed before)",

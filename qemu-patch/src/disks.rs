@@ -101,6 +101,7 @@ impl Disks {
                 max_downtime_ms: 300,
                 max_rounds: 30,
                 io_timeout_s: o.io_timeout.as_secs_f64(),
+                push_window_mib: livemig_storage::live::proto::PUSH_WINDOW >> 20,
             });
             let mut c = match Client::connect(&spec.control).and_then(|mut c| c.send(&req).map(|_| c)) {
                 Ok(c) => c,
@@ -184,6 +185,31 @@ impl Disks {
         })
     }
 
+    /// Waits until every transfer could hand over within its bound (pre-copy: its rounds
+    /// converged), as libvirt waits for its mirror jobs to be ready before it migrates memory;
+    /// at most until `deadline`.
+    pub fn wait_ready(&self, deadline: Instant) -> Result<(), CarrierError> {
+        loop {
+            if let Some(why) = self.ended() {
+                return Err(CarrierError::Disk(why));
+            }
+            let ready = self.runs.iter().all(|r| {
+                r.progress
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .as_ref()
+                    .is_some_and(|p| p.get("ready").and_then(|x| x.as_bool()).unwrap_or(false))
+            });
+            if ready {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(CarrierError::Timeout("the disks' transfers did not converge".into()));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
     /// Hands every disk over at once and returns when every destination serves its disk, or
     /// the first failure. Must be called with the guest stopped.
     pub fn hand_over(&self) -> Result<Duration, String> {
@@ -211,6 +237,23 @@ impl Disks {
             Ok(t0.elapsed())
         } else {
             Err(failed.join("; "))
+        }
+    }
+
+    /// Holds every disk's background pulls after its handover (at most `max`), so QEMU's last
+    /// memory pass and device state have the link; pulls on demand are answered all the same.
+    pub fn hold_pulls(&self, max: Duration) -> Result<(), String> {
+        for r in &self.runs {
+            control::call(&r.spec.control, &Request::HoldPulls { max_s: max.as_secs_f64() }, Duration::from_secs(5))
+                .map_err(|e| format!("disk {}: {e:#}", r.spec.control.display()))?;
+        }
+        Ok(())
+    }
+
+    /// Lets every disk's background pulls go.
+    pub fn release_pulls(&self) {
+        for r in &self.runs {
+            let _ = control::call(&r.spec.control, &Request::Release, Duration::from_secs(5));
         }
     }
 

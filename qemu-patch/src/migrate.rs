@@ -19,6 +19,7 @@ use crate::carrier::{self, CarrierError, CarrierMsg, Counters};
 use crate::controller::{Action, Controller, PassFigures, Switchover};
 use crate::disks::{DiskOptions, DiskOutcome, DiskSpec, Disks};
 use crate::qmp::Qmp;
+use livemig_storage::live::Strategy;
 
 /// What `qemu migrate` is told.
 #[derive(Debug, Clone)]
@@ -120,6 +121,9 @@ pub struct Summary {
     /// With disks: how long the guest waited, stopped, for every disk's handover, ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_handover_ms: Option<f64>,
+    /// With pre-copy disks: when their rounds converged and QEMU's migration started, ms.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub disk_ready_ms: Option<u64>,
     /// With disks: disk bytes pushed before the handover.
     pub disk_pushed_before: u64,
     /// How each disk's transfer ended.
@@ -232,6 +236,11 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
             None => Ok(()),
         });
         let watched = (|| -> Result<String, CarrierError> {
+            if let (Some(d), Some(DiskOptions { strategy: Strategy::Precopy, .. })) = (&disks, &o.disk_options) {
+                // Pre-copy disks converge first: their last round runs inside QEMU's downtime.
+                d.wait_ready(started + o.max_time)?;
+                sum.disk_ready_ms = Some(started.elapsed().as_millis() as u64);
+            }
             q.execute("migrate", json!({ "uri": uri }))?;
             loop {
                 if started.elapsed() > o.max_time {
@@ -340,6 +349,11 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                     // QEMU goes on only once every destination serves its disk.
                     if let Some(d) = &disks {
                         sum.disk_pushed_before = d.pushed();
+                        // The memory's last pass goes first; the disks' background pulls
+                        // follow once QEMU is done (bounded, in case this process is not).
+                        if let Err(why) = d.hold_pulls(o.max_time) {
+                            tracing::warn!(%why, "holding the disks' background pulls");
+                        }
                         let took = match d.hand_over() {
                             Ok(t) => t,
                             Err(why) => {
@@ -413,6 +427,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         sum.throughput_mib_s = sum.carried as f64 / (1 << 20) as f64 / (sum.wall_ms.max(1) as f64 / 1e3);
     }
     if let Some(d) = disks {
+        d.release_pulls();
         if !handed_over {
             // The disks stay with the guest at the source. (Handed over and the memory
             // migration failed after: each disk lives at its destination now, and its

@@ -44,8 +44,9 @@ impl Disk for Mirror {
 
 /// A disk that is served before it exists here: the destination of a migration exports it as
 /// soon as it starts (a QEMU started with `-incoming` opens its drives then), and the disk
-/// arrives at the handover. A request made before then waits for it, at most `wait`; after
-/// a failed transfer, or past the wait, it fails (EIO), never reads as zeroes.
+/// arrives at the handover. A request made before then waits for it, at most `wait` (which
+/// may be zero); after a failed transfer, or past the wait, it fails (EIO), never reads as
+/// zeroes.
 #[derive(Debug)]
 pub struct Deferred {
     size: u64,

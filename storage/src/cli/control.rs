@@ -34,6 +34,15 @@ pub enum Request {
     Handover,
     /// Cancel a migration that has not handed over: the disk stays served here.
     Cancel,
+    /// After the next handover, answer background pulls only once `release` comes (pulls on
+    /// demand are answered all the same), for at most `max_s` seconds: an orchestrator that
+    /// moves the guest's memory too keeps the link for it meanwhile.
+    HoldPulls {
+        /// Longest hold, seconds (at most an hour).
+        max_s: f64,
+    },
+    /// Answer background pulls again.
+    Release,
     /// Where the disk stands.
     Status,
 }
@@ -63,6 +72,13 @@ pub struct MigrateRequest {
     /// Seconds of silence after which the peer is declared gone.
     #[serde(default = "default_io_timeout")]
     pub io_timeout_s: f64,
+    /// Pushed MiB beyond what the destination reported installed.
+    #[serde(default = "default_push_window")]
+    pub push_window_mib: u64,
+}
+
+fn default_push_window() -> u64 {
+    crate::live::proto::PUSH_WINDOW >> 20
 }
 
 fn default_threshold() -> u32 {
@@ -90,6 +106,11 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
         }
         if m.max_downtime_ms > 3_600_000 {
             return Err("max_downtime_ms is more than an hour".into());
+        }
+    }
+    if let Request::HoldPulls { max_s } = &r {
+        if !(max_s.is_finite() && *max_s >= 0.0 && *max_s <= 3600.0) {
+            return Err(format!("max_s {max_s} must be in [0, 3600]"));
         }
     }
     Ok(r)
@@ -154,6 +175,14 @@ fn serve_control(c: UnixStream, disk: &SourceDisk) -> std::io::Result<()> {
                 Ok(()) => reply(&mut w, &serde_json::json!({ "return": { "state": disk.state() } }))?,
                 Err(why) => reply(&mut w, &serde_json::json!({ "error": format!("the handover failed: {why}") }))?,
             },
+            Request::HoldPulls { max_s } => {
+                disk.hold_pulls(Duration::from_secs_f64(max_s));
+                reply(&mut w, &serde_json::json!({ "return": {} }))?
+            }
+            Request::Release => {
+                disk.release_pulls();
+                reply(&mut w, &serde_json::json!({ "return": {} }))?
+            }
             Request::Cancel => {
                 if disk.cancel() {
                     reply(&mut w, &serde_json::json!({ "return": {} }))?
@@ -177,6 +206,7 @@ fn serve_control(c: UnixStream, disk: &SourceDisk) -> std::io::Result<()> {
                     max_downtime: Duration::from_millis(m.max_downtime_ms),
                     max_rounds: m.max_rounds.max(1),
                     io_timeout: Duration::from_secs_f64(m.io_timeout_s),
+                    push_window: m.push_window_mib.clamp(1, 1 << 20) << 20,
                 };
                 // A client that stops reading its progress does not stop the migration.
                 let mut pw = w.try_clone()?;
@@ -231,6 +261,10 @@ pub struct DiskMigrateArgs {
     /// Seconds of silence after which the peer is declared gone.
     #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 10.0)]
     pub io_timeout: f64,
+    /// Pushed MiB the destination may hold not yet installed (its memory bound; the push
+    /// waits beyond it).
+    #[arg(long, value_name = "MIB", default_value_t = crate::live::proto::PUSH_WINDOW >> 20)]
+    pub push_window: u64,
     /// Machine-readable summary (JSON) on stdout, no progress.
     #[arg(long)]
     pub json: bool,
@@ -297,6 +331,7 @@ pub fn run_migrate(a: &DiskMigrateArgs) -> Result<()> {
         max_downtime_ms: a.max_downtime,
         max_rounds: a.max_rounds,
         io_timeout_s: a.io_timeout,
+        push_window_mib: a.push_window,
     }))?;
     use std::io::IsTerminal;
     let bar = if a.json || !std::io::stderr().is_terminal() {

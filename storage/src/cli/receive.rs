@@ -53,7 +53,9 @@ pub struct DiskReceiveArgs {
     pub pulls_in_flight: usize,
     /// Serve the disk from the start, before it arrives: what a destination QEMU started with
     /// `-incoming` needs, as it opens its drives at once. Requests made before the handover
-    /// wait for it (at most --io-timeout, then EIO). The disk's size comes from --base, or
+    /// fail at once (EIO): the only ones that come are QEMU's own while it starts (it reads
+    /// sector 0 to guess a geometry, and takes the failure), because the destination guest
+    /// runs only after the handover. The disk's size comes from --base, or
     /// --size for a plain disk, and the source's must match.
     #[arg(long)]
     pub serve_early: bool,
@@ -159,7 +161,9 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
             (None, Some(s)) => s,
             (None, None) => bail!("--serve-early needs the disk's size: --base, or --size for a plain disk"),
         };
-        let d = Arc::new(Deferred::new(size, io_timeout));
+        // No wait: a request that waited would hold QEMU's start-up, and with it the
+        // migration that would bring the disk.
+        let d = Arc::new(Deferred::new(size, Duration::ZERO));
         let export = Arc::new(Export {
             name: a.name.clone(),
             description: format!("livemig disk {} (arriving)", a.file.display()),
@@ -179,7 +183,7 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
     let l = livemig_transport::TcpListener::bind(a.listen.as_str()).with_context(|| format!("binding {}", a.listen))?;
     println!("listening {} disk", l.local_addr()?);
     if let Some((_, endpoint)) = &early {
-        println!("serving {endpoint} nbd (early: requests wait for the handover)");
+        println!("serving {endpoint} nbd (early: requests fail until the handover)");
     }
     std::io::stdout().flush()?;
     // Stray connections (scans, wrong secrets) cost a log line each; the first session that

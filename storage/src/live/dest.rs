@@ -336,6 +336,10 @@ pub fn receive(
                 shared.lock().sm.on_pushed(c);
                 sum.chunks_pushed += 1;
                 sum.bytes_pushed += data.len() as u64;
+                if sum.chunks_pushed % proto::INSTALLED_EVERY == 0 {
+                    // The source pushes at most a window beyond this.
+                    send(&mut *t, &Msg::Installed(sum.chunks_pushed)).map_err(fail)?;
+                }
             }
             Msg::Remaining(v) => {
                 if rest.len() + v.len() > nchunks || v.iter().any(|e| e.0 as usize >= nchunks) {

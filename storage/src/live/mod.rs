@@ -96,6 +96,9 @@ pub struct Progress {
     pub rounds: u32,
     /// Chunks pulled so far.
     pub chunks_pulled: u64,
+    /// Source, before the handover: a handover now would stay within its bound (hybrid: the
+    /// push is done; pre-copy: the rest fits the downtime at the measured rate).
+    pub ready: bool,
 }
 
 fn options(io_timeout: Duration) -> TransportOptions {

@@ -19,10 +19,17 @@
 //!  13   Abort         reason (UTF-8)
 //!  14   Taken         — (the destination serves I/O from now on)
 //!  15   Alive         — (either side, at least every second while it has nothing else to say)
+//!  16   Installed     n u64 (destination: pushed chunks installed so far; the source keeps
+//!                     at most a window of pushes beyond it)
 //! ```
 
 /// Protocol version.
-pub const VERSION: u16 = 1;
+pub const VERSION: u16 = 2;
+/// Pushed bytes the source may have beyond what the destination reported installed, by
+/// default.
+pub const PUSH_WINDOW: u64 = 64 << 20;
+/// The destination reports installed pushes at least every this many.
+pub const INSTALLED_EVERY: u64 = 16;
 /// Most entries in one Remaining/Held/Cancelled message (keeps each under 4 MiB).
 pub const MAX_ENTRIES: usize = 1 << 16;
 /// Largest chunk a transfer carries (one chunk per message).
@@ -130,6 +137,8 @@ pub enum Msg {
     /// Either side: still here (sent while there is nothing else to say, so the peer's
     /// silence bound only catches a peer that is really gone).
     Alive,
+    /// Destination → source: pushed chunks installed so far (flow control of the push).
+    Installed(u64),
 }
 
 /// A message that does not decode.
@@ -242,6 +251,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, DecodeError> {
         13 => Msg::Abort(r.text()?),
         14 => Msg::Taken,
         15 => Msg::Alive,
+        16 => Msg::Installed(r.u64()?),
         t => return bad(format!("unknown message type {t}")),
     };
     r.end()?;
@@ -325,6 +335,10 @@ pub fn encode(m: &Msg) -> Vec<u8> {
         }
         Msg::Taken => b.push(14),
         Msg::Alive => b.push(15),
+        Msg::Installed(n) => {
+            b.push(16);
+            b.extend_from_slice(&n.to_le_bytes());
+        }
     }
     b
 }
@@ -382,6 +396,7 @@ mod tests {
             Msg::Abort("gone".into()),
             Msg::Taken,
             Msg::Alive,
+            Msg::Installed(1 << 40),
         ];
         for m in msgs {
             assert_eq!(decode(&encode(&m)), Ok(m.clone()));

@@ -93,6 +93,9 @@ pub struct SourceDisk {
     switchover: AtomicBool,
     cancel: AtomicBool,
     busy: AtomicBool,
+    /// Background pulls are answered only after this (urgent ones always): an orchestrator
+    /// that moves the guest's memory keeps the link for it until the memory has moved.
+    hold_pulls: Mutex<Option<Instant>>,
     /// How the running transfer's handover went, for those waiting on it.
     handover: Mutex<Handover>,
     handover_cv: Condvar,
@@ -127,6 +130,8 @@ pub struct MigrateOptions {
     pub max_rounds: u32,
     /// A silent peer is declared gone after this.
     pub io_timeout: Duration,
+    /// Pushed bytes beyond what the destination reported installed (its memory bound).
+    pub push_window: u64,
 }
 
 /// The outcome at the source.
@@ -177,6 +182,7 @@ impl SourceDisk {
             switchover: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             busy: AtomicBool::new(false),
+            hold_pulls: Mutex::new(None),
             handover: Mutex::new(Handover::Pending),
             handover_cv: Condvar::new(),
         }
@@ -228,6 +234,21 @@ impl SourceDisk {
             self.cancel.store(true, Ordering::Release);
         }
         running
+    }
+
+    /// Holds background pulls after the handover for at most `max` (pulls on demand are
+    /// answered all the same), until [`release_pulls`](Self::release_pulls).
+    pub fn hold_pulls(&self, max: Duration) {
+        *self.hold_pulls.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + max);
+    }
+
+    /// Answers background pulls again.
+    pub fn release_pulls(&self) {
+        *self.hold_pulls.lock().unwrap_or_else(|e| e.into_inner()) = None;
+    }
+
+    fn pulls_held(&self) -> bool {
+        matches!(*self.hold_pulls.lock().unwrap_or_else(|e| e.into_inner()), Some(t) if Instant::now() < t)
     }
 
     fn settle(&self, h: Handover) {
@@ -299,6 +320,8 @@ impl SourceDisk {
         impl Drop for Settle<'_> {
             fn drop(&mut self) {
                 self.0.settle(Handover::Failed("the migration ended before the handover".into()));
+                // A hold asked for this migration ends with it.
+                self.0.release_pulls();
             }
         }
         let _settle = Settle(self);
@@ -402,14 +425,26 @@ impl SourceDisk {
         let chunk = self.mirror.chunk_size() as u64;
         let mut last_report = Instant::now();
         let mut last_alive = Instant::now();
+        // Flow control: pushes sent, and installed at the destination as it last said.
+        let window = (o.push_window / chunk).max(2 * proto::INSTALLED_EVERY);
+        let (mut sent, mut installed) = (0u64, 0u64);
         loop {
-            // The destination may give up at any time.
-            if let Some(m) = t.recv_message(Some(Duration::ZERO)).map_err(Error::Transport)? {
-                match proto::decode(&m)? {
+            // The destination may give up at any time; with a full window, its word is
+            // awaited (its silence for the I/O timeout is the error).
+            let full = sent.saturating_sub(installed) >= window;
+            let wait = if full { o.io_timeout } else { Duration::ZERO };
+            match t.recv_message(Some(wait)).map_err(Error::Transport)? {
+                Some(m) => match proto::decode(&m)? {
                     Msg::Alive => {}
+                    Msg::Installed(n) if n <= sent => installed = installed.max(n),
                     Msg::Abort(why) => return Err(Error::PeerAborted(why)),
                     m => return Err(Error::Unexpected(format!("{m:?} while pushing"))),
-                }
+                },
+                None if full => return Err(Error::Silent("the destination while it installed pushes")),
+                None => {}
+            }
+            if full {
+                continue;
             }
             let elapsed = start.elapsed().as_secs_f64().max(1e-3);
             let rate = sum.bytes_pushed as f64 / elapsed;
@@ -433,6 +468,10 @@ impl SourceDisk {
                     bytes_pushed: sum.bytes_pushed,
                     pending: pending as u64,
                     rounds,
+                    ready: match o.strategy {
+                        Strategy::Hybrid => next.is_none(),
+                        Strategy::Precopy => converged,
+                    },
                     ..Default::default()
                 });
             }
@@ -445,6 +484,9 @@ impl SourceDisk {
                     let n = self.push_one(t, live, c)?;
                     sum.chunks_pushed += 1;
                     sum.bytes_pushed += n;
+                    if n > 0 {
+                        sent += 1;
+                    }
                     if !wanted {
                         continue;
                     }
@@ -521,7 +563,7 @@ impl SourceDisk {
         // The destination confirms once it has installed every push before the handover; it
         // says Alive meanwhile, so only its silence counts.
         let mut answer = recv(t, io_timeout, "the destination's confirmation of the handover");
-        while let Ok(Msg::Alive) = answer {
+        while let Ok(Msg::Alive | Msg::Installed(_)) = answer {
             answer = recv(t, io_timeout, "the destination's confirmation of the handover");
         }
         match answer {
@@ -550,6 +592,33 @@ impl SourceDisk {
         Ok(())
     }
 
+    /// Answers a background pull of chunk `c`.
+    fn answer_pull(
+        &self,
+        t: &mut dyn Transport,
+        live: &Mutex<Live>,
+        sum: &mut SourceSummary,
+        c: u32,
+    ) -> Result<(), Error> {
+        let ok = match &mut live.lock().unwrap_or_else(|e| e.into_inner()).sm {
+            Sm::Hybrid(s) => s.on_pull(c as usize),
+            Sm::Precopy(_) => false,
+        };
+        let got = if ok { read_chunk(&self.mirror, c as usize)? } else { None };
+        if ok {
+            live.lock().unwrap_or_else(|e| e.into_inner()).record(c as usize, &got);
+        }
+        match got {
+            Some((lo, buf)) => {
+                t.send_message(&proto::encode_chunk(c, lo, proto::hash(&buf), &buf)).map_err(Error::Transport)?;
+                sum.bytes_pulled += buf.len() as u64;
+                sum.chunks_pulled += 1;
+            }
+            None => send(t, &Msg::Unavailable(c))?,
+        }
+        Ok(())
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn passive_phase(
         &self,
@@ -565,8 +634,21 @@ impl SourceDisk {
         let mut cancelled: HashSet<u32> = HashSet::new();
         let mut last_heard = start.elapsed();
         let mut last_report = Instant::now();
+        let mut last_alive = Instant::now();
+        let mut waiting: std::collections::VecDeque<u32> = std::collections::VecDeque::new();
         loop {
-            let m = match t.recv_message(Some(Duration::from_millis(500))).map_err(Error::Transport)? {
+            if self.pulls_held() {
+                if last_alive.elapsed() >= Duration::from_secs(1) {
+                    // The destination waits for its pulls: it must not take it for silence.
+                    send(t, &Msg::Alive)?;
+                    last_alive = Instant::now();
+                }
+            } else {
+                while let Some(c) = waiting.pop_front() {
+                    self.answer_pull(t, live, sum, c)?;
+                }
+            }
+            let m = match t.recv_message(Some(Duration::from_millis(100))).map_err(Error::Transport)? {
                 Some(m) => m,
                 None => {
                     let urgent_heard = Duration::from_nanos(activity.load(Ordering::Acquire));
@@ -578,24 +660,17 @@ impl SourceDisk {
             };
             last_heard = start.elapsed();
             match proto::decode(&m)? {
+                Msg::Pull(c) if self.pulls_held() => {
+                    if waiting.len() >= self.mirror.map().len() {
+                        return Err(Error::Unexpected("more pulls than the disk has chunks".into()));
+                    }
+                    waiting.push_back(c)
+                }
                 Msg::Pull(c) => {
-                    let ok = match &mut live.lock().unwrap_or_else(|e| e.into_inner()).sm {
-                        Sm::Hybrid(s) => s.on_pull(c as usize),
-                        Sm::Precopy(_) => false,
-                    };
-                    let got = if ok { read_chunk(&self.mirror, c as usize)? } else { None };
-                    if ok {
-                        live.lock().unwrap_or_else(|e| e.into_inner()).record(c as usize, &got);
+                    while let Some(w) = waiting.pop_front() {
+                        self.answer_pull(t, live, sum, w)?;
                     }
-                    match got {
-                        Some((lo, buf)) => {
-                            t.send_message(&proto::encode_chunk(c, lo, proto::hash(&buf), &buf))
-                                .map_err(Error::Transport)?;
-                            sum.bytes_pulled += buf.len() as u64;
-                            sum.chunks_pulled += 1;
-                        }
-                        None => send(t, &Msg::Unavailable(c))?,
-                    }
+                    self.answer_pull(t, live, sum, c)?
                 }
                 Msg::Held(v) => {
                     if held.len() + v.len() > self.mirror.map().len() {
@@ -755,5 +830,69 @@ impl Disk for SourceDisk {
     }
     fn allocation(&self, r: Range) -> Result<Vec<(u64, bool)>, DiskError> {
         self.mirror.allocation(r)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A destination that accepts the disk and then installs nothing: the source stops after
+    /// its push window instead of pushing the whole disk into the destination's memory, and
+    /// gives up after the I/O timeout with the disk still served here.
+    #[test]
+    fn the_push_stops_at_its_window_when_the_destination_installs_nothing() {
+        const SIZE: usize = 32 << 20;
+        let path = std::env::temp_dir().join(format!("livemig-window-{}", std::process::id()));
+        std::fs::write(&path, (0..SIZE).map(|i| (i * 31 + i / 4096) as u8 | 1).collect::<Vec<u8>>()).unwrap();
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path).unwrap();
+        let _ = std::fs::remove_file(&path);
+        let disk = SourceDisk::new(Arc::new(Mirror::plain(f).unwrap()));
+        let secret = Secret::random();
+        let l = livemig_transport::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap().to_string();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let dest = {
+            let secret = secret.clone();
+            std::thread::spawn(move || {
+                let cfg = livemig_transport::TcpConfig {
+                    io_timeout: Duration::from_secs(5),
+                    urgent_stream: true,
+                    ..Default::default()
+                };
+                let mut t = l.accept(&cfg, &secret, &livemig_transport::RegionTable::new()).unwrap();
+                assert!(matches!(recv(&mut t, Duration::from_secs(5), "Begin").unwrap(), Msg::Begin { .. }));
+                send(&mut t, &Msg::Accept).unwrap();
+                // Installs nothing, says nothing, until the source has given up.
+                done_rx.recv().unwrap();
+                let mut chunks = 0;
+                while let Ok(Some(m)) = t.recv_message(Some(Duration::from_millis(200))) {
+                    if matches!(proto::decode(&m), Ok(Msg::Chunk { .. })) {
+                        chunks += 1;
+                    }
+                }
+                chunks
+            })
+        };
+        let o = MigrateOptions {
+            to: addr,
+            strategy: Strategy::Hybrid,
+            threshold: 2,
+            switchover: SwitchoverMode::Auto,
+            max_downtime: Duration::from_millis(300),
+            max_rounds: 30,
+            io_timeout: Duration::from_secs(1),
+            push_window: 4 << 20,
+        };
+        let res = disk.migrate(&o, &secret, &mut |_| {});
+        done_tx.send(()).unwrap();
+        match res {
+            Err(Error::BeforeHandover(e)) => assert!(matches!(*e, Error::Silent(_)), "{e}"),
+            r => panic!("the push must stall and fail before the handover: {r:?}"),
+        }
+        assert_eq!(disk.state(), "idle", "the disk is served here still");
+        let chunks = dest.join().unwrap();
+        // 4 MiB of 256 KiB chunks is 16; the window is never below two reports (32 chunks).
+        assert!((1..=2 * proto::INSTALLED_EVERY as usize).contains(&chunks), "{chunks} chunks pushed of 128");
     }
 }
