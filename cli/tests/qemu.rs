@@ -2,7 +2,8 @@
 //! counter every second, built by qemu-patch/guest/build.sh) migrated through `livemig qemu
 //! migrate` and the destination carrier: a single channel, then multifd onwards from the
 //! destination, then a migration whose destination carrier is killed mid-stream, then one that
-//! QEMU's own rule would never end, ended by livemig's controller. Skipped with
+//! QEMU's own rule would never end, ended by livemig's controller; and a guest whose disk,
+//! served by livemig, moves with it (checked by the guest itself). Skipped with
 //! a message when QEMU or a readable kernel is missing, unless LIVEMIG_REQUIRE_QEMU=1
 //! (scripts/test.sh sets it).
 
@@ -355,8 +356,9 @@ fn disk_state(dir: &Path, control: &str) -> String {
 /// A guest whose disk is served by livemig moves with its disk: the disk's live transfer runs
 /// beside the memory migration and is handed over while QEMU waits in pre-switchover. The
 /// guest's checker keeps in memory the generation of every block it wrote and reads the
-/// blocks back: after the move every block must hold what the guest's memory says. A
-/// destination disk that dies before the switchover cancels the migration instead.
+/// blocks back: after the move every block must hold what the guest's memory says. The move
+/// ends in postcopy. A destination disk that dies before the switchover cancels the
+/// migration instead.
 #[test]
 fn a_guest_and_its_livemig_disk_move_together() {
     let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
@@ -482,20 +484,37 @@ fn a_guest_and_its_livemig_disk_move_together() {
     let addr2 = l.split_whitespace().nth(1).unwrap().to_string();
     let b = Guest::start_with(&dir, &guest, "b", true, append, &nbd_drive(&dir.join("dst2.nbd")));
     let (mut cb, baddr) = carrier(&dir, &b, "b");
-    let o = migrate(&dir, &a, &baddr, &["--max-bandwidth", "1G", "--disk", &format!("src.ctl={addr2}")]);
+    // Under a bandwidth the guest's working set outruns, the controller switches to postcopy:
+    // the disk is handed over in postcopy's own pre-switchover, and the destination pulls
+    // its disk's chunks while it faults its memory pages in.
+    let disk = format!("src.ctl={addr2}");
+    let o = migrate(
+        &dir,
+        &a,
+        &baddr,
+        &["--max-bandwidth", "16M", "--postcopy", "--switchover", "postcopy", "--disk", &disk],
+    );
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(o.status.success(), "A→B: {out}\n{}", String::from_utf8_lossy(&o.stderr));
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!((v["status"].as_str(), v["dest_running"].as_bool()), (Some("completed"), Some(true)), "{v}");
+    assert_eq!(v["postcopy"], true, "{v}");
     let d = &v["disks"][0];
     assert_eq!(d["ok"], true, "{v}");
     // Chunks the guest wrote again at the destination differ from the source's by right; the
     // rest of the disk (64 MiB of 256 KiB chunks) the guest never writes, so all of it is
     // compared.
     assert!(d["summary"]["verified_chunks"].as_u64().unwrap() >= (SIZE - (32 << 20)) / (256 << 10), "{v}");
-    assert!(v["disk_handover_ms"].as_f64().is_some(), "{v}");
+    // The disks were handed over while the guest was paused.
+    let (paused, handover) = (v["stop_to_resume_ms"].as_f64(), v["disk_handover_ms"].as_f64());
+    assert!(matches!((paused, handover), (Some(p), Some(h)) if p >= h), "{v}");
     assert!(cb.0.wait().unwrap().success());
-    step("A→B migrated with its disk");
+    step(&format!(
+        "A→B migrated with its disk in postcopy: paused {:.0} ms (disk handover {:.0} ms), disk transfer {:.2} s",
+        paused.unwrap_or(0.0),
+        handover.unwrap_or(0.0),
+        d["summary"]["total_s"].as_f64().unwrap_or(0.0)
+    ));
 
     // B reads back every block it wrote, through the destination's disk.
     b.wait_sweeps(3, Duration::from_secs(60));

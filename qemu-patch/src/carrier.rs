@@ -56,6 +56,9 @@ pub enum CarrierMsg {
         status: String,
         /// Whether the destination's guest runs.
         running: bool,
+        /// QEMU's timestamp of the guest's `RESUME` there, seconds since the epoch.
+        #[serde(default)]
+        resumed_at: Option<f64>,
     },
 }
 
@@ -417,10 +420,11 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
     let started = Instant::now();
     let stop = AtomicBool::new(false);
     let counters = Counters::default();
+    let mut resumed_at = None;
     let (status, running, relays) = std::thread::scope(|s| {
         let relays = s.spawn(|| dest_relays(&o.incoming, channels, &stop, &counters));
         let watched = match qmp.as_mut() {
-            Some(q) => watch_dest(q, started, o.max_time, &counters.failed),
+            Some(q) => watch_dest(q, started, o.max_time, &counters.failed, &mut resumed_at),
             None => {
                 while !relays.is_finished() && started.elapsed() < o.max_time {
                     std::thread::sleep(Duration::from_millis(50));
@@ -459,19 +463,20 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
         bytes_back: counters.back.load(Ordering::Acquire),
         elapsed_s: started.elapsed().as_secs_f64(),
     };
-    let _ = send(&mut *t, &CarrierMsg::Finished { status, running });
+    let _ = send(&mut *t, &CarrierMsg::Finished { status, running, resumed_at });
     // Let the report leave before the session closes.
     let _ = t.recv_message(Some(Duration::from_millis(200)));
     relays.map(|()| out)
 }
 
 /// Waits for the destination QEMU's migration to end; returns its status and whether the
-/// guest runs.
+/// guest runs, and notes when QEMU said it resumed the guest.
 fn watch_dest(
     q: &mut Qmp,
     started: Instant,
     max_time: Duration,
     relay_failed: &AtomicBool,
+    resumed_at: &mut Option<f64>,
 ) -> Result<(String, bool), CarrierError> {
     loop {
         if started.elapsed() > max_time {
@@ -488,6 +493,10 @@ fn watch_dest(
         let e = q.next_event(Duration::from_millis(500))?;
         let status = match e {
             Some(e) if e.name == "MIGRATION" => e.data.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string(),
+            Some(e) if e.name == "RESUME" => {
+                *resumed_at = Some(e.at);
+                continue;
+            }
             Some(_) => continue,
             None => {
                 let m = q.execute("query-migrate", json!({}))?;
@@ -498,6 +507,11 @@ fn watch_dest(
             // A completed incoming migration starts the guest (unless QEMU runs with -S).
             let mut running = false;
             for _ in 0..50 {
+                while let Some(e) = q.next_event(Duration::from_millis(1))? {
+                    if e.name == "RESUME" {
+                        *resumed_at = Some(e.at);
+                    }
+                }
                 let st = q.execute("query-status", json!({}))?;
                 running = st.get("running").and_then(|r| r.as_bool()).unwrap_or(false);
                 if running || status != "completed" {

@@ -284,6 +284,9 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         if let (Some(by), Some(action)) = (&s.decided_by, &s.action) {
             println!("decided by {by}: {action}");
         }
+        if let Some(ms) = s.stop_to_resume_ms {
+            println!("the guest was paused {ms:.0} ms (source STOP to destination RESUME)");
+        }
         if let Some(ms) = s.disk_ready_ms {
             println!("pre-copy disks converged after {:.1} s; QEMU's migration started then", ms as f64 / 1e3);
         }

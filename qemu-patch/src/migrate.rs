@@ -86,6 +86,10 @@ pub struct Summary {
     pub total_ms: u64,
     /// QEMU's `downtime`, ms.
     pub downtime_ms: u64,
+    /// From the source's `STOP` event to the destination's `RESUME` event (QEMU's timestamps
+    /// at both ends), ms: the guest's real pause, device state and disk handover included.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub stop_to_resume_ms: Option<f64>,
     /// QEMU's `setup-time`, ms.
     pub setup_ms: u64,
     /// RAM bytes QEMU sent.
@@ -209,6 +213,8 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         (None, false) => return Err(CarrierError::Disk("disks given without disk options".into())),
     };
     let mut handed_over = false;
+    // The last STOP of the source's guest (the one the switchover made).
+    let mut stopped_at: Option<f64> = None;
     if !params.is_empty() {
         q.execute("migrate-set-parameters", Value::Object(params))?;
     }
@@ -338,6 +344,10 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                     Some(e) if e.name == "MIGRATION" => {
                         e.data.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string()
                     }
+                    Some(e) if e.name == "STOP" => {
+                        stopped_at = Some(e.at);
+                        continue;
+                    }
                     Some(_) => continue,
                     None => {
                         let m = q.execute("query-migrate", json!({}))?;
@@ -417,6 +427,12 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
             (Err(e), _) => Err(e),
         }
     });
+    // A STOP still queued (read while a command waited for its reply).
+    while let Ok(Some(e)) = q.next_event(Duration::from_millis(1)) {
+        if e.name == "STOP" {
+            stopped_at = Some(e.at);
+        }
+    }
     sum.carried = counters.forward.load(Ordering::Acquire);
     sum.carried_back = counters.back.load(Ordering::Acquire);
     sum.channels = counters.channels.load(Ordering::Acquire);
@@ -460,9 +476,13 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         return Ok(sum);
     }
     match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination's outcome") {
-        Ok(CarrierMsg::Finished { status, running }) => {
+        Ok(CarrierMsg::Finished { status, running, resumed_at }) => {
             sum.dest_status = status;
             sum.dest_running = running;
+            if let (Some(stop), Some(resume)) = (stopped_at, resumed_at) {
+                // Two QEMUs' clocks: the same host's here; across hosts, as good as their sync.
+                sum.stop_to_resume_ms = Some(((resume - stop) * 1e3).max(0.0));
+            }
         }
         Ok(CarrierMsg::Failed { reason }) => {
             sum.dest_status = format!("unknown (the destination carrier failed: {reason})")
