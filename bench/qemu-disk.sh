@@ -117,10 +117,11 @@ caps = [{"capability": "pause-before-switchover", "state": True}, {"capability":
 cmd(src, "migrate-set-capabilities", {"capabilities": caps})
 cmd(dst, "migrate-incoming", {"uri": f"tcp:{host}:10810"})
 cmd(src, "migrate", {"uri": f"tcp:{host}:10810"})
-copied = 0
+copied, switched = 0, False
 while True:
     m = cmd(src, "query-migrate")
-    if m.get("status") == "pre-switchover":
+    if m.get("status") == "pre-switchover" and not switched:
+        switched = True
         jobs = cmd(src, "query-block-jobs")
         copied = max([j.get("offset", 0) for j in jobs] + [0])
         cmd(src, "block-job-cancel", {"device": "m"})
@@ -139,7 +140,8 @@ EOF
 
 : > runs.jsonl
 for mode in $MODES; do
-  rm -f src.img dst.img src.img.lmmeta dst.img.lmmeta src.sock dst.sock src.ctl samples src.serial dst.serial "$mode".*
+  rm -f src.img dst.img src.img.lmmeta dst.img.lmmeta src.sock dst.sock src.ctl samples src.serial dst.serial \
+    serve.out receive.out carrier.out "$mode".*
   cp pristine.img src.img
   case $mode in
     livemig-*)
@@ -163,6 +165,7 @@ for mode in $MODES; do
   for _ in $(seq 900); do grep -q "DISKCHK t=" src.serial 2>/dev/null && break; sleep 0.2; done
   sampler src.serial dst.serial samples &
   SP=$!
+  PIDS+=($SP)
   sleep "$WARM"
   t0=$(date +%s.%N)
   case $mode in
@@ -177,10 +180,10 @@ for mode in $MODES; do
       ip netns exec "$S" "$BIN" qemu migrate --src-qmp src.qmp --to $DA:7882 --secret-file secret --socket-dir "$OUT" \
         --disk "src.ctl=$DA:7881" --disk-strategy "${mode#livemig-}" --json >"$mode.json" 2>"$mode.err" || true
       t1=$(date +%s.%N)
-      jq -c --arg mode "$mode" --argjson t "$(echo "$t1 - $t0" | bc)" '{mode: $mode, status, total_s: $t,
+      jq -c --arg mode "$mode" --argjson t "$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.3f", b - a }')" '{mode: $mode, status, total_s: $t,
         downtime_ms, disk_bytes: ((.disks[0].summary.bytes_pushed // 0) + (.disks[0].summary.bytes_pulled // 0)),
         ram_bytes: .ram_transferred, handover_ms: .disk_handover_ms}' "$mode.json" > "$mode.row" 2>/dev/null ||
-        echo "{\"mode\": \"$mode\", \"status\": \"failed: $(tail -1 "$mode.err" | tr -d '"')\"}" > "$mode.row"
+        jq -nc --arg mode "$mode" --arg why "$(tail -1 "$mode.err")" '{mode: $mode, status: ("failed: " + $why)}' > "$mode.row"
       ;;
     mirror-*)
       truncate -s "${SIZE}M" dst.img
@@ -188,7 +191,7 @@ for mode in $MODES; do
         -blockdev driver=raw,file=file0,node-name=disk0 -device virtio-blk-pci,drive=disk0 -incoming defer
       t0=$(date +%s.%N)
       copy=background; [[ $mode == mirror-wb ]] && copy=write-blocking
-      r=$(mirror "$copy" 2>"$mode.err") || r="{\"status\": \"failed: $(tail -1 "$mode.err" | tr -d '"')\"}"
+      r=$(mirror "$copy" 2>"$mode.err") || r=$(jq -nc --arg why "$(tail -1 "$mode.err")" '{status: ("failed: " + $why)}')
       t1=$(date +%s.%N)
       echo "$r" | jq -c --arg mode "$mode" '{mode: $mode} + .' > "$mode.row"
       ;;
@@ -197,7 +200,7 @@ for mode in $MODES; do
   t2=$(date +%s.%N)
   bad=$(grep -ac 'DISKCHK BAD\|DISKCHK ERROR' dst.serial || true)
   sweeps=$(grep -ac 'DISKCHK sweep=' dst.serial || true)
-  jq -c --arg b "$(rate samples "$(echo "$t0 - $WARM" | bc)" "$t0")" --arg d "$(rate samples "$t0" "$t1")" \
+  jq -c --arg b "$(rate samples "$(awk -v a="$t0" -v w="$WARM" 'BEGIN { printf "%.3f", a - w }')" "$t0")" --arg d "$(rate samples "$t0" "$t1")" \
     --arg a "$(rate samples "$t1" "$t2")" --argjson bad "${bad:-0}" --argjson sw "${sweeps:-0}" \
     '. + {before: $b, during: $d, after: $a, dest_bad: $bad, dest_sweeps: $sw}' "$mode.row" | tee -a runs.jsonl >&2
   kill $SP 2>/dev/null || true

@@ -38,7 +38,10 @@ struct header {
     uint64_t magic;
     uint32_t block;
     uint32_t gen;
+    uint64_t run; /* this run's id: a block from an earlier run never passes */
 };
+
+static uint64_t run_id;
 
 static uint64_t now_ns(void)
 {
@@ -63,8 +66,9 @@ static void fill(uint64_t *w, size_t words, uint32_t block, uint32_t gen)
     h->magic = MAGIC;
     h->block = block;
     h->gen = gen;
-    uint64_t s = mix(((uint64_t)block << 32) | gen);
-    for (size_t i = 2; i < words; i++)
+    h->run = run_id;
+    uint64_t s = mix((((uint64_t)block << 32) | gen) ^ run_id);
+    for (size_t i = 3; i < words; i++)
         w[i] = s = mix(s + i);
 }
 
@@ -72,8 +76,10 @@ static void fill(uint64_t *w, size_t words, uint32_t block, uint32_t gen)
 static int payload_ok(const uint64_t *w, size_t words)
 {
     const struct header *h = (const struct header *)w;
-    uint64_t s = mix(((uint64_t)h->block << 32) | h->gen);
-    for (size_t i = 2; i < words; i++) {
+    if (h->run != run_id)
+        return 0;
+    uint64_t s = mix((((uint64_t)h->block << 32) | h->gen) ^ run_id);
+    for (size_t i = 3; i < words; i++) {
         s = mix(s + i);
         if (w[i] != s)
             return 0;
@@ -103,7 +109,9 @@ int main(int argc, char **argv)
         return 1;
     }
     uint32_t *done = calloc(n, sizeof *done); /* generation on disk */
-    uint32_t *pend = calloc(n, sizeof *pend); /* generation of a write that failed */
+    /* pend: the newest generation of writes that failed (any of done+1..pend may be there,
+     * or, for a block never written, what the disk held before) */
+    uint32_t *pend = calloc(n, sizeof *pend);
     uint64_t *wbuf, *rbuf;
     if (!done || !pend || posix_memalign((void **)&wbuf, 4096, bs) || posix_memalign((void **)&rbuf, 4096, bs)) {
         printf("DISKCHK ERROR alloc\n");
@@ -112,8 +120,9 @@ int main(int argc, char **argv)
     printf("DISKCHK ready blocks=%u block_kib=%zu\n", n, bs >> 10);
     fflush(stdout);
 
-    uint64_t rng = mix(now_ns()), t0 = now_ns(), last_print = t0, last_t = t0, maxgap = 0;
-    uint64_t writes = 0, writes_at_print = 0, checked = 0, bad = 0;
+    run_id = mix(now_ns() ^ ((uint64_t)getpid() << 32)) | 1;
+    uint64_t rng = mix(now_ns() + 1), t0 = now_ns(), last_print = t0, last_t = t0, maxgap = 0;
+    uint64_t writes = 0, attempts = 0, writes_at_print = 0, checked = 0, bad = 0;
     uint64_t sweep = 0, sweep_checked = 0, sweep_bad = 0;
     uint32_t pos = 0;
     for (;;) {
@@ -125,6 +134,7 @@ int main(int argc, char **argv)
             g = pend[b] + 1;
         fill(wbuf, words, b, g);
         pend[b] = g;
+        attempts++;
         if (pwrite(fd, wbuf, bs, (off_t)b * bs) == (ssize_t)bs) {
             done[b] = g;
             pend[b] = 0;
@@ -143,16 +153,21 @@ int main(int argc, char **argv)
             } else {
                 const struct header *h = (const struct header *)rbuf;
                 int ok_payload = h->magic == MAGIC && payload_ok(rbuf, words);
-                /* after a failed write, either generation may be on disk */
-                int gen_ok = h->gen == done[v] || (pend[v] && h->gen == pend[v]);
-                if (h->magic != MAGIC || h->block != v || !gen_ok || !ok_payload) {
+                /* after failed writes, any of their generations may be on disk, or, for a
+                 * block never written, its earlier content */
+                int gen_ok = h->gen == done[v] || (pend[v] && h->gen > done[v] && h->gen <= pend[v]);
+                int untouched = pend[v] && !done[v] && !ok_payload;
+                if (untouched) {
+                    /* the failed first write did not land: nothing to check yet */
+                } else if (h->magic != MAGIC || h->block != v || !gen_ok || !ok_payload) {
                     printf("DISKCHK BAD block=%u want=%u got_block=%u got_gen=%u payload_ok=%d\n", v, done[v],
                            h->magic == MAGIC ? h->block : 0xffffffffu, h->magic == MAGIC ? h->gen : 0, ok_payload);
                     bad++;
                     sweep_bad++;
-                } else if (pend[v] && h->gen == pend[v]) {
-                    done[v] = pend[v];
-                    pend[v] = 0;
+                } else if (pend[v] && h->gen > done[v]) {
+                    done[v] = h->gen;
+                    if (done[v] == pend[v])
+                        pend[v] = 0;
                 }
             }
             checked++;
@@ -180,7 +195,7 @@ int main(int argc, char **argv)
             maxgap = 0;
         }
         if (rate) {
-            uint64_t due = t0 + writes * 1000000000ULL / rate;
+            uint64_t due = t0 + attempts * 1000000000ULL / rate;
             uint64_t now = now_ns();
             if (due > now) {
                 struct timespec ts = {(time_t)((due - now) / 1000000000ULL), (long)((due - now) % 1000000000ULL)};

@@ -320,6 +320,13 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
             _ => {}
         }
     }
+    if s.disks_handed_over {
+        bail!(
+            "the migration ended {} after the disks were handed over: the disks are at their destinations, \
+             and the source guest is stopped (it must not run without them)",
+            s.status
+        );
+    }
     if s.status != "completed" {
         bail!(
             "the migration ended {}; the guest {} at the source",

@@ -111,8 +111,10 @@ impl Disks {
                 }
             };
             let progress = Arc::new(Mutex::new(None));
-            // Replies come at least once a second while the transfer runs.
-            let quiet = o.io_timeout + Duration::from_secs(30);
+            // Replies come once a second while the transfer pushes or pulls; a pre-copy's last
+            // round and the final check (which reads every chunk moved) send none: the bound
+            // only catches a server that is gone.
+            let quiet = o.io_timeout + Duration::from_secs(1800);
             let p = progress.clone();
             let thread = std::thread::Builder::new()
                 .name("livemig-qemu-disk".into())
@@ -240,21 +242,17 @@ impl Disks {
         }
     }
 
-    /// Holds every disk's background pulls after its handover (at most `max`), so QEMU's last
-    /// memory pass and device state have the link; pulls on demand are answered all the same.
-    pub fn hold_pulls(&self, max: Duration) -> Result<(), String> {
-        for r in &self.runs {
-            control::call(&r.spec.control, &Request::HoldPulls { max_s: max.as_secs_f64() }, Duration::from_secs(5))
-                .map_err(|e| format!("disk {}: {e:#}", r.spec.control.display()))?;
-        }
-        Ok(())
-    }
-
-    /// Lets every disk's background pulls go.
-    pub fn release_pulls(&self) {
-        for r in &self.runs {
-            let _ = control::call(&r.spec.control, &Request::Release, Duration::from_secs(5));
-        }
+    /// Each disk's state at its source (`idle`, `migrating`, `handed-over`, or why unknown).
+    pub fn states(&self) -> Vec<(String, String)> {
+        self.runs
+            .iter()
+            .map(|r| {
+                let s = control::call(&r.spec.control, &Request::Status, Duration::from_secs(5))
+                    .map(|v| v.get("state").and_then(|s| s.as_str()).unwrap_or("?").to_string())
+                    .unwrap_or_else(|e| format!("unknown ({e:#})"));
+                (r.spec.control.display().to_string(), s)
+            })
+            .collect()
     }
 
     /// Cancels every transfer that has not handed over (its disk stays served at the source).
@@ -280,6 +278,16 @@ impl Disks {
                 DiskOutcome { control: r.spec.control.display().to_string(), to: r.spec.to.clone(), ok, summary, error }
             })
             .collect()
+    }
+}
+
+impl Drop for Disks {
+    /// Transfers not waited for (an early return) are cancelled if they have not handed over,
+    /// so none runs on unattended.
+    fn drop(&mut self) {
+        for r in self.runs.iter().filter(|r| r.thread.is_some()) {
+            let _ = control::call(&r.spec.control, &Request::Cancel, Duration::from_secs(5));
+        }
     }
 }
 

@@ -128,6 +128,9 @@ pub struct Summary {
     /// With pre-copy disks: when their rounds converged and QEMU's migration started, ms.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub disk_ready_ms: Option<u64>,
+    /// The disks were handed over and the memory migration failed after: the source guest is
+    /// stopped (its disks are at their destinations).
+    pub disks_handed_over: bool,
     /// With disks: disk bytes pushed before the handover.
     pub disk_pushed_before: u64,
     /// How each disk's transfer ended.
@@ -250,6 +253,13 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
             q.execute("migrate", json!({ "uri": uri }))?;
             loop {
                 if started.elapsed() > o.max_time {
+                    if handed_over {
+                        return Err(CarrierError::Timeout(format!(
+                            "the migration took more than {:?} after the disks were handed over: left to QEMU \
+                             (not cancelled: the source has no disk any more)",
+                            o.max_time
+                        )));
+                    }
                     if sum.postcopy {
                         return Err(CarrierError::Timeout(format!(
                             "postcopy still running after {:?}: the guest runs at the destination",
@@ -359,18 +369,29 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                     // QEMU goes on only once every destination serves its disk.
                     if let Some(d) = &disks {
                         sum.disk_pushed_before = d.pushed();
-                        // The memory's last pass goes first; the disks' background pulls
-                        // follow once QEMU is done (bounded, in case this process is not).
-                        if let Err(why) = d.hold_pulls(o.max_time) {
-                            tracing::warn!(%why, "holding the disks' background pulls");
-                        }
                         let took = match d.hand_over() {
                             Ok(t) => t,
                             Err(why) => {
-                                // Before the switchover, even when postcopy was asked for.
-                                let _ = q.execute("migrate_cancel", json!({}));
+                                let states = d.states();
+                                if states.iter().all(|(_, s)| s == "migrating" || s == "idle") {
+                                    // Every disk is still served at the source: the migration is
+                                    // cancelled before its switchover, even when postcopy was
+                                    // asked for, and the guest runs on there.
+                                    let _ = q.execute("migrate_cancel", json!({}));
+                                    return Err(CarrierError::Disk(format!(
+                                        "the disk handover failed, the migration is cancelled (the guest runs on at \
+                                         the source with its disks): {why}"
+                                    )));
+                                }
+                                // Some disk is at its destination (or may be): neither side has
+                                // the guest whole. The guest stays stopped in pre-switchover.
+                                handed_over = true;
+                                let where_: Vec<String> = states.iter().map(|(c, s)| format!("{c}: {s}")).collect();
                                 return Err(CarrierError::Disk(format!(
-                                    "the disk handover failed, the migration is cancelled (the guest runs on at the source): {why}"
+                                    "the disk handover failed part-way ({why}); disks: {}. The source guest is left \
+                                     stopped in pre-switchover: move the disks back (or on) before `migrate-continue` \
+                                     or `migrate_cancel`",
+                                    where_.join(", ")
                                 )));
                             }
                         };
@@ -388,7 +409,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
             }
         })();
         let watched = match watched {
-            Err(e) if !sum.postcopy => {
+            Err(e) if !sum.postcopy && !handed_over => {
                 // Whatever failed here, QEMU must not go on migrating unobserved (a handed-over
                 // connection would carry on by itself): cancel, so the guest runs at the source.
                 let _ = q.execute("migrate_cancel", json!({}));
@@ -443,7 +464,6 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         sum.throughput_mib_s = sum.carried as f64 / (1 << 20) as f64 / (sum.wall_ms.max(1) as f64 / 1e3);
     }
     if let Some(d) = disks {
-        d.release_pulls();
         if !handed_over {
             // The disks stay with the guest at the source. (Handed over and the memory
             // migration failed after: each disk lives at its destination now, and its
@@ -469,6 +489,12 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     sum.ram_transferred = u(&m, &["ram", "transferred"]);
     sum.passes = u(&m, &["ram", "dirty-sync-count"]);
     if sum.status != "completed" {
+        if handed_over && !sum.postcopy {
+            // QEMU resumes the guest at the source on a failure, but its disks were handed
+            // over: it must not run there without them.
+            let _ = q.execute("stop", json!({}));
+            sum.disks_handed_over = true;
+        }
         // Not migrated: QEMU resumes the guest at the source; say whether it runs.
         let st = q.execute("query-status", json!({}))?;
         sum.source_running = st.get("running").and_then(|r| r.as_bool()).unwrap_or(false);

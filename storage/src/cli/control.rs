@@ -34,15 +34,6 @@ pub enum Request {
     Handover,
     /// Cancel a migration that has not handed over: the disk stays served here.
     Cancel,
-    /// After the next handover, answer background pulls only once `release` comes (pulls on
-    /// demand are answered all the same), for at most `max_s` seconds: an orchestrator that
-    /// moves the guest's memory too keeps the link for it meanwhile.
-    HoldPulls {
-        /// Longest hold, seconds (at most an hour).
-        max_s: f64,
-    },
-    /// Answer background pulls again.
-    Release,
     /// Where the disk stands.
     Status,
 }
@@ -108,11 +99,6 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
             return Err("max_downtime_ms is more than an hour".into());
         }
     }
-    if let Request::HoldPulls { max_s } = &r {
-        if !(max_s.is_finite() && *max_s >= 0.0 && *max_s <= 3600.0) {
-            return Err(format!("max_s {max_s} must be in [0, 3600]"));
-        }
-    }
     Ok(r)
 }
 
@@ -175,14 +161,6 @@ fn serve_control(c: UnixStream, disk: &SourceDisk) -> std::io::Result<()> {
                 Ok(()) => reply(&mut w, &serde_json::json!({ "return": { "state": disk.state() } }))?,
                 Err(why) => reply(&mut w, &serde_json::json!({ "error": format!("the handover failed: {why}") }))?,
             },
-            Request::HoldPulls { max_s } => {
-                disk.hold_pulls(Duration::from_secs_f64(max_s));
-                reply(&mut w, &serde_json::json!({ "return": {} }))?
-            }
-            Request::Release => {
-                disk.release_pulls();
-                reply(&mut w, &serde_json::json!({ "return": {} }))?
-            }
             Request::Cancel => {
                 if disk.cancel() {
                     reply(&mut w, &serde_json::json!({ "return": {} }))?

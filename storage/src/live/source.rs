@@ -93,9 +93,6 @@ pub struct SourceDisk {
     switchover: AtomicBool,
     cancel: AtomicBool,
     busy: AtomicBool,
-    /// Background pulls are answered only after this (urgent ones always): an orchestrator
-    /// that moves the guest's memory keeps the link for it until the memory has moved.
-    hold_pulls: Mutex<Option<Instant>>,
     /// How the running transfer's handover went, for those waiting on it.
     handover: Mutex<Handover>,
     handover_cv: Condvar,
@@ -182,7 +179,6 @@ impl SourceDisk {
             switchover: AtomicBool::new(false),
             cancel: AtomicBool::new(false),
             busy: AtomicBool::new(false),
-            hold_pulls: Mutex::new(None),
             handover: Mutex::new(Handover::Pending),
             handover_cv: Condvar::new(),
         }
@@ -208,10 +204,10 @@ impl SourceDisk {
     /// reason says it is in doubt), at most `wait`.
     pub fn hand_over_now(&self, wait: Duration) -> Result<(), String> {
         if !self.request_switchover() {
-            return match &*self.handover.lock().unwrap_or_else(|e| e.into_inner()) {
-                Handover::Confirmed if self.state() == "handed-over" => Ok(()),
-                _ => Err("no migration is running".into()),
-            };
+            // One lock at a time (cancel takes them in the other order).
+            let handed = self.state() == "handed-over";
+            let confirmed = *self.handover.lock().unwrap_or_else(|e| e.into_inner()) == Handover::Confirmed;
+            return if handed && confirmed { Ok(()) } else { Err("no migration is running".into()) };
         }
         let g = self.handover.lock().unwrap_or_else(|e| e.into_inner());
         let (g, _) = self
@@ -221,34 +217,23 @@ impl SourceDisk {
         match &*g {
             Handover::Confirmed => Ok(()),
             Handover::Failed(why) => Err(why.clone()),
-            Handover::Pending => Err(format!("the handover did not end within {wait:?}")),
+            Handover::Pending => Err(format!(
+                "in doubt: the handover did not end within {wait:?} (the destination may come to serve the disk)"
+            )),
         }
     }
 
     /// Cancels a running transfer that has not handed over yet: the destination is told and
     /// the disk is served here as before. False when there is none to cancel.
     pub fn cancel(&self) -> bool {
-        let running = matches!(*self.mode.read().unwrap_or_else(|e| e.into_inner()), Mode::Migrating(_))
-            && *self.handover.lock().unwrap_or_else(|e| e.into_inner()) == Handover::Pending;
+        // A transfer still connecting is cancelled too (its push checks the flag first).
+        let busy = self.busy.load(Ordering::Acquire)
+            && !matches!(*self.mode.read().unwrap_or_else(|e| e.into_inner()), Mode::Handed);
+        let running = busy && *self.handover.lock().unwrap_or_else(|e| e.into_inner()) != Handover::Confirmed;
         if running {
             self.cancel.store(true, Ordering::Release);
         }
         running
-    }
-
-    /// Holds background pulls after the handover for at most `max` (pulls on demand are
-    /// answered all the same), until [`release_pulls`](Self::release_pulls).
-    pub fn hold_pulls(&self, max: Duration) {
-        *self.hold_pulls.lock().unwrap_or_else(|e| e.into_inner()) = Some(Instant::now() + max);
-    }
-
-    /// Answers background pulls again.
-    pub fn release_pulls(&self) {
-        *self.hold_pulls.lock().unwrap_or_else(|e| e.into_inner()) = None;
-    }
-
-    fn pulls_held(&self) -> bool {
-        matches!(*self.hold_pulls.lock().unwrap_or_else(|e| e.into_inner()), Some(t) if Instant::now() < t)
     }
 
     fn settle(&self, h: Handover) {
@@ -320,8 +305,6 @@ impl SourceDisk {
         impl Drop for Settle<'_> {
             fn drop(&mut self) {
                 self.0.settle(Handover::Failed("the migration ended before the handover".into()));
-                // A hold asked for this migration ends with it.
-                self.0.release_pulls();
             }
         }
         let _settle = Settle(self);
@@ -428,23 +411,37 @@ impl SourceDisk {
         // Flow control: pushes sent, and installed at the destination as it last said.
         let window = (o.push_window / chunk).max(2 * proto::INSTALLED_EVERY);
         let (mut sent, mut installed) = (0u64, 0u64);
+        let mut installed_at = Instant::now();
         loop {
-            // The destination may give up at any time; with a full window, its word is
-            // awaited (its silence for the I/O timeout is the error).
+            // The destination may give up at any time; with a full window, its next report
+            // is awaited: no installing for the I/O timeout (even with Alive) is the error.
             let full = sent.saturating_sub(installed) >= window;
-            let wait = if full { o.io_timeout } else { Duration::ZERO };
-            match t.recv_message(Some(wait)).map_err(Error::Transport)? {
-                Some(m) => match proto::decode(&m)? {
+            if full && installed_at.elapsed() > o.io_timeout {
+                return Err(Error::Silent("the destination while it installed pushes"));
+            }
+            if full && self.cancel.load(Ordering::Acquire) {
+                return Err(Error::Cancelled);
+            }
+            let wait = if full { Duration::from_millis(100) } else { Duration::ZERO };
+            if let Some(m) = t.recv_message(Some(wait)).map_err(Error::Transport)? {
+                match proto::decode(&m)? {
                     Msg::Alive => {}
-                    Msg::Installed(n) if n <= sent => installed = installed.max(n),
+                    Msg::Installed(n) if n <= sent => {
+                        if n > installed {
+                            installed = n;
+                            installed_at = Instant::now();
+                        }
+                    }
                     Msg::Abort(why) => return Err(Error::PeerAborted(why)),
                     m => return Err(Error::Unexpected(format!("{m:?} while pushing"))),
-                },
-                None if full => return Err(Error::Silent("the destination while it installed pushes")),
-                None => {}
+                }
             }
             if full {
                 continue;
+            }
+            if sent.saturating_sub(installed) == 0 {
+                // Nothing outstanding: the wait for the next report starts with the next push.
+                installed_at = Instant::now();
             }
             let elapsed = start.elapsed().as_secs_f64().max(1e-3);
             let rate = sum.bytes_pushed as f64 / elapsed;
@@ -634,21 +631,8 @@ impl SourceDisk {
         let mut cancelled: HashSet<u32> = HashSet::new();
         let mut last_heard = start.elapsed();
         let mut last_report = Instant::now();
-        let mut last_alive = Instant::now();
-        let mut waiting: std::collections::VecDeque<u32> = std::collections::VecDeque::new();
         loop {
-            if self.pulls_held() {
-                if last_alive.elapsed() >= Duration::from_secs(1) {
-                    // The destination waits for its pulls: it must not take it for silence.
-                    send(t, &Msg::Alive)?;
-                    last_alive = Instant::now();
-                }
-            } else {
-                while let Some(c) = waiting.pop_front() {
-                    self.answer_pull(t, live, sum, c)?;
-                }
-            }
-            let m = match t.recv_message(Some(Duration::from_millis(100))).map_err(Error::Transport)? {
+            let m = match t.recv_message(Some(Duration::from_millis(500))).map_err(Error::Transport)? {
                 Some(m) => m,
                 None => {
                     let urgent_heard = Duration::from_nanos(activity.load(Ordering::Acquire));
@@ -660,18 +644,7 @@ impl SourceDisk {
             };
             last_heard = start.elapsed();
             match proto::decode(&m)? {
-                Msg::Pull(c) if self.pulls_held() => {
-                    if waiting.len() >= self.mirror.map().len() {
-                        return Err(Error::Unexpected("more pulls than the disk has chunks".into()));
-                    }
-                    waiting.push_back(c)
-                }
-                Msg::Pull(c) => {
-                    while let Some(w) = waiting.pop_front() {
-                        self.answer_pull(t, live, sum, w)?;
-                    }
-                    self.answer_pull(t, live, sum, c)?
-                }
+                Msg::Pull(c) => self.answer_pull(t, live, sum, c)?,
                 Msg::Held(v) => {
                     if held.len() + v.len() > self.mirror.map().len() {
                         return Err(Error::Unexpected("more held chunks than the disk has".into()));
