@@ -145,29 +145,42 @@ impl Drop for Proc {
     }
 }
 
+/// A fresh scratch directory with a shared secret in it, and the test guest (built once).
+fn setup(name: &str) -> (PathBuf, PathBuf) {
+    let dir = std::env::temp_dir().join(format!("{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let guest = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-guest");
+    let o = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../qemu-patch/guest/build.sh"))
+        .arg(&guest)
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "building the guest: {}", String::from_utf8_lossy(&o.stderr));
+    assert!(Command::new(BIN).args(["secret", "new", "secret"]).current_dir(&dir).status().unwrap().success());
+    (dir, guest)
+}
+
 fn carrier(dir: &Path, dst: &Guest, name: &str) -> (Proc, String) {
-    let out = dir.join(format!("{name}-carrier.out"));
-    let child = Proc(
-        Command::new(BIN)
-            .args(["qemu", "carrier", "--listen", "127.0.0.1:0", "--secret-file", "secret", "--json", "--incoming"])
-            .arg(dir.join(format!("{name}.in")))
-            .arg("--dst-qmp")
-            .arg(&dst.qmp)
-            .current_dir(dir)
-            .stdout(std::fs::File::create(&out).unwrap())
-            .stderr(std::fs::File::create(dir.join(format!("{name}-carrier.err"))).unwrap())
-            .spawn()
-            .unwrap(),
+    let incoming = dir.join(format!("{name}.in"));
+    let (child, line) = spawn_waiting(
+        dir,
+        &format!("{name}-carrier"),
+        &[
+            "qemu",
+            "carrier",
+            "--listen",
+            "127.0.0.1:0",
+            "--secret-file",
+            "secret",
+            "--json",
+            "--incoming",
+            &incoming.to_string_lossy(),
+            "--dst-qmp",
+            &dst.qmp.to_string_lossy(),
+        ],
+        "listening ",
     );
-    let t0 = Instant::now();
-    loop {
-        let o = std::fs::read_to_string(&out).unwrap_or_default();
-        if let Some(addr) = o.lines().next().and_then(|l| l.strip_prefix("listening ")) {
-            return (child, addr.split_whitespace().next().unwrap().to_string());
-        }
-        assert!(t0.elapsed() < Duration::from_secs(10), "the carrier never listened");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    (child, line.split_whitespace().nth(1).unwrap().to_string())
 }
 
 fn migrate(dir: &Path, src: &Guest, to: &str, extra: &[&str]) -> std::process::Output {
@@ -205,16 +218,7 @@ fn a_qemu_guest_migrates_through_livemig_and_keeps_running() {
     if !available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("livemig-qemu-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let guest = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-guest");
-    let o = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../qemu-patch/guest/build.sh"))
-        .arg(&guest)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "building the guest: {}", String::from_utf8_lossy(&o.stderr));
-    assert!(Command::new(BIN).args(["secret", "new", "secret"]).current_dir(&dir).status().unwrap().success());
+    let (dir, guest) = setup("livemig-qemu");
 
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
@@ -365,16 +369,7 @@ fn a_guest_and_its_livemig_disk_move_together() {
     if !available() {
         return;
     }
-    let dir = std::env::temp_dir().join(format!("livemig-qemu-disk-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    let guest = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("qemu-guest");
-    let o = Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../qemu-patch/guest/build.sh"))
-        .arg(&guest)
-        .output()
-        .unwrap();
-    assert!(o.status.success(), "building the guest: {}", String::from_utf8_lossy(&o.stderr));
-    assert!(Command::new(BIN).args(["secret", "new", "secret"]).current_dir(&dir).status().unwrap().success());
+    let (dir, guest) = setup("livemig-qemu-disk");
     let t0 = Instant::now();
     let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
 

@@ -255,6 +255,12 @@ impl Disks {
             .collect()
     }
 
+    /// Whether every disk is still served at its source, by [`states`](Self::states): only
+    /// then may the guest run on there after a failed handover.
+    pub fn all_at_source(states: &[(String, String)]) -> bool {
+        states.iter().all(|(_, s)| s == "migrating" || s == "idle")
+    }
+
     /// Cancels every transfer that has not handed over (its disk stays served at the source).
     pub fn cancel(&self) {
         for r in &self.runs {
@@ -302,5 +308,13 @@ mod tests {
         assert!("/run/disk0.ctl".parse::<DiskSpec>().is_err());
         assert!("=10.0.0.2:7000".parse::<DiskSpec>().is_err());
         assert!("/run/x=".parse::<DiskSpec>().is_err());
+    }
+
+    #[test]
+    fn the_guest_runs_on_at_the_source_only_with_every_disk_there() {
+        let st = |v: &[&str]| v.iter().map(|s| ("d".to_string(), s.to_string())).collect::<Vec<_>>();
+        assert!(Disks::all_at_source(&st(&["migrating", "idle"])));
+        assert!(!Disks::all_at_source(&st(&["migrating", "handed-over"])));
+        assert!(!Disks::all_at_source(&st(&["idle", "unknown (no reply)"])), "a disk in doubt");
     }
 }

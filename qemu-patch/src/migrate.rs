@@ -373,7 +373,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                             Ok(t) => t,
                             Err(why) => {
                                 let states = d.states();
-                                if states.iter().all(|(_, s)| s == "migrating" || s == "idle") {
+                                if Disks::all_at_source(&states) {
                                     // Every disk is still served at the source: the migration is
                                     // cancelled before its switchover, even when postcopy was
                                     // asked for, and the guest runs on there.

@@ -91,6 +91,18 @@ fn open_base(a: &DiskReceiveArgs) -> Result<Option<Box<dyn Base>>> {
     })
 }
 
+/// Serves `disk` over NBD where the arguments say; returns the endpoint.
+fn serve(a: &DiskReceiveArgs, disk: Arc<dyn crate::disk::Disk>, note: &str) -> Result<String> {
+    let export = Arc::new(Export {
+        name: a.name.clone(),
+        description: format!("livemig disk {}{note}", a.file.display()),
+        disk,
+        read_only: false,
+        io_timeout: Duration::from_secs(30),
+    });
+    super::serve_export(export, a.socket.as_deref(), a.nbd_listen.as_deref(), 64)
+}
+
 /// Opens the disk for an offer, or says why it cannot take it.
 fn open_for(a: &DiskReceiveArgs, base: Option<Box<dyn Base>>, o: &Offer) -> Result<Arc<Mirror>, String> {
     let m = match base {
@@ -164,14 +176,7 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
         // No wait: a request that waited would hold QEMU's start-up, and with it the
         // migration that would bring the disk.
         let d = Arc::new(Deferred::new(size, Duration::ZERO));
-        let export = Arc::new(Export {
-            name: a.name.clone(),
-            description: format!("livemig disk {} (arriving)", a.file.display()),
-            disk: d.clone(),
-            read_only: false,
-            io_timeout: Duration::from_secs(30),
-        });
-        let endpoint = super::serve_export(export, a.socket.as_deref(), a.nbd_listen.as_deref(), 64)?;
+        let endpoint = serve(a, d.clone(), " (arriving)")?;
         Some((d, endpoint))
     } else {
         if a.size.is_some() {
@@ -216,16 +221,7 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
                 served = Some((disk.mirror().clone(), endpoint.clone()));
                 return Ok(());
             }
-            let export = Arc::new(Export {
-                name: a.name.clone(),
-                description: format!("livemig disk {}", a.file.display()),
-                disk: disk.clone(),
-                read_only: false,
-                io_timeout: Duration::from_secs(30),
-            })
-            .clone();
-            let endpoint = super::serve_export(export, a.socket.as_deref(), a.nbd_listen.as_deref(), 64)
-                .map_err(|e| format!("{e:#}"))?;
+            let endpoint = serve(a, disk.clone(), "").map_err(|e| format!("{e:#}"))?;
             println!("serving {endpoint} nbd");
             let _ = std::io::stdout().flush();
             served = Some((disk.mirror().clone(), endpoint));
