@@ -6,6 +6,8 @@
 #  - benchmarks/tests: iperf3, iproute2 (netns, veth, tc), procps (kill, for the CLI in-doubt tests)
 #  - NBD clients for the disk tests and benchmarks: qemu-utils (qemu-img, qemu-io, qemu-nbd),
 #    libnbd-bin (nbdinfo, nbdcopy)
+#  - an S3 server for the image-repository tests and benchmarks: s3s-fs (crates.io, built with
+#    cargo install; the version is pinned to one that builds with this Rust)
 set -euo pipefail
 SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
@@ -20,3 +22,7 @@ if [[ ${#missing[@]} -gt 0 ]]; then
 fi
 command -v cargo >/dev/null || { echo "Rust (cargo) is required: https://rustup.rs" >&2; exit 1; }
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
+if ! command -v s3s-fs >/dev/null && [[ ! -x ${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs ]]; then
+  echo "installing s3s-fs (cargo install, ~3 minutes)" >&2
+  cargo install s3s-fs@0.14.1 --features binary --locked --quiet >&2
+fi

@@ -14,6 +14,9 @@ export LIVEMIG_REQUIRE_NBD_TOOLS=1
 # The QEMU test boots a real guest under TCG (qemu-system-x86 and the Debian kernel, which
 # install-deps.sh installs); elsewhere it skips with a message.
 export LIVEMIG_REQUIRE_QEMU=1
+# The image-repository tests run against a real S3 server on loopback (s3s-fs, which
+# install-deps.sh installs); elsewhere they skip with a message.
+export LIVEMIG_REQUIRE_S3=1
 cargo test --workspace --features livemig/fault-injection,livemig-tests/fault-injection
 echo "== fuzzing (${FUZZ_SECONDS:-20}s per target)" >&2
 fuzz/run.sh "${FUZZ_SECONDS:-20}"

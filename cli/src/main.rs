@@ -27,6 +27,11 @@ enum Cmd {
         #[command(subcommand)]
         what: DiskCmd,
     },
+    /// Image repository: chunked, versioned images served lazily over NBD, CLONE and COMMIT.
+    Image {
+        #[command(subcommand)]
+        what: ImageCmd,
+    },
     /// QEMU: livemig as the carrier of QEMU's migration stream, driven over QMP.
     Qemu {
         #[command(subcommand)]
@@ -55,6 +60,22 @@ enum DiskCmd {
     Status(livemig_storage::cli::control::DiskControlArgs),
     /// Receive a live disk migration, then serve the disk over NBD from the handover on.
     Receive(livemig_storage::cli::receive::DiskReceiveArgs),
+}
+
+#[derive(Debug, Subcommand)]
+enum ImageCmd {
+    /// Stripe a raw image file into the repository as a new image (version 1).
+    Push(livemig_image::cli::PushArgs),
+    /// List images (latest versions), or one image's versions.
+    Ls(livemig_image::cli::LsArgs),
+    /// Serve an image version over NBD, fetching chunks lazily; writes stay local.
+    Serve(livemig_image::cli::ServeArgs),
+    /// CLONE: a new image sharing all content (of a served disk with --control).
+    Clone(livemig_image::cli::CloneArgs),
+    /// COMMIT: a disk's local modifications as the next version of its image.
+    Commit(livemig_image::cli::CommitArgs),
+    /// Write an image version as a raw file.
+    Export(livemig_image::cli::ExportArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -115,6 +136,12 @@ fn run() -> anyhow::Result<()> {
         Cmd::Bench { what: BenchCmd::Chunks(a) } => livemig_bench::pages::run(livemig_bench::pages::CHUNKS, &a),
         Cmd::Bench { what: BenchCmd::Urgent(a) } => livemig_bench::urgent::run(&a),
         Cmd::Serve(a) => livemig_daemon::run(&a),
+        Cmd::Image { what: ImageCmd::Push(a) } => livemig_image::cli::run_push(&a),
+        Cmd::Image { what: ImageCmd::Ls(a) } => livemig_image::cli::run_ls(&a),
+        Cmd::Image { what: ImageCmd::Serve(a) } => livemig_image::cli::run_serve(&a),
+        Cmd::Image { what: ImageCmd::Clone(a) } => livemig_image::cli::run_clone(&a),
+        Cmd::Image { what: ImageCmd::Commit(a) } => livemig_image::cli::run_commit(&a),
+        Cmd::Image { what: ImageCmd::Export(a) } => livemig_image::cli::run_export(&a),
         Cmd::Qemu { what: QemuCmd::Carrier(a) } => livemig_qemu::cli::run_carrier(&a),
         Cmd::Qemu { what: QemuCmd::Migrate(a) } => livemig_qemu::cli::run_migrate(&a),
         Cmd::Disk { what: DiskCmd::Serve(a) } => livemig_storage::cli::run_serve(&a),

@@ -56,6 +56,9 @@ pub enum DiskError {
     /// The disk is not served here yet (it arrives with a migration's handover).
     #[error("the disk is not here yet: {0}")]
     NotYet(String),
+    /// The disk mirrors no base (a plain image).
+    #[error("the disk mirrors no base image")]
+    NoBase,
     /// The metadata beside the local file is unreadable or does not fit the disk.
     #[error("metadata {path}: {why}")]
     Meta {
@@ -81,7 +84,9 @@ impl DiskError {
 /// A mirrored disk (see the module doc).
 #[derive(Debug)]
 pub struct Mirror {
-    base: Option<Box<dyn Base>>,
+    /// The base (a mirror keeps one for life; [`Frozen::finish`] may replace it by one that
+    /// reads the same bytes wherever the disk is not modified, as a COMMIT does).
+    base: Option<std::sync::RwLock<Box<dyn Base>>>,
     local: File,
     meta: Option<PathBuf>,
     map: Mutex<ChunkMap>,
@@ -151,7 +156,7 @@ impl Mirror {
         };
         local.set_len(size).map_err(local_err("sizing"))?;
         Ok(Mirror {
-            base: Some(base),
+            base: Some(std::sync::RwLock::new(base)),
             local,
             meta: Some(meta),
             map: Mutex::new(map),
@@ -179,8 +184,18 @@ impl Mirror {
     /// Copies `ranges` from the base into the local file and records them.
     fn fetch(&self, ranges: &[Range], record: impl Fn(&mut ChunkMap, Range)) -> Result<(), DiskError> {
         let base = self.base.as_ref().expect("only a mirror has bytes that are not local");
+        let base = base.read().unwrap_or_else(|e| e.into_inner());
         let mut buf = Vec::new();
-        for r in ranges {
+        let mut i = 0;
+        while i < ranges.len() {
+            // Ranges that follow each other are read from the base in one call (a remote
+            // base answers a run of chunks in one request).
+            let mut j = i + 1;
+            while j < ranges.len() && ranges[j].start == ranges[j - 1].end && ranges[j].end - ranges[i].start <= 8 << 20
+            {
+                j += 1;
+            }
+            let r = Range::new(ranges[i].start, ranges[j - 1].end);
             buf.resize(r.len() as usize, 0);
             base.read_at(r.start, &mut buf).map_err(|source| DiskError::Base {
                 offset: r.start,
@@ -189,7 +204,12 @@ impl Mirror {
             })?;
             self.local.write_all_at(&buf, r.start).map_err(local_err("writing fetched bytes"))?;
             self.fetched.fetch_add(r.len(), std::sync::atomic::Ordering::Relaxed);
-            record(&mut self.lock(), *r);
+            let mut m = self.lock();
+            for r in &ranges[i..j] {
+                record(&mut m, *r);
+            }
+            drop(m);
+            i = j;
         }
         Ok(())
     }
@@ -256,6 +276,7 @@ impl Mirror {
     /// disk.
     pub fn base_fingerprint(&self) -> Result<u64, DiskError> {
         let Some(b) = &self.base else { return Ok(0) };
+        let b = b.read().unwrap_or_else(|e| e.into_inner());
         let size = b.size();
         let n = size.min(1 << 20);
         let mut h = xxhash_rust::xxh3::Xxh3::new();
@@ -343,6 +364,17 @@ impl Mirror {
         Ok(())
     }
 
+    /// Holds writes (and reads of bytes not yet local) until the returned guard is dropped
+    /// or finished: a consistent view of the ModifiedSet for a COMMIT. Only a mirror of a
+    /// base has one.
+    pub fn freeze(&self) -> Result<Frozen<'_>, DiskError> {
+        if self.base.is_none() {
+            return Err(DiskError::NoBase);
+        }
+        let guard = self.fetch.lock().unwrap_or_else(|e| e.into_inner());
+        Ok(Frozen { m: self, _writes: guard })
+    }
+
     /// Makes every acknowledged write stable (fdatasync), then the metadata. The chunk map
     /// is taken *before* the sync, so it never claims bytes the sync did not cover; maps are
     /// written in the order they were taken (a slower, older one never replaces a newer one).
@@ -414,6 +446,53 @@ impl Mirror {
             at = next;
         }
         Ok(out)
+    }
+}
+
+/// A mirror with its writes held (see [`Mirror::freeze`]).
+#[derive(Debug)]
+pub struct Frozen<'a> {
+    m: &'a Mirror,
+    _writes: std::sync::MutexGuard<'a, ()>,
+}
+
+impl Frozen<'_> {
+    /// The ModifiedSet: chunks written since the base was set, in order.
+    pub fn modified(&self) -> Vec<usize> {
+        self.m.lock().modified()
+    }
+
+    /// Reads chunk `c` whole into `buf` (resized to the chunk's length), first fetching from
+    /// the base whatever of it is not local.
+    pub fn read_chunk(&self, c: usize, buf: &mut Vec<u8>) -> Result<(), DiskError> {
+        let (r, plan) = {
+            let map = self.m.lock();
+            if c >= map.len() {
+                return Err(DiskError::Range(OutOfRange { offset: map.size(), len: 1, size: map.size() }));
+            }
+            let r = Range::new(map.chunk_start(c), map.chunk_start(c) + map.chunk_len(c) as u64);
+            (r, map.plan_read(r))
+        };
+        self.m.fetch(&plan, |m, r| m.fetched(r))?;
+        buf.resize(r.len() as usize, 0);
+        self.m.local.read_exact_at(buf, r.start).map_err(local_err("reading"))
+    }
+
+    /// Replaces the base by `base` (same size; it must read as this disk does now wherever
+    /// the disk is not modified, and as the modified chunks do where it is), clears the
+    /// ModifiedSet and saves the state: the disk now mirrors `base` with nothing modified.
+    pub fn finish(self, base: Box<dyn Base>) -> Result<(), DiskError> {
+        let size = self.m.lock().size();
+        if base.size() != size {
+            return Err(DiskError::Meta {
+                path: "(new base)".into(),
+                why: format!("a {}-byte base for a {size}-byte disk", base.size()),
+            });
+        }
+        let slot = self.m.base.as_ref().expect("a frozen mirror has a base");
+        *slot.write().unwrap_or_else(|e| e.into_inner()) = base;
+        self.m.lock().clear_modified();
+        self.m.flush()
     }
 }
 

@@ -36,6 +36,41 @@ pub enum Request {
     Cancel,
     /// Where the disk stands.
     Status,
+    /// CLONE: a new image in the repository sharing all content with the one this disk
+    /// mirrors; the disk's local modifications are bound to it from now on.
+    Clone(CloneRequest),
+    /// COMMIT: the disk's local modifications become a new version of the image it is bound
+    /// to, and are marked clean.
+    Commit(CommitRequest),
+}
+
+/// The `clone` request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CloneRequest {
+    /// The new image's name.
+    pub name: String,
+    /// Refused unless the disk is bound to this image.
+    #[serde(default)]
+    pub from: Option<String>,
+}
+
+/// The `commit` request.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CommitRequest {
+    /// Refused unless the disk is bound to this image.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+/// What a disk mirrored from an image repository adds to the control socket.
+pub trait Snapshots: Send + Sync + std::fmt::Debug {
+    /// CLONE into a new image `name`; the reply's `return` value.
+    fn clone_to(&self, disk: &SourceDisk, req: &CloneRequest) -> Result<serde_json::Value, String>;
+    /// COMMIT (refused unless the disk is bound to `name`, if given); the reply's `return`
+    /// value.
+    fn commit(&self, disk: &SourceDisk, name: Option<&str>) -> Result<serde_json::Value, String>;
 }
 
 /// The `migrate` request.
@@ -102,8 +137,9 @@ pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     Ok(r)
 }
 
-/// Listens on `path` (mode 0600) and serves requests for `disk`, a thread per connection.
-pub fn listen(path: &Path, disk: Arc<SourceDisk>) -> Result<()> {
+/// Listens on `path` (mode 0600) and serves requests for `disk`, a thread per connection;
+/// `clone` and `commit` go to `snapshots` (refused without).
+pub fn listen(path: &Path, disk: Arc<SourceDisk>, snapshots: Option<Arc<dyn Snapshots>>) -> Result<()> {
     let l = super::bind_unix(path)?;
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
@@ -111,9 +147,9 @@ pub fn listen(path: &Path, disk: Arc<SourceDisk>) -> Result<()> {
     std::thread::spawn(move || {
         for c in l.incoming() {
             let Ok(c) = c else { continue };
-            let disk = disk.clone();
+            let (disk, snapshots) = (disk.clone(), snapshots.clone());
             let _ = std::thread::Builder::new().name("livemig-disk-control".into()).spawn(move || {
-                if let Err(e) = serve_control(c, &disk) {
+                if let Err(e) = serve_control(c, &disk, snapshots.as_deref()) {
                     tracing::warn!(error = %e, "control connection");
                 }
             });
@@ -128,7 +164,7 @@ fn reply(w: &mut UnixStream, v: &serde_json::Value) -> std::io::Result<()> {
     w.write_all(&line)
 }
 
-fn serve_control(c: UnixStream, disk: &SourceDisk) -> std::io::Result<()> {
+fn serve_control(c: UnixStream, disk: &SourceDisk, snapshots: Option<&dyn Snapshots>) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(600)))?;
     let mut w = c.try_clone()?;
     let mut r = BufReader::new(c);
@@ -149,6 +185,24 @@ fn serve_control(c: UnixStream, disk: &SourceDisk) -> std::io::Result<()> {
             }
         };
         match req {
+            Request::Clone(_) | Request::Commit(_) if snapshots.is_none() => reply(
+                &mut w,
+                &serde_json::json!({ "error": "this disk is not an image from a repository (`livemig image serve` serves those)" }),
+            )?,
+            Request::Clone(c) => {
+                let r = snapshots.expect("checked above").clone_to(disk, &c);
+                reply(
+                    &mut w,
+                    &r.map_or_else(|e| serde_json::json!({ "error": e }), |v| serde_json::json!({ "return": v })),
+                )?
+            }
+            Request::Commit(c) => {
+                let r = snapshots.expect("checked above").commit(disk, c.name.as_deref());
+                reply(
+                    &mut w,
+                    &r.map_or_else(|e| serde_json::json!({ "error": e }), |v| serde_json::json!({ "return": v })),
+                )?
+            }
             Request::Status => reply(&mut w, &serde_json::json!({ "return": { "state": disk.state() } }))?,
             Request::Switchover => {
                 if disk.request_switchover() {

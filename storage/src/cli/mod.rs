@@ -204,7 +204,14 @@ impl Served {
 /// Opens the disk and starts serving it on `a.socket` or `a.listen` (threads of their own),
 /// and the control socket if asked.
 pub fn start(a: &DiskServeArgs) -> Result<Served> {
-    let disk = Arc::new(open_disk(a)?);
+    start_with(a, open_disk(a)?, None)
+}
+
+/// Serves `disk` (opened by the caller; `a.file`, `a.base` and `a.chunk_size` are not
+/// looked at) as [`start`] does, with `snapshots` behind the control socket's `clone` and
+/// `commit`.
+pub fn start_with(a: &DiskServeArgs, disk: Mirror, snapshots: Option<Arc<dyn control::Snapshots>>) -> Result<Served> {
+    let disk = Arc::new(disk);
     let source = Arc::new(SourceDisk::new(disk.clone()));
     let export = Arc::new(Export {
         name: a.name.clone(),
@@ -214,7 +221,7 @@ pub fn start(a: &DiskServeArgs) -> Result<Served> {
         io_timeout: Duration::from_secs_f64(a.io_timeout),
     });
     if let Some(c) = &a.control {
-        control::listen(c, source.clone())?;
+        control::listen(c, source.clone(), snapshots)?;
     }
     let endpoint = serve_export(export, a.socket.as_deref(), a.listen.as_deref(), a.max_connections)?;
     Ok(Served { disk, source, endpoint, socket: a.socket.clone(), control: a.control.clone() })

@@ -244,6 +244,19 @@ impl SourceDisk {
         self.handover_cv.notify_all();
     }
 
+    /// Runs `f` on the disk while no migration can start: what a COMMIT needs, since it
+    /// replaces the base and clears the ModifiedSet a transfer is made of. Refused while a
+    /// migration runs or after a handover.
+    pub fn exclusive<T>(&self, f: impl FnOnce(&Mirror) -> T) -> Result<T, String> {
+        if self.busy.swap(true, Ordering::AcqRel) {
+            return Err("a migration of this disk is running".into());
+        }
+        let handed = matches!(*self.mode.read().unwrap_or_else(|e| e.into_inner()), Mode::Handed);
+        let out = (!handed).then(|| f(&self.mirror));
+        self.busy.store(false, Ordering::Release);
+        out.ok_or_else(|| "this disk was handed over to a migration destination".into())
+    }
+
     /// `idle`, `migrating` or `handed-over`.
     pub fn state(&self) -> &'static str {
         match *self.mode.read().unwrap_or_else(|e| e.into_inner()) {

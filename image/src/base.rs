@@ -1,0 +1,86 @@
+//! An image version as the read-only base of a mirrored disk: each read brings whole chunks
+//! from the repository and checks them; a chunk that fails its checksum or cannot be read is
+//! an I/O error (the NBD client sees EIO), never wrong or zero bytes.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use livemig_storage::base::Base;
+
+use crate::manifest::Manifest;
+use crate::repo::{Repo, RepoError};
+
+/// An image version read from a repository.
+#[derive(Debug)]
+pub struct RepoBase {
+    repo: Arc<Repo>,
+    manifest: Manifest,
+    fetched: Arc<AtomicU64>,
+}
+
+impl RepoBase {
+    /// Reads `manifest`'s version from `repo`; bytes fetched from the store are added to
+    /// `fetched` (shared across the bases a disk has over its life).
+    pub fn new(repo: Arc<Repo>, manifest: Manifest, fetched: Arc<AtomicU64>) -> RepoBase {
+        RepoBase { repo, manifest, fetched }
+    }
+
+    /// The version.
+    pub fn manifest(&self) -> &Manifest {
+        &self.manifest
+    }
+}
+
+fn to_io(e: RepoError) -> std::io::Error {
+    let kind = match &e {
+        RepoError::Corrupt { .. } => std::io::ErrorKind::InvalidData,
+        _ => std::io::ErrorKind::Other,
+    };
+    std::io::Error::new(kind, e)
+}
+
+impl Base for RepoBase {
+    fn size(&self) -> u64 {
+        self.manifest.size
+    }
+
+    fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let m = &self.manifest;
+        let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= m.size).ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!("{} bytes at {offset} is past the image", buf.len()),
+            )
+        })?;
+        let mut whole = Vec::new();
+        let mut at = offset;
+        while at < end {
+            let c = (at / m.chunk_size as u64) as usize;
+            let start = m.chunk_start(c);
+            let len = m.chunk_len(c) as u64;
+            let n = (start + len).min(end) - at;
+            let out = &mut buf[(at - offset) as usize..(at - offset + n) as usize];
+            if at == start && n == len {
+                // Whole chunks from here: as many as the request covers, in one go.
+                let mut last = c;
+                while last + 1 < m.len() && m.chunk_start(last + 1) + m.chunk_len(last + 1) as u64 <= end {
+                    last += 1;
+                }
+                let n = m.chunk_start(last) + m.chunk_len(last) as u64 - at;
+                let out = &mut buf[(at - offset) as usize..(at - offset + n) as usize];
+                let got = self.repo.read_chunks(m, c..last + 1, out).map_err(to_io)?;
+                self.fetched.fetch_add(got, Ordering::Relaxed);
+                at += n;
+                continue;
+            } else {
+                // Part of a chunk: the whole chunk is read (its checksum covers all of it).
+                whole.resize(len as usize, 0);
+                let got = self.repo.read_chunk(m, c, &mut whole).map_err(to_io)?;
+                self.fetched.fetch_add(got, Ordering::Relaxed);
+                out.copy_from_slice(&whole[(at - start) as usize..(at - start + n) as usize]);
+            }
+            at += n;
+        }
+        Ok(())
+    }
+}
