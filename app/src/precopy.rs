@@ -382,6 +382,8 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
             size: a.size,
             page_size: a.page_size,
             after_s: a.after,
+            disk: String::new(),
+            request: None,
         };
         let n = crate::open::open(t.as_mut(), &req, secs(a.io_timeout))?;
         let _ = writeln!(err, "{to} is a livemig daemon: session {n} opened");

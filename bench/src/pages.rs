@@ -483,7 +483,15 @@ fn send(
     let mut t = connect::connect(tkind, addr, opts, secret, &table)?;
     if open::peer_is_daemon(t.as_ref()) {
         let service = if kind.name == "chunks" { open::Service::BenchChunks } else { open::Service::BenchPages };
-        let req = open::OpenRequest { version: open::OPEN_VERSION, service, size, page_size: ps, after_s: 0.0 };
+        let req = open::OpenRequest {
+            version: open::OPEN_VERSION,
+            service,
+            size,
+            page_size: ps,
+            after_s: 0.0,
+            disk: String::new(),
+            request: None,
+        };
         open::open(t.as_mut(), &req, opts.io_timeout)?;
     }
     let pb = if a.json || !std::io::stderr().is_terminal() {

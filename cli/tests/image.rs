@@ -411,3 +411,107 @@ fn the_same_workflow_runs_on_an_s3_server_and_concurrent_commits_to_different_im
     assert!(t.elapsed() < Duration::from_secs(90), "{:?}", t.elapsed());
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A `livemig serve` whose configuration serves one image; returns it, its address and the
+/// NBD URI once both are listening (stdout kept open: the daemon prints after its first line).
+fn daemon_with_image(
+    dir: &Path,
+    repo: &str,
+    name: &str,
+) -> (Child, std::io::BufReader<std::process::ChildStdout>, String, String) {
+    let sock = dir.join(format!("{name}.sock"));
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = [\"127.0.0.1:0\"]\n[[images]]\nname = \"{name}\"\nimage = \"debian\"\nrepo = \"{repo}\"\nlocal = \"{}\"\nsocket = \"{}\"\n",
+            dir.join(format!("{name}.img")).display(),
+            sock.display()
+        ),
+    )
+    .unwrap();
+    let mut child = Command::new(BIN)
+        .args(["serve", "--config"])
+        .arg(&cfg)
+        .env("LIVEMIG_SECRET", DAEMON_SECRET)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join(format!("{name}.log"))).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut lines = String::new();
+    for _ in 0..2 {
+        std::io::BufRead::read_line(&mut out, &mut lines).unwrap();
+    }
+    let addr = lines
+        .lines()
+        .find(|l| l.ends_with(" tcp"))
+        .and_then(|l| l.split(' ').nth(1))
+        .unwrap_or_else(|| panic!("{lines}"));
+    assert!(lines.contains(&format!("{} nbd {name}", sock.display())), "{lines}");
+    (child, out, addr.to_string(), format!("nbd+unix:///?socket={}", sock.display()))
+}
+
+const DAEMON_SECRET: &str = "image-daemon-secret-image-daemon-secret";
+
+#[test]
+fn a_global_snapshot_through_the_host_daemons() {
+    if !nbd_tools() {
+        return;
+    }
+    let d = tmp("daemon");
+    let repo = d.join("repo");
+    let repo_s = repo.to_str().unwrap();
+    let (img, data) = make_image(&d);
+    ok(livemig(repo_s, &[], &["push", img.to_str().unwrap(), "debian"]), "push");
+    // Two "hosts", each a daemon serving one instance; each instance writes.
+    let mut hosts = Vec::new();
+    for (i, name) in ["vmA", "vmB"].iter().enumerate() {
+        let (child, out, addr, uri) = daemon_with_image(&d, repo_s, name);
+        ok(qemu_io(&uri, &[&format!("write -P {} {}M 128k", 0x41 + i, 2 + i)]), "write");
+        hosts.push((child, out, addr, uri, name.to_string()));
+    }
+    let call = |args: &[&str]| {
+        Command::new(BIN)
+            .env("LIVEMIG_REPO", repo_s)
+            .env("LIVEMIG_SECRET", DAEMON_SECRET)
+            .arg("image")
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    // The orchestrator: CLONE on every host, then COMMIT on every host.
+    for (_, _, addr, _, name) in &hosts {
+        let snap = format!("snap-{name}");
+        ok(call(&["clone", "debian", &snap, "--daemon", addr, "--disk", name]), "clone through the daemon");
+    }
+    for (_, _, addr, _, name) in &hosts {
+        let out =
+            json(&ok(call(&["commit", &format!("snap-{name}"), "--daemon", addr, "--disk", name, "--json"]), "commit"));
+        assert_eq!(out["chunks_written"], 1, "{out}");
+    }
+    for (i, (_, _, _, _, name)) in hosts.iter().enumerate() {
+        let mut want = data.clone();
+        want[((2 + i) << 20)..((2 + i) << 20) + (128 << 10)].fill(0x41 + i as u8);
+        let f = d.join(format!("{name}.raw"));
+        ok(livemig(repo_s, &[], &["export", &format!("snap-{name}@2"), f.to_str().unwrap()]), "export");
+        assert!(std::fs::read(&f).unwrap() == want, "snapshot of {name}");
+    }
+    // A disk the daemon does not serve, and a wrong secret, are refused.
+    let addr = &hosts[0].2;
+    let err = fails(call(&["commit", "snap-vmA", "--daemon", addr, "--disk", "nope"]), "unknown disk");
+    assert!(err.contains("serves no disk named \"nope\""), "{err}");
+    let o = Command::new(BIN)
+        .env("LIVEMIG_SECRET", "not-the-secret-not-the-secret-not-the-secret")
+        .args(["image", "commit", "snap-vmA", "--daemon", addr, "--disk", "vmA"])
+        .output()
+        .unwrap();
+    let err = fails(o, "wrong secret");
+    assert!(err.contains("connecting to the daemon"), "{err}");
+    for (mut child, _out, _, _, _) in hosts {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        assert!(child.wait().unwrap().success());
+    }
+    let _ = std::fs::remove_dir_all(&d);
+}

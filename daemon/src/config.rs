@@ -37,6 +37,36 @@ pub struct DaemonConfig {
     pub stats_every_s: f64,
     /// Disks served over NBD by the daemon (`[[disks]]` tables), as `livemig disk serve`.
     pub disks: Vec<DiskConfig>,
+    /// Images from a repository served over NBD by the daemon (`[[images]]` tables), as
+    /// `livemig image serve`; `image clone|commit --daemon` reach them by `name`.
+    #[serde(default)]
+    pub images: Vec<ImageConfig>,
+}
+
+/// One image served by the daemon.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ImageConfig {
+    /// The instance's name: its NBD export name and how `--daemon` calls name it.
+    pub name: String,
+    /// `NAME` or `NAME@VERSION` in the repository.
+    pub image: String,
+    /// The repository (a directory, or `s3://BUCKET/PREFIX` with the AWS environment).
+    pub repo: String,
+    /// The local file holding fetched and written chunks.
+    pub local: PathBuf,
+    /// Serve on this unix socket...
+    #[serde(default)]
+    pub socket: Option<PathBuf>,
+    /// ...or on this TCP address.
+    #[serde(default)]
+    pub listen: Option<String>,
+    /// Refuse writes.
+    #[serde(default)]
+    pub read_only: bool,
+    /// A control socket as well (`image clone|commit --control`, `disk migrate`).
+    #[serde(default)]
+    pub control: Option<PathBuf>,
 }
 
 /// One NBD export of the daemon.
@@ -96,6 +126,7 @@ impl Default for DaemonConfig {
             region_dir: std::env::temp_dir(),
             stats_every_s: 0.0,
             disks: Vec::new(),
+            images: Vec::new(),
         }
     }
 }
@@ -153,6 +184,15 @@ impl DaemonConfig {
                 bail!("disks[{i}] ({}): give at most one of base and base_dir", d.file.display());
             }
         }
+        let mut names = std::collections::HashSet::new();
+        for (i, m) in self.images.iter().enumerate() {
+            if m.socket.is_some() == m.listen.is_some() {
+                bail!("images[{i}] ({}): give exactly one of socket and listen", m.name);
+            }
+            if m.name.is_empty() || !names.insert(m.name.as_str()) {
+                bail!("images[{i}]: every image needs a name of its own ({:?})", m.name);
+            }
+        }
         Ok(())
     }
 }
@@ -181,5 +221,10 @@ mod tests {
             toml::from_str("[[disks]]\nfile = \"d.img\"\nsocket = \"/tmp/s\"\nchunk_size = \"1M\"\n").unwrap();
         c.check().unwrap();
         assert_eq!(c.disks[0].chunk_size, 1 << 20);
+        let img = "[[images]]\nname = \"vm1\"\nimage = \"debian\"\nrepo = \"/srv/images\"\nlocal = \"vm1.img\"\nsocket = \"/run/vm1.sock\"\n";
+        let c: DaemonConfig = toml::from_str(img).unwrap();
+        c.check().unwrap();
+        let c: DaemonConfig = toml::from_str(&format!("{img}{img}")).unwrap();
+        assert!(c.check().is_err(), "two images of one name");
     }
 }

@@ -93,6 +93,8 @@ struct Daemon {
     failed: AtomicU64,
     refused: AtomicU64,
     held_bytes: AtomicU64,
+    /// Disks and images served over NBD, by name (set before any session is accepted).
+    served: std::sync::OnceLock<Vec<(String, Arc<livemig_storage::cli::Served>)>>,
 }
 
 /// Memory reserved for one session against `max_total_bytes`; released on drop.
@@ -142,6 +144,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         failed: AtomicU64::new(0),
         refused: AtomicU64::new(0),
         held_bytes: AtomicU64::new(0),
+        served: std::sync::OnceLock::new(),
     });
     let mut listeners = Vec::new();
     for addr in &d.cfg.listen {
@@ -168,14 +171,33 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         let s =
             livemig_storage::cli::start(&args).with_context(|| format!("serving the disk {}", dc.file.display()))?;
         println!("listening {} nbd", s.endpoint);
-        served.push(s);
+        served.push((dc.name.clone(), Arc::new(s)));
     }
+    for ic in &d.cfg.images {
+        let args = livemig_image::cli::ServeArgs {
+            image: ic.image.clone(),
+            local: ic.local.clone(),
+            socket: ic.socket.clone(),
+            listen: ic.listen.clone(),
+            name: ic.name.clone(),
+            read_only: ic.read_only,
+            max_connections: 64,
+            io_timeout: d.cfg.io_timeout_s,
+            control: ic.control.clone(),
+            repo: livemig_image::cli::RepoArg { repo: ic.repo.clone() },
+        };
+        let (s, _) =
+            livemig_image::cli::start_serve(&args).with_context(|| format!("serving the image {}", ic.name))?;
+        println!("listening {} nbd {}", s.endpoint, ic.name);
+        served.push((ic.name.clone(), Arc::new(s)));
+    }
+    let _ = d.served.set(served.clone());
     // SIGINT/SIGTERM: save every disk's state, then exit.
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context("installing signal handlers")?;
     std::thread::Builder::new().name("livemig-signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
-            for s in &served {
+            for (_, s) in &served {
                 match s.stop() {
                     Ok(summary) => eprintln!("disk {summary}"),
                     Err(e) => eprintln!("error: disk {}: {e:#}", s.endpoint),
@@ -352,6 +374,23 @@ fn session(id: u64, streams: Vec<Admitted>, d: &Daemon) -> Result<String> {
     };
     let what = format!("{} {} MiB", req.service.name(), req.size >> 20);
     match req.service {
+        Service::DiskControl => {
+            let served = d.served.get().map(Vec::as_slice).unwrap_or_default();
+            let Some((_, s)) = served.iter().find(|(n, _)| *n == req.disk) else {
+                return refuse(t.as_mut(), format!("this daemon serves no disk named {:?}", req.disk));
+            };
+            let line = serde_json::to_vec(req.request.as_ref().expect("checked by decode")).expect("JSON serialises");
+            let r = match livemig_storage::cli::control::parse_request(&line) {
+                Ok(r) => r,
+                Err(e) => return refuse(t.as_mut(), format!("bad disk request: {e}")),
+            };
+            reply(t.as_mut(), &OpenReply::Opened { session: id })?;
+            let answer = livemig_storage::cli::control::handle(&r, &s.source, s.snapshots.as_deref());
+            t.send_message(&serde_json::to_vec(&answer).expect("JSON serialises")).context("sending the answer")?;
+            // The peer closes once it has the answer.
+            let _ = t.recv_message(Some(io_timeout));
+            return Ok(format!("disk-control {}", req.disk));
+        }
         Service::Receive => {
             let dm = match DestMemory::new(req.size, req.page_size) {
                 Ok(m) => m,

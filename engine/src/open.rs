@@ -23,6 +23,9 @@ pub enum Service {
     BenchPages,
     /// The sink of `bench chunks` (file-backed).
     BenchChunks,
+    /// A control request (`clone`, `commit`, `status`, …) for a disk the daemon serves,
+    /// answered with one message; no memory is involved.
+    DiskControl,
 }
 
 impl Service {
@@ -32,6 +35,7 @@ impl Service {
             Service::Receive => "receive",
             Service::BenchPages => "bench-pages",
             Service::BenchChunks => "bench-chunks",
+            Service::DiskControl => "disk-control",
         }
     }
 }
@@ -51,6 +55,12 @@ pub struct OpenRequest {
     /// Receive: seconds to measure the resumed workload before reporting its rate.
     #[serde(default)]
     pub after_s: f64,
+    /// DiskControl: the served disk's name (its `name` in the daemon's configuration).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub disk: String,
+    /// DiskControl: the request, as the disk's control socket takes it (one JSON value).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub request: Option<serde_json::Value>,
 }
 
 /// The daemon's answer.
@@ -90,6 +100,10 @@ pub enum OpenError {
         page_size: u64,
     },
     /// `after_s` outside 0..=3600.
+    #[error(
+        "a disk-control request names a disk (at most 128 bytes) and a request, and no memory; other services neither"
+    )]
+    Control,
     #[error("after_s {0} must be between 0 and 3600")]
     After(f64),
 }
@@ -108,6 +122,15 @@ impl OpenRequest {
         let r: OpenRequest = serde_json::from_slice(b).map_err(|e| OpenError::Malformed(e.to_string()))?;
         if r.version != OPEN_VERSION {
             return Err(OpenError::Version(r.version));
+        }
+        if r.service == Service::DiskControl {
+            if r.size != 0 || r.page_size != 0 || r.disk.is_empty() || r.disk.len() > 128 || r.request.is_none() {
+                return Err(OpenError::Control);
+            }
+            return Ok(r);
+        }
+        if !r.disk.is_empty() || r.request.is_some() {
+            return Err(OpenError::Control);
         }
         let ps_ok = r.page_size.is_power_of_two() && (512..=2 << 20).contains(&r.page_size);
         if !ps_ok || r.size == 0 || r.size % r.page_size != 0 {
@@ -140,7 +163,15 @@ mod tests {
     use super::*;
 
     fn req() -> OpenRequest {
-        OpenRequest { version: 1, service: Service::Receive, size: 16 << 20, page_size: 4096, after_s: 0.5 }
+        OpenRequest {
+            version: 1,
+            service: Service::Receive,
+            size: 16 << 20,
+            page_size: 4096,
+            after_s: 0.5,
+            disk: String::new(),
+            request: None,
+        }
     }
 
     #[test]
@@ -157,6 +188,24 @@ mod tests {
         assert!(matches!(bad(&|r| r.page_size = 3000), OpenError::Sizes { .. }));
         assert!(matches!(bad(&|r| r.page_size = 4 << 20), OpenError::Sizes { .. }));
         assert!(matches!(bad(&|r| r.after_s = -1.0), OpenError::After(_)));
+        assert_eq!(bad(&|r| r.disk = "vm1".into()), OpenError::Control);
+        let ctl = |f: &dyn Fn(&mut OpenRequest)| {
+            let mut r = OpenRequest {
+                version: 1,
+                service: Service::DiskControl,
+                size: 0,
+                page_size: 0,
+                after_s: 0.0,
+                disk: "vm1".into(),
+                request: Some(serde_json::json!("status")),
+            };
+            f(&mut r);
+            OpenRequest::decode(&r.encode())
+        };
+        assert!(ctl(&|_| {}).is_ok());
+        assert_eq!(ctl(&|r| r.disk.clear()), Err(OpenError::Control));
+        assert_eq!(ctl(&|r| r.request = None), Err(OpenError::Control));
+        assert_eq!(ctl(&|r| r.size = 4096), Err(OpenError::Control));
         assert!(matches!(OpenRequest::decode(b"{\"version\":1}"), Err(OpenError::Malformed(_))));
         assert!(matches!(OpenRequest::decode(&[b' '; 5000]), Err(OpenError::TooLong(5000))));
         let unknown = br#"{"version":1,"service":"receive","size":4096,"page_size":4096,"extra":1}"#;

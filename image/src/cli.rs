@@ -82,6 +82,52 @@ pub struct ExportArgs {
     pub json: bool,
 }
 
+/// A served disk reached through the host daemon (`livemig serve` with `[[images]]`).
+#[derive(Debug, Clone, clap::Args)]
+pub struct DaemonArg {
+    /// The host daemon serving the disk (`HOST:PORT`); with --disk.
+    #[arg(long, value_name = "ADDR", requires = "disk", conflicts_with = "control")]
+    pub daemon: Option<String>,
+    /// The disk's name in the daemon's configuration.
+    #[arg(long, value_name = "NAME", requires = "daemon")]
+    pub disk: Option<String>,
+    /// Shared-secret file for the daemon (else $LIVEMIG_SECRET).
+    #[arg(long, value_name = "FILE", requires = "daemon")]
+    pub secret_file: Option<PathBuf>,
+}
+
+/// Sends `req` for the disk `a.disk` to the daemon at `a.daemon`; returns the `return` value.
+fn daemon_call(a: &DaemonArg, req: &Request) -> Result<serde_json::Value> {
+    use livemig_app::open;
+    let (addr, disk) = (a.daemon.as_deref().expect("clap"), a.disk.as_deref().expect("clap"));
+    let secret =
+        livemig_transport::auth::Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
+    let table = livemig_transport::RegionTable::new();
+    let opts =
+        livemig_app::precopy::transport_options(livemig_engine::connect::TransportChoice::Tcp, Duration::from_secs(30));
+    let mut t = livemig_engine::connect::connect(livemig_transport::TransportKind::Tcp, addr, &opts, &secret, &table)
+        .with_context(|| format!("connecting to the daemon at {addr}"))?;
+    let r = open::OpenRequest {
+        version: open::OPEN_VERSION,
+        service: open::Service::DiskControl,
+        size: 0,
+        page_size: 0,
+        after_s: 0.0,
+        disk: disk.to_string(),
+        request: Some(serde_json::to_value(req).expect("a request serialises")),
+    };
+    open::open(t.as_mut(), &r, opts.io_timeout)?;
+    let m = t
+        .recv_message(Some(CONTROL_WAIT))
+        .context("waiting for the daemon's answer")?
+        .with_context(|| format!("the daemon did not answer within {CONTROL_WAIT:?}"))?;
+    let v: serde_json::Value = serde_json::from_slice(&m).context("the daemon's answer")?;
+    if let Some(e) = v.get("error") {
+        bail!("{} (disk {disk} on {addr})", e.as_str().unwrap_or("?"));
+    }
+    Ok(v.get("return").cloned().unwrap_or_default())
+}
+
 /// `image clone`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct CloneArgs {
@@ -94,6 +140,8 @@ pub struct CloneArgs {
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
     #[command(flatten)]
+    pub daemon: DaemonArg,
+    #[command(flatten)]
     pub repo: RepoArg,
     /// JSON on stdout.
     #[arg(long)]
@@ -102,7 +150,7 @@ pub struct CloneArgs {
 
 /// `image commit`.
 #[derive(Debug, Clone, clap::Args)]
-#[command(group(clap::ArgGroup::new("disk").required(true).args(["control", "local"])))]
+#[command(group(clap::ArgGroup::new("where").required(true).args(["control", "local", "daemon"])))]
 pub struct CommitArgs {
     /// The image the disk is bound to (checked).
     pub name: String,
@@ -113,6 +161,8 @@ pub struct CommitArgs {
     /// The local file of a disk that is not being served.
     #[arg(long, value_name = "FILE")]
     pub local: Option<PathBuf>,
+    #[command(flatten)]
+    pub daemon: DaemonArg,
     #[command(flatten)]
     pub repo: RepoArg,
     /// JSON on stdout.
@@ -483,8 +533,11 @@ fn signal_hook_iter() -> Result<signal_hook::iterator::Signals> {
         .context("installing signal handlers")
 }
 
-fn control_call(c: &Path, req: &Request, json: bool, what: &str) -> Result<()> {
-    let r = control::call(c, req, CONTROL_WAIT).with_context(|| format!("{what} through {}", c.display()))?;
+fn control_call(c: Option<&Path>, d: &DaemonArg, req: &Request, json: bool, what: &str) -> Result<()> {
+    let r = match c {
+        Some(c) => control::call(c, req, CONTROL_WAIT).with_context(|| format!("{what} through {}", c.display()))?,
+        None => daemon_call(d, req).with_context(|| format!("{what} through the daemon"))?,
+    };
     if json {
         println!("{r}");
     } else {
@@ -515,12 +568,12 @@ const CONTROL_WAIT: Duration = Duration::from_secs(3600);
 /// `livemig image clone`.
 pub fn run_clone(a: &CloneArgs) -> Result<()> {
     let (name, ver) = parse_ref(&a.image).map_err(anyhow::Error::msg)?;
-    if let Some(c) = &a.control {
+    if a.control.is_some() || a.daemon.daemon.is_some() {
         if ver.is_some() {
-            bail!("with --control the disk's own version is cloned: give NAME, not NAME@VERSION");
+            bail!("a served disk's own version is cloned: give NAME, not NAME@VERSION");
         }
         let req = Request::Clone(CloneRequest { name: a.new.clone(), from: Some(name) });
-        return control_call(c, &req, a.json, "clone");
+        return control_call(a.control.as_deref(), &a.daemon, &req, a.json, "clone");
     }
     let repo = a.repo.open()?;
     let t = Instant::now();
@@ -543,11 +596,11 @@ pub fn run_commit(a: &CommitArgs) -> Result<()> {
     if ver.is_some() {
         bail!("a commit makes the next version of the image the disk is bound to: give NAME, not NAME@VERSION");
     }
-    if let Some(c) = &a.control {
+    if a.control.is_some() || a.daemon.daemon.is_some() {
         let req = Request::Commit(control::CommitRequest { name: Some(name) });
-        return control_call(c, &req, a.json, "commit");
+        return control_call(a.control.as_deref(), &a.daemon, &req, a.json, "commit");
     }
-    let local = a.local.as_ref().expect("clap requires --control or --local");
+    let local = a.local.as_ref().expect("clap requires --control, --local or --daemon");
     let Some(b) = load_binding(local)? else {
         bail!("{} is bound to no image ({} is missing)", local.display(), binding_path(local).display())
     };

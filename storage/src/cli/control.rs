@@ -164,6 +164,40 @@ fn reply(w: &mut UnixStream, v: &serde_json::Value) -> std::io::Result<()> {
     w.write_all(&line)
 }
 
+/// Answers every request but `migrate` (which streams its progress and runs on a control
+/// socket's connection): `{"return":…}` or `{"error":"…"}`. The daemon calls it too.
+pub fn handle(req: &Request, disk: &SourceDisk, snapshots: Option<&dyn Snapshots>) -> serde_json::Value {
+    let ok = |v: serde_json::Value| serde_json::json!({ "return": v });
+    let err = |e: String| serde_json::json!({ "error": e });
+    match req {
+        Request::Clone(_) | Request::Commit(_) if snapshots.is_none() => {
+            err("this disk is not an image from a repository (`livemig image serve` serves those)".into())
+        }
+        Request::Clone(c) => snapshots.expect("checked above").clone_to(disk, c).map_or_else(err, ok),
+        Request::Commit(c) => snapshots.expect("checked above").commit(disk, c.name.as_deref()).map_or_else(err, ok),
+        Request::Status => ok(serde_json::json!({ "state": disk.state() })),
+        Request::Switchover => {
+            if disk.request_switchover() {
+                ok(serde_json::json!({}))
+            } else {
+                err("no migration is running".into())
+            }
+        }
+        Request::Handover => match disk.hand_over_now(HANDOVER_WAIT) {
+            Ok(()) => ok(serde_json::json!({ "state": disk.state() })),
+            Err(why) => err(format!("the handover failed: {why}")),
+        },
+        Request::Cancel => {
+            if disk.cancel() {
+                ok(serde_json::json!({}))
+            } else {
+                err("no migration before its handover is running".into())
+            }
+        }
+        Request::Migrate(_) => err("migrate streams its progress: send it on the disk's control socket".into()),
+    }
+}
+
 fn serve_control(c: UnixStream, disk: &SourceDisk, snapshots: Option<&dyn Snapshots>) -> std::io::Result<()> {
     c.set_read_timeout(Some(Duration::from_secs(600)))?;
     let mut w = c.try_clone()?;
@@ -185,43 +219,6 @@ fn serve_control(c: UnixStream, disk: &SourceDisk, snapshots: Option<&dyn Snapsh
             }
         };
         match req {
-            Request::Clone(_) | Request::Commit(_) if snapshots.is_none() => reply(
-                &mut w,
-                &serde_json::json!({ "error": "this disk is not an image from a repository (`livemig image serve` serves those)" }),
-            )?,
-            Request::Clone(c) => {
-                let r = snapshots.expect("checked above").clone_to(disk, &c);
-                reply(
-                    &mut w,
-                    &r.map_or_else(|e| serde_json::json!({ "error": e }), |v| serde_json::json!({ "return": v })),
-                )?
-            }
-            Request::Commit(c) => {
-                let r = snapshots.expect("checked above").commit(disk, c.name.as_deref());
-                reply(
-                    &mut w,
-                    &r.map_or_else(|e| serde_json::json!({ "error": e }), |v| serde_json::json!({ "return": v })),
-                )?
-            }
-            Request::Status => reply(&mut w, &serde_json::json!({ "return": { "state": disk.state() } }))?,
-            Request::Switchover => {
-                if disk.request_switchover() {
-                    reply(&mut w, &serde_json::json!({ "return": {} }))?
-                } else {
-                    reply(&mut w, &serde_json::json!({ "error": "no migration is running" }))?
-                }
-            }
-            Request::Handover => match disk.hand_over_now(HANDOVER_WAIT) {
-                Ok(()) => reply(&mut w, &serde_json::json!({ "return": { "state": disk.state() } }))?,
-                Err(why) => reply(&mut w, &serde_json::json!({ "error": format!("the handover failed: {why}") }))?,
-            },
-            Request::Cancel => {
-                if disk.cancel() {
-                    reply(&mut w, &serde_json::json!({ "return": {} }))?
-                } else {
-                    reply(&mut w, &serde_json::json!({ "error": "no migration before its handover is running" }))?
-                }
-            }
             Request::Migrate(m) => {
                 let secret = match livemig_transport::auth::Secret::load(Some(&m.secret_file)) {
                     Ok(s) => s,
@@ -256,6 +253,7 @@ fn serve_control(c: UnixStream, disk: &SourceDisk, snapshots: Option<&dyn Snapsh
                     }
                 }
             }
+            other => reply(&mut w, &handle(&other, disk, snapshots))?,
         }
     }
 }

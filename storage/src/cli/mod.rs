@@ -180,6 +180,8 @@ pub struct Served {
     pub endpoint: String,
     socket: Option<PathBuf>,
     control: Option<PathBuf>,
+    /// CLONE and COMMIT, for a disk mirrored from an image repository.
+    pub snapshots: Option<Arc<dyn control::Snapshots>>,
 }
 
 impl Served {
@@ -221,8 +223,8 @@ pub fn start_with(a: &DiskServeArgs, disk: Mirror, snapshots: Option<Arc<dyn con
         io_timeout: Duration::from_secs_f64(a.io_timeout),
     });
     if let Some(c) = &a.control {
-        control::listen(c, source.clone(), snapshots)?;
+        control::listen(c, source.clone(), snapshots.clone())?;
     }
     let endpoint = serve_export(export, a.socket.as_deref(), a.listen.as_deref(), a.max_connections)?;
-    Ok(Served { disk, source, endpoint, socket: a.socket.clone(), control: a.control.clone() })
+    Ok(Served { disk, source, endpoint, socket: a.socket.clone(), control: a.control.clone(), snapshots })
 }
