@@ -235,7 +235,40 @@ fn an_image_is_served_lazily_and_clone_commit_make_independent_versions() {
         return;
     }
     let d = tmp("local");
-    workflow(&d, d.join("repo").to_str().unwrap(), &[]);
+    let repo = d.join("repo");
+    let repo = repo.to_str().unwrap();
+    workflow(&d, repo, &[]);
+
+    // Two commits of the same version at the same instant (a directory's create-only write
+    // is atomic): exactly one lands, whole; the other is refused.
+    for (local, byte) in [("c.img", "0x21"), ("e.img", "0x22")] {
+        let s = serve(&d, repo, &[], "vm1", local);
+        ok(qemu_io(&s.uri, &[&format!("write -P {byte} 0 1M")]), "write");
+        s.stop();
+    }
+    let kids: Vec<_> = ["c.img", "e.img"]
+        .iter()
+        .map(|l| {
+            Command::new(BIN)
+                .env("LIVEMIG_REPO", repo)
+                .args(["image", "commit", "vm1", "--local"])
+                .arg(d.join(l))
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let outs: Vec<_> = kids.into_iter().map(|k| k.wait_with_output().unwrap()).collect();
+    let won: Vec<_> = outs.iter().map(|o| o.status.success()).collect();
+    assert_eq!(won.iter().filter(|w| **w).count(), 1, "{outs:?}");
+    let loser = outs.iter().find(|o| !o.status.success()).unwrap();
+    assert!(String::from_utf8_lossy(&loser.stderr).contains("was written by another writer first"), "{loser:?}");
+    let f = d.join("race.raw");
+    ok(livemig(repo, &[], &["export", "vm1", f.to_str().unwrap()]), "export");
+    let got = std::fs::read(&f).unwrap();
+    let fill = if won[0] { 0x21 } else { 0x22 };
+    assert!(got[..1 << 20].iter().all(|&b| b == fill), "the winner's chunks, whole");
     let _ = std::fs::remove_dir_all(&d);
 }
 
@@ -249,12 +282,13 @@ fn a_corrupt_or_missing_chunk_reads_as_eio_never_as_wrong_bytes() {
     let repo_s = repo.to_str().unwrap();
     let (img, _) = make_image(&d);
     ok(livemig(repo_s, &[], &["push", img.to_str().unwrap(), "img", "--chunk-size", "1M"]), "push");
-    // Flip one byte of chunk 2's stored bytes.
-    let packs: Vec<_> = std::fs::read_dir(repo.join("packs")).unwrap().map(|e| e.unwrap().path()).collect();
-    assert_eq!(packs.len(), 1);
-    let mut bytes = std::fs::read(&packs[0]).unwrap();
-    bytes[(2 << 20) + 12345] ^= 1;
-    std::fs::write(&packs[0], &bytes).unwrap();
+    // Flip one byte of chunk 2's stored bytes (where the manifest says they are).
+    let m = json(&std::fs::read_to_string(repo.join("images/img/v0000000001.json")).unwrap());
+    let c2 = &m["chunks"][2];
+    let pack = repo.join("packs").join(m["packs"][c2["pack"].as_u64().unwrap() as usize].as_str().unwrap());
+    let mut bytes = std::fs::read(&pack).unwrap();
+    bytes[c2["offset"].as_u64().unwrap() as usize + 12345] ^= 1;
+    std::fs::write(&pack, &bytes).unwrap();
 
     let s = serve(&d, repo_s, &[], "img", "vm.img");
     ok(qemu_io(&s.uri, &["read 0 4k", "read 1M 1M"]), "reads of sound chunks");
@@ -276,7 +310,7 @@ fn a_corrupt_or_missing_chunk_reads_as_eio_never_as_wrong_bytes() {
     let err = fails(livemig(repo_s, &[], &["export", "img", d.join("out.raw").to_str().unwrap()]), "export");
     assert!(err.contains("chunk 2 of img@1: checksum mismatch"), "{err}");
     assert!(!d.join("out.raw").exists() && !d.join("out.raw.partial").exists());
-    std::fs::remove_file(&packs[0]).unwrap();
+    std::fs::remove_file(&pack).unwrap();
     let err = fails(livemig(repo_s, &[], &["export", "img", d.join("out.raw").to_str().unwrap()]), "export");
     assert!(err.contains("is not in the repository"), "{err}");
     let err = fails(livemig(repo_s, &[], &["export", "img@7", d.join("out.raw").to_str().unwrap()]), "export");

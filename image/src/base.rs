@@ -15,13 +15,37 @@ use crate::repo::{Repo, RepoError};
 pub struct RepoBase {
     repo: Arc<Repo>,
     manifest: Manifest,
-    fetched: Arc<AtomicU64>,
+    fetched: Arc<FetchStats>,
+}
+
+/// What a disk's bases fetched from the repository.
+#[derive(Debug, Default)]
+pub struct FetchStats {
+    /// Bytes.
+    pub bytes: AtomicU64,
+    /// Reads from the base (each one ranged read per stretch of chunks it covers).
+    pub reads: AtomicU64,
+    /// Time spent in them, ns.
+    pub nanos: AtomicU64,
+}
+
+impl FetchStats {
+    /// `N bytes fetched from the repository in R reads (mean M ms)`.
+    pub fn summary(&self) -> String {
+        let (b, r, n) = (
+            self.bytes.load(Ordering::Relaxed),
+            self.reads.load(Ordering::Relaxed),
+            self.nanos.load(Ordering::Relaxed),
+        );
+        let mean = if r == 0 { 0.0 } else { n as f64 / r as f64 / 1e6 };
+        format!("{b} bytes fetched from the repository in {r} reads (mean {mean:.1} ms)")
+    }
 }
 
 impl RepoBase {
     /// Reads `manifest`'s version from `repo`; bytes fetched from the store are added to
     /// `fetched` (shared across the bases a disk has over its life).
-    pub fn new(repo: Arc<Repo>, manifest: Manifest, fetched: Arc<AtomicU64>) -> RepoBase {
+    pub fn new(repo: Arc<Repo>, manifest: Manifest, fetched: Arc<FetchStats>) -> RepoBase {
         RepoBase { repo, manifest, fetched }
     }
 
@@ -45,6 +69,16 @@ impl Base for RepoBase {
     }
 
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let t = std::time::Instant::now();
+        let r = self.read_into(offset, buf);
+        self.fetched.reads.fetch_add(1, Ordering::Relaxed);
+        self.fetched.nanos.fetch_add(t.elapsed().as_nanos() as u64, Ordering::Relaxed);
+        r
+    }
+}
+
+impl RepoBase {
+    fn read_into(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let m = &self.manifest;
         let end = offset.checked_add(buf.len() as u64).filter(|&e| e <= m.size).ok_or_else(|| {
             std::io::Error::new(
@@ -69,14 +103,14 @@ impl Base for RepoBase {
                 let n = m.chunk_start(last) + m.chunk_len(last) as u64 - at;
                 let out = &mut buf[(at - offset) as usize..(at - offset + n) as usize];
                 let got = self.repo.read_chunks(m, c..last + 1, out).map_err(to_io)?;
-                self.fetched.fetch_add(got, Ordering::Relaxed);
+                self.fetched.bytes.fetch_add(got, Ordering::Relaxed);
                 at += n;
                 continue;
             } else {
                 // Part of a chunk: the whole chunk is read (its checksum covers all of it).
                 whole.resize(len as usize, 0);
                 let got = self.repo.read_chunk(m, c, &mut whole).map_err(to_io)?;
-                self.fetched.fetch_add(got, Ordering::Relaxed);
+                self.fetched.bytes.fetch_add(got, Ordering::Relaxed);
                 out.copy_from_slice(&whole[(at - start) as usize..(at - start + n) as usize]);
             }
             at += n;

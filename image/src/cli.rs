@@ -8,7 +8,6 @@
 
 use std::io::IsTerminal;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -19,7 +18,7 @@ use livemig_storage::cli::DiskServeArgs;
 use livemig_storage::live::source::SourceDisk;
 use livemig_storage::mirror::Mirror;
 
-use crate::base::RepoBase;
+use crate::base::{FetchStats, RepoBase};
 use crate::manifest::{parse_ref, Manifest, VersionRef};
 use crate::repo::{Repo, WriteSummary, DEFAULT_CHUNK};
 
@@ -49,6 +48,10 @@ pub struct PushArgs {
     /// Chunk size: a power of two from 4K to 64M (the paper measured 256K, 512K, 1M).
     #[arg(long, value_parser = livemig_app::args::parse_size, default_value = "256K")]
     pub chunk_size: u64,
+    /// Bytes of chunks per stored object (at least one chunk). Larger: fewer objects and
+    /// writes; smaller: cheaper reads on stores whose cost grows with the object's size.
+    #[arg(long, value_parser = livemig_app::args::parse_size, default_value = "4M")]
+    pub pack_size: u64,
     #[command(flatten)]
     pub repo: RepoArg,
     /// One JSON object on stdout, no progress bar.
@@ -230,7 +233,7 @@ pub fn run_push(a: &PushArgs) -> Result<()> {
     let size = std::fs::metadata(&a.file).with_context(|| format!("{}", a.file.display()))?.len();
     let b = bar(size, a.json, "push");
     let t = Instant::now();
-    let (m, s) = repo.push(&a.file, &a.name, chunk, &mut |n| b.set_position(n))?;
+    let (m, s) = repo.push(&a.file, &a.name, chunk, a.pack_size.max(1), &mut |n| b.set_position(n))?;
     b.finish_and_clear();
     let secs = t.elapsed().as_secs_f64();
     if a.json {
@@ -380,7 +383,7 @@ fn open_bound(
     local: &Path,
     name: &str,
     ver: Option<u32>,
-    fetched: &Arc<AtomicU64>,
+    fetched: &Arc<FetchStats>,
 ) -> Result<(Mirror, Manifest)> {
     let bound = load_binding(local)?;
     let m = match &bound {
@@ -423,7 +426,7 @@ fn commit_mirror(
     cur: &Manifest,
     mirror: &Mirror,
     local: &Path,
-    fetched: &Arc<AtomicU64>,
+    fetched: &Arc<FetchStats>,
 ) -> Result<(Manifest, WriteSummary)> {
     let frozen = mirror.freeze()?;
     let mods = frozen.modified();
@@ -441,7 +444,7 @@ struct Instance {
     repo: Arc<Repo>,
     local: PathBuf,
     current: Mutex<Manifest>,
-    fetched: Arc<AtomicU64>,
+    fetched: Arc<FetchStats>,
 }
 
 impl Snapshots for Instance {
@@ -487,10 +490,10 @@ impl Snapshots for Instance {
 
 /// Opens `image serve`'s disk and starts serving it; returns what is served and the counter of
 /// bytes fetched from the repository.
-pub fn start_serve(a: &ServeArgs) -> Result<(livemig_storage::cli::Served, Arc<AtomicU64>)> {
+pub fn start_serve(a: &ServeArgs) -> Result<(livemig_storage::cli::Served, Arc<FetchStats>)> {
     let (name, ver) = parse_ref(&a.image).map_err(anyhow::Error::msg)?;
     let repo = Arc::new(a.repo.open()?);
-    let fetched = Arc::new(AtomicU64::new(0));
+    let fetched = Arc::new(FetchStats::default());
     let (mirror, m) = open_bound(&repo, &a.local, &name, ver, &fetched)?;
     let inst = Arc::new(Instance { repo, local: a.local.clone(), current: Mutex::new(m), fetched: fetched.clone() });
     let args = DiskServeArgs {
@@ -521,8 +524,8 @@ pub fn run_serve(a: &ServeArgs) -> Result<()> {
     let sig = signals.forever().next().unwrap_or(0);
     let summary = served.stop()?;
     eprintln!(
-        "image serve: stopped on signal {sig}; {summary}; {} bytes fetched from the repository ({} bytes of the disk filled from its base)",
-        fetched.load(std::sync::atomic::Ordering::Relaxed),
+        "image serve: stopped on signal {sig}; {summary}; {} ({} bytes of the disk filled from its base)",
+        fetched.summary(),
         served.disk.fetched_bytes()
     );
     Ok(())
@@ -608,7 +611,7 @@ pub fn run_commit(a: &CommitArgs) -> Result<()> {
         bail!("{} is bound to {}, not {name}", local.display(), b.image);
     }
     let repo = Arc::new(a.repo.open()?);
-    let fetched = Arc::new(AtomicU64::new(0));
+    let fetched = Arc::new(FetchStats::default());
     let (mirror, cur) = open_bound(&repo, local, &name, None, &fetched)?;
     let t = Instant::now();
     let (_, s) = commit_mirror(&repo, &cur, &mirror, local, &fetched)?;

@@ -3,7 +3,8 @@
 //! diverge. Objects:
 //!
 //! - `packs/<32 hex>`: bytes of chunks, written once and never changed. A push fills packs
-//!   up to [`PACK_MAX`]; a commit writes one pack per run of consecutive modified chunks.
+//!   up to a pack size (default [`PACK_MAX`]); a commit writes one pack per run of
+//!   consecutive modified chunks.
 //! - `images/<name>/v<version, 10 digits>.json`: a version's [`Manifest`], written last and
 //!   create-only: a version is visible whole or not at all, and of two writers of the same
 //!   version one wins and the other is refused.
@@ -18,8 +19,12 @@ use std::path::Path;
 use crate::manifest::{chunk_count, runs, ChunkRef, Manifest, ManifestError, Sum, VersionRef, FORMAT};
 use crate::store::{Store, StoreError};
 
-/// Most bytes of one pack object.
-pub const PACK_MAX: u64 = 64 << 20;
+/// Most bytes of one pack object by default. Small enough that a store which reads or hashes a whole
+/// object to answer a ranged read (s3s-fs recomputes the object's MD5 on every GET) stays fast;
+/// large enough that a commit's runs and a push need few writes.
+pub const PACK_MAX: u64 = 4 << 20;
+/// Runs of chunks an export reads at once.
+pub const EXPORT_READERS: usize = 4;
 /// Default chunk size (the paper's smallest; 512K and 1M are the others it measured).
 pub const DEFAULT_CHUNK: u32 = 256 << 10;
 
@@ -307,12 +312,13 @@ impl Repo {
     }
 
     /// Stripes the image file `file` into the repository as `name`, version 1, in chunks of
-    /// `chunk` bytes (zero chunks are not stored). `progress` gets the bytes read so far.
+    /// `chunk` bytes (zero chunks are not stored), in packs of about `pack_max` bytes. `progress` gets the bytes read so far.
     pub fn push(
         &self,
         file: &Path,
         name: &str,
         chunk: u32,
+        pack_max: u64,
         progress: &mut dyn FnMut(u64),
     ) -> Result<(Manifest, WriteSummary), RepoError> {
         if !crate::manifest::valid_name(name) {
@@ -367,7 +373,7 @@ impl Repo {
                 pack.extend_from_slice(&buf[..len]);
                 pending.push((c, Sum::of(&buf[..len])));
                 sum.chunks_written += 1;
-                if pack.len() as u64 >= PACK_MAX {
+                if pack.len() as u64 >= pack_max {
                     flush(&mut pack, &mut pending, &mut m, &mut sum)?;
                 }
             }
@@ -490,17 +496,58 @@ impl Repo {
             let f = File::create(&tmp).map_err(io_err("creating", &tmp))?;
             f.set_len(m.size).map_err(io_err("sizing", &tmp))?;
             let stored: Vec<usize> = (0..m.len()).filter(|&c| m.chunks[c].is_some()).collect();
-            let per_read = ((16 << 20) / m.chunk_size as usize).max(1);
-            let mut buf = Vec::new();
-            let mut fetched = 0;
-            for run in runs(&stored, per_read) {
-                let start = m.chunk_start(run.start);
-                let end = m.chunk_start(run.end - 1) + m.chunk_len(run.end - 1) as u64;
-                buf.resize((end - start) as usize, 0);
-                fetched += self.read_chunks(m, run, &mut buf)?;
-                f.write_all_at(&buf, start).map_err(io_err("writing", &tmp))?;
-                progress(end);
+            let per_read = ((4 << 20) / m.chunk_size as usize).max(1);
+            let work = runs(&stored, per_read);
+            // EXPORT_READERS runs in flight at once (a remote store answers each after a
+            // round trip); the next run is taken from a shared counter.
+            let next = std::sync::atomic::AtomicUsize::new(0);
+            let done = std::sync::atomic::AtomicU64::new(0);
+            let fetched = std::sync::atomic::AtomicU64::new(0);
+            let failed = std::sync::Mutex::new(None::<RepoError>);
+            let (f, tmp_ref) = (&f, &tmp);
+            std::thread::scope(|s| {
+                for _ in 0..EXPORT_READERS {
+                    s.spawn(|| {
+                        let mut buf = Vec::new();
+                        loop {
+                            let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            let Some(run) = work.get(i) else { return };
+                            if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                                return;
+                            }
+                            let start = m.chunk_start(run.start);
+                            let end = m.chunk_start(run.end - 1) + m.chunk_len(run.end - 1) as u64;
+                            buf.resize((end - start) as usize, 0);
+                            let r = self.read_chunks(m, run.clone(), &mut buf).and_then(|n| {
+                                f.write_all_at(&buf, start).map_err(io_err("writing", tmp_ref))?;
+                                Ok(n)
+                            });
+                            match r {
+                                Ok(n) => {
+                                    fetched.fetch_add(n, std::sync::atomic::Ordering::Relaxed);
+                                    done.fetch_add(end - start, std::sync::atomic::Ordering::Relaxed);
+                                }
+                                Err(e) => {
+                                    failed.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e);
+                                    return;
+                                }
+                            }
+                        }
+                    });
+                }
+                // Progress from this thread while the readers work.
+                while next.load(std::sync::atomic::Ordering::Relaxed) < work.len() + EXPORT_READERS {
+                    progress(done.load(std::sync::atomic::Ordering::Relaxed));
+                    if failed.lock().unwrap_or_else(|e| e.into_inner()).is_some() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+            });
+            if let Some(e) = failed.into_inner().unwrap_or_else(|e| e.into_inner()) {
+                return Err(e);
             }
+            let fetched = fetched.into_inner();
             progress(m.size);
             f.sync_all().map_err(io_err("syncing", &tmp))?;
             std::fs::rename(&tmp, out).map_err(io_err("renaming to", out))?;
@@ -549,10 +596,10 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let r = Repo::open(d.path().join("repo").to_str().unwrap()).unwrap();
         let src = image(d.path(), 9, 4096);
-        let (m1, s) = r.push(&src, "base", 4096, &mut |_| {}).unwrap();
+        let (m1, s) = r.push(&src, "base", 4096, PACK_MAX, &mut |_| {}).unwrap();
         assert_eq!((m1.len(), s.chunks_written, s.zero_chunks), (10, 5, 5));
         assert_eq!(read_all(&r, &m1), std::fs::read(&src).unwrap());
-        assert!(matches!(r.push(&src, "base", 4096, &mut |_| {}), Err(RepoError::NameTaken(_))));
+        assert!(matches!(r.push(&src, "base", 4096, PACK_MAX, &mut |_| {}), Err(RepoError::NameTaken(_))));
 
         let c1 = r.clone_image(&m1, "vm1").unwrap();
         assert_eq!(c1.chunks, m1.chunks, "a clone shares every chunk");
@@ -587,7 +634,7 @@ mod tests {
     fn a_second_commit_on_the_same_version_is_refused_and_a_failed_commit_leaves_nothing() {
         let d = tempfile::tempdir().unwrap();
         let r = Repo::open(d.path().join("repo").to_str().unwrap()).unwrap();
-        let (m1, _) = r.push(&image(d.path(), 4, 4096), "img", 4096, &mut |_| {}).unwrap();
+        let (m1, _) = r.push(&image(d.path(), 4, 4096), "img", 4096, PACK_MAX, &mut |_| {}).unwrap();
         let mut fill = |_: usize, buf: &mut Vec<u8>| {
             *buf = vec![9; 4096];
             Ok(())
@@ -615,7 +662,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let root = d.path().join("repo");
         let r = Repo::open(root.to_str().unwrap()).unwrap();
-        let (m, _) = r.push(&image(d.path(), 4, 4096), "img", 4096, &mut |_| {}).unwrap();
+        let (m, _) = r.push(&image(d.path(), 4, 4096), "img", 4096, PACK_MAX, &mut |_| {}).unwrap();
         let pack = root.join("packs").join(&m.packs[0]);
         let mut bytes = std::fs::read(&pack).unwrap();
         let at = m.chunks[2].unwrap().offset as usize + 17;

@@ -94,20 +94,26 @@ impl Store {
                 if bucket.is_empty() {
                     return Err(open_err("no bucket in s3://BUCKET[/PREFIX]".into()));
                 }
+                let endpoint = std::env::var("AWS_ENDPOINT").or_else(|_| std::env::var("AWS_ENDPOINT_URL")).ok();
+                let plain_http = endpoint.as_deref().is_some_and(|e| e.starts_with("http://"));
+                let mut client = object_store::ClientOptions::new()
+                    .with_timeout(Duration::from_secs(30))
+                    .with_connect_timeout(Duration::from_secs(5));
+                if plain_http {
+                    // Over plain HTTP a connection costs little, and a reused one can stall
+                    // each small response on the server's Nagle until the client's delayed
+                    // ACK (measured with s3s-fs: 78 s -> 52 s to read 512 MiB lazily).
+                    client = client.with_pool_max_idle_per_host(0);
+                }
                 let mut b = object_store::aws::AmazonS3Builder::from_env()
                     .with_bucket_name(bucket)
                     .with_conditional_put(object_store::aws::S3ConditionalPut::ETagMatch)
-                    .with_client_options(
-                        object_store::ClientOptions::new()
-                            .with_timeout(Duration::from_secs(30))
-                            .with_connect_timeout(Duration::from_secs(5)),
-                    )
+                    .with_client_options(client)
                     .with_retry(object_store::RetryConfig {
                         max_retries: 3,
                         retry_timeout: Duration::from_secs(30),
                         backoff: Default::default(),
                     });
-                let endpoint = std::env::var("AWS_ENDPOINT").or_else(|_| std::env::var("AWS_ENDPOINT_URL")).ok();
                 if let Some(e) = &endpoint {
                     b = b.with_endpoint(e).with_allow_http(e.starts_with("http://"));
                 }

@@ -3,7 +3,9 @@
 # Debian kernel (linux-image-amd64) and an initramfs with busybox-static, the static memory
 # dirtier `dirty` (dirty.c), the virtio-blk modules, and `init` (kernel command line:
 # dirty=N,W,RATE runs the dirtier; diskwr=MB,SPAN,MS loops O_DIRECT writes to /dev/vda;
-# diskchk=SPAN,BLOCK_KIB,RATE runs the disk checker `diskchk` (diskchk.c) on /dev/vda).
+# diskchk=SPAN,BLOCK_KIB,RATE runs the disk checker `diskchk` (diskchk.c) on /dev/vda;
+# boot=WRITE_MIB mounts /dev/vda as ext4, reads every file named in its /boot.list, writes a
+# WRITE_MIB file and syncs: a boot-like access pattern, ended by a `BOOTED` line).
 # The dirtier prints a `DIRTY t=…` line every second on the serial console, the checker
 # `DISKCHK …` lines.
 #
@@ -33,8 +35,8 @@ for a in $("$ROOT/bin/busybox" --list); do
 done
 gcc -static -O2 -o "$ROOT/bin/dirty" "$HERE/dirty.c"
 gcc -static -O2 -Wall -Werror -o "$ROOT/bin/diskchk" "$HERE/diskchk.c"
-# virtio-blk and what it needs, flat under /lib/modules (the init loads them by name).
-for m in virtio_pci virtio_blk; do
+# virtio-blk, ext4 and what they need, flat under /lib/modules (the init loads them by name).
+for m in virtio_pci virtio_blk ext4 crc32c_generic; do
   while read -r cmd path _; do
     [[ $cmd == insmod ]] || continue
     cp "$path" "$ROOT/lib/modules/$(basename "$path")"
