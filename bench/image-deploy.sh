@@ -226,11 +226,28 @@ if [[ -n ${SNAP_RUN:-} ]]; then
   awk -F'\t' 'NR == 2 { a = $3; s = $4 } NR == 3 { printf "full copy / clone+commit: %.1fx the time, %.1fx the storage\n", $3 / a, $4 / s }' snapshot.tsv
 fi
 
-if command -v gnuplot >/dev/null; then
-  for m in lazy prepro; do awk -F'\t' -v m=$m '$2 == m' results.tsv >"$m.dat"; done
-  gnuplot -e "set terminal png size 900,400; set output 'deploy.png'; set multiplot layout 1,2;
-    set xlabel 'hosts'; set ylabel 'last boot (s)'; plot 'lazy.dat' u 3:5 w lp t 'lazy', 'prepro.dat' u 3:5 w lp t 'pre-propagation';
-    set ylabel 'traffic (MiB)'; plot 'lazy.dat' u 3:7 w lp t 'lazy', 'prepro.dat' u 3:7 w lp t 'pre-propagation'" 2>/dev/null &&
-    echo "plot: $OUT/deploy.png"
-fi
+/usr/bin/python3 -c 'import matplotlib' 2>/dev/null || {
+  echo "installing python3-matplotlib (for the plot)" >&2
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends python3-matplotlib >&2 || true
+}
+/usr/bin/python3 - "$OUT" <<'PY' || echo "no plot (python3-matplotlib missing)" >&2
+import csv, sys
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+out = sys.argv[1]
+rows = list(csv.DictReader(open(f"{out}/results.tsv"), delimiter="\t"))
+fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+for (chunk, mode) in sorted({(r["chunk"], r["mode"]) for r in rows}):
+    rs = sorted((r for r in rows if r["chunk"] == chunk and r["mode"] == mode and r["last_boot_s"]), key=lambda r: int(r["N"]))
+    n = [int(r["N"]) for r in rs]
+    label = f"{'lazy' if mode == 'lazy' else 'pre-propagation'} {chunk}"
+    a.plot(n, [float(r["last_boot_s"]) for r in rs], marker="o", label=label)
+    b.plot(n, [float(r["traffic_mib"]) for r in rs], marker="o", label=label)
+a.set_xlabel("hosts"); a.set_ylabel("last guest booted (s)"); a.legend()
+b.set_xlabel("hosts"); b.set_ylabel("storage link traffic (MiB)"); b.legend()
+fig.tight_layout()
+fig.savefig(f"{out}/deploy.png", dpi=100)
+print(f"plot: {out}/deploy.png")
+PY
 echo "results in $OUT"
