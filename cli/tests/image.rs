@@ -198,6 +198,9 @@ fn workflow(dir: &Path, repo: &str, env: &[(&str, &str)]) {
     // A restart takes up the binding: the disk is vm1@3 with nothing to fetch again.
     let s = serve(dir, repo, env, "vm1", "vm1.img");
     assert_eq!(nbdcopy(&s.uri, &dir.join("again.raw")), want);
+    // The served file is locked: an offline commit of it is refused while it is served.
+    let err = fails(livemig(repo, env, &["commit", "vm1", "--local", dir.join("vm1.img").to_str().unwrap()]), "commit");
+    assert!(err.contains("another process serves or commits this file"), "{err}");
     assert_eq!(s.stop(), 0, "everything was local already");
     let err = fails(
         Command::new(BIN)
@@ -547,5 +550,16 @@ fn a_global_snapshot_through_the_host_daemons() {
         unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
         assert!(child.wait().unwrap().success());
     }
+    // Restarted with the same configuration, a daemon serves what its instance is bound to
+    // now (the clone), not the configured origin.
+    let (mut child, _out, _, uri, _) = {
+        let (c, o, a, u) = daemon_with_image(&d, repo_s, "vmA");
+        (c, o, a, u, ())
+    };
+    let got = nbdcopy(&uri, &d.join("restarted.raw"));
+    assert!(got == std::fs::read(d.join("vmA.raw")).unwrap(), "the restarted daemon serves snap-vmA");
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
     let _ = std::fs::remove_dir_all(&d);
 }

@@ -184,7 +184,8 @@ impl DaemonConfig {
                 bail!("disks[{i}] ({}): give at most one of base and base_dir", d.file.display());
             }
         }
-        let mut names = std::collections::HashSet::new();
+        let mut names: std::collections::HashSet<&str> =
+            self.disks.iter().map(|d| d.name.as_str()).filter(|n| !n.is_empty()).collect();
         for (i, m) in self.images.iter().enumerate() {
             if m.socket.is_some() == m.listen.is_some() {
                 bail!("images[{i}] ({}): give exactly one of socket and listen", m.name);

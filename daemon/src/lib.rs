@@ -185,6 +185,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             io_timeout: d.cfg.io_timeout_s,
             control: ic.control.clone(),
             repo: livemig_image::cli::RepoArg { repo: ic.repo.clone() },
+            follow_binding: true,
         };
         let (s, _) =
             livemig_image::cli::start_serve(&args).with_context(|| format!("serving the image {}", ic.name))?;
@@ -384,6 +385,12 @@ fn session(id: u64, streams: Vec<Admitted>, d: &Daemon) -> Result<String> {
                 Ok(r) => r,
                 Err(e) => return refuse(t.as_mut(), format!("bad disk request: {e}")),
             };
+            // Over the network, only what a snapshot needs: moving a disk stays with whoever
+            // holds its control socket.
+            use livemig_storage::cli::control::Request as R;
+            if !matches!(r, R::Clone(_) | R::Commit(_) | R::Status) {
+                return refuse(t.as_mut(), "through the daemon a disk takes clone, commit and status only".into());
+            }
             reply(t.as_mut(), &OpenReply::Opened { session: id })?;
             let answer = livemig_storage::cli::control::handle(&r, &s.source, s.snapshots.as_deref());
             t.send_message(&serde_json::to_vec(&answer).expect("JSON serialises")).context("sending the answer")?;

@@ -99,11 +99,13 @@ pub enum OpenError {
         /// Page size.
         page_size: u64,
     },
-    /// `after_s` outside 0..=3600.
+    /// A disk-control request without its disk or request, or with memory; or another
+    /// service with them.
     #[error(
         "a disk-control request names a disk (at most 128 bytes) and a request, and no memory; other services neither"
     )]
     Control,
+    /// `after_s` outside 0..=3600.
     #[error("after_s {0} must be between 0 and 3600")]
     After(f64),
 }

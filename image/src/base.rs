@@ -68,6 +68,15 @@ impl Base for RepoBase {
         self.manifest.size
     }
 
+    fn identity(&self) -> Option<Vec<u8>> {
+        // The content, not the name: every chunk's checksum (zero chunks as zeros).
+        let mut h = Vec::with_capacity(self.manifest.len() * 32);
+        for c in &self.manifest.chunks {
+            h.extend_from_slice(&c.map(|r| r.sum.0).unwrap_or([0; 32]));
+        }
+        Some(crate::manifest::Sum::of(&h).0.to_vec())
+    }
+
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()> {
         let t = std::time::Instant::now();
         let r = self.read_into(offset, buf);

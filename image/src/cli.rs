@@ -206,6 +206,10 @@ pub struct ServeArgs {
     pub control: Option<PathBuf>,
     #[command(flatten)]
     pub repo: RepoArg,
+    /// Serve whatever image the local file is bound to, even if that is not `image` (a
+    /// daemon whose instances were cloned since its configuration was written).
+    #[arg(skip)]
+    pub follow_binding: bool,
 }
 
 fn bar(len: u64, hide: bool, what: &str) -> ProgressBar {
@@ -384,11 +388,14 @@ fn open_bound(
     name: &str,
     ver: Option<u32>,
     fetched: &Arc<FetchStats>,
+    follow: bool,
 ) -> Result<(Mirror, Manifest)> {
     let bound = load_binding(local)?;
     let m = match &bound {
         Some(b) => {
-            if b.image.name != name || ver.is_some_and(|v| v != b.image.version) {
+            if follow && b.image.name != name {
+                eprintln!("{}: serving {}, which it is bound to (configured: {name})", local.display(), b.image);
+            } else if b.image.name != name || ver.is_some_and(|v| v != b.image.version) {
                 bail!(
                     "{} holds the local state of {}; serve {} (or {}) from it, or give another --local",
                     local.display(),
@@ -431,10 +438,16 @@ fn commit_mirror(
     let frozen = mirror.freeze()?;
     let mods = frozen.modified();
     let (m, s) = repo.commit(cur, &mods, &mut |c, buf| frozen.read_chunk(c, buf).map_err(|e| e.to_string()))?;
-    // A crash from here on leaves at worst the same changes committed again as a later
-    // version: the binding moves before the chunks are marked clean.
-    save_binding(local, &Binding { repo: repo.url().to_string(), image: m.id() })?;
-    frozen.finish(Box::new(RepoBase::new(repo.clone(), m.clone(), fetched.clone())))?;
+    // The version is published: whatever fails from here on is reported, and the disk moves
+    // on to it regardless (else every later commit would conflict with it). A crash from here
+    // on leaves at worst the same changes committed again as a later version: the binding
+    // moves before the chunks are marked clean.
+    if let Err(e) = save_binding(local, &Binding { repo: repo.url().to_string(), image: m.id() }) {
+        tracing::warn!(error = %format!("{e:#}"), image = %m.id(), "committed, but the binding was not saved");
+    }
+    if let Err(e) = frozen.finish(Box::new(RepoBase::new(repo.clone(), m.clone(), fetched.clone()))) {
+        tracing::warn!(error = %e, image = %m.id(), "committed, but the disk state was not saved");
+    }
     Ok((m, s))
 }
 
@@ -494,7 +507,7 @@ pub fn start_serve(a: &ServeArgs) -> Result<(livemig_storage::cli::Served, Arc<F
     let (name, ver) = parse_ref(&a.image).map_err(anyhow::Error::msg)?;
     let repo = Arc::new(a.repo.open()?);
     let fetched = Arc::new(FetchStats::default());
-    let (mirror, m) = open_bound(&repo, &a.local, &name, ver, &fetched)?;
+    let (mirror, m) = open_bound(&repo, &a.local, &name, ver, &fetched, a.follow_binding)?;
     let inst = Arc::new(Instance { repo, local: a.local.clone(), current: Mutex::new(m), fetched: fetched.clone() });
     let args = DiskServeArgs {
         file: a.local.clone(),
@@ -612,7 +625,7 @@ pub fn run_commit(a: &CommitArgs) -> Result<()> {
     }
     let repo = Arc::new(a.repo.open()?);
     let fetched = Arc::new(FetchStats::default());
-    let (mirror, cur) = open_bound(&repo, local, &name, None, &fetched)?;
+    let (mirror, cur) = open_bound(&repo, local, &name, None, &fetched, false)?;
     let t = Instant::now();
     let (_, s) = commit_mirror(&repo, &cur, &mirror, local, &fetched)?;
     let mut r = serde_json::to_value(&s).expect("a summary serialises");

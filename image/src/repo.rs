@@ -327,8 +327,12 @@ impl Repo {
         if !self.versions(name)?.is_empty() {
             return Err(RepoError::NameTaken(name.to_string()));
         }
-        let f = File::open(file).map_err(io_err("opening", file))?;
-        let size = f.metadata().map_err(io_err("reading the size of", file))?.len();
+        let mut f = File::open(file).map_err(io_err("opening", file))?;
+        // Seeking to the end sizes block devices too (their metadata says 0).
+        let size = std::io::Seek::seek(&mut f, std::io::SeekFrom::End(0)).map_err(io_err("sizing", file))?;
+        if size == 0 {
+            return Err(RepoError::Invalid(format!("{} is empty", file.display())));
+        }
         let mut m = Manifest {
             format: FORMAT,
             name: name.to_string(),
@@ -416,7 +420,10 @@ impl Repo {
         chunks: &[usize],
         read: &mut ChunkSource<'_>,
     ) -> Result<(Manifest, WriteSummary), RepoError> {
-        let next = VersionRef { name: base.name.clone(), version: base.version + 1 };
+        let Some(version) = base.version.checked_add(1) else {
+            return Err(RepoError::Invalid(format!("{} is the last version there can be", base.id())));
+        };
+        let next = VersionRef { name: base.name.clone(), version };
         if self.versions(&base.name)?.last().is_some_and(|&v| v > base.version) {
             return Err(RepoError::Conflict(next));
         }

@@ -11,6 +11,11 @@ pub trait Base: Send + Sync + std::fmt::Debug {
     fn size(&self) -> u64;
     /// Fills `buf` from `offset` (the caller keeps within `size`).
     fn read_at(&self, offset: u64, buf: &mut [u8]) -> std::io::Result<()>;
+    /// What identifies the base's whole content, where it is known without reading it (an
+    /// image version's chunk checksums); none for a plain file.
+    fn identity(&self) -> Option<Vec<u8>> {
+        None
+    }
 }
 
 /// A local image file.

@@ -141,6 +141,15 @@ impl Mirror {
             .truncate(false)
             .open(path)
             .map_err(local_err("opening"))?;
+        // One process at a time: two mirrors of one file would each fill and commit over the
+        // other's acknowledged writes. The lock goes with the descriptor.
+        // SAFETY: flock on our own open descriptor; no memory is passed.
+        if unsafe { libc::flock(std::os::fd::AsRawFd::as_raw_fd(&local), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            return Err(DiskError::Local {
+                op: "locking (another process serves or commits this file)",
+                source: std::io::Error::last_os_error(),
+            });
+        }
         let map = if existing && meta.exists() {
             let m = load_meta(&meta)?;
             if m.size() != size {
@@ -271,9 +280,9 @@ impl Mirror {
         Ok(out)
     }
 
-    /// A fingerprint of the base (its size and the hash of its first and last MiB), so two
-    /// hosts can tell they mirror the same image without reading it whole; 0 for a plain
-    /// disk.
+    /// A fingerprint of the base (its size, its identity if it has one, and the hash of its
+    /// first and last MiB), so two hosts can tell they mirror the same image without reading
+    /// it whole; 0 for a plain disk.
     pub fn base_fingerprint(&self) -> Result<u64, DiskError> {
         let Some(b) = &self.base else { return Ok(0) };
         let b = b.read().unwrap_or_else(|e| e.into_inner());
@@ -281,6 +290,12 @@ impl Mirror {
         let n = size.min(1 << 20);
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         h.update(&size.to_le_bytes());
+        // A base that knows its whole content (a repository version) says so: two versions that
+        // differ only in the middle must not pass for the same base.
+        if let Some(id) = b.identity() {
+            h.update(b"identity");
+            h.update(&id);
+        }
         let mut buf = vec![0u8; n as usize];
         for at in [0, size - n] {
             b.read_at(at, &mut buf).map_err(|source| DiskError::Base { offset: at, len: n, source })?;
