@@ -83,6 +83,26 @@ impl ServeArgs {
 }
 
 /// What every thread of the daemon shares.
+/// How the daemon exports a configured disk or image.
+fn export_args(
+    cfg: &DaemonConfig,
+    socket: Option<PathBuf>,
+    listen: Option<String>,
+    name: String,
+    read_only: bool,
+    control: Option<PathBuf>,
+) -> livemig_storage::cli::ExportArgs {
+    livemig_storage::cli::ExportArgs {
+        socket,
+        listen,
+        name,
+        read_only,
+        max_connections: 64,
+        io_timeout: cfg.io_timeout_s,
+        control,
+    }
+}
+
 #[derive(Debug)]
 struct Daemon {
     cfg: DaemonConfig,
@@ -160,13 +180,14 @@ pub fn run(a: &ServeArgs) -> Result<()> {
             base: dc.base.clone(),
             base_dir: dc.base_dir.clone(),
             chunk_size: dc.chunk_size,
-            socket: dc.socket.clone(),
-            listen: dc.listen.clone(),
-            name: dc.name.clone(),
-            read_only: dc.read_only,
-            max_connections: 64,
-            io_timeout: d.cfg.io_timeout_s,
-            control: dc.control.clone(),
+            export: export_args(
+                &d.cfg,
+                dc.socket.clone(),
+                dc.listen.clone(),
+                dc.name.clone(),
+                dc.read_only,
+                dc.control.clone(),
+            ),
         };
         let s =
             livemig_storage::cli::start(&args).with_context(|| format!("serving the disk {}", dc.file.display()))?;
@@ -177,13 +198,14 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         let args = livemig_image::cli::ServeArgs {
             image: ic.image.clone(),
             local: ic.local.clone(),
-            socket: ic.socket.clone(),
-            listen: ic.listen.clone(),
-            name: ic.name.clone(),
-            read_only: ic.read_only,
-            max_connections: 64,
-            io_timeout: d.cfg.io_timeout_s,
-            control: ic.control.clone(),
+            export: export_args(
+                &d.cfg,
+                ic.socket.clone(),
+                ic.listen.clone(),
+                ic.name.clone(),
+                ic.read_only,
+                ic.control.clone(),
+            ),
             repo: livemig_image::cli::RepoArg { repo: ic.repo.clone() },
             follow_binding: true,
         };

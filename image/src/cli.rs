@@ -14,13 +14,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use livemig_storage::cli::control::{self, CloneRequest, Request, Snapshots};
-use livemig_storage::cli::DiskServeArgs;
+use livemig_storage::cli::ExportArgs as NbdExportArgs;
 use livemig_storage::live::source::SourceDisk;
 use livemig_storage::mirror::Mirror;
 
 use crate::base::{FetchStats, RepoBase};
 use crate::manifest::{parse_ref, Manifest, VersionRef};
-use crate::repo::{Repo, WriteSummary, DEFAULT_CHUNK};
+use crate::repo::{Repo, WriteSummary};
 
 /// Where the repository is.
 #[derive(Debug, Clone, clap::Args)]
@@ -182,28 +182,10 @@ pub struct ServeArgs {
     /// state and binding are kept beside it, so a restart takes up where it stopped).
     #[arg(long, value_name = "FILE")]
     pub local: PathBuf,
-    /// Serve on this unix socket.
-    #[arg(long, value_name = "PATH", conflicts_with = "listen", required_unless_present = "listen")]
-    pub socket: Option<PathBuf>,
-    /// Serve on this TCP address (port 0 picks one; printed at start).
-    #[arg(long, value_name = "ADDR")]
-    pub listen: Option<String>,
-    /// Export name (clients may also ask for "").
-    #[arg(long, default_value = "")]
-    pub name: String,
-    /// Refuse writes.
-    #[arg(long)]
-    pub read_only: bool,
-    /// Most connections served at once.
-    #[arg(long, default_value_t = 64)]
-    pub max_connections: usize,
-    /// Seconds a client may take to negotiate or to send a request's payload.
-    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 30.0)]
-    pub io_timeout: f64,
-    /// Control socket (mode 0600): `livemig image clone|commit --control`, and the
-    /// `livemig disk migrate|status|…` requests of `disk serve`.
-    #[arg(long, value_name = "PATH")]
-    pub control: Option<PathBuf>,
+    /// Where and how it is exported; its control socket also takes `image clone|commit
+    /// --control`.
+    #[command(flatten)]
+    pub export: NbdExportArgs,
     #[command(flatten)]
     pub repo: RepoArg,
     /// Serve whatever image the local file is bound to, even if that is not `image` (a
@@ -509,20 +491,8 @@ pub fn start_serve(a: &ServeArgs) -> Result<(livemig_storage::cli::Served, Arc<F
     let fetched = Arc::new(FetchStats::default());
     let (mirror, m) = open_bound(&repo, &a.local, &name, ver, &fetched, a.follow_binding)?;
     let inst = Arc::new(Instance { repo, local: a.local.clone(), current: Mutex::new(m), fetched: fetched.clone() });
-    let args = DiskServeArgs {
-        file: a.local.clone(),
-        base: None,
-        base_dir: None,
-        chunk_size: DEFAULT_CHUNK as u64,
-        socket: a.socket.clone(),
-        listen: a.listen.clone(),
-        name: a.name.clone(),
-        read_only: a.read_only,
-        max_connections: a.max_connections,
-        io_timeout: a.io_timeout,
-        control: a.control.clone(),
-    };
-    Ok((livemig_storage::cli::start_with(&args, mirror, Some(inst))?, fetched))
+    let description = format!("livemig disk {}", a.local.display());
+    Ok((livemig_storage::cli::start_with(&a.export, description, mirror, Some(inst))?, fetched))
 }
 
 /// `livemig image serve`: prints `listening ADDR|PATH nbd IMAGE` first on stdout, serves

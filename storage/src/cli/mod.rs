@@ -32,6 +32,14 @@ pub struct DiskServeArgs {
     /// Chunk size of a new mirror.
     #[arg(long, value_parser = livemig_app::args::parse_size, default_value = "256K")]
     pub chunk_size: u64,
+    #[command(flatten)]
+    pub export: ExportArgs,
+}
+
+/// How a disk is exported: where, under what name, with what limits, and its control socket
+/// (shared by `disk serve`, `image serve` and the daemon).
+#[derive(Debug, Clone, clap::Args)]
+pub struct ExportArgs {
     /// Serve on this unix socket (removed first if it is a stale socket).
     #[arg(long, value_name = "PATH", conflicts_with = "listen", required_unless_present = "listen")]
     pub socket: Option<PathBuf>,
@@ -75,7 +83,7 @@ fn open_disk(a: &DiskServeArgs) -> Result<Mirror> {
         None => {
             let f = std::fs::OpenOptions::new()
                 .read(true)
-                .write(!a.read_only)
+                .write(!a.export.read_only)
                 .open(&a.file)
                 .with_context(|| format!("opening {}", a.file.display()))?;
             Ok(Mirror::plain(f)?)
@@ -206,18 +214,22 @@ impl Served {
 /// Opens the disk and starts serving it on `a.socket` or `a.listen` (threads of their own),
 /// and the control socket if asked.
 pub fn start(a: &DiskServeArgs) -> Result<Served> {
-    start_with(a, open_disk(a)?, None)
+    start_with(&a.export, format!("livemig disk {}", a.file.display()), open_disk(a)?, None)
 }
 
-/// Serves `disk` (opened by the caller; `a.file`, `a.base` and `a.chunk_size` are not
-/// looked at) as [`start`] does, with `snapshots` behind the control socket's `clone` and
-/// `commit`.
-pub fn start_with(a: &DiskServeArgs, disk: Mirror, snapshots: Option<Arc<dyn control::Snapshots>>) -> Result<Served> {
+/// Serves `disk` (opened by the caller) as [`start`] does, exported as `a` says, with
+/// `snapshots` behind the control socket's `clone` and `commit`.
+pub fn start_with(
+    a: &ExportArgs,
+    description: String,
+    disk: Mirror,
+    snapshots: Option<Arc<dyn control::Snapshots>>,
+) -> Result<Served> {
     let disk = Arc::new(disk);
     let source = Arc::new(SourceDisk::new(disk.clone()));
     let export = Arc::new(Export {
         name: a.name.clone(),
-        description: format!("livemig disk {}", a.file.display()),
+        description,
         disk: source.clone(),
         read_only: a.read_only,
         io_timeout: Duration::from_secs_f64(a.io_timeout),
