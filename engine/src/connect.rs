@@ -166,6 +166,10 @@ fn verbs_config(opts: &TransportOptions) -> livemig_transport::verbs::VerbsConfi
             },
             None => RegistrationMode::PinAll,
         },
+        // The session's shape follows the TCP settings: an urgent channel and byte channels
+        // are a queue pair each on verbs.
+        urgent_channel: opts.tcp.urgent_stream,
+        byte_streams: opts.tcp.byte_streams,
         ..Default::default()
     }
 }

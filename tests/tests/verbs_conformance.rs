@@ -206,3 +206,100 @@ fn verbs_throughput_report() {
         .as_bytes(),
     );
 }
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+#[test]
+fn verbs_urgent_pages_during_bulk() {
+    if !run("verbs_urgent_pages_during_bulk") {
+        return;
+    }
+    // The urgent channel is a queue pair of its own: demand requests and their pages while
+    // the bulk queue pair streams. Latencies are printed, not asserted (TCG varies).
+    let c = VerbsConfig { urgent_channel: true, ..cfg() };
+    let mut t = conf::urgent_pages_during_bulk(&pair(c), 8 << 20, 200);
+    t.sort();
+    let _ = std::io::stderr().write_all(
+        format!(
+            "VERBS_URGENT pages=4096B requests={} p50_us={} p99_us={} max_us={} (during bulk writes)\n",
+            t.len(),
+            percentile(&t, 0.5).as_micros(),
+            percentile(&t, 0.99).as_micros(),
+            t.last().unwrap().as_micros()
+        )
+        .as_bytes(),
+    );
+    let busy = VerbsConfig { urgent_channel: true, completion: CompletionMode::BusyPoll, ..cfg() };
+    conf::urgent_pages_during_bulk(&pair(busy), 4 << 20, 50);
+}
+
+#[test]
+fn verbs_no_urgent_or_byte_channel_unless_asked() {
+    if !run("verbs_no_urgent_or_byte_channel_unless_asked") {
+        return;
+    }
+    let r = conf::regions(1 << 20);
+    let (mut a, mut b) = pair(cfg())(&r.src_table, &r.dst_table);
+    assert!(matches!(a.urgent(), Err(TransportError::Unsupported(_))));
+    assert!(matches!(b.urgent(), Err(TransportError::Unsupported(_))));
+    assert!(matches!(a.byte_channel(0), Err(TransportError::Unsupported(_))));
+    assert!(matches!(b.byte_channel(0), Err(TransportError::Unsupported(_))));
+}
+
+#[test]
+fn verbs_regions_exposed_mid_session() {
+    if !run("verbs_regions_exposed_mid_session") {
+        return;
+    }
+    conf::regions_exposed_mid_session(&pair(VerbsConfig { urgent_channel: true, ..cfg() }));
+    conf::regions_exposed_mid_session(&pair(cfg()));
+    let od = VerbsConfig {
+        registration: RegistrationMode::OnDemand { chunk_size: std::num::NonZeroU64::new(64 << 10).unwrap() },
+        urgent_channel: true,
+        ..cfg()
+    };
+    conf::regions_exposed_mid_session(&pair(od));
+}
+
+#[test]
+fn verbs_byte_channels_beside_bulk() {
+    if !run("verbs_byte_channels_beside_bulk") {
+        return;
+    }
+    // 6 MiB on channel 0: more than the 4 MiB message cap, in 64 KiB SENDs.
+    let c = VerbsConfig { byte_streams: 2, urgent_channel: true, ..cfg() };
+    let t0 = Instant::now();
+    conf::byte_channels_beside_bulk(&pair(c.clone()), 6 << 20);
+    let _ = std::io::stderr().write_all(
+        format!("VERBS_BYTES 6 MiB + 1 MiB both ways beside 8 MiB of bulk writes in {:?}\n", t0.elapsed()).as_bytes(),
+    );
+    let r = conf::regions(1 << 20);
+    let (mut a, _b) = pair(c)(&r.src_table, &r.dst_table);
+    assert!(matches!(a.byte_channel(2), Err(TransportError::Unsupported(_))), "no third channel");
+}
+
+#[test]
+fn verbs_byte_channel_far_end_dropped_ends_the_stream() {
+    if !run("verbs_byte_channel_far_end_dropped_ends_the_stream") {
+        return;
+    }
+    // The far end drops its channel (and its session) mid-stream: the reader here sees the
+    // stream end, no hang.
+    use std::io::Read;
+    let c = VerbsConfig { byte_streams: 1, io_timeout: Duration::from_secs(10), ..cfg() };
+    let r = conf::regions(1 << 20);
+    let (mut a, mut b) = pair(c)(&r.src_table, &r.dst_table);
+    let mut ch_a = a.byte_channel(0).unwrap();
+    let ch_b = b.byte_channel(0).unwrap();
+    ch_a.write_all(b"first bytes").unwrap();
+    drop(ch_b);
+    drop(b);
+    ch_a.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let t0 = Instant::now();
+    let mut rest = Vec::new();
+    ch_a.read_to_end(&mut rest).expect("the stream ends");
+    assert!(t0.elapsed() < Duration::from_secs(30), "the reader waited for the whole read timeout");
+    assert!(rest.is_empty(), "nothing was sent back");
+}

@@ -217,3 +217,117 @@ pub fn urgent_pages_during_bulk(connect: Connect<'_>, len: u64, requests: usize)
     drop(rx);
     times
 }
+
+/// A region exposed after the handshake (a disk, a second guest region): once the peer has
+/// read a message sent after the announcement, it can write the region with bulk writes
+/// and, when the session has an urgent channel, with urgent writes; both land, and both are
+/// bounds-checked like any exposed region. An id is registered once.
+pub fn regions_exposed_mid_session(connect: Connect<'_>) {
+    let rg = regions(1 << 20);
+    let (mut a, mut b) = connect(&rg.src_table, &rg.dst_table);
+    assert_eq!(a.peer_regions().len(), 1);
+    // The receiver adds a region and tells the sender.
+    let disk = Arc::new(Region::memfd(7, 256 << 10, 4096, crate::Access::REMOTE_WRITE).expect("memfd region"));
+    let _reg = b.expose(disk.clone()).expect("expose");
+    assert!(matches!(b.expose(disk.clone()), Err(TransportError::Register(_))), "an id is registered once");
+    b.send_message(b"disk 7 is exposed").expect("message");
+    assert_eq!(
+        a.recv_message(Some(Duration::from_secs(20))).expect("receive").as_deref(),
+        Some(&b"disk 7 is exposed"[..])
+    );
+    assert!(a.peer_regions().iter().any(|r| r.id == 7 && r.len == 256 << 10 && r.access.remote_write));
+    rg.src.write_at(0, &[0x5a; 8192]);
+    let seg = [Segment { offset: 0, len: 8192 }];
+    a.post_writes(&[WriteRequest { local: 1, segments: &seg, remote: 7, remote_offset: 4096 }]).expect("write");
+    a.flush().expect("flush");
+    let mut got = vec![0u8; 8192];
+    disk.read_at(4096, &mut got);
+    assert!(got.iter().all(|&x| x == 0x5a), "bulk write into the new region");
+    // Still bounds-checked like any exposed region.
+    let w = WriteRequest { local: 1, segments: &seg, remote: 7, remote_offset: 250 << 10 };
+    assert!(matches!(a.post_writes(&[w]), Err(TransportError::RemoteRange { .. })));
+    if let (Ok(ua), Ok(ub)) = (a.urgent(), b.urgent()) {
+        rg.src.write_at(65536, &[0xc3; 4096]);
+        let seg = [Segment { offset: 65536, len: 4096 }];
+        ua.post_write(&WriteRequest { local: 1, segments: &seg, remote: 7, remote_offset: 128 << 10 })
+            .expect("urgent write into the new region");
+        match ub.recv(Some(Duration::from_secs(20))).expect("urgent recv") {
+            Some(crate::UrgentEvent::Placed { region, offset, len }) => {
+                assert_eq!((region, offset, len), (7, 128 << 10, 4096));
+            }
+            other => panic!("expected a placement, got {other:?}"),
+        }
+        let mut got = vec![0u8; 4096];
+        disk.read_at(128 << 10, &mut got);
+        assert!(got.iter().all(|&x| x == 0xc3), "urgent write into the new region");
+        let past = WriteRequest { local: 1, segments: &seg, remote: 7, remote_offset: 254 << 10 };
+        assert!(matches!(ua.post_write(&past), Err(TransportError::RemoteRange { .. })));
+    }
+}
+
+/// Byte-stream channels (the session has at least two): raw bytes both ways at once, far
+/// beyond the message cap when `big` is, beside bulk writes; one direction ends cleanly; the
+/// channel is taken once; the descriptor takes a zero-copy `splice` as a carrier's relay
+/// does.
+pub fn byte_channels_beside_bulk(connect: Connect<'_>, big: usize) {
+    use std::io::{Read, Write};
+    let rg = regions(8 << 20);
+    let (mut a, mut b) = connect(&rg.src_table, &rg.dst_table);
+    let (mut a0, mut b0) = (a.byte_channel(0).expect("channel 0"), b.byte_channel(0).expect("channel 0"));
+    let (mut a1, mut b1) = (a.byte_channel(1).expect("channel 1"), b.byte_channel(1).expect("channel 1"));
+    assert!(matches!(a.byte_channel(0), Err(TransportError::Unsupported(_))), "taken once");
+    let big: Vec<u8> = (0..big as u32).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    let small: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::thread::scope(|s| {
+        // A → B on channel 0, then end of stream.
+        s.spawn(|| {
+            a0.write_all(&big).expect("write channel 0");
+            a0.shutdown_write().expect("end channel 0");
+        });
+        let got0 = s.spawn(|| {
+            let mut v = Vec::new();
+            b0.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+            b0.read_to_end(&mut v).expect("read channel 0");
+            v
+        });
+        // B → A on channel 1, at the same time.
+        s.spawn(|| b1.write_all(&small).expect("write channel 1"));
+        let got1 = s.spawn(|| {
+            let mut v = vec![0u8; small.len()];
+            a1.set_read_timeout(Some(Duration::from_secs(60))).expect("timeout");
+            a1.read_exact(&mut v).expect("read channel 1");
+            v
+        });
+        // Bulk writes on the session meanwhile.
+        let mut all = PageBitmap::new(2048);
+        all.set_range(0, 2048);
+        fill_pages(&rg.src, &all, 9);
+        let co = Coalescer::new(CoalesceConfig::default()).expect("coalescer");
+        send_bitmap(a.as_mut(), &co, &all).expect("bulk");
+        a.flush().expect("flush");
+        assert!(got0.join().expect("reader 0") == big, "channel 0 bytes");
+        assert!(got1.join().expect("reader 1") == small, "channel 1 bytes");
+    });
+    let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
+    rg.src.read_at(4096 * 77, &mut x);
+    rg.dst.read_at(4096 * 77, &mut y);
+    assert_eq!(x, y, "bulk data beside the channels");
+    // The descriptor is a socket a caller can splice into, as a carrier does.
+    let fd = b1.raw_fd().expect("a channel has a descriptor");
+    let mut p = [0; 2];
+    let msg = b"spliced, not copied";
+    // SAFETY: raw calls on descriptors this function owns (a fresh pipe) or borrows for the
+    // call (the channel's socket); the buffer outlives the calls.
+    unsafe {
+        assert_eq!(libc::pipe(p.as_mut_ptr()), 0);
+        assert_eq!(libc::write(p[1], msg.as_ptr().cast(), msg.len()), msg.len() as isize);
+        let n = libc::splice(p[0], std::ptr::null_mut(), fd, std::ptr::null_mut(), msg.len(), 0);
+        assert_eq!(n, msg.len() as isize);
+        libc::close(p[0]);
+        libc::close(p[1]);
+    }
+    let mut got = [0u8; 19];
+    a1.read_exact(&mut got).expect("spliced bytes");
+    assert_eq!(&got, msg);
+    drop((a, b));
+}

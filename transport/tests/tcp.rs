@@ -501,32 +501,12 @@ fn urgent_frame_on_a_bulk_stream_is_refused() {
     assert!(matches!(e, TransportError::Protocol(_)), "{e}");
 }
 
-/// A region exposed after the handshake (a disk, a second guest region): once the peer has
-/// read a message sent after the announcement, it can write the region, and the bytes land.
+/// A region exposed after the handshake (a disk, a second guest region): bulk and urgent
+/// writes reach it once the peer has read a later message.
 #[test]
 fn regions_exposed_mid_session() {
-    use livemig_transport::{Access, Region};
-    use std::sync::Arc;
-    let rg = conf::regions(1 << 20);
-    let (mut a, mut b) = pair(2)(&rg.src_table, &rg.dst_table);
-    assert_eq!(a.peer_regions().len(), 1);
-    // The receiver adds a region and tells the sender.
-    let disk = Arc::new(Region::memfd(7, 256 << 10, 4096, Access::REMOTE_WRITE).unwrap());
-    let _reg = b.expose(disk.clone()).unwrap();
-    assert!(matches!(b.expose(disk.clone()), Err(TransportError::Register(_))), "an id is registered once");
-    b.send_message(b"disk 7 is exposed").unwrap();
-    assert_eq!(a.recv_message(Some(Duration::from_secs(5))).unwrap().as_deref(), Some(&b"disk 7 is exposed"[..]));
-    assert!(a.peer_regions().iter().any(|r| r.id == 7 && r.len == 256 << 10 && r.access.remote_write));
-    rg.src.write_at(0, &[0x5a; 8192]);
-    let seg = [Segment { offset: 0, len: 8192 }];
-    a.post_writes(&[WriteRequest { local: 1, segments: &seg, remote: 7, remote_offset: 4096 }]).unwrap();
-    a.flush().unwrap();
-    let mut got = vec![0u8; 8192];
-    disk.read_at(4096, &mut got);
-    assert!(got.iter().all(|&x| x == 0x5a));
-    // Still bounds-checked like any exposed region.
-    let w = WriteRequest { local: 1, segments: &seg, remote: 7, remote_offset: 250 << 10 };
-    assert!(matches!(a.post_writes(&[w]), Err(TransportError::RemoteRange { .. })));
+    conf::regions_exposed_mid_session(&pair_with(urgent_cfg(2)));
+    conf::regions_exposed_mid_session(&pair(1));
 }
 
 /// A peer that re-announces an id it already exposed is refused: ids are never redefined.
@@ -552,65 +532,9 @@ fn a_region_announced_twice_is_refused() {
 /// bulk writes; one direction ends cleanly; the descriptor takes a zero-copy splice.
 #[test]
 fn byte_channels_carry_raw_streams_beside_bulk() {
-    use std::os::fd::RawFd;
     let c = TcpConfig { byte_streams: 2, ..cfg(1) };
-    let rg = conf::regions(8 << 20);
-    let (mut a, mut b) = pair_with(c)(&rg.src_table, &rg.dst_table);
-    let (mut a0, mut b0) = (a.byte_channel(0).unwrap(), b.byte_channel(0).unwrap());
-    let (mut a1, mut b1) = (a.byte_channel(1).unwrap(), b.byte_channel(1).unwrap());
-    assert!(matches!(a.byte_channel(0), Err(TransportError::Unsupported(_))), "taken once");
+    conf::byte_channels_beside_bulk(&pair_with(c.clone()), 24 << 20);
+    let rg = conf::regions(1 << 20);
+    let (mut a, _b) = pair_with(c)(&rg.src_table, &rg.dst_table);
     assert!(matches!(a.byte_channel(2), Err(TransportError::Unsupported(_))), "no third channel");
-    let big: Vec<u8> = (0..(24u32 << 20)).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
-    let small: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
-    std::thread::scope(|s| {
-        // A → B on channel 0: 24 MiB (six times the message cap), then end of stream.
-        s.spawn(|| {
-            a0.write_all(&big).unwrap();
-            a0.shutdown_write().unwrap();
-        });
-        let got0 = s.spawn(|| {
-            let mut v = Vec::new();
-            b0.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
-            b0.read_to_end(&mut v).unwrap();
-            v
-        });
-        // B → A on channel 1, at the same time.
-        s.spawn(|| b1.write_all(&small).unwrap());
-        let got1 = s.spawn(|| {
-            let mut v = vec![0u8; small.len()];
-            a1.read_exact(&mut v).unwrap();
-            v
-        });
-        // Bulk writes on the session meanwhile.
-        let mut all = livemig_transport::PageBitmap::new(2048);
-        all.set_range(0, 2048);
-        conf::fill_pages(&rg.src, &all, 9);
-        let co = livemig_transport::Coalescer::new(livemig_transport::CoalesceConfig::default()).unwrap();
-        conf::send_bitmap(a.as_mut(), &co, &all).unwrap();
-        a.flush().unwrap();
-        assert!(got0.join().unwrap() == big, "channel 0 bytes");
-        assert!(got1.join().unwrap() == small, "channel 1 bytes");
-    });
-    let (mut x, mut y) = (vec![0u8; 4096], vec![0u8; 4096]);
-    rg.src.read_at(4096 * 77, &mut x);
-    rg.dst.read_at(4096 * 77, &mut y);
-    assert_eq!(x, y, "bulk data beside the channels");
-    // The descriptor is a socket a caller can splice into, as a carrier does.
-    let fd: RawFd = b1.raw_fd().expect("a TCP channel has a descriptor");
-    let mut p = [0; 2];
-    // SAFETY: test-only raw calls on descriptors this test owns: a fresh pipe and the
-    // channel's socket; the buffer outlives the calls.
-    unsafe {
-        assert_eq!(libc::pipe(p.as_mut_ptr()), 0);
-        let msg = b"spliced, not copied";
-        assert_eq!(libc::write(p[1], msg.as_ptr().cast(), msg.len()), msg.len() as isize);
-        let n = libc::splice(p[0], std::ptr::null_mut(), fd, std::ptr::null_mut(), msg.len(), 0);
-        assert_eq!(n, msg.len() as isize);
-        libc::close(p[0]);
-        libc::close(p[1]);
-    }
-    let mut got = [0u8; 19];
-    a1.read_exact(&mut got).unwrap();
-    assert_eq!(&got, b"spliced, not copied");
-    drop((a, b));
 }

@@ -1,5 +1,37 @@
-//! RDMA verbs backend: RDMA WRITE over one RC queue pair per connection (rdma-core through
-//! `rdma-sys`).
+//! RDMA verbs backend: RDMA WRITE over RC queue pairs (rdma-core through `rdma-sys`).
+//!
+//! # Sessions: a queue pair per traffic class
+//!
+//! A session is one connection for bulk writes and control messages, plus, when the
+//! connector asks ([`VerbsConfig::urgent_channel`], [`VerbsConfig::byte_streams`]), one for
+//! the urgent channel and one per byte channel. Each connection is a queue pair of its own
+//! with its own out-of-band TCP socket, device context, protection domain and registrations
+//! (an exposed region is registered once per connection that may write it: the bulk and the
+//! urgent one), authenticated like any other and bound to the session by the HELLO's session
+//! id; the acceptor assembles the session ([`crate::SessionAssembler`]) before it sets up any
+//! queue pair, then both ends set them up in the same order. So a demand request and its
+//! page never wait behind bulk writes in a send queue — the device serves queue pairs
+//! independently — and a byte stream never waits behind either.
+//!
+//! - **Urgent channel** (`transport/urgent.rs`): the queue pair behind a lock, usable from any
+//!   thread. An urgent write is an RDMA WRITE followed on the same queue pair by a SEND
+//!   naming the range ([`ctrl::UrgentMsg::Placed`]): RC executes the SEND only after the
+//!   WRITE is placed, so when the receiver reads it the bytes are there. The receiver checks
+//!   the named range against what it exposed. A thread waiting in
+//!   [`crate::UrgentChannel::recv`] sleeps on the descriptors without holding the lock (in
+//!   slices of a few ms, so a wake-up another thread consumed costs one slice at most), so
+//!   other threads keep sending meanwhile.
+//! - **Byte channels** (`transport/bytes.rs`): a pump thread moves bytes between the queue
+//!   pair (SENDs of up to one 64 KiB receive buffer, with the backend's credit flow control
+//!   as back-pressure) and one end of a unix socket pair; the caller gets the other end, so
+//!   it can `splice` to and from it as with a TCP channel. End of stream is a message of its
+//!   own ([`ctrl::BytesMsg::End`]), one direction at a time.
+//! - **Regions exposed after the handshake** ([`crate::Transport::expose`]): registered on
+//!   the bulk and urgent connections and announced on each (a [`ctrl::KIND_REGIONS`]
+//!   fragment); the urgent announcement is settled (its SEND completed, so it sits in the
+//!   peer's receive queue) before the bulk one is sent, and an urgent write to a region it
+//!   does not know yet first reads what arrived on its queue pair. So once the peer has read
+//!   a message sent after `expose`, both of its queue pairs can write the region.
 //!
 //! # Connection setup (out of band, over TCP)
 //!
@@ -139,6 +171,12 @@ pub struct VerbsConfig {
     /// Limits on connections that have not authenticated yet (listener side), and the
     /// handshake deadline (both sides).
     pub gate: crate::GateConfig,
+    /// Connector: open the session's urgent channel, a queue pair of its own (the acceptor
+    /// follows the connector).
+    pub urgent_channel: bool,
+    /// Connector: byte-stream channels to open, a queue pair each (at most
+    /// `wire::MAX_BYTE_STREAMS`; the acceptor follows the connector).
+    pub byte_streams: u8,
 }
 
 impl Default for VerbsConfig {
@@ -157,6 +195,8 @@ impl Default for VerbsConfig {
             max_sge: NonZeroU32::new(32).expect("non-zero"),
             io_timeout: Duration::from_secs(20),
             gate: crate::GateConfig::default(),
+            urgent_channel: false,
+            byte_streams: 0,
         }
     }
 }

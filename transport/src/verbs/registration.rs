@@ -191,26 +191,43 @@ impl MrCache {
             if !(pin_all || remote(r)) {
                 continue;
             }
-            let access = match (r.access().remote_write, r.access().remote_read) {
-                (true, true) => MrAccess::RemoteReadWrite,
-                (true, false) => MrAccess::RemoteWrite,
-                (false, true) => MrAccess::RemoteRead,
-                (false, false) => MrAccess::LocalRead,
-            };
-            let mr = self.register(r, 0, r.len(), access)?;
-            if remote(r) {
-                exposed.push(RegionInfo {
-                    id: r.id(),
-                    len: r.len(),
-                    page_size: r.page_size(),
-                    access: r.access(),
-                    addr: mr.addr(),
-                    rkey: mr.rkey(),
-                });
-            }
-            self.whole.insert(r.id(), mr);
+            exposed.extend(self.register_whole(r)?);
         }
         Ok(exposed)
+    }
+
+    /// Registers `r` whole with the access its flags ask for; returns its entry for the peer
+    /// when the peer may access it.
+    fn register_whole(&mut self, r: &Arc<Region>) -> Result<Option<RegionInfo>, TransportError> {
+        let access = match (r.access().remote_write, r.access().remote_read) {
+            (true, true) => MrAccess::RemoteReadWrite,
+            (true, false) => MrAccess::RemoteWrite,
+            (false, true) => MrAccess::RemoteRead,
+            (false, false) => MrAccess::LocalRead,
+        };
+        let mr = self.register(r, 0, r.len(), access)?;
+        let info = (r.access().remote_write || r.access().remote_read).then(|| RegionInfo {
+            id: r.id(),
+            len: r.len(),
+            page_size: r.page_size(),
+            access: r.access(),
+            addr: mr.addr(),
+            rkey: mr.rkey(),
+        });
+        if let Some(old) = self.whole.insert(r.id(), mr) {
+            self.retired.push(old);
+        }
+        Ok(info)
+    }
+
+    /// A region added to the table after the setup: registers it whole now when the peer may
+    /// access it (its entry, with address and rkey, is returned for the announcement); a
+    /// local-only region is left to [`MrCache::sges`] (pinned or chunked on first use).
+    pub fn expose(&mut self, r: &Arc<Region>) -> Result<Option<RegionInfo>, TransportError> {
+        if !(r.access().remote_write || r.access().remote_read) {
+            return Ok(None);
+        }
+        self.register_whole(r)
     }
 
     /// Appends the SGEs for `seg` of local region `id` to `out`, registering what is missing.

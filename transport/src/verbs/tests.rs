@@ -510,3 +510,33 @@ fn cq_overrun_raises_a_cq_error_event() {
     drop(qp);
     drop(mr);
 }
+
+#[test]
+fn hostile_urgent_placements_and_announcements_are_refused() {
+    device_test!();
+    use crate::verbs::ctrl::UrgentMsg;
+    let u = VerbsConfig { urgent_channel: true, ..cfg() };
+    let r = conf::regions(1 << 20);
+    // A placement naming bytes outside what the receiver exposed breaks the channel.
+    for bad in [
+        UrgentMsg::Placed { region: 2, offset: (1 << 20) - 4096, len: 8192 },
+        UrgentMsg::Placed { region: 1, offset: 0, len: 4096 }, // the sender's own, not exposed
+        UrgentMsg::Placed { region: 99, offset: 0, len: 4096 },
+    ] {
+        let (a, b) = pair(&u, &u, &r.src_table, &r.dst_table);
+        a.urgent_raw_for_test(&bad.encode()).unwrap();
+        let e = b.urgent().unwrap().recv(Some(Duration::from_secs(30))).unwrap_err();
+        assert!(matches!(e, TransportError::Protocol(_)), "{bad:?}: {e:?}");
+    }
+    // An unknown tag, too.
+    let (a, b) = pair(&u, &u, &r.src_table, &r.dst_table);
+    a.urgent_raw_for_test(&[7, 1, 2, 3]).unwrap();
+    let e = b.urgent().unwrap().recv(Some(Duration::from_secs(30))).unwrap_err();
+    assert!(matches!(e, TransportError::Protocol(_)), "{e:?}");
+    // A region announced twice (an id is never redefined) breaks the connection.
+    let (mut a, mut b) = pair(&cfg(), &cfg(), &r.src_table, &r.dst_table);
+    let again = a.peer_regions()[0]; // what b exposed at the handshake
+    b.announce_for_test(&[again]).unwrap();
+    let e = a.recv_message(Some(Duration::from_secs(30))).unwrap_err();
+    assert!(matches!(e, TransportError::Protocol(_)), "{e:?}");
+}

@@ -9,7 +9,10 @@ use std::sync::atomic::{fence, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::ctrl::{MsgHeader, Setup, MSG_HEADER_LEN};
+mod bytes;
+mod urgent;
+
+use super::ctrl::{self, MsgHeader, Setup, MSG_HEADER_LEN};
 use super::device::{
     self, status, CompletionChannel, CompletionQueue, Context, Endpoint, MemoryRegion, MrAccess, PreparedQueuePair,
     ProtectionDomain, QpCaps, QueuePair, SendBatch, SendOp, Sge, VerbsError, WorkCompletion,
@@ -18,10 +21,14 @@ use super::events::{self, Verdict, Watched};
 use super::registration::MrCache;
 use super::{error_chain, CompletionMode, VerbsConfig};
 use crate::auth::{self, HandshakeError, HandshakeParams, Secret};
+use crate::gate::Admitted;
 use crate::region::{Access, Region, RegionInfo, RegionTable};
 use crate::window::SendWindow;
 use crate::wire::{self, close_code, DecodeError, Frame, FrameType, Role, VerbsInfo};
-use crate::{check_remote, CoalesceConfig, Transport, TransportError, TransportKind, TransportStats, WriteRequest};
+use crate::{
+    check_remote, ByteChannel, CoalesceConfig, Registration, Transport, TransportError, TransportKind, TransportStats,
+    UrgentChannel, WriteRequest,
+};
 
 /// Offset of the credit word (the peer writes our consumed count here) in the control page.
 const CREDIT_WORD: u64 = 0;
@@ -207,8 +214,10 @@ impl VerbsListener {
         self.inner.local_addr()
     }
 
-    /// Accepts one connection: authenticates it, exposes the remote-writable regions of
-    /// `regions` (registered with the device, addr+rkey sent to the peer) and connects a QP.
+    /// Accepts one session: authenticates its connections (the main queue pair's, and the
+    /// urgent and byte-channel ones the connector asked for), exposes the remote-writable
+    /// regions of `regions` (registered with the device, addr+rkey sent to the peer) and
+    /// connects a queue pair on each. The session's shape is the connector's.
     pub fn accept(
         &self,
         cfg: &VerbsConfig,
@@ -217,8 +226,24 @@ impl VerbsListener {
     ) -> Result<VerbsTransport, TransportError> {
         // Connections that fail to authenticate are logged and closed; the listener goes on.
         let mut gate = self.inner.gate(secret, &cfg.gate)?;
-        let a = gate.next(None)?.expect("no deadline was given");
-        VerbsTransport::establish(a.stream, a.addr.to_string(), Some(a.auth), cfg, secret, regions)
+        let mut sessions = crate::SessionAssembler::new(cfg.gate.handshake_timeout + cfg.io_timeout);
+        loop {
+            let deadline = sessions.next_expiry();
+            let admitted = gate.next(deadline)?;
+            for e in sessions.expire(Instant::now()) {
+                tracing::warn!(error = %e, "incomplete verbs session dropped");
+            }
+            let Some(a) = admitted else { continue };
+            if let Some(streams) = sessions.offer(a)? {
+                return VerbsTransport::from_admitted(cfg, streams, regions);
+            }
+        }
+    }
+
+    /// The gate of this listener, for a caller that assembles sessions itself (a daemon:
+    /// [`crate::SessionAssembler`], then [`VerbsTransport::from_admitted`]).
+    pub fn gate(&self, secret: &Secret, cfg: &crate::GateConfig) -> Result<crate::gate::Gate<'_>, TransportError> {
+        self.inner.gate(secret, cfg)
     }
 }
 
@@ -256,6 +281,10 @@ pub struct VerbsTransport {
     wcs: Vec<WorkCompletion>,
     last_peer_check: Instant,
     last_event_check: Instant,
+    /// The session's urgent queue pair (a connection of its own), when asked for.
+    urgent: Option<Arc<urgent::VerbsUrgent>>,
+    /// The session's byte-channel connections, until taken.
+    byte_conns: Vec<Option<VerbsTransport>>,
 }
 
 impl std::fmt::Debug for VerbsTransport {
@@ -315,7 +344,10 @@ fn expect_frame(s: &mut TcpStream, peer: &str, kind: FrameType, what: &'static s
 
 impl VerbsTransport {
     /// Connects to a [`VerbsListener`] at `addr`: authenticates, exchanges region tables and
-    /// queue-pair endpoints over TCP, and connects an RC queue pair.
+    /// queue-pair endpoints over TCP, and connects an RC queue pair — one for the bulk
+    /// transport, one more for the urgent channel when [`VerbsConfig::urgent_channel`] is
+    /// set, and one per byte channel ([`VerbsConfig::byte_streams`]), each with its own
+    /// authenticated out-of-band connection, all bound to one session.
     pub fn connect(
         addr: impl ToSocketAddrs,
         cfg: &VerbsConfig,
@@ -325,38 +357,109 @@ impl VerbsTransport {
         let addrs: Vec<SocketAddr> = addr.to_socket_addrs().map_err(io_err("resolving the peer address"))?.collect();
         let target =
             *addrs.first().ok_or_else(|| TransportError::Disconnected("address resolved to nothing".into()))?;
-        let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
-        Self::establish(s, target.to_string(), None, cfg, secret, regions)
-    }
-
-    /// Sets up a connection: `admitted` is the listener's already authenticated connection;
-    /// `None` authenticates here as the connector.
-    fn establish(
-        mut sock: TcpStream,
-        peer: String,
-        admitted: Option<auth::Authenticated>,
-        cfg: &VerbsConfig,
-        secret: &Secret,
-        regions: &RegionTable,
-    ) -> Result<VerbsTransport, TransportError> {
-        tune(&sock, cfg.io_timeout)?;
-        if admitted.is_none() {
-            let mut session = [0u8; 8];
-            getrandom::getrandom(&mut session)
-                .map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
+        if cfg.byte_streams > wire::MAX_BYTE_STREAMS {
+            return Err(TransportError::TooLarge(format!(
+                "{} byte-stream channels (at most {})",
+                cfg.byte_streams,
+                wire::MAX_BYTE_STREAMS
+            )));
+        }
+        let mut session = [0u8; 8];
+        getrandom::getrandom(&mut session)
+            .map_err(|e| io_err("drawing a session id")(std::io::Error::other(e.to_string())))?;
+        let n = 1 + cfg.urgent_channel as u8 + cfg.byte_streams;
+        let flags = if cfg.urgent_channel { wire::HELLO_URGENT_STREAM } else { 0 };
+        // Every connection authenticates first; the acceptor assembles the whole session
+        // before it sets up any queue pair.
+        let mut socks = Vec::with_capacity(n as usize);
+        for i in 0..n {
+            let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
+            tune(&s, cfg.io_timeout)?;
             let params = HandshakeParams {
                 role: Role::Connector,
-                stream: 0,
-                streams: 1,
-                flags: 0,
-                byte_streams: 0,
+                stream: i,
+                streams: n,
+                flags,
+                byte_streams: cfg.byte_streams,
                 session: u64::from_le_bytes(session),
                 exposed: Vec::new(),
             };
             let timeout = cfg.gate.handshake_timeout + cfg.io_timeout;
-            crate::gate::authenticate_within(&sock, secret, &params, timeout)
-                .map_err(|source| TransportError::Handshake { peer: peer.clone(), source })?;
+            crate::gate::authenticate_within(&s, secret, &params, timeout)
+                .map_err(|source| TransportError::Handshake { peer: target.to_string(), source })?;
+            socks.push(s);
         }
+        Self::session(socks, target.to_string(), cfg, cfg.urgent_channel, cfg.byte_streams, regions)
+    }
+
+    /// Starts a session from its authenticated connections ([`crate::SessionAssembler::offer`]),
+    /// in the shape the connector asked for.
+    pub fn from_admitted(
+        cfg: &VerbsConfig,
+        streams: Vec<Admitted>,
+        regions: &RegionTable,
+    ) -> Result<VerbsTransport, TransportError> {
+        let first = streams.first().ok_or_else(|| TransportError::Disconnected("a session without streams".into()))?;
+        let hello = first.auth.peer;
+        let peer = first.addr.to_string();
+        let urgent = hello.flags & wire::HELLO_URGENT_STREAM != 0;
+        if streams.len() != 1 + urgent as usize + hello.byte_streams as usize {
+            let reason = format!(
+                "a verbs session has one bulk connection; {} connections with{} an urgent channel and {} byte channels",
+                streams.len(),
+                if urgent { "" } else { "out" },
+                hello.byte_streams
+            );
+            for a in streams {
+                let mut s = a.stream;
+                let _ = auth::write_frame(&mut s, &Frame::Close { code: close_code::REFUSED, reason: reason.clone() });
+            }
+            return Err(TransportError::Protocol(DecodeError::Invalid {
+                field: "verbs session connections",
+                value: hello.streams as u64,
+            }));
+        }
+        let socks = streams
+            .into_iter()
+            .map(|a| tune(&a.stream, cfg.io_timeout).map(|_| a.stream))
+            .collect::<Result<Vec<_>, _>>()?;
+        Self::session(socks, peer, cfg, urgent, hello.byte_streams, regions)
+    }
+
+    /// Sets up the queue pairs of a session over its authenticated connections, in order:
+    /// bulk, urgent (if any), byte channels. Both ends walk the same order.
+    fn session(
+        socks: Vec<TcpStream>,
+        peer: String,
+        cfg: &VerbsConfig,
+        urgent: bool,
+        byte_streams: u8,
+        regions: &RegionTable,
+    ) -> Result<VerbsTransport, TransportError> {
+        let mut it = socks.into_iter();
+        let first = it.next().ok_or_else(|| TransportError::Disconnected("a session without streams".into()))?;
+        let mut main = Self::establish(first, peer.clone(), cfg, regions)?;
+        if urgent {
+            let s = it.next().ok_or_else(|| TransportError::Disconnected("the urgent connection is missing".into()))?;
+            let u = Self::establish(s, peer.clone(), cfg, regions)?;
+            main.urgent = Some(Arc::new(urgent::VerbsUrgent::new(u)));
+        }
+        let bcfg = bytes::channel_config(cfg);
+        let none = RegionTable::new();
+        for s in it.take(byte_streams as usize) {
+            main.byte_conns.push(Some(Self::establish(s, peer.clone(), &bcfg, &none)?));
+        }
+        Ok(main)
+    }
+
+    /// Sets up one authenticated connection: registers memory, exchanges the region tables,
+    /// connects the queue pair.
+    fn establish(
+        mut sock: TcpStream,
+        peer: String,
+        cfg: &VerbsConfig,
+        regions: &RegionTable,
+    ) -> Result<VerbsTransport, TransportError> {
         sock.set_read_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the read timeout"))?;
         sock.set_write_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the write timeout"))?;
         let local = match LocalSetup::new(cfg, regions) {
@@ -468,6 +571,8 @@ impl VerbsTransport {
             // Events queued during the setup (e.g. a port that went down meanwhile) are read
             // by the first call.
             last_event_check: Instant::now().checked_sub(PEER_CHECK_EVERY).unwrap_or_else(Instant::now),
+            urgent: None,
+            byte_conns: Vec::new(),
         })
     }
 
@@ -804,44 +909,119 @@ impl VerbsTransport {
 
     /// Sleeps until a completion, socket activity or `deadline` (at most MAX_SLEEP).
     fn block(&mut self, deadline: Option<Instant>) -> Result<(), TransportError> {
+        let Some(mut fds) = self.prepare_wait()? else { return Ok(()) };
+        if fds.is_empty() {
+            std::thread::yield_now();
+            return Ok(());
+        }
+        let mut sleep = MAX_SLEEP;
+        if let Some(d) = deadline {
+            sleep = sleep.min(d.saturating_duration_since(Instant::now()));
+        }
+        poll_fds(&mut fds, sleep)?;
+        self.after_wait(&fds)
+    }
+
+    /// Gets ready to sleep: in event mode arms both CQs and returns the descriptors to wait
+    /// on (completion channel, out-of-band socket, async events; the caller may append its
+    /// own), or `None` when completions arrived meanwhile (look again instead of sleeping).
+    /// Busy-poll mode returns no descriptors (spin instead). The wait itself needs no access
+    /// to the transport, so a caller may release a lock around it.
+    fn prepare_wait(&mut self) -> Result<Option<Vec<libc::pollfd>>, TransportError> {
         match (self.cfg.completion, &self.channel) {
             (CompletionMode::Event, Some(ch)) => {
-                let ch = ch.clone();
+                let ch = ch.fd();
                 self.send_cq.arm().map_err(verbs_err)?;
                 self.recv_cq.arm().map_err(verbs_err)?;
                 // A completion that arrived before arming raises no event: look once more.
                 if self.poll_cqs()? > 0 {
-                    return Ok(());
+                    return Ok(None);
                 }
-                let mut sleep = MAX_SLEEP;
-                if let Some(d) = deadline {
-                    sleep = sleep.min(d.saturating_duration_since(Instant::now()));
-                }
-                let mut fds = [
-                    libc::pollfd { fd: ch.fd(), events: libc::POLLIN, revents: 0 },
+                Ok(Some(vec![
+                    libc::pollfd { fd: ch, events: libc::POLLIN, revents: 0 },
                     libc::pollfd { fd: self.sock.as_raw_fd(), events: libc::POLLIN, revents: 0 },
                     libc::pollfd { fd: self.ctx.async_fd(), events: libc::POLLIN, revents: 0 },
-                ];
-                // SAFETY: `fds` is a valid array of three pollfd for the duration of the call.
-                let rc = unsafe { libc::poll(fds.as_mut_ptr(), 3, sleep.as_millis().max(1) as i32) };
-                if rc < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.kind() != std::io::ErrorKind::Interrupted {
-                        return Err(TransportError::Io { op: "poll on the completion channel", source: e });
-                    }
-                }
-                if fds[0].revents != 0 {
-                    ch.drain_events().map_err(verbs_err)?;
-                }
-                if fds[1].revents != 0 {
-                    self.check_peer(true);
-                }
-                if fds[2].revents != 0 {
-                    self.check_events(true);
-                }
+                ]))
             }
-            _ => std::thread::yield_now(),
+            _ => Ok(Some(Vec::new())),
         }
+    }
+
+    /// Handles what woke a wait prepared by [`Self::prepare_wait`] (its first three entries).
+    fn after_wait(&mut self, fds: &[libc::pollfd]) -> Result<(), TransportError> {
+        if fds.len() < 3 {
+            return Ok(());
+        }
+        if fds[0].revents != 0 {
+            if let Some(ch) = &self.channel {
+                ch.drain_events().map_err(verbs_err)?;
+            }
+        }
+        if fds[1].revents != 0 {
+            self.check_peer(true);
+        }
+        if fds[2].revents != 0 {
+            self.check_events(true);
+        }
+        Ok(())
+    }
+
+    /// Waits until every send-queue entry posted so far has completed (a signaled flush
+    /// marker is added when the tail is unsignaled): a SEND that completed is in the peer's
+    /// receive queue, so whatever the peer reads on another queue pair afterwards comes after it.
+    fn settle_sends(&mut self) -> Result<(), TransportError> {
+        self.post_batch()?;
+        if self.sq.outstanding() == 0 {
+            return Ok(());
+        }
+        if self.sq.last_signaled + 1 < self.sq.next {
+            self.sq_room(1)?;
+            let op = SendOp::Write { remote_addr: self.remote.credit_addr, rkey: self.remote.credit_rkey };
+            self.push_wr(SqKind::Flush, op, &[], true, false);
+            self.post_batch()?;
+        }
+        self.wait_until("send completions", |t| t.sq.outstanding() == 0)
+    }
+
+    /// Announces regions exposed after the handshake (one SEND, ordered before every later one).
+    fn announce(&mut self, infos: &[RegionInfo]) -> Result<(), TransportError> {
+        self.progress()?;
+        self.usable()?;
+        let payload = ctrl::encode_announcement(infos);
+        if MSG_HEADER_LEN + payload.len() > self.remote.recv_buf.min(self.send_ring.slot) as usize {
+            return Err(TransportError::TooLarge(format!(
+                "announcing {} regions takes {} bytes, more than one message buffer",
+                infos.len(),
+                payload.len()
+            )));
+        }
+        let hdr = MsgHeader {
+            announce: true,
+            more: false,
+            len: payload.len() as u32,
+            bytes_written: self.stats.bytes_posted,
+        };
+        self.send_fragment(hdr, &payload)
+    }
+
+    /// Adds regions the peer announced: new ids only (an id is never redefined), at most
+    /// `wire::MAX_REGIONS` in all.
+    fn add_peer_regions(&mut self, rs: Vec<RegionInfo>) -> Result<(), DecodeError> {
+        let clash = rs
+            .iter()
+            .enumerate()
+            .find(|(i, r)| self.peer_regions.iter().any(|p| p.id == r.id) || rs[..*i].iter().any(|o| o.id == r.id));
+        if let Some((_, r)) = clash {
+            return Err(DecodeError::Invalid { field: "announced region id (already exposed)", value: r.id as u64 });
+        }
+        if self.peer_regions.len() + rs.len() > wire::MAX_REGIONS as usize {
+            return Err(DecodeError::TooLong {
+                kind: FrameType::Regions,
+                len: rs.len() as u64,
+                max: wire::MAX_REGIONS as u64,
+            });
+        }
+        self.peer_regions.extend(rs);
         Ok(())
     }
 
@@ -941,6 +1121,22 @@ impl VerbsTransport {
                     return Err(TransportError::Protocol(d));
                 }
             };
+            if h.announce {
+                let res = if self.rx.partial.is_empty() {
+                    ctrl::decode_announcement(&buf[MSG_HEADER_LEN..]).and_then(|rs| self.add_peer_regions(rs))
+                } else {
+                    Err(DecodeError::Invalid { field: "region announcement inside a message", value: h.len as u64 })
+                };
+                if let Err(d) = res {
+                    self.set_broken(Broken::Protocol(d.clone()));
+                    return Err(TransportError::Protocol(d));
+                }
+                self.repost(slot)?;
+                self.rx.consumed += 1;
+                self.stats.bytes_received = self.stats.bytes_received.max(h.bytes_written);
+                self.return_credits(false)?;
+                continue;
+            }
             if self.rx.partial.len() + h.len as usize > wire::MAX_MESSAGE as usize {
                 let d = DecodeError::TooLong {
                     kind: FrameType::Msg,
@@ -1050,6 +1246,18 @@ impl VerbsTransport {
     #[cfg(test)]
     pub(crate) fn post_writes_unchecked(&mut self, wrs: &[WriteRequest<'_>]) -> Result<u64, TransportError> {
         self.post_writes_impl(wrs, false)
+    }
+
+    /// Test-only: sends `msg` untagged on the urgent queue pair (a hostile peer's message).
+    #[cfg(test)]
+    pub(crate) fn urgent_raw_for_test(&self, msg: &[u8]) -> Result<(), TransportError> {
+        self.urgent.as_ref().expect("an urgent channel").send_raw_for_test(msg)
+    }
+
+    /// Test-only: announces `infos` as is (a peer redefining an id).
+    #[cfg(test)]
+    pub(crate) fn announce_for_test(&mut self, infos: &[RegionInfo]) -> Result<(), TransportError> {
+        self.announce(infos)
     }
 
     /// Test-only: tampers with the peer's advertised table.
@@ -1204,7 +1412,12 @@ impl Transport for VerbsTransport {
         }
         let n = chunks.len();
         for (i, c) in chunks.into_iter().enumerate() {
-            let hdr = MsgHeader { more: i + 1 < n, len: c.len() as u32, bytes_written: self.stats.bytes_posted };
+            let hdr = MsgHeader {
+                announce: false,
+                more: i + 1 < n,
+                len: c.len() as u32,
+                bytes_written: self.stats.bytes_posted,
+            };
             self.send_fragment(hdr, c)?;
         }
         self.stats.messages_sent += 1;
@@ -1266,6 +1479,57 @@ impl Transport for VerbsTransport {
     fn regions(&self) -> &RegionTable {
         &self.regions
     }
+
+    fn expose(&mut self, region: Arc<Region>) -> Result<Registration, TransportError> {
+        self.progress()?;
+        self.usable()?;
+        let reg = self.regions.register(region.clone()).map_err(TransportError::Register)?;
+        let Some(info) = self.cache.expose(&region)? else {
+            return Ok(reg); // local only: nothing to announce
+        };
+        // The urgent queue pair first, and settled: its announcement is in the peer's receive
+        // queue before anything sent on this one after the call can be read.
+        if let Some(u) = &self.urgent {
+            u.expose(&region)?;
+        }
+        self.announce(&[info])?;
+        Ok(reg)
+    }
+
+    fn byte_channel(&mut self, i: usize) -> Result<Box<dyn ByteChannel>, TransportError> {
+        match self.byte_conns.get_mut(i) {
+            Some(slot) => match slot.take() {
+                Some(t) => Ok(Box::new(bytes::VerbsByteChannel::start(t, i)?)),
+                None => Err(TransportError::Unsupported("this byte-stream channel was already taken")),
+            },
+            None => Err(TransportError::Unsupported(
+                "this verbs session has no such byte-stream channel (VerbsConfig::byte_streams)",
+            )),
+        }
+    }
+
+    fn urgent(&self) -> Result<Arc<dyn UrgentChannel>, TransportError> {
+        match &self.urgent {
+            Some(u) => Ok(u.clone()),
+            None => Err(TransportError::Unsupported(
+                "this verbs session has no urgent channel (VerbsConfig::urgent_channel)",
+            )),
+        }
+    }
+}
+
+/// `poll(2)` on `fds` for up to `wait` (EINTR is a wake-up like any other).
+fn poll_fds(fds: &mut [libc::pollfd], wait: Duration) -> Result<(), TransportError> {
+    // SAFETY: `fds` is a valid, exclusively borrowed array of `fds.len()` pollfd for the call.
+    let rc =
+        unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, wait.as_millis().clamp(1, 60_000) as i32) };
+    if rc < 0 {
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(TransportError::Io { op: "poll on the completion channel", source: e });
+        }
+    }
+    Ok(())
 }
 
 impl Drop for VerbsTransport {
