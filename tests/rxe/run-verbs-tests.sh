@@ -16,7 +16,8 @@
 #   2. every tests/tests/verbs_*.rs executable of the livemig-tests crate,
 #   3. the real CLI end to end over verbs: `livemig migrate --local --transport verbs` (a source
 #      and a destination process, a running workload, checksum verified; fails the run if the
-#      migration does not complete),
+#      migration does not complete), pre-copy, then post-copy and hybrid (demand requests on
+#      the urgent queue pair, pages placed by userfaultfd),
 #   4. ib_write_bw (perftest) server + client over rxe0 on 127.0.0.1, printed as
 #      "IB_WRITE_BW size=... iters=... MB/s=..." for the benchmark baseline.
 # RXE_REQUIRED=1 is set in the guest, so a test that finds no RDMA device fails there instead
@@ -128,6 +129,17 @@ if /harness/bin/livemig migrate --local --transport verbs --size 16M --wss 2M --
 else
   echo "=== livemig CLI over verbs FAILED"; cat /tmp/cli.out /tmp/cli.err; fail=1
 fi
+for strat in postcopy hybrid; do
+  echo "=== livemig migrate --local --transport verbs --strategy $strat (start $(up)s)"
+  if /harness/bin/livemig migrate --local --transport verbs --strategy $strat --size 16M --wss 2M --threads 1 \
+       --warmup 0.5 --no-progress > /tmp/cli.out 2> /tmp/cli.err \
+     && grep -q "migration completed: .* over verbs" /tmp/cli.out && grep -q 'verified by the destination' /tmp/cli.out; then
+    cat /tmp/cli.out; grep 'fault service' /tmp/cli.err
+    echo "=== livemig CLI $strat over verbs: ok"
+  else
+    echo "=== livemig CLI $strat over verbs FAILED"; cat /tmp/cli.out /tmp/cli.err; fail=1
+  fi
+done
 echo "=== livemig CLI done at $(up)s"
 EOF
   if [[ $BENCH == 1 ]]; then
