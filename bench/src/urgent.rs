@@ -1,6 +1,7 @@
 //! `livemig bench urgent`: how long a 4 KiB demand page takes while a bulk push saturates
-//! the link — the latency a post-copy fault sees. Both ends run in this process over TCP
-//! loopback; three phases in one run:
+//! the link — the latency a post-copy fault sees. Both ends run in this process over
+//! loopback, TCP (an urgent connection) or verbs (an urgent queue pair); three phases in
+//! one run:
 //!
 //! 1. bulk alone: the bulk throughput baseline;
 //! 2. urgent channel: the receiver asks for pages on the session's urgent channel (its own
@@ -17,10 +18,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use livemig_engine::connect::{self, Listener, TransportChoice, TransportOptions};
 use livemig_transport::auth::Secret;
 use livemig_transport::{
-    Access, CoalesceConfig, Coalescer, PageBitmap, Region, RegionTable, Segment, TcpConfig, TcpListener, TcpTransport,
-    Transport, UrgentEvent, WriteRequest,
+    Access, CoalesceConfig, Coalescer, PageBitmap, Region, RegionTable, Segment, TcpConfig, Transport, TransportKind,
+    UrgentEvent, WriteRequest,
 };
 
 use crate::pages::parse_size;
@@ -51,6 +53,10 @@ pub struct UrgentArgs {
     /// threads share all CPUs, and a woken urgent thread may wait for a CPU behind the bulk.
     #[arg(long)]
     pub urgent_cpu: Option<usize>,
+    /// Backend: tcp (loopback), verbs (the first active RDMA device, over 127.0.0.1), or
+    /// auto (verbs when a device is active).
+    #[arg(long, default_value = "tcp", value_parser = livemig_app::args::transport_parser())]
+    pub transport: TransportChoice,
     /// One JSON object on stdout instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -94,8 +100,8 @@ fn phase(mode: &'static str, mut t: Vec<Duration>, bulk_bytes: u64, secs: f64) -
 }
 
 struct Ends {
-    tx: TcpTransport,
-    rx: TcpTransport,
+    tx: Box<dyn Transport>,
+    rx: Box<dyn Transport>,
     src: Arc<Region>,
     _keep: (RegionTable, RegionTable, Vec<livemig_transport::Registration>),
 }
@@ -116,11 +122,14 @@ fn connect(a: &UrgentArgs) -> Result<Ends> {
         socket_buffer: a.sock_buf.map(|b| b as usize),
         ..Default::default()
     };
-    let l = TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let (c, s, d) = (cfg.clone(), secret.clone(), dt.clone());
-    let acc = std::thread::spawn(move || l.accept(&c, &s, &d));
-    let tx = TcpTransport::connect(addr, &cfg, &secret, &st)?;
+    let kind = connect::resolve(a.transport).0;
+    let opts =
+        TransportOptions { choice: a.transport, io_timeout: cfg.io_timeout, tcp: cfg, verbs: Default::default() };
+    let l = Listener::bind(kind, "127.0.0.1:0")?;
+    let addr = l.local_addr()?.to_string();
+    let (o, s, d) = (opts.clone(), secret.clone(), dt.clone());
+    let acc = std::thread::spawn(move || l.accept(&o, &s, &d));
+    let tx = connect::connect(kind, &addr, &opts, &secret, &st)?;
     let rx = acc.join().map_err(|_| anyhow::anyhow!("the accepting thread panicked"))??;
     Ok(Ends { tx, rx, src, _keep: (st, dt, regs) })
 }
@@ -134,10 +143,10 @@ fn page_of(m: &[u8]) -> Result<u64> {
 /// Pushes the first half of the region over and over until `stop`; returns the bytes moved.
 /// Between batches, `between` may serve requests on the bulk channel.
 fn bulk(
-    t: &mut TcpTransport,
+    t: &mut dyn Transport,
     pages: usize,
     stop: &AtomicBool,
-    mut between: impl FnMut(&mut TcpTransport) -> Result<()>,
+    mut between: impl FnMut(&mut dyn Transport) -> Result<()>,
 ) -> Result<u64> {
     let co = Coalescer::new(CoalesceConfig::default())?;
     let mut wrs = Vec::new();
@@ -241,7 +250,7 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
             std::thread::sleep(Duration::from_secs_f64(a.bulk_secs));
             stop.store(true, Ordering::SeqCst);
         });
-        bulk(&mut e.tx, pages, &stop, |_| Ok(()))
+        bulk(e.tx.as_mut(), pages, &stop, |_| Ok(()))
     })?;
     out.push(phase("bulk alone", Vec::new(), bytes, t0.elapsed().as_secs_f64()));
     drop(e);
@@ -276,7 +285,7 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
                 }
             })
         });
-        let bytes = bulk(&mut e.tx, pages, &stop, |_| Ok(()));
+        let bytes = bulk(e.tx.as_mut(), pages, &stop, |_| Ok(()));
         stop.store(true, Ordering::SeqCst);
         let times = requester.join().map_err(|_| anyhow::anyhow!("requester panicked"))?;
         responder.join().map_err(|_| anyhow::anyhow!("responder panicked"))??;
@@ -300,7 +309,7 @@ pub fn measure(a: &UrgentArgs) -> Result<Vec<Phase>> {
             })
         });
         let _ = &src;
-        let bytes = bulk(&mut tx, pages, &stop, |t| {
+        let bytes = bulk(tx.as_mut(), pages, &stop, |t| {
             while let Some(m) = t.recv_message(Some(Duration::ZERO))? {
                 let p = page_of(&m)?;
                 let seg = [Segment { offset: p * 4096, len: 4096 }];
@@ -328,8 +337,12 @@ pub fn run(a: &UrgentArgs) -> Result<()> {
         return Ok(());
     }
     let f = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+    let over = match connect::resolve(a.transport).0 {
+        TransportKind::Tcp => "TCP loopback",
+        TransportKind::Verbs => "verbs (RDMA device, 127.0.0.1)",
+    };
     println!(
-        "urgent 4 KiB page while a bulk push saturates TCP loopback ({} MiB region, {} requests, {} µs apart)",
+        "urgent 4 KiB page while a bulk push saturates {over} ({} MiB region, {} requests, {} µs apart)",
         a.size >> 20,
         a.requests,
         a.gap_us

@@ -12,6 +12,10 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub struct DaemonConfig {
     /// TCP addresses to listen on (`host:port`; port 0 picks one, printed at start).
     pub listen: Vec<String>,
+    /// Out-of-band TCP addresses for sessions over RDMA verbs (their queue pairs on the first
+    /// RDMA device with an active port); none by default.
+    #[serde(default)]
+    pub listen_verbs: Vec<String>,
     /// File holding the shared secret (`livemig secret new FILE`); unset: `$LIVEMIG_SECRET`.
     pub secret_file: Option<PathBuf>,
     /// Seconds a connection may take to authenticate, all of its handshake together.
@@ -116,6 +120,7 @@ impl Default for DaemonConfig {
     fn default() -> Self {
         DaemonConfig {
             listen: vec!["127.0.0.1:7879".into()],
+            listen_verbs: Vec::new(),
             secret_file: None,
             handshake_timeout_s: 10.0,
             max_pending_handshakes: 64,

@@ -11,7 +11,8 @@
 //!
 //! A bad, slow or idle connection costs one gate slot until its deadline and one log line;
 //! a session that fails costs its own thread and memory, never the daemon or another session.
-//! Sessions run over TCP (the verbs backend cannot expose memory mid-session yet).
+//! Sessions run over TCP (`listen`) or RDMA verbs (`listen_verbs`: the same gate and
+//! assembler on the out-of-band socket, then a queue pair per connection of the session).
 
 pub mod config;
 
@@ -28,6 +29,7 @@ use livemig_transport::auth::Secret;
 use livemig_transport::wire::{close_code, Frame};
 use livemig_transport::{
     Access, Admitted, GateConfig, RegionTable, SessionAssembler, TcpConfig, TcpListener, TcpTransport, Transport,
+    TransportKind,
 };
 
 pub use config::DaemonConfig;
@@ -41,6 +43,10 @@ pub struct ServeArgs {
     /// Address to listen on (repeat for several); replaces the file's `listen`.
     #[arg(long, value_name = "ADDR")]
     pub listen: Vec<String>,
+    /// Out-of-band address for verbs sessions (repeat for several); replaces the file's
+    /// `listen_verbs`.
+    #[arg(long, value_name = "ADDR")]
+    pub listen_verbs: Vec<String>,
     /// Shared-secret file (else the file's `secret_file`, else $LIVEMIG_SECRET).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
@@ -64,6 +70,9 @@ impl ServeArgs {
         };
         if !self.listen.is_empty() {
             c.listen = self.listen.clone();
+        }
+        if !self.listen_verbs.is_empty() {
+            c.listen_verbs = self.listen_verbs.clone();
         }
         if let Some(f) = &self.secret_file {
             c.secret_file = Some(f.clone());
@@ -107,6 +116,8 @@ fn export_args(
 struct Daemon {
     cfg: DaemonConfig,
     tcp: TcpConfig,
+    #[cfg(feature = "verbs")]
+    verbs: livemig_transport::verbs::VerbsConfig,
     active: AtomicUsize,
     next_id: AtomicU64,
     done: AtomicU64,
@@ -155,9 +166,18 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         },
         ..livemig_app::precopy::transport_options(TransportChoice::Tcp, io_timeout).tcp
     };
+    #[cfg(feature = "verbs")]
+    let verbs = livemig_transport::verbs::VerbsConfig {
+        gate: tcp.gate.clone(),
+        io_timeout,
+        window: tcp.window,
+        ..Default::default()
+    };
     let d = Arc::new(Daemon {
         cfg,
         tcp,
+        #[cfg(feature = "verbs")]
+        verbs,
         active: AtomicUsize::new(0),
         next_id: AtomicU64::new(1),
         done: AtomicU64::new(0),
@@ -170,7 +190,10 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     for addr in &d.cfg.listen {
         let l = TcpListener::bind(addr.as_str()).with_context(|| format!("listening on {addr}"))?;
         println!("listening {} tcp", l.local_addr()?);
-        listeners.push(l);
+        listeners.push(Bound::Tcp(l));
+    }
+    for addr in &d.cfg.listen_verbs {
+        listeners.push(bind_verbs(addr)?);
     }
     // Disks served over NBD by the daemon.
     let mut served = Vec::new();
@@ -279,11 +302,67 @@ fn stats_line(d: &Daemon) -> String {
     )
 }
 
-fn accept_loop(l: &TcpListener, secret: &Secret, d: &Arc<Daemon>) {
+/// A bound listening socket of either backend.
+enum Bound {
+    Tcp(TcpListener),
+    #[cfg(feature = "verbs")]
+    Verbs(livemig_transport::verbs::VerbsListener),
+}
+
+impl Bound {
+    fn kind(&self) -> TransportKind {
+        match self {
+            Bound::Tcp(_) => TransportKind::Tcp,
+            #[cfg(feature = "verbs")]
+            Bound::Verbs(_) => TransportKind::Verbs,
+        }
+    }
+
+    fn gate(
+        &self,
+        secret: &Secret,
+        cfg: &GateConfig,
+    ) -> Result<livemig_transport::gate::Gate<'_>, livemig_transport::TransportError> {
+        match self {
+            Bound::Tcp(l) => l.gate(secret, cfg),
+            #[cfg(feature = "verbs")]
+            Bound::Verbs(l) => l.gate(secret, cfg),
+        }
+    }
+
+    fn local_addr(&self) -> Option<std::net::SocketAddr> {
+        match self {
+            Bound::Tcp(l) => l.local_addr().ok(),
+            #[cfg(feature = "verbs")]
+            Bound::Verbs(l) => l.local_addr().ok(),
+        }
+    }
+}
+
+#[cfg(feature = "verbs")]
+fn bind_verbs(addr: &str) -> Result<Bound> {
+    if !livemig_transport::verbs::active_device_present() {
+        bail!(
+            "listen_verbs {addr}: no RDMA device with an active port on this host (devices: {:?})",
+            livemig_transport::verbs::device_names()
+        );
+    }
+    let l = livemig_transport::verbs::VerbsListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+    println!("listening {} verbs", l.local_addr()?);
+    Ok(Bound::Verbs(l))
+}
+
+#[cfg(not(feature = "verbs"))]
+fn bind_verbs(addr: &str) -> Result<Bound> {
+    bail!("listen_verbs {addr}: this build has no verbs support")
+}
+
+fn accept_loop(l: &Bound, secret: &Secret, d: &Arc<Daemon>) {
+    let kind = l.kind();
     let mut gate = match l.gate(secret, &d.tcp.gate) {
         Ok(g) => g,
         Err(e) => {
-            eprintln!("error: cannot serve {:?}: {e:#}", l.local_addr().ok());
+            eprintln!("error: cannot serve {:?}: {e:#}", l.local_addr());
             std::process::exit(1);
         }
     };
@@ -303,7 +382,7 @@ fn accept_loop(l: &TcpListener, secret: &Secret, d: &Arc<Daemon>) {
         }
         let Some(a) = admitted else { continue };
         match sessions.offer(a) {
-            Ok(Some(streams)) => dispatch(streams, d),
+            Ok(Some(streams)) => dispatch(streams, kind, d),
             Ok(None) => {}
             Err(e) => tracing::warn!(error = %e, "session refused"),
         }
@@ -320,7 +399,7 @@ fn refuse_streams(streams: Vec<Admitted>, reason: &str) {
     }
 }
 
-fn dispatch(streams: Vec<Admitted>, d: &Arc<Daemon>) {
+fn dispatch(streams: Vec<Admitted>, kind: TransportKind, d: &Arc<Daemon>) {
     let id = d.next_id.fetch_add(1, Ordering::Relaxed);
     let peer = streams[0].addr.to_string();
     if d.active.fetch_add(1, Ordering::AcqRel) >= d.cfg.max_sessions {
@@ -342,7 +421,7 @@ fn dispatch(streams: Vec<Admitted>, d: &Arc<Daemon>) {
         }
         let _slot = Slot(&d2);
         let t0 = Instant::now();
-        let r = session(id, streams, &d2);
+        let r = session(id, streams, kind, &d2);
         let secs = t0.elapsed().as_secs_f64();
         match r {
             Ok(what) => {
@@ -372,10 +451,20 @@ fn refuse(t: &mut dyn Transport, reason: String) -> Result<String> {
 }
 
 /// One session, start to end; returns what it served.
-fn session(id: u64, streams: Vec<Admitted>, d: &Daemon) -> Result<String> {
+fn session(id: u64, streams: Vec<Admitted>, kind: TransportKind, d: &Daemon) -> Result<String> {
     let table = RegionTable::new();
-    let t = TcpTransport::from_admitted(&d.tcp, streams, &table).context("setting up the session")?;
-    let mut t: Box<dyn Transport> = Box::new(t);
+    let mut t: Box<dyn Transport> = match kind {
+        TransportKind::Tcp => {
+            Box::new(TcpTransport::from_admitted(&d.tcp, streams, &table).context("setting up the session")?)
+        }
+        #[cfg(feature = "verbs")]
+        TransportKind::Verbs => Box::new(
+            livemig_transport::verbs::VerbsTransport::from_admitted(&d.verbs, streams, &table)
+                .context("setting up the verbs session")?,
+        ),
+        #[cfg(not(feature = "verbs"))]
+        TransportKind::Verbs => bail!("this build has no verbs support"),
+    };
     let io_timeout = d.tcp.io_timeout;
     let m = t
         .recv_message(Some(io_timeout))
@@ -429,7 +518,10 @@ fn session(id: u64, streams: Vec<Admitted>, d: &Daemon) -> Result<String> {
             reply(t.as_mut(), &OpenReply::Opened { session: id })?;
             let args = ReceiveArgs {
                 listen: String::new(),
-                transport: TransportChoice::Tcp,
+                transport: match kind {
+                    TransportKind::Tcp => TransportChoice::Tcp,
+                    TransportKind::Verbs => TransportChoice::Verbs,
+                },
                 size: req.size,
                 page_size: req.page_size,
                 after: req.after_s,

@@ -17,7 +17,8 @@
 #   3. the real CLI end to end over verbs: `livemig migrate --local --transport verbs` (a source
 #      and a destination process, a running workload, checksum verified; fails the run if the
 #      migration does not complete), pre-copy, then post-copy and hybrid (demand requests on
-#      the urgent queue pair, pages placed by userfaultfd),
+#      the urgent queue pair, pages placed by userfaultfd), and both through `livemig serve
+#      --listen-verbs` (the daemon's verbs sessions),
 #   4. ib_write_bw (perftest) server + client over rxe0 on 127.0.0.1, printed as
 #      "IB_WRITE_BW size=... iters=... MB/s=..." for the benchmark baseline.
 # RXE_REQUIRED=1 is set in the guest, so a test that finds no RDMA device fails there instead
@@ -140,6 +141,26 @@ for strat in postcopy hybrid; do
     echo "=== livemig CLI $strat over verbs FAILED"; cat /tmp/cli.out /tmp/cli.err; fail=1
   fi
 done
+# The host daemon over verbs: sessions assembled on its out-of-band socket, memory exposed
+# after the handshake (the daemon creates it on request), a pre-copy and a post-copy into it.
+echo "=== livemig serve --listen-verbs (start $(up)s)"
+/harness/bin/livemig secret new /tmp/secret > /dev/null
+/harness/bin/livemig serve --listen 127.0.0.1:7879 --listen-verbs 127.0.0.1:7880 --secret-file /tmp/secret \
+  > /tmp/serve.out 2> /tmp/serve.err &
+sp=$!
+for i in $(seq 1 100); do grep -q 'listening .* verbs' /tmp/serve.out && break; sleep 0.1; done
+for strat in precopy postcopy; do
+  if /harness/bin/livemig migrate --to 127.0.0.1:7880 --transport verbs --strategy $strat --size 16M --wss 2M \
+       --threads 1 --warmup 0.5 --no-progress --secret-file /tmp/secret > /tmp/cli.out 2> /tmp/cli.err \
+     && grep -q "migration completed: .* over verbs" /tmp/cli.out; then
+    head -1 /tmp/cli.out
+    echo "=== livemig migrate --to daemon over verbs ($strat): ok"
+  else
+    echo "=== livemig migrate --to daemon over verbs ($strat) FAILED"; cat /tmp/cli.out /tmp/cli.err /tmp/serve.out /tmp/serve.err; fail=1
+  fi
+done
+kill $sp; wait $sp 2>/dev/null
+grep 'session' /tmp/serve.err
 echo "=== livemig CLI done at $(up)s"
 EOF
   if [[ $BENCH == 1 ]]; then
