@@ -167,3 +167,26 @@ fn back_to_back_sessions_leave_the_fd_count_flat() {
     let after = open_fds(d.child.id());
     assert_eq!(before, after, "open files went from {before} to {after} over 30 sessions");
 }
+
+/// A peer that keeps its session busy cannot hold it past the daemon's maximum session
+/// duration: the session ends with a reason, its memory is released, and the daemon serves
+/// the next one.
+#[test]
+fn a_session_ends_at_the_maximum_duration() {
+    let d = daemon(&["--max-session", "1.5", "--max-total-bytes", "16M"]);
+    let t0 = std::time::Instant::now();
+    let o =
+        client(&["bench", "pages", "--connect", &d.addr, "--transport", "tcp", "--size", "16M", "--duration", "30"])
+            .output()
+            .unwrap();
+    let secs = t0.elapsed().as_secs_f64();
+    assert!(!o.status.success(), "a 30 s benchmark outlived a 1.5 s session limit");
+    assert!(secs < 25.0, "the session was not cut near its limit ({secs:.1} s)");
+    // The daemon says why; the memory is free again: the same size fits at once.
+    let log = std::fs::read_to_string(&d.log).unwrap();
+    assert!(log.contains("maximum duration"), "{log}");
+    let o = client(&["bench", "pages", "--connect", &d.addr, "--transport", "tcp", "--size", "16M", "--duration", "0"])
+        .output()
+        .unwrap();
+    ok(&o);
+}

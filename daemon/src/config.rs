@@ -33,6 +33,9 @@ pub struct DaemonConfig {
     pub max_total_bytes: u64,
     /// Seconds without progress from a peer after which its session fails.
     pub io_timeout_s: f64,
+    /// Seconds a session may last, however busy its peer keeps it (its memory is released
+    /// then); 0: no limit. Raise it for very large migrations over slow links.
+    pub max_session_s: f64,
     /// Where file-backed regions (chunk benchmarks) are created; memory regions are memfds
     /// and live nowhere in the file system.
     pub region_dir: PathBuf,
@@ -128,6 +131,7 @@ impl Default for DaemonConfig {
             max_session_bytes: 64 << 30,
             max_total_bytes: (physical_memory() / 2).max(1 << 30),
             io_timeout_s: 20.0,
+            max_session_s: 6.0 * 3600.0,
             region_dir: std::env::temp_dir(),
             stats_every_s: 0.0,
             disks: Vec::new(),
@@ -171,6 +175,9 @@ impl DaemonConfig {
             if !(v.is_finite() && (0.0..=86400.0).contains(&v)) {
                 bail!("{name} = {v}: must be between 0 and 86400 seconds");
             }
+        }
+        if !(self.max_session_s.is_finite() && (0.0..=30.0 * 86400.0).contains(&self.max_session_s)) {
+            bail!("max_session_s = {}: must be between 0 (no limit) and 30 days", self.max_session_s);
         }
         if self.handshake_timeout_s < 0.001 || self.io_timeout_s < 0.001 {
             bail!("handshake_timeout_s and io_timeout_s must be at least 0.001 s");

@@ -56,6 +56,9 @@ pub struct ServeArgs {
     /// Memory all sessions together may hold (e.g. 8G).
     #[arg(long, value_parser = livemig_app::args::parse_size)]
     pub max_total_bytes: Option<u64>,
+    /// Seconds a session may last (0: no limit).
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs)]
+    pub max_session: Option<f64>,
     /// Print the daemon's state every SECS seconds (0: never).
     #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs)]
     pub stats_every: Option<f64>,
@@ -85,6 +88,9 @@ impl ServeArgs {
         }
         if let Some(s) = self.stats_every {
             c.stats_every_s = s;
+        }
+        if let Some(s) = self.max_session {
+            c.max_session_s = s;
         }
         c.check()?;
         Ok(c)
@@ -465,6 +471,10 @@ fn session(id: u64, streams: Vec<Admitted>, kind: TransportKind, d: &Daemon) -> 
         #[cfg(not(feature = "verbs"))]
         TransportKind::Verbs => bail!("this build has no verbs support"),
     };
+    if d.cfg.max_session_s > 0.0 {
+        let limit = Duration::from_secs_f64(d.cfg.max_session_s);
+        t = Box::new(livemig_transport::SessionDeadline::new(t, limit));
+    }
     let io_timeout = d.tcp.io_timeout;
     let m = t
         .recv_message(Some(io_timeout))

@@ -19,6 +19,7 @@ pub mod bitmap;
 pub mod coalesce;
 #[cfg(any(test, feature = "test-support"))]
 pub mod conformance;
+pub mod deadline;
 pub mod gate;
 mod oob;
 pub mod region;
@@ -45,6 +46,7 @@ pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
 
 pub use bitmap::PageBitmap;
 pub use coalesce::{CoalesceConfig, Coalescer, WorkRequest};
+pub use deadline::SessionDeadline;
 pub use gate::{Admitted, Gate, GateConfig};
 pub use region::{Access, Backing, Region, RegionError, RegionId, RegionInfo, RegionTable, Registration, WriteGuard};
 pub use window::{SendWindow, WindowConfig};
