@@ -4,8 +4,9 @@
 #   bench/tcp-vs-iperf3.sh            (env: DURATION=5 SIZE=256M WINDOW=2048 LIVEMIG_BIN=...)
 #
 # Prints iperf3 single-stream throughput, livemig `bench pages` throughput for several
-# dirty patterns, the ratio livemig/iperf3 and the memcpy ceiling. Target (not asserted):
-# 4 KiB pages, random pattern, ratio >= 1.0.
+# dirty patterns, the ratio livemig/iperf3 and the memcpy ceiling, then the cost of TLS 1.3
+# (`--tls`) against plain livemig in the same run. Target (not asserted): 4 KiB pages, random
+# pattern, ratio >= 1.0.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 DURATION=${DURATION:-5}
@@ -41,3 +42,15 @@ run "livemig 4K random, no coalescing" --pattern random --no-coalesce
 run "livemig 4K random, 2 streams" --pattern random --streams 2
 run "livemig 4K runs:16" --pattern runs:16
 run "livemig 4K seq (2 MiB writes)" --pattern seq
+# TLS 1.3 (rustls, no kTLS in this kernel): the same runs through the TLS tunnel; the ratio
+# column is against iperf3, and the line below gives TLS against plain livemig.
+plain=$(run "livemig 4K random (plain, again)" --pattern random)
+tls=$(run "livemig 4K random, --tls" --pattern random --tls)
+echo "$plain"; echo "$tls"
+run "livemig 4K seq, --tls" --pattern seq --tls
+python3 - "$plain" "$tls" <<'PY'
+import sys
+g = lambda line: float(line.split()[-5]) if line.split() else 0.0
+p, t = g(sys.argv[1]), g(sys.argv[2])
+print("TLS cost, 4K random: %.2f Gbit/s with TLS vs %.2f plain = %.2fx" % (t, p, t / p if p else float("nan")))
+PY

@@ -165,3 +165,62 @@ mod tests {
         assert!(ChildSecret::new(Some(Path::new("/nonexistent/secret"))).is_err());
     }
 }
+
+/// `--tls`, or `--tls-cert/--tls-key/--tls-ca`: TLS 1.3 on the TCP connections of every
+/// session this process opens or accepts (`migrate`, `receive`, `bench pages|chunks`,
+/// `serve`). Both ends must use the same mode.
+#[derive(Debug, Clone, Default, clap::Args)]
+pub struct TlsArgs {
+    /// TLS 1.3 on every TCP connection, the peers authenticated by the shared secret bound to
+    /// each TLS session (no certificates to manage).
+    #[arg(long, global = true)]
+    pub tls: bool,
+    /// Mutual-certificate TLS: this side's certificate chain (PEM); with --tls-key and --tls-ca.
+    #[arg(long, global = true, value_name = "PEM")]
+    pub tls_cert: Option<PathBuf>,
+    /// This side's private key (PEM).
+    #[arg(long, global = true, value_name = "PEM")]
+    pub tls_key: Option<PathBuf>,
+    /// The CA a peer's certificate must chain to (PEM).
+    #[arg(long, global = true, value_name = "PEM")]
+    pub tls_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    /// The settings these flags ask for (`None`: plain TCP).
+    pub fn settings(&self) -> Result<Option<livemig_transport::tls::TlsSettings>, String> {
+        use livemig_transport::tls::TlsSettings;
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, None) => Ok(self.tls.then_some(TlsSettings::Secret)),
+            (Some(cert), Some(key), Some(ca)) => {
+                Ok(Some(TlsSettings::Certificates { cert: cert.clone(), key: key.clone(), ca: ca.clone() }))
+            }
+            _ => Err("mutual-certificate TLS takes all three of --tls-cert, --tls-key and --tls-ca".into()),
+        }
+    }
+}
+
+static TLS: std::sync::OnceLock<Option<livemig_transport::tls::TlsSettings>> = std::sync::OnceLock::new();
+
+/// Sets the process's TLS settings (once, from the command line, before any session).
+pub fn set_tls(s: Option<livemig_transport::tls::TlsSettings>) {
+    let _ = TLS.set(s);
+}
+
+/// The process's TLS settings (`None`: plain TCP).
+pub fn tls() -> Option<livemig_transport::tls::TlsSettings> {
+    TLS.get().cloned().flatten()
+}
+
+/// The flags that give a child process (the other end of `--local`/`--loopback`) the same
+/// TLS settings.
+pub fn tls_child_args() -> Vec<std::ffi::OsString> {
+    use livemig_transport::tls::TlsSettings;
+    match tls() {
+        None => Vec::new(),
+        Some(TlsSettings::Secret) => vec!["--tls".into()],
+        Some(TlsSettings::Certificates { cert, key, ca }) => {
+            vec!["--tls-cert".into(), cert.into(), "--tls-key".into(), key.into(), "--tls-ca".into(), ca.into()]
+        }
+    }
+}

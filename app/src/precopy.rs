@@ -319,7 +319,8 @@ pub fn default_io_timeout_secs() -> f64 {
 /// tolerated, on TCP (socket timeouts, TCP_USER_TIMEOUT, keepalive, completion waits) and on
 /// verbs (completion waits, out-of-band socket).
 pub fn transport_options(choice: TransportChoice, io_timeout: Duration) -> TransportOptions {
-    let tcp = TcpConfig { io_timeout, ..TcpConfig::default() };
+    let mut tcp = TcpConfig { io_timeout, ..TcpConfig::default() };
+    tcp.gate.tls = crate::args::tls();
     TransportOptions { choice, io_timeout, tcp, verbs: Default::default() }
 }
 

@@ -279,6 +279,7 @@ fn options(a: &BenchArgs) -> Result<TransportOptions> {
         zero_copy: !a.tcp_copy,
         rcv_lowat: u32::try_from(a.rcv_lowat).context("--rcv-lowat must be below 4 GiB")?,
         io_timeout: Duration::from_secs_f64(a.io_timeout),
+        gate: livemig_transport::GateConfig { tls: livemig_app::args::tls(), ..Default::default() },
         ..Default::default()
     };
     let verbs = livemig_engine::connect::VerbsOptions {
@@ -392,6 +393,7 @@ fn spawn_listener(kind: Kind, a: &BenchArgs, size: u64, ps: u64, secret: &ChildS
         .args(["--streams", &a.streams.to_string(), "--window", &a.window.to_string()])
         .args(["--rcv-lowat", &a.rcv_lowat.to_string()])
         .args(["--io-timeout", &a.io_timeout.to_string()])
+        .args(livemig_app::args::tls_child_args())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
     if let Some(b) = a.sock_buf {

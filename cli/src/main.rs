@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    #[command(flatten)]
+    tls: livemig_app::args::TlsArgs,
 }
 
 #[derive(Debug, Subcommand)]
@@ -129,6 +131,7 @@ fn run() -> anyhow::Result<()> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let cli = Cli::parse();
+    livemig_app::args::set_tls(cli.tls.settings().map_err(anyhow::Error::msg)?);
     match cli.cmd {
         Cmd::Migrate(a) => livemig_app::precopy::run_migrate(&a),
         Cmd::Receive(a) => livemig_app::precopy::run_receive(&a),

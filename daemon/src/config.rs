@@ -33,6 +33,11 @@ pub struct DaemonConfig {
     pub max_total_bytes: u64,
     /// Seconds without progress from a peer after which its session fails.
     pub io_timeout_s: f64,
+    /// TLS 1.3 on every connection of every session: `"secret"` (the shared secret, bound to
+    /// each TLS session) or `{ certificates = { cert, key, ca } }` (mutual certificates, PEM
+    /// files). Unset: the command line's `--tls…` flags, else plain TCP.
+    #[serde(default)]
+    pub tls: Option<livemig_transport::tls::TlsSettings>,
     /// Seconds a session may last, however busy its peer keeps it (its memory is released
     /// then); 0: no limit. Raise it for very large migrations over slow links.
     pub max_session_s: f64,
@@ -132,6 +137,7 @@ impl Default for DaemonConfig {
             max_total_bytes: (physical_memory() / 2).max(1 << 30),
             io_timeout_s: 20.0,
             max_session_s: 6.0 * 3600.0,
+            tls: None,
             region_dir: std::env::temp_dir(),
             stats_every_s: 0.0,
             disks: Vec::new(),

@@ -169,6 +169,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         gate: GateConfig {
             handshake_timeout: Duration::from_secs_f64(cfg.handshake_timeout_s),
             max_pending: cfg.max_pending_handshakes,
+            tls: cfg.tls.clone().or_else(livemig_app::args::tls),
         },
         ..livemig_app::precopy::transport_options(TransportChoice::Tcp, io_timeout).tcp
     };

@@ -101,6 +101,18 @@ impl Secret {
         Ok(Secret(v))
     }
 
+    /// The secret of one connection inside a TLS session: HMAC-SHA256 keyed with this secret
+    /// over the session's exported keying material (`binding`), hex-encoded. Both ends derive
+    /// the same one only if they share the secret *and* the TLS session, so a relay that
+    /// terminates TLS on each side cannot complete the handshake inside.
+    pub fn bound_to(&self, binding: &[u8]) -> Secret {
+        let mut m = <Hmac<Sha256> as Mac>::new_from_slice(&self.0).expect("HMAC accepts any key length");
+        m.update(b"livemig tls channel binding v1");
+        m.update(binding);
+        let hex: String = m.finalize().into_bytes().iter().map(|x| format!("{x:02x}")).collect();
+        Secret(hex.into_bytes())
+    }
+
     /// A fresh 256-bit random secret, hex-encoded (what `livemig secret new` writes).
     pub fn generate_hex() -> Result<String, SecretError> {
         let mut b = [0u8; 32];

@@ -30,11 +30,14 @@ pub struct GateConfig {
     pub handshake_timeout: Duration,
     /// Most connections authenticating at once; one more evicts the oldest (logged).
     pub max_pending: usize,
+    /// TLS 1.3 on every connection, before the handshake ([`crate::tls`]); both ends must
+    /// agree. `None`: plain TCP.
+    pub tls: Option<crate::tls::TlsSettings>,
 }
 
 impl Default for GateConfig {
     fn default() -> Self {
-        GateConfig { handshake_timeout: Duration::from_secs(10), max_pending: 64 }
+        GateConfig { handshake_timeout: Duration::from_secs(10), max_pending: 64, tls: None }
     }
 }
 
@@ -278,23 +281,36 @@ impl<'l> Gate<'l> {
         }
         let (secret, timeout, tx) = (self.secret.clone(), self.cfg.handshake_timeout, self.tx.clone());
         let (pending, stats, wake) = (self.pending.clone(), self.stats.clone(), self.wake_tx.clone());
+        let tls = self.cfg.tls.clone();
         let spawned = std::thread::Builder::new().name("livemig-handshake".into()).spawn(move || {
-            let r = sock.set_nonblocking(false).map_err(HandshakeError::Io).and_then(|()| {
-                let mut s = Progress { inner: Deadlined::new(&sock, Instant::now() + timeout), read: &progress };
-                auth::authenticate(&mut s, &secret, &acceptor_params())
-            });
+            let deadline = Instant::now() + timeout;
+            let r = (move || -> Result<(TcpStream, Authenticated), String> {
+                sock.set_nonblocking(false).map_err(|e| e.to_string())?;
+                // TLS first (within the same deadline), then the handshake inside it with
+                // the secret bound to the TLS session.
+                let (sock, secret) = match &tls {
+                    Some(t) => {
+                        crate::tls::wrap(sock, t, None, &secret, deadline).map_err(|e| crate::error_chain(&e))?
+                    }
+                    None => (sock, secret),
+                };
+                let mut s = Progress { inner: Deadlined::new(&sock, deadline), read: &progress };
+                let auth =
+                    auth::authenticate(&mut s, &secret, &acceptor_params()).map_err(|e| crate::error_chain(&e))?;
+                Ok((sock, auth))
+            })();
             // Leave the pending set first: an entry still there can be evicted (shut down),
             // and an authenticated connection must not be handed out after that.
             let still_ours = pending.lock().unwrap_or_else(|e| e.into_inner()).conns.remove(&id).is_some();
             match r {
-                Ok(auth) if still_ours => {
+                Ok((stream, auth)) if still_ours => {
                     stats.admitted.fetch_add(1, Ordering::Relaxed);
-                    let _ = tx.send(Admitted { stream: sock, addr, auth });
+                    let _ = tx.send(Admitted { stream, addr, auth });
                 }
                 Ok(_) => {}
                 Err(e) => {
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
-                    tracing::warn!(peer = %addr, error = %crate::error_chain(&e), "handshake failed; connection closed");
+                    tracing::warn!(peer = %addr, error = %e, "handshake failed; connection closed");
                 }
             }
             let _ = (&*wake).write(&[1]);

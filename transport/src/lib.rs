@@ -25,6 +25,7 @@ mod oob;
 pub mod region;
 pub mod tcp;
 pub mod testdata;
+pub mod tls;
 #[cfg(feature = "verbs")]
 pub mod verbs;
 pub mod window;
@@ -177,6 +178,9 @@ pub enum TransportError {
     /// Nothing arrived within the time limit.
     #[error("timed out after {0:?} waiting for {1}")]
     Timeout(Duration, &'static str),
+    /// TLS could not be set up (settings, certificates, the TLS handshake).
+    #[error("TLS: {0}")]
+    Tls(String),
     /// A work request completed with an error status (verbs).
     #[error("work request {wr_id} ({opcode}) completed with status {status}: {status_str}")]
     Completion {

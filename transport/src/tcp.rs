@@ -475,6 +475,13 @@ impl TcpTransport {
         let mut socks = Vec::new();
         for i in 0..n {
             let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
+            // The listener may be busy with other connections: each stream's authentication
+            // (TLS included) is bounded by the handshake timeout plus the I/O timeout.
+            let d = Instant::now() + cfg.gate.handshake_timeout + cfg.io_timeout;
+            let (s, conn_secret) = match &cfg.gate.tls {
+                Some(t) => crate::tls::wrap(s, t, Some(&target.ip().to_string()), secret, d)?,
+                None => (s, secret.clone()),
+            };
             tune(&s, cfg)?;
             let params = HandshakeParams {
                 role: Role::Connector,
@@ -485,10 +492,7 @@ impl TcpTransport {
                 session,
                 exposed: Vec::new(),
             };
-            // The listener may be busy with other connections: each stream's authentication
-            // is bounded by the handshake timeout plus the I/O timeout.
-            let d = Instant::now() + cfg.gate.handshake_timeout + cfg.io_timeout;
-            auth::authenticate(&mut Deadlined::new(&s, d), secret, &params)
+            auth::authenticate(&mut Deadlined::new(&s, d), &conn_secret, &params)
                 .map_err(|source| TransportError::Handshake { peer: target.to_string(), source })?;
             socks.push(s);
         }

@@ -374,6 +374,11 @@ impl VerbsTransport {
         let mut socks = Vec::with_capacity(n as usize);
         for i in 0..n {
             let s = TcpStream::connect_timeout(&target, cfg.io_timeout).map_err(io_err("connecting"))?;
+            let timeout = cfg.gate.handshake_timeout + cfg.io_timeout;
+            let (s, conn_secret) = match &cfg.gate.tls {
+                Some(t) => crate::tls::wrap(s, t, Some(&target.ip().to_string()), secret, Instant::now() + timeout)?,
+                None => (s, secret.clone()),
+            };
             tune(&s, cfg.io_timeout)?;
             let params = HandshakeParams {
                 role: Role::Connector,
@@ -384,8 +389,7 @@ impl VerbsTransport {
                 session: u64::from_le_bytes(session),
                 exposed: Vec::new(),
             };
-            let timeout = cfg.gate.handshake_timeout + cfg.io_timeout;
-            crate::gate::authenticate_within(&s, secret, &params, timeout)
+            crate::gate::authenticate_within(&s, &conn_secret, &params, timeout)
                 .map_err(|source| TransportError::Handshake { peer: target.to_string(), source })?;
             socks.push(s);
         }
