@@ -273,6 +273,10 @@ fn loopback_pair() -> Result<(TcpStream, TcpStream), TransportError> {
 fn start_tunnel(conn: rustls::Connection, raw: TcpStream) -> Result<TcpStream, TransportError> {
     let (plain, inner) = loopback_pair()?;
     let _ = raw.set_nodelay(true);
+    // The plaintext side's keepalive and TCP_USER_TIMEOUT watch a loopback socket: a vanished
+    // peer must show on the network socket instead, which then ends the tunnel (and the
+    // plaintext stream with it).
+    liveness(&raw);
     let _ = inner.set_nodelay(true);
     for s in [&raw, &inner] {
         s.set_read_timeout(None).map_err(|source| TransportError::Io { op: "the TLS tunnel's sockets", source })?;
@@ -290,6 +294,35 @@ fn start_tunnel(conn: rustls::Connection, raw: TcpStream) -> Result<TcpStream, T
         })
         .map_err(|source| TransportError::Io { op: "starting the TLS tunnel thread", source })?;
     Ok(plain)
+}
+
+/// Keepalive (probes after 7 s idle, every 7 s, 3 of them) and a 30 s TCP_USER_TIMEOUT on
+/// the network socket of a tunnel. Best effort: a refused option is logged.
+#[cfg(feature = "tls")]
+fn liveness(s: &TcpStream) {
+    let fd = s.as_raw_fd();
+    for (level, opt, val, what) in [
+        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE"),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 7, "TCP_KEEPIDLE"),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 7, "TCP_KEEPINTVL"),
+        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3, "TCP_KEEPCNT"),
+        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000, "TCP_USER_TIMEOUT"),
+    ] {
+        let v: libc::c_int = val;
+        // SAFETY: setsockopt on the open socket of `s`, with a live c_int and its size.
+        let rc = unsafe {
+            libc::setsockopt(
+                fd,
+                level,
+                opt,
+                (&v as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!(option = what, error = %std::io::Error::last_os_error(), "TLS tunnel socket option refused");
+        }
+    }
 }
 
 /// Appends the plaintext `conn` holds to `out`; true when the peer's close_notify came.
