@@ -13,7 +13,8 @@ DURATION=${DURATION:-5}
 SIZE=${SIZE:-256M}
 BIN=${LIVEMIG_BIN:-${LIVEMIG:-target/release/livemig}}
 WINDOW=${WINDOW:-2048}
-[[ -x $BIN ]] || cargo build --release -p livemig >&2
+# Built unless a binary was given (a stale one would lack newer flags).
+[[ -n ${LIVEMIG_BIN:-${LIVEMIG:-}} ]] || cargo build --release -p livemig >&2
 command -v iperf3 >/dev/null || { echo "iperf3 missing (apt-get install iperf3)" >&2; exit 1; }
 
 port=$((20000 + RANDOM % 20000))
