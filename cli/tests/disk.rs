@@ -686,7 +686,7 @@ fn a_full_disk_at_the_destination_is_reported_and_costs_the_source_nothing() {
             let _ = Command::new("umount").arg(&self.0).status();
         }
     }
-    let _u = Unmount(small.clone());
+    let u = Unmount(small.clone());
     let r = Receiver::start(&d, &["--base", "base.img", "small/dst.img"], &[]);
     let o = migrate_cmd(&d, &r.addr(), &[]).wait_with_output().unwrap();
     let err = String::from_utf8_lossy(&o.stderr);
@@ -698,4 +698,6 @@ fn a_full_disk_at_the_destination_is_reported_and_costs_the_source_nothing() {
     assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"), "{o:?}");
     drop(r);
     drop(s);
+    drop(u);
+    let _ = std::fs::remove_dir_all(&d);
 }
