@@ -170,6 +170,8 @@ fn verbs_config(opts: &TransportOptions) -> livemig_transport::verbs::VerbsConfi
         // are a queue pair each on verbs.
         urgent_channel: opts.tcp.urgent_stream,
         byte_streams: opts.tcp.byte_streams,
+        // Handshake limits and TLS on the out-of-band sockets, as on TCP.
+        gate: opts.tcp.gate.clone(),
         ..Default::default()
     }
 }

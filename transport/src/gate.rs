@@ -284,6 +284,9 @@ impl<'l> Gate<'l> {
         let tls = self.cfg.tls.clone();
         let spawned = std::thread::Builder::new().name("livemig-handshake".into()).spawn(move || {
             let deadline = Instant::now() + timeout;
+            // The network socket itself, to close when the handshake fails: with TLS, dropping
+            // the plaintext end would leave the tunnel waiting on the peer.
+            let raw = sock.try_clone().ok();
             let r = (move || -> Result<(TcpStream, Authenticated), String> {
                 sock.set_nonblocking(false).map_err(|e| e.to_string())?;
                 // TLS first (within the same deadline), then the handshake inside it with
@@ -307,8 +310,15 @@ impl<'l> Gate<'l> {
                     stats.admitted.fetch_add(1, Ordering::Relaxed);
                     let _ = tx.send(Admitted { stream, addr, auth });
                 }
-                Ok(_) => {}
+                Ok(_) => {
+                    if let Some(raw) = &raw {
+                        let _ = raw.shutdown(std::net::Shutdown::Both);
+                    }
+                }
                 Err(e) => {
+                    if let Some(raw) = &raw {
+                        let _ = raw.shutdown(std::net::Shutdown::Both);
+                    }
                     stats.rejected.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(peer = %addr, error = %e, "handshake failed; connection closed");
                 }

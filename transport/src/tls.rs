@@ -21,13 +21,20 @@
 //!   different secrets and the handshake inside fails; an eavesdropper sees only TLS.
 //! - [`TlsSettings::Certificates`]: mutual certificates. Each side presents `cert` (its
 //!   chain, PEM) with `key`, and accepts only a peer whose certificate chains to `ca`; the
-//!   connector also checks that the listener's certificate names the address it dialled (an
-//!   IP address SAN for `IP:PORT`, a DNS name otherwise). The shared-secret handshake still
-//!   runs inside, bound the same way: a session needs both.
+//!   connector also checks that the listener's certificate names the IP address it dialled
+//!   (an IP address SAN; the host name given on the command line is resolved before the
+//!   connection and not checked). The shared-secret handshake still runs inside, bound the
+//!   same way: a session needs both.
 //!
 //! The loopback pair is made by a listener on 127.0.0.1 port 0 that accepts exactly one
 //! connection, from the very socket that just connected to it (checked by address), then
 //! closes.
+//!
+//! The plaintext stream ends cleanly (FIN) only after the peer's TLS close_notify; a network
+//! EOF without one, a record that fails to decrypt or a failed socket resets it instead
+//! (ECONNRESET for its reader), so a truncated byte stream is never taken for a whole one.
+//! After this side has sent its close_notify, the tunnel waits at most 5 s for the peer's
+//! end, so a peer that never closes cannot keep the thread.
 
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -161,10 +168,11 @@ mod imp {
                     .with_root_certificates(roots(ca)?)
                     .with_client_auth_cert(load_chain(cert)?, load_key(key)?)
                     .map_err(|e| tls_err(format!("this side's certificate and key: {e}")))?;
-                let host =
-                    server.rsplit_once(':').map_or(server, |(h, _)| h).trim_start_matches('[').trim_end_matches(']');
-                let name = ServerName::try_from(host.to_string())
-                    .map_err(|e| tls_err(format!("{host} as a certificate name: {e}")))?;
+                let name = match server.parse::<std::net::IpAddr>() {
+                    Ok(ip) => ServerName::IpAddress(ip.into()),
+                    Err(_) => ServerName::try_from(server.to_string())
+                        .map_err(|e| tls_err(format!("{server} as a certificate name: {e}")))?,
+                };
                 (cfg, name)
             }
         };
@@ -286,11 +294,17 @@ fn start_tunnel(conn: rustls::Connection, raw: TcpStream) -> Result<TcpStream, T
     std::thread::Builder::new()
         .name("livemig-tls".into())
         .spawn(move || {
-            if let Err(e) = tunnel(conn, &raw, &inner) {
-                tracing::debug!(error = %e, "TLS tunnel ended");
+            match tunnel(conn, &raw, &inner) {
+                Ok(()) => {
+                    let _ = inner.shutdown(Shutdown::Both);
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "TLS tunnel failed");
+                    // Reset, not FIN: the plaintext reader must not take this for an end.
+                    reset_on_close(&inner);
+                }
             }
             let _ = raw.shutdown(Shutdown::Both);
-            let _ = inner.shutdown(Shutdown::Both);
         })
         .map_err(|source| TransportError::Io { op: "starting the TLS tunnel thread", source })?;
     Ok(plain)
@@ -325,6 +339,26 @@ fn liveness(s: &TcpStream) {
     }
 }
 
+/// Makes the close of `s` a reset (SO_LINGER with a zero timeout).
+#[cfg(feature = "tls")]
+fn reset_on_close(s: &TcpStream) {
+    let l = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: setsockopt on the open socket of `s`, with a live linger struct and its size.
+    unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        );
+    }
+}
+
+/// How long the tunnel waits for the peer's end once its own has been sent.
+#[cfg(feature = "tls")]
+const LINGER: Duration = Duration::from_secs(5);
+
 /// Appends the plaintext `conn` holds to `out`; true when the peer's close_notify came.
 #[cfg(feature = "tls")]
 fn drain_plaintext(conn: &mut rustls::Connection, buf: &mut [u8], out: &mut Vec<u8>) -> std::io::Result<bool> {
@@ -349,6 +383,7 @@ fn tunnel(mut conn: rustls::Connection, raw: &TcpStream, inner: &TcpStream) -> s
     let mut out: Vec<u8> = Vec::new(); // decrypted, not yet written to `inner`
     let mut at = 0;
     let (mut inner_eof, mut raw_eof, mut inner_shut, mut raw_shut) = (false, false, false, false);
+    let mut linger_until: Option<Instant> = None;
     loop {
         // Records to the network.
         while conn.wants_write() {
@@ -378,7 +413,17 @@ fn tunnel(mut conn: rustls::Connection, raw: &TcpStream, inner: &TcpStream) -> s
             raw_eof = drain_plaintext(&mut conn, &mut buf, &mut out)?;
             if out.is_empty() && !raw_eof {
                 match conn.read_tls(&mut &*raw) {
-                    Ok(0) => raw_eof = true,
+                    Ok(0) => {
+                        // The network ended: whole only if the peer's close_notify came.
+                        conn.process_new_packets().map_err(std::io::Error::other)?;
+                        if !drain_plaintext(&mut conn, &mut buf, &mut out)? {
+                            return Err(std::io::Error::new(
+                                std::io::ErrorKind::UnexpectedEof,
+                                "the peer's TLS stream ended without close_notify",
+                            ));
+                        }
+                        raw_eof = true;
+                    }
                     Ok(_) => {
                         conn.process_new_packets().map_err(std::io::Error::other)?;
                         raw_eof = drain_plaintext(&mut conn, &mut buf, &mut out)?;
@@ -413,6 +458,10 @@ fn tunnel(mut conn: rustls::Connection, raw: &TcpStream, inner: &TcpStream) -> s
         if inner_eof && !conn.wants_write() && !raw_shut {
             let _ = raw.shutdown(Shutdown::Write);
             raw_shut = true;
+            linger_until = Some(Instant::now() + LINGER);
+        }
+        if !raw_eof && linger_until.is_some_and(|t| Instant::now() >= t) {
+            return Err(std::io::Error::new(std::io::ErrorKind::TimedOut, "the peer did not end its TLS stream"));
         }
         if inner_eof && raw_eof && out.is_empty() && !conn.wants_write() {
             return Ok(());
@@ -431,8 +480,11 @@ fn tunnel(mut conn: rustls::Connection, raw: &TcpStream, inner: &TcpStream) -> s
         if at < out.len() {
             inner_ev |= libc::POLLOUT;
         }
+        // A network socket with nothing to wait for stays out of the poll (its hang-up would
+        // be reported over and over).
+        let raw_fd = if raw_ev == 0 { -1 } else { raw.as_raw_fd() };
         let mut fds = [
-            libc::pollfd { fd: raw.as_raw_fd(), events: raw_ev, revents: 0 },
+            libc::pollfd { fd: raw_fd, events: raw_ev, revents: 0 },
             libc::pollfd { fd: inner.as_raw_fd(), events: inner_ev, revents: 0 },
         ];
         // SAFETY: poll on two pollfd structs this frame owns, for sockets kept open by the caller.
@@ -443,7 +495,9 @@ fn tunnel(mut conn: rustls::Connection, raw: &TcpStream, inner: &TcpStream) -> s
                 return Err(e);
             }
         }
-        // A hung-up side with nothing more to read ends its direction.
+        if fds[0].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
+            return Err(std::io::Error::other("the network socket failed"));
+        }
         if fds[1].revents & (libc::POLLERR | libc::POLLNVAL) != 0 {
             return Err(std::io::Error::other("the plaintext side failed"));
         }
@@ -454,6 +508,50 @@ fn tunnel(mut conn: rustls::Connection, raw: &TcpStream, inner: &TcpStream) -> s
 mod tests {
     use super::*;
     use crate::{conformance as conf, GateConfig, TcpConfig, TcpListener as Listener, TcpTransport};
+    use std::io::{Read, Write};
+
+    /// Two ends of one TLS connection over loopback, plaintext ends returned, with a handle on
+    /// the client's network socket.
+    fn tls_pair() -> (TcpStream, TcpStream, TcpStream) {
+        let secret = Secret::new("truncation-test-secret-truncation-test").unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let s2 = secret.clone();
+        let server = std::thread::spawn(move || {
+            let (raw, _) = l.accept().unwrap();
+            wrap(raw, &TlsSettings::Secret, None, &s2, Instant::now() + Duration::from_secs(5)).unwrap().0
+        });
+        let raw = TcpStream::connect(addr).unwrap();
+        let handle = raw.try_clone().unwrap();
+        let (client, _) =
+            wrap(raw, &TlsSettings::Secret, Some("127.0.0.1"), &secret, Instant::now() + Duration::from_secs(5)).unwrap();
+        (client, server.join().unwrap(), handle)
+    }
+
+    /// A stream ends whole only with the peer's close_notify: a network EOF without it (a
+    /// cut, or an attacker's FIN) resets the plaintext side, so its reader gets an error, not
+    /// a shorter stream.
+    #[test]
+    fn only_close_notify_ends_a_stream_cleanly() {
+        let data = vec![0x5au8; 1 << 20];
+        // Clean: the writer ends its plaintext side.
+        let (mut c, mut s, _h) = tls_pair();
+        c.write_all(&data).unwrap();
+        c.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        s.read_to_end(&mut got).unwrap();
+        assert_eq!(got.len(), data.len());
+        // Truncated: the network socket ends under the tunnel (no close_notify).
+        let (mut c, mut s, h) = tls_pair();
+        c.write_all(&data).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        h.shutdown(Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let r = s.read_to_end(&mut got);
+        assert!(r.is_err(), "a truncated stream read as a whole one ({} bytes)", got.len());
+    }
 
     /// A relay that terminates TLS towards each side (it needs no secret for that: the
     /// certificates are not checked in this mode) and passes the plaintext through: the

@@ -445,7 +445,19 @@ impl VerbsTransport {
         let mut main = Self::establish(first, peer.clone(), cfg, regions)?;
         if urgent {
             let s = it.next().ok_or_else(|| TransportError::Disconnected("the urgent connection is missing".into()))?;
-            let u = Self::establish(s, peer.clone(), cfg, regions)?;
+            // Urgent writes are single pages: local sources are registered in 2 MiB chunks
+            // as they are used rather than pinned whole a second time (exposed regions are
+            // registered whole on every connection that may write them).
+            let ucfg = VerbsConfig {
+                registration: match cfg.registration {
+                    super::RegistrationMode::PinAll => super::RegistrationMode::OnDemand {
+                        chunk_size: std::num::NonZeroU64::new(2 << 20).expect("non-zero"),
+                    },
+                    other => other,
+                },
+                ..cfg.clone()
+            };
+            let u = Self::establish(s, peer.clone(), &ucfg, regions)?;
             main.urgent = Some(Arc::new(urgent::VerbsUrgent::new(u)));
         }
         let bcfg = bytes::channel_config(cfg);

@@ -99,6 +99,8 @@ fn pump(t: &mut VerbsTransport, sock: &UnixStream) -> Result<(), TransportError>
     let mut out: Vec<u8> = Vec::new();
     let mut out_at = 0;
     let (mut local_done, mut peer_done) = (false, false);
+    // Set once the connection broke while received bytes still wait for the caller.
+    let mut deliver_until: Option<std::time::Instant> = None;
     loop {
         t.progress()?;
         // Peer → caller.
@@ -153,9 +155,20 @@ fn pump(t: &mut VerbsTransport, sock: &UnixStream) -> Result<(), TransportError>
             }
         }
         if local_done && peer_done && out_at >= out.len() {
-            return t.settle_sends();
+            // The peer has both directions' ends: a failure to confirm ours now is its exit.
+            let _ = t.settle_sends();
+            return Ok(());
         }
         if let Err(e) = t.usable() {
+            // The peer may have ended its direction and closed while its last messages still
+            // wait here for a slow caller: deliver them first (within the I/O timeout).
+            let pending = out_at < out.len() || !t.rx.arrived.is_empty();
+            let until = *deliver_until.get_or_insert_with(|| std::time::Instant::now() + t.cfg.io_timeout);
+            if !peer_done && pending && std::time::Instant::now() < until {
+                let mut fds = [libc::pollfd { fd: sock.as_raw_fd(), events: libc::POLLOUT, revents: 0 }];
+                poll_fds(&mut fds, Duration::from_millis(100))?;
+                continue;
+            }
             return Err(match e {
                 TransportError::Disconnected(why) if !peer_done => TransportError::Disconnected(format!(
                     "the byte channel's peer went away before ending its stream: {why}"
@@ -177,7 +190,10 @@ fn pump(t: &mut VerbsTransport, sock: &UnixStream) -> Result<(), TransportError>
             events |= libc::POLLOUT;
         }
         fds.push(libc::pollfd { fd: sock.as_raw_fd(), events, revents: 0 });
-        poll_fds(&mut fds, PUMP_SLEEP)?;
+        // Credit returns raise no completion here: while the caller has bytes for us and
+        // the peer owes credits, look again soon.
+        let starved = !local_done && !can_send(t);
+        poll_fds(&mut fds, if starved { Duration::from_millis(1) } else { PUMP_SLEEP })?;
         t.after_wait(&fds)?;
     }
 }

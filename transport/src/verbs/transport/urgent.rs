@@ -95,6 +95,34 @@ impl Inner {
         Ok(())
     }
 
+    /// Waits (within the I/O timeout) until a SEND can go without waiting for the peer's
+    /// credits, reading meanwhile what arrives (queued for `recv`) and returning credits: two
+    /// ends that send to each other while holding their locks never wait on each other.
+    /// Credit returns raise no completion here, so the wait polls in 1 ms slices.
+    fn room_to_send(&mut self) -> Result<(), TransportError> {
+        let limit = self.t.cfg.io_timeout;
+        let deadline = Instant::now() + limit;
+        loop {
+            self.drain()?;
+            self.t.return_credits(true)?;
+            if self.t.credits_available() > 0 && self.t.sq.has_room(2) {
+                return Ok(());
+            }
+            self.t.usable()?;
+            if Instant::now() >= deadline {
+                return Err(TransportError::Timeout(limit, "a receive credit from the peer (urgent channel)"));
+            }
+            match self.t.prepare_wait()? {
+                None => {}
+                Some(mut fds) if !fds.is_empty() => {
+                    poll_fds(&mut fds, Duration::from_millis(1))?;
+                    self.t.after_wait(&fds)?;
+                }
+                Some(_) => std::thread::yield_now(),
+            }
+        }
+    }
+
     fn refuse(&mut self, d: DecodeError) -> TransportError {
         self.t.set_broken(Broken::Protocol(d.clone()));
         TransportError::Protocol(d)
@@ -110,7 +138,9 @@ impl UrgentChannel for VerbsUrgent {
                 wire::MAX_MESSAGE
             )));
         }
-        self.lock().t.send_message(&UrgentMsg::Message(msg).encode())
+        let mut g = self.lock();
+        g.room_to_send()?;
+        g.t.send_message(&UrgentMsg::Message(msg).encode())
     }
 
     fn post_write(&self, w: &WriteRequest<'_>) -> Result<(), TransportError> {
@@ -124,6 +154,7 @@ impl UrgentChannel for VerbsUrgent {
             // Announced on this queue pair before the peer told us about it elsewhere: read it.
             g.drain()?;
         }
+        g.room_to_send()?;
         g.t.post_writes(std::slice::from_ref(w))?;
         let placed = UrgentMsg::Placed { region: w.remote, offset: w.remote_offset, len };
         g.t.send_message(&placed.encode())
