@@ -236,6 +236,15 @@ fn verbs_urgent_pages_during_bulk() {
 }
 
 #[test]
+fn verbs_urgent_burst() {
+    if !run("verbs_urgent_burst") {
+        return;
+    }
+    // 200 requests at once: far more than the 32 receive buffers of the urgent queue pair.
+    conf::urgent_burst(&pair(VerbsConfig { urgent_channel: true, ..cfg() }), 200);
+}
+
+#[test]
 fn verbs_no_urgent_or_byte_channel_unless_asked() {
     if !run("verbs_no_urgent_or_byte_channel_unless_asked") {
         return;

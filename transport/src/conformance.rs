@@ -331,3 +331,48 @@ pub fn byte_channels_beside_bulk(connect: Connect<'_>, big: usize) {
     assert_eq!(&got, msg);
     drop((a, b));
 }
+
+/// A burst of demand requests sent before any answer is read (more than the channel has
+/// receive buffers on verbs), answered by a responder that writes each page: every answer
+/// arrives, none waits on the other side's unread messages.
+pub fn urgent_burst(connect: Connect<'_>, requests: usize) {
+    let rg = regions(4 << 20);
+    let pages = rg.src.pages();
+    let mut all = PageBitmap::new(pages);
+    all.set_range(0, pages);
+    fill_pages(&rg.src, &all, 0xb0b);
+    let (tx, rx) = connect(&rg.src_table, &rg.dst_table);
+    let (su, du) = (tx.urgent().expect("sender's urgent channel"), rx.urgent().expect("receiver's urgent channel"));
+    let remote = tx.peer_regions()[0].id;
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            for _ in 0..requests {
+                match su.recv(Some(Duration::from_secs(30))).expect("urgent recv at the sender") {
+                    Some(crate::UrgentEvent::Message(m)) => {
+                        let p = u64::from_le_bytes(m.as_slice().try_into().expect("an 8-byte request"));
+                        let seg = [Segment { offset: p * 4096, len: 4096 }];
+                        su.post_write(&WriteRequest { local: 1, segments: &seg, remote, remote_offset: p * 4096 })
+                            .expect("urgent write");
+                    }
+                    other => panic!("the sender expected a request, got {other:?}"),
+                }
+            }
+        });
+        for i in 0..requests {
+            du.send_message(&((i % pages) as u64).to_le_bytes()).expect("urgent request in a burst");
+        }
+        let mut placed = std::collections::BTreeSet::new();
+        for _ in 0..requests {
+            match du.recv(Some(Duration::from_secs(30))).expect("urgent recv at the receiver") {
+                Some(crate::UrgentEvent::Placed { offset, len: 4096, .. }) => {
+                    placed.insert(offset / 4096);
+                }
+                other => panic!("the receiver expected a placement, got {other:?}"),
+            }
+        }
+        assert_eq!(placed.len(), requests.min(pages), "every requested page placed");
+    });
+    // SAFETY: both ends are idle now (every write was reported placed).
+    let (a, b) = unsafe { (rg.src.as_slice(), rg.dst.as_slice()) };
+    assert!(a[..requests.min(pages) * 4096] == b[..requests.min(pages) * 4096], "placed pages hold the source's bytes");
+}

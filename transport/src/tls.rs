@@ -524,7 +524,8 @@ mod tests {
         let raw = TcpStream::connect(addr).unwrap();
         let handle = raw.try_clone().unwrap();
         let (client, _) =
-            wrap(raw, &TlsSettings::Secret, Some("127.0.0.1"), &secret, Instant::now() + Duration::from_secs(5)).unwrap();
+            wrap(raw, &TlsSettings::Secret, Some("127.0.0.1"), &secret, Instant::now() + Duration::from_secs(5))
+                .unwrap();
         (client, server.join().unwrap(), handle)
     }
 

@@ -407,6 +407,11 @@ fn urgent_cfg(streams: u8) -> TcpConfig {
 }
 
 #[test]
+fn conformance_urgent_burst() {
+    conf::urgent_burst(&pair_with(urgent_cfg(1)), 200);
+}
+
+#[test]
 fn conformance_urgent_pages_during_bulk() {
     let t = conf::urgent_pages_during_bulk(&pair_with(urgent_cfg(1)), 64 << 20, 200);
     assert_eq!(t.len(), 200);

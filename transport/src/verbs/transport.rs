@@ -445,19 +445,11 @@ impl VerbsTransport {
         let mut main = Self::establish(first, peer.clone(), cfg, regions)?;
         if urgent {
             let s = it.next().ok_or_else(|| TransportError::Disconnected("the urgent connection is missing".into()))?;
-            // Urgent writes are single pages: local sources are registered in 2 MiB chunks
-            // as they are used rather than pinned whole a second time (exposed regions are
-            // registered whole on every connection that may write them).
-            let ucfg = VerbsConfig {
-                registration: match cfg.registration {
-                    super::RegistrationMode::PinAll => super::RegistrationMode::OnDemand {
-                        chunk_size: std::num::NonZeroU64::new(2 << 20).expect("non-zero"),
-                    },
-                    other => other,
-                },
-                ..cfg.clone()
-            };
-            let u = Self::establish(s, peer.clone(), &ucfg, regions)?;
+            // Registered like the bulk connection (pin-all pins every region a second time):
+            // registering on first use instead would pin pages in the middle of a post-copy,
+            // where a source page still write-protected by a synchronous userfaultfd tracker
+            // that has stopped would block the registration for good.
+            let u = Self::establish(s, peer.clone(), cfg, regions)?;
             main.urgent = Some(Arc::new(urgent::VerbsUrgent::new(u)));
         }
         let bcfg = bytes::channel_config(cfg);
