@@ -1,13 +1,55 @@
 //! Pieces both backends share: the listening TCP socket (TCP carries everything over it;
-//! verbs uses it out of band for the handshake and QP setup) and I/O error context.
+//! verbs uses it out of band for the handshake and QP setup), socket options and I/O error
+//! context.
 
-use std::net::{SocketAddr, ToSocketAddrs};
+use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+use std::os::fd::AsRawFd;
+use std::time::Duration;
 
 use crate::TransportError;
 
 /// Wraps an `io::Error` with the operation that failed.
 pub(crate) fn io_err(op: &'static str) -> impl FnOnce(std::io::Error) -> TransportError {
     move |source| TransportError::Io { op, source }
+}
+
+/// Sets an integer socket option on `s`.
+pub(crate) fn set_int_option(s: &impl AsRawFd, level: i32, opt: i32, val: i32) -> std::io::Result<()> {
+    // SAFETY: `s` keeps its descriptor open for the call; the option value is a live i32
+    // whose size is passed alongside, and setsockopt only reads it.
+    let rc = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            level,
+            opt,
+            (&val as *const i32).cast(),
+            std::mem::size_of::<i32>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+/// Keepalive on `s` so that a vanished host shows within about `timeout` even with nothing
+/// outstanding: probes after `timeout / 3` idle (1 s to 2 h), every `timeout / 3`, 3 of them.
+pub(crate) fn keepalive(s: &TcpStream, timeout: Duration) -> Result<(), TransportError> {
+    let idle = (timeout.as_secs() / 3).clamp(1, 7200) as i32;
+    set_int_option(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1).map_err(io_err("setting SO_KEEPALIVE"))?;
+    set_int_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle).map_err(io_err("setting TCP_KEEPIDLE"))?;
+    set_int_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, idle).map_err(io_err("setting TCP_KEEPINTVL"))?;
+    set_int_option(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3).map_err(io_err("setting TCP_KEEPCNT"))
+}
+
+/// Takes channel `i` out of `slots` (each can be taken once); `missing` says why there is no
+/// such channel.
+pub(crate) fn take_channel<T>(slots: &mut [Option<T>], i: usize, missing: &'static str) -> Result<T, TransportError> {
+    match slots.get_mut(i) {
+        Some(slot) => slot.take().ok_or(TransportError::Unsupported("this byte-stream channel was already taken")),
+        None => Err(TransportError::Unsupported(missing)),
+    }
 }
 
 /// A bound listening socket.

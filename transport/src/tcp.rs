@@ -35,7 +35,7 @@
 //! reader wakes the acknowledgers through their own condition variable, so placing data does
 //! not wake threads that wait for messages or acknowledgements.
 
-use crate::oob::{io_err, BoundListener};
+use crate::oob::{io_err, keepalive, set_int_option, take_channel, BoundListener};
 use std::collections::VecDeque;
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream, ToSocketAddrs};
@@ -245,19 +245,7 @@ pub struct TcpListener {
 
 fn tune(s: &TcpStream, cfg: &TcpConfig) -> Result<(), TransportError> {
     s.set_nodelay(true).map_err(io_err("setting TCP_NODELAY"))?;
-    let fd = s.as_raw_fd();
-    let set = |level: i32, opt: i32, val: i32| {
-        // SAFETY: `fd` is an open socket owned by `s`; the option value is a live i32 whose
-        // size is passed alongside.
-        let rc = unsafe {
-            libc::setsockopt(fd, level, opt, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
-        };
-        if rc != 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
+    let set = |level: i32, opt: i32, val: i32| set_int_option(s, level, opt, val);
     if let Some(b) = cfg.socket_buffer {
         let b = b.min(i32::MAX as usize) as i32;
         // As root the FORCE variants lift the net.core.{w,r}mem_max cap.
@@ -271,11 +259,7 @@ fn tune(s: &TcpStream, cfg: &TcpConfig) -> Result<(), TransportError> {
     // A vanished peer (host down, link cut) must surface as an error, not a hang.
     let ms = cfg.io_timeout.as_millis().min(i32::MAX as u128) as i32;
     set(libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms).map_err(io_err("setting TCP_USER_TIMEOUT"))?;
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1).map_err(io_err("setting SO_KEEPALIVE"))?;
-    let idle = (cfg.io_timeout.as_secs() / 3).clamp(1, 7200) as i32;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle).map_err(io_err("setting TCP_KEEPIDLE"))?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, idle).map_err(io_err("setting TCP_KEEPINTVL"))?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3).map_err(io_err("setting TCP_KEEPCNT"))?;
+    keepalive(s, cfg.io_timeout)?;
     s.set_write_timeout(Some(cfg.io_timeout)).map_err(io_err("setting the write timeout"))?;
     Ok(())
 }
@@ -761,21 +745,15 @@ fn cvt(rc: isize) -> std::io::Result<usize> {
 /// (expedited forwarding) for routers that honour it, so that a queue holding the bulk
 /// streams' packets lets them pass. Best effort: a refusal only costs the priority.
 fn mark_urgent(s: &TcpStream) {
-    let fd = s.as_raw_fd();
     // IP_TOS also sets the socket priority (from the TOS bits): priority goes last.
     for (level, opt, val, what) in [
         (libc::IPPROTO_IP, libc::IP_TOS, 0xb8, "IP_TOS"),
         (libc::IPPROTO_IPV6, libc::IPV6_TCLASS, 0xb8, "IPV6_TCLASS"),
         (libc::SOL_SOCKET, libc::SO_PRIORITY, 6, "SO_PRIORITY"),
     ] {
-        // SAFETY: `fd` is an open socket owned by `s`; the option value is a live i32 whose
-        // size is passed alongside.
-        let rc = unsafe {
-            libc::setsockopt(fd, level, opt, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
-        };
-        if rc != 0 {
+        if let Err(e) = set_int_option(s, level, opt, val) {
             // IPv6 options on an IPv4 socket and the reverse fail; that is expected.
-            tracing::trace!(option = what, error = %std::io::Error::last_os_error(), "not marking the urgent stream");
+            tracing::trace!(option = what, error = %e, "not marking the urgent stream");
         }
     }
 }
@@ -1368,15 +1346,9 @@ impl Transport for TcpTransport {
     }
 
     fn byte_channel(&mut self, i: usize) -> Result<Box<dyn crate::ByteChannel>, TransportError> {
-        match self.byte_streams.get_mut(i) {
-            Some(slot) => match slot.take() {
-                Some(s) => Ok(Box::new(TcpByteChannel { sock: s })),
-                None => Err(TransportError::Unsupported("this byte-stream channel was already taken")),
-            },
-            None => Err(TransportError::Unsupported(
-                "this TCP session has no such byte-stream channel (TcpConfig::byte_streams)",
-            )),
-        }
+        let missing = "this TCP session has no such byte-stream channel (TcpConfig::byte_streams)";
+        let sock = take_channel(&mut self.byte_streams, i, missing)?;
+        Ok(Box::new(TcpByteChannel { sock }))
     }
 
     fn urgent(&self) -> Result<Arc<dyn UrgentChannel>, TransportError> {

@@ -314,28 +314,11 @@ fn start_tunnel(conn: rustls::Connection, raw: TcpStream) -> Result<TcpStream, T
 /// the network socket of a tunnel. Best effort: a refused option is logged.
 #[cfg(feature = "tls")]
 fn liveness(s: &TcpStream) {
-    let fd = s.as_raw_fd();
-    for (level, opt, val, what) in [
-        (libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1, "SO_KEEPALIVE"),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 7, "TCP_KEEPIDLE"),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 7, "TCP_KEEPINTVL"),
-        (libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3, "TCP_KEEPCNT"),
-        (libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000, "TCP_USER_TIMEOUT"),
-    ] {
-        let v: libc::c_int = val;
-        // SAFETY: setsockopt on the open socket of `s`, with a live c_int and its size.
-        let rc = unsafe {
-            libc::setsockopt(
-                fd,
-                level,
-                opt,
-                (&v as *const libc::c_int).cast(),
-                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-            )
-        };
-        if rc != 0 {
-            tracing::warn!(option = what, error = %std::io::Error::last_os_error(), "TLS tunnel socket option refused");
-        }
+    if let Err(e) = crate::oob::keepalive(s, Duration::from_secs(21)) {
+        tracing::warn!(error = %e, "TLS tunnel keepalive refused");
+    }
+    if let Err(e) = crate::oob::set_int_option(s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, 30_000) {
+        tracing::warn!(error = %e, "TLS tunnel TCP_USER_TIMEOUT refused");
     }
 }
 

@@ -303,25 +303,8 @@ fn tune(s: &TcpStream, timeout: Duration) -> Result<(), TransportError> {
     s.set_nodelay(true).map_err(io_err("setting TCP_NODELAY"))?;
     s.set_read_timeout(Some(timeout)).map_err(io_err("setting the read timeout"))?;
     s.set_write_timeout(Some(timeout)).map_err(io_err("setting the write timeout"))?;
-    let fd = s.as_raw_fd();
-    let set = |level: i32, opt: i32, val: i32| {
-        // SAFETY: `fd` is the open socket of `s`; the value is a live i32 whose size is passed.
-        let rc = unsafe {
-            libc::setsockopt(fd, level, opt, (&val as *const i32).cast(), std::mem::size_of::<i32>() as libc::socklen_t)
-        };
-        if rc != 0 {
-            Err(std::io::Error::last_os_error())
-        } else {
-            Ok(())
-        }
-    };
     // The socket is the liveness channel of the connection: a vanished host must show up.
-    set(libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1).map_err(io_err("setting SO_KEEPALIVE"))?;
-    let idle = (timeout.as_secs() / 3).clamp(1, 7200) as i32;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle).map_err(io_err("setting TCP_KEEPIDLE"))?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, idle).map_err(io_err("setting TCP_KEEPINTVL"))?;
-    set(libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3).map_err(io_err("setting TCP_KEEPCNT"))?;
-    Ok(())
+    crate::oob::keepalive(s, timeout)
 }
 
 fn expect_frame(s: &mut TcpStream, peer: &str, kind: FrameType, what: &'static str) -> Result<Frame, TransportError> {
@@ -1505,15 +1488,9 @@ impl Transport for VerbsTransport {
     }
 
     fn byte_channel(&mut self, i: usize) -> Result<Box<dyn ByteChannel>, TransportError> {
-        match self.byte_conns.get_mut(i) {
-            Some(slot) => match slot.take() {
-                Some(t) => Ok(Box::new(bytes::VerbsByteChannel::start(t, i)?)),
-                None => Err(TransportError::Unsupported("this byte-stream channel was already taken")),
-            },
-            None => Err(TransportError::Unsupported(
-                "this verbs session has no such byte-stream channel (VerbsConfig::byte_streams)",
-            )),
-        }
+        let missing = "this verbs session has no such byte-stream channel (VerbsConfig::byte_streams)";
+        let t = crate::oob::take_channel(&mut self.byte_conns, i, missing)?;
+        Ok(Box::new(bytes::VerbsByteChannel::start(t, i)?))
     }
 
     fn urgent(&self) -> Result<Arc<dyn UrgentChannel>, TransportError> {
