@@ -6,13 +6,28 @@
 #  - benchmarks/tests: iperf3, iproute2 (netns, veth, tc), procps (kill, for the CLI in-doubt tests)
 #  - NBD clients for the disk tests and benchmarks: qemu-utils (qemu-img, qemu-io, qemu-nbd),
 #    libnbd-bin (nbdinfo, nbdcopy)
+#  - QEMU with livemig's patch (qemu-patch/qemu/build.sh): a deb-src entry for bookworm (added
+#    to /etc/apt/sources.list.d/ when none exists) and the build dependencies of a minimal build
 #  - an S3 server for the image-repository tests and benchmarks: s3s-fs (crates.io, built with
 #    cargo install; the version is pinned to one that builds with this Rust)
 set -euo pipefail
 SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
       ibverbs-utils perftest iproute2 iperf3 jq qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3 procps
-      qemu-utils libnbd-bin)
+      qemu-utils libnbd-bin dpkg-dev ninja-build meson libglib2.0-dev libpixman-1-dev flex bison python3-venv
+      zlib1g-dev libfdt-dev patch)
+# Sources for the patched QEMU build (apt-get source qemu).
+if ! grep -rqs '^Types:.*deb-src\|^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+  echo "adding a deb-src entry for bookworm (the patched QEMU's source)" >&2
+  $SUDO tee /etc/apt/sources.list.d/livemig-bookworm-src.sources >/dev/null <<'SRC'
+Types: deb-src
+URIs: http://deb.debian.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+  $SUDO apt-get update -qq
+fi
 missing=()
 for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
 if [[ ${#missing[@]} -gt 0 ]]; then

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # The project's test command (README, CI):
+#  0. QEMU with livemig's patch is built (qemu-patch/qemu/build.sh) for the external-RAM test;
 #  1. unit + integration tests on the host (TCP backend, conformance, adversarial peers,
 #     two-process transfers, dirty tracking, workloads, policies, pre-copy migrations);
 #     verbs tests skip on the host with a visible message (no RDMA device here);
@@ -17,6 +18,11 @@ export LIVEMIG_REQUIRE_QEMU=1
 # The image-repository tests run against a real S3 server on loopback (s3s-fs, which
 # install-deps.sh installs); elsewhere they skip with a message.
 export LIVEMIG_REQUIRE_S3=1
+# QEMU with livemig's patch (external RAM): Debian's QEMU 7.2 source, patched and built once
+# into target/qemu-livemig (about 3 minutes on 2 cores; reused while the patches are unchanged).
+echo "== QEMU with livemig's patch" >&2
+LIVEMIG_QEMU_PATCHED=$(qemu-patch/qemu/build.sh)
+export LIVEMIG_QEMU_PATCHED
 cargo test --workspace --features livemig/fault-injection,livemig-tests/fault-injection
 echo "== fuzzing (${FUZZ_SECONDS:-20}s per target)" >&2
 fuzz/run.sh "${FUZZ_SECONDS:-20}"

@@ -54,10 +54,40 @@ impl Guest {
 
     /// A guest with `append` on its kernel command line and `extra` QEMU arguments.
     fn start_with(dir: &Path, guest: &Path, name: &str, incoming: bool, append: &str, extra: &[String]) -> Guest {
+        Guest::start_on(Path::new("qemu-system-x86_64"), &["-M", "q35"], dir, guest, name, incoming, append, extra)
+    }
+
+    /// A guest of the QEMU with livemig's patch (`qemu`), its RAM a shared memfd.
+    fn start_patched(qemu: &Path, dir: &Path, guest: &Path, name: &str, incoming: bool) -> Guest {
+        let m = [
+            "-L",
+            "/usr/share/qemu",
+            "-L",
+            "/usr/share/seabios",
+            "-M",
+            "q35,memory-backend=mem0",
+            "-object",
+            "memory-backend-memfd,id=mem0,size=256M,share=on",
+        ];
+        Guest::start_on(qemu, &m, dir, guest, name, incoming, "dirty=64,24,0", &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_on(
+        qemu: &Path,
+        machine: &[&str],
+        dir: &Path,
+        guest: &Path,
+        name: &str,
+        incoming: bool,
+        append: &str,
+        extra: &[String],
+    ) -> Guest {
         let qmp = dir.join(format!("{name}.qmp"));
         let serial = dir.join(format!("{name}.serial"));
-        let mut c = Command::new("qemu-system-x86_64");
-        c.args(["-accel", "tcg", "-M", "q35", "-m", "256", "-smp", "1", "-display", "none", "-nodefaults"])
+        let mut c = Command::new(qemu);
+        c.args(machine)
+            .args(["-accel", "tcg", "-m", "256", "-smp", "1", "-display", "none", "-nodefaults"])
             .args(["-monitor", "none", "-no-reboot", "-serial"])
             .arg(format!("file:{}", serial.display()))
             .arg("-kernel")
@@ -532,5 +562,154 @@ fn a_guest_and_its_livemig_disk_move_together() {
     }
     step("B's checker catches a corrupted block");
     drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// QEMU with livemig's patch: `LIVEMIG_QEMU_PATCHED` (scripts/test.sh builds it with
+/// qemu-patch/qemu/build.sh). Required when LIVEMIG_REQUIRE_QEMU is set.
+fn patched_qemu() -> Option<PathBuf> {
+    let p = std::env::var_os("LIVEMIG_QEMU_PATCHED").map(PathBuf::from).filter(|p| p.is_file());
+    if p.is_none() {
+        assert!(
+            std::env::var_os("LIVEMIG_REQUIRE_QEMU").is_none(),
+            "LIVEMIG_QEMU_PATCHED must name QEMU built with livemig's patch (qemu-patch/qemu/build.sh)"
+        );
+        eprintln!("SKIPPED: LIVEMIG_QEMU_PATCHED is not set (build it with qemu-patch/qemu/build.sh)");
+    }
+    p
+}
+
+fn migrate_ram(dir: &Path, src: &Guest, to: &str, strategy: &str) -> Command {
+    let mut c = Command::new(BIN);
+    c.args(["qemu", "migrate", "--secret-file", "secret", "--max-time", "120", "--ram", "livemig", "--strategy"])
+        .arg(strategy)
+        .arg("--src-qmp")
+        .arg(&src.qmp)
+        .args(["--to", to, "--socket-dir"])
+        .arg(dir)
+        .current_dir(dir);
+    c
+}
+
+fn is_running(g: &Guest) -> bool {
+    qmp_status(&g.qmp).contains("\"running\": true")
+}
+
+/// The guest's RAM moved by livemig's engine between QEMUs with livemig's patch (QEMU's own
+/// stream carries the device state only): a corrupted page is caught and the source runs on;
+/// a migration killed during pre-copy leaves the source running (and it migrates again after,
+/// through the same userfaultfd); pre-copy, hybrid and post-copy move a guest that dirties
+/// memory flat out, and it goes on at each destination; a post-copy migration whose source dies
+/// leaves the destination's guest blocked on its missing pages, never reading wrong memory.
+#[test]
+fn qemus_ram_moved_by_livemig() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !available() {
+        return;
+    }
+    let Some(qemu) = patched_qemu() else { return };
+    let (dir, guest) = setup("livemig-qemu-ram");
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
+    let a = Guest::start_patched(&qemu, &dir, &guest, "a", false);
+    a.wait_counter(2, Duration::from_secs(90));
+    step("A booted");
+
+    // A page corrupted on its way: the destination's digest disagrees, nothing runs there,
+    // A runs on.
+    let b = Guest::start_patched(&qemu, &dir, &guest, "b", true);
+    let (_cb, addr) = carrier(&dir, &b, "b");
+    let o = migrate_ram(&dir, &a, &addr, "precopy").env("LIVEMIG_CORRUPT_PAGE", "3000").output().unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a corrupted page must fail the migration: {err}");
+    assert!(err.contains("digest") || err.contains("checksum"), "{err}");
+    assert!(is_running(&a), "A runs on: {}", qmp_status(&a.qmp));
+    let now = a.counter().unwrap();
+    a.wait_counter(now + 2, Duration::from_secs(30));
+    drop(b);
+    step("a corrupted page was caught; A runs on");
+
+    // livemig killed during pre-copy: A runs on.
+    let b = Guest::start_patched(&qemu, &dir, &guest, "b2", true);
+    let (_cb, addr) = carrier(&dir, &b, "b2");
+    let mut m =
+        Proc(migrate_ram(&dir, &a, &addr, "precopy").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(m.0.stdout.take().unwrap());
+        let mut line = String::new();
+        while r.read_line(&mut line).unwrap() > 0 && !line.starts_with("round 1") {
+            line.clear();
+        }
+        assert!(line.starts_with("round 1"), "pre-copy never reported its first round");
+    }
+    m.0.kill().unwrap();
+    let _ = m.0.wait();
+    assert!(is_running(&a), "A runs on after livemig died in pre-copy: {}", qmp_status(&a.qmp));
+    let now = a.counter().unwrap();
+    a.wait_counter(now + 2, Duration::from_secs(30));
+    drop(b);
+    step("livemig killed in pre-copy; A runs on");
+
+    // Pre-copy, hybrid, post-copy: each destination goes on from its source's counter.
+    let mut src = a;
+    for (i, strategy) in ["precopy", "hybrid", "postcopy"].into_iter().enumerate() {
+        let d = Guest::start_patched(&qemu, &dir, &guest, &format!("d{i}"), true);
+        let (mut cd, addr) = carrier(&dir, &d, &format!("d{i}"));
+        let before = src.counter().unwrap();
+        let o = migrate_ram(&dir, &src, &addr, strategy).arg("--json").output().unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        assert!(o.status.success(), "{strategy}: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        assert_eq!((v["status"].as_str(), v["dest_running"].as_bool()), (Some("completed"), Some(true)), "{v}");
+        assert_eq!(v["blocks"][0][1], 256u64 << 20, "{v}");
+        assert!(v["checksum"].as_str().is_some_and(|c| c.len() >= 16), "both ends agreed on every page: {v}");
+        // QEMU's own stream carried no guest RAM: its firmware blocks and the device state only.
+        assert!(v["qemu_stream_bytes"].as_u64().unwrap() < 4 << 20, "{v}");
+        if strategy != "postcopy" {
+            assert_eq!(v["tracker"], "uffd-wp-async+pagemap-scan", "{v}");
+        }
+        if strategy != "precopy" {
+            assert!(v["dest_ram"]["pages"].as_u64() == Some(65536), "{v}");
+        }
+        assert!(cd.0.wait().unwrap().success());
+        assert!(qmp_status(&src.qmp).contains("postmigrate"), "the source stays stopped: {}", qmp_status(&src.qmp));
+        d.wait_counter(before + 2, Duration::from_secs(30));
+        step(&format!(
+            "{strategy}: paused {:.1} ms, {:.1} MiB sent by livemig",
+            v["stop_to_resume_ms"].as_f64().unwrap_or(-1.0),
+            v["engine"]["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
+        ));
+        src = d;
+    }
+
+    // Post-copy whose source dies mid-push: the destination's guest waits on its missing
+    // pages (its counter stops), the carrier says so.
+    let e = Guest::start_patched(&qemu, &dir, &guest, "e", true);
+    let (mut ce, addr) = carrier(&dir, &e, "e");
+    let mut m =
+        Proc(migrate_ram(&dir, &src, &addr, "postcopy").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
+    {
+        use std::io::BufRead;
+        let mut r = std::io::BufReader::new(m.0.stdout.take().unwrap());
+        let mut line = String::new();
+        // Once the guest runs at E (its counter shows), while pages are still being pushed.
+        while r.read_line(&mut line).unwrap() > 0 && !(line.starts_with("post-copy:") && e.counter().is_some()) {
+            line.clear();
+        }
+        assert!(line.starts_with("post-copy:"), "post-copy ended before the guest ran at E: {line}");
+    }
+    m.0.kill().unwrap();
+    let _ = m.0.wait();
+    let st = ce.0.wait().unwrap();
+    let err = std::fs::read_to_string(dir.join("e-carrier.err")).unwrap();
+    assert!(!st.success(), "the destination carrier must fail: {err}");
+    assert!(err.contains("pages"), "{err}");
+    let stuck = e.counter();
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(e.counter(), stuck, "the destination's guest must not run on without its pages");
+    assert!(stuck.is_some(), "the guest ran at E before the source died");
+    step("post-copy source killed: the destination's guest waits on its missing pages");
+    drop((src, e));
     let _ = std::fs::remove_dir_all(&dir);
 }

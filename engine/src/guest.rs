@@ -167,6 +167,24 @@ impl GuestMemory {
     }
 }
 
+/// Guest memory mapped by another process: a VMM (QEMU with livemig's patch) that shares
+/// its memory's files with this process, which maps them itself (the regions of a
+/// [`GuestMemory`]), and hands over a userfaultfd of its own address space. The ioctls on
+/// that descriptor act on the VMM's mappings whoever issues them: livemig registers the
+/// ranges it needs, write-protects them to track the guest's writes at a source
+/// ([`crate::dirty::MemoryTracker::foreign`]), or serves the guest's faults at a destination
+/// ([`crate::postcopy::Placer::foreign`]).
+#[derive(Debug)]
+pub struct Foreign {
+    /// The VMM's process id (its `/proc/PID/pagemap` is scanned for written pages).
+    pub pid: u32,
+    /// A userfaultfd of the VMM's address space, created there and not configured yet
+    /// (or configured by an earlier receiver of the same kind).
+    pub uffd: std::os::fd::OwnedFd,
+    /// Where each region of the memory is mapped in the VMM, in page-space order.
+    pub addrs: Vec<usize>,
+}
+
 /// A failure of the embedder's guest (pausing, resuming, saving or loading its state).
 #[derive(Debug, thiserror::Error)]
 #[error("{op} failed")]
@@ -201,7 +219,10 @@ pub trait GuestControl: Send {
     /// The device state (vCPU registers, device models, anything outside guest memory),
     /// taken while paused and given to the destination's start closure.
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError>;
-    /// The destination runs the guest: this paused copy must never run again.
+    /// The destination runs the guest, or is ready to (pre-copy: its memory is verified;
+    /// post-copy: it resumed, and pages still follow): this paused copy must never run
+    /// again. A VMM that moves its device state outside the engine (QEMU with external RAM
+    /// sends it on its own migration stream) lets it go now.
     fn handed_over(&mut self) {}
     /// A monotonic count of the guest's work (pages touched, instructions, requests) for the
     /// rate figures of the summary; `None` when the embedder has none.

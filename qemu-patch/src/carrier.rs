@@ -42,6 +42,10 @@ pub enum CarrierMsg {
         /// on the authenticated connection with no relay; else relay every channel.
         #[serde(default)]
         handoff: bool,
+        /// livemig moves the guest's RAM itself (QEMU with livemig's patch); QEMU's stream
+        /// carries the device state only.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        external_ram: Option<crate::ram::ExternalRam>,
     },
     /// Destination → source: QEMU is waiting for the stream.
     Ready,
@@ -59,6 +63,9 @@ pub enum CarrierMsg {
         /// QEMU's timestamp of the guest's `RESUME` there, seconds since the epoch.
         #[serde(default)]
         resumed_at: Option<f64>,
+        /// With external RAM: the destination engine's report.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        ram: Option<Value>,
     },
 }
 
@@ -370,7 +377,12 @@ pub struct DestOutcome {
 /// Runs the destination carrier on an accepted session.
 pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcome, CarrierError> {
     let (caps, params) = match recv(&mut *t, o.timeout, "the source carrier's Prepare")? {
-        CarrierMsg::Prepare { capabilities, parameters, handoff } => (capabilities, (parameters, handoff)),
+        CarrierMsg::Prepare { capabilities, external_ram: Some(ram), .. } => {
+            return crate::ram::receive_ram(t, o, capabilities, ram)
+        }
+        CarrierMsg::Prepare { capabilities, parameters, handoff, external_ram: None } => {
+            (capabilities, (parameters, handoff))
+        }
         m => return Err(CarrierError::Peer(format!("{m:?} instead of Prepare"))),
     };
     let (caps, params, handoff) = (caps, params.0, params.1);
@@ -463,7 +475,7 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
         bytes_back: counters.back.load(Ordering::Acquire),
         elapsed_s: started.elapsed().as_secs_f64(),
     };
-    let _ = send(&mut *t, &CarrierMsg::Finished { status, running, resumed_at });
+    let _ = send(&mut *t, &CarrierMsg::Finished { status, running, resumed_at, ram: None });
     // Let the report leave before the session closes.
     let _ = t.recv_message(Some(Duration::from_millis(200)));
     relays.map(|()| out)
@@ -471,7 +483,7 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
 
 /// Waits for the destination QEMU's migration to end; returns its status and whether the
 /// guest runs, and notes when QEMU said it resumed the guest.
-fn watch_dest(
+pub(crate) fn watch_dest(
     q: &mut Qmp,
     started: Instant,
     max_time: Duration,

@@ -114,7 +114,10 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
     if a.channels > 1 {
         params.insert("multifd-channels".into(), serde_json::json!(a.channels - 1));
     }
-    carrier::send(&mut *t, &CarrierMsg::Prepare { capabilities: caps, parameters: params, handoff: false })?;
+    carrier::send(
+        &mut *t,
+        &CarrierMsg::Prepare { capabilities: caps, parameters: params, handoff: false, external_ram: None },
+    )?;
     match carrier::recv(&mut *t, io_timeout + Duration::from_secs(10), "the destination carrier's Ready")? {
         CarrierMsg::Ready => {}
         m => bail!("the destination carrier answered {m:?}"),
@@ -219,14 +222,108 @@ pub struct QemuMigrateArgs {
     /// Hybrid: disk chunks written this many times are held back from the push.
     #[arg(long, default_value_t = 2)]
     pub disk_threshold: u32,
+    /// Who moves the guest's RAM: QEMU's own stream (qemu), or livemig's engine (livemig:
+    /// needs QEMU with livemig's patch on both hosts and RAM in shared memory,
+    /// `memory-backend-memfd,share=on`; QEMU's stream then carries the device state only).
+    #[arg(long, value_enum, default_value_t = RamMover::Qemu)]
+    pub ram: RamMover,
+    /// With --ram livemig: how the RAM moves (pre-copy rounds decided by --policy, post-copy,
+    /// or hybrid: one pass, then post-copy).
+    #[arg(long, value_enum, default_value_t = crate::ram::RamStrategy::Precopy)]
+    pub strategy: crate::ram::RamStrategy,
+    /// With --ram livemig: the session's backend (auto: verbs when an RDMA device is up).
+    #[arg(long, default_value = "tcp", value_parser = livemig_app::args::transport_parser())]
+    pub transport: livemig_engine::connect::TransportChoice,
     /// Machine-readable summary (JSON) on stdout; no per-pass lines.
     #[arg(long)]
     pub json: bool,
 }
 
+/// Who moves a QEMU guest's RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum RamMover {
+    /// QEMU's migration stream (livemig carries it).
+    Qemu,
+    /// livemig's engine, through QEMU's `x-livemig-attach` (livemig's QEMU patch).
+    Livemig,
+}
+
+/// `livemig qemu migrate --ram livemig`.
+fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
+    if a.multifd > 0 || a.postcopy || !a.disk.is_empty() || a.relay {
+        bail!("--ram livemig moves the RAM itself: --multifd, --postcopy, --disk and --relay do not apply");
+    }
+    let o = crate::ram::RamOptions {
+        src_qmp: a.src_qmp.clone(),
+        to: a.to.clone(),
+        strategy: a.strategy,
+        policy: a.policy,
+        transport: a.transport,
+        io_timeout: Duration::from_secs_f64(a.io_timeout),
+        max_time: Duration::from_secs_f64(a.max_time),
+        socket_dir: a.socket_dir.clone(),
+    };
+    let json = a.json;
+    let s = crate::ram::migrate_ram(&o, secret, &mut |l| {
+        if !json {
+            println!("{l}");
+        }
+    })
+    .context("QEMU migration with livemig moving the RAM")?;
+    if json {
+        println!("{}", serde_json::to_string(&s)?);
+    } else {
+        let mib: u64 = s.blocks.iter().map(|b| b.1).sum::<u64>() >> 20;
+        let f = |k: &str| s.engine.get(k).and_then(|v| v.as_f64());
+        println!(
+            "QEMU RAM ({} MiB in {} block(s)) moved by livemig ({}, {}, writes tracked by {}): {:.0} ms total; \
+             engine {:.2} s, {:.1} MiB sent; \
+             the guest was paused {} (source STOP to destination RESUME); \
+             QEMU's own stream {:.1} KiB; digest {} verified; destination {}{}",
+            mib,
+            s.blocks.len(),
+            s.strategy,
+            s.transport,
+            s.tracker,
+            s.total_ms,
+            f("total_s").unwrap_or(0.0),
+            f("bytes").unwrap_or(0.0) / (1 << 20) as f64,
+            s.stop_to_resume_ms.map_or("?".into(), |ms| format!("{ms:.1} ms")),
+            s.qemu_stream_bytes as f64 / 1024.0,
+            s.checksum.as_deref().map_or("-", |c| &c[..c.len().min(16)]),
+            s.dest_status,
+            if s.dest_running { ", guest running" } else { ", guest NOT running" }
+        );
+        if let Some(r) = s.engine.get("end_reason").and_then(|v| v.as_str()) {
+            println!("pre-copy ended: {r}");
+        }
+        if let Some(d) = &s.dest_ram {
+            if let Some(p99) = d.get("fault_p99_us").and_then(|v| v.as_f64()) {
+                println!(
+                    "destination faults: {} demand requests, service p50 {:.0} µs, p99 {p99:.0} µs",
+                    d.get("demand_requests").and_then(|v| v.as_u64()).unwrap_or(0),
+                    d.get("fault_p50_us").and_then(|v| v.as_f64()).unwrap_or(0.0)
+                );
+            }
+        }
+    }
+    if s.status != "completed" || !s.dest_running {
+        bail!(
+            "QEMU's migration ended {} at the source and {} at the destination (guest running there: {})",
+            s.status,
+            s.dest_status,
+            s.dest_running
+        );
+    }
+    Ok(())
+}
+
 /// Entry point of `livemig qemu migrate`.
 pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
     let secret = Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
+    if a.ram == RamMover::Livemig {
+        return run_migrate_ram(a, &secret);
+    }
     let o = MigrateOptions {
         src_qmp: a.src_qmp.clone(),
         to: a.to.clone(),

@@ -7,13 +7,19 @@
 //! - [`controller`]: livemig's convergence policies fed with QEMU's per-pass figures.
 //! - [`disks`]: disks that move with the migration, handed over while QEMU waits in
 //!   `pre-switchover`.
+//! - [`external`]: external RAM — QEMU's guest RAM moved by livemig's engine (needs QEMU with
+//!   livemig's patch), QEMU's stream carrying the device state.
 //! - [`migrate`]: `livemig qemu migrate` — the source QEMU driven over QMP through the carrier.
+//! - [`ram`]: `livemig qemu migrate --ram livemig` — the engine moves QEMU's RAM, QEMU's
+//!   stream the device state.
 //! - [`cli`]: the commands.
 
 pub mod carrier;
 pub mod cli;
 pub mod controller;
 pub mod disks;
+pub mod external;
 pub mod migrate;
 pub mod qmp;
+pub mod ram;
 pub mod relay;

@@ -174,7 +174,10 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     // A single channel is handed to QEMU itself at both ends: QEMU speaks on the
     // authenticated connection and nothing is relayed.
     let handoff = o.multifd == 0 && !o.relay;
-    carrier::send(&mut *t, &CarrierMsg::Prepare { capabilities: caps.clone(), parameters: params.clone(), handoff })?;
+    carrier::send(
+        &mut *t,
+        &CarrierMsg::Prepare { capabilities: caps.clone(), parameters: params.clone(), handoff, external_ram: None },
+    )?;
     match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination carrier's Ready")? {
         CarrierMsg::Ready => {}
         CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
@@ -502,7 +505,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         return Ok(sum);
     }
     match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination's outcome") {
-        Ok(CarrierMsg::Finished { status, running, resumed_at }) => {
+        Ok(CarrierMsg::Finished { status, running, resumed_at, .. }) => {
             sum.dest_status = status;
             sum.dest_running = running;
             if let (Some(stop), Some(resume)) = (stopped_at, resumed_at) {

@@ -44,7 +44,7 @@ use std::io;
 
 use livemig_transport::{PageBitmap, Region};
 
-use crate::guest::GuestMemory;
+use crate::guest::{Foreign, GuestMemory};
 
 pub use uffd_async::UffdAsyncTracker;
 pub use uffd_sync::{UffdSyncTracker, Unpopulated};
@@ -87,7 +87,7 @@ pub enum DirtyOp {
     WriteProtect,
     /// `UFFDIO_WRITEPROTECT` (un-protect and wake).
     Unprotect,
-    /// Opening `/proc/self/pagemap`.
+    /// Opening `/proc/self/pagemap` (or another process's).
     OpenPagemap,
     /// The `PAGEMAP_SCAN` ioctl.
     PagemapScan,
@@ -112,7 +112,7 @@ impl std::fmt::Display for DirtyOp {
             DirtyOp::Unregister => "UFFDIO_UNREGISTER",
             DirtyOp::WriteProtect => "UFFDIO_WRITEPROTECT (protect)",
             DirtyOp::Unprotect => "UFFDIO_WRITEPROTECT (un-protect)",
-            DirtyOp::OpenPagemap => "opening /proc/self/pagemap",
+            DirtyOp::OpenPagemap => "opening /proc/…/pagemap",
             DirtyOp::PagemapScan => "PAGEMAP_SCAN",
             DirtyOp::ReadEvents => "reading userfaultfd events",
             DirtyOp::Poll => "polling the userfaultfd",
@@ -158,6 +158,9 @@ pub enum DirtyError {
     /// The embedder's dirty log failed ([`ExternalDirtyLog`]).
     #[error("the embedder's dirty log failed")]
     External(#[source] Box<dyn std::error::Error + Send + Sync>),
+    /// Memory of another process described inconsistently ([`MemoryTracker::foreign`]).
+    #[error("foreign memory: {0}")]
+    Foreign(String),
     /// The region's page size is not a multiple or divisor of the system page size.
     #[error("region page size {page} is incompatible with the system page size {os_page}")]
     PageSize {
@@ -259,6 +262,43 @@ impl DirtySource for MemoryTracker {
 
     fn mechanism(&self) -> &'static str {
         self.parts.first().map_or("none", |(_, t, _)| t.mechanism())
+    }
+}
+
+impl MemoryTracker {
+    /// Tracks writes to guest memory that another process maps — a VMM that shared its
+    /// memory's files (`memory`'s regions are this process's mappings of them) and handed over
+    /// a userfaultfd of its address space ([`Foreign`]): asynchronous write-protect registered
+    /// through that descriptor on the VMM's own mappings, and `PAGEMAP_SCAN` over
+    /// `/proc/PID/pagemap`, which reports and re-protects the pages its threads wrote. Needs
+    /// the kernel's `WP_ASYNC` and `PAGEMAP_SCAN` (no synchronous fallback: a fault on
+    /// another process's memory would stall its vCPUs on this one).
+    pub fn foreign(memory: &GuestMemory, foreign: Foreign) -> Result<Self, DirtyError> {
+        let Foreign { pid, uffd, addrs } = foreign;
+        if addrs.len() != memory.regions().len() {
+            return Err(DirtyError::Foreign(format!(
+                "{} addresses for {} regions",
+                addrs.len(),
+                memory.regions().len()
+            )));
+        }
+        let support = kernel_support()?;
+        if !support.has_async() {
+            return Err(DirtyError::Unsupported {
+                mechanism: "uffd-wp-async on another process",
+                missing: "UFFD_FEATURE_WP_ASYNC, UFFD_FEATURE_WP_UNPOPULATED, PAGEMAP_SCAN".into(),
+            });
+        }
+        let uffd =
+            std::sync::Arc::new(sys::Uffd::adopt(uffd, sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED)?);
+        let pagemap = std::sync::Arc::new(sys::Pagemap::open_pid(pid)?);
+        let mut parts = Vec::with_capacity(addrs.len());
+        for (i, (r, &addr)) in memory.regions().iter().zip(&addrs).enumerate() {
+            let geo = Geometry::new(addr, r.len() as usize, r.page_size() as usize, sys::os_page_size())?;
+            let t = UffdAsyncTracker::with(uffd.clone(), pagemap.clone(), geo);
+            parts.push((memory.base(i), Box::new(t) as Box<dyn DirtySource>, PageBitmap::new(r.pages())));
+        }
+        Ok(Self { parts })
     }
 }
 

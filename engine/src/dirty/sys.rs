@@ -217,6 +217,21 @@ impl Uffd {
         Ok(Uffd { fd, features: api.features })
     }
 
+    /// Takes a userfaultfd another process created (of that process's address space: every
+    /// ioctl on it acts there, whoever issues it) and negotiates `features` with UFFDIO_API.
+    /// A descriptor configured before (handed over again to a restarted receiver) keeps its
+    /// features: UFFDIO_API refuses it with EINVAL, and `features` are assumed.
+    pub(crate) fn adopt(fd: OwnedFd, features: u64) -> Result<Self, DirtyError> {
+        let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
+        // SAFETY: UFFDIO_API reads and writes exactly one `struct uffdio_api` (repr(C), three
+        // u64) on a descriptor we own; on anything but a userfaultfd it fails (ENOTTY).
+        match cvt(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api as *mut UffdioApi) } as _) {
+            Ok(_) => Ok(Uffd { fd, features: api.features }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && features != 0 => Ok(Uffd { fd, features }),
+            Err(e) => Err(DirtyError::Os { op: DirtyOp::UffdApi, source: e }),
+        }
+    }
+
     fn syscall(flags: libc::c_int) -> io::Result<OwnedFd> {
         // SAFETY: userfaultfd(2) takes one int flag argument and returns a new fd or -1.
         let fd = cvt(unsafe { libc::syscall(libc::SYS_userfaultfd, flags) })?;
@@ -370,6 +385,14 @@ impl Pagemap {
     /// Opens `/proc/self/pagemap` read-only.
     pub(crate) fn open() -> Result<Self, DirtyError> {
         let file = File::open("/proc/self/pagemap").map_err(os_err(DirtyOp::OpenPagemap))?;
+        Ok(Pagemap { file })
+    }
+
+    /// Opens `/proc/PID/pagemap` of another process read-only (needs ptrace read access to
+    /// it: the same user without restrictions, or CAP_SYS_PTRACE). PAGEMAP_SCAN on it walks
+    /// that process's page tables.
+    pub(crate) fn open_pid(pid: u32) -> Result<Self, DirtyError> {
+        let file = File::open(format!("/proc/{pid}/pagemap")).map_err(os_err(DirtyOp::OpenPagemap))?;
         Ok(Pagemap { file })
     }
 

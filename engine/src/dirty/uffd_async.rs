@@ -1,5 +1,7 @@
 //! Asynchronous userfaultfd write-protect + PAGEMAP_SCAN (Linux 6.7+).
 
+use std::sync::Arc;
+
 use livemig_transport::{PageBitmap, Region};
 
 use super::sys::{self, PageRegion, Pagemap, Uffd};
@@ -16,8 +18,8 @@ const SCAN_VEC: usize = 1024;
 /// never-touched pages are protected too, so their first write is seen.
 #[derive(Debug)]
 pub struct UffdAsyncTracker {
-    uffd: Uffd,
-    pagemap: Pagemap,
+    uffd: Arc<Uffd>,
+    pagemap: Arc<Pagemap>,
     geo: Geometry,
     registered: bool,
     armed: bool,
@@ -49,7 +51,14 @@ impl UffdAsyncTracker {
         // (the unprivileged fallback) loses nothing.
         let uffd = Uffd::open(sys::UFFD_FEATURE_WP_ASYNC | sys::UFFD_FEATURE_WP_UNPOPULATED, true)?;
         let pagemap = Pagemap::open()?;
-        Ok(UffdAsyncTracker {
+        Ok(Self::with(Arc::new(uffd), Arc::new(pagemap), geo))
+    }
+
+    /// A tracker of the range `geo` through a configured `uffd` and the pagemap of the
+    /// address space it belongs to (this process's or another's; several trackers may share
+    /// both).
+    pub(super) fn with(uffd: Arc<Uffd>, pagemap: Arc<Pagemap>, geo: Geometry) -> Self {
+        UffdAsyncTracker {
             uffd,
             pagemap,
             geo,
@@ -57,7 +66,7 @@ impl UffdAsyncTracker {
             armed: false,
             vec: vec![PageRegion::default(); SCAN_VEC],
             round: PageBitmap::new(geo.pages),
-        })
+        }
     }
 }
 

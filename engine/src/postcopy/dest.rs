@@ -27,7 +27,7 @@ use serde::Serialize;
 
 use super::pages::{OnArrival, OnFault, OnZero, PageStates};
 use super::uffd::{Placer, PlacerError};
-use crate::guest::{GuestError, GuestMemory};
+use crate::guest::{Foreign, GuestError, GuestMemory};
 use crate::integrity::{Digest, PageDigests};
 use crate::precopy::proto::{self, Msg, PageRun, Strategy, MAX_STATE};
 use crate::precopy::{check_fit, error_chain, Mismatch};
@@ -279,6 +279,39 @@ pub fn receive(
     cfg: &PostcopyDestConfig,
     on_progress: &mut dyn FnMut(u64, u64),
 ) -> Result<PostcopyDestReport, PostcopyDestError> {
+    receive_with(t, first, memory, aliases, Box::new(|| Placer::new(memory, aliases)), start, cfg, on_progress)
+}
+
+/// [`receive`] into guest memory another process maps ([`Foreign`]: a VMM that shared its
+/// memory's files and handed over a userfaultfd of its address space). `memory`'s regions
+/// are this process's mappings of those files: they are what `t` exposes and where pages
+/// arrive, and the VMM's threads that touch a page not installed yet wait on its
+/// userfaultfd for this process to install it. `start` is called once the placement is
+/// armed, before the device state reaches the VMM.
+pub fn receive_foreign(
+    t: &mut dyn Transport,
+    first: Option<Vec<u8>>,
+    memory: &GuestMemory,
+    foreign: Foreign,
+    start: &mut dyn FnMut(Vec<u8>) -> Result<(), GuestError>,
+    cfg: &PostcopyDestConfig,
+    on_progress: &mut dyn FnMut(u64, u64),
+) -> Result<PostcopyDestReport, PostcopyDestError> {
+    let aliases = memory.regions().to_vec();
+    receive_with(t, first, memory, &aliases, Box::new(|| Placer::foreign(memory, foreign)), start, cfg, on_progress)
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive_with(
+    t: &mut dyn Transport,
+    first: Option<Vec<u8>>,
+    memory: &GuestMemory,
+    aliases: &[Arc<Region>],
+    placer: Box<dyn FnOnce() -> Result<Placer, PlacerError> + '_>,
+    start: &mut dyn FnMut(Vec<u8>) -> Result<(), GuestError>,
+    cfg: &PostcopyDestConfig,
+    on_progress: &mut dyn FnMut(u64, u64),
+) -> Result<PostcopyDestReport, PostcopyDestError> {
     let span = tracing::info_span!("postcopy_receive", memory_bytes = memory.len(), transport = %t.kind());
     let _span = span.enter();
     let urgent = t.urgent().map_err(PostcopyDestError::NoUrgentChannel)?;
@@ -323,7 +356,7 @@ pub fn receive(
         }
         m => return Err(PostcopyDestError::Protocol(format!("{} instead of Begin", m.name()))),
     };
-    let mut placer = match Placer::new(memory, aliases) {
+    let mut placer = match placer() {
         Ok(p) => p,
         Err(e) => return Err(refuse(t, PostcopyDestError::Placer(e))),
     };
@@ -404,7 +437,7 @@ pub fn receive(
         return Err(e);
     }
     let device_state_bytes = state.len() as u64;
-    if let Err(e) = placer.arm() {
+    if let Err(e) = placer.arm().and_then(|()| punch_missing(&placer, &states)) {
         let e = PostcopyDestError::Placer(e);
         let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
         return Err(e);
@@ -491,6 +524,28 @@ pub fn receive(
             Err(PostcopyDestError::GuestLost { installed, pages: pages as u64, source: Box::new(e) })
         }
     }
+}
+
+/// In another process's view (see [`Placer::foreign`]), pages it mapped before the placer
+/// was armed would never fault: every page that has not arrived is punched out of the page
+/// cache, which unmaps it there too, so its first access faults.
+fn punch_missing(placer: &Placer, states: &PageStates) -> Result<(), PlacerError> {
+    if !placer.is_foreign() {
+        return Ok(());
+    }
+    let mut p = 0;
+    while p < states.pages() {
+        if states.has_arrived(p) {
+            p += 1;
+            continue;
+        }
+        let first = p;
+        while p < states.pages() && !states.has_arrived(p) {
+            p += 1;
+        }
+        placer.punch(first, p - first)?;
+    }
+    Ok(())
 }
 
 /// Removes the write guards of the staging aliases when the session ends, whichever way.

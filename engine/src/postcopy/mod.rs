@@ -17,7 +17,7 @@ pub mod prepage;
 pub mod source;
 pub mod uffd;
 
-pub use dest::{receive, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
+pub use dest::{receive, receive_foreign, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
 pub use pages::{OnArrival, OnFault, OnZero, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
 pub use source::{

@@ -424,9 +424,17 @@ fn run(
     // From Commit on, the destination may run the guest: never resume here.
     let res = std::thread::scope(|s| {
         let responder = s.spawn(|| respond(&*urgent, memory, &remotes, &shared, &stop));
+        // The guest runs at the destination from `Resumed` on: the source's copy is handed
+        // over then (a VMM whose device state still has to reach the destination sends it
+        // now), while its pages follow.
+        let mut handed = false;
         let mut on_resumed = || {
             if let Some(d) = dirty.as_deref_mut() {
                 d.stop();
+            }
+            if resumed.load(Ordering::SeqCst) && !handed {
+                handed = true;
+                guest.handed_over();
             }
         };
         let r = push_phase(
@@ -464,7 +472,6 @@ fn run(
     if !resumed.load(Ordering::SeqCst) {
         return res.map(|_| unreachable!("no Resumed means an error")).map_err(|e| PostcopyError::InDoubt(Box::new(e)));
     }
-    guest.handed_over();
     let (resumed_at, pushed_at, checksum, zero_pages) = res.map_err(|e| PostcopyError::HandedOver(Box::new(e)))?;
     let dirty_ran = strategy == Strategy::Hybrid;
     let st: PrepageStats = lock(&shared).prepager.stats();

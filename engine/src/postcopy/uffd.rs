@@ -22,7 +22,7 @@ use std::time::Duration;
 use livemig_transport::{Access, Backing, Region, RegionError, RegionId};
 
 use crate::dirty::sys::{self, Uffd, UffdMsg};
-use crate::guest::GuestMemory;
+use crate::guest::{Foreign, GuestMemory};
 
 /// Why the placer could not be set up or failed.
 #[derive(Debug, thiserror::Error)]
@@ -73,7 +73,10 @@ fn os(op: &'static str) -> impl FnOnce(io::Error) -> PlacerError {
 
 #[derive(Debug)]
 struct View {
-    view: Arc<Region>,
+    /// Where the guest sees the region: in this process, or in the VMM that handed over the
+    /// userfaultfd (foreign memory).
+    addr: usize,
+    len: usize,
     alias: Arc<Region>,
     /// First page of the region in the page space.
     base: usize,
@@ -109,6 +112,7 @@ pub struct Placer {
     views: Vec<View>,
     page_size: usize,
     armed: bool,
+    foreign: bool,
 }
 
 impl Placer {
@@ -127,7 +131,13 @@ impl Placer {
                         source: io::Error::new(io::ErrorKind::InvalidInput, "no staging alias of this region's size"),
                     },
                 })?;
-            views.push(View { view: r.clone(), alias: alias.clone(), base: memory.base(i), pages: r.pages() });
+            views.push(View {
+                addr: r.as_ptr() as usize,
+                len: r.len() as usize,
+                alias: alias.clone(),
+                base: memory.base(i),
+                pages: r.pages(),
+            });
         }
         // Not the user-mode-only fallback: kernel accesses to guest memory (system calls on
         // its buffers, futexes) must block on missing pages too, not fail with EFAULT.
@@ -136,7 +146,41 @@ impl Placer {
         if uffd.supported_features() & sys::UFFD_FEATURE_MINOR_SHMEM == 0 {
             return Err(PlacerError::NoMinorShmem);
         }
-        Ok(Placer { uffd, views, page_size: memory.page_size() as usize, armed: false })
+        Ok(Placer { uffd, views, page_size: memory.page_size() as usize, armed: false, foreign: false })
+    }
+
+    /// A placer for guest memory another process maps ([`Foreign`]): `memory`'s regions are
+    /// this process's mappings of the same files and serve as the staging views (what the
+    /// transport exposes, writable by the peer); the guest's views are the VMM's mappings, at
+    /// `foreign.addrs`, registered through its userfaultfd by [`arm`](Self::arm). Unlike local
+    /// memory, pages the VMM maps already cannot be unmapped from here: the caller punches
+    /// every page that has not arrived once armed ([`punch`](Self::punch) unmaps them
+    /// everywhere), and an arrived page the VMM maps already counts as installed.
+    pub fn foreign(memory: &GuestMemory, foreign: Foreign) -> Result<Self, PlacerError> {
+        let Foreign { uffd, addrs, .. } = foreign;
+        if addrs.len() != memory.regions().len() {
+            return Err(PlacerError::Range { first: addrs.len(), n: memory.regions().len() });
+        }
+        let mut views = Vec::with_capacity(addrs.len());
+        for (i, (r, &addr)) in memory.regions().iter().zip(&addrs).enumerate() {
+            if r.fd().is_none() || matches!(r.backing(), Backing::Anonymous) {
+                return Err(PlacerError::NotShared { index: i, backing: r.backing() });
+            }
+            views.push(View { addr, len: r.len() as usize, alias: r.clone(), base: memory.base(i), pages: r.pages() });
+        }
+        let uffd = Uffd::adopt(uffd, sys::UFFD_FEATURE_MINOR_SHMEM).map_err(|e| PlacerError::Os {
+            op: "UFFDIO_API",
+            source: io::Error::other(crate::precopy::error_chain(&e)),
+        })?;
+        if uffd.supported_features() & sys::UFFD_FEATURE_MINOR_SHMEM == 0 {
+            return Err(PlacerError::NoMinorShmem);
+        }
+        Ok(Placer { uffd, views, page_size: memory.page_size() as usize, armed: false, foreign: true })
+    }
+
+    /// Whether the guest's views are another process's ([`Placer::foreign`]).
+    pub fn is_foreign(&self) -> bool {
+        self.foreign
     }
 
     /// Registers the guest's views with userfaultfd (missing and minor faults). From now on,
@@ -144,17 +188,16 @@ impl Placer {
     pub fn arm(&mut self) -> Result<(), PlacerError> {
         for v in &self.views {
             self.uffd
-                .register_modes(
-                    v.view.as_ptr() as usize,
-                    v.view.len() as usize,
-                    sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR,
-                )
+                .register_modes(v.addr, v.len, sys::UFFDIO_REGISTER_MODE_MISSING | sys::UFFDIO_REGISTER_MODE_MINOR)
                 .map_err(os("register (missing + minor)"))?;
             self.armed = true;
             // Pages the guest's view maps already (an embedder's memory that was touched)
             // would never fault: unmap them from the view (after registering, so that no
-            // access slips in between), and every access comes to us.
-            sys::zap_mapping(v.view.as_ptr() as usize, v.view.len() as usize).map_err(os("unmap (MADV_DONTNEED)"))?;
+            // access slips in between), and every access comes to us. Another process's
+            // view is the caller's to clear (see `foreign`).
+            if !self.foreign {
+                sys::zap_mapping(v.addr, v.len).map_err(os("unmap (MADV_DONTNEED)"))?;
+            }
         }
         Ok(())
     }
@@ -211,11 +254,32 @@ impl Placer {
     /// error (EEXIST): every page is installed once.
     pub fn install(&self, first: usize, n: usize) -> Result<(), PlacerError> {
         for (i, local, k) in self.pieces(first, n)? {
-            let v = &self.views[i];
-            let start = v.view.as_ptr() as usize + local * self.page_size;
-            self.uffd.continue_range(start, k * self.page_size).map_err(os("continue"))?;
+            let start = self.views[i].addr + local * self.page_size;
+            self.continue_range(start, k)?;
         }
         Ok(())
+    }
+
+    /// UFFDIO_CONTINUE over `k` pages at `start` of a guest's view. In another process's view
+    /// a page may be mapped already (it touched the page before the placer was armed, and
+    /// the page arrived before that): it shows the page cache, the arrived content, so it
+    /// counts as installed and the rest of the range is installed page by page.
+    fn continue_range(&self, start: usize, k: usize) -> Result<(), PlacerError> {
+        match self.uffd.continue_range(start, k * self.page_size) {
+            Err(e) if self.foreign && e.raw_os_error() == Some(libc::EEXIST) => {
+                for j in 0..k {
+                    match self.uffd.continue_range(start + j * self.page_size, self.page_size) {
+                        Ok(()) => {}
+                        Err(e) if e.raw_os_error() == Some(libc::EEXIST) => {
+                            self.uffd.wake(start + j * self.page_size, self.page_size).map_err(os("wake"))?
+                        }
+                        Err(e) => return Err(PlacerError::Os { op: "continue", source: e }),
+                    }
+                }
+                Ok(())
+            }
+            r => r.map_err(os("continue")),
+        }
     }
 
     /// Makes pages `[first, first+n)` zero in the page cache (whatever they held before) and
@@ -226,8 +290,7 @@ impl Placer {
             let fd = v.alias.fd().ok_or(PlacerError::NotShared { index: i, backing: v.alias.backing() })?;
             let ps = self.page_size as u64;
             sys::fallocate_zero(fd, local as u64 * ps, k as u64 * ps).map_err(os("zero (fallocate)"))?;
-            let start = v.view.as_ptr() as usize + local * self.page_size;
-            self.uffd.continue_range(start, k * self.page_size).map_err(os("continue"))?;
+            self.continue_range(v.addr + local * self.page_size, k)?;
         }
         Ok(())
     }
@@ -250,7 +313,7 @@ impl Placer {
     /// threads waiting on it.
     pub fn reinstall(&self, page: usize) -> Result<(), PlacerError> {
         let (i, local) = self.locate(page).ok_or(PlacerError::Range { first: page, n: 1 })?;
-        let start = self.views[i].view.as_ptr() as usize + local * self.page_size;
+        let start = self.views[i].addr + local * self.page_size;
         match self.uffd.continue_range(start, self.page_size) {
             Ok(()) => Ok(()),
             Err(e) if e.raw_os_error() == Some(libc::EEXIST) => self.wake(page),
@@ -263,7 +326,7 @@ impl Placer {
     /// Wakes the threads waiting on `page` (a fault whose page was installed meanwhile).
     pub fn wake(&self, page: usize) -> Result<(), PlacerError> {
         let (i, local) = self.locate(page).ok_or(PlacerError::Range { first: page, n: 1 })?;
-        let start = self.views[i].view.as_ptr() as usize + local * self.page_size;
+        let start = self.views[i].addr + local * self.page_size;
         self.uffd.wake(start, self.page_size).map_err(os("wake"))
     }
 
@@ -283,9 +346,7 @@ impl Placer {
                 }
                 let addr = m.address as usize;
                 if let Some(page) = self.views.iter().find_map(|v| {
-                    let start = v.view.as_ptr() as usize;
-                    (addr >= start && addr < start + v.view.len() as usize)
-                        .then(|| v.base + (addr - start) / self.page_size)
+                    (addr >= v.addr && addr < v.addr + v.len).then(|| v.base + (addr - v.addr) / self.page_size)
                 }) {
                     out.push(page);
                 }
@@ -306,7 +367,7 @@ impl Drop for Placer {
         // serves the descriptor; unregistering turns later accesses into plain page-cache
         // faults (the memory is then whatever the page cache holds).
         for v in &self.views {
-            let _ = self.uffd.unregister(v.view.as_ptr() as usize, v.view.len() as usize);
+            let _ = self.uffd.unregister(v.addr, v.len);
         }
     }
 }

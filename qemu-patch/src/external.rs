@@ -1,0 +1,424 @@
+//! External RAM: QEMU's guest RAM moved by livemig's engine, QEMU's own stream carrying only
+//! the device state (and its small non-shared RAM blocks: firmware, option ROMs).
+//!
+//! Needs QEMU with livemig's patch (`qemu-patch/qemu/`): guest RAM in shared memory
+//! (`memory-backend-memfd,share=on`) and the `x-ignore-shared` capability on both QEMUs, so
+//! QEMU's stream skips it. `x-livemig-attach` makes QEMU connect to a unix socket of this
+//! process and send, with SCM_RIGHTS, the RAM blocks' descriptors and a userfaultfd of its
+//! own address space ([`decode_attach`] reads the description). livemig maps the blocks
+//! itself and runs the engine on them:
+//!
+//! - source: writes are tracked through QEMU's userfaultfd (asynchronous write-protect on
+//!   QEMU's mappings, `PAGEMAP_SCAN` over `/proc/PID/pagemap`); the guest control is QMP —
+//!   pausing is QEMU's `migrate` with `pause-before-switchover` (QEMU stops the guest and
+//!   waits in `pre-switchover`), the hand-over is `migrate-continue` (QEMU sends the device
+//!   state), resuming after a failure is `migrate_cancel`;
+//! - destination: pre-copy writes pages straight into QEMU's memory (the same page cache);
+//!   post-copy registers QEMU's mappings for missing and minor faults through its
+//!   userfaultfd, and QEMU's vCPUs wait on livemig, never on a fault thread of QEMU's.
+//!
+//! At most one copy of the guest runs: the destination QEMU starts only from the device
+//! state, which the source QEMU sends only once the engine handed the guest over.
+
+use std::fs::File;
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixListener;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use livemig_engine::guest::{Foreign, GuestControl, GuestError, GuestMemory};
+use livemig_transport::{Access, Region};
+use serde::{Deserialize, Serialize};
+use serde_json::json;
+
+use crate::qmp::{Qmp, QmpError};
+
+/// Largest description QEMU sends (a few hundred bytes per block).
+pub const MAX_ATTACH: usize = 64 << 10;
+/// Most RAM blocks taken from one QEMU (the patch sends at most 63).
+pub const MAX_BLOCKS: usize = 63;
+
+/// One shared RAM block of QEMU, as `x-livemig-attach` describes it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct Block {
+    /// QEMU's RAM block name (`idstr`), e.g. the memory backend's id.
+    pub name: String,
+    /// Its address in QEMU's address space.
+    pub host: u64,
+    /// Bytes in use.
+    pub length: u64,
+    /// Its page size.
+    pub page_size: u64,
+    /// Where the block starts in its file.
+    pub offset: u64,
+}
+
+/// What `x-livemig-attach` sends before its newline.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachMsg {
+    /// Protocol version (1).
+    pub version: u32,
+    /// QEMU's process id.
+    pub pid: u32,
+    /// Whether a userfaultfd precedes the blocks' descriptors.
+    pub uffd: bool,
+    /// The shared RAM blocks, in the order of their descriptors.
+    pub blocks: Vec<Block>,
+}
+
+/// Decodes and checks the description QEMU sent (without its newline).
+pub fn decode_attach(b: &[u8]) -> Result<AttachMsg, String> {
+    if b.len() > MAX_ATTACH {
+        return Err(format!("a {}-byte description is larger than {MAX_ATTACH}", b.len()));
+    }
+    let m: AttachMsg = serde_json::from_slice(b).map_err(|e| e.to_string())?;
+    if m.version != 1 {
+        return Err(format!("description version {} (this livemig reads 1)", m.version));
+    }
+    if m.blocks.is_empty() || m.blocks.len() > MAX_BLOCKS {
+        return Err(format!("{} RAM blocks (1 to {MAX_BLOCKS} expected)", m.blocks.len()));
+    }
+    for (i, b) in m.blocks.iter().enumerate() {
+        let ps = b.page_size;
+        if b.name.is_empty() || b.name.len() > 255 {
+            return Err(format!("block {i}: a name of {} bytes", b.name.len()));
+        }
+        if !ps.is_power_of_two() || !(4096..=1 << 30).contains(&ps) {
+            return Err(format!("block {:?}: page size {ps}", b.name));
+        }
+        if b.length == 0 || b.length % ps != 0 || b.host % ps != 0 || b.host.checked_add(b.length).is_none() {
+            return Err(format!("block {:?}: {} bytes at {:#x} with {ps}-byte pages", b.name, b.length, b.host));
+        }
+        if b.offset != 0 {
+            return Err(format!("block {:?} starts at offset {} of its file (only 0 is supported)", b.name, b.offset));
+        }
+        if m.blocks[..i].iter().any(|o| o.name == b.name) {
+            return Err(format!("block {:?} appears twice", b.name));
+        }
+    }
+    Ok(m)
+}
+
+/// External RAM failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ExternalError {
+    /// QMP failed (e.g. QEMU without livemig's patch: `x-livemig-attach` is unknown).
+    #[error(transparent)]
+    Qmp(#[from] QmpError),
+    /// A socket or mapping failed.
+    #[error("{what}")]
+    Io {
+        /// What.
+        what: String,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// QEMU sent something this livemig does not accept.
+    #[error("QEMU's RAM description: {0}")]
+    Description(String),
+    /// QEMU took too long.
+    #[error("timed out: {0}")]
+    Timeout(String),
+    /// The guest control failed.
+    #[error("{0}")]
+    Guest(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExternalError {
+    let what = what.into();
+    move |source| ExternalError::Io { what, source }
+}
+
+/// QEMU's RAM, mapped here.
+#[derive(Debug)]
+pub struct Attached {
+    /// QEMU's process id (checked against the socket's peer credentials).
+    pub pid: u32,
+    /// The blocks, as QEMU described them.
+    pub blocks: Vec<Block>,
+    /// The blocks mapped in this process (region ids 1, 2, … in QEMU's order).
+    pub memory: GuestMemory,
+    /// QEMU's userfaultfd, if asked for.
+    pub uffd: Option<OwnedFd>,
+}
+
+impl Attached {
+    /// The memory as the engine sees foreign memory (takes the userfaultfd).
+    pub fn foreign(&mut self) -> Option<Foreign> {
+        let uffd = self.uffd.take()?;
+        Some(Foreign { pid: self.pid, uffd, addrs: self.blocks.iter().map(|b| b.host as usize).collect() })
+    }
+}
+
+/// Asks QEMU (over `qmp`) for its shared RAM and, with `uffd`, a userfaultfd of its address
+/// space; maps every block here with `access`. The socket QEMU connects to is created in
+/// `dir` (a directory only QEMU's user can enter) and removed again.
+pub fn attach(
+    qmp: &mut Qmp,
+    dir: &Path,
+    uffd: bool,
+    access: Access,
+    timeout: Duration,
+) -> Result<Attached, ExternalError> {
+    let path = dir.join(format!("ram-{}.sock", std::process::id()));
+    let _ = std::fs::remove_file(&path);
+    let l = UnixListener::bind(&path).map_err(io(format!("binding {}", path.display())))?;
+    struct Unlink<'a>(&'a Path);
+    impl Drop for Unlink<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _unlink = Unlink(&path);
+    // QEMU connects and sends while it runs the command: the connection waits in the
+    // listener's backlog until it is accepted below.
+    qmp.execute("x-livemig-attach", json!({ "socket": path.display().to_string(), "uffd": uffd }))?;
+    l.set_nonblocking(true).map_err(io("the attach socket"))?;
+    let deadline = Instant::now() + timeout;
+    let conn = loop {
+        match l.accept() {
+            Ok((c, _)) => break c,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                return Err(ExternalError::Timeout("QEMU never connected to the attach socket".into()))
+            }
+            Err(e) => return Err(io("accepting QEMU's connection")(e)),
+        }
+    };
+    conn.set_nonblocking(false).map_err(io("the attach connection"))?;
+    conn.set_read_timeout(Some(timeout)).map_err(io("the attach connection"))?;
+    let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| io("reading the peer's credentials")(e.into()))?;
+    let (line, fds) = recv_line_with_fds(conn.as_raw_fd())?;
+    let msg = decode_attach(&line).map_err(ExternalError::Description)?;
+    if peer.pid() as u32 != msg.pid {
+        return Err(ExternalError::Description(format!(
+            "sent by process {} but claims to be QEMU's process {}",
+            peer.pid(),
+            msg.pid
+        )));
+    }
+    let want = msg.blocks.len() + msg.uffd as usize;
+    if fds.len() != want || msg.uffd != uffd {
+        return Err(ExternalError::Description(format!(
+            "{} descriptors for {} blocks{}",
+            fds.len(),
+            msg.blocks.len(),
+            if msg.uffd { " and a userfaultfd" } else { "" }
+        )));
+    }
+    let mut fds = fds.into_iter();
+    let uffd = if msg.uffd { fds.next() } else { None };
+    let mut regions = Vec::with_capacity(msg.blocks.len());
+    for (i, (b, fd)) in msg.blocks.iter().zip(fds).enumerate() {
+        let ps = u32::try_from(b.page_size).map_err(|_| ExternalError::Description("page size".into()))?;
+        let r = Region::from_memfd(i as u32 + 1, File::from(fd), b.length, ps, access)
+            .map_err(|e| io(format!("mapping QEMU's RAM block {:?}", b.name))(std::io::Error::other(e)))?;
+        regions.push(Arc::new(r));
+    }
+    let memory = GuestMemory::new(regions).map_err(|e| ExternalError::Description(e.to_string()))?;
+    Ok(Attached { pid: msg.pid, blocks: msg.blocks, memory, uffd })
+}
+
+/// Reads one newline-ended line and the descriptors that came with it.
+fn recv_line_with_fds(fd: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), ExternalError> {
+    use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let mut line = Vec::new();
+    let mut fds = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    loop {
+        let mut cmsg = nix::cmsg_space!([RawFd; MAX_BLOCKS + 1]);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let r = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC);
+        let (n, truncated) = match r {
+            Ok(m) => {
+                for c in m.cmsgs().map_err(|e| io("reading descriptors")(e.into()))? {
+                    if let ControlMessageOwned::ScmRights(raw) = c {
+                        // SAFETY: SCM_RIGHTS installed these descriptors in this process just
+                        // now; nobody else owns them.
+                        fds.extend(raw.into_iter().map(|f| unsafe { OwnedFd::from_raw_fd(f) }));
+                    }
+                }
+                (m.bytes, m.flags.contains(MsgFlags::MSG_CTRUNC))
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(nix::errno::Errno::EAGAIN) => {
+                return Err(ExternalError::Timeout("QEMU's RAM description did not arrive".into()))
+            }
+            Err(e) => return Err(io("receiving QEMU's RAM description")(e.into())),
+        };
+        if truncated {
+            return Err(ExternalError::Description("more descriptors than blocks allowed".into()));
+        }
+        line.extend_from_slice(&buf[..n]);
+        if let Some(end) = line.iter().position(|&c| c == b'\n') {
+            line.truncate(end);
+            return Ok((line, fds));
+        }
+        if n == 0 {
+            return Err(ExternalError::Description("the description ended before its newline".into()));
+        }
+        if line.len() > MAX_ATTACH {
+            return Err(ExternalError::Description(format!("a description over {MAX_ATTACH} bytes")));
+        }
+    }
+}
+
+/// The source QEMU as the engine's guest: pausing is QEMU's `migrate` with
+/// `pause-before-switchover` (QEMU sends its own small stream, stops the guest and waits),
+/// the hand-over is `migrate-continue` (the device state goes), resuming after a failure is
+/// `migrate_cancel` (QEMU resumes the guest).
+#[derive(Debug)]
+pub struct QemuSource<'a> {
+    /// The source QEMU.
+    pub qmp: &'a mut Qmp,
+    /// Where QEMU's stream goes (`fd:livemig`).
+    pub uri: String,
+    /// Bound on each wait.
+    pub timeout: Duration,
+    /// QEMU's timestamp of the guest's `STOP`.
+    pub stopped_at: Option<f64>,
+    /// `migrate` was issued.
+    pub migrating: bool,
+    /// `migrate-continue` was issued (and how it went).
+    pub continued: Option<Result<(), String>>,
+    /// When `pause` returned.
+    pub paused: Option<Instant>,
+}
+
+impl<'a> QemuSource<'a> {
+    /// Control of the QEMU behind `qmp`, which will migrate its device state to `uri`.
+    pub fn new(qmp: &'a mut Qmp, uri: String, timeout: Duration) -> Self {
+        QemuSource { qmp, uri, timeout, stopped_at: None, migrating: false, continued: None, paused: None }
+    }
+
+    fn status(&mut self) -> Result<String, QmpError> {
+        let m = self.qmp.execute("query-migrate", json!({}))?;
+        Ok(m.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string())
+    }
+
+    /// Waits until QEMU's migration status is one of `want` (events read on the way).
+    fn wait_status(&mut self, want: &[&str], what: &str) -> Result<String, GuestError> {
+        let deadline = Instant::now() + self.timeout;
+        loop {
+            let st = self.status().map_err(|e| GuestError::new("pause", e))?;
+            if want.contains(&st.as_str()) {
+                return Ok(st);
+            }
+            if Instant::now() > deadline {
+                return Err(GuestError::new(
+                    "pause",
+                    format!("QEMU still {st:?} after {:?} waiting for {what}", self.timeout),
+                ));
+            }
+            match self.qmp.next_event(Duration::from_millis(20)) {
+                Ok(Some(e)) if e.name == "STOP" => self.stopped_at = Some(e.at),
+                Ok(_) => {}
+                Err(e) => return Err(GuestError::new("pause", e)),
+            }
+        }
+    }
+}
+
+impl GuestControl for QemuSource<'_> {
+    fn pause(&mut self) -> Result<(), GuestError> {
+        self.qmp.execute("migrate", json!({ "uri": self.uri })).map_err(|e| GuestError::new("pause", e))?;
+        self.migrating = true;
+        let st = self.wait_status(&["pre-switchover", "failed", "cancelled"], "pre-switchover")?;
+        if st != "pre-switchover" {
+            return Err(GuestError::new("pause", format!("QEMU's migration {st} before the switchover")));
+        }
+        // The STOP event precedes the status change.
+        while let Ok(Some(e)) = self.qmp.next_event(Duration::from_millis(1)) {
+            if e.name == "STOP" {
+                self.stopped_at = Some(e.at);
+            }
+        }
+        self.paused = Some(Instant::now());
+        Ok(())
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        if self.migrating {
+            let _ = self.qmp.execute("migrate_cancel", json!({}));
+            let deadline = Instant::now() + self.timeout;
+            loop {
+                let st = self.status().map_err(|e| GuestError::new("resume", e))?;
+                if matches!(st.as_str(), "cancelled" | "failed" | "completed") || Instant::now() > deadline {
+                    break;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        // QEMU resumes a guest whose migration was cancelled; make sure.
+        let running = self
+            .qmp
+            .execute("query-status", json!({}))
+            .map_err(|e| GuestError::new("resume", e))?
+            .get("running")
+            .and_then(|r| r.as_bool())
+            .unwrap_or(false);
+        if !running {
+            self.qmp.execute("cont", json!({})).map_err(|e| GuestError::new("resume", e))?;
+        }
+        Ok(())
+    }
+
+    fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {
+        // The device state travels on QEMU's own stream, after the hand-over.
+        Ok(Vec::new())
+    }
+
+    fn handed_over(&mut self) {
+        let r = self.qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }));
+        if let Err(e) = &r {
+            tracing::error!(error = %e, "migrate-continue failed: the device state is not sent");
+        }
+        self.continued = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(blocks: serde_json::Value) -> Vec<u8> {
+        serde_json::to_vec(&json!({ "version": 1, "pid": 7, "uffd": true, "blocks": blocks })).unwrap()
+    }
+
+    #[test]
+    fn qemus_description_is_read_and_checked() {
+        let good = msg(
+            json!([{ "name": "mem0", "host": 0x7f00_0000_0000u64, "length": 1 << 30, "page-size": 4096, "offset": 0 }]),
+        );
+        let m = decode_attach(&good).unwrap();
+        assert_eq!((m.pid, m.blocks.len(), m.blocks[0].length), (7, 1, 1 << 30));
+        let bad = [
+            msg(json!([])),
+            msg(json!([{ "name": "", "host": 0, "length": 4096, "page-size": 4096, "offset": 0 }])),
+            msg(json!([{ "name": "a", "host": 0, "length": 4095, "page-size": 4096, "offset": 0 }])),
+            msg(json!([{ "name": "a", "host": 1, "length": 4096, "page-size": 4096, "offset": 0 }])),
+            msg(json!([{ "name": "a", "host": 0, "length": 4096, "page-size": 3000, "offset": 0 }])),
+            msg(json!([{ "name": "a", "host": 0, "length": 4096, "page-size": 4096, "offset": 4096 }])),
+            msg(json!([{ "name": "a", "host": u64::MAX - 4095, "length": 8192, "page-size": 4096, "offset": 0 }])),
+            msg(json!([
+                { "name": "a", "host": 0, "length": 4096, "page-size": 4096, "offset": 0 },
+                { "name": "a", "host": 8192, "length": 4096, "page-size": 4096, "offset": 0 }
+            ])),
+            br#"{"version":2,"pid":1,"uffd":false,"blocks":[]}"#.to_vec(),
+            br#"{"version":1,"pid":1,"uffd":false,"blocks":[],"extra":1}"#.to_vec(),
+            b"not json".to_vec(),
+            vec![b' '; MAX_ATTACH + 1],
+        ];
+        for b in bad {
+            assert!(decode_attach(&b).is_err(), "{}", String::from_utf8_lossy(&b));
+        }
+    }
+}

@@ -1,0 +1,429 @@
+//! `livemig qemu migrate --ram livemig`: QEMU's guest RAM moved by livemig's engine
+//! ([`crate::external`]), QEMU's own stream carrying the device state on the same session.
+//!
+//! The session has the engine's traffic (pages, the urgent channel for post-copy demands,
+//! control messages) and one byte channel, handed to both QEMUs as their migration
+//! connection (`getfd` + `fd:livemig`). Order of a migration:
+//!
+//! 1. source: `x-livemig-attach` (QEMU's RAM blocks and userfaultfd), `Prepare` with the
+//!    blocks; destination: `x-livemig-attach` on its QEMU (with a userfaultfd for post-copy),
+//!    the blocks exposed on the session, `migrate-incoming fd:livemig`, `Ready`;
+//! 2. the engine: pre-copy rounds decided by the policy, or hybrid's pass, while the guest
+//!    runs; its writes are tracked through QEMU's userfaultfd;
+//! 3. pause: QEMU's `migrate fd:livemig` with `pause-before-switchover` and `x-ignore-shared`
+//!    (only QEMU's small non-shared blocks go), the guest stops in `pre-switchover`;
+//! 4. pre-copy: the last dirty pages, the destination verifies every page; post-copy: the
+//!    destination arms userfaultfd on its QEMU's memory and says it resumed;
+//! 5. hand-over: `migrate-continue`, QEMU sends the device state, the destination QEMU
+//!    starts the guest (post-copy: its faults are served by livemig while the push goes on);
+//! 6. the destination reports how its QEMU ended (`Finished`, with the engine's report).
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use livemig_engine::connect::{TransportChoice, TransportOptions};
+use livemig_engine::dirty::{DirtySource, MemoryTracker};
+use livemig_engine::policy::PolicyKind;
+use livemig_engine::postcopy;
+use livemig_engine::precopy::{self, DestConfig, SourceConfig};
+use livemig_transport::auth::Secret;
+use livemig_transport::{Access, RegionTable, TcpConfig, Transport};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::carrier::{self, CarrierError, CarrierMsg, DestOptions};
+use crate::external::{self, Attached, QemuSource};
+use crate::qmp::{Qmp, QmpError};
+
+/// How livemig moves QEMU's RAM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "kebab-case")]
+pub enum RamStrategy {
+    /// Pre-copy rounds until the policy stops them, then stop-and-copy.
+    Precopy,
+    /// The guest moves at once; its pages follow (pushed, or demanded on faults).
+    Postcopy,
+    /// One pre-copy pass, then post-copy for what was written since.
+    Hybrid,
+}
+
+/// What the source tells the destination carrier about external RAM (in `Prepare`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub struct ExternalRam {
+    /// How it moves.
+    pub strategy: RamStrategy,
+    /// The source QEMU's shared RAM blocks: name and length, in order.
+    pub blocks: Vec<(String, u64)>,
+}
+
+/// What `qemu migrate --ram livemig` is told.
+#[derive(Debug, Clone)]
+pub struct RamOptions {
+    /// The source QEMU's QMP socket.
+    pub src_qmp: PathBuf,
+    /// The destination carrier.
+    pub to: String,
+    /// How the RAM moves.
+    pub strategy: RamStrategy,
+    /// Pre-copy's convergence policy.
+    pub policy: PolicyKind,
+    /// The session's backend.
+    pub transport: TransportChoice,
+    /// A silent peer or QEMU is declared gone after this.
+    pub io_timeout: Duration,
+    /// Longest the whole migration may take (waits on the destination's outcome).
+    pub max_time: Duration,
+    /// Where the attach socket's directory is created.
+    pub socket_dir: PathBuf,
+}
+
+/// The outcome.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct RamSummary {
+    /// The strategy.
+    pub strategy: String,
+    /// QEMU's RAM blocks moved by livemig: name and bytes.
+    pub blocks: Vec<(String, u64)>,
+    /// How the source's writes were tracked.
+    pub tracker: String,
+    /// The session's backend.
+    pub transport: String,
+    /// From the start to the destination's report, ms.
+    pub total_ms: f64,
+    /// From the source's `STOP` to the destination's `RESUME` (QEMU's timestamps), ms: the
+    /// guest's real pause.
+    pub stop_to_resume_ms: Option<f64>,
+    /// The engine's summary (pre-copy or post-copy).
+    pub engine: Value,
+    /// The engine's own downtime figure (pause to hand-over), ms.
+    pub engine_downtime_ms: Option<f64>,
+    /// Digest of every page, agreed by both ends.
+    pub checksum: Option<String>,
+    /// QEMU's status at the source.
+    pub status: String,
+    /// Bytes QEMU's own stream sent (its non-shared RAM blocks and the device state).
+    pub qemu_stream_bytes: u64,
+    /// The destination QEMU's migration status.
+    pub dest_status: String,
+    /// Whether the destination's guest runs.
+    pub dest_running: bool,
+    /// The destination engine's report.
+    pub dest_ram: Option<Value>,
+}
+
+fn sock_dir(base: &Path) -> Result<PathBuf, CarrierError> {
+    use std::os::unix::fs::DirBuilderExt;
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom(2) writes at most b.len() bytes into the buffer we own.
+    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
+    let dir = base.join(format!("livemig-ram-{}-{:x}", std::process::id(), u64::from_le_bytes(b)));
+    // Mode 0700: only QEMU's user may connect to the attach socket.
+    std::fs::DirBuilder::new()
+        .mode(0o700)
+        .create(&dir)
+        .map_err(|source| CarrierError::Io { what: format!("creating {}", dir.display()), source })?;
+    Ok(dir)
+}
+
+struct RemoveDir(PathBuf);
+impl Drop for RemoveDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn ext(e: external::ExternalError) -> CarrierError {
+    CarrierError::Peer(format!("external RAM: {}", precopy::error_chain(&e)))
+}
+
+/// The capabilities both QEMUs get: QEMU's stream skips shared RAM.
+fn capabilities() -> Vec<(String, bool)> {
+    [("events", true), ("x-ignore-shared", true), ("multifd", false), ("postcopy-ram", false)]
+        .into_iter()
+        .map(|(c, s)| (c.to_string(), s))
+        .collect()
+}
+
+/// Runs one migration of a QEMU with external RAM; `on_line` sees one line per pre-copy
+/// round or post-copy progress step.
+pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str)) -> Result<RamSummary, CarrierError> {
+    let started = Instant::now();
+    let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
+    let dir = sock_dir(&o.socket_dir)?;
+    let _dir = RemoveDir(dir.clone());
+    let mut att: Attached = external::attach(&mut q, &dir, true, Access::LOCAL, o.io_timeout).map_err(ext)?;
+    let table = RegionTable::new();
+    let _regs = att
+        .memory
+        .regions()
+        .iter()
+        .map(|r| table.register(r.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CarrierError::Peer(format!("registering QEMU's RAM: {e}")))?;
+    let (kind, _) = livemig_engine::connect::resolve(o.transport);
+    let tcp = TcpConfig {
+        io_timeout: o.io_timeout,
+        byte_streams: 1,
+        urgent_stream: o.strategy != RamStrategy::Precopy,
+        ..TcpConfig::default()
+    };
+    let opts = TransportOptions { choice: o.transport, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
+    let mut t =
+        livemig_engine::connect::connect(kind, &o.to, &opts, secret, &table).map_err(CarrierError::Transport)?;
+    let blocks: Vec<(String, u64)> = att.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
+    let caps = capabilities();
+    carrier::send(
+        &mut *t,
+        &CarrierMsg::Prepare {
+            capabilities: caps.clone(),
+            parameters: Default::default(),
+            handoff: true,
+            external_ram: Some(ExternalRam { strategy: o.strategy, blocks: blocks.clone() }),
+        },
+    )?;
+    match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination carrier's Ready")? {
+        CarrierMsg::Ready => {}
+        CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
+        m => return Err(CarrierError::Peer(format!("{m:?} instead of Ready"))),
+    }
+    let mut c: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+    c.push(("pause-before-switchover", true));
+    q.set_capabilities(&c)?;
+    // QEMU gets its own copy of the connection; ours closes after.
+    let ch = t.byte_channel(0).map_err(CarrierError::Transport)?;
+    let fd = ch.raw_fd().ok_or_else(|| CarrierError::Peer("the session's channel has no descriptor".into()))?;
+    q.execute_with_fd("getfd", json!({ "fdname": "livemig" }), fd)?;
+    drop(ch);
+    let mut sum = RamSummary {
+        strategy: format!("{:?}", o.strategy).to_lowercase(),
+        blocks,
+        transport: kind.to_string(),
+        ..Default::default()
+    };
+    let mut dirty: Option<MemoryTracker> = match o.strategy {
+        RamStrategy::Postcopy => None,
+        _ => {
+            let f = att.foreign().ok_or_else(|| CarrierError::Peer("QEMU sent no userfaultfd".into()))?;
+            Some(
+                MemoryTracker::foreign(&att.memory, f)
+                    .map_err(|e| CarrierError::Peer(format!("tracking QEMU's writes: {}", precopy::error_chain(&e))))?,
+            )
+        }
+    };
+    sum.tracker = dirty.as_ref().map_or("none".into(), |d| d.mechanism().to_string());
+    let memory = att.memory.clone();
+    let mut guest = QemuSource::new(&mut q, "fd:livemig".into(), o.io_timeout.max(Duration::from_secs(30)));
+    let engine: Result<(Value, Option<f64>, Option<String>), String> = match o.strategy {
+        RamStrategy::Precopy => {
+            let cfg = SourceConfig { policy: o.policy.default_config(), ..Default::default() };
+            let d = dirty.as_mut().expect("tracked for pre-copy");
+            precopy::migrate(&mut *t, &memory, &mut guest, d, &cfg, &mut |l| {
+                on_line(&format!(
+                    "round {}: {} pages sent, {} zero, {} dirty, {:.0} ms",
+                    l.iter, l.sent, l.zero, l.dirty, l.interval_ms
+                ))
+            })
+            .map(|s| (serde_json::to_value(&s).unwrap_or_default(), s.downtime_ms, s.checksum.clone()))
+            .map_err(|e| precopy::error_chain(&e))
+        }
+        RamStrategy::Postcopy | RamStrategy::Hybrid => {
+            let cfg = postcopy::PostcopyConfig::default();
+            let mut last = Instant::now();
+            let mut progress = |p: &postcopy::PushProgress| {
+                if last.elapsed() >= Duration::from_secs(1) {
+                    last = Instant::now();
+                    on_line(&format!("post-copy: {}/{} pages sent, {} on demand", p.sent, p.pages, p.demanded));
+                }
+            };
+            let r = match dirty.as_mut() {
+                Some(d) => postcopy::migrate_hybrid(&mut *t, &memory, &mut guest, d, &cfg, &mut progress),
+                None => postcopy::migrate(&mut *t, &memory, &mut guest, &cfg, &mut progress),
+            };
+            r.map(|s| (serde_json::to_value(&s).unwrap_or_default(), Some(s.downtime_ms), Some(s.checksum.clone())))
+                .map_err(|e| precopy::error_chain(&e))
+        }
+    };
+    let continued = guest.continued.clone();
+    let stopped_at = guest.stopped_at;
+    drop(guest);
+    drop(dirty);
+    let (engine, engine_downtime, checksum) = match engine {
+        Ok(v) => v,
+        Err(e) => {
+            let _ = q.execute("x-livemig-detach", json!({}));
+            return Err(CarrierError::Peer(format!("moving QEMU's RAM: {e}")));
+        }
+    };
+    sum.engine = engine;
+    sum.engine_downtime_ms = engine_downtime;
+    sum.checksum = checksum;
+    if let Some(Err(e)) = continued {
+        return Err(CarrierError::Peer(format!("the RAM moved but migrate-continue failed: {e}")));
+    }
+    // QEMU sends the device state now; its migration completes.
+    let deadline = Instant::now() + o.io_timeout.max(Duration::from_secs(30));
+    loop {
+        let m = q.execute("query-migrate", json!({}))?;
+        let st = m.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string();
+        if matches!(st.as_str(), "completed" | "failed" | "cancelled") || Instant::now() > deadline {
+            sum.qemu_stream_bytes = m["ram"]["transferred"].as_u64().unwrap_or(0);
+            sum.status = st;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = q.execute("x-livemig-detach", json!({}));
+    let wait = o.max_time.saturating_sub(started.elapsed()).max(o.io_timeout);
+    match recv_outcome(&mut *t, wait)? {
+        CarrierMsg::Finished { status, running, resumed_at, ram } => {
+            sum.dest_status = status;
+            sum.dest_running = running;
+            sum.dest_ram = ram;
+            if let (Some(a), Some(b)) = (stopped_at, resumed_at) {
+                sum.stop_to_resume_ms = Some((b - a) * 1e3);
+            }
+        }
+        CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
+        m => return Err(CarrierError::Peer(format!("{m:?} instead of Finished"))),
+    }
+    sum.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(sum)
+}
+
+/// The destination carrier's `Finished` (or `Failed`), past the engine's last message (the
+/// post-copy destination's `Done`, which the source need not wait for).
+fn recv_outcome(t: &mut dyn Transport, wait: Duration) -> Result<CarrierMsg, CarrierError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let Some(b) = t.recv_message(Some(left)).map_err(CarrierError::Transport)? else {
+            return Err(CarrierError::Timeout("the destination's outcome".into()));
+        };
+        match carrier::decode(&b) {
+            Ok(m) => return Ok(m),
+            Err(_) if precopy::decode(&b).is_ok() => continue,
+            Err(e) => return Err(CarrierError::Peer(e)),
+        }
+    }
+}
+
+/// The destination side, once `Prepare` asked for external RAM: attaches the destination
+/// QEMU, exposes its RAM on the session, receives it with the engine while QEMU takes its
+/// own stream on the handed-over channel, and reports.
+pub fn receive_ram(
+    mut t: Box<dyn Transport>,
+    o: &DestOptions,
+    caps: Vec<(String, bool)>,
+    ram: ExternalRam,
+) -> Result<carrier::DestOutcome, CarrierError> {
+    let started = Instant::now();
+    let fail = |t: &mut dyn Transport, reason: String| {
+        let _ = carrier::send(t, &CarrierMsg::Failed { reason: reason.clone() });
+        CarrierError::Peer(reason)
+    };
+    let Some(qmp) = &o.qmp else {
+        return Err(fail(&mut *t, "external RAM needs the destination QEMU's QMP socket (--dst-qmp)".into()));
+    };
+    let dir = sock_dir(&std::env::temp_dir())?;
+    let _dir = RemoveDir(dir.clone());
+    let prepared = (|| -> Result<(Qmp, Attached), String> {
+        let chain = |e: &dyn std::error::Error| precopy::error_chain(e);
+        let mut q = Qmp::connect(qmp, o.timeout).map_err(|e| chain(&e))?;
+        let att = external::attach(&mut q, &dir, ram.strategy != RamStrategy::Precopy, Access::REMOTE_WRITE, o.timeout)
+            .map_err(|e| chain(&e))?;
+        let here: Vec<(String, u64)> = att.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
+        if here != ram.blocks {
+            return Err(format!("the source's RAM blocks {:?} differ from this QEMU's {here:?}", ram.blocks));
+        }
+        let c: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
+        q.set_capabilities(&c).map_err(|e| chain(&e))?;
+        Ok((q, att))
+    })();
+    let (mut q, mut att) = match prepared {
+        Ok(v) => v,
+        Err(e) => return Err(fail(&mut *t, format!("destination QEMU: {e}"))),
+    };
+    let mut regs = Vec::new();
+    for r in att.memory.regions() {
+        match t.expose(r.clone()) {
+            Ok(reg) => regs.push(reg),
+            Err(e) => return Err(fail(&mut *t, format!("exposing QEMU's RAM: {e}"))),
+        }
+    }
+    let handed = (|| -> Result<(), String> {
+        // QEMU gets its own copy of the connection; ours closes after.
+        let ch = t.byte_channel(0).map_err(|e| format!("the session has no channel for QEMU: {e}"))?;
+        let fd = ch.raw_fd().ok_or("the session's channel has no descriptor to hand over")?;
+        let chain = |e: QmpError| precopy::error_chain(&e);
+        q.execute_with_fd("getfd", json!({ "fdname": "livemig" }), fd).map_err(chain)?;
+        drop(ch);
+        q.execute("migrate-incoming", json!({ "uri": "fd:livemig" })).map_err(chain)?;
+        Ok(())
+    })();
+    if let Err(e) = handed {
+        return Err(fail(&mut *t, format!("destination QEMU: {e}")));
+    }
+    carrier::send(&mut *t, &CarrierMsg::Ready)?;
+    let memory = att.memory.clone();
+    let mut start = |_state: Vec<u8>| Ok(());
+    let report: Result<Value, String> = match ram.strategy {
+        RamStrategy::Precopy => {
+            let cfg =
+                DestConfig { reply_timeout: o.timeout.max(DestConfig::default().reply_timeout), ..Default::default() };
+            precopy::dest::receive_from(&mut *t, None, &memory, &mut start, &cfg, &mut |_, _, _| {})
+                .map(|r| {
+                    json!({
+                        "iterations": r.iterations,
+                        "zero_pages": r.zero_pages,
+                        "bytes_received": r.bytes_received,
+                        "checksum": r.checksum,
+                        "verify_ms": r.verify_ms,
+                    })
+                })
+                .map_err(|e| precopy::error_chain(&e))
+        }
+        RamStrategy::Postcopy | RamStrategy::Hybrid => {
+            let foreign = att.foreign().ok_or("QEMU sent no userfaultfd");
+            match foreign {
+                Err(e) => Err(e.to_string()),
+                Ok(f) => {
+                    let cfg = postcopy::PostcopyDestConfig { reply_timeout: o.timeout.max(Duration::from_secs(10)) };
+                    postcopy::receive_foreign(&mut *t, None, &memory, f, &mut start, &cfg, &mut |_, _| {})
+                        .map(|r| serde_json::to_value(&r).unwrap_or_default())
+                        .map_err(|e| precopy::error_chain(&e))
+                }
+            }
+        }
+    };
+    let report = match report {
+        Ok(r) => r,
+        Err(e) => {
+            let _ = carrier::send(
+                &mut *t,
+                &CarrierMsg::Finished { status: "failed".into(), running: false, resumed_at: None, ram: None },
+            );
+            return Err(CarrierError::Peer(format!("receiving QEMU's RAM: {e}")));
+        }
+    };
+    let mut resumed_at = None;
+    let watched =
+        carrier::watch_dest(&mut q, started, o.max_time, &std::sync::atomic::AtomicBool::new(false), &mut resumed_at);
+    // Every page is in place: QEMU's userfaultfd has nothing more to serve.
+    let _ = q.execute("x-livemig-detach", json!({}));
+    let (status, running) = watched.unwrap_or_else(|e| (format!("failed: {e}"), false));
+    let _ = carrier::send(
+        &mut *t,
+        &CarrierMsg::Finished { status: status.clone(), running, resumed_at, ram: Some(report) },
+    );
+    let _ = t.recv_message(Some(Duration::from_millis(200)));
+    drop(regs);
+    Ok(carrier::DestOutcome {
+        status,
+        running,
+        channels: 1,
+        bytes_in: 0,
+        bytes_back: 0,
+        elapsed_s: started.elapsed().as_secs_f64(),
+    })
+}
