@@ -8,6 +8,7 @@
 #   qemu-tcp       QEMU direct tcp: (pre-copy, its default downtime rule), cancelled after MAX_TIME s
 #   qemu-postcopy  QEMU direct tcp:, postcopy started after the first pass
 #   lm-precopy     livemig moves the RAM: pre-copy, the ibrahim controller decides
+#   lm-pre-post    livemig: the same pre-copy, handing over to post-copy when the controller decides
 #   lm-hybrid      livemig: one pass, then post-copy
 #   lm-postcopy    livemig: post-copy at once
 # Prints total time, the guest's pause (QEMU's downtime for QEMU's runs; source STOP to
@@ -21,7 +22,7 @@ DATA=${DATA:-768}
 WSS=${WSS:-400}
 LINK=${LINK:-1gbit}
 MAX_TIME=${MAX_TIME:-60}
-MODES=${MODES:-"qemu-tcp qemu-postcopy lm-precopy lm-hybrid lm-postcopy"}
+MODES=${MODES:-"qemu-tcp qemu-postcopy lm-precopy lm-pre-post lm-hybrid lm-postcopy"}
 [[ $(id -u) -eq 0 ]] || { echo "needs root (network namespaces)" >&2; exit 1; }
 cargo build --release -q -p livemig
 BIN=$PWD/target/release/livemig
@@ -97,16 +98,17 @@ print(json.dumps({"status": m["status"], "total_ms": m.get("total-time"), "pause
 PY
 }
 
-through_livemig() { # $1 = src, $2 = dst, $3 = strategy
-  ip netns exec "$DNS" "$BIN" qemu carrier --listen "$DIP:7882" --incoming "$OUT/$2.in" --dst-qmp "$2.qmp" \
-    --secret-file secret --json >"$2.carrier" 2>"$2.carrier.err" &
+through_livemig() { # $1 = src, $2 = dst, then qemu migrate flags
+  local src=$1 dst=$2; shift 2
+  ip netns exec "$DNS" "$BIN" qemu carrier --listen "$DIP:7882" --incoming "$OUT/$dst.in" --dst-qmp "$dst.qmp" \
+    --secret-file secret --json >"$dst.carrier" 2>"$dst.carrier.err" &
   local cp=$!
-  for _ in $(seq 100); do grep -q listening "$2.carrier" 2>/dev/null && break; sleep 0.05; done
-  ip netns exec "$SNS" "$BIN" qemu migrate --src-qmp "$1.qmp" --to "$DIP:7882" --secret-file secret \
-    --socket-dir "$OUT" --ram livemig --strategy "$3" --max-time "$MAX_TIME" --json 2>"$2.migrate.err" |
+  for _ in $(seq 100); do grep -q listening "$dst.carrier" 2>/dev/null && break; sleep 0.05; done
+  ip netns exec "$SNS" "$BIN" qemu migrate --src-qmp "$src.qmp" --to "$DIP:7882" --secret-file secret \
+    --socket-dir "$OUT" --ram livemig --max-time "$MAX_TIME" --json "$@" 2>"$dst.migrate.err" |
     jq -c '{status, total_ms, pause_ms: .stop_to_resume_ms, bytes: .engine.bytes,
             fault_p50_us: .dest_ram.fault_p50_us, fault_p99_us: .dest_ram.fault_p99_us,
-            decided_by: .engine.end_rule}' || true
+            decided_by: (.engine.decided_by // .engine.end_rule)}' || true
   wait "$cp" 2>/dev/null || true
 }
 
@@ -124,9 +126,10 @@ for mode in $MODES; do
   case $mode in
     qemu-tcp) r=$(qemu_direct "$cur" "g$n" 0 || true) ;;
     qemu-postcopy) r=$(qemu_direct "$cur" "g$n" 1 || true) ;;
-    lm-precopy) r=$(through_livemig "$cur" "g$n" precopy) ;;
-    lm-hybrid) r=$(through_livemig "$cur" "g$n" hybrid) ;;
-    lm-postcopy) r=$(through_livemig "$cur" "g$n" postcopy) ;;
+    lm-precopy) r=$(through_livemig "$cur" "g$n" --strategy precopy) ;;
+    lm-pre-post) r=$(through_livemig "$cur" "g$n" --strategy precopy --switchover postcopy) ;;
+    lm-hybrid) r=$(through_livemig "$cur" "g$n" --strategy hybrid) ;;
+    lm-postcopy) r=$(through_livemig "$cur" "g$n" --strategy postcopy) ;;
   esac
   [[ -n $r ]] || r='{"status": "failed"}'
   echo "$r" | jq -c --arg mode "$mode" '{mode: $mode} + .' | tee -a runs.jsonl >&2
@@ -140,8 +143,11 @@ for mode in $MODES; do
 done
 echo
 echo "== ${MEM} MiB guest, $DATA MiB touched, $WSS MiB dirtied flat out; link $LINK"
-printf '%-14s %-40s %9s %10s %9s %9s %9s\n' mode status total_ms pause_ms MiB p50_us p99_us
-jq -r '[.mode, .status, (.total_ms // "-"), (.pause_ms // "-"), (if .bytes then (.bytes / 1048576 | floor) else "-" end),
-        (.fault_p50_us // "-"), (.fault_p99_us // "-")] | @tsv' runs.jsonl |
-  awk -F'\t' '{ printf "%-14s %-40s %9s %10s %9s %9s %9s\n", $1, $2, $3, $4, $5, $6, $7 }'
+printf '%-14s %-40s %9s %10s %9s %9s %9s  %s\n' mode status total_ms pause_ms MiB p50_us p99_us decided
+jq -r '[.mode, .status, (.total_ms // "-" | if type == "number" then floor else . end),
+        (.pause_ms // "-" | if type == "number" then (. * 10 | floor) / 10 else . end),
+        (if .bytes then (.bytes / 1048576 | floor) else "-" end),
+        (.fault_p50_us // "-" | if type == "number" then floor else . end),
+        (.fault_p99_us // "-" | if type == "number" then floor else . end), (.decided_by // "-")] | @tsv' runs.jsonl |
+  awk -F'\t' '{ printf "%-14s %-40s %9s %10s %9s %9s %9s  %s\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
 echo "(runs in $OUT/runs.jsonl)"

@@ -74,6 +74,15 @@ pub enum StrategyChoice {
     Hybrid,
 }
 
+/// The `--switchover` choice: how pre-copy ends once its policy decides.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SwitchoverChoice {
+    /// Pause the guest and send the remaining dirty pages (downtime grows with them).
+    StopAndCopy,
+    /// Hand the guest over at once and move the remaining dirty pages by post-copy.
+    Postcopy,
+}
+
 /// The `--push` choice (post-copy's push order).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 pub enum PushChoice {
@@ -129,6 +138,10 @@ pub struct MigrateArgs {
     /// How the memory moves: pre-copy rounds, or post-copy (the guest moves first).
     #[arg(long, value_enum, default_value = "precopy")]
     pub strategy: StrategyChoice,
+    /// Pre-copy: what happens when the policy says pre-copy no longer pays — stop-and-copy,
+    /// or a hand-over to post-copy for the pages still dirty (no downtime for them).
+    #[arg(long, value_enum, default_value = "stop-and-copy")]
+    pub switchover: SwitchoverChoice,
     /// Post-copy push order.
     #[arg(long, value_enum, default_value = "bubbling")]
     pub push: PushChoice,
@@ -285,6 +298,7 @@ impl MigrateArgs {
         }
         kv("--rate", self.rate.to_string());
         kv("--strategy", value_name(&self.strategy));
+        kv("--switchover", value_name(&self.switchover));
         kv("--push", value_name(&self.push));
         kv("--pivots", self.pivots.to_string());
         if let Some(b) = self.sock_buf {
@@ -363,7 +377,8 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         None => None,
     };
     let mut opts = transport_options(a.transport, secs(a.io_timeout));
-    if a.strategy != StrategyChoice::Precopy {
+    let to_postcopy = a.strategy != StrategyChoice::Precopy || a.switchover == SwitchoverChoice::Postcopy;
+    if to_postcopy {
         // Demand requests and their pages travel on a connection of their own.
         opts.tcp.urgent_stream = true;
         // A page the guest faults on may already be in flight in the push: keep the push's
@@ -390,6 +405,9 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         let _ = writeln!(err, "{to} is a livemig daemon: session {n} opened");
     }
     let how = match a.strategy {
+        StrategyChoice::Precopy if a.switchover == SwitchoverChoice::Postcopy => {
+            format!("pre-copy, policy {}, then post-copy, push {:?}", a.policy, a.push_order()?)
+        }
         StrategyChoice::Precopy => format!("pre-copy, policy {}", a.policy),
         StrategyChoice::Postcopy => format!("post-copy, push {:?}", a.push_order()?),
         StrategyChoice::Hybrid => format!("hybrid (one pre-copy pass, then post-copy), push {:?}", a.push_order()?),
@@ -412,7 +430,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         }
         _ => None,
     };
-    if a.strategy != StrategyChoice::Precopy {
+    if to_postcopy {
         return run_postcopy_source(a, t, &region, workload.as_mut(), before);
     }
     let cfg = source::SourceConfig {
@@ -491,6 +509,8 @@ fn run_postcopy_source(
     let cfg = postcopy::PostcopyConfig {
         order: a.push_order()?,
         reply_timeout: engine_precopy::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
+        // Pre-copy rounds until the policy decides, then post-copy.
+        rounds: (a.strategy == StrategyChoice::Precopy).then(|| a.policy_config()),
         ..Default::default()
     };
     let bar = progress_bar(Some(region.pages() as u64), a.json || a.no_progress);
@@ -506,7 +526,7 @@ fn run_postcopy_source(
         bar.set_position(p.sent);
         bar.set_message(p.demanded.to_string());
     };
-    let res = if a.strategy == StrategyChoice::Hybrid {
+    let res = if a.strategy != StrategyChoice::Postcopy {
         let mut dirty = MemoryTracker::open(&memory).context("opening the dirty tracker")?;
         postcopy::migrate_hybrid(t.as_mut(), &memory, guest, &mut dirty, &cfg, &mut on_progress)
     } else {

@@ -228,7 +228,8 @@ pub struct QemuMigrateArgs {
     #[arg(long, value_enum, default_value_t = RamMover::Qemu)]
     pub ram: RamMover,
     /// With --ram livemig: how the RAM moves (pre-copy rounds decided by --policy, post-copy,
-    /// or hybrid: one pass, then post-copy).
+    /// or hybrid: one pass, then post-copy). Pre-copy with `--switchover postcopy` hands over
+    /// to post-copy when the policy decides, instead of stop-and-copy.
     #[arg(long, value_enum, default_value_t = crate::ram::RamStrategy::Precopy)]
     pub strategy: crate::ram::RamStrategy,
     /// With --ram livemig: the session's backend (auto: verbs when an RDMA device is up).
@@ -258,6 +259,7 @@ fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
         to: a.to.clone(),
         strategy: a.strategy,
         policy: a.policy,
+        switchover_postcopy: a.switchover == crate::controller::Switchover::Postcopy,
         transport: a.transport,
         io_timeout: Duration::from_secs_f64(a.io_timeout),
         max_time: Duration::from_secs_f64(a.max_time),

@@ -68,6 +68,8 @@ pub struct RamOptions {
     pub strategy: RamStrategy,
     /// Pre-copy's convergence policy.
     pub policy: PolicyKind,
+    /// Pre-copy: when the policy decides, hand over to post-copy instead of stop-and-copy.
+    pub switchover_postcopy: bool,
     /// The session's backend.
     pub transport: TransportChoice,
     /// A silent peer or QEMU is declared gone after this.
@@ -162,10 +164,17 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
         .collect::<Result<Vec<_>, _>>()
         .map_err(|e| CarrierError::Peer(format!("registering QEMU's RAM: {e}")))?;
     let (kind, _) = livemig_engine::connect::resolve(o.transport);
+    // Pre-copy handing over to post-copy runs in post-copy's protocol: its rounds are a
+    // hybrid pass followed by more, ended by the policy.
+    let strategy = match o.strategy {
+        RamStrategy::Precopy if o.switchover_postcopy => RamStrategy::Hybrid,
+        s => s,
+    };
+    let rounds = (strategy != o.strategy).then(|| o.policy.default_config());
     let tcp = TcpConfig {
         io_timeout: o.io_timeout,
         byte_streams: 1,
-        urgent_stream: o.strategy != RamStrategy::Precopy,
+        urgent_stream: strategy != RamStrategy::Precopy,
         ..TcpConfig::default()
     };
     let opts = TransportOptions { choice: o.transport, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
@@ -179,7 +188,7 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
             capabilities: caps.clone(),
             parameters: Default::default(),
             handoff: true,
-            external_ram: Some(ExternalRam { strategy: o.strategy, blocks: blocks.clone() }),
+            external_ram: Some(ExternalRam { strategy, blocks: blocks.clone() }),
         },
     )?;
     match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination carrier's Ready")? {
@@ -196,12 +205,15 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
     q.execute_with_fd("getfd", json!({ "fdname": "livemig" }), fd)?;
     drop(ch);
     let mut sum = RamSummary {
-        strategy: format!("{:?}", o.strategy).to_lowercase(),
+        strategy: match (o.strategy, &rounds) {
+            (_, Some(_)) => "precopy→postcopy".into(),
+            (s, None) => format!("{s:?}").to_lowercase(),
+        },
         blocks,
         transport: kind.to_string(),
         ..Default::default()
     };
-    let mut dirty: Option<MemoryTracker> = match o.strategy {
+    let mut dirty: Option<MemoryTracker> = match strategy {
         RamStrategy::Postcopy => None,
         _ => {
             let f = att.foreign().ok_or_else(|| CarrierError::Peer("QEMU sent no userfaultfd".into()))?;
@@ -214,7 +226,7 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
     sum.tracker = dirty.as_ref().map_or("none".into(), |d| d.mechanism().to_string());
     let memory = att.memory.clone();
     let mut guest = QemuSource::new(&mut q, "fd:livemig".into(), o.io_timeout.max(Duration::from_secs(30)));
-    let engine: Result<(Value, Option<f64>, Option<String>), String> = match o.strategy {
+    let engine: Result<(Value, Option<f64>, Option<String>), String> = match strategy {
         RamStrategy::Precopy => {
             let cfg = SourceConfig { policy: o.policy.default_config(), ..Default::default() };
             let d = dirty.as_mut().expect("tracked for pre-copy");
@@ -228,7 +240,7 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
             .map_err(|e| precopy::error_chain(&e))
         }
         RamStrategy::Postcopy | RamStrategy::Hybrid => {
-            let cfg = postcopy::PostcopyConfig::default();
+            let cfg = postcopy::PostcopyConfig { rounds, ..Default::default() };
             let mut last = Instant::now();
             let mut progress = |p: &postcopy::PushProgress| {
                 if last.elapsed() >= Duration::from_secs(1) {

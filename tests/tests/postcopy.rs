@@ -82,3 +82,30 @@ fn hybrid_sends_only_the_pages_written_during_the_pass_after_the_hand_over() {
     assert_eq!(w.state(), RunState::Running);
     assert!(makes_progress(&w, Duration::from_millis(100)));
 }
+
+#[test]
+fn precopy_rounds_hand_over_to_postcopy_when_the_policy_decides() {
+    // A writer flat out over a working set: pre-copy rounds resend it until the policy sees
+    // it does not converge; post-copy moves what is still dirty then.
+    let p = workload_params(WorkloadKind::Random, 2048, 1);
+    let cfg = PostcopyConfig {
+        rounds: Some(livemig_engine::policy::PolicyKind::Ibrahim.default_config()),
+        ..PostcopyConfig::default()
+    };
+    let run = hybrid_pair(64 * MIB, Some(p), &cfg);
+    let s = run.source.unwrap_or_else(|e| panic!("source: {}", livemig_tests::error_chain(&e)));
+    let d = run.dest.unwrap_or_else(|e| panic!("destination: {}", livemig_tests::error_chain(&e)));
+    eprintln!("{}", s.render());
+    assert_eq!(s.checksum, run.source_digest);
+    assert_eq!(d.checksum, run.source_digest);
+    let by = s.decided_by.as_deref().expect("the policy ended pre-copy");
+    let rounds = s.rounds.expect("rounds counted");
+    assert!(rounds >= 1 && s.round_pages.unwrap() > 0, "the working set was sent again in rounds: {s:?}");
+    assert!(!by.is_empty());
+    // After the hand-over only the pages still dirty cross.
+    let invalidated = s.invalidated_pages.expect("the pages still dirty");
+    assert_eq!(s.pushed_pages + s.demanded_pages, invalidated);
+    let w = run.workload.expect("the workload started at the destination");
+    assert_eq!(w.state(), RunState::Running);
+    assert!(makes_progress(&w, Duration::from_millis(100)));
+}

@@ -54,6 +54,16 @@ fn hybrid_local_completes_with_a_pass_then_post_copy() {
 }
 
 #[test]
+fn precopy_with_switchover_postcopy_hands_over_when_the_policy_decides() {
+    let Some(bin) = livemig_bin() else { return };
+    let (v, _) = local_json(&bin, &["--strategy", "precopy", "--switchover", "postcopy", "--workload", "random"]);
+    assert_eq!(v["strategy"], "hybrid", "{v}");
+    assert!(v["decided_by"].as_str().is_some_and(|r| !r.is_empty()), "the policy decided: {v}");
+    let inv = v["invalidated_pages"].as_u64().expect("pages still dirty at the hand-over");
+    assert_eq!(v["pushed_pages"].as_u64().unwrap() + v["demanded_pages"].as_u64().unwrap(), inv, "{v}");
+}
+
+#[test]
 fn postcopy_refused_by_a_smaller_destination_leaves_the_source_running() {
     let Some(bin) = livemig_bin() else { return };
     let secret = "cli-test-secret-cli-test-secret-cli-test";

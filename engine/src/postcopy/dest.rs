@@ -412,6 +412,10 @@ fn receive_with(
                     }
                     on_progress(states.installed() as u64, pages as u64);
                 }
+                // A pre-copy round: every invalidation before it is done, its pages may come.
+                Msg::IterationDone { iter, .. } if hybrid => {
+                    t.send_message(&Msg::IterationAck { iter }.encode()).map_err(PostcopyDestError::Transport)?
+                }
                 Msg::Invalidate { runs } if hybrid && check(&runs) => {
                     for r in runs {
                         for p in r.first as usize..(r.first + r.pages as u64) as usize {

@@ -41,6 +41,7 @@ use super::prepage::{Demand, PrepageStats, Prepager, PushOrder};
 use crate::dirty::DirtySource;
 use crate::guest::{GuestControl, GuestError, GuestMemory};
 use crate::integrity::{Digest, PageDigests};
+use crate::policy::{build, Decision, IntervalReport, PolicyConfig, RegionInfo, RetransmitTracker};
 use crate::precopy::proto::{self, Msg, PageRun, RegionDesc, Strategy, MAX_RUNS, MAX_STATE_CHUNK};
 use crate::precopy::{error_chain, pick_remotes, Mismatch};
 
@@ -56,6 +57,10 @@ pub struct PostcopyConfig {
     pub run_pages: usize,
     /// How long to wait for each reply of the destination (`Accept`, `Resumed`, `Verified`).
     pub reply_timeout: Duration,
+    /// Hybrid only: after the first pass, pre-copy rounds go on until this policy says
+    /// pre-copy no longer pays (`StopAndCopy`, or `Abort` on its time limit); then post-copy
+    /// moves what is left instead of a stop-and-copy. `None`: one pass, then post-copy.
+    pub rounds: Option<PolicyConfig>,
 }
 
 impl Default for PostcopyConfig {
@@ -65,6 +70,7 @@ impl Default for PostcopyConfig {
             batch_pages: 64,
             run_pages: 64,
             reply_timeout: crate::precopy::REPLY_TIMEOUT,
+            rounds: None,
         }
     }
 }
@@ -203,6 +209,12 @@ pub struct PostcopySummary {
     pub precopy_ms: Option<f64>,
     /// Hybrid: pages written during the pass, sent again after the hand-over.
     pub invalidated_pages: Option<u64>,
+    /// Hybrid with a policy: pre-copy rounds after the first pass.
+    pub rounds: Option<u32>,
+    /// Data pages those rounds sent again.
+    pub round_pages: Option<u64>,
+    /// Hybrid with a policy: the rule that ended pre-copy (post-copy took over then).
+    pub decided_by: Option<String>,
     /// The push order.
     pub order: PushOrder,
     /// Transport backend.
@@ -246,7 +258,15 @@ impl PostcopySummary {
         s += &crate::precopy::memory_line(self.region_bytes, self.regions, self.page_size);
         s += &format!("  total time     {:.2} s\n", self.total_s);
         if let (Some(n), Some(ms), Some(inv)) = (self.precopy_pages, self.precopy_ms, self.invalidated_pages) {
-            s += &format!("  pre-copy pass  {n} pages in {ms:.1} ms; {inv} pages written meanwhile, sent again after the resume\n");
+            match (self.rounds, self.round_pages, &self.decided_by) {
+                (Some(r), Some(k), Some(by)) => {
+                    s += &format!("  pre-copy       first pass {n} pages in {ms:.1} ms, then {r} rounds ({k} pages sent again)\n");
+                    s += &format!("  post-copy from {by}; {inv} pages still dirty, sent after the resume\n");
+                }
+                _ => s += &format!(
+                    "  pre-copy pass  {n} pages in {ms:.1} ms; {inv} pages written meanwhile, sent again after the resume\n"
+                ),
+            }
         }
         s += &format!(
             "  downtime       {:.1} ms (pause to resume at the destination; {} B of device state)\n",
@@ -349,15 +369,26 @@ fn run(
     let mut digests = PageDigests::new(pages, ps);
     // Hybrid: one pass while the guest runs.
     let mut pass = None;
+    // Pages written since they were sent, not sent again yet (with rounds).
+    let mut pending = crate::PageBitmap::new(pages);
+    let mut rounds = None;
     if let Some(d) = dirty.as_deref_mut() {
         let t_pass = Instant::now();
-        match precopy_pass(t, memory, &remotes, d, &mut digests, on_progress) {
-            Ok(n) => pass = Some((n, t_pass.elapsed())),
-            Err(e) => {
-                d.stop();
-                let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
-                return Err(e);
+        let r = precopy_pass(t, memory, &remotes, d, &mut digests, on_progress).and_then(|n| {
+            pass = Some((n, t_pass.elapsed()));
+            match &cfg.rounds {
+                Some(policy) => {
+                    let r = Rounds { policy, t0, pass_pages: n, pass_time: t_pass.elapsed() };
+                    r.run(t, memory, &remotes, d, &mut digests, &mut pending, cfg.reply_timeout, on_progress)
+                        .map(|v| rounds = Some(v))
+                }
+                None => Ok(()),
             }
+        });
+        if let Err(e) = r {
+            d.stop();
+            let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
+            return Err(e);
         }
     }
 
@@ -379,7 +410,7 @@ fn run(
             // Every page written since the pass started is stale at the destination.
             // (Tracking is stopped after the hand-over: un-protecting the memory takes time
             // and the paused guest writes nothing meanwhile.)
-            let mut written = crate::PageBitmap::new(pages);
+            let mut written = pending.clone();
             d.collect(&mut written).map_err(PostcopyError::Dirty)?;
             let runs: Vec<PageRun> =
                 written.runs().map(|(f, n)| PageRun { first: f as u64, pages: n as u32 }).collect();
@@ -476,11 +507,15 @@ fn run(
     let dirty_ran = strategy == Strategy::Hybrid;
     let st: PrepageStats = lock(&shared).prepager.stats();
     let (precopy_pages, precopy_ms) = pass.map_or((None, None), |(n, d)| (Some(n), Some(d.as_secs_f64() * 1e3)));
+    let before = precopy_pages.unwrap_or(0) + rounds.as_ref().map_or(0, |r: &RoundsDone| r.pages);
     Ok(PostcopySummary {
         strategy: strategy.to_string(),
         precopy_pages,
         precopy_ms,
         invalidated_pages: dirty_ran.then_some(invalidated),
+        rounds: rounds.as_ref().map(|r| r.rounds),
+        round_pages: rounds.as_ref().map(|r| r.pages),
+        decided_by: rounds.as_ref().map(|r| r.reason.clone()),
         order: cfg.order,
         transport: t.kind().to_string(),
         region_bytes: memory.len(),
@@ -495,7 +530,7 @@ fn run(
         demanded_pages: st.demanded,
         ignored_demands: st.ignored,
         pivots_replaced: st.pivots_replaced,
-        bytes: (st.pushed + st.demanded) * ps as u64,
+        bytes: (before + st.pushed + st.demanded) * ps as u64,
         checksum: checksum.hex(),
     })
 }
@@ -568,6 +603,126 @@ fn precopy_pass(
     }
     t.flush().map_err(|source| PostcopyError::Transport { phase, source })?;
     Ok(sent)
+}
+
+/// How the pre-copy rounds after the first pass ended.
+#[derive(Debug)]
+struct RoundsDone {
+    rounds: u32,
+    pages: u64,
+    reason: String,
+}
+
+/// Pre-copy rounds after the hybrid pass, ended by a convergence policy (the same pure state
+/// machines as pre-copy's). Each round sends the pages written since they were last sent:
+/// `Invalidate` for them, `IterationDone`, and only once the destination's `IterationAck`
+/// says it has invalidated them (it refuses writes to pages it holds) the pages themselves,
+/// then `Placed`. The policy sees one interval per round; when it stops pre-copy, the pages
+/// written and not sent again are left in `pending` for the hand-over's invalidation.
+struct Rounds<'a> {
+    policy: &'a PolicyConfig,
+    t0: Instant,
+    pass_pages: u64,
+    pass_time: Duration,
+}
+
+impl Rounds<'_> {
+    #[allow(clippy::too_many_arguments)]
+    fn run(
+        &self,
+        t: &mut dyn Transport,
+        memory: &GuestMemory,
+        remotes: &[u32],
+        dirty: &mut dyn DirtySource,
+        digests: &mut PageDigests,
+        pending: &mut crate::PageBitmap,
+        reply_timeout: Duration,
+        on_progress: &mut dyn FnMut(&PushProgress),
+    ) -> Result<RoundsDone, PostcopyError> {
+        let phase = PostcopyPhase::Precopy;
+        let (pages, ps) = (memory.pages(), memory.page_size() as usize);
+        let mut policy = build(self.policy, RegionInfo::new(pages, ps));
+        let mut tracker = RetransmitTracker::new(pages);
+        dirty.collect(pending).map_err(PostcopyError::Dirty)?;
+        // The first pass is the first interval.
+        let mut report = IntervalReport {
+            now: self.t0.elapsed(),
+            pages_posted: self.pass_pages as usize,
+            post_time: self.pass_time,
+            wait_time: Duration::ZERO,
+            modified: pages,
+            retransmitted: 0,
+            remaining: pending.count_ones(),
+            bytes_sent: self.pass_pages * ps as u64,
+            first_pass_done: true,
+        };
+        let (mut iter, mut sent) = (1u32, 0u64);
+        let mut buf = vec![0u8; ps];
+        loop {
+            let window = match policy.handle_interval(&report) {
+                Decision::Continue { window } => window,
+                Decision::StopAndCopy(r) | Decision::Abort(r) => {
+                    tracing::info!(reason = %r, rounds = iter - 1, "pre-copy ends; post-copy moves the rest");
+                    return Ok(RoundsDone { rounds: iter - 1, pages: sent, reason: r.to_string() });
+                }
+            };
+            iter += 1;
+            let started = Instant::now();
+            let modified = pending.count_ones();
+            // This round's pages: the first `window` of the pending set, in page order.
+            let mut chosen = crate::PageBitmap::new(pages);
+            let mut n = 0usize;
+            for (f, k) in pending.runs() {
+                let k = window.map_or(k, |w| k.min(w - n));
+                chosen.set_range(f, k);
+                n += k;
+                if window.is_some_and(|w| n >= w) {
+                    break;
+                }
+            }
+            pending.and_not_assign(&chosen);
+            let runs: Vec<PageRun> = chosen.runs().map(|(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();
+            for chunk in runs.chunks(MAX_RUNS) {
+                send(t, phase, &Msg::Invalidate { runs: chunk.to_vec() })?;
+            }
+            send(t, phase, &Msg::IterationDone { iter, pages: n as u64, dirty: pending.count_ones() as u64 })?;
+            match recv(t, phase, "IterationAck", reply_timeout)? {
+                Msg::IterationAck { iter: i } if i == iter => {}
+                m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+            }
+            let post_start = Instant::now();
+            let all: Vec<(usize, usize)> = chosen.runs().collect();
+            for batch in all.chunks(64) {
+                post_runs(t, memory, remotes, batch, phase)?;
+                let runs = batch.iter().map(|&(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();
+                send(t, phase, &Msg::Placed { runs })?;
+                for &(f, k) in batch {
+                    tracker.record_sent_range(f, k);
+                    for q in f..f + k {
+                        let (i, local) = memory.locate(q).expect("in the page space");
+                        memory.regions()[i].read_at((local * ps) as u64, &mut buf);
+                        digests.record_bytes(q, &buf);
+                    }
+                }
+            }
+            t.flush().map_err(|source| PostcopyError::Transport { phase, source })?;
+            let post_time = post_start.elapsed();
+            sent += n as u64;
+            dirty.collect(pending).map_err(PostcopyError::Dirty)?;
+            on_progress(&PushProgress { sent: self.pass_pages + sent, pages: pages as u64, demanded: 0 });
+            report = IntervalReport {
+                now: self.t0.elapsed(),
+                pages_posted: n,
+                post_time,
+                wait_time: started.elapsed().saturating_sub(post_time),
+                modified,
+                retransmitted: tracker.finish_interval(),
+                remaining: pending.count_ones(),
+                bytes_sent: (n * ps) as u64,
+                first_pass_done: true,
+            };
+        }
+    }
 }
 
 /// Pages per batch of the hybrid pre-copy pass.
