@@ -11,8 +11,9 @@
 #   lm-pre-post    livemig: the same pre-copy, handing over to post-copy when the controller decides
 #   lm-hybrid      livemig: one pass, then post-copy
 #   lm-postcopy    livemig: post-copy at once
-# Prints total time, the guest's pause (QEMU's downtime for QEMU's runs; source STOP to
-# destination RESUME for livemig's), bytes, and livemig's fault service latency.
+# Prints total time, the guest's pause (source STOP to destination RESUME, QEMU's event
+# timestamps, for every run; QEMU's own `downtime` figure is kept in runs.jsonl), bytes, and
+# livemig's fault service latency at the destination.
 #
 #   MEM=1024 DATA=768 WSS=400 LINK=1gbit MAX_TIME=60 bench/qemu-external-ram.sh
 set -euo pipefail
@@ -39,7 +40,8 @@ cleanup() {
   ip netns del "$S" 2>/dev/null || true
   ip netns del "$D" 2>/dev/null || true
 }
-trap cleanup EXIT INT TERM
+trap cleanup EXIT
+trap 'exit 130' INT TERM
 ip netns add "$S"; ip netns add "$D"
 ip link add lxS$$ netns "$S" type veth peer name lxD$$ netns "$D"
 ip -n "$S" addr add 10.78.0.1/24 dev lxS$$; ip -n "$D" addr add 10.78.0.2/24 dev lxD$$
@@ -70,10 +72,13 @@ qemu_direct() { # $1 = src, $2 = dst, $3 = postcopy (0/1)
 import json, socket, sys, time
 def conn(p):
     s = socket.socket(socket.AF_UNIX); s.connect(p); f = s.makefile("rw"); f.readline(); return f
+seen = {}
 def cmd(f, c, a=None):
     f.write(json.dumps({"execute": c, **({"arguments": a} if a else {})}) + "\n"); f.flush()
     while True:
         r = json.loads(f.readline())
+        if "event" in r:  # the guest's STOP at the source, RESUME at the destination
+            seen[(id(f), r["event"])] = r["timestamp"]["seconds"] + r["timestamp"]["microseconds"] / 1e6
         if "return" in r: return r["return"]
         if "error" in r: raise SystemExit(f"{c}: {r['error']}")
 src, dst = conn(sys.argv[1]), conn(sys.argv[2])
@@ -93,8 +98,15 @@ while True:
     if time.time() - t0 > max_time:
         cmd(src, "migrate_cancel"); m = {"status": f"cancelled after {max_time:.0f} s (did not converge)"}; break
     time.sleep(0.05)
-print(json.dumps({"status": m["status"], "total_ms": m.get("total-time"), "pause_ms": m.get("downtime"),
-                  "bytes": m.get("ram", {}).get("transferred")}))
+pause = None
+if m["status"] == "completed":
+    for _ in range(100):
+        if cmd(dst, "query-status").get("running") and (id(dst), "RESUME") in seen: break
+        time.sleep(0.05)
+    if (id(src), "STOP") in seen and (id(dst), "RESUME") in seen:
+        pause = (seen[(id(dst), "RESUME")] - seen[(id(src), "STOP")]) * 1e3
+print(json.dumps({"status": m["status"], "total_ms": m.get("total-time"), "pause_ms": pause,
+                  "qemu_downtime_ms": m.get("downtime"), "bytes": m.get("ram", {}).get("transferred")}))
 PY
 }
 
@@ -103,6 +115,7 @@ through_livemig() { # $1 = src, $2 = dst, then qemu migrate flags
   ip netns exec "$DNS" "$BIN" qemu carrier --listen "$DIP:7882" --incoming "$OUT/$dst.in" --dst-qmp "$dst.qmp" \
     --secret-file secret --json >"$dst.carrier" 2>"$dst.carrier.err" &
   local cp=$!
+  PIDS+=("$cp")
   for _ in $(seq 100); do grep -q listening "$dst.carrier" 2>/dev/null && break; sleep 0.05; done
   ip netns exec "$SNS" "$BIN" qemu migrate --src-qmp "$src.qmp" --to "$DIP:7882" --secret-file secret \
     --socket-dir "$OUT" --ram livemig --max-time "$MAX_TIME" --json "$@" 2>"$dst.migrate.err" |

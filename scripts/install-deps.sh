@@ -17,7 +17,7 @@ PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev
       qemu-utils libnbd-bin dpkg-dev ninja-build meson libglib2.0-dev libpixman-1-dev flex bison python3-venv
       zlib1g-dev libfdt-dev patch)
 # Sources for the patched QEMU build (apt-get source qemu).
-if ! grep -rqs '^Types:.*deb-src\|^deb-src' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+if ! apt-cache showsrc qemu 2>/dev/null | grep -q '^Version: 1:7\.2'; then
   echo "adding a deb-src entry for bookworm (the patched QEMU's source)" >&2
   $SUDO tee /etc/apt/sources.list.d/livemig-bookworm-src.sources >/dev/null <<'SRC'
 Types: deb-src

@@ -23,11 +23,14 @@ log=$work/build.log
 t0=$(date +%s)
 rm -rf "$work/src" "$work/dl"
 mkdir -p "$work/dl"
-(cd "$work/dl" && apt-get source qemu >>"$log" 2>&1) || {
-  echo "apt-get source qemu failed (is there a deb-src entry? scripts/install-deps.sh adds one); see $log" >&2
+# The series is written against 7.2 (bookworm): take that source, whatever else apt knows.
+(cd "$work/dl" && apt-get source qemu/bookworm >>"$log" 2>&1) || {
+  echo "apt-get source qemu/bookworm failed (is there a deb-src entry for bookworm? scripts/install-deps.sh adds one); see $log" >&2
   exit 1
 }
-mv "$work"/dl/qemu-*/ "$work/src"
+src=$(ls -d "$work"/dl/qemu-7.2*/ 2>/dev/null | head -1)
+[[ -n $src ]] || { echo "the downloaded source is not QEMU 7.2: $(ls "$work/dl")" >&2; exit 1; }
+mv "$src" "$work/src"
 cd "$work/src"
 for p in "$here"/*.patch; do
   patch -p1 --forward --quiet < "$p" >>"$log" 2>&1 || { echo "applying $(basename "$p") failed; see $log" >&2; exit 1; }

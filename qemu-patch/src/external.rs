@@ -157,7 +157,10 @@ impl Attached {
 
 /// Asks QEMU (over `qmp`) for its shared RAM and, with `uffd`, a userfaultfd of its address
 /// space; maps every block here with `access`. The socket QEMU connects to is created in
-/// `dir` (a directory only QEMU's user can enter) and removed again.
+/// `dir` (a directory only this process's user can enter: QEMU must run as that user or as
+/// root) and removed again. Only writes through QEMU's own mappings are tracked: guest RAM
+/// that other processes or devices also write (vhost-user back-ends, ivshmem peers, VFIO
+/// DMA) must not be moved this way.
 pub fn attach(
     qmp: &mut Qmp,
     dir: &Path,
@@ -193,10 +196,9 @@ pub fn attach(
         }
     };
     conn.set_nonblocking(false).map_err(io("the attach connection"))?;
-    conn.set_read_timeout(Some(timeout)).map_err(io("the attach connection"))?;
     let peer = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
         .map_err(|e| io("reading the peer's credentials")(e.into()))?;
-    let (line, fds) = recv_line_with_fds(conn.as_raw_fd())?;
+    let (line, fds) = recv_line_with_fds(&conn, deadline)?;
     let msg = decode_attach(&line).map_err(ExternalError::Description)?;
     if peer.pid() as u32 != msg.pid {
         return Err(ExternalError::Description(format!(
@@ -227,13 +229,22 @@ pub fn attach(
     Ok(Attached { pid: msg.pid, blocks: msg.blocks, memory, uffd })
 }
 
-/// Reads one newline-ended line and the descriptors that came with it.
-fn recv_line_with_fds(fd: RawFd) -> Result<(Vec<u8>, Vec<OwnedFd>), ExternalError> {
+/// Reads one newline-ended line and the descriptors that came with it, by `deadline`.
+fn recv_line_with_fds(
+    conn: &std::os::unix::net::UnixStream,
+    deadline: Instant,
+) -> Result<(Vec<u8>, Vec<OwnedFd>), ExternalError> {
     use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+    let fd = conn.as_raw_fd();
     let mut line = Vec::new();
     let mut fds = Vec::new();
     let mut buf = vec![0u8; 4096];
     loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(ExternalError::Timeout("QEMU's RAM description did not arrive in time".into()));
+        }
+        conn.set_read_timeout(Some(left)).map_err(io("the attach connection"))?;
         let mut cmsg = nix::cmsg_space!([RawFd; MAX_BLOCKS + 1]);
         let mut iov = [IoSliceMut::new(&mut buf)];
         let r = recvmsg::<()>(fd, &mut iov, Some(&mut cmsg), MsgFlags::MSG_CMSG_CLOEXEC);
@@ -327,8 +338,8 @@ impl<'a> QemuSource<'a> {
     }
 }
 
-impl GuestControl for QemuSource<'_> {
-    fn pause(&mut self) -> Result<(), GuestError> {
+impl QemuSource<'_> {
+    fn pause_inner(&mut self) -> Result<(), GuestError> {
         self.qmp.execute("migrate", json!({ "uri": self.uri })).map_err(|e| GuestError::new("pause", e))?;
         self.migrating = true;
         let st = self.wait_status(&["pre-switchover", "failed", "cancelled"], "pre-switchover")?;
@@ -345,7 +356,13 @@ impl GuestControl for QemuSource<'_> {
         Ok(())
     }
 
-    fn resume(&mut self) -> Result<(), GuestError> {
+    /// Cancels QEMU's migration and makes sure the guest runs here again — only while the
+    /// device state has not been let go (`migrate-continue` not sent, or refused), when no
+    /// destination can run the guest.
+    pub fn cancel(&mut self) -> Result<(), GuestError> {
+        if matches!(self.continued, Some(Ok(()))) {
+            return Err(GuestError::new("resume", "the device state went to the destination: not resuming here"));
+        }
         if self.migrating {
             let _ = self.qmp.execute("migrate_cancel", json!({}));
             let deadline = Instant::now() + self.timeout;
@@ -357,18 +374,33 @@ impl GuestControl for QemuSource<'_> {
                 std::thread::sleep(Duration::from_millis(20));
             }
         }
-        // QEMU resumes a guest whose migration was cancelled; make sure.
-        let running = self
-            .qmp
-            .execute("query-status", json!({}))
-            .map_err(|e| GuestError::new("resume", e))?
-            .get("running")
-            .and_then(|r| r.as_bool())
-            .unwrap_or(false);
-        if !running {
+        // QEMU resumes a guest whose migration was cancelled if it ran before; one left in
+        // the migration's own stop state is started here (a guest the user paused stays so).
+        let st = self.qmp.execute("query-status", json!({})).map_err(|e| GuestError::new("resume", e))?;
+        let running = st.get("running").and_then(|r| r.as_bool()).unwrap_or(false);
+        let status = st.get("status").and_then(|s| s.as_str()).unwrap_or("");
+        if !running && self.migrating && status == "finish-migrate" {
             self.qmp.execute("cont", json!({})).map_err(|e| GuestError::new("resume", e))?;
         }
         Ok(())
+    }
+}
+
+impl GuestControl for QemuSource<'_> {
+    fn pause(&mut self) -> Result<(), GuestError> {
+        let r = self.pause_inner();
+        if let Err(e) = &r {
+            // `migrate` may be under way: QEMU would stop the guest in `pre-switchover` and
+            // wait there for good.
+            if let Err(c) = self.cancel() {
+                tracing::error!(error = %e, cancel = %c, "pausing failed and cancelling QEMU's migration failed");
+            }
+        }
+        r
+    }
+
+    fn resume(&mut self) -> Result<(), GuestError> {
+        self.cancel()
     }
 
     fn save_state(&mut self) -> Result<Vec<u8>, GuestError> {

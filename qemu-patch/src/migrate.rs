@@ -153,8 +153,14 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
     // Every capability that changes the connections is set either way: a guest that came in
     // by a multifd migration keeps the capability until it is cleared.
-    let caps: Vec<(String, bool)> =
-        vec![("events".into(), true), ("multifd".into(), o.multifd > 0), ("postcopy-ram".into(), o.postcopy)];
+    let caps: Vec<(String, bool)> = vec![
+        ("events".into(), true),
+        ("multifd".into(), o.multifd > 0),
+        ("postcopy-ram".into(), o.postcopy),
+        // QEMU's stream carries all RAM (a guest that came in with livemig moving its
+        // RAM may still have this set).
+        ("x-ignore-shared".into(), false),
+    ];
     let mut params = Map::new();
     if o.multifd > 0 {
         params.insert("multifd-channels".into(), json!(o.multifd));

@@ -120,7 +120,7 @@ fn sock_dir(base: &Path) -> Result<PathBuf, CarrierError> {
     // SAFETY: getrandom(2) writes at most b.len() bytes into the buffer we own.
     unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
     let dir = base.join(format!("livemig-ram-{}-{:x}", std::process::id(), u64::from_le_bytes(b)));
-    // Mode 0700: only QEMU's user may connect to the attach socket.
+    // Mode 0700: only this user (QEMU runs as it, or as root) may connect to the socket.
     std::fs::DirBuilder::new()
         .mode(0o700)
         .create(&dir)
@@ -243,7 +243,7 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
             let cfg = postcopy::PostcopyConfig { rounds, ..Default::default() };
             let mut last = Instant::now();
             let mut progress = |p: &postcopy::PushProgress| {
-                if last.elapsed() >= Duration::from_secs(1) {
+                if last.elapsed() >= Duration::from_millis(250) {
                     last = Instant::now();
                     on_line(&format!("post-copy: {}/{} pages sent, {} on demand", p.sent, p.pages, p.demanded));
                 }
@@ -256,23 +256,35 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
                 .map_err(|e| precopy::error_chain(&e))
         }
     };
-    let continued = guest.continued.clone();
+    // The destination QEMU can start only from the device state, which goes only after
+    // `migrate-continue`: until then no copy runs there, and whatever failed (the engine,
+    // even in doubt about the destination's engine, or `migrate-continue` refused), the guest
+    // runs on here.
+    let failed = match (&engine, &guest.continued) {
+        (Err(e), _) => Some(format!("moving QEMU's RAM: {e}")),
+        (Ok(_), Some(Err(e))) => Some(format!("the RAM moved but migrate-continue failed: {e}")),
+        _ => None,
+    };
+    if let Some(why) = failed {
+        let resumed = match guest.continued {
+            Some(Ok(())) => "the destination has the device state: the guest is not resumed here".to_string(),
+            _ => match guest.cancel() {
+                Ok(()) => "the guest runs on at the source".to_string(),
+                Err(e) => format!("resuming the guest at the source failed: {}", precopy::error_chain(&e)),
+            },
+        };
+        drop(guest);
+        drop(dirty);
+        reset_source(&mut q);
+        return Err(CarrierError::Peer(format!("{why}; {resumed}")));
+    }
     let stopped_at = guest.stopped_at;
     drop(guest);
     drop(dirty);
-    let (engine, engine_downtime, checksum) = match engine {
-        Ok(v) => v,
-        Err(e) => {
-            let _ = q.execute("x-livemig-detach", json!({}));
-            return Err(CarrierError::Peer(format!("moving QEMU's RAM: {e}")));
-        }
-    };
+    let (engine, engine_downtime, checksum) = engine.expect("errors returned above");
     sum.engine = engine;
     sum.engine_downtime_ms = engine_downtime;
     sum.checksum = checksum;
-    if let Some(Err(e)) = continued {
-        return Err(CarrierError::Peer(format!("the RAM moved but migrate-continue failed: {e}")));
-    }
     // QEMU sends the device state now; its migration completes.
     let deadline = Instant::now() + o.io_timeout.max(Duration::from_secs(30));
     loop {
@@ -285,7 +297,7 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
         }
         std::thread::sleep(Duration::from_millis(20));
     }
-    let _ = q.execute("x-livemig-detach", json!({}));
+    reset_source(&mut q);
     let wait = o.max_time.saturating_sub(started.elapsed()).max(o.io_timeout);
     match recv_outcome(&mut *t, wait)? {
         CarrierMsg::Finished { status, running, resumed_at, ram } => {
@@ -301,6 +313,16 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
     }
     sum.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(sum)
+}
+
+/// Leaves the source QEMU as a plain QEMU again: its userfaultfd reference closed, the
+/// capabilities this mode set cleared (a later migration of another kind must not skip its
+/// shared RAM).
+fn reset_source(q: &mut Qmp) {
+    let _ = q.execute("x-livemig-detach", json!({}));
+    if let Err(e) = q.set_capabilities(&[("x-ignore-shared", false), ("pause-before-switchover", false)]) {
+        tracing::warn!(error = %e, "clearing the source QEMU's capabilities");
+    }
 }
 
 /// The destination carrier's `Finished` (or `Failed`), past the engine's last message (the
@@ -421,8 +443,10 @@ pub fn receive_ram(
     let mut resumed_at = None;
     let watched =
         carrier::watch_dest(&mut q, started, o.max_time, &std::sync::atomic::AtomicBool::new(false), &mut resumed_at);
-    // Every page is in place: QEMU's userfaultfd has nothing more to serve.
+    // Every page is in place: QEMU's userfaultfd has nothing more to serve, and a later
+    // migration of another kind must not skip its shared RAM.
     let _ = q.execute("x-livemig-detach", json!({}));
+    let _ = q.set_capabilities(&[("x-ignore-shared", false)]);
     let (status, running) = watched.unwrap_or_else(|e| (format!("failed: {e}"), false));
     let _ = carrier::send(
         &mut *t,

@@ -122,6 +122,8 @@ const USERFAULTFD_IOC_NEW: u64 = ioc(0, 0xAA, 0x00, 0);
 pub(super) const PAGE_IS_WPALLOWED: u64 = 1 << 0;
 /// Category: the page was written since it was last write-protected.
 pub(super) const PAGE_IS_WRITTEN: u64 = 1 << 1;
+/// PAGEMAP_SCAN category: the page is present (mapped) in the page table.
+pub(crate) const PAGE_IS_PRESENT: u64 = 1 << 3;
 /// Write-protect the pages that match (atomically with reporting them).
 pub(super) const PM_SCAN_WP_MATCHING: u64 = 1 << 0;
 /// Fail with EPERM unless every VMA in range is registered for async write-protect.
@@ -130,7 +132,7 @@ pub(super) const PM_SCAN_CHECK_WPASYNC: u64 = 1 << 1;
 /// `struct page_region`: a run `[start, end)` of pages sharing `categories`.
 #[repr(C)]
 #[derive(Debug, Default, Clone, Copy)]
-pub(super) struct PageRegion {
+pub(crate) struct PageRegion {
     /// First byte address.
     pub start: u64,
     /// One past the last byte address.
@@ -219,15 +221,30 @@ impl Uffd {
 
     /// Takes a userfaultfd another process created (of that process's address space: every
     /// ioctl on it acts there, whoever issues it) and negotiates `features` with UFFDIO_API.
-    /// A descriptor configured before (handed over again to a restarted receiver) keeps its
-    /// features: UFFDIO_API refuses it with EINVAL, and `features` are assumed.
+    /// A descriptor configured before (handed over again) is refused by UFFDIO_API with
+    /// EINVAL, as is a feature this kernel lacks: the features it has are then read from
+    /// `/proc/self/fdinfo`, and it is taken only if it has all of `features`.
     pub(crate) fn adopt(fd: OwnedFd, features: u64) -> Result<Self, DirtyError> {
         let mut api = UffdioApi { api: UFFD_API, features, ioctls: 0 };
         // SAFETY: UFFDIO_API reads and writes exactly one `struct uffdio_api` (repr(C), three
         // u64) on a descriptor we own; on anything but a userfaultfd it fails (ENOTTY).
         match cvt(unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API as _, &mut api as *mut UffdioApi) } as _) {
             Ok(_) => Ok(Uffd { fd, features: api.features }),
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && features != 0 => Ok(Uffd { fd, features }),
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.as_raw_fd()))
+                    .map_err(os_err(DirtyOp::UffdApi))?;
+                match fdinfo_features(&info) {
+                    Some(have) if have & features == features => Ok(Uffd { fd, features: have }),
+                    Some(have) => Err(DirtyError::Unsupported {
+                        mechanism: "a handed-over userfaultfd",
+                        missing: format!(
+                            "features {:#x} (it has {have:#x}: configured for another use, or this kernel lacks them)",
+                            features & !have
+                        ),
+                    }),
+                    None => Err(DirtyError::Os { op: DirtyOp::UffdApi, source: e }),
+                }
+            }
             Err(e) => Err(DirtyError::Os { op: DirtyOp::UffdApi, source: e }),
         }
     }
@@ -375,9 +392,16 @@ impl Uffd {
     }
 }
 
+/// The features a userfaultfd was configured with, from its `/proc/PID/fdinfo` text (the
+/// kernel's `API:\t<api>:<features>:<ioctls>` line, hexadecimal).
+pub(crate) fn fdinfo_features(info: &str) -> Option<u64> {
+    let api = info.lines().find_map(|l| l.strip_prefix("API:"))?.trim();
+    u64::from_str_radix(api.split(':').nth(1)?, 16).ok()
+}
+
 /// `/proc/self/pagemap`, for PAGEMAP_SCAN.
 #[derive(Debug)]
-pub(super) struct Pagemap {
+pub(crate) struct Pagemap {
     file: File,
 }
 
@@ -415,7 +439,7 @@ impl Pagemap {
 
     /// One PAGEMAP_SCAN over `[start, end)` with `flags`, reporting pages whose categories
     /// include all of `category_mask`, into `out`. Returns (regions filled, walk_end).
-    pub(super) fn scan_into(
+    pub(crate) fn scan_into(
         &self,
         start: usize,
         end: usize,

@@ -347,3 +347,38 @@ fn errors_name_the_operation() {
     assert_eq!(e.to_string(), "PAGEMAP_SCAN failed");
     assert!(std::error::Error::source(&e).is_some());
 }
+
+#[test]
+fn a_userfaultfds_features_are_read_from_fdinfo() {
+    let info = "pos:\t0\nflags:\t02004002\nmnt_id:\t15\npending:\t0\ntotal:\t0\nAPI:\taa:a800:c000000000000000\n";
+    assert_eq!(super::sys::fdinfo_features(info), Some(0xa800));
+    assert_eq!(super::sys::fdinfo_features("pending:\t0\n"), None);
+    assert_eq!(super::sys::fdinfo_features("API:\tzz\n"), None);
+}
+
+/// A userfaultfd handed over twice: configured the first time, taken again the second with
+/// the same features, refused for features it was not configured with.
+#[test]
+fn a_handed_over_userfaultfd_is_taken_again_only_with_its_features() {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let wp = super::sys::UFFD_FEATURE_WP_ASYNC | super::sys::UFFD_FEATURE_WP_UNPOPULATED;
+    if !super::kernel_support().unwrap().has_async() {
+        eprintln!("SKIPPED: no asynchronous write-protect on this kernel");
+        return;
+    }
+    // SAFETY: userfaultfd(2) takes one int flag argument and returns a new fd or -1.
+    let raw = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    assert!(raw >= 0, "userfaultfd: {}", std::io::Error::last_os_error());
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(raw as i32) };
+    let again = fd.try_clone().unwrap();
+    let other = fd.try_clone().unwrap();
+    let first = super::sys::Uffd::adopt(fd, wp).unwrap();
+    assert_eq!(first.supported_features() & wp, wp);
+    let second = super::sys::Uffd::adopt(again, wp).unwrap();
+    assert_eq!(second.supported_features() & wp, wp);
+    assert!(matches!(
+        super::sys::Uffd::adopt(other, super::sys::UFFD_FEATURE_MINOR_SHMEM),
+        Err(DirtyError::Unsupported { .. })
+    ));
+}

@@ -530,24 +530,26 @@ fn receive_with(
     }
 }
 
-/// In another process's view (see [`Placer::foreign`]), pages it mapped before the placer
-/// was armed would never fault: every page that has not arrived is punched out of the page
-/// cache, which unmaps it there too, so its first access faults.
+/// In another process's view (see [`Placer::foreign`]), a page it mapped before the placer
+/// was armed would never fault: each such page that has not arrived is punched out of the
+/// page cache, which unmaps it there too, so its first access faults. (One that is not
+/// mapped there faults anyway, and is installed only once its new content is written: its
+/// stale page cache is left alone, off the downtime.)
 fn punch_missing(placer: &Placer, states: &PageStates) -> Result<(), PlacerError> {
-    if !placer.is_foreign() {
-        return Ok(());
-    }
-    let mut p = 0;
-    while p < states.pages() {
-        if states.has_arrived(p) {
-            p += 1;
-            continue;
+    let Some(mapped) = placer.mapped_in_views()? else { return Ok(()) };
+    for (f, n) in mapped.runs() {
+        let mut p = f;
+        while p < f + n {
+            if states.has_arrived(p) {
+                p += 1;
+                continue;
+            }
+            let first = p;
+            while p < f + n && !states.has_arrived(p) {
+                p += 1;
+            }
+            placer.punch(first, p - first)?;
         }
-        let first = p;
-        while p < states.pages() && !states.has_arrived(p) {
-            p += 1;
-        }
-        placer.punch(first, p - first)?;
     }
     Ok(())
 }

@@ -460,12 +460,14 @@ fn run(
         // now), while its pages follow.
         let mut handed = false;
         let mut on_resumed = || {
-            if let Some(d) = dirty.as_deref_mut() {
-                d.stop();
-            }
+            // The hand-over first: a VMM's device state is on the downtime's path, while
+            // un-protecting the memory is not.
             if resumed.load(Ordering::SeqCst) && !handed {
                 handed = true;
                 guest.handed_over();
+            }
+            if let Some(d) = dirty.as_deref_mut() {
+                d.stop();
             }
         };
         let r = push_phase(

@@ -57,6 +57,9 @@ pub enum PlacerError {
         #[source]
         source: io::Error,
     },
+    /// Foreign memory described inconsistently.
+    #[error("foreign memory: {0}")]
+    Layout(String),
     /// Pages outside the guest memory.
     #[error("pages [{first}, +{n}) are outside the guest memory")]
     Range {
@@ -113,6 +116,8 @@ pub struct Placer {
     page_size: usize,
     armed: bool,
     foreign: bool,
+    /// The page tables of the process whose views these are (foreign memory).
+    pagemap: Option<sys::Pagemap>,
 }
 
 impl Placer {
@@ -146,7 +151,7 @@ impl Placer {
         if uffd.supported_features() & sys::UFFD_FEATURE_MINOR_SHMEM == 0 {
             return Err(PlacerError::NoMinorShmem);
         }
-        Ok(Placer { uffd, views, page_size: memory.page_size() as usize, armed: false, foreign: false })
+        Ok(Placer { uffd, views, page_size: memory.page_size() as usize, armed: false, foreign: false, pagemap: None })
     }
 
     /// A placer for guest memory another process maps ([`Foreign`]): `memory`'s regions are
@@ -157,10 +162,16 @@ impl Placer {
     /// every page that has not arrived once armed ([`punch`](Self::punch) unmaps them
     /// everywhere), and an arrived page the VMM maps already counts as installed.
     pub fn foreign(memory: &GuestMemory, foreign: Foreign) -> Result<Self, PlacerError> {
-        let Foreign { uffd, addrs, .. } = foreign;
+        let Foreign { uffd, addrs, pid } = foreign;
         if addrs.len() != memory.regions().len() {
-            return Err(PlacerError::Range { first: addrs.len(), n: memory.regions().len() });
+            return Err(PlacerError::Layout(format!(
+                "{} addresses for {} regions",
+                addrs.len(),
+                memory.regions().len()
+            )));
         }
+        let pagemap = sys::Pagemap::open_pid(pid)
+            .map_err(|e| PlacerError::Os { op: "open pagemap", source: io::Error::other(e.to_string()) })?;
         let mut views = Vec::with_capacity(addrs.len());
         for (i, (r, &addr)) in memory.regions().iter().zip(&addrs).enumerate() {
             if r.fd().is_none() || matches!(r.backing(), Backing::Anonymous) {
@@ -175,7 +186,49 @@ impl Placer {
         if uffd.supported_features() & sys::UFFD_FEATURE_MINOR_SHMEM == 0 {
             return Err(PlacerError::NoMinorShmem);
         }
-        Ok(Placer { uffd, views, page_size: memory.page_size() as usize, armed: false, foreign: true })
+        Ok(Placer {
+            uffd,
+            views,
+            page_size: memory.page_size() as usize,
+            armed: false,
+            foreign: true,
+            pagemap: Some(pagemap),
+        })
+    }
+
+    /// The pages another process's views map at the moment (present in its page tables),
+    /// from one `PAGEMAP_SCAN` walk; `None` for local memory.
+    pub fn mapped_in_views(&self) -> Result<Option<crate::PageBitmap>, PlacerError> {
+        let Some(pm) = &self.pagemap else { return Ok(None) };
+        let total = self.views.last().map_or(0, |v| v.base + v.pages);
+        let mut out = crate::PageBitmap::new(total);
+        let mut vec = vec![sys::PageRegion::default(); 1024];
+        for v in &self.views {
+            let (mut start, end) = (v.addr, v.addr + v.len);
+            while start < end {
+                let (n, walk_end) = match pm.scan_into(start, end, 0, sys::PAGE_IS_PRESENT, &mut vec) {
+                    Ok(r) => r,
+                    Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                    Err(e) => return Err(PlacerError::Os { op: "PAGEMAP_SCAN (present pages)", source: e }),
+                };
+                for r in &vec[..n] {
+                    let s = (r.start as usize).max(v.addr) - v.addr;
+                    let e = (r.end as usize).min(end) - v.addr;
+                    let (first, last) = (s / self.page_size, e.div_ceil(self.page_size).min(v.pages));
+                    if last > first {
+                        out.set_range(v.base + first, last - first);
+                    }
+                }
+                start = if walk_end > start {
+                    walk_end
+                } else if n > 0 {
+                    vec[n - 1].end as usize
+                } else {
+                    break;
+                };
+            }
+        }
+        Ok(Some(out))
     }
 
     /// Whether the guest's views are another process's ([`Placer::foreign`]).
