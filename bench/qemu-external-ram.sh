@@ -127,7 +127,7 @@ through_livemig() { # $1 = src, $2 = dst, then qemu migrate flags
 
 qemu g0 "$S" ""
 echo "guest booting, touching $DATA MiB, then dirtying $WSS MiB flat out ..." >&2
-for _ in $(seq 900); do grep -q "DIRTY t=" g0.serial 2>/dev/null && break; sleep 0.2; done
+for _ in $(seq 900); do grep -q "DIRTY \(t=\|ready\)" g0.serial 2>/dev/null && break; sleep 0.2; done
 sleep 3
 cur=g0 n=0 cur_ns=$S
 : > runs.jsonl
