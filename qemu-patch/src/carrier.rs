@@ -136,6 +136,37 @@ pub(crate) fn recv(t: &mut dyn Transport, timeout: Duration, what: &str) -> Resu
     }
 }
 
+/// A directory of this process's own (`BASE/PREFIX-PID-RANDOM`, mode 0700: only this user
+/// — QEMU runs as it, or as root — may connect to the sockets in it), removed with all it
+/// holds when dropped.
+#[derive(Debug)]
+pub(crate) struct PrivateDir(PathBuf);
+
+impl PrivateDir {
+    pub(crate) fn create(base: &Path, prefix: &str) -> Result<Self, CarrierError> {
+        use std::os::unix::fs::DirBuilderExt;
+        let mut b = [0u8; 8];
+        // SAFETY: getrandom(2) writes at most b.len() bytes into the buffer we own.
+        if unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) } < 0 {
+            return Err(io("reading random bytes for a directory name")(std::io::Error::last_os_error()));
+        }
+        let dir = base.join(format!("{prefix}-{}-{:x}", std::process::id(), u64::from_le_bytes(b)));
+        // `create` fails if the name exists: nobody else's directory is taken over.
+        std::fs::DirBuilder::new().mode(0o700).create(&dir).map_err(io(format!("creating {}", dir.display())))?;
+        Ok(PrivateDir(dir))
+    }
+
+    pub(crate) fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for PrivateDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Per-channel byte counts of a carrier, and the sockets of the relays under way.
 #[derive(Debug, Default)]
 pub struct Counters {

@@ -189,17 +189,10 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
         m => return Err(CarrierError::Peer(format!("{m:?} instead of Ready"))),
     }
-    // The socket lives in a directory of its own, mode 0700: only QEMU's user may connect
-    // and become a channel.
-    let sock_dir = o.socket_dir.join(format!("livemig-qemu-{}-{}", std::process::id(), rand_suffix()));
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .mode(0o700)
-            .create(&sock_dir)
-            .map_err(|source| CarrierError::Io { what: format!("creating {}", sock_dir.display()), source })?;
-    }
-    let sock = sock_dir.join("migrate.sock");
+    // The socket lives in a directory of its own: only QEMU's user may connect and become a
+    // channel.
+    let sock_dir = carrier::PrivateDir::create(&o.socket_dir, "livemig-qemu")?;
+    let sock = sock_dir.path().join("migrate.sock");
     let listener = if handoff {
         None
     } else {
@@ -208,13 +201,6 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
                 .map_err(|source| CarrierError::Io { what: format!("binding {}", sock.display()), source })?,
         )
     };
-    struct Unlink(PathBuf);
-    impl Drop for Unlink {
-        fn drop(&mut self) {
-            let _ = std::fs::remove_dir_all(&self.0);
-        }
-    }
-    let _unlink = Unlink(sock_dir.clone());
     let caps_ref: Vec<(&str, bool)> = caps.iter().map(|(c, s)| (c.as_str(), *s)).collect();
     q.set_capabilities(&caps_ref)?;
     // With disks, QEMU waits for them with the guest stopped before it switches over.
@@ -527,20 +513,4 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         Err(e) => sum.dest_status = format!("unknown (no report from the destination carrier: {e})"),
     }
     Ok(sum)
-}
-
-fn rand_suffix() -> u64 {
-    let mut b = [0u8; 8];
-    let _ = getrandom_fill(&mut b);
-    u64::from_le_bytes(b)
-}
-
-fn getrandom_fill(b: &mut [u8]) -> std::io::Result<()> {
-    // SAFETY: getrandom(2) writes at most b.len() bytes into the buffer we own.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    if n < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
 }

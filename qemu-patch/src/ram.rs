@@ -18,7 +18,7 @@
 //!    starts the guest (post-copy: its faults are served by livemig while the push goes on);
 //! 6. the destination reports how its QEMU ended (`Finished`, with the engine's report).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use livemig_engine::connect::{TransportChoice, TransportOptions};
@@ -114,27 +114,6 @@ pub struct RamSummary {
     pub dest_ram: Option<Value>,
 }
 
-fn sock_dir(base: &Path) -> Result<PathBuf, CarrierError> {
-    use std::os::unix::fs::DirBuilderExt;
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom(2) writes at most b.len() bytes into the buffer we own.
-    unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), 0) };
-    let dir = base.join(format!("livemig-ram-{}-{:x}", std::process::id(), u64::from_le_bytes(b)));
-    // Mode 0700: only this user (QEMU runs as it, or as root) may connect to the socket.
-    std::fs::DirBuilder::new()
-        .mode(0o700)
-        .create(&dir)
-        .map_err(|source| CarrierError::Io { what: format!("creating {}", dir.display()), source })?;
-    Ok(dir)
-}
-
-struct RemoveDir(PathBuf);
-impl Drop for RemoveDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn ext(e: external::ExternalError) -> CarrierError {
     CarrierError::Peer(format!("external RAM: {}", precopy::error_chain(&e)))
 }
@@ -152,9 +131,8 @@ fn capabilities() -> Vec<(String, bool)> {
 pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str)) -> Result<RamSummary, CarrierError> {
     let started = Instant::now();
     let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
-    let dir = sock_dir(&o.socket_dir)?;
-    let _dir = RemoveDir(dir.clone());
-    let mut att: Attached = external::attach(&mut q, &dir, true, Access::LOCAL, o.io_timeout).map_err(ext)?;
+    let dir = carrier::PrivateDir::create(&o.socket_dir, "livemig-ram")?;
+    let mut att: Attached = external::attach(&mut q, dir.path(), true, Access::LOCAL, o.io_timeout).map_err(ext)?;
     let table = RegionTable::new();
     let _regs = att
         .memory
@@ -359,13 +337,13 @@ pub fn receive_ram(
     let Some(qmp) = &o.qmp else {
         return Err(fail(&mut *t, "external RAM needs the destination QEMU's QMP socket (--dst-qmp)".into()));
     };
-    let dir = sock_dir(&std::env::temp_dir())?;
-    let _dir = RemoveDir(dir.clone());
+    let dir = carrier::PrivateDir::create(&std::env::temp_dir(), "livemig-ram")?;
     let prepared = (|| -> Result<(Qmp, Attached), String> {
         let chain = |e: &dyn std::error::Error| precopy::error_chain(e);
         let mut q = Qmp::connect(qmp, o.timeout).map_err(|e| chain(&e))?;
-        let att = external::attach(&mut q, &dir, ram.strategy != RamStrategy::Precopy, Access::REMOTE_WRITE, o.timeout)
-            .map_err(|e| chain(&e))?;
+        let att =
+            external::attach(&mut q, dir.path(), ram.strategy != RamStrategy::Precopy, Access::REMOTE_WRITE, o.timeout)
+                .map_err(|e| chain(&e))?;
         let here: Vec<(String, u64)> = att.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
         if here != ram.blocks {
             return Err(format!("the source's RAM blocks {:?} differ from this QEMU's {here:?}", ram.blocks));

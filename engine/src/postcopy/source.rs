@@ -671,18 +671,8 @@ impl Rounds<'_> {
             iter += 1;
             let started = Instant::now();
             let modified = pending.count_ones();
-            // This round's pages: the first `window` of the pending set, in page order.
-            let mut chosen = crate::PageBitmap::new(pages);
-            let mut n = 0usize;
-            for (f, k) in pending.runs() {
-                let k = window.map_or(k, |w| k.min(w - n));
-                chosen.set_range(f, k);
-                n += k;
-                if window.is_some_and(|w| n >= w) {
-                    break;
-                }
-            }
-            pending.and_not_assign(&chosen);
+            let chosen = take_window(pending, window);
+            let n = chosen.count_ones();
             let runs: Vec<PageRun> = chosen.runs().map(|(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();
             for chunk in runs.chunks(MAX_RUNS) {
                 send(t, phase, &Msg::Invalidate { runs: chunk.to_vec() })?;
@@ -725,6 +715,23 @@ impl Rounds<'_> {
             };
         }
     }
+}
+
+/// Takes a round's pages out of `pending`: the first `window` of them in page order (all of
+/// them with no window). Pure.
+fn take_window(pending: &mut crate::PageBitmap, window: Option<usize>) -> crate::PageBitmap {
+    let mut chosen = crate::PageBitmap::new(pending.len());
+    let mut n = 0usize;
+    for (f, k) in pending.runs() {
+        let k = window.map_or(k, |w| k.min(w.saturating_sub(n)));
+        chosen.set_range(f, k);
+        n += k;
+        if window.is_some_and(|w| n >= w) {
+            break;
+        }
+    }
+    pending.and_not_assign(&chosen);
+    chosen
 }
 
 /// Pages per batch of the hybrid pre-copy pass.
@@ -1035,5 +1042,24 @@ mod fault {
         }])
         .map_err(|source| PostcopyError::Transport { phase, source })?;
         t.flush().map_err(|source| PostcopyError::Transport { phase, source })
+    }
+}
+
+#[cfg(test)]
+mod round_tests {
+    use super::take_window;
+    use crate::PageBitmap;
+
+    #[test]
+    fn a_round_takes_the_first_window_of_pending_pages_in_order() {
+        let mut p = PageBitmap::new(100);
+        p.set_range(10, 5);
+        p.set_range(40, 20);
+        let c = take_window(&mut p, Some(12));
+        assert_eq!(c.runs().collect::<Vec<_>>(), vec![(10, 5), (40, 7)]);
+        assert_eq!(p.runs().collect::<Vec<_>>(), vec![(47, 13)]);
+        let c = take_window(&mut p, None);
+        assert_eq!((c.count_ones(), p.count_ones()), (13, 0));
+        assert_eq!(take_window(&mut p, Some(5)).count_ones(), 0);
     }
 }
