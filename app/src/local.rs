@@ -126,6 +126,7 @@ fn spawn_dest(a: &MigrateArgs, netns: Option<&str>, listen: &str, secret: &Child
     cmd.args(["receive", "--listen", listen, "--size", &a.size.to_string()])
         .args(["--page-size", &a.page_size.to_string(), "--transport", transport_arg(a.transport)])
         .args(["--after", &a.after.to_string(), "--io-timeout", &a.io_timeout.to_string()])
+        .args(["--recover-within", &a.recover_within.to_string()])
         .args(crate::args::tls_child_args())
         // The source draws the only progress bar on the shared terminal.
         .arg("--no-progress")

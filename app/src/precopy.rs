@@ -176,6 +176,14 @@ pub struct MigrateArgs {
     /// dead (silent link cut, frozen host). Also passed to the destination that --local starts.
     #[arg(long, value_name = "SECS", value_parser = parse_io_timeout, default_value_t = default_io_timeout_secs())]
     pub io_timeout: f64,
+    /// Post-copy: if the link breaks after the guest moved, dial the destination again for
+    /// up to this many seconds and go on where the broken session stopped (0: the guest is
+    /// lost instead). Also passed to the destination that --local starts.
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value_t = DEFAULT_RECOVER_WITHIN)]
+    pub recover_within: f64,
+    /// Post-copy: dial attempts within --recover-within.
+    #[arg(long, value_name = "N", default_value_t = 10)]
+    pub recover_tries: u32,
     /// Shared-secret file (else $LIVEMIG_SECRET; --local without it makes a random one and
     /// hands it to the destination it starts).
     #[arg(long)]
@@ -210,6 +218,11 @@ pub struct ReceiveArgs {
     /// dead (silent link cut, frozen host).
     #[arg(long, value_name = "SECS", value_parser = parse_io_timeout, default_value_t = default_io_timeout_secs())]
     pub io_timeout: f64,
+    /// Post-copy: if the link breaks after the guest started here, its faults wait while
+    /// this listener accepts a new session from the source for up to this many seconds
+    /// (0: the guest is lost at once).
+    #[arg(long, value_name = "SECS", value_parser = parse_secs, default_value_t = DEFAULT_RECOVER_WITHIN)]
+    pub recover_within: f64,
     /// Shared-secret file (else $LIVEMIG_SECRET).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
@@ -311,6 +324,8 @@ impl MigrateArgs {
         kv("--warmup", self.warmup.to_string());
         kv("--after", self.after.to_string());
         kv("--io-timeout", self.io_timeout.to_string());
+        kv("--recover-within", self.recover_within.to_string());
+        kv("--recover-tries", self.recover_tries.to_string());
         if let Some(f) = &self.secret_file {
             kv("--secret-file", f.display().to_string());
         }
@@ -323,6 +338,9 @@ impl MigrateArgs {
         v
     }
 }
+
+/// Default `--recover-within`, seconds.
+pub const DEFAULT_RECOVER_WITHIN: f64 = 30.0;
 
 /// The transport's default `--io-timeout`, in seconds.
 pub fn default_io_timeout_secs() -> f64 {
@@ -391,7 +409,19 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
     let mut t = cut_from_env(t);
     let mut err = std::io::stderr();
     let _ = writeln!(err, "{note}");
+    // Post-copy after a broken link: dial the same listener again with the same settings.
+    let mut recovery = (a.recover_within > 0.0).then(|| {
+        let (to, opts, secret, table) = (to.to_string(), opts.clone(), secret.clone(), table.clone());
+        postcopy::Recovery::new(
+            move |_until: std::time::Instant| connect::connect(kind, &to, &opts, &secret, &table),
+            secs(a.recover_within),
+            a.recover_tries,
+        )
+    });
     if crate::open::peer_is_daemon(t.as_ref()) {
+        // A daemon routes each new session to a new service: a broken post-copy session
+        // cannot be taken over through it.
+        recovery = None;
         let req = crate::open::OpenRequest {
             version: crate::open::OPEN_VERSION,
             service: crate::open::Service::Receive,
@@ -431,7 +461,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         _ => None,
     };
     if to_postcopy {
-        return run_postcopy_source(a, t, &region, workload.as_mut(), before);
+        return run_postcopy_source(a, t, &region, workload.as_mut(), before, recovery);
     }
     let cfg = source::SourceConfig {
         policy: a.policy_config(),
@@ -505,8 +535,10 @@ fn run_postcopy_source(
     region: &Arc<Region>,
     mut workload: Option<&mut Workload>,
     before: Option<f64>,
+    recovery: Option<postcopy::Recovery>,
 ) -> Result<()> {
     let cfg = postcopy::PostcopyConfig {
+        recovery,
         order: a.push_order()?,
         reply_timeout: engine_precopy::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
         // Pre-copy rounds until the policy decides, then post-copy.
@@ -710,7 +742,7 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     let dm = DestMemory::new(a.size, a.page_size)?;
     let table = RegionTable::new();
     let _reg = table.register(dm.aliases[0].clone())?;
-    let l = Listener::bind(kind, &a.listen)?;
+    let l = Arc::new(Listener::bind(kind, &a.listen)?);
     // The first stdout line lets a parent (--local) or a script find us; the rest goes to
     // stderr so a parent may close the pipe.
     println!("listening {} {}", l.local_addr()?, kind);
@@ -722,7 +754,18 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
     let bar = progress_bar(None, a.json || a.no_progress);
     bar.set_style(spinner_style("{spinner} {elapsed} {msg}"));
     bar.set_message("waiting for the source");
-    let accepted = l.accept(&transport_options(a.transport, secs(a.io_timeout)), &secret, &table);
+    let opts = transport_options(a.transport, secs(a.io_timeout));
+    let accepted = l.accept(&opts, &secret, &table);
+    // Post-copy after a broken link: the source dials this listener again.
+    let recovery = (a.recover_within > 0.0).then(|| {
+        let (l, table) = (l.clone(), table.clone());
+        postcopy::Recovery::new(
+            move |until| l.accept_until(&opts, &secret, &table, Some(until)),
+            secs(a.recover_within),
+            // Sessions that fail to take the migration over before it gives up.
+            8,
+        )
+    });
     let t = match accepted {
         Ok(t) => cut_from_env(t),
         Err(e) => {
@@ -730,7 +773,7 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
             return Err(e.into());
         }
     };
-    match receive_on(a, t, &dm, bar) {
+    match receive_on(a, t, &dm, bar, recovery) {
         Err(e) if e.downcast_ref::<GuestLost>().is_some() => {
             // Its missing pages will never come: end the process (and the guest with it).
             eprintln!("{e}");
@@ -742,12 +785,14 @@ pub fn run_receive(a: &ReceiveArgs) -> Result<()> {
 
 /// The destination side of a migration on the accepted session `t` into `dm` (the alias is
 /// exposed to the peer already): pre-copy, post-copy or hybrid, as the source's `Begin` says.
-/// `a` gives the timeouts, the measurement after the resume and the output format.
+/// `a` gives the timeouts, the measurement after the resume and the output format;
+/// `recovery` how a broken post-copy session is taken over by a new one.
 pub fn receive_on(
     a: &ReceiveArgs,
     mut t: Box<dyn livemig_transport::Transport>,
     dm: &DestMemory,
     bar: ProgressBar,
+    recovery: Option<postcopy::Recovery>,
 ) -> Result<()> {
     let (memory, aliases, region) = (&dm.memory, &dm.aliases, &dm.region);
     bar.set_message("connected; waiting for Begin");
@@ -769,7 +814,7 @@ pub fn receive_on(
         ..
     }) = engine_precopy::decode(&first)
     {
-        return run_postcopy_receive(a, t.as_mut(), first, memory, aliases, region, bar);
+        return run_postcopy_receive(a, t.as_mut(), first, memory, aliases, region, bar, recovery);
     }
     bar.set_message("receiving the first pass");
     let mut on_iter = |i: u32, p: u64, d: u64| {
@@ -814,6 +859,7 @@ pub fn receive_on(
 }
 
 /// The destination side of a post-copy migration whose `Begin` is `first`.
+#[allow(clippy::too_many_arguments)]
 fn run_postcopy_receive(
     a: &ReceiveArgs,
     t: &mut dyn livemig_transport::Transport,
@@ -822,12 +868,13 @@ fn run_postcopy_receive(
     aliases: &[Arc<Region>],
     region: &Arc<Region>,
     bar: ProgressBar,
+    recovery: Option<postcopy::Recovery>,
 ) -> Result<()> {
     bar.set_style(spinner_style("{spinner} {elapsed} post-copy: {msg}"));
     bar.set_message("hand-over");
     let mut workload = None;
     let mut start = livemig_workload::starter(region.clone(), &mut workload);
-    let cfg = postcopy::PostcopyDestConfig { reply_timeout: secs(a.io_timeout).max(Duration::from_secs(10)) };
+    let cfg = postcopy::PostcopyDestConfig { reply_timeout: secs(a.io_timeout).max(Duration::from_secs(10)), recovery };
     let res = postcopy::receive(t, Some(first), memory, aliases, &mut start, &cfg, &mut |done, pages| {
         bar.set_message(format!("the guest runs here; {done}/{pages} pages installed"));
     });
@@ -836,6 +883,9 @@ fn run_postcopy_receive(
     let rep = match res {
         Ok(r) => r,
         Err(e @ postcopy::PostcopyDestError::GuestLost { .. }) => {
+            // Its threads wait for pages that will never come: stopping it would wait for
+            // them forever. It ends with the process (`livemig receive` exits).
+            std::mem::forget(workload.take());
             return Err(GuestLost(engine_precopy::error_chain(&e)).into());
         }
         Err(e) => return Err(anyhow::Error::new(e).context("receiving the migration")),

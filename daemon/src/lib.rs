@@ -537,11 +537,14 @@ fn session(id: u64, streams: Vec<Admitted>, kind: TransportKind, d: &Daemon) -> 
                 page_size: req.page_size,
                 after: req.after_s,
                 io_timeout: io_timeout.as_secs_f64(),
+                recover_within: 0.0,
                 secret_file: None,
                 json: false,
                 no_progress: true,
             };
-            receive_on(&args, t, &dm, indicatif::ProgressBar::hidden())?;
+            // A daemon routes each session to a new service: a broken post-copy session
+            // cannot be taken over through it.
+            receive_on(&args, t, &dm, indicatif::ProgressBar::hidden(), None)?;
         }
         Service::BenchPages | Service::BenchChunks => {
             let kind = if req.service == Service::BenchChunks {

@@ -137,11 +137,22 @@ impl Listener {
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<Box<dyn Transport>, TransportError> {
+        self.accept_until(opts, secret, regions, None)
+    }
+
+    /// [`accept`](Self::accept), giving up with [`TransportError::Timeout`] at `until`.
+    pub fn accept_until(
+        &self,
+        opts: &TransportOptions,
+        secret: &Secret,
+        regions: &RegionTable,
+        until: Option<std::time::Instant>,
+    ) -> Result<Box<dyn Transport>, TransportError> {
         let _span = tracing::info_span!("accept", local = ?self.local_addr().ok()).entered();
         let t: Box<dyn Transport> = match self {
-            Listener::Tcp(l) => Box::new(l.accept(&opts.tcp, secret, regions)?),
+            Listener::Tcp(l) => Box::new(l.accept_until(&opts.tcp, secret, regions, until)?),
             #[cfg(feature = "verbs")]
-            Listener::Verbs(l) => Box::new(l.accept(&verbs_config(opts), secret, regions)?),
+            Listener::Verbs(l) => Box::new(l.accept_until(&verbs_config(opts), secret, regions, until)?),
         };
         tracing::info!(transport = %t.kind(), peer_regions = t.peer_regions().len(), "accepted and authenticated");
         Ok(t)

@@ -400,7 +400,10 @@ pub fn receive_ram(
             match foreign {
                 Err(e) => Err(e.to_string()),
                 Ok(f) => {
-                    let cfg = postcopy::PostcopyDestConfig { reply_timeout: o.timeout.max(Duration::from_secs(10)) };
+                    let cfg = postcopy::PostcopyDestConfig {
+                        reply_timeout: o.timeout.max(Duration::from_secs(10)),
+                        recovery: None,
+                    };
                     postcopy::receive_foreign(&mut *t, None, &memory, f, &mut start, &cfg, &mut |_, _| {})
                         .map(|r| serde_json::to_value(&r).unwrap_or_default())
                         .map_err(|e| precopy::error_chain(&e))

@@ -10,7 +10,9 @@
 //!   registered region, a running workload, a connected transport); [`registered_region`],
 //!   [`workload_params`], [`makes_progress`], [`assert_still_running`], [`error_chain`];
 //! - the real binary: [`livemig_bin`], [`receive_command`], [`spawn_listening`],
-//!   [`parse_listening`].
+//!   [`parse_listening`]; [`netns`]: two shaped "hosts" joined by a veth pair.
+
+pub mod netns;
 
 use std::error::Error;
 use std::io::{BufRead, BufReader};
@@ -344,20 +346,24 @@ pub fn postcopy_pair_filled(
     filled: u64,
     hybrid: bool,
 ) -> PostcopyRun {
-    postcopy_pair_with(len, params, cfg, filled, hybrid, |t| t)
+    postcopy_pair_with(len, params, cfg, filled, hybrid, None, |t| t)
 }
 
 /// [`postcopy_pair_filled`] with the source's transport passed through `wrap` first (e.g. a
-/// fault injector that cuts the link at a chosen message).
+/// fault injector that cuts the link at a chosen message). With `recover`, a broken link
+/// is recovered within that time: the source dials the destination's listener again (3
+/// attempts), the destination accepts there (`cfg.recovery` is replaced).
+#[allow(clippy::too_many_arguments)]
 pub fn postcopy_pair_with(
     len: u64,
     params: Option<WorkloadParams>,
     cfg: &livemig_engine::postcopy::PostcopyConfig,
     filled: u64,
     hybrid: bool,
+    recover: Option<Duration>,
     wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
 ) -> PostcopyRun {
-    use livemig_engine::postcopy::{self, PostcopyDestConfig};
+    use livemig_engine::postcopy::{self, PostcopyDestConfig, Recovery};
     let io = Duration::from_secs(10);
     let opts = TransportOptions {
         choice: TransportChoice::Tcp,
@@ -372,15 +378,19 @@ pub fn postcopy_pair_with(
     let aliases = postcopy::staging_aliases(&memory, |_| 3, Access::REMOTE_WRITE).expect("staging alias");
     let table = RegionTable::new();
     let reg = table.register(aliases[0].clone()).expect("registering the alias");
-    let l = Listener::bind(TransportKind::Tcp, "127.0.0.1:0").expect("binding");
+    let l = Arc::new(Listener::bind(TransportKind::Tcp, "127.0.0.1:0").expect("binding"));
     let addr = l.local_addr().expect("address").to_string();
     let (o, s) = (opts.clone(), secret.clone());
+    let dest_recovery = recover.map(|within| {
+        let (l, o, s, table) = (l.clone(), opts.clone(), secret.clone(), table.clone());
+        Recovery::new(move |until| l.accept_until(&o, &s, &table, Some(until)), within, 3)
+    });
     let dst = std::thread::spawn(move || {
         let _reg = reg;
         let mut t = l.accept(&o, &s, &table).expect("accept");
         let mut workload = None;
         let mut start = livemig_workload::starter(view.clone(), &mut workload);
-        let dcfg = PostcopyDestConfig { reply_timeout: Duration::from_secs(20) };
+        let dcfg = PostcopyDestConfig { reply_timeout: Duration::from_secs(20), recovery: dest_recovery };
         let r = postcopy::receive(t.as_mut(), None, &memory, &aliases, &mut start, &dcfg, &mut |_, _| {});
         drop(start);
         (r, workload)
@@ -397,6 +407,13 @@ pub fn postcopy_pair_with(
     std::thread::sleep(Duration::from_millis(200));
     let t = connect::connect(TransportKind::Tcp, &addr, &opts, &secret, &table).expect("connect");
     let mut t = wrap(t);
+    let mut cfg = cfg.clone();
+    if let Some(within) = recover {
+        let (addr, o, s, table) = (addr.clone(), opts.clone(), secret.clone(), table.clone());
+        cfg.recovery =
+            Some(Recovery::new(move |_until| connect::connect(TransportKind::Tcp, &addr, &o, &s, &table), within, 3));
+    }
+    let cfg = &cfg;
     let memory = GuestMemory::single(region.clone());
     let mut idle = Idle;
     let guest: &mut dyn GuestControl = match source_workload.as_mut() {

@@ -287,12 +287,30 @@ impl TcpListener {
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<TcpTransport, TransportError> {
+        self.accept_until(cfg, secret, regions, None)
+    }
+
+    /// [`accept`](Self::accept), giving up with [`TransportError::Timeout`] at `until`.
+    pub fn accept_until(
+        &self,
+        cfg: &TcpConfig,
+        secret: &Secret,
+        regions: &RegionTable,
+        until: Option<Instant>,
+    ) -> Result<TcpTransport, TransportError> {
+        let t0 = Instant::now();
         let mut gate = self.gate(secret, &cfg.gate)?;
         // A connector authenticates its streams one after another, each within the handshake
         // timeout plus the I/O timeout.
         let mut sessions = SessionAssembler::new(cfg.gate.handshake_timeout + cfg.io_timeout);
         loop {
-            let deadline = sessions.next_expiry();
+            if until.is_some_and(|u| Instant::now() >= u) {
+                return Err(TransportError::Timeout(t0.elapsed(), "a session to accept"));
+            }
+            let deadline = match (sessions.next_expiry(), until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let admitted = gate.next(deadline)?;
             // A session whose streams did not all come is dropped; the listener goes on.
             for e in sessions.expire(Instant::now()) {

@@ -26,10 +26,11 @@ use livemig_transport::{Region, Transport, TransportError, UrgentChannel, Urgent
 use serde::Serialize;
 
 use super::pages::{OnArrival, OnFault, OnZero, PageStates};
+use super::recover::{self, Recovery};
 use super::uffd::{Placer, PlacerError};
 use crate::guest::{Foreign, GuestError, GuestMemory};
 use crate::integrity::{Digest, PageDigests};
-use crate::precopy::proto::{self, Msg, PageRun, Strategy, MAX_STATE};
+use crate::precopy::proto::{self, Msg, PageRun, Strategy, MAX_RUNS, MAX_STATE};
 use crate::precopy::{check_fit, error_chain, Mismatch};
 
 /// Destination settings.
@@ -39,11 +40,15 @@ pub struct PostcopyDestConfig {
     /// the push may go without any progress (no message, no page) before the source counts
     /// as lost.
     pub reply_timeout: Duration,
+    /// If the link breaks after the guest started here, wait for a new session that takes
+    /// the migration over (see [`super::recover`]); the guest's faults block meanwhile.
+    /// `None` (or a source that did not offer it): a broken link loses the guest.
+    pub recovery: Option<Recovery>,
 }
 
 impl Default for PostcopyDestConfig {
     fn default() -> Self {
-        PostcopyDestConfig { reply_timeout: crate::precopy::REPLY_TIMEOUT }
+        PostcopyDestConfig { reply_timeout: crate::precopy::REPLY_TIMEOUT, recovery: None }
     }
 }
 
@@ -73,6 +78,10 @@ pub struct PostcopyDestReport {
     pub device_state_bytes: u64,
     /// From starting the guest to the last page installed, ms.
     pub complete_ms: f64,
+    /// Times the link broke and a new session took the migration over.
+    pub recoveries: u32,
+    /// From each break to its new session, summed, ms (the guest's faults waited).
+    pub recovery_ms: f64,
     /// The verified digest.
     pub checksum: String,
 }
@@ -139,6 +148,21 @@ pub enum PostcopyDestError {
     /// After the start: no progress in time.
     #[error("no progress from the source within {0:?}")]
     Stalled(Duration),
+    /// After the start: the link broke and no new session took the migration over in time.
+    #[error(
+        "the link broke and no session took the migration over ({sessions} sessions within {within:?}; last: {last})"
+    )]
+    NotReattached {
+        /// Sessions accepted that did not take it over.
+        sessions: u32,
+        /// The recovery deadline.
+        within: Duration,
+        /// Why the last one did not (or why none came).
+        last: String,
+        /// How the link broke.
+        #[source]
+        broke: Box<PostcopyDestError>,
+    },
     /// After the start: the digests differ.
     #[error("digest mismatch: source {source_sum}, destination {dest_sum}")]
     ChecksumMismatch {
@@ -392,6 +416,7 @@ fn receive_with(
     // Until Commit: the hybrid pass (staged pages, zero pages, invalidations) and the device
     // state. Nothing runs here yet; a failure tells the source, which resumes.
     let mut state = Vec::new();
+    let mut recover_id = None;
     let pre = (|| -> Result<(), PostcopyDestError> {
         let c = ctx!(&placer);
         let violation = |what: String| Err(PostcopyDestError::Protocol(what));
@@ -429,6 +454,7 @@ fn receive_with(
                     return violation(format!("device state over {MAX_STATE} bytes"))
                 }
                 Msg::DeviceState { bytes, .. } => state.extend_from_slice(&bytes),
+                Msg::Recoverable { id } => recover_id = Some(id),
                 Msg::Commit => return Ok(()),
                 m => return violation(format!("unexpected {} before Commit", m.name())),
             }
@@ -447,49 +473,81 @@ fn receive_with(
         return Err(e);
     }
     let ctx = ctx!(&placer);
-    let stop = AtomicBool::new(false);
     let counts = Mutex::new((0u64, 0u64, 0u64)); // demand requests, waited faults, urgent pages
     let started = Instant::now();
-    // Set by a helper thread that failed, so the control loop stops at once.
-    let failed = AtomicBool::new(false);
     let mut resumed_sent = false;
-    let out = std::thread::scope(|s| {
-        let failed = &failed;
-        let flag = move |r: Result<(), PostcopyDestError>| {
-            if r.is_err() {
-                failed.store(true, Ordering::SeqCst);
-            }
-            r
+    let mut totals = (0u64, 0u64); // zero pages, pushed pages
+    let mut owned: Option<Box<dyn Transport>> = None;
+    let mut urgent = urgent;
+    let mut first_session = Some(state);
+    let (mut recoveries, mut recovery_time) = (0u32, Duration::ZERO);
+    let out = loop {
+        let cur: &mut dyn Transport = match owned.as_deref_mut() {
+            Some(n) => n,
+            None => &mut *t,
         };
-        let (ctx, urgent, stop, counts) = (&ctx, &*urgent, &stop, &counts);
-        let faults = s.spawn(move || flag(handle_faults(ctx, urgent, stop, counts)));
-        let installer = s.spawn(move || flag(install_urgent(ctx, urgent, stop, counts)));
-        let r = (|| {
-            if let Err(e) = start(state) {
-                // Nothing runs here: the source may resume its copy.
-                let _ = t.send_message(
-                    &Msg::Abort { reason: format!("starting the guest failed: {}", error_chain(&e)) }.encode(),
-                );
-                return Err(PostcopyDestError::Guest(e));
+        let starting: Option<(Vec<u8>, Starter<'_>)> = match first_session.take() {
+            Some(st) => Some((st, &mut *start)),
+            None => None,
+        };
+        let e = match dest_session(
+            cur,
+            &ctx,
+            &*urgent,
+            cfg,
+            &counts,
+            starting,
+            &mut resumed_sent,
+            &mut totals,
+            on_progress,
+        ) {
+            Ok(sum) => break Ok(sum),
+            Err(e) => e,
+        };
+        let rec = match (&cfg.recovery, recover_id) {
+            (Some(rec), Some(id)) if resumed_sent && e.link_broke() => (rec, id),
+            _ => break Err(e),
+        };
+        let broke = Instant::now();
+        tracing::warn!(
+            error = %error_chain(&e),
+            within = ?rec.0.within,
+            installed = states.installed(),
+            pages,
+            "the link broke; the guest's faults wait for a new session"
+        );
+        match await_reattach(rec.0, rec.1, &states, cfg.reply_timeout) {
+            Ok(n) => {
+                urgent = match n.urgent() {
+                    Ok(u) => u,
+                    Err(source) => break Err(PostcopyDestError::NoUrgentChannel(source)),
+                };
+                // The broken session may take a while to close (its last frames time out).
+                if let Some(old) = owned.replace(n) {
+                    std::thread::spawn(move || drop(old));
+                }
+                recoveries += 1;
+                recovery_time += broke.elapsed();
+                tracing::info!(ms = broke.elapsed().as_secs_f64() * 1e3, "a new session took the migration over");
             }
-            tracing::info!("the guest runs here; its pages follow");
-            t.send_message(&Msg::Resumed.encode()).map_err(PostcopyDestError::Link)?;
-            resumed_sent = true;
-            control(t, ctx, cfg, failed, on_progress)
-        })();
-        stop.store(true, Ordering::SeqCst);
-        let f = faults.join().unwrap_or_else(|_| Err(PostcopyDestError::Violation("fault handler panicked".into())));
-        let i = installer.join().unwrap_or_else(|_| Err(PostcopyDestError::Violation("installer panicked".into())));
-        match (r, f, i) {
-            (Ok(v), Ok(()), Ok(())) => Ok(v),
-            // A helper's own error says more than the control loop's "a helper failed".
-            (_, Err(e), _) | (_, Ok(()), Err(e)) if failed.load(Ordering::SeqCst) => Err(e),
-            (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Err(e)) => Err(e),
+            Err((sessions, last)) => {
+                break Err(PostcopyDestError::NotReattached {
+                    sessions,
+                    within: rec.0.within,
+                    last,
+                    broke: Box::new(e),
+                })
+            }
         }
-    });
+    };
+    let t: &mut dyn Transport = match owned.as_deref_mut() {
+        Some(n) => n,
+        None => t,
+    };
     let complete_ms = started.elapsed().as_secs_f64() * 1e3;
     match out {
-        Ok((zero, pushed, checksum)) => {
+        Ok(checksum) => {
+            let (zero, pushed) = totals;
             // Every page is verified: stop placing (faults on lazy pages now go to the page
             // cache directly) before anything else.
             drop(placer);
@@ -511,6 +569,8 @@ fn receive_with(
                 fault_max_us: l.last().map(|d| d.as_secs_f64() * 1e6),
                 device_state_bytes,
                 complete_ms,
+                recoveries,
+                recovery_ms: recovery_time.as_secs_f64() * 1e3,
                 checksum,
             })
         }
@@ -528,6 +588,149 @@ fn receive_with(
             Err(PostcopyDestError::GuestLost { installed, pages: pages as u64, source: Box::new(e) })
         }
     }
+}
+
+/// Starts the guest with its device state.
+type Starter<'a> = &'a mut dyn FnMut(Vec<u8>) -> Result<(), GuestError>;
+
+/// One session's part after the hand-over: the fault handler and the urgent installer on
+/// its urgent channel, and the control loop. The first session also starts the guest
+/// (`starting`) and sends `Resumed`; a later one first asks again for the pages faults
+/// were waiting for when the link broke.
+#[allow(clippy::too_many_arguments)]
+fn dest_session(
+    t: &mut dyn Transport,
+    ctx: &Ctx<'_>,
+    urgent: &dyn UrgentChannel,
+    cfg: &PostcopyDestConfig,
+    counts: &Mutex<(u64, u64, u64)>,
+    starting: Option<(Vec<u8>, Starter<'_>)>,
+    resumed_sent: &mut bool,
+    totals: &mut (u64, u64),
+    on_progress: &mut dyn FnMut(u64, u64),
+) -> Result<String, PostcopyDestError> {
+    let stop = AtomicBool::new(false);
+    // Set by a helper thread that failed, so the control loop stops at once.
+    let failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let failed = &failed;
+        let flag = move |r: Result<(), PostcopyDestError>| {
+            if r.is_err() {
+                failed.store(true, Ordering::SeqCst);
+            }
+            r
+        };
+        let stop = &stop;
+        let faults = s.spawn(move || flag(handle_faults(ctx, urgent, stop, counts)));
+        let installer = s.spawn(move || flag(install_urgent(ctx, urgent, stop, counts)));
+        let r = (|| {
+            match starting {
+                Some((state, start)) => {
+                    if let Err(e) = start(state) {
+                        // Nothing runs here: the source may resume its copy.
+                        let _ = t.send_message(
+                            &Msg::Abort { reason: format!("starting the guest failed: {}", error_chain(&e)) }.encode(),
+                        );
+                        return Err(PostcopyDestError::Guest(e));
+                    }
+                    tracing::info!("the guest runs here; its pages follow");
+                    // From here on the guest runs: a failure to tell the source is a broken link.
+                    *resumed_sent = true;
+                    t.send_message(&Msg::Resumed.encode()).map_err(PostcopyDestError::Link)?;
+                }
+                None => {
+                    for p in ctx.states.requested() {
+                        urgent
+                            .send_message(&Msg::Demand { page: p as u64 }.encode())
+                            .map_err(PostcopyDestError::Link)?;
+                    }
+                }
+            }
+            control(t, ctx, cfg, failed, totals, on_progress)
+        })();
+        stop.store(true, Ordering::SeqCst);
+        let f = faults.join().unwrap_or_else(|_| Err(PostcopyDestError::Violation("fault handler panicked".into())));
+        let i = installer.join().unwrap_or_else(|_| Err(PostcopyDestError::Violation("installer panicked".into())));
+        match (r, f, i) {
+            (Ok(v), Ok(()), Ok(())) => Ok(v),
+            // A helper's own error says more than the control loop's "a helper failed".
+            (_, Err(e), _) | (_, Ok(()), Err(e)) if failed.load(Ordering::SeqCst) => Err(e),
+            (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Err(e)) => Err(e),
+        }
+    })
+}
+
+impl PostcopyDestError {
+    /// The link failed or went silent (a new session may take the migration over), as
+    /// opposed to the source breaking the protocol or placement failing.
+    fn link_broke(&self) -> bool {
+        matches!(self, PostcopyDestError::Link(_) | PostcopyDestError::Stalled(_))
+    }
+}
+
+/// Waits for a session that takes the migration over: accepts (at most `rec.tries` sessions
+/// within `rec.within`) until one presents `id`, and answers it with the pages that have
+/// not arrived. Returns that session, or the sessions tried and why the last one failed.
+fn await_reattach(
+    rec: &Recovery,
+    id: [u8; 16],
+    states: &PageStates,
+    reply_timeout: Duration,
+) -> Result<Box<dyn Transport>, (u32, String)> {
+    let deadline = Instant::now() + rec.within;
+    let mut sessions = 0;
+    let mut last = "no session came".to_string();
+    while sessions < rec.tries && Instant::now() < deadline {
+        let mut n = match rec.link.relink(deadline) {
+            Ok(n) => n,
+            Err(e) => {
+                last = error_chain(&e);
+                // A failed accept (not the deadline) is retried after a pause.
+                std::thread::sleep(recover::left(deadline, Duration::from_millis(100)));
+                continue;
+            }
+        };
+        sessions += 1;
+        let wait = recover::left(deadline, reply_timeout).max(Duration::from_millis(1));
+        let refuse = |n: &mut Box<dyn Transport>, why: String| {
+            let _ = n.send_message(&Msg::Refuse { reason: why.clone() }.encode());
+            why
+        };
+        last = match n.recv_message(Some(wait)) {
+            Ok(Some(b)) => match proto::decode(&b) {
+                Ok(Msg::Reattach { id: theirs }) if theirs == id => {
+                    let runs: Vec<PageRun> = states
+                        .missing_runs()
+                        .into_iter()
+                        .map(|(f, k)| PageRun { first: f as u64, pages: k as u32 })
+                        .collect();
+                    let mut chunks = runs.chunks(MAX_RUNS).peekable();
+                    let mut sent = Ok(());
+                    if chunks.peek().is_none() {
+                        sent = n.send_message(&Msg::Missing { last: true, runs: Vec::new() }.encode());
+                    }
+                    while let Some(c) = chunks.next() {
+                        if sent.is_ok() {
+                            sent = n.send_message(
+                                &Msg::Missing { last: chunks.peek().is_none(), runs: c.to_vec() }.encode(),
+                            );
+                        }
+                    }
+                    match sent {
+                        Ok(()) => return Ok(n),
+                        Err(e) => error_chain(&e),
+                    }
+                }
+                Ok(Msg::Reattach { .. }) => refuse(&mut n, "a Reattach for another migration".into()),
+                Ok(m) => refuse(&mut n, format!("{} instead of Reattach", m.name())),
+                Err(e) => refuse(&mut n, format!("undecodable message instead of Reattach: {e}")),
+            },
+            Ok(None) => format!("no Reattach within {wait:?}"),
+            Err(e) => error_chain(&e),
+        };
+        tracing::warn!(session = sessions, reason = %last, "a session did not take the migration over");
+    }
+    Err((sessions, last))
 }
 
 /// In another process's view (see [`Placer::foreign`]), a page it mapped before the placer
@@ -565,18 +768,19 @@ impl Drop for GuardReset<'_> {
     }
 }
 
-/// The control loop after the start: zero and pushed runs, then the verification.
-/// Returns (zero pages, pushed pages, digest hex).
+/// The control loop after the start: zero and pushed runs (counted into `totals`), then the
+/// verification. Returns the digest (hex).
 fn control(
     t: &mut dyn Transport,
     ctx: &Ctx<'_>,
     cfg: &PostcopyDestConfig,
     failed: &AtomicBool,
+    totals: &mut (u64, u64),
     on_progress: &mut dyn FnMut(u64, u64),
-) -> Result<(u64, u64, String), PostcopyDestError> {
+) -> Result<String, PostcopyDestError> {
     let helper_failed = || PostcopyDestError::Violation("a fault-handling thread failed".into());
     let pages = ctx.states.pages() as u64;
-    let (mut zero, mut pushed) = (0u64, 0u64);
+    let (zero, pushed) = (&mut totals.0, &mut totals.1);
     let mut last_progress = Instant::now();
     let mut last_bytes = t.stats().bytes_received;
     let mut last_installed = 0;
@@ -604,12 +808,12 @@ fn control(
         match m {
             Msg::Zero { runs } if check_runs(&runs) => {
                 for r in runs {
-                    zero += ctx.zero(r.first as usize, r.pages as usize)?;
+                    *zero += ctx.zero(r.first as usize, r.pages as usize)?;
                 }
             }
             Msg::Placed { runs } if check_runs(&runs) => {
                 for r in runs {
-                    pushed += ctx.arrive(r.first as usize, r.pages as usize)?;
+                    *pushed += ctx.arrive(r.first as usize, r.pages as usize)?;
                 }
                 on_progress(ctx.states.installed() as u64, pages);
             }
@@ -649,7 +853,7 @@ fn control(
         },
         Ok(None) | Err(_) => tracing::warn!("no Done after Verified; the memory is verified, going on"),
     }
-    Ok((zero, pushed, ours.hex()))
+    Ok(ours.hex())
 }
 
 /// The fault handler thread.

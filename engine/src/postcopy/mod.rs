@@ -10,16 +10,20 @@
 //! - [`uffd`]: userfaultfd for a destination region: missing and minor faults on the
 //!   guest's view of a memfd, pages written into a second mapping (the staging alias) and
 //!   installed with `UFFDIO_CONTINUE`, without a copy.
+//! - [`recover`]: a migration whose link broke after the hand-over taken over by a new
+//!   session, as QEMU's `migrate-recover` does.
 
 pub mod dest;
 pub mod pages;
 pub mod prepage;
+pub mod recover;
 pub mod source;
 pub mod uffd;
 
 pub use dest::{receive, receive_foreign, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
 pub use pages::{OnArrival, OnFault, OnZero, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
+pub use recover::{Recovery, Relink};
 pub use source::{
     migrate, migrate_hybrid, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress,
 };

@@ -203,11 +203,48 @@ impl PageStates {
     pub fn first_missing(&self) -> Option<usize> {
         self.s.iter().position(|s| !matches!(s.load(Ordering::Acquire), INSTALLED | ZERO | STAGED))
     }
+
+    /// The runs of pages that have not arrived (missing or requested), in order: what a
+    /// source that takes the migration over must send again. Meaningful while no page is
+    /// arriving (between sessions).
+    pub fn missing_runs(&self) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (p, s) in self.s.iter().enumerate() {
+            if matches!(s.load(Ordering::Acquire), MISSING | REQUESTED) {
+                match runs.last_mut() {
+                    Some((f, n)) if *f + *n == p => *n += 1,
+                    _ => runs.push((p, 1)),
+                }
+            }
+        }
+        runs
+    }
+
+    /// Pages a fault asked for that have not arrived: their demand requests must be sent
+    /// again on a new session.
+    pub fn requested(&self) -> Vec<usize> {
+        self.s.iter().enumerate().filter(|(_, s)| s.load(Ordering::Acquire) == REQUESTED).map(|(p, _)| p).collect()
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn missing_runs_and_requested_pages_are_what_has_not_arrived() {
+        let p = PageStates::new(10);
+        assert_eq!(p.missing_runs(), vec![(0, 10)]);
+        assert_eq!(p.on_fault(3), OnFault::Request);
+        assert_eq!(p.on_arrival(4), OnArrival::Install { requested: false });
+        p.installed_now(4);
+        assert_eq!(p.on_zero(5), OnZero::Lazy);
+        assert!(p.on_staged(8));
+        assert_eq!(p.missing_runs(), vec![(0, 4), (6, 2), (9, 1)]);
+        assert_eq!(p.requested(), vec![3]);
+        assert!(p.invalidate(8));
+        assert_eq!(p.missing_runs(), vec![(0, 4), (6, 4)]);
+    }
 
     #[test]
     fn a_page_is_requested_once_installed_once_and_then_only_woken() {

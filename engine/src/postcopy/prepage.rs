@@ -158,6 +158,24 @@ impl Prepager {
         }
     }
 
+    /// Pages the destination reports missing after a broken session (their sends were
+    /// lost): unsent again, so the push sends them once more. Pages not sent yet and
+    /// out-of-range pages are left as they are. Returns how many pages were unsent again.
+    pub fn resend(&mut self, first: usize, n: usize) -> usize {
+        let end = first.saturating_add(n).min(self.pages());
+        let mut k = 0;
+        for p in first.min(end)..end {
+            if self.sent.get(p) {
+                self.sent.clear(p);
+                self.unsent += 1;
+                k += 1;
+            }
+        }
+        // The sticky edge walks up from here again; the bubbles' edges stay where they are.
+        self.sticky = self.sticky.min(first);
+        k
+    }
+
     fn take(&mut self, page: usize) -> bool {
         if self.sent.get(page) {
             return false;
@@ -429,6 +447,41 @@ mod tests {
             assert!(count.iter().all(|&c| c == 1), "{order:?}: a page sent twice or never");
             let s = p.stats();
             assert_eq!(s.pushed + s.demanded, pages as u64, "{order:?}");
+        }
+    }
+
+    #[test]
+    fn pages_reported_missing_are_sent_once_more_and_only_they() {
+        for order in [PushOrder::Linear, bubbling(7, Expansion::Dual)] {
+            let pages = 1000;
+            let mut p = Prepager::new(pages, order);
+            p.demand(700);
+            let mut first = vec![false; pages];
+            first[700] = true;
+            // Half the push went out before the link broke.
+            for _ in 0..8 {
+                let (f, n) = p.next_run(64).unwrap();
+                (f..f + n).for_each(|q| first[q] = true);
+            }
+            let unsent_before = p.remaining();
+            // The destination lost pages 100..110 and 700 (sent), and never saw 990.. (not sent).
+            assert_eq!(p.resend(100, 10), 10);
+            assert_eq!(p.resend(700, 1), 1);
+            assert_eq!(p.resend(990, 10), 0);
+            assert_eq!(p.resend(pages + 5, 3), 0);
+            assert_eq!(p.remaining(), unsent_before + 11, "{order:?}");
+            let mut again = vec![0u32; pages];
+            drain_counting(&mut p, &mut again);
+            for q in 0..pages {
+                let want = u32::from(!first[q] || (100..110).contains(&q) || q == 700);
+                assert_eq!(again[q], want, "{order:?}: page {q}");
+            }
+        }
+    }
+
+    fn drain_counting(p: &mut Prepager, count: &mut [u32]) {
+        while let Some((f, n)) = p.next_run(32) {
+            (f..f + n).for_each(|q| count[q] += 1);
         }
     }
 }

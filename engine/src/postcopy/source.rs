@@ -38,6 +38,7 @@ use livemig_transport::{Segment, Transport, TransportError, UrgentChannel, Urgen
 use serde::Serialize;
 
 use super::prepage::{Demand, PrepageStats, Prepager, PushOrder};
+use super::recover::{self, Recovery};
 use crate::dirty::DirtySource;
 use crate::guest::{GuestControl, GuestError, GuestMemory};
 use crate::integrity::{Digest, PageDigests};
@@ -61,6 +62,9 @@ pub struct PostcopyConfig {
     /// pre-copy no longer pays (`StopAndCopy`, or `Abort` on its time limit); then post-copy
     /// moves what is left instead of a stop-and-copy. `None`: one pass, then post-copy.
     pub rounds: Option<PolicyConfig>,
+    /// If the link breaks after the hand-over, take the migration over on a new session
+    /// (see [`super::recover`]) instead of failing. `None`: a broken link loses the guest.
+    pub recovery: Option<Recovery>,
 }
 
 impl Default for PostcopyConfig {
@@ -71,6 +75,7 @@ impl Default for PostcopyConfig {
             run_pages: 64,
             reply_timeout: crate::precopy::REPLY_TIMEOUT,
             rounds: None,
+            recovery: None,
         }
     }
 }
@@ -89,6 +94,8 @@ pub enum PostcopyPhase {
     Push,
     /// Comparing digests.
     Verify,
+    /// Taking the migration over on a new session after the link broke.
+    Recover,
 }
 
 impl std::fmt::Display for PostcopyPhase {
@@ -99,6 +106,7 @@ impl std::fmt::Display for PostcopyPhase {
             PostcopyPhase::Handover => "hand-over",
             PostcopyPhase::Push => "push",
             PostcopyPhase::Verify => "verification",
+            PostcopyPhase::Recover => "recovery",
         })
     }
 }
@@ -184,6 +192,19 @@ pub enum PostcopyError {
     /// Dirty tracking failed (hybrid; the guest runs at the source).
     #[error("dirty tracking failed")]
     Dirty(#[source] crate::dirty::DirtyError),
+    /// The link broke after `Commit` and no new session took the migration over.
+    #[error("the link broke and no new session took the migration over ({attempts} attempts within {within:?}; last: {last})")]
+    NotReattached {
+        /// Dial attempts made.
+        attempts: u32,
+        /// The recovery deadline.
+        within: Duration,
+        /// Why the last attempt failed.
+        last: String,
+        /// How the link broke.
+        #[source]
+        broke: Box<PostcopyError>,
+    },
     /// The migration failed after the destination reported the guest running (`Resumed`):
     /// the source copy never runs again ([`GuestControl::handed_over`] was called) and is
     /// kept intact; the destination's guest cannot go on without the pages that did not
@@ -245,6 +266,12 @@ pub struct PostcopySummary {
     pub pivots_replaced: u64,
     /// Payload bytes sent.
     pub bytes: u64,
+    /// Times the link broke after the hand-over and a new session took the migration over.
+    pub recoveries: u32,
+    /// Time from each break to its new session, summed, ms.
+    pub recovery_ms: f64,
+    /// Pages sent again because the destination had not received them when the link broke.
+    pub resent_pages: u64,
     /// The digest both sides agreed on.
     pub checksum: String,
 }
@@ -278,6 +305,12 @@ impl PostcopySummary {
             self.pushed_pages, self.demanded_pages, self.ignored_demands, self.zero_pages
         );
         s += &format!("  bytes          {:.1} MiB\n", mb(self.bytes));
+        if self.recoveries > 0 {
+            s += &format!(
+                "  recovery       the link broke {} time(s); taken over on a new session after {:.0} ms in all, {} pages sent again\n",
+                self.recoveries, self.recovery_ms, self.resent_pages
+            );
+        }
         s += &format!("  digest         {} (verified by the destination)\n", self.checksum);
         s
     }
@@ -351,7 +384,7 @@ fn run(
         crate::precopy::SourceError::Incompatible { index, source } => PostcopyError::Incompatible { index, source },
         other => PostcopyError::Refused(error_chain(&other)),
     })?;
-    let urgent = t.urgent().map_err(PostcopyError::NoUrgentChannel)?;
+    t.urgent().map_err(PostcopyError::NoUrgentChannel)?;
     let t0 = Instant::now();
     let ps = memory.page_size();
     let pages = memory.pages();
@@ -364,6 +397,10 @@ fn run(
         Msg::Accept => {}
         Msg::Refuse { reason } => return Err(PostcopyError::Refused(reason)),
         m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+    }
+    let id = recover::new_id();
+    if cfg.recovery.is_some() {
+        send(t, phase, &Msg::Recoverable { id })?;
     }
 
     let mut digests = PageDigests::new(pages, ps);
@@ -449,54 +486,83 @@ fn run(
     };
 
     let shared = Mutex::new(Shared { prepager, digests });
-    let stop = AtomicBool::new(false);
     let resumed = AtomicBool::new(false);
+    let mut st = PushState::new(strategy == Strategy::Postcopy, pages);
 
     // From Commit on, the destination may run the guest: never resume here.
-    let res = std::thread::scope(|s| {
-        let responder = s.spawn(|| respond(&*urgent, memory, &remotes, &shared, &stop));
-        // The guest runs at the destination from `Resumed` on: the source's copy is handed
-        // over then (a VMM whose device state still has to reach the destination sends it
-        // now), while its pages follow.
-        let mut handed = false;
-        let mut on_resumed = || {
-            // The hand-over first: a VMM's device state is on the downtime's path, while
-            // un-protecting the memory is not.
-            if resumed.load(Ordering::SeqCst) && !handed {
-                handed = true;
-                guest.handed_over();
-            }
-            if let Some(d) = dirty.as_deref_mut() {
-                d.stop();
-            }
+    // The guest runs at the destination from `Resumed` on: the source's copy is handed over
+    // then (a VMM whose device state still has to reach the destination sends it now),
+    // while its pages follow.
+    let mut handed = false;
+    let mut on_resumed = || {
+        // The hand-over first: a VMM's device state is on the downtime's path, while
+        // un-protecting the memory is not.
+        if resumed.load(Ordering::SeqCst) && !handed {
+            handed = true;
+            guest.handed_over();
+        }
+        if let Some(d) = dirty.as_deref_mut() {
+            d.stop();
+        }
+    };
+    // The session in use: the caller's, or one that took the migration over after a break.
+    let mut owned: Option<Box<dyn Transport>> = None;
+    let mut remotes = remotes;
+    let res = loop {
+        let cur: &mut dyn Transport = match owned.as_deref_mut() {
+            Some(n) => n,
+            None => &mut *t,
         };
-        let r = push_phase(
-            t,
+        let e = match one_session(
+            cur,
             memory,
             &remotes,
             &shared,
             cfg,
             on_progress,
             paused,
-            strategy == Strategy::Postcopy,
+            &mut st,
             &resumed,
             &mut on_resumed,
-        );
-        on_resumed();
-        stop.store(true, Ordering::SeqCst);
-        let served =
-            responder.join().unwrap_or_else(|_| Err(TransportError::Disconnected("responder panicked".into())));
-        match (r, served) {
-            (Ok(v), Ok(())) => Ok(v),
-            (Err(e), _) => Err(e),
-            // The destination verified every page; the channel closing at the end is no
-            // failure.
-            (Ok(v), Err(e)) => {
-                tracing::debug!(error = %e, "the demand responder ended with an error after the verification");
-                Ok(v)
+        ) {
+            Ok(d) => break Ok(d),
+            Err(e) => e,
+        };
+        let Some(rec) = cfg.recovery.as_ref().filter(|_| st.committed && e.link_broke()) else { break Err(e) };
+        let broke = Instant::now();
+        tracing::warn!(error = %error_chain(&e), within = ?rec.within, "the link broke after Commit; waiting for a new session");
+        match reattach(rec, id, memory, cfg.reply_timeout) {
+            Ok((n, r, missing)) => {
+                if st.resumed_at.is_none() {
+                    // The destination answers a Reattach only once its guest runs.
+                    st.resumed_at = Some(Instant::now());
+                    resumed.store(true, Ordering::SeqCst);
+                    on_resumed();
+                }
+                let mut g = lock(&shared);
+                for m in &missing {
+                    st.resent += g.prepager.resend(m.first as usize, m.pages as usize) as u64;
+                }
+                drop(g);
+                // The broken session may take a while to close (its last frames time out).
+                if let Some(old) = owned.replace(n) {
+                    std::thread::spawn(move || drop(old));
+                }
+                remotes = r;
+                st.recoveries += 1;
+                st.recovery += broke.elapsed();
+                tracing::info!(
+                    missing = missing.iter().map(|m| m.pages as u64).sum::<u64>(),
+                    ms = broke.elapsed().as_secs_f64() * 1e3,
+                    "a new session took the migration over"
+                );
+            }
+            Err((attempts, last)) => {
+                break Err(PostcopyError::NotReattached { attempts, within: rec.within, last, broke: Box::new(e) })
             }
         }
-    });
+    };
+    on_resumed();
     if let Err(e @ PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, .. }) = &res {
         // An explicit refusal to start instead of Resumed: nothing runs there.
         resume_after(guest, e);
@@ -505,9 +571,11 @@ fn run(
     if !resumed.load(Ordering::SeqCst) {
         return res.map(|_| unreachable!("no Resumed means an error")).map_err(|e| PostcopyError::InDoubt(Box::new(e)));
     }
-    let (resumed_at, pushed_at, checksum, zero_pages) = res.map_err(|e| PostcopyError::HandedOver(Box::new(e)))?;
+    let checksum = res.map_err(|e| PostcopyError::HandedOver(Box::new(e)))?;
+    let resumed_at = st.resumed_at.expect("resumed");
+    let pushed_at = st.pushed_at.unwrap_or(resumed_at);
     let dirty_ran = strategy == Strategy::Hybrid;
-    let st: PrepageStats = lock(&shared).prepager.stats();
+    let ps_stats: PrepageStats = lock(&shared).prepager.stats();
     let (precopy_pages, precopy_ms) = pass.map_or((None, None), |(n, d)| (Some(n), Some(d.as_secs_f64() * 1e3)));
     let before = precopy_pages.unwrap_or(0) + rounds.as_ref().map_or(0, |r: &RoundsDone| r.pages);
     Ok(PostcopySummary {
@@ -527,14 +595,175 @@ fn run(
         downtime_ms: (resumed_at - paused).as_secs_f64() * 1e3,
         push_ms: pushed_at.saturating_duration_since(resumed_at).as_secs_f64() * 1e3,
         device_state_bytes: state.len() as u64,
-        zero_pages,
-        pushed_pages: st.pushed,
-        demanded_pages: st.demanded,
-        ignored_demands: st.ignored,
-        pivots_replaced: st.pivots_replaced,
-        bytes: (before + st.pushed + st.demanded) * ps as u64,
+        zero_pages: st.zero_announced.count_ones() as u64,
+        pushed_pages: ps_stats.pushed,
+        demanded_pages: ps_stats.demanded,
+        ignored_demands: ps_stats.ignored,
+        pivots_replaced: ps_stats.pivots_replaced,
+        bytes: (before + ps_stats.pushed + ps_stats.demanded) * ps as u64,
+        recoveries: st.recoveries,
+        recovery_ms: st.recovery.as_secs_f64() * 1e3,
+        resent_pages: st.resent,
         checksum: checksum.hex(),
     })
+}
+
+/// Where the hand-over and the push stand, across the sessions of one migration.
+struct PushState {
+    /// Pages never populated are announced as zero (post-copy; hybrid sent them in its pass).
+    find_zero: bool,
+    /// Those pages, found once.
+    zero: Option<crate::PageBitmap>,
+    /// Pages announced as zero at least once.
+    zero_announced: crate::PageBitmap,
+    /// `Commit` was sent (from then on a broken link may be recovered).
+    committed: bool,
+    /// When `Resumed` came (or a new session took over before it did).
+    resumed_at: Option<Instant>,
+    /// When the last page went.
+    pushed_at: Option<Instant>,
+    recoveries: u32,
+    recovery: Duration,
+    resent: u64,
+}
+
+impl PushState {
+    fn new(find_zero: bool, pages: usize) -> Self {
+        PushState {
+            find_zero,
+            zero: None,
+            zero_announced: crate::PageBitmap::new(if find_zero { pages } else { 0 }),
+            committed: false,
+            resumed_at: None,
+            pushed_at: None,
+            recoveries: 0,
+            recovery: Duration::ZERO,
+            resent: 0,
+        }
+    }
+}
+
+impl PostcopyError {
+    /// The link failed or went silent (a new session may take the migration over), as
+    /// opposed to the peer refusing or breaking the protocol.
+    fn link_broke(&self) -> bool {
+        matches!(self, PostcopyError::Transport { .. } | PostcopyError::Timeout { .. })
+    }
+}
+
+/// One session's part of the migration after the hand-over: the demand responder on its
+/// urgent channel, and the push (from `Commit`, or where a broken session left it).
+#[allow(clippy::too_many_arguments)]
+fn one_session(
+    t: &mut dyn Transport,
+    memory: &GuestMemory,
+    remotes: &[u32],
+    shared: &Mutex<Shared>,
+    cfg: &PostcopyConfig,
+    on_progress: &mut dyn FnMut(&PushProgress),
+    paused: Instant,
+    st: &mut PushState,
+    resumed: &AtomicBool,
+    on_resumed: &mut dyn FnMut(),
+) -> Result<Digest, PostcopyError> {
+    let phase = if st.committed { PostcopyPhase::Push } else { PostcopyPhase::Handover };
+    let urgent = t.urgent().map_err(|source| PostcopyError::Transport { phase, source })?;
+    let stop = AtomicBool::new(false);
+    let urgent_failed = AtomicBool::new(false);
+    std::thread::scope(|s| {
+        let responder = s.spawn(|| {
+            let r = respond(&*urgent, memory, remotes, shared, &stop);
+            if r.is_err() {
+                urgent_failed.store(true, Ordering::SeqCst);
+            }
+            r
+        });
+        let r =
+            push_phase(t, memory, remotes, shared, cfg, on_progress, paused, st, &urgent_failed, resumed, on_resumed);
+        stop.store(true, Ordering::SeqCst);
+        let served =
+            responder.join().unwrap_or_else(|_| Err(TransportError::Disconnected("responder panicked".into())));
+        match (r, served) {
+            (Ok(v), Ok(())) => Ok(v),
+            // The urgent channel's own error says why the push stopped.
+            (Err(_), Err(source)) if urgent_failed.load(Ordering::SeqCst) => {
+                Err(PostcopyError::Transport { phase: PostcopyPhase::Push, source })
+            }
+            (Err(e), _) => Err(e),
+            // The destination verified every page; the channel closing at the end is no
+            // failure.
+            (Ok(v), Err(e)) => {
+                tracing::debug!(error = %e, "the demand responder ended with an error after the verification");
+                Ok(v)
+            }
+        }
+    })
+}
+
+/// A session that took the migration over: the session, the peer's regions for ours, and
+/// the pages the destination is missing.
+type Reattached = (Box<dyn Transport>, Vec<u32>, Vec<PageRun>);
+
+/// Takes the migration over on a new session: dials (at most `rec.tries` times within
+/// `rec.within`), presents `id`, and reads the pages the destination is missing. Returns
+/// the session, the peer's regions for ours, and those pages; or the attempts made and the
+/// last failure.
+fn reattach(
+    rec: &Recovery,
+    id: [u8; 16],
+    memory: &GuestMemory,
+    reply_timeout: Duration,
+) -> Result<Reattached, (u32, String)> {
+    let phase = PostcopyPhase::Recover;
+    let deadline = Instant::now() + rec.within;
+    let pages = memory.pages() as u64;
+    let mut attempts = 0;
+    let mut last = "no attempt fitted in the deadline".to_string();
+    while attempts < rec.tries && Instant::now() < deadline {
+        attempts += 1;
+        let r = (|| -> Result<_, PostcopyError> {
+            let mut n = rec.link.relink(deadline).map_err(|source| PostcopyError::Transport { phase, source })?;
+            let remotes = pick_remotes(n.as_ref(), memory).map_err(|e| PostcopyError::Refused(error_chain(&e)))?;
+            send(n.as_mut(), phase, &Msg::Reattach { id })?;
+            let mut missing = Vec::new();
+            let mut total = 0u64;
+            loop {
+                let wait = recover::left(deadline, reply_timeout).max(Duration::from_millis(1));
+                match recv(n.as_mut(), phase, "Missing", wait)? {
+                    Msg::Missing { last, runs } => {
+                        for r in &runs {
+                            total += r.pages as u64;
+                            if r.first.checked_add(r.pages as u64).is_none_or(|e| e > pages) || total > pages {
+                                return Err(PostcopyError::Unexpected { phase, got: "Missing (pages out of range)" });
+                            }
+                        }
+                        missing.extend(runs);
+                        if last {
+                            break;
+                        }
+                    }
+                    Msg::Refuse { reason } => return Err(PostcopyError::Refused(reason)),
+                    Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase, reason }),
+                    m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+                }
+            }
+            Ok((n, remotes, missing))
+        })();
+        match r {
+            Ok(v) => return Ok(v),
+            Err(e) => {
+                last = error_chain(&e);
+                tracing::warn!(attempt = attempts, error = %last, "taking the migration over failed");
+                // Attempts spread over the deadline (a dial into a dead link may fail at once).
+                let spread = (rec.within / rec.tries.max(1)).clamp(Duration::from_millis(200), Duration::from_secs(5));
+                let pause = recover::left(deadline, spread);
+                if attempts < rec.tries && !pause.is_zero() {
+                    std::thread::sleep(pause);
+                }
+            }
+        }
+    }
+    Err((attempts, last))
 }
 
 fn resume_after(guest: &mut dyn GuestControl, e: &PostcopyError) {
@@ -773,8 +1002,9 @@ fn post_runs(
     Ok(())
 }
 
-/// Commit, the zero runs, the push, and the verification. Returns when `Resumed` came, when
-/// the last page went, the agreed digest, and how many pages were announced as zero.
+/// Commit (unless a session before this one got that far), the zero runs, the push, and the
+/// verification. Returns the agreed digest; `st` records when the guest resumed and when
+/// the last page went. Stops with a transport error as soon as `urgent_failed` is set.
 #[allow(clippy::too_many_arguments)]
 fn push_phase(
     t: &mut dyn Transport,
@@ -784,28 +1014,35 @@ fn push_phase(
     cfg: &PostcopyConfig,
     on_progress: &mut dyn FnMut(&PushProgress),
     paused: Instant,
-    find_zero: bool,
+    st: &mut PushState,
+    urgent_failed: &AtomicBool,
     resumed_flag: &AtomicBool,
     on_resumed: &mut dyn FnMut(),
-) -> Result<(Instant, Instant, Digest, u64), PostcopyError> {
+) -> Result<Digest, PostcopyError> {
     let phase = PostcopyPhase::Push;
-    send(t, phase, &Msg::Commit)?;
-    match recv(t, phase, "Resumed", cfg.reply_timeout)? {
-        Msg::Resumed => {}
-        // The destination did not start the guest: it may run here again.
-        Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, reason }),
-        m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+    if !st.committed {
+        send(t, phase, &Msg::Commit)?;
+        st.committed = true;
     }
-    let resumed = Instant::now();
-    resumed_flag.store(true, Ordering::SeqCst);
-    on_resumed();
-    tracing::info!(downtime_ms = (resumed - paused).as_secs_f64() * 1e3, "the guest runs at the destination");
+    if st.resumed_at.is_none() {
+        match recv_watching(t, phase, "Resumed", cfg.reply_timeout, urgent_failed)? {
+            Msg::Resumed => {}
+            // The destination did not start the guest: it may run here again.
+            Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, reason }),
+            m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+        }
+        let resumed = Instant::now();
+        st.resumed_at = Some(resumed);
+        resumed_flag.store(true, Ordering::SeqCst);
+        on_resumed();
+        tracing::info!(downtime_ms = (resumed - paused).as_secs_f64() * 1e3, "the guest runs at the destination");
+    }
     // Pages never populated are known zero without reading them (the source is frozen; this
-    // runs while the guest already runs at the destination, off the downtime). Pages the
-    // responder sent meanwhile are left out.
-    let zero = if find_zero { memory.known_zero_pages() } else { crate::PageBitmap::new(0) };
+    // runs while the guest already runs at the destination, off the downtime). Pages sent
+    // otherwise meanwhile (the responder's, or ones the destination holds) are left out.
     let mut zero_runs: Vec<PageRun> = Vec::new();
-    {
+    if st.find_zero {
+        let zero = st.zero.get_or_insert_with(|| memory.known_zero_pages());
         let mut g = lock(shared);
         for (f, n) in zero.runs() {
             let mut p = f;
@@ -820,12 +1057,12 @@ fn push_phase(
                 }
                 g.prepager.mark_sent(p, k);
                 g.digests.record_zero(p, k);
+                st.zero_announced.set_range(p, k);
                 zero_runs.push(PageRun { first: p as u64, pages: k as u32 });
                 p += k;
             }
         }
     }
-    let zero_pages: u64 = zero_runs.iter().map(|r| r.pages as u64).sum();
     for chunk in zero_runs.chunks(MAX_RUNS) {
         send(t, phase, &Msg::Zero { runs: chunk.to_vec() })?;
     }
@@ -835,6 +1072,9 @@ fn push_phase(
     let mut buf = vec![0u8; ps];
     let mut terms: Vec<(usize, u128)> = Vec::new();
     loop {
+        if urgent_failed.load(Ordering::SeqCst) {
+            return Err(urgent_broke(phase));
+        }
         batch.clear();
         let (sent, demanded) = {
             let mut g = lock(shared);
@@ -854,12 +1094,8 @@ fn push_phase(
         if batch.is_empty() {
             break;
         }
-        post_runs(t, memory, remotes, &batch, phase)?;
-        #[cfg(feature = "fault-injection")]
-        fault::corrupt_in_flight(t, memory, remotes, &batch)?;
-        let runs = batch.iter().map(|&(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();
-        send(t, phase, &Msg::Placed { runs })?;
-        // Hash outside the lock (the memory is frozen), record under it.
+        // Hash outside the lock (the memory is frozen) and record under it, before the pages
+        // go: whatever reached the destination is in the digest even if this session breaks.
         terms.clear();
         for &(f, k) in &batch {
             for p in f..f + k {
@@ -874,6 +1110,11 @@ fn push_phase(
                 g.digests.record_term(p, term);
             }
         }
+        post_runs(t, memory, remotes, &batch, phase)?;
+        #[cfg(feature = "fault-injection")]
+        fault::corrupt_in_flight(t, memory, remotes, &batch)?;
+        let runs = batch.iter().map(|&(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();
+        send(t, phase, &Msg::Placed { runs })?;
         on_progress(&PushProgress { sent, pages: total, demanded });
         // An abort from the destination ends the push.
         if let Some(b) =
@@ -887,7 +1128,7 @@ fn push_phase(
         }
     }
     t.flush().map_err(|source| PostcopyError::Transport { phase, source })?;
-    let pushed = Instant::now();
+    st.pushed_at = Some(Instant::now());
     let (digest, demanded) = {
         let g = lock(shared);
         (g.digests.digest(), g.prepager.stats().demanded)
@@ -897,7 +1138,7 @@ fn push_phase(
     let phase = PostcopyPhase::Verify;
     send(t, phase, &Msg::Final)?;
     send(t, phase, &Msg::SourceChecksum { checksum: digest.to_bytes() })?;
-    match recv(t, phase, "Verified", cfg.reply_timeout)? {
+    match recv_watching(t, phase, "Verified", cfg.reply_timeout, urgent_failed)? {
         Msg::Verified { ok: true, checksum } if Digest::from_bytes(&checksum) == digest => {}
         Msg::Verified { checksum, .. } => {
             let e = PostcopyError::ChecksumMismatch {
@@ -911,7 +1152,37 @@ fn push_phase(
         m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
     }
     send(t, phase, &Msg::Done)?;
-    Ok((resumed, pushed, digest, zero_pages))
+    Ok(digest)
+}
+
+fn urgent_broke(phase: PostcopyPhase) -> PostcopyError {
+    PostcopyError::Transport { phase, source: TransportError::Disconnected("the urgent channel failed".into()) }
+}
+
+/// The next control message within `timeout`, waited for in short slices so that a failed
+/// urgent channel (the same link) ends the wait at once.
+fn recv_watching(
+    t: &mut dyn Transport,
+    phase: PostcopyPhase,
+    expected: &'static str,
+    timeout: Duration,
+    urgent_failed: &AtomicBool,
+) -> Result<Msg, PostcopyError> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if urgent_failed.load(Ordering::SeqCst) {
+            return Err(urgent_broke(phase));
+        }
+        let left = recover::left(deadline, Duration::from_millis(200));
+        if left.is_zero() {
+            return Err(PostcopyError::Timeout { phase, expected, timeout });
+        }
+        match t.recv_message(Some(left)) {
+            Ok(Some(b)) => return proto::decode(&b).map_err(|source| PostcopyError::Protocol { phase, source }),
+            Ok(None) => {}
+            Err(source) => return Err(PostcopyError::Transport { phase, source }),
+        }
+    }
 }
 
 /// The responder: answers demand requests until `stop`. A demand for a page not sent yet

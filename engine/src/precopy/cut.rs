@@ -18,6 +18,9 @@ use super::proto;
 pub struct CutAt {
     inner: Option<Box<dyn Transport>>,
     at: Option<String>,
+    /// Cut at this occurrence of `at` (1: the first).
+    nth: u32,
+    seen: u32,
     /// Freeze (send nothing, keep the connection open) this long before cutting.
     freeze: Duration,
     kind: TransportKind,
@@ -26,14 +29,21 @@ pub struct CutAt {
 }
 
 impl CutAt {
-    /// Wraps `inner`; `at` is a message name as in [`proto::Msg::name`] (`None`: never cut).
+    /// Wraps `inner`; `at` is a message name as in [`proto::Msg::name`], optionally with
+    /// `#N` to cut at its N-th occurrence instead of the first (`None`: never cut).
     pub fn new(inner: Box<dyn Transport>, at: Option<&str>) -> Self {
+        let (at, nth) = match at.map(|a| a.split_once('#').unwrap_or((a, "1"))) {
+            Some((name, n)) => (Some(name.to_string()), n.parse().unwrap_or(1).max(1)),
+            None => (None, 1),
+        };
         CutAt {
             kind: inner.kind(),
             peer: inner.peer_regions().to_vec(),
             table: inner.regions().clone(),
             inner: Some(inner),
-            at: at.map(str::to_string),
+            at,
+            nth,
+            seen: 0,
             freeze: Duration::ZERO,
         }
     }
@@ -72,7 +82,10 @@ impl Transport for CutAt {
     }
     fn send_message(&mut self, msg: &[u8]) -> Result<(), TransportError> {
         let name = proto::decode(msg).map(|m| m.name()).unwrap_or("?");
-        if self.at.as_deref() == Some(name) {
+        if self.at.as_deref() == Some(name) && self.inner.is_some() {
+            self.seen += 1;
+        }
+        if self.at.as_deref() == Some(name) && self.seen == self.nth && self.inner.is_some() {
             if !self.freeze.is_zero() {
                 tracing::warn!(message = name, freeze = ?self.freeze, "fault injection: freezing instead of sending it");
                 std::thread::sleep(self.freeze);

@@ -33,6 +33,11 @@
 //!                    guest faulted on this page of the page space)
 //!  18 Invalidate     runs   (hybrid, before Commit: these pages were written again after
 //!                    they were sent; they will be sent again)
+//!  19 Recoverable    id [16] (post-copy, before Commit: a session that presents `id` may take
+//!                    over this migration if its link breaks after the hand-over)
+//!  20 Reattach       id [16] (the first message of such a session)
+//!  21 Missing        last u8 (0|1) | runs   (destination → source, after `Reattach`: the
+//!                    pages that have not arrived; `last` ends the list)
 //! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
 //! runs = n u32 (≤ MAX_RUNS) | n × (first_page u64 | pages u32 ≥ 1)
 //! checksum = a region digest (`integrity::Digest::to_bytes`): sum u128 | pages u64 | 0 u64
@@ -46,11 +51,12 @@
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"LMPC";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 4;
-/// Oldest version this build decodes. Version 3 had no strategy in `Begin` (pre-copy
+pub const VERSION: u8 = 5;
+/// Oldest version this build decodes. Version 4 could not resume a post-copy migration
+/// over a new session (`Recoverable`, `Reattach`, `Missing`); version 3 had no strategy in `Begin` (pre-copy
 /// only); version 2 compared whole-region SHA-256 checksums and left zero pages unwritten
 /// at the destination; version 1 had no `Commit`.
-pub const MIN_VERSION: u8 = 4;
+pub const MIN_VERSION: u8 = 5;
 /// Most regions a migration carries.
 pub const MAX_REGIONS: usize = 256;
 /// Largest piece of device state in one `DeviceState` message.
@@ -61,9 +67,8 @@ pub const MAX_STATE: usize = 64 << 20;
 pub const MAX_TEXT: usize = 512;
 /// Most page runs in one `Zero` or `Placed` message.
 pub const MAX_RUNS: usize = 4096;
-/// Largest frame: a full `Zero` or `Placed` message (larger than a full `Begin` or
-/// `DeviceState`).
-pub const MAX_FRAME: usize = 6 + 4 + MAX_RUNS * 12;
+/// Largest frame: a full `Missing` message (larger than a full `Begin` or `DeviceState`).
+pub const MAX_FRAME: usize = 6 + 1 + 4 + MAX_RUNS * 12;
 const _: () = assert!(6 + 3 + MAX_REGIONS * 12 <= MAX_FRAME && 6 + 5 + MAX_STATE_CHUNK <= MAX_FRAME);
 
 const HEADER: usize = 6;
@@ -209,6 +214,26 @@ pub enum Msg {
         /// Runs of pages (at most [`MAX_RUNS`]).
         runs: Vec<PageRun>,
     },
+    /// Source → destination (post-copy, before `Commit`): if the link breaks after the
+    /// hand-over, a new session that presents `id` first may take the migration over.
+    Recoverable {
+        /// The migration's random identity.
+        id: [u8; 16],
+    },
+    /// Source → destination: the first message of a session that takes over the migration
+    /// announced `Recoverable { id }`.
+    Reattach {
+        /// That identity.
+        id: [u8; 16],
+    },
+    /// Destination → source, after `Reattach`: pages that have not arrived (to be sent
+    /// again), in one or more messages, the last with `last` set.
+    Missing {
+        /// Ends the list.
+        last: bool,
+        /// Runs of pages (at most [`MAX_RUNS`]).
+        runs: Vec<PageRun>,
+    },
     /// Either way: the migration is abandoned.
     Abort {
         /// Why.
@@ -284,6 +309,9 @@ impl<'a> Reader<'a> {
     fn sum(&mut self) -> Result<[u8; 32], ProtoError> {
         Ok(self.take(32)?.try_into().expect("32 bytes"))
     }
+    fn id(&mut self) -> Result<[u8; 16], ProtoError> {
+        Ok(self.take(16)?.try_into().expect("16 bytes"))
+    }
     fn flag(&mut self, field: &'static str) -> Result<bool, ProtoError> {
         match self.u8()? {
             0 => Ok(false),
@@ -347,6 +375,9 @@ impl Msg {
             Msg::IterationAck { .. } => 16,
             Msg::Demand { .. } => 17,
             Msg::Invalidate { .. } => 18,
+            Msg::Recoverable { .. } => 19,
+            Msg::Reattach { .. } => 20,
+            Msg::Missing { .. } => 21,
         }
     }
 
@@ -371,6 +402,9 @@ impl Msg {
             Msg::IterationAck { .. } => "IterationAck",
             Msg::Demand { .. } => "Demand",
             Msg::Invalidate { .. } => "Invalidate",
+            Msg::Recoverable { .. } => "Recoverable",
+            Msg::Reattach { .. } => "Reattach",
+            Msg::Missing { .. } => "Missing",
         }
     }
 
@@ -408,6 +442,16 @@ impl Msg {
                     out.extend_from_slice(&r.pages.to_le_bytes());
                 }
             }
+            Msg::Missing { last, runs } => {
+                debug_assert!(runs.len() <= MAX_RUNS && runs.iter().all(|r| r.pages > 0));
+                out.push(*last as u8);
+                out.extend_from_slice(&(runs.len() as u32).to_le_bytes());
+                for r in runs {
+                    out.extend_from_slice(&r.first.to_le_bytes());
+                    out.extend_from_slice(&r.pages.to_le_bytes());
+                }
+            }
+            Msg::Recoverable { id } | Msg::Reattach { id } => out.extend_from_slice(id),
             Msg::IterationAck { iter } => out.extend_from_slice(&iter.to_le_bytes()),
             Msg::Demand { page } => out.extend_from_slice(&page.to_le_bytes()),
             Msg::IterationDone { iter, pages, dirty } => {
@@ -491,6 +535,12 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
         16 => Msg::IterationAck { iter: r.u32()? },
         17 => Msg::Demand { page: r.u64()? },
         18 => Msg::Invalidate { runs: r.runs()? },
+        19 => Msg::Recoverable { id: r.id()? },
+        20 => Msg::Reattach { id: r.id()? },
+        21 => {
+            let last = r.flag("last flag")?;
+            Msg::Missing { last, runs: r.runs()? }
+        }
         t => return Err(ProtoError::UnknownType(t)),
     };
     if r.pos != b.len() {
@@ -513,6 +563,10 @@ mod tests {
             },
             Msg::Demand { page: u64::MAX },
             Msg::Invalidate { runs: vec![PageRun { first: 3, pages: 2 }] },
+            Msg::Recoverable { id: [7; 16] },
+            Msg::Reattach { id: [9; 16] },
+            Msg::Missing { last: true, runs: vec![PageRun { first: 0, pages: 1 }; MAX_RUNS] },
+            Msg::Missing { last: false, runs: vec![] },
             Msg::Begin { strategy: Strategy::Hybrid, regions: vec![RegionDesc { len: 8192, page_size: 4096 }] },
             Msg::DeviceState { last: true, bytes: vec![1, 2, 3] },
             Msg::DeviceState { last: false, bytes: vec![] },
@@ -539,7 +593,7 @@ mod tests {
         for m in samples() {
             assert_eq!(decode(&m.encode()), Ok(m.clone()), "{}", m.name());
         }
-        let full = Msg::Zero { runs: vec![PageRun { first: u64::MAX, pages: u32::MAX }; MAX_RUNS] };
+        let full = Msg::Missing { last: false, runs: vec![PageRun { first: u64::MAX, pages: u32::MAX }; MAX_RUNS] };
         let enc = full.encode();
         assert_eq!(enc.len(), MAX_FRAME);
         assert_eq!(decode(&enc), Ok(full));

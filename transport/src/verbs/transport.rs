@@ -224,11 +224,29 @@ impl VerbsListener {
         secret: &Secret,
         regions: &RegionTable,
     ) -> Result<VerbsTransport, TransportError> {
+        self.accept_until(cfg, secret, regions, None)
+    }
+
+    /// [`accept`](Self::accept), giving up with [`TransportError::Timeout`] at `until`.
+    pub fn accept_until(
+        &self,
+        cfg: &VerbsConfig,
+        secret: &Secret,
+        regions: &RegionTable,
+        until: Option<Instant>,
+    ) -> Result<VerbsTransport, TransportError> {
+        let t0 = Instant::now();
         // Connections that fail to authenticate are logged and closed; the listener goes on.
         let mut gate = self.inner.gate(secret, &cfg.gate)?;
         let mut sessions = crate::SessionAssembler::new(cfg.gate.handshake_timeout + cfg.io_timeout);
         loop {
-            let deadline = sessions.next_expiry();
+            if until.is_some_and(|u| Instant::now() >= u) {
+                return Err(TransportError::Timeout(t0.elapsed(), "a session to accept"));
+            }
+            let deadline = match (sessions.next_expiry(), until) {
+                (Some(a), Some(b)) => Some(a.min(b)),
+                (a, b) => a.or(b),
+            };
             let admitted = gate.next(deadline)?;
             for e in sessions.expire(Instant::now()) {
                 tracing::warn!(error = %e, "incomplete verbs session dropped");
