@@ -921,12 +921,13 @@ fn run_postcopy_receive(
 
 /// `LIVEMIG_CUT_AT=<message>` cuts the link at that message (fault-injection builds only).
 #[cfg(feature = "fault-injection")]
-fn cut_from_env(t: Box<dyn livemig_transport::Transport>) -> Box<dyn livemig_transport::Transport> {
+pub fn cut_from_env(t: Box<dyn livemig_transport::Transport>) -> Box<dyn livemig_transport::Transport> {
     livemig_engine::precopy::cut::from_env(t)
 }
 
+/// `LIVEMIG_CUT_AT` is ignored (with a warning) without fault injection.
 #[cfg(not(feature = "fault-injection"))]
-fn cut_from_env(t: Box<dyn livemig_transport::Transport>) -> Box<dyn livemig_transport::Transport> {
+pub fn cut_from_env(t: Box<dyn livemig_transport::Transport>) -> Box<dyn livemig_transport::Transport> {
     if std::env::var_os("LIVEMIG_CUT_AT").is_some_and(|v| !v.is_empty()) {
         tracing::warn!("LIVEMIG_CUT_AT ignored: this build has no fault injection");
     }

@@ -191,25 +191,29 @@ fn setup(name: &str) -> (PathBuf, PathBuf) {
 }
 
 fn carrier(dir: &Path, dst: &Guest, name: &str) -> (Proc, String) {
-    let incoming = dir.join(format!("{name}.in"));
-    let (child, line) = spawn_waiting(
-        dir,
-        &format!("{name}-carrier"),
-        &[
-            "qemu",
-            "carrier",
-            "--listen",
-            "127.0.0.1:0",
-            "--secret-file",
-            "secret",
-            "--json",
-            "--incoming",
-            &incoming.to_string_lossy(),
-            "--dst-qmp",
-            &dst.qmp.to_string_lossy(),
-        ],
-        "listening ",
-    );
+    carrier_with(dir, dst, name, &[])
+}
+
+fn carrier_with(dir: &Path, dst: &Guest, name: &str, extra: &[&str]) -> (Proc, String) {
+    let incoming = dir.join(format!("{name}.in")).to_string_lossy().into_owned();
+    let qmp = dst.qmp.to_string_lossy().into_owned();
+    let args: Vec<&str> = [
+        "qemu",
+        "carrier",
+        "--listen",
+        "127.0.0.1:0",
+        "--secret-file",
+        "secret",
+        "--json",
+        "--incoming",
+        &incoming,
+        "--dst-qmp",
+        &qmp,
+    ]
+    .into_iter()
+    .chain(extra.iter().copied())
+    .collect();
+    let (child, line) = spawn_waiting(dir, &format!("{name}-carrier"), &args, "listening ");
     (child, line.split_whitespace().nth(1).unwrap().to_string())
 }
 
@@ -657,7 +661,12 @@ fn qemus_ram_moved_by_livemig() {
         let d = Guest::start_patched(&qemu, &dir, &guest, &format!("d{i}"), true);
         let (mut cd, addr) = carrier(&dir, &d, &format!("d{i}"));
         let before = src.counter().unwrap();
-        let o = migrate_ram(&dir, &src, &addr, strategy).arg("--json").output().unwrap();
+        let mut m = migrate_ram(&dir, &src, &addr, strategy);
+        if strategy == "postcopy" {
+            // The link cut during the push (fault injection): a new session takes over.
+            m.env("LIVEMIG_CUT_AT", "Placed#40");
+        }
+        let o = m.arg("--json").output().unwrap();
         let out = String::from_utf8_lossy(&o.stdout);
         assert!(o.status.success(), "{strategy}: {out}\n{}", String::from_utf8_lossy(&o.stderr));
         let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
@@ -671,6 +680,15 @@ fn qemus_ram_moved_by_livemig() {
         }
         if strategy != "precopy" {
             assert!(v["dest_ram"]["pages"].as_u64() == Some(65536), "{v}");
+        }
+        if strategy == "postcopy" {
+            assert_eq!(v["engine"]["recoveries"], 1, "the cut link was recovered: {v}");
+            assert_eq!(v["dest_ram"]["recoveries"], 1, "{v}");
+            step(&format!(
+                "postcopy: link cut at the 40th Placed, taken over by a new session in {:.1} ms, {} pages sent again",
+                v["engine"]["recovery_ms"].as_f64().unwrap_or(-1.0),
+                v["engine"]["resent_pages"]
+            ));
         }
         assert!(cd.0.wait().unwrap().success());
         assert!(qmp_status(&src.qmp).contains("postmigrate"), "the source stays stopped: {}", qmp_status(&src.qmp));
@@ -686,7 +704,7 @@ fn qemus_ram_moved_by_livemig() {
     // Post-copy whose source dies mid-push: the destination's guest waits on its missing
     // pages (its counter stops), the carrier says so.
     let e = Guest::start_patched(&qemu, &dir, &guest, "e", true);
-    let (mut ce, addr) = carrier(&dir, &e, "e");
+    let (mut ce, addr) = carrier_with(&dir, &e, "e", &["--recover-within", "2"]);
     let mut m =
         Proc(migrate_ram(&dir, &src, &addr, "postcopy").stdout(Stdio::piped()).stderr(Stdio::null()).spawn().unwrap());
     {

@@ -386,6 +386,9 @@ pub struct DestOptions {
     pub timeout: Duration,
     /// Longest a migration may take.
     pub max_time: Duration,
+    /// External RAM by post-copy: how a session that broke after the hand-over is taken over
+    /// (its link accepts on the carrier's listener).
+    pub recovery: Option<livemig_engine::postcopy::Recovery>,
 }
 
 /// How the destination ended.

@@ -47,6 +47,15 @@ pub struct CarrierArgs {
     /// Seconds of silence after which the peer is declared gone.
     #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 20.0)]
     pub io_timeout: f64,
+    /// The session's backend: tcp, verbs, or auto (verbs when an RDMA device is up). Both
+    /// carriers must agree.
+    #[arg(long, default_value = "tcp", value_parser = livemig_app::args::transport_parser())]
+    pub transport: livemig_engine::connect::TransportChoice,
+    /// Destination, external RAM by post-copy: if the link breaks after the guest started
+    /// here, accept the source's new session for up to this many seconds (0: the guest is
+    /// lost at once).
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs, default_value_t = livemig_app::precopy::DEFAULT_RECOVER_WITHIN)]
+    pub recover_within: f64,
     /// Machine-readable outcome (JSON) on stdout.
     #[arg(long)]
     pub json: bool,
@@ -60,19 +69,34 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
         let Some(incoming) = a.incoming.clone() else {
             bail!("--listen needs --incoming PATH (QEMU's incoming socket)")
         };
-        let tcp = livemig_transport::TcpConfig { io_timeout, ..Default::default() };
-        let l = livemig_transport::TcpListener::bind(listen.as_str()).with_context(|| format!("binding {listen}"))?;
+        let (kind, note) = livemig_engine::connect::resolve(a.transport);
+        let opts = options(a.transport, io_timeout, 1);
+        let l = std::sync::Arc::new(
+            livemig_engine::connect::Listener::bind(kind, listen).with_context(|| format!("binding {listen}"))?,
+        );
         println!("listening {} qemu-carrier", l.local_addr()?);
         std::io::stdout().flush()?;
-        let t =
-            l.accept(&tcp, &secret, &livemig_transport::RegionTable::new()).context("accepting the source carrier")?;
+        eprintln!("{note}");
+        // What this end exposes (QEMU's RAM, with --ram livemig) is announced on the session
+        // and kept in this table, so that a session taking a broken one over exposes it too.
+        let table = livemig_transport::RegionTable::new();
+        let t = l.accept(&opts, &secret, &table).context("accepting the source carrier")?;
+        let recovery = (a.recover_within > 0.0).then(|| {
+            let (l, opts, secret, table) = (l.clone(), opts.clone(), secret.clone(), table.clone());
+            livemig_engine::postcopy::Recovery::new(
+                move |until| l.accept_until(&opts, &secret, &table, Some(until)),
+                Duration::from_secs_f64(a.recover_within),
+                8,
+            )
+        });
         let o = DestOptions {
             incoming,
             qmp: a.dst_qmp.clone(),
             timeout: io_timeout,
             max_time: Duration::from_secs_f64(a.max_time),
+            recovery,
         };
-        let out = carrier::run_dest(Box::new(t), &o).context("carrying the migration")?;
+        let out = carrier::run_dest(t, &o).context("carrying the migration")?;
         if a.json {
             println!("{}", serde_json::to_string(&out)?);
         } else {
@@ -94,21 +118,11 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
     let (Some(unix), Some(to)) = (&a.unix, &a.to) else {
         bail!("give --listen ADDR --incoming PATH (destination) or --unix PATH --to ADDR (source)")
     };
-    let tcp = livemig_transport::TcpConfig { io_timeout, byte_streams: a.channels, ..Default::default() };
-    let opts = livemig_engine::connect::TransportOptions {
-        choice: livemig_engine::connect::TransportChoice::Tcp,
-        io_timeout,
-        tcp,
-        verbs: Default::default(),
-    };
-    let mut t = livemig_engine::connect::connect(
-        livemig_transport::TransportKind::Tcp,
-        to,
-        &opts,
-        &secret,
-        &livemig_transport::RegionTable::new(),
-    )
-    .with_context(|| format!("connecting to the destination carrier {to}"))?;
+    let (kind, note) = livemig_engine::connect::resolve(a.transport);
+    let opts = options(a.transport, io_timeout, a.channels);
+    let mut t = livemig_engine::connect::connect(kind, to, &opts, &secret, &livemig_transport::RegionTable::new())
+        .with_context(|| format!("connecting to the destination carrier {to}"))?;
+    eprintln!("{note}");
     let caps = a.capabilities.iter().map(|c| (c.clone(), true)).collect();
     let mut params = serde_json::Map::new();
     if a.channels > 1 {
@@ -158,6 +172,16 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
         fin
     );
     Ok(())
+}
+
+/// The carrier session's settings: `channels` byte channels, `io_timeout` on both backends.
+fn options(
+    choice: livemig_engine::connect::TransportChoice,
+    io_timeout: Duration,
+    channels: u8,
+) -> livemig_engine::connect::TransportOptions {
+    let tcp = livemig_transport::TcpConfig { io_timeout, byte_streams: channels, ..Default::default() };
+    livemig_engine::connect::TransportOptions { choice, io_timeout, tcp, verbs: Default::default() }
 }
 
 /// Options of `livemig qemu migrate`.
@@ -235,6 +259,10 @@ pub struct QemuMigrateArgs {
     /// With --ram livemig: the session's backend (auto: verbs when an RDMA device is up).
     #[arg(long, default_value = "tcp", value_parser = livemig_app::args::transport_parser())]
     pub transport: livemig_engine::connect::TransportChoice,
+    /// With --ram livemig, post-copy: if the link breaks after the hand-over, dial the
+    /// destination carrier again for up to this many seconds and go on (0: the guest is lost).
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs, default_value_t = livemig_app::precopy::DEFAULT_RECOVER_WITHIN)]
+    pub recover_within: f64,
     /// Machine-readable summary (JSON) on stdout; no per-pass lines.
     #[arg(long)]
     pub json: bool,
@@ -264,6 +292,7 @@ fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
         io_timeout: Duration::from_secs_f64(a.io_timeout),
         max_time: Duration::from_secs_f64(a.max_time),
         socket_dir: a.socket_dir.clone(),
+        recover_within: Duration::from_secs_f64(a.recover_within),
     };
     let json = a.json;
     let s = crate::ram::migrate_ram(&o, secret, &mut |l| {

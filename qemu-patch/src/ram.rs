@@ -78,6 +78,9 @@ pub struct RamOptions {
     pub max_time: Duration,
     /// Where the attach socket's directory is created.
     pub socket_dir: PathBuf,
+    /// Post-copy: a link that breaks after the hand-over is taken over by a new session
+    /// within this long (zero: not at all).
+    pub recover_within: Duration,
 }
 
 /// The outcome.
@@ -156,8 +159,16 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
         ..TcpConfig::default()
     };
     let opts = TransportOptions { choice: o.transport, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
-    let mut t =
-        livemig_engine::connect::connect(kind, &o.to, &opts, secret, &table).map_err(CarrierError::Transport)?;
+    let t = livemig_engine::connect::connect(kind, &o.to, &opts, secret, &table).map_err(CarrierError::Transport)?;
+    let mut t = livemig_app::precopy::cut_from_env(t);
+    // Post-copy after a broken link: the same carrier dialled again; the session that took
+    // the migration over carries the rest of this exchange.
+    let relink = (!o.recover_within.is_zero()).then(|| {
+        let (to, secret, table) = (o.to.clone(), secret.clone(), table.clone());
+        postcopy::Relinked::new(move |_until: Instant| {
+            livemig_engine::connect::connect(kind, &to, &opts, &secret, &table)
+        })
+    });
     let blocks: Vec<(String, u64)> = att.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
     let caps = capabilities();
     carrier::send(
@@ -218,7 +229,8 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
             .map_err(|e| precopy::error_chain(&e))
         }
         RamStrategy::Postcopy | RamStrategy::Hybrid => {
-            let cfg = postcopy::PostcopyConfig { rounds, ..Default::default() };
+            let recovery = relink.clone().map(|l| postcopy::Recovery::shared(l, o.recover_within, 10));
+            let cfg = postcopy::PostcopyConfig { rounds, recovery, ..Default::default() };
             let mut last = Instant::now();
             let mut progress = |p: &postcopy::PushProgress| {
                 if last.elapsed() >= Duration::from_millis(250) {
@@ -259,6 +271,9 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
     let stopped_at = guest.stopped_at;
     drop(guest);
     drop(dirty);
+    if let Some(n) = relink.as_ref().and_then(|l| l.take()) {
+        t = n;
+    }
     let (engine, engine_downtime, checksum) = engine.expect("errors returned above");
     sum.engine = engine;
     sum.engine_downtime_ms = engine_downtime;
@@ -400,13 +415,23 @@ pub fn receive_ram(
             match foreign {
                 Err(e) => Err(e.to_string()),
                 Ok(f) => {
+                    // A broken link after the hand-over: the carrier's listener takes the new
+                    // session, which carries the rest of this exchange.
+                    let relink = o.recovery.as_ref().map(|r| {
+                        let dial = r.link.clone();
+                        (postcopy::Relinked::new(move |until: Instant| dial.relink(until)), r.within, r.tries)
+                    });
                     let cfg = postcopy::PostcopyDestConfig {
                         reply_timeout: o.timeout.max(Duration::from_secs(10)),
-                        recovery: None,
+                        recovery: relink.as_ref().map(|(l, w, n)| postcopy::Recovery::shared(l.clone(), *w, *n)),
                     };
-                    postcopy::receive_foreign(&mut *t, None, &memory, f, &mut start, &cfg, &mut |_, _| {})
+                    let r = postcopy::receive_foreign(&mut *t, None, &memory, f, &mut start, &cfg, &mut |_, _| {})
                         .map(|r| serde_json::to_value(&r).unwrap_or_default())
-                        .map_err(|e| precopy::error_chain(&e))
+                        .map_err(|e| precopy::error_chain(&e));
+                    if let Some(n) = relink.and_then(|(l, _, _)| l.take()) {
+                        t = n;
+                    }
+                    r
                 }
             }
         }

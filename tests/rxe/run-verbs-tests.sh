@@ -68,7 +68,8 @@ if [[ $INTEGRATION == 1 ]]; then
     echo "[verbs-tests] building livemig-tests --test $t" >&2
     if grep -q '^verbs *=' "$ROOT/tests/Cargo.toml"; then
       # livemig-tests has a verbs feature: the files are gated on it.
-      mapfile -t B < <(build -p livemig-tests --features verbs --test "$t")
+      # With fault injection: tests cut the link at chosen messages (CutAt).
+      mapfile -t B < <(build -p livemig-tests --features verbs,fault-injection --test "$t")
     else
       # No such feature (yet): enable the transport's verbs feature and pass
       # `--cfg livemig_verbs` to this test crate only (cargo rustc), so the dependencies are

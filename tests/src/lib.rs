@@ -363,10 +363,28 @@ pub fn postcopy_pair_with(
     recover: Option<Duration>,
     wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
 ) -> PostcopyRun {
+    postcopy_pair_over(TransportKind::Tcp, len, params, cfg, filled, hybrid, recover, wrap)
+}
+
+/// [`postcopy_pair_with`] over backend `kind` (verbs needs an RDMA device).
+#[allow(clippy::too_many_arguments)]
+pub fn postcopy_pair_over(
+    kind: TransportKind,
+    len: u64,
+    params: Option<WorkloadParams>,
+    cfg: &livemig_engine::postcopy::PostcopyConfig,
+    filled: u64,
+    hybrid: bool,
+    recover: Option<Duration>,
+    wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
+) -> PostcopyRun {
     use livemig_engine::postcopy::{self, PostcopyDestConfig, Recovery};
     let io = Duration::from_secs(10);
     let opts = TransportOptions {
-        choice: TransportChoice::Tcp,
+        choice: match kind {
+            TransportKind::Tcp => TransportChoice::Tcp,
+            TransportKind::Verbs => TransportChoice::Verbs,
+        },
         io_timeout: io,
         tcp: TcpConfig { io_timeout: io, urgent_stream: true, ..Default::default() },
         verbs: Default::default(),
@@ -378,7 +396,7 @@ pub fn postcopy_pair_with(
     let aliases = postcopy::staging_aliases(&memory, |_| 3, Access::REMOTE_WRITE).expect("staging alias");
     let table = RegionTable::new();
     let reg = table.register(aliases[0].clone()).expect("registering the alias");
-    let l = Arc::new(Listener::bind(TransportKind::Tcp, "127.0.0.1:0").expect("binding"));
+    let l = Arc::new(Listener::bind(kind, "127.0.0.1:0").expect("binding"));
     let addr = l.local_addr().expect("address").to_string();
     let (o, s) = (opts.clone(), secret.clone());
     let dest_recovery = recover.map(|within| {
@@ -405,13 +423,13 @@ pub fn postcopy_pair_with(
         w
     });
     std::thread::sleep(Duration::from_millis(200));
-    let t = connect::connect(TransportKind::Tcp, &addr, &opts, &secret, &table).expect("connect");
+    let t = connect::connect(kind, &addr, &opts, &secret, &table).expect("connect");
+    assert_eq!(t.kind(), kind);
     let mut t = wrap(t);
     let mut cfg = cfg.clone();
     if let Some(within) = recover {
         let (addr, o, s, table) = (addr.clone(), opts.clone(), secret.clone(), table.clone());
-        cfg.recovery =
-            Some(Recovery::new(move |_until| connect::connect(TransportKind::Tcp, &addr, &o, &s, &table), within, 3));
+        cfg.recovery = Some(Recovery::new(move |_until| connect::connect(kind, &addr, &o, &s, &table), within, 3));
     }
     let cfg = &cfg;
     let memory = GuestMemory::single(region.clone());

@@ -545,7 +545,7 @@ fn receive_with(
         None => t,
     };
     let complete_ms = started.elapsed().as_secs_f64() * 1e3;
-    match out {
+    let r = match out {
         Ok(checksum) => {
             let (zero, pushed) = totals;
             // Every page is verified: stop placing (faults on lazy pages now go to the page
@@ -587,7 +587,13 @@ fn receive_with(
             std::mem::forget(placer);
             Err(PostcopyDestError::GuestLost { installed, pages: pages as u64, source: Box::new(e) })
         }
+    };
+    // A session that took the migration over goes to the caller, whose own protocol may go
+    // on over it.
+    if let (Some(n), Some(rec)) = (owned, &cfg.recovery) {
+        rec.link.adopt(n);
     }
+    r
 }
 
 /// Starts the guest with its device state.

@@ -23,7 +23,7 @@ pub mod uffd;
 pub use dest::{receive, receive_foreign, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
 pub use pages::{OnArrival, OnFault, OnZero, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
-pub use recover::{Recovery, Relink};
+pub use recover::{Recovery, Relink, Relinked};
 pub use source::{
     migrate, migrate_hybrid, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress,
 };

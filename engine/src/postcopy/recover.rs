@@ -31,6 +31,54 @@ use livemig_transport::{Transport, TransportError};
 pub trait Relink: Send + Sync {
     /// One attempt, giving up at `deadline`.
     fn relink(&self, deadline: Instant) -> Result<Box<dyn Transport>, TransportError>;
+
+    /// The session in use when the migration ended, if a new one took over: for a caller
+    /// whose own protocol goes on over the session afterwards. Dropped by default.
+    fn adopt(&self, t: Box<dyn Transport>) {
+        drop(t);
+    }
+}
+
+/// A [`Relink`] that keeps the last session for the caller ([`Relinked::take`]).
+pub struct Relinked<F> {
+    dial: F,
+    last: std::sync::Mutex<Option<Box<dyn Transport>>>,
+}
+
+impl<F> std::fmt::Debug for Relinked<F> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let kept = self.last.lock().map(|g| g.is_some()).unwrap_or(false);
+        f.debug_struct("Relinked").field("kept", &kept).finish_non_exhaustive()
+    }
+}
+
+impl<F> Relinked<F>
+where
+    F: Fn(Instant) -> Result<Box<dyn Transport>, TransportError> + Send + Sync,
+{
+    /// Relinks with `dial`.
+    pub fn new(dial: F) -> Arc<Self> {
+        Arc::new(Relinked { dial, last: std::sync::Mutex::new(None) })
+    }
+
+    /// The session that took the migration over, once the migration ended (`None` if the
+    /// first session lasted).
+    pub fn take(&self) -> Option<Box<dyn Transport>> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl<F> Relink for Relinked<F>
+where
+    F: Fn(Instant) -> Result<Box<dyn Transport>, TransportError> + Send + Sync,
+{
+    fn relink(&self, deadline: Instant) -> Result<Box<dyn Transport>, TransportError> {
+        (self.dial)(deadline)
+    }
+
+    fn adopt(&self, t: Box<dyn Transport>) {
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(t);
+    }
 }
 
 impl<F> Relink for F
@@ -64,6 +112,11 @@ impl Recovery {
     /// Recovery through `link`, within `within`, with `tries` attempts.
     pub fn new(link: impl Relink + 'static, within: Duration, tries: u32) -> Self {
         Recovery { link: Arc::new(link), within, tries: tries.max(1) }
+    }
+
+    /// Recovery through a shared `link` (e.g. a [`Relinked`] the caller keeps).
+    pub fn shared(link: Arc<dyn Relink>, within: Duration, tries: u32) -> Self {
+        Recovery { link, within, tries: tries.max(1) }
     }
 }
 

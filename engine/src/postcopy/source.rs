@@ -563,6 +563,11 @@ fn run(
         }
     };
     on_resumed();
+    // A session that took the migration over goes to the caller, whose own protocol may go
+    // on over it.
+    if let (Some(n), Some(rec)) = (owned, &cfg.recovery) {
+        rec.link.adopt(n);
+    }
     if let Err(e @ PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, .. }) = &res {
         // An explicit refusal to start instead of Resumed: nothing runs there.
         resume_after(guest, e);
