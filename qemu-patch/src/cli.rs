@@ -263,9 +263,19 @@ pub struct QemuMigrateArgs {
     /// destination carrier again for up to this many seconds and go on (0: the guest is lost).
     #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs, default_value_t = livemig_app::precopy::DEFAULT_RECOVER_WITHIN)]
     pub recover_within: f64,
+    /// With --ram livemig: take over the post-copy migration with this id (printed by the
+    /// `qemu migrate` that started it) whose livemig process died after the hand-over: the
+    /// stopped source QEMU's RAM is attached again and the pages the destination still
+    /// misses are sent to the carrier at --to (which waits --recover-within for it).
+    #[arg(long, value_name = "ID", value_parser = parse_migration_id)]
+    pub take_over: Option<[u8; 16]>,
     /// Machine-readable summary (JSON) on stdout; no per-pass lines.
     #[arg(long)]
     pub json: bool,
+}
+
+fn parse_migration_id(s: &str) -> Result<[u8; 16], String> {
+    livemig_engine::postcopy::parse_id(s).ok_or_else(|| format!("`{s}` is not a migration id (32 hex digits)"))
 }
 
 /// Who moves a QEMU guest's RAM.
@@ -293,14 +303,21 @@ fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
         max_time: Duration::from_secs_f64(a.max_time),
         socket_dir: a.socket_dir.clone(),
         recover_within: Duration::from_secs_f64(a.recover_within),
+        take_over: a.take_over,
     };
     let json = a.json;
-    let s = crate::ram::migrate_ram(&o, secret, &mut |l| {
+    let mut on_line = |l: &str| {
         if !json {
             println!("{l}");
         }
-    })
-    .context("QEMU migration with livemig moving the RAM")?;
+    };
+    let s = match o.take_over {
+        Some(id) => crate::ram::take_over_ram(&o, secret, id, &mut on_line)
+            .context("taking over the QEMU migration whose livemig source died")?,
+        None => {
+            crate::ram::migrate_ram(&o, secret, &mut on_line).context("QEMU migration with livemig moving the RAM")?
+        }
+    };
     if json {
         println!("{}", serde_json::to_string(&s)?);
     } else {
@@ -354,6 +371,9 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
     let secret = Secret::load(a.secret_file.as_deref()).context("loading the shared secret")?;
     if a.ram == RamMover::Livemig {
         return run_migrate_ram(a, &secret);
+    }
+    if a.take_over.is_some() {
+        bail!("--take-over continues a migration of --ram livemig");
     }
     let o = MigrateOptions {
         src_qmp: a.src_qmp.clone(),

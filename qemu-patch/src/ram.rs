@@ -81,6 +81,9 @@ pub struct RamOptions {
     /// Post-copy: a link that breaks after the hand-over is taken over by a new session
     /// within this long (zero: not at all).
     pub recover_within: Duration,
+    /// Take over the post-copy migration with this id, whose livemig source process is gone
+    /// (the source QEMU stays stopped with its RAM; see [`take_over_ram`]).
+    pub take_over: Option<[u8; 16]>,
 }
 
 /// The outcome.
@@ -115,6 +118,8 @@ pub struct RamSummary {
     pub dest_running: bool,
     /// The destination engine's report.
     pub dest_ram: Option<Value>,
+    /// Post-copy: the migration's id (what `--take-over` needs if this process dies).
+    pub migration_id: Option<String>,
 }
 
 fn ext(e: external::ExternalError) -> CarrierError {
@@ -230,7 +235,14 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
         }
         RamStrategy::Postcopy | RamStrategy::Hybrid => {
             let recovery = relink.clone().map(|l| postcopy::Recovery::shared(l, o.recover_within, 10));
-            let cfg = postcopy::PostcopyConfig { rounds, recovery, ..Default::default() };
+            let id = postcopy::new_migration_id();
+            sum.migration_id = Some(postcopy::id_hex(&id));
+            on_line(&format!(
+                "post-copy migration id {} (should this process die after the hand-over, \
+                 `livemig qemu migrate --ram livemig --take-over {0} …` goes on from the stopped source QEMU)",
+                postcopy::id_hex(&id)
+            ));
+            let cfg = postcopy::PostcopyConfig { rounds, recovery, id: Some(id), ..Default::default() };
             let mut last = Instant::now();
             let mut progress = |p: &postcopy::PushProgress| {
                 if last.elapsed() >= Duration::from_millis(250) {
@@ -304,6 +316,97 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
         CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
         m => return Err(CarrierError::Peer(format!("{m:?} instead of Finished"))),
     }
+    sum.total_ms = started.elapsed().as_secs_f64() * 1e3;
+    Ok(sum)
+}
+
+/// Takes over a post-copy migration of QEMU's RAM whose livemig source process died after
+/// the hand-over: the source QEMU is stopped (it handed its guest over) but keeps its RAM.
+/// Its blocks are attached again (without a userfaultfd), a session to the destination
+/// carrier presents the migration's `id`, the pages the destination still misses are sent,
+/// and the carrier's report ends it as in [`migrate_ram`].
+pub fn take_over_ram(
+    o: &RamOptions,
+    secret: &Secret,
+    id: [u8; 16],
+    on_line: &mut dyn FnMut(&str),
+) -> Result<RamSummary, CarrierError> {
+    let started = Instant::now();
+    let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
+    // Frozen memory only: a guest that runs here was never handed over (or was resumed).
+    let status = q.execute("query-status", json!({}))?;
+    if status.get("running").and_then(|r| r.as_bool()) != Some(false) {
+        return Err(CarrierError::Peer(format!(
+            "the source guest runs ({status}): its memory is not the one the destination took over"
+        )));
+    }
+    let dir = carrier::PrivateDir::create(&o.socket_dir, "livemig-ram")?;
+    let att: Attached = external::attach(&mut q, dir.path(), false, Access::LOCAL, o.io_timeout).map_err(ext)?;
+    let table = RegionTable::new();
+    let _regs = att
+        .memory
+        .regions()
+        .iter()
+        .map(|r| table.register(r.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CarrierError::Peer(format!("registering QEMU's RAM: {e}")))?;
+    let (kind, _) = livemig_engine::connect::resolve(o.transport);
+    let tcp = TcpConfig { io_timeout: o.io_timeout, byte_streams: 1, urgent_stream: true, ..TcpConfig::default() };
+    let opts = TransportOptions { choice: o.transport, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
+    let (to, secret2, table2) = (o.to.clone(), secret.clone(), table.clone());
+    let relink = postcopy::Relinked::new(move |_until: Instant| {
+        livemig_engine::connect::connect(kind, &to, &opts, &secret2, &table2)
+    });
+    let within = if o.recover_within.is_zero() { o.io_timeout } else { o.recover_within };
+    let cfg = postcopy::PostcopyConfig {
+        recovery: Some(postcopy::Recovery::shared(relink.clone(), within, 10)),
+        id: Some(id),
+        ..Default::default()
+    };
+    let mut last = Instant::now();
+    let mut progress = |p: &postcopy::PushProgress| {
+        if last.elapsed() >= Duration::from_millis(250) {
+            last = Instant::now();
+            on_line(&format!("post-copy: {}/{} pages sent, {} on demand", p.sent, p.pages, p.demanded));
+        }
+    };
+    let s = postcopy::take_over(&att.memory, id, &cfg, &mut progress)
+        .map_err(|e| CarrierError::Peer(format!("taking the migration over: {}", precopy::error_chain(&e))));
+    let s = match s {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = q.execute("x-livemig-detach", json!({}));
+            return Err(e);
+        }
+    };
+    let mut t = relink.take().ok_or_else(|| CarrierError::Peer("no session took the migration over".into()))?;
+    let mut sum = RamSummary {
+        strategy: s.strategy.clone(),
+        blocks: att.blocks.iter().map(|b| (b.name.clone(), b.length)).collect(),
+        tracker: "none".into(),
+        transport: kind.to_string(),
+        engine: serde_json::to_value(&s).unwrap_or_default(),
+        checksum: Some(s.checksum.clone()),
+        // QEMU's own stream (the device state) ended before its livemig process died.
+        status: q
+            .execute("query-migrate", json!({}))
+            .ok()
+            .and_then(|m| m.get("status").and_then(|s| s.as_str()).map(str::to_string))
+            .unwrap_or_else(|| "unknown".into()),
+        migration_id: Some(postcopy::id_hex(&id)),
+        ..Default::default()
+    };
+    let wait = o.max_time.saturating_sub(started.elapsed()).max(o.io_timeout);
+    match recv_outcome(&mut *t, wait)? {
+        CarrierMsg::Finished { status, running, ram, .. } => {
+            sum.dest_status = status;
+            sum.dest_running = running;
+            sum.dest_ram = ram;
+        }
+        CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
+        m => return Err(CarrierError::Peer(format!("{m:?} instead of Finished"))),
+    }
+    reset_source(&mut q);
     sum.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(sum)
 }

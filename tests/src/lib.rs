@@ -301,6 +301,20 @@ pub fn spawn_listening(cmd: &mut Command) -> Listening {
     Listening { child, addr, kind }
 }
 
+/// How a post-copy pair recovers from a broken link.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Recover {
+    /// Not at all.
+    Off,
+    /// Within this long: the source dials the destination's listener again (3 attempts),
+    /// the destination accepts there.
+    Within(Duration),
+    /// The source does not recover (as a process that died); once it failed, a new source
+    /// takes the migration over from its frozen memory ([`livemig_engine::postcopy::take_over`])
+    /// within this long.
+    TakeOver(Duration),
+}
+
 /// What [`postcopy_pair`] returns.
 #[derive(Debug)]
 pub struct PostcopyRun {
@@ -314,6 +328,8 @@ pub struct PostcopyRun {
     pub workload: Option<Workload>,
     /// The source's workload (paused after a hand-over, running after a failure before it).
     pub source_workload: Option<Workload>,
+    /// With [`Recover::TakeOver`]: the new source's result.
+    pub taken_over: Option<Result<livemig_engine::postcopy::PostcopySummary, livemig_engine::postcopy::PostcopyError>>,
 }
 
 /// One post-copy migration in process over TCP loopback (with the urgent channel): a source
@@ -346,13 +362,12 @@ pub fn postcopy_pair_filled(
     filled: u64,
     hybrid: bool,
 ) -> PostcopyRun {
-    postcopy_pair_with(len, params, cfg, filled, hybrid, None, |t| t)
+    postcopy_pair_with(len, params, cfg, filled, hybrid, Recover::Off, |t| t)
 }
 
 /// [`postcopy_pair_filled`] with the source's transport passed through `wrap` first (e.g. a
-/// fault injector that cuts the link at a chosen message). With `recover`, a broken link
-/// is recovered within that time: the source dials the destination's listener again (3
-/// attempts), the destination accepts there (`cfg.recovery` is replaced).
+/// fault injector that cuts the link at a chosen message), recovering as `recover` says
+/// (`cfg.recovery` is replaced).
 #[allow(clippy::too_many_arguments)]
 pub fn postcopy_pair_with(
     len: u64,
@@ -360,7 +375,7 @@ pub fn postcopy_pair_with(
     cfg: &livemig_engine::postcopy::PostcopyConfig,
     filled: u64,
     hybrid: bool,
-    recover: Option<Duration>,
+    recover: Recover,
     wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
 ) -> PostcopyRun {
     postcopy_pair_over(TransportKind::Tcp, len, params, cfg, filled, hybrid, recover, wrap)
@@ -375,7 +390,7 @@ pub fn postcopy_pair_over(
     cfg: &livemig_engine::postcopy::PostcopyConfig,
     filled: u64,
     hybrid: bool,
-    recover: Option<Duration>,
+    recover: Recover,
     wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
 ) -> PostcopyRun {
     use livemig_engine::postcopy::{self, PostcopyDestConfig, Recovery};
@@ -399,7 +414,11 @@ pub fn postcopy_pair_over(
     let l = Arc::new(Listener::bind(kind, "127.0.0.1:0").expect("binding"));
     let addr = l.local_addr().expect("address").to_string();
     let (o, s) = (opts.clone(), secret.clone());
-    let dest_recovery = recover.map(|within| {
+    let dest_within = match recover {
+        Recover::Off => None,
+        Recover::Within(d) | Recover::TakeOver(d) => Some(d),
+    };
+    let dest_recovery = dest_within.map(|within| {
         let (l, o, s, table) = (l.clone(), opts.clone(), secret.clone(), table.clone());
         Recovery::new(move |until| l.accept_until(&o, &s, &table, Some(until)), within, 3)
     });
@@ -427,9 +446,16 @@ pub fn postcopy_pair_over(
     assert_eq!(t.kind(), kind);
     let mut t = wrap(t);
     let mut cfg = cfg.clone();
-    if let Some(within) = recover {
+    let redial = |within| {
         let (addr, o, s, table) = (addr.clone(), opts.clone(), secret.clone(), table.clone());
-        cfg.recovery = Some(Recovery::new(move |_until| connect::connect(kind, &addr, &o, &s, &table), within, 3));
+        Recovery::new(move |_until| connect::connect(kind, &addr, &o, &s, &table), within, 3)
+    };
+    cfg.recovery = match recover {
+        Recover::Within(d) => Some(redial(d)),
+        Recover::Off | Recover::TakeOver(_) => None,
+    };
+    if let Recover::TakeOver(_) = recover {
+        cfg.id = Some(postcopy::new_migration_id());
     }
     let cfg = &cfg;
     let memory = GuestMemory::single(region.clone());
@@ -444,8 +470,16 @@ pub fn postcopy_pair_over(
     } else {
         postcopy::migrate(t.as_mut(), &memory, guest, cfg, &mut |_| {})
     };
-    let source_digest = livemig_engine::integrity::region_digest(&region, len).hex();
     drop(t);
+    // The source is gone; its memory, frozen since the hand-over, is taken over.
+    let taken_over = match (recover, &source) {
+        (Recover::TakeOver(d), Err(_)) => {
+            let tcfg = postcopy::PostcopyConfig { recovery: Some(redial(d)), ..cfg.clone() };
+            Some(postcopy::take_over(&memory, cfg.id.expect("set above"), &tcfg, &mut |_| {}))
+        }
+        _ => None,
+    };
+    let source_digest = livemig_engine::integrity::region_digest(&region, len).hex();
     let (dest, workload) = dst.join().expect("destination thread");
-    PostcopyRun { source, dest, source_digest, workload, source_workload }
+    PostcopyRun { source, dest, source_digest, workload, source_workload, taken_over }
 }

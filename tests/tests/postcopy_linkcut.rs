@@ -5,7 +5,7 @@
 
 use livemig_engine::postcopy::{PostcopyConfig, PostcopyDestError, PostcopyError};
 use livemig_engine::precopy::FAULT_INJECTION;
-use livemig_tests::{postcopy_pair_with, workload_params};
+use livemig_tests::{postcopy_pair_with, workload_params, Recover};
 use livemig_workload::{RunState, WorkloadKind, WorkloadParams};
 
 #[cfg(feature = "fault-injection")]
@@ -29,8 +29,15 @@ fn cut_before_commit_resumes_the_source() {
         eprintln!("skipped: build with --features livemig-tests/fault-injection");
         return;
     }
-    let run =
-        postcopy_pair_with(16 << 20, Some(params()), &PostcopyConfig::default(), 0, false, None, cut("DeviceState"));
+    let run = postcopy_pair_with(
+        16 << 20,
+        Some(params()),
+        &PostcopyConfig::default(),
+        0,
+        false,
+        Recover::Off,
+        cut("DeviceState"),
+    );
     let err = run.source.unwrap_err();
     assert!(matches!(err, PostcopyError::Transport { .. }), "{err:?}");
     assert_eq!(run.source_workload.unwrap().state(), RunState::Running, "the source copy runs again");
@@ -43,7 +50,8 @@ fn cut_at_commit_leaves_the_source_paused() {
     if !FAULT_INJECTION {
         return;
     }
-    let run = postcopy_pair_with(16 << 20, Some(params()), &PostcopyConfig::default(), 0, false, None, cut("Commit"));
+    let run =
+        postcopy_pair_with(16 << 20, Some(params()), &PostcopyConfig::default(), 0, false, Recover::Off, cut("Commit"));
     let err = run.source.unwrap_err();
     assert!(matches!(err, PostcopyError::InDoubt(_)), "{err:?}");
     assert_eq!(run.source_workload.unwrap().state(), RunState::Paused, "in doubt: held paused");
@@ -55,7 +63,8 @@ fn cut_during_the_push_loses_the_destination_guest_and_keeps_the_source_paused()
     if !FAULT_INJECTION {
         return;
     }
-    let run = postcopy_pair_with(16 << 20, Some(params()), &PostcopyConfig::default(), 0, false, None, cut("Placed"));
+    let run =
+        postcopy_pair_with(16 << 20, Some(params()), &PostcopyConfig::default(), 0, false, Recover::Off, cut("Placed"));
     let err = run.source.unwrap_err();
     eprintln!("source: {}", livemig_tests::error_chain(&err));
     assert!(matches!(err, PostcopyError::HandedOver(_)), "{err:?}");
@@ -95,7 +104,15 @@ fn a_link_cut_during_the_push_is_recovered_by_a_new_session() {
         return;
     }
     let cfg = PostcopyConfig::default();
-    let run = postcopy_pair_with(32 << 20, Some(params()), &cfg, 2048, false, Some(RECOVER_WITHIN), cut("Placed#20"));
+    let run = postcopy_pair_with(
+        32 << 20,
+        Some(params()),
+        &cfg,
+        2048,
+        false,
+        Recover::Within(RECOVER_WITHIN),
+        cut("Placed#20"),
+    );
     let (resent, pushed) = assert_recovered(run);
     // The batch whose Placed never went was written but not announced: sent again.
     assert!(resent >= 1, "{resent} pages sent again");
@@ -113,7 +130,7 @@ fn a_link_cut_before_the_verification_is_recovered_by_a_new_session() {
         &PostcopyConfig::default(),
         1024,
         false,
-        Some(RECOVER_WITHIN),
+        Recover::Within(RECOVER_WITHIN),
         cut("Final"),
     );
     assert_recovered(run);
@@ -130,8 +147,36 @@ fn a_hybrid_link_cut_after_the_hand_over_is_recovered() {
         &PostcopyConfig::default(),
         0,
         true,
-        Some(RECOVER_WITHIN),
+        Recover::Within(RECOVER_WITHIN),
         cut("Final"),
     );
     assert_recovered(run);
+}
+
+#[test]
+fn a_source_process_gone_after_the_hand_over_is_taken_over_from_its_frozen_memory() {
+    if !FAULT_INJECTION {
+        return;
+    }
+    let run = postcopy_pair_with(
+        32 << 20,
+        Some(params()),
+        &PostcopyConfig::default(),
+        2048,
+        false,
+        Recover::TakeOver(RECOVER_WITHIN),
+        cut("Placed#10"),
+    );
+    let err = run.source.as_ref().unwrap_err();
+    assert!(matches!(err, PostcopyError::HandedOver(_)), "the first source fails: {err:?}");
+    let s =
+        run.taken_over.expect("taken over").unwrap_or_else(|e| panic!("take-over: {}", livemig_tests::error_chain(&e)));
+    let d = run.dest.unwrap_or_else(|e| panic!("destination: {}", livemig_tests::error_chain(&e)));
+    eprintln!("{}", s.render());
+    assert_eq!((s.recoveries, d.recoveries), (1, 1));
+    assert!(s.resent_pages > 0, "the pages the destination missed were sent by the new source");
+    assert_eq!(s.checksum, d.checksum);
+    assert_eq!(s.checksum, run.source_digest, "the digest covers the frozen source memory");
+    let w = run.workload.expect("the guest runs at the destination");
+    livemig_tests::assert_still_running(&w, std::time::Duration::from_millis(300));
 }

@@ -11,7 +11,7 @@
 use std::time::Duration;
 
 use livemig_engine::postcopy::PostcopyConfig;
-use livemig_tests::{postcopy_pair_over, workload_params};
+use livemig_tests::{postcopy_pair_over, workload_params, Recover};
 use livemig_transport::verbs;
 use livemig_transport::TransportKind;
 use livemig_workload::{RunState, WorkloadKind, WorkloadParams};
@@ -38,7 +38,7 @@ fn verbs_postcopy_link_cut_during_the_push_is_recovered() {
         &PostcopyConfig::default(),
         1024,
         false,
-        Some(Duration::from_secs(30)),
+        Recover::Within(Duration::from_secs(30)),
         cut("Placed#4"),
     );
     let s = run.source.unwrap_or_else(|e| panic!("source: {}", livemig_tests::error_chain(&e)));

@@ -101,6 +101,9 @@ impl Transport for SessionDeadline {
         self.live()?;
         self.inner.byte_channel(i)
     }
+    fn shutdown(&mut self) {
+        self.inner.shutdown();
+    }
     fn urgent(&self) -> Result<Arc<dyn UrgentChannel>, TransportError> {
         let inner = self.inner.urgent()?;
         Ok(Arc::new(UrgentDeadline { inner, deadline: self.deadline, limit: self.limit }))

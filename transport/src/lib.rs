@@ -324,6 +324,12 @@ pub trait Transport: Send {
         Err(TransportError::Unsupported("this session has no byte-stream channels"))
     }
 
+    /// Ends a broken session at once, without a goodbye (the link may be dead): every
+    /// connection is shut down, and once this returns nothing more the peer sent through
+    /// this session lands in exposed memory. For a session about to be replaced by a new one
+    /// (a post-copy migration taken over). Byte channels already taken are not affected.
+    fn shutdown(&mut self) {}
+
     /// The session's urgent channel, shared (every call returns a handle to the same one).
     /// An error when the session was set up without one or the backend has none yet.
     fn urgent(&self) -> Result<std::sync::Arc<dyn UrgentChannel>, TransportError> {

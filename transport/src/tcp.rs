@@ -1194,6 +1194,28 @@ fn acker(idx: usize, sock: Arc<Mutex<TcpStream>>, shared: Arc<Shared>) {
 }
 
 impl Transport for TcpTransport {
+    fn shutdown(&mut self) {
+        {
+            let mut st = self.shared.lock();
+            st.shutdown = true;
+        }
+        self.shared.cv.notify_all();
+        self.shared.ack_cv.notify_all();
+        self.shared.urgent_cv.notify_all();
+        for s in &self.streams {
+            let g = s.sock.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = g.shutdown(Shutdown::Both);
+        }
+        if let Some(u) = &self.urgent {
+            let g = u.sock.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = g.shutdown(Shutdown::Both);
+        }
+        // The readers that place the peer's writes end with their connections.
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+
     fn kind(&self) -> TransportKind {
         TransportKind::Tcp
     }

@@ -475,7 +475,8 @@ fn receive_with(
     let ctx = ctx!(&placer);
     let counts = Mutex::new((0u64, 0u64, 0u64)); // demand requests, waited faults, urgent pages
     let started = Instant::now();
-    let mut resumed_sent = false;
+    // The guest was started here / the source was told so.
+    let (mut guest_started, mut resumed_sent) = (false, false);
     let mut totals = (0u64, 0u64); // zero pages, pushed pages
     let mut owned: Option<Box<dyn Transport>> = None;
     let mut urgent = urgent;
@@ -497,6 +498,7 @@ fn receive_with(
             cfg,
             &counts,
             starting,
+            &mut guest_started,
             &mut resumed_sent,
             &mut totals,
             on_progress,
@@ -505,9 +507,16 @@ fn receive_with(
             Err(e) => e,
         };
         let rec = match (&cfg.recovery, recover_id) {
-            (Some(rec), Some(id)) if resumed_sent && e.link_broke() => (rec, id),
+            (Some(rec), Some(id)) if guest_started && e.link_broke() && recoveries < MAX_RECOVERIES => (rec, id),
             _ => break Err(e),
         };
+        // The broken session ends first: the source sees it go (if it did not already), and
+        // nothing it sent lands here any more (a late write could overwrite a page installed
+        // from the next session).
+        match owned.as_deref_mut() {
+            Some(n) => n.shutdown(),
+            None => t.shutdown(),
+        }
         let broke = Instant::now();
         tracing::warn!(
             error = %error_chain(&e),
@@ -596,6 +605,9 @@ fn receive_with(
     r
 }
 
+/// Most times one migration is taken over by a new session.
+const MAX_RECOVERIES: u32 = 8;
+
 /// Starts the guest with its device state.
 type Starter<'a> = &'a mut dyn FnMut(Vec<u8>) -> Result<(), GuestError>;
 
@@ -611,6 +623,7 @@ fn dest_session(
     cfg: &PostcopyDestConfig,
     counts: &Mutex<(u64, u64, u64)>,
     starting: Option<(Vec<u8>, Starter<'_>)>,
+    started: &mut bool,
     resumed_sent: &mut bool,
     totals: &mut (u64, u64),
     on_progress: &mut dyn FnMut(u64, u64),
@@ -641,8 +654,9 @@ fn dest_session(
                     }
                     tracing::info!("the guest runs here; its pages follow");
                     // From here on the guest runs: a failure to tell the source is a broken link.
-                    *resumed_sent = true;
+                    *started = true;
                     t.send_message(&Msg::Resumed.encode()).map_err(PostcopyDestError::Link)?;
+                    *resumed_sent = true;
                 }
                 None => {
                     for p in ctx.states.requested() {
@@ -836,10 +850,10 @@ fn control(
             return Err(helper_failed());
         }
         if Instant::now() > deadline {
+            // The last pages (answers to demands) did not come: the link may have gone silent.
             let first = ctx.states.first_missing().unwrap_or(0);
-            return Err(PostcopyDestError::Violation(format!(
-                "the source says it sent every page, but page {first} never arrived"
-            )));
+            tracing::warn!(page = first, "the source says it sent every page, but this one has not arrived");
+            return Err(PostcopyDestError::Stalled(cfg.reply_timeout));
         }
         std::thread::sleep(Duration::from_millis(1));
     }

@@ -23,8 +23,8 @@ pub mod uffd;
 pub use dest::{receive, receive_foreign, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
 pub use pages::{OnArrival, OnFault, OnZero, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
-pub use recover::{Recovery, Relink, Relinked};
+pub use recover::{id_hex, new_id as new_migration_id, parse_id, Recovery, Relink, Relinked};
 pub use source::{
-    migrate, migrate_hybrid, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress,
+    migrate, migrate_hybrid, take_over, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress,
 };
 pub use uffd::{staging_aliases, Placer, PlacerError};

@@ -121,7 +121,7 @@ impl Recovery {
 }
 
 /// A fresh random migration identity.
-pub(crate) fn new_id() -> [u8; 16] {
+pub fn new_id() -> [u8; 16] {
     let mut id = [0u8; 16];
     if getrandom::getrandom(&mut id).is_err() {
         // Without the OS random source, a time- and process-derived id still tells this
@@ -135,4 +135,37 @@ pub(crate) fn new_id() -> [u8; 16] {
 /// The time left until `deadline`, at most `cap`.
 pub(crate) fn left(deadline: Instant, cap: Duration) -> Duration {
     deadline.saturating_duration_since(Instant::now()).min(cap)
+}
+
+/// `id` as 32 hex digits.
+pub fn id_hex(id: &[u8; 16]) -> String {
+    id.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// The inverse of [`id_hex`].
+pub fn parse_id(s: &str) -> Option<[u8; 16]> {
+    let s = s.trim();
+    if s.len() != 32 || !s.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    let mut id = [0u8; 16];
+    for (i, b) in id.iter_mut().enumerate() {
+        *b = u8::from_str_radix(&s[2 * i..2 * i + 2], 16).ok()?;
+    }
+    Some(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_round_trip_through_hex_and_bad_ones_are_refused() {
+        let id = new_id();
+        assert_eq!(parse_id(&id_hex(&id)), Some(id));
+        assert_ne!(new_id(), id);
+        for bad in ["", "00", &"g".repeat(32), &"0".repeat(31), &"0".repeat(33), "é0000000000000000000000000000000"] {
+            assert_eq!(parse_id(bad), None, "{bad}");
+        }
+    }
 }

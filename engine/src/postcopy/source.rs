@@ -65,6 +65,10 @@ pub struct PostcopyConfig {
     /// If the link breaks after the hand-over, take the migration over on a new session
     /// (see [`super::recover`]) instead of failing. `None`: a broken link loses the guest.
     pub recovery: Option<Recovery>,
+    /// The migration's identity, presented by a session that takes it over (random when
+    /// `None`). A caller that may have to take the migration over from another process
+    /// ([`take_over`]) chooses it ([`super::new_migration_id`]) and keeps it.
+    pub id: Option<[u8; 16]>,
 }
 
 impl Default for PostcopyConfig {
@@ -76,6 +80,7 @@ impl Default for PostcopyConfig {
             reply_timeout: crate::precopy::REPLY_TIMEOUT,
             rounds: None,
             recovery: None,
+            id: None,
         }
     }
 }
@@ -398,8 +403,9 @@ fn run(
         Msg::Refuse { reason } => return Err(PostcopyError::Refused(reason)),
         m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
     }
-    let id = recover::new_id();
-    if cfg.recovery.is_some() {
+    let id = cfg.id.unwrap_or_else(recover::new_id);
+    // A chosen id means the caller may take the migration over from another process.
+    if cfg.recovery.is_some() || cfg.id.is_some() {
         send(t, phase, &Msg::Recoverable { id })?;
     }
 
@@ -505,69 +511,20 @@ fn run(
             d.stop();
         }
     };
-    // The session in use: the caller's, or one that took the migration over after a break.
-    let mut owned: Option<Box<dyn Transport>> = None;
-    let mut remotes = remotes;
-    let res = loop {
-        let cur: &mut dyn Transport = match owned.as_deref_mut() {
-            Some(n) => n,
-            None => &mut *t,
-        };
-        let e = match one_session(
-            cur,
-            memory,
-            &remotes,
-            &shared,
-            cfg,
-            on_progress,
-            paused,
-            &mut st,
-            &resumed,
-            &mut on_resumed,
-        ) {
-            Ok(d) => break Ok(d),
-            Err(e) => e,
-        };
-        let Some(rec) = cfg.recovery.as_ref().filter(|_| st.committed && e.link_broke()) else { break Err(e) };
-        let broke = Instant::now();
-        tracing::warn!(error = %error_chain(&e), within = ?rec.within, "the link broke after Commit; waiting for a new session");
-        match reattach(rec, id, memory, cfg.reply_timeout) {
-            Ok((n, r, missing)) => {
-                if st.resumed_at.is_none() {
-                    // The destination answers a Reattach only once its guest runs.
-                    st.resumed_at = Some(Instant::now());
-                    resumed.store(true, Ordering::SeqCst);
-                    on_resumed();
-                }
-                let mut g = lock(&shared);
-                for m in &missing {
-                    st.resent += g.prepager.resend(m.first as usize, m.pages as usize) as u64;
-                }
-                drop(g);
-                // The broken session may take a while to close (its last frames time out).
-                if let Some(old) = owned.replace(n) {
-                    std::thread::spawn(move || drop(old));
-                }
-                remotes = r;
-                st.recoveries += 1;
-                st.recovery += broke.elapsed();
-                tracing::info!(
-                    missing = missing.iter().map(|m| m.pages as u64).sum::<u64>(),
-                    ms = broke.elapsed().as_secs_f64() * 1e3,
-                    "a new session took the migration over"
-                );
-            }
-            Err((attempts, last)) => {
-                break Err(PostcopyError::NotReattached { attempts, within: rec.within, last, broke: Box::new(e) })
-            }
-        }
-    };
+    let res = drive(
+        Some(&mut *t),
+        remotes,
+        memory,
+        &shared,
+        cfg,
+        id,
+        on_progress,
+        paused,
+        &mut st,
+        &resumed,
+        &mut on_resumed,
+    );
     on_resumed();
-    // A session that took the migration over goes to the caller, whose own protocol may go
-    // on over it.
-    if let (Some(n), Some(rec)) = (owned, &cfg.recovery) {
-        rec.link.adopt(n);
-    }
     if let Err(e @ PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, .. }) = &res {
         // An explicit refusal to start instead of Resumed: nothing runs there.
         resume_after(guest, e);
@@ -606,6 +563,187 @@ fn run(
         ignored_demands: ps_stats.ignored,
         pivots_replaced: ps_stats.pivots_replaced,
         bytes: (before + ps_stats.pushed + ps_stats.demanded) * ps as u64,
+        recoveries: st.recoveries,
+        recovery_ms: st.recovery.as_secs_f64() * 1e3,
+        resent_pages: st.resent,
+        checksum: checksum.hex(),
+    })
+}
+
+/// The migration after the hand-over, over `first` (the session that committed) and, each
+/// time the link breaks, a new session that takes it over (`cfg.recovery`). Without `first`
+/// the first session is such a take-over (see [`take_over`]). The session in use at the end
+/// goes to the recovery's [`Relink::adopt`](super::Relink::adopt).
+#[allow(clippy::too_many_arguments)]
+fn drive(
+    first: Option<&mut dyn Transport>,
+    remotes: Vec<u32>,
+    memory: &GuestMemory,
+    shared: &Mutex<Shared>,
+    cfg: &PostcopyConfig,
+    id: [u8; 16],
+    on_progress: &mut dyn FnMut(&PushProgress),
+    paused: Instant,
+    st: &mut PushState,
+    resumed: &AtomicBool,
+    on_resumed: &mut dyn FnMut(),
+) -> Result<Digest, PostcopyError> {
+    // The session in use: the caller's, or one that took the migration over after a break.
+    let mut first = first;
+    let mut owned: Option<Box<dyn Transport>> = None;
+    let mut remotes = remotes;
+    // Why a new session is needed (none at first when the caller's session is there).
+    let mut broken: Option<PostcopyError> = match first {
+        Some(_) => None,
+        None => Some(PostcopyError::Transport {
+            phase: PostcopyPhase::Recover,
+            source: TransportError::Disconnected("taking over a migration whose source process is gone".into()),
+        }),
+    };
+    let res = loop {
+        if let Some(e) = broken.take() {
+            let Some(rec) = cfg.recovery.as_ref() else { break Err(e) };
+            if st.recoveries >= MAX_RECOVERIES {
+                break Err(PostcopyError::NotReattached {
+                    attempts: 0,
+                    within: rec.within,
+                    last: format!("the link broke {MAX_RECOVERIES} times already"),
+                    broke: Box::new(e),
+                });
+            }
+            // The broken session ends first: the destination sees it go (if it did not
+            // already), and nothing of it is sent any more.
+            match (owned.as_deref_mut(), first.as_deref_mut()) {
+                (Some(n), _) => n.shutdown(),
+                (None, Some(t)) => t.shutdown(),
+                (None, None) => {}
+            }
+            let broke = Instant::now();
+            if st.recoveries == 0 && first.is_none() && owned.is_none() {
+                tracing::info!(within = ?rec.within, "taking over a migration whose source process is gone");
+            } else {
+                tracing::warn!(error = %error_chain(&e), within = ?rec.within, "the link broke; waiting for a new session to take the migration over");
+            }
+            match reattach(rec, id, memory, cfg.reply_timeout) {
+                Ok((n, r, missing)) => {
+                    if st.resumed_at.is_none() {
+                        // The destination answers a Reattach only once its guest runs.
+                        st.resumed_at = Some(Instant::now());
+                        resumed.store(true, Ordering::SeqCst);
+                        on_resumed();
+                    }
+                    let mut g = lock(shared);
+                    for m in &missing {
+                        st.resent += g.prepager.resend(m.first as usize, m.pages as usize) as u64;
+                    }
+                    drop(g);
+                    // The broken session may take a while to close (its last frames time out).
+                    if let Some(old) = owned.replace(n) {
+                        std::thread::spawn(move || drop(old));
+                    }
+                    first = None;
+                    remotes = r;
+                    st.recoveries += 1;
+                    st.recovery += broke.elapsed();
+                    tracing::info!(
+                        missing = missing.iter().map(|m| m.pages as u64).sum::<u64>(),
+                        ms = broke.elapsed().as_secs_f64() * 1e3,
+                        "a new session took the migration over"
+                    );
+                }
+                Err((attempts, last)) => {
+                    break Err(PostcopyError::NotReattached { attempts, within: rec.within, last, broke: Box::new(e) })
+                }
+            }
+        }
+        let cur: &mut dyn Transport = match (owned.as_deref_mut(), first.as_deref_mut()) {
+            (Some(n), _) => n,
+            (None, Some(t)) => t,
+            (None, None) => unreachable!("a session was taken over above"),
+        };
+        match one_session(cur, memory, &remotes, shared, cfg, on_progress, paused, st, resumed, on_resumed) {
+            Ok(d) => break Ok(d),
+            Err(e) if cfg.recovery.is_some() && st.committed && e.link_broke() => broken = Some(e),
+            Err(e) => break Err(e),
+        }
+    };
+    // A session that took the migration over goes to the caller, whose own protocol may go
+    // on over it.
+    if let (Some(n), Some(rec)) = (owned, &cfg.recovery) {
+        rec.link.adopt(n);
+    }
+    res
+}
+
+/// Most times one migration is taken over by a new session (a link that keeps breaking
+/// gives up instead of blocking the guest's faults over and over).
+const MAX_RECOVERIES: u32 = 8;
+
+/// Takes over a post-copy migration whose source process is gone while its memory is not (a
+/// VMM's guest memory, frozen since the hand-over, that this process maps again): every page
+/// is hashed from `memory`, a session made by `cfg.recovery` presents `id` (the migration's
+/// [`PostcopyConfig::id`]) to the destination, which answers with the pages it still misses;
+/// those are pushed and demanded as before, and the destination verifies every page. Fails
+/// at once without `cfg.recovery`.
+pub fn take_over(
+    memory: &GuestMemory,
+    id: [u8; 16],
+    cfg: &PostcopyConfig,
+    on_progress: &mut dyn FnMut(&PushProgress),
+) -> Result<PostcopySummary, PostcopyError> {
+    let span = tracing::info_span!("postcopy_take_over", memory_bytes = memory.len());
+    let _span = span.enter();
+    let t0 = Instant::now();
+    let (ps, pages) = (memory.page_size(), memory.pages());
+    // The frozen memory's digest terms, as the gone source had them; zero pages unread.
+    let zero = memory.known_zero_pages();
+    let mut digests = PageDigests::new(pages, ps);
+    for (i, r) in memory.regions().iter().enumerate() {
+        for local in 0..r.pages() {
+            let p = memory.base(i) + local;
+            if zero.len() > p && zero.get(p) {
+                digests.record_zero(p, 1);
+            } else {
+                digests.record_from(p, r, local);
+            }
+        }
+    }
+    // Everything counts as sent; the destination's list of missing pages unsends them.
+    let mut prepager = Prepager::new(pages, cfg.order);
+    prepager.mark_sent(0, pages);
+    let shared = Mutex::new(Shared { prepager, digests });
+    let resumed = AtomicBool::new(true);
+    let mut st = PushState::new(true, pages);
+    st.zero = Some(zero);
+    st.committed = true;
+    st.resumed_at = Some(Instant::now());
+    let res = drive(None, Vec::new(), memory, &shared, cfg, id, on_progress, t0, &mut st, &resumed, &mut || {});
+    let checksum = res?;
+    let ps_stats = lock(&shared).prepager.stats();
+    let resumed_at = st.resumed_at.expect("set above");
+    Ok(PostcopySummary {
+        strategy: "post-copy (taken over)".into(),
+        precopy_pages: None,
+        precopy_ms: None,
+        invalidated_pages: None,
+        rounds: None,
+        round_pages: None,
+        decided_by: None,
+        order: cfg.order,
+        transport: "-".into(),
+        region_bytes: memory.len(),
+        regions: memory.regions().len(),
+        page_size: ps,
+        total_s: t0.elapsed().as_secs_f64(),
+        downtime_ms: 0.0,
+        push_ms: st.pushed_at.unwrap_or(resumed_at).saturating_duration_since(resumed_at).as_secs_f64() * 1e3,
+        device_state_bytes: 0,
+        zero_pages: st.zero_announced.count_ones() as u64,
+        pushed_pages: ps_stats.pushed,
+        demanded_pages: ps_stats.demanded,
+        ignored_demands: ps_stats.ignored,
+        pivots_replaced: ps_stats.pivots_replaced,
+        bytes: (ps_stats.pushed + ps_stats.demanded) * ps as u64,
         recoveries: st.recoveries,
         recovery_ms: st.recovery.as_secs_f64() * 1e3,
         resent_pages: st.resent,
@@ -733,6 +871,9 @@ fn reattach(
             let mut missing = Vec::new();
             let mut total = 0u64;
             loop {
+                if Instant::now() >= deadline {
+                    return Err(PostcopyError::Timeout { phase, expected: "the end of Missing", timeout: rec.within });
+                }
                 let wait = recover::left(deadline, reply_timeout).max(Duration::from_millis(1));
                 match recv(n.as_mut(), phase, "Missing", wait)? {
                     Msg::Missing { last, runs } => {
@@ -1026,8 +1167,10 @@ fn push_phase(
 ) -> Result<Digest, PostcopyError> {
     let phase = PostcopyPhase::Push;
     if !st.committed {
-        send(t, phase, &Msg::Commit)?;
+        // Set first: a Commit may arrive even if sending it reported a failure, and a new
+        // session then finds out whether the guest runs there.
         st.committed = true;
+        send(t, phase, &Msg::Commit)?;
     }
     if st.resumed_at.is_none() {
         match recv_watching(t, phase, "Resumed", cfg.reply_timeout, urgent_failed)? {
@@ -1156,7 +1299,10 @@ fn push_phase(
         Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase, reason }),
         m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
     }
-    send(t, phase, &Msg::Done)?;
+    // Every page is verified: the end of the session is no failure.
+    if let Err(e) = send(t, phase, &Msg::Done) {
+        tracing::debug!(error = %error_chain(&e), "Done after the verification did not go");
+    }
     Ok(digest)
 }
 

@@ -126,6 +126,11 @@ impl Transport for CutAt {
     fn byte_channel(&mut self, i: usize) -> Result<Box<dyn livemig_transport::ByteChannel>, TransportError> {
         self.live()?.byte_channel(i)
     }
+    fn shutdown(&mut self) {
+        if let Some(t) = self.inner.as_mut() {
+            t.shutdown();
+        }
+    }
     fn urgent(&self) -> Result<std::sync::Arc<dyn livemig_transport::UrgentChannel>, TransportError> {
         self.inner.as_ref().ok_or(TransportError::Disconnected("fault injection cut the link".into()))?.urgent()
     }

@@ -1396,6 +1396,17 @@ impl LocalSetup {
 }
 
 impl Transport for VerbsTransport {
+    fn shutdown(&mut self) {
+        let _ = self.sock.shutdown(Shutdown::Both);
+        // A queue pair in the error state executes no more of the peer's writes.
+        if let Some(qp) = &self.qp {
+            let _ = qp.set_error();
+        }
+        if let Some(u) = &self.urgent {
+            u.shutdown();
+        }
+    }
+
     fn kind(&self) -> TransportKind {
         TransportKind::Verbs
     }

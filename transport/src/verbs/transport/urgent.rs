@@ -38,6 +38,11 @@ impl VerbsUrgent {
         VerbsUrgent { inner: Mutex::new(Inner { t, events: VecDeque::new() }), peer }
     }
 
+    /// Ends its queue pair at once ([`crate::Transport::shutdown`]).
+    pub(super) fn shutdown(&self) {
+        crate::Transport::shutdown(&mut self.lock().t);
+    }
+
     fn lock(&self) -> MutexGuard<'_, Inner> {
         // A panic while holding the lock leaves the transport usable or broken (sticky):
         // either way its own checks answer the next caller.
