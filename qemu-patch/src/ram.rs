@@ -333,13 +333,8 @@ pub fn take_over_ram(
 ) -> Result<RamSummary, CarrierError> {
     let started = Instant::now();
     let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
-    // Frozen memory only: a guest that runs here was never handed over (or was resumed).
-    let status = q.execute("query-status", json!({}))?;
-    if status.get("running").and_then(|r| r.as_bool()) != Some(false) {
-        return Err(CarrierError::Peer(format!(
-            "the source guest runs ({status}): its memory is not the one the destination took over"
-        )));
-    }
+    // Frozen memory only: the guest stopped for the migration and never ran here again.
+    frozen(&mut q)?;
     let dir = carrier::PrivateDir::create(&o.socket_dir, "livemig-ram")?;
     let att: Attached = external::attach(&mut q, dir.path(), false, Access::LOCAL, o.io_timeout).map_err(ext)?;
     let table = RegionTable::new();
@@ -370,8 +365,25 @@ pub fn take_over_ram(
             on_line(&format!("post-copy: {}/{} pages sent, {} on demand", p.sent, p.pages, p.demanded));
         }
     };
-    let s = postcopy::take_over(&att.memory, id, &cfg, &mut progress)
+    // The destination took the session: its guest was started there. A QEMU still waiting in
+    // pre-switchover (its livemig died before `migrate-continue`) sends its device state now.
+    let mut continued = Ok(());
+    let mut on_attached = || {
+        let st = q.execute("query-migrate", json!({})).ok();
+        if st.as_ref().and_then(|m| m.get("status")).and_then(|s| s.as_str()) == Some("pre-switchover") {
+            continued = q.execute("migrate-continue", json!({ "state": "pre-switchover" })).map(|_| ());
+        }
+    };
+    let s = postcopy::take_over(&att.memory, id, &cfg, &mut on_attached, &mut progress)
         .map_err(|e| CarrierError::Peer(format!("taking the migration over: {}", precopy::error_chain(&e))));
+    if let Err(e) = continued {
+        tracing::error!(error = %e, "migrate-continue failed after the take-over");
+    }
+    // Still frozen: had the guest run here meanwhile, the destination's pages would mix.
+    if let Err(e) = frozen(&mut q) {
+        let _ = q.execute("x-livemig-detach", json!({}));
+        return Err(e);
+    }
     let s = match s {
         Ok(s) => s,
         Err(e) => {
@@ -387,12 +399,7 @@ pub fn take_over_ram(
         transport: kind.to_string(),
         engine: serde_json::to_value(&s).unwrap_or_default(),
         checksum: Some(s.checksum.clone()),
-        // QEMU's own stream (the device state) ended before its livemig process died.
-        status: q
-            .execute("query-migrate", json!({}))
-            .ok()
-            .and_then(|m| m.get("status").and_then(|s| s.as_str()).map(str::to_string))
-            .unwrap_or_else(|| "unknown".into()),
+        status: qemu_outcome(&mut q, o.io_timeout.max(Duration::from_secs(30)))?,
         migration_id: Some(postcopy::id_hex(&id)),
         ..Default::default()
     };
@@ -409,6 +416,32 @@ pub fn take_over_ram(
     reset_source(&mut q);
     sum.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(sum)
+}
+
+/// The source guest stopped for the migration and has not run since: QEMU's run state is
+/// `finish-migrate` (waiting in pre-switchover) or `postmigrate`.
+fn frozen(q: &mut Qmp) -> Result<(), CarrierError> {
+    let status = q.execute("query-status", json!({}))?;
+    match status.get("status").and_then(|s| s.as_str()) {
+        Some("postmigrate" | "finish-migrate") => Ok(()),
+        _ => Err(CarrierError::Peer(format!(
+            "the source guest is not frozen by the migration ({status}): its memory may not be what the \
+             destination took over"
+        ))),
+    }
+}
+
+/// Waits (up to `wait`) for QEMU's migration to end; its final status.
+fn qemu_outcome(q: &mut Qmp, wait: Duration) -> Result<String, CarrierError> {
+    let deadline = Instant::now() + wait;
+    loop {
+        let m = q.execute("query-migrate", json!({}))?;
+        let st = m.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string();
+        if matches!(st.as_str(), "completed" | "failed" | "cancelled") || Instant::now() > deadline {
+            return Ok(st);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// Leaves the source QEMU as a plain QEMU again: its userfaultfd reference closed, the

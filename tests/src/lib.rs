@@ -475,7 +475,7 @@ pub fn postcopy_pair_over(
     let taken_over = match (recover, &source) {
         (Recover::TakeOver(d), Err(_)) => {
             let tcfg = postcopy::PostcopyConfig { recovery: Some(redial(d)), ..cfg.clone() };
-            Some(postcopy::take_over(&memory, cfg.id.expect("set above"), &tcfg, &mut |_| {}))
+            Some(postcopy::take_over(&memory, cfg.id.expect("set above"), &tcfg, &mut || {}, &mut |_| {}))
         }
         _ => None,
     };

@@ -684,11 +684,14 @@ const MAX_RECOVERIES: u32 = 8;
 /// is hashed from `memory`, a session made by `cfg.recovery` presents `id` (the migration's
 /// [`PostcopyConfig::id`]) to the destination, which answers with the pages it still misses;
 /// those are pushed and demanded as before, and the destination verifies every page. Fails
-/// at once without `cfg.recovery`.
+/// at once without `cfg.recovery`. `on_attached` is called once the destination took the
+/// new session (its guest was started there): a VMM whose device state had not gone yet
+/// sends it then.
 pub fn take_over(
     memory: &GuestMemory,
     id: [u8; 16],
     cfg: &PostcopyConfig,
+    on_attached: &mut dyn FnMut(),
     on_progress: &mut dyn FnMut(&PushProgress),
 ) -> Result<PostcopySummary, PostcopyError> {
     let span = tracing::info_span!("postcopy_take_over", memory_bytes = memory.len());
@@ -712,15 +715,15 @@ pub fn take_over(
     let mut prepager = Prepager::new(pages, cfg.order);
     prepager.mark_sent(0, pages);
     let shared = Mutex::new(Shared { prepager, digests });
-    let resumed = AtomicBool::new(true);
+    let resumed = AtomicBool::new(false);
     let mut st = PushState::new(true, pages);
     st.zero = Some(zero);
     st.committed = true;
-    st.resumed_at = Some(Instant::now());
-    let res = drive(None, Vec::new(), memory, &shared, cfg, id, on_progress, t0, &mut st, &resumed, &mut || {});
+    // The first Reattach answered marks the hand-over done (and calls `on_attached`).
+    let res = drive(None, Vec::new(), memory, &shared, cfg, id, on_progress, t0, &mut st, &resumed, on_attached);
     let checksum = res?;
     let ps_stats = lock(&shared).prepager.stats();
-    let resumed_at = st.resumed_at.expect("set above");
+    let resumed_at = st.resumed_at.expect("set by the take-over");
     Ok(PostcopySummary {
         strategy: "post-copy (taken over)".into(),
         precopy_pages: None,
