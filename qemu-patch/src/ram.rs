@@ -141,14 +141,7 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
     let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
     let dir = carrier::PrivateDir::create(&o.socket_dir, "livemig-ram")?;
     let mut att: Attached = external::attach(&mut q, dir.path(), true, Access::LOCAL, o.io_timeout).map_err(ext)?;
-    let table = RegionTable::new();
-    let _regs = att
-        .memory
-        .regions()
-        .iter()
-        .map(|r| table.register(r.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CarrierError::Peer(format!("registering QEMU's RAM: {e}")))?;
+    let (table, _regs) = register(&att)?;
     let (kind, _) = livemig_engine::connect::resolve(o.transport);
     // Pre-copy handing over to post-copy runs in post-copy's protocol: its rounds are a
     // hybrid pass followed by more, ended by the policy.
@@ -157,23 +150,12 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
         s => s,
     };
     let rounds = (strategy != o.strategy).then(|| o.policy.default_config());
-    let tcp = TcpConfig {
-        io_timeout: o.io_timeout,
-        byte_streams: 1,
-        urgent_stream: strategy != RamStrategy::Precopy,
-        ..TcpConfig::default()
-    };
-    let opts = TransportOptions { choice: o.transport, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
+    let opts = session_options(o, strategy != RamStrategy::Precopy);
     let t = livemig_engine::connect::connect(kind, &o.to, &opts, secret, &table).map_err(CarrierError::Transport)?;
     let mut t = livemig_app::precopy::cut_from_env(t);
     // Post-copy after a broken link: the same carrier dialled again; the session that took
     // the migration over carries the rest of this exchange.
-    let relink = (!o.recover_within.is_zero()).then(|| {
-        let (to, secret, table) = (o.to.clone(), secret.clone(), table.clone());
-        postcopy::Relinked::new(move |_until: Instant| {
-            livemig_engine::connect::connect(kind, &to, &opts, &secret, &table)
-        })
-    });
+    let relink = (!o.recover_within.is_zero()).then(|| redial(o, secret, &table, opts));
     let blocks: Vec<(String, u64)> = att.blocks.iter().map(|b| (b.name.clone(), b.length)).collect();
     let caps = capabilities();
     carrier::send(
@@ -337,21 +319,9 @@ pub fn take_over_ram(
     frozen(&mut q)?;
     let dir = carrier::PrivateDir::create(&o.socket_dir, "livemig-ram")?;
     let att: Attached = external::attach(&mut q, dir.path(), false, Access::LOCAL, o.io_timeout).map_err(ext)?;
-    let table = RegionTable::new();
-    let _regs = att
-        .memory
-        .regions()
-        .iter()
-        .map(|r| table.register(r.clone()))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(|e| CarrierError::Peer(format!("registering QEMU's RAM: {e}")))?;
+    let (table, _regs) = register(&att)?;
     let (kind, _) = livemig_engine::connect::resolve(o.transport);
-    let tcp = TcpConfig { io_timeout: o.io_timeout, byte_streams: 1, urgent_stream: true, ..TcpConfig::default() };
-    let opts = TransportOptions { choice: o.transport, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
-    let (to, secret2, table2) = (o.to.clone(), secret.clone(), table.clone());
-    let relink = postcopy::Relinked::new(move |_until: Instant| {
-        livemig_engine::connect::connect(kind, &to, &opts, &secret2, &table2)
-    });
+    let relink = redial(o, secret, &table, session_options(o, true));
     let within = if o.recover_within.is_zero() { o.io_timeout } else { o.recover_within };
     let cfg = postcopy::PostcopyConfig {
         recovery: Some(postcopy::Recovery::shared(relink.clone(), within, 10)),
@@ -416,6 +386,42 @@ pub fn take_over_ram(
     reset_source(&mut q);
     sum.total_ms = started.elapsed().as_secs_f64() * 1e3;
     Ok(sum)
+}
+
+/// Registers the attached QEMU RAM with a new table (what the session sends from).
+fn register(att: &Attached) -> Result<(RegionTable, Vec<livemig_transport::Registration>), CarrierError> {
+    let table = RegionTable::new();
+    let regs = att
+        .memory
+        .regions()
+        .iter()
+        .map(|r| table.register(r.clone()))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| CarrierError::Peer(format!("registering QEMU's RAM: {e}")))?;
+    Ok((table, regs))
+}
+
+/// The source's session to the destination carrier: one byte channel (QEMU's stream) and,
+/// for post-copy, the urgent channel.
+fn session_options(o: &RamOptions, urgent: bool) -> TransportOptions {
+    let tcp = TcpConfig { io_timeout: o.io_timeout, byte_streams: 1, urgent_stream: urgent, ..TcpConfig::default() };
+    TransportOptions { choice: o.transport, io_timeout: o.io_timeout, tcp, verbs: Default::default() }
+}
+
+/// Dials the destination carrier again with `opts` (a post-copy session taken over); keeps
+/// the session that took over for the rest of the exchange.
+#[allow(clippy::type_complexity)]
+fn redial(
+    o: &RamOptions,
+    secret: &Secret,
+    table: &RegionTable,
+    opts: TransportOptions,
+) -> std::sync::Arc<
+    postcopy::Relinked<impl Fn(Instant) -> Result<Box<dyn Transport>, livemig_transport::TransportError> + Send + Sync>,
+> {
+    let (kind, _) = livemig_engine::connect::resolve(o.transport);
+    let (to, secret, table) = (o.to.clone(), secret.clone(), table.clone());
+    postcopy::Relinked::new(move |_until: Instant| livemig_engine::connect::connect(kind, &to, &opts, &secret, &table))
 }
 
 /// The source guest stopped for the migration and has not run since: QEMU's run state is

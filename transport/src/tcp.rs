@@ -1195,25 +1195,8 @@ fn acker(idx: usize, sock: Arc<Mutex<TcpStream>>, shared: Arc<Shared>) {
 
 impl Transport for TcpTransport {
     fn shutdown(&mut self) {
-        {
-            let mut st = self.shared.lock();
-            st.shutdown = true;
-        }
-        self.shared.cv.notify_all();
-        self.shared.ack_cv.notify_all();
-        self.shared.urgent_cv.notify_all();
-        for s in &self.streams {
-            let g = s.sock.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = g.shutdown(Shutdown::Both);
-        }
-        if let Some(u) = &self.urgent {
-            let g = u.sock.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = g.shutdown(Shutdown::Both);
-        }
         // The readers that place the peer's writes end with their connections.
-        for t in self.threads.drain(..) {
-            let _ = t.join();
-        }
+        self.end(false);
     }
 
     fn kind(&self) -> TransportKind {
@@ -1621,8 +1604,11 @@ fn readable(s: &TcpStream, d: Duration) -> std::io::Result<bool> {
     Ok(rc > 0)
 }
 
-impl Drop for TcpTransport {
-    fn drop(&mut self) {
+impl TcpTransport {
+    /// Ends the session: wakes every waiter, shuts every connection down (after a CLOSE
+    /// frame when `goodbye`: an orderly end; without one for a link that may be dead), and
+    /// joins the threads that place the peer's writes.
+    fn end(&mut self, goodbye: bool) {
         {
             let mut st = self.shared.lock();
             st.shutdown = true;
@@ -1630,19 +1616,23 @@ impl Drop for TcpTransport {
         self.shared.cv.notify_all();
         self.shared.ack_cv.notify_all();
         self.shared.urgent_cv.notify_all();
-        for s in &self.streams {
-            let mut g = s.sock.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = g.write_all(&Frame::Close { code: close_code::NORMAL, reason: String::new() }.encode());
-            let _ = g.shutdown(Shutdown::Both);
-        }
-        if let Some(u) = &self.urgent {
-            let mut g = u.sock.lock().unwrap_or_else(|e| e.into_inner());
-            let _ = g.write_all(&Frame::Close { code: close_code::NORMAL, reason: String::new() }.encode());
+        let socks = self.streams.iter().map(|s| &*s.sock).chain(self.urgent.as_ref().map(|u| &u.sock));
+        for sock in socks {
+            let mut g = sock.lock().unwrap_or_else(|e| e.into_inner());
+            if goodbye {
+                let _ = g.write_all(&Frame::Close { code: close_code::NORMAL, reason: String::new() }.encode());
+            }
             let _ = g.shutdown(Shutdown::Both);
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
         }
+    }
+}
+
+impl Drop for TcpTransport {
+    fn drop(&mut self) {
+        self.end(true);
     }
 }
 
