@@ -8,6 +8,7 @@
 #    libnbd-bin (nbdinfo, nbdcopy)
 #  - QEMU with livemig's patch (qemu-patch/qemu/build.sh): a deb-src entry for bookworm (added
 #    to /etc/apt/sources.list.d/ when none exists) and the build dependencies of a minimal build
+#    with QEMU's own rdma: migration (librdmacm-dev, libibumad-dev)
 #  - an S3 server for the image-repository tests and benchmarks: s3s-fs (crates.io, built with
 #    cargo install; the version is pinned to one that builds with this Rust)
 set -euo pipefail
@@ -15,7 +16,7 @@ SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
       ibverbs-utils perftest iproute2 iperf3 jq qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3 procps
       qemu-utils libnbd-bin dpkg-dev ninja-build meson libglib2.0-dev libpixman-1-dev flex bison python3-venv
-      zlib1g-dev libfdt-dev patch)
+      zlib1g-dev libfdt-dev patch libibumad-dev)
 # Sources for the patched QEMU build (apt-get source qemu).
 if ! apt-cache showsrc qemu 2>/dev/null | grep -q '^Version: 1:7\.2'; then
   echo "adding a deb-src entry for bookworm (the patched QEMU's source)" >&2

@@ -5,7 +5,8 @@
 #     two-process transfers, dirty tracking, workloads, policies, pre-copy migrations);
 #     verbs tests skip on the host with a visible message (no RDMA device here);
 #  2. every fuzz target for FUZZ_SECONDS (default 20) each;
-#  3. the verbs tests inside a Soft-RoCE guest (tests/rxe), where a missing device fails.
+#  3. the verbs tests inside a Soft-RoCE guest (tests/rxe), where a missing device fails, and
+#     real QEMU migrations over verbs there (livemig's carrier, QEMU's rdma:, external RAM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 echo "== host tests" >&2
@@ -31,5 +32,7 @@ if [[ ${SKIP_RXE:-0} == 1 ]]; then
 else
   echo "== verbs tests in a Soft-RoCE guest" >&2
   tests/rxe/run-verbs-tests.sh
+  echo "== real QEMU migrations over verbs in a Soft-RoCE guest" >&2
+  tests/rxe/run-qemu-tests.sh
 fi
 echo "== all tests passed" >&2

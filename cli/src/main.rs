@@ -87,6 +87,8 @@ enum QemuCmd {
     Carrier(livemig_qemu::cli::CarrierArgs),
     /// Migrate a QEMU guest through livemig, driving the source QEMU over QMP.
     Migrate(livemig_qemu::cli::QemuMigrateArgs),
+    /// One QMP command to a QEMU, its return value printed as JSON (a scripting aid).
+    Qmp(livemig_qemu::cli::QmpArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -147,6 +149,7 @@ fn run() -> anyhow::Result<()> {
         Cmd::Image { what: ImageCmd::Export(a) } => livemig_image::cli::run_export(&a),
         Cmd::Qemu { what: QemuCmd::Carrier(a) } => livemig_qemu::cli::run_carrier(&a),
         Cmd::Qemu { what: QemuCmd::Migrate(a) } => livemig_qemu::cli::run_migrate(&a),
+        Cmd::Qemu { what: QemuCmd::Qmp(a) } => livemig_qemu::cli::run_qmp(&a),
         Cmd::Disk { what: DiskCmd::Serve(a) } => livemig_storage::cli::run_serve(&a),
         Cmd::Disk { what: DiskCmd::Migrate(a) } => livemig_storage::cli::control::run_migrate(&a),
         Cmd::Disk { what: DiskCmd::Switchover(a) } => {

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds Debian's QEMU 7.2 with livemig's patch series (the *.patch files here, in order):
-# the x86_64 system emulator only, TCG, no documentation. Prints the binary's path.
+# the x86_64 system emulator only, TCG, QEMU's own `rdma:` migration (for comparisons with
+# livemig's verbs), no documentation. Prints the binary's path.
 #
 #   qemu-patch/qemu/build.sh [WORKDIR]     (default: target/qemu-livemig)
 #
@@ -38,7 +39,7 @@ done
 mkdir -p build
 cd build
 ../configure --target-list=x86_64-softmmu --disable-docs --disable-werror --without-default-features \
-  --enable-tcg --disable-user --enable-fdt=system >>"$log" 2>&1 || { echo "configure failed; see $log" >&2; exit 1; }
+  --enable-tcg --disable-user --enable-fdt=system --enable-rdma >>"$log" 2>&1 || { echo "configure failed; see $log" >&2; exit 1; }
 ninja -j"$(nproc)" qemu-system-x86_64 >>"$log" 2>&1 || { echo "the build failed; see $log" >&2; exit 1; }
 echo "$stamp" > "$work/stamp"
 echo "patched QEMU built in $(( $(date +%s) - t0 )) s" >&2

@@ -184,6 +184,71 @@ fn options(
     livemig_engine::connect::TransportOptions { choice, io_timeout, tcp, verbs: Default::default() }
 }
 
+/// Options of `livemig qemu qmp`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct QmpArgs {
+    /// QEMU's QMP socket.
+    #[arg(long, value_name = "PATH")]
+    pub qmp: PathBuf,
+    /// The QMP command (`query-migrate`, `migrate`, `migrate-incoming`, `cont`, ...).
+    pub command: String,
+    /// Its arguments: a JSON object.
+    #[arg(default_value = "{}", value_parser = parse_json_object)]
+    pub arguments: serde_json::Value,
+    /// Repeat the command (every 200 ms) until its reply's field KEY has one of the values
+    /// (`status=completed|failed`), at most --within seconds.
+    #[arg(long, value_name = "KEY=V1|V2", value_parser = parse_until)]
+    pub until: Option<(String, Vec<String>)>,
+    /// With --until: give up (exit 1) after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs, default_value_t = 60.0)]
+    pub within: f64,
+    /// Longest wait for one reply.
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_io_timeout, default_value_t = 10.0)]
+    pub timeout: f64,
+}
+
+fn parse_json_object(s: &str) -> Result<serde_json::Value, String> {
+    match serde_json::from_str::<serde_json::Value>(s) {
+        Ok(v) if v.is_object() => Ok(v),
+        Ok(_) => Err("the arguments must be a JSON object".into()),
+        Err(e) => Err(format!("not JSON: {e}")),
+    }
+}
+
+fn parse_until(s: &str) -> Result<(String, Vec<String>), String> {
+    let (k, v) = s.split_once('=').ok_or("expected KEY=V1|V2")?;
+    let vals: Vec<String> = v.split('|').filter(|x| !x.is_empty()).map(String::from).collect();
+    if k.is_empty() || vals.is_empty() {
+        return Err("expected KEY=V1|V2".into());
+    }
+    Ok((k.to_string(), vals))
+}
+
+/// Entry point of `livemig qemu qmp`: one QMP command, its `return` value printed as JSON
+/// (QEMU's error is the command's error); with --until, repeated until a field says so.
+pub fn run_qmp(a: &QmpArgs) -> Result<()> {
+    let mut q = crate::qmp::Qmp::connect(&a.qmp, Duration::from_secs_f64(a.timeout))
+        .with_context(|| format!("connecting to QMP at {}", a.qmp.display()))?;
+    let t0 = std::time::Instant::now();
+    loop {
+        let v = q.execute(&a.command, a.arguments.clone()).with_context(|| format!("QMP {}", a.command))?;
+        let done = match &a.until {
+            None => true,
+            Some((k, vals)) => v.get(k).and_then(|x| x.as_str()).is_some_and(|x| vals.iter().any(|w| w == x)),
+        };
+        if done {
+            println!("{v}");
+            return Ok(());
+        }
+        if t0.elapsed().as_secs_f64() >= a.within {
+            println!("{v}");
+            let (k, vals) = a.until.as_ref().expect("only --until repeats");
+            bail!("{} did not reach {k}={} within {} s", a.command, vals.join("|"), a.within);
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
 /// Options of `livemig qemu migrate`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct QemuMigrateArgs {
@@ -256,7 +321,8 @@ pub struct QemuMigrateArgs {
     /// to post-copy when the policy decides, instead of stop-and-copy.
     #[arg(long, value_enum, default_value_t = crate::ram::RamStrategy::Precopy)]
     pub strategy: crate::ram::RamStrategy,
-    /// With --ram livemig: the session's backend (auto: verbs when an RDMA device is up).
+    /// The session's backend: tcp, verbs, or auto (verbs when an RDMA device is up). The
+    /// destination carrier must use the same.
     #[arg(long, default_value = "tcp", value_parser = livemig_app::args::transport_parser())]
     pub transport: livemig_engine::connect::TransportChoice,
     /// With --ram livemig, post-copy: if the link breaks after the hand-over, dial the
@@ -389,6 +455,7 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         switchover: a.switchover,
         max_downtime_ms: a.max_downtime,
         relay: a.relay,
+        transport: a.transport,
         disks: a.disk.clone(),
         disk_options: a.secret_file.as_ref().map(|f| crate::disks::DiskOptions {
             strategy: a.disk_strategy,
@@ -416,9 +483,10 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&s)?);
     } else if s.status == "completed" {
         println!(
-            "QEMU migration {}: {} ms total, {} ms downtime, {} passes; {:.1} MiB carried on {} channel(s) \
-             at {:.0} MiB/s ({:.1} MiB of RAM); destination {}{}",
+            "QEMU migration {} over {}: {} ms total, {} ms downtime, {} passes; {:.1} MiB carried on {} \
+             channel(s) at {:.0} MiB/s ({:.1} MiB of RAM); destination {}{}",
             s.status,
+            s.transport,
             s.total_ms,
             s.downtime_ms,
             s.passes,
@@ -497,4 +565,23 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn qmp_arguments_and_until_are_checked() {
+        assert_eq!(parse_json_object(r#"{"uri":"tcp:h:1"}"#).unwrap()["uri"], "tcp:h:1");
+        assert!(parse_json_object("[1]").is_err());
+        assert!(parse_json_object("{").is_err());
+        assert_eq!(
+            parse_until("status=completed|failed").unwrap(),
+            ("status".to_string(), vec!["completed".to_string(), "failed".to_string()])
+        );
+        for bad in ["status", "=x", "status=", "status=|"] {
+            assert!(parse_until(bad).is_err(), "{bad}");
+        }
+    }
 }

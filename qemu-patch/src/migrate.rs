@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use livemig_engine::connect::{TransportChoice, TransportOptions};
 use livemig_engine::policy::PolicyKind;
 use livemig_transport::auth::Secret;
-use livemig_transport::{RegionTable, TcpConfig, TransportKind};
+use livemig_transport::{RegionTable, TcpConfig};
 use serde_json::{json, Map, Value};
 
 use crate::carrier::{self, CarrierError, CarrierMsg, Counters};
@@ -50,6 +50,9 @@ pub struct MigrateOptions {
     pub max_downtime_ms: u64,
     /// Relay a single channel too, instead of handing the connection to QEMU.
     pub relay: bool,
+    /// The session's backend. On verbs each channel is a queue pair pumped to a unix socket
+    /// pair; a single channel's socket is handed to QEMU as the TCP connection would be.
+    pub transport: TransportChoice,
     /// Disks that move with the guest (each handed over while QEMU waits in
     /// `pre-switchover`).
     pub disks: Vec<DiskSpec>,
@@ -102,6 +105,8 @@ pub struct Summary {
     pub channels: u64,
     /// The single channel's connection was handed to QEMU (no relay).
     pub handoff: bool,
+    /// The session's backend (`tcp` or `verbs`).
+    pub transport: String,
     /// Carried bytes over the time from `migrate` to completion, MiB/s.
     pub throughput_mib_s: f64,
     /// From `migrate` to the end status, as seen here, ms.
@@ -173,9 +178,10 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     }
     let channels = 1 + o.multifd;
     let tcp = TcpConfig { io_timeout: o.io_timeout, byte_streams: channels, ..TcpConfig::default() };
-    let opts =
-        TransportOptions { choice: TransportChoice::Tcp, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
-    let mut t = livemig_engine::connect::connect(TransportKind::Tcp, &o.to, &opts, secret, &RegionTable::new())
+    let opts = TransportOptions { choice: o.transport, io_timeout: o.io_timeout, tcp, verbs: Default::default() };
+    let (kind, note) = livemig_engine::connect::resolve(o.transport);
+    tracing::info!("{note}");
+    let mut t = livemig_engine::connect::connect(kind, &o.to, &opts, secret, &RegionTable::new())
         .map_err(CarrierError::Transport)?;
     // A single channel is handed to QEMU itself at both ends: QEMU speaks on the
     // authenticated connection and nothing is relayed.
@@ -453,6 +459,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     sum.carried_back = counters.back.load(Ordering::Acquire);
     sum.channels = counters.channels.load(Ordering::Acquire);
     sum.handoff = handoff;
+    sum.transport = kind.to_string();
     if handoff {
         sum.carried = u(&q.execute("query-migrate", json!({}))?, &["ram", "transferred"]);
         sum.channels = 1;

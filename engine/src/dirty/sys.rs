@@ -422,9 +422,23 @@ impl Pagemap {
 
     /// True when the kernel implements PAGEMAP_SCAN: an empty scan succeeds there, while
     /// older kernels have no ioctl on pagemap at all (ENOTTY).
-    pub(super) fn supports_scan(&self) -> bool {
+    pub(crate) fn supports_scan(&self) -> bool {
         let mut arg = PmScanArg { size: std::mem::size_of::<PmScanArg>() as u64, ..Default::default() };
         self.scan(&mut arg).is_ok()
+    }
+
+    /// Whether each base page of `[start, start + 8 * out.len() pages)` is present, from the
+    /// classic pagemap interface (one 64-bit entry per base page, bit 63 = present): for
+    /// kernels without PAGEMAP_SCAN (before 6.7). `start` is base-page aligned.
+    pub(crate) fn present_entries(&self, start: usize, out: &mut [bool]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let base = base_page_size();
+        let mut buf = vec![0u8; out.len() * 8];
+        self.file.read_exact_at(&mut buf, (start / base * 8) as u64)?;
+        for (o, e) in out.iter_mut().zip(buf.chunks_exact(8)) {
+            *o = u64::from_ne_bytes(e.try_into().expect("8 bytes")) >> 63 == 1;
+        }
+        Ok(())
     }
 
     /// One PAGEMAP_SCAN call; `arg.vec`/`arg.vec_len` must describe a writable array of
@@ -629,6 +643,17 @@ pub(super) fn populate_read_vm(start: usize, len: usize, os_page: usize) -> Resu
     Ok(())
 }
 
+/// The kernel's base page size (the unit of pagemap entries).
+pub(crate) fn base_page_size() -> usize {
+    // SAFETY: sysconf reads a constant of the running kernel.
+    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if n > 0 {
+        n as usize
+    } else {
+        4096
+    }
+}
+
 /// Whether the page at `addr` is present in this process's page tables (pagemap bit 63).
 #[cfg(test)]
 pub(super) fn page_present(addr: usize, os_page: usize) -> bool {
@@ -657,5 +682,46 @@ mod tests {
         assert_eq!(std::mem::size_of::<UffdMsg>(), 32);
         assert_eq!(std::mem::offset_of!(UffdMsg, address), 16);
         assert_eq!(std::mem::size_of::<PageRegion>(), 24);
+    }
+
+    #[test]
+    fn present_entries_agree_with_pagemap_scan() {
+        let base = base_page_size();
+        let len = 64 * base;
+        // SAFETY: a fresh private anonymous mapping owned by this test, written only within
+        // its length and unmapped at the end.
+        let m = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(m, libc::MAP_FAILED);
+        let touched = [3usize, 10, 11, 12, 19, 63];
+        for &p in &touched {
+            // SAFETY: inside the mapping above.
+            unsafe { *(m as *mut u8).add(p * base) = 1 };
+        }
+        let pm = Pagemap::open().expect("pagemap");
+        let start = m as usize;
+        let mut present = vec![false; 64];
+        pm.present_entries(start, &mut present).expect("entries");
+        let by_entries: Vec<usize> = (0..64).filter(|&i| present[i]).collect();
+        assert_eq!(by_entries, touched, "pagemap entries");
+        if pm.supports_scan() {
+            let mut v = vec![PageRegion::default(); 64];
+            let (n, _) = pm.scan_into(start, start + 64 * base, 0, PAGE_IS_PRESENT, &mut v).expect("scan");
+            let by_scan: Vec<usize> = v[..n]
+                .iter()
+                .flat_map(|r| (r.start as usize - start) / base..(r.end as usize - start) / base)
+                .collect();
+            assert_eq!(by_scan, by_entries, "PAGEMAP_SCAN and the pagemap entries agree");
+        }
+        // SAFETY: the mapping made above, no longer used.
+        unsafe { libc::munmap(m, len) };
     }
 }

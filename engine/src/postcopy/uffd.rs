@@ -197,11 +197,32 @@ impl Placer {
     }
 
     /// The pages another process's views map at the moment (present in its page tables),
-    /// from one `PAGEMAP_SCAN` walk; `None` for local memory.
+    /// from one `PAGEMAP_SCAN` walk, or from the classic pagemap entries on kernels without
+    /// it; `None` for local memory.
     pub fn mapped_in_views(&self) -> Result<Option<crate::PageBitmap>, PlacerError> {
         let Some(pm) = &self.pagemap else { return Ok(None) };
         let total = self.views.last().map_or(0, |v| v.base + v.pages);
         let mut out = crate::PageBitmap::new(total);
+        if !pm.supports_scan() {
+            let base = sys::base_page_size();
+            let mut present = vec![false; 4096];
+            for v in &self.views {
+                let mut off = 0;
+                while off < v.len {
+                    let n = ((v.len - off) / base).min(present.len());
+                    if n == 0 {
+                        break;
+                    }
+                    pm.present_entries(v.addr + off, &mut present[..n])
+                        .map_err(|e| PlacerError::Os { op: "reading pagemap (present pages)", source: e })?;
+                    for (k, _) in present[..n].iter().enumerate().filter(|(_, p)| **p) {
+                        out.set(v.base + (off + k * base) / self.page_size);
+                    }
+                    off += n * base;
+                }
+            }
+            return Ok(Some(out));
+        }
         let mut vec = vec![sys::PageRegion::default(); 1024];
         for v in &self.views {
             let (mut start, end) = (v.addr, v.addr + v.len);
