@@ -102,6 +102,7 @@ impl Disks {
                 max_rounds: 30,
                 io_timeout_s: o.io_timeout.as_secs_f64(),
                 push_window_mib: livemig_storage::live::proto::PUSH_WINDOW >> 20,
+                transport: livemig_engine::connect::TransportChoice::Tcp,
             });
             let mut c = match Client::connect(&spec.control).and_then(|mut c| c.send(&req).map(|_| c)) {
                 Ok(c) => c,

@@ -101,6 +101,13 @@ pub struct MigrateRequest {
     /// Pushed MiB beyond what the destination reported installed.
     #[serde(default = "default_push_window")]
     pub push_window_mib: u64,
+    /// The session's backend: `tcp` (the default), `verbs` or `auto`.
+    #[serde(default = "default_transport")]
+    pub transport: livemig_engine::connect::TransportChoice,
+}
+
+fn default_transport() -> livemig_engine::connect::TransportChoice {
+    livemig_engine::connect::TransportChoice::Tcp
 }
 
 fn default_push_window() -> u64 {
@@ -236,6 +243,7 @@ fn serve_control(c: UnixStream, disk: &SourceDisk, snapshots: Option<&dyn Snapsh
                     max_rounds: m.max_rounds.max(1),
                     io_timeout: Duration::from_secs_f64(m.io_timeout_s),
                     push_window: m.push_window_mib.clamp(1, 1 << 20) << 20,
+                    transport: m.transport,
                 };
                 // A client that stops reading its progress does not stop the migration.
                 let mut pw = w.try_clone()?;
@@ -295,6 +303,10 @@ pub struct DiskMigrateArgs {
     /// waits beyond it).
     #[arg(long, value_name = "MIB", default_value_t = crate::live::proto::PUSH_WINDOW >> 20)]
     pub push_window: u64,
+    /// The session's backend: tcp, verbs, or auto (verbs when an RDMA device is up); the
+    /// destination's `disk receive --transport` must agree.
+    #[arg(long, default_value = "tcp", value_parser = livemig_app::args::transport_parser())]
+    pub transport: livemig_engine::connect::TransportChoice,
     /// Machine-readable summary (JSON) on stdout, no progress.
     #[arg(long)]
     pub json: bool,
@@ -362,6 +374,7 @@ pub fn run_migrate(a: &DiskMigrateArgs) -> Result<()> {
         max_rounds: a.max_rounds,
         io_timeout_s: a.io_timeout,
         push_window_mib: a.push_window,
+        transport: a.transport,
     }))?;
     use std::io::IsTerminal;
     let bar = if a.json || !std::io::stderr().is_terminal() {

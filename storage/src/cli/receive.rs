@@ -34,6 +34,10 @@ pub struct DiskReceiveArgs {
     /// The shared secret's file (the same at both ends).
     #[arg(long, value_name = "FILE")]
     pub secret_file: Option<PathBuf>,
+    /// The session's backend: tcp, verbs, or auto (verbs when an RDMA device is up); the
+    /// source's `disk migrate --transport` must agree.
+    #[arg(long, default_value = "tcp", value_parser = livemig_app::args::transport_parser())]
+    pub transport: livemig_engine::connect::TransportChoice,
     /// Serve the disk over NBD on this unix socket from the handover on (with --serve-early,
     /// from the start).
     #[arg(long, value_name = "PATH", conflicts_with = "nbd_listen", required_unless_present = "nbd_listen")]
@@ -184,22 +188,25 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
         }
         None
     };
-    let tcp = livemig_transport::TcpConfig { io_timeout, urgent_stream: true, ..Default::default() };
-    let l = livemig_transport::TcpListener::bind(a.listen.as_str()).with_context(|| format!("binding {}", a.listen))?;
+    let (kind, note) = livemig_engine::connect::resolve(a.transport);
+    let opts = crate::live::options(a.transport, io_timeout);
+    let l = livemig_engine::connect::Listener::bind(kind, a.listen.as_str())
+        .with_context(|| format!("binding {}", a.listen))?;
     println!("listening {} disk", l.local_addr()?);
+    eprintln!("{note}");
     if let Some((_, endpoint)) = &early {
         println!("serving {endpoint} nbd (early: requests fail until the handover)");
     }
     std::io::stdout().flush()?;
     // Stray connections (scans, wrong secrets) cost a log line each; the first session that
     // authenticates is the transfer.
-    let t = l.accept(&tcp, &secret, &livemig_transport::RegionTable::new()).context("accepting the source")?;
+    let t = l.accept(&opts, &secret, &livemig_transport::RegionTable::new()).context("accepting the source")?;
     let o = ReceiveOptions { io_timeout, pulls_in_flight: a.pulls_in_flight };
     let mut served: Option<(Arc<Mirror>, String)> = None;
     let mut opened: Option<Arc<Mirror>> = None;
     let json = a.json;
     let res = dest::receive(
-        Box::new(t),
+        t,
         &o,
         |offer| {
             if let Some((d, _)) = &early {

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use livemig_engine::connect::{TransportChoice, TransportOptions};
 use livemig_transport::auth::Secret;
-use livemig_transport::{RegionTable, TcpConfig, Transport, TransportError, TransportKind};
+use livemig_transport::{RegionTable, TcpConfig, Transport, TransportError};
 
 pub use proto::Strategy;
 
@@ -101,14 +101,22 @@ pub struct Progress {
     pub ready: bool,
 }
 
-fn options(io_timeout: Duration) -> TransportOptions {
+/// A disk transfer's session settings: an urgent channel (on-demand pulls), on `choice`.
+pub fn options(choice: TransportChoice, io_timeout: Duration) -> TransportOptions {
     let tcp = TcpConfig { io_timeout, urgent_stream: true, ..TcpConfig::default() };
-    TransportOptions { choice: TransportChoice::Tcp, io_timeout, tcp, verbs: Default::default() }
+    TransportOptions { choice, io_timeout, tcp, verbs: Default::default() }
 }
 
-/// Connects a session with an urgent stream to `addr`.
-pub fn connect(addr: &str, secret: &Secret, io_timeout: Duration) -> Result<Box<dyn Transport>, Error> {
-    livemig_engine::connect::connect(TransportKind::Tcp, addr, &options(io_timeout), secret, &RegionTable::new())
+/// Connects a session with an urgent channel to `addr` over `choice` (`auto`: verbs when an
+/// RDMA device is up).
+pub fn connect(
+    choice: TransportChoice,
+    addr: &str,
+    secret: &Secret,
+    io_timeout: Duration,
+) -> Result<Box<dyn Transport>, Error> {
+    let (kind, _) = livemig_engine::connect::resolve(choice);
+    livemig_engine::connect::connect(kind, addr, &options(choice, io_timeout), secret, &RegionTable::new())
         .map_err(Error::Transport)
 }
 

@@ -129,6 +129,8 @@ pub struct MigrateOptions {
     pub io_timeout: Duration,
     /// Pushed bytes beyond what the destination reported installed (its memory bound).
     pub push_window: u64,
+    /// The session's backend.
+    pub transport: livemig_engine::connect::TransportChoice,
 }
 
 /// The outcome at the source.
@@ -327,7 +329,7 @@ impl SourceDisk {
         }
         let start = Instant::now();
         let fetched_at_start = self.mirror.fetched_bytes();
-        let mut t = super::connect(&o.to, secret, o.io_timeout)?;
+        let mut t = super::connect(o.transport, &o.to, secret, o.io_timeout)?;
         let urgent = t.urgent().map_err(Error::Transport)?;
         send(
             &mut *t,
@@ -869,6 +871,7 @@ mod tests {
             max_rounds: 30,
             io_timeout: Duration::from_secs(1),
             push_window: 4 << 20,
+            transport: livemig_engine::connect::TransportChoice::Tcp,
         };
         let res = disk.migrate(&o, &secret, &mut |_| {});
         done_tx.send(()).unwrap();
