@@ -29,13 +29,19 @@ Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
 SRC
   $SUDO apt-get update -qq
 fi
-missing=()
-for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
-if [[ ${#missing[@]} -gt 0 ]]; then
-  echo "installing: ${missing[*]}" >&2
-  $SUDO apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
-fi
+# Twice: an install can remove a package installed before (a newer qemu-utils from
+# backports conflicts with bookworm's qemu-system-x86 and goes), and the second pass puts
+# bookworm's back.
+for pass in 1 2; do
+  missing=()
+  for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+  if [[ ${#missing[@]} -gt 0 ]]; then
+    echo "installing (pass $pass): ${missing[*]}" >&2
+    [[ $pass == 2 ]] || $SUDO apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2
+  fi
+done
+for p in "${PKGS[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || { echo "$p could not be installed" >&2; exit 1; }; done
 command -v cargo >/dev/null || { echo "Rust (cargo) is required: https://rustup.rs" >&2; exit 1; }
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 if ! command -v s3s-fs >/dev/null && [[ ! -x ${CARGO_HOME:-$HOME/.cargo}/bin/s3s-fs ]]; then
