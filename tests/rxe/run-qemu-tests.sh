@@ -24,14 +24,7 @@ done
 cd "$ROOT"
 T0=$(date +%s)
 echo "[qemu-tests] building the livemig binary" >&2
-CLI=$(cargo build "${PROFILE[@]}" -p livemig --message-format=json \
-  | python3 -c 'import sys, json
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "livemig":
-        print(m["executable"])')
-[[ -n $CLI ]] || { echo "[qemu-tests] building the livemig binary failed" >&2; exit 1; }
+CLI=$("$HERE/build-livemig.sh" "${PROFILE[@]}") || { echo "[qemu-tests] building the livemig binary failed" >&2; exit 1; }
 QEMU=${LIVEMIG_QEMU_PATCHED:-}
 [[ -x $QEMU ]] || QEMU=$(qemu-patch/qemu/build.sh)
 GUEST=$(qemu-patch/guest/build.sh)

@@ -92,14 +92,7 @@ for line in sys.stdin:
   done
 fi
 echo "[verbs-tests] building the livemig binary" >&2
-CLI=$(cargo build "${PROFILE[@]}" -p livemig --message-format=json \
-  | python3 -c 'import sys, json
-for line in sys.stdin:
-    try: m = json.loads(line)
-    except ValueError: continue
-    if m.get("reason") == "compiler-artifact" and m.get("executable") and m["target"]["name"] == "livemig":
-        print(m["executable"])')
-[[ -n $CLI ]] || { echo "[verbs-tests] building the livemig binary failed" >&2; exit 1; }
+CLI=$("$H/build-livemig.sh" "${PROFILE[@]}") || { echo "[verbs-tests] building the livemig binary failed" >&2; exit 1; }
 T1=$(date +%s%N)
 
 DRV=$(mktemp -d "${TMPDIR:-/tmp}/verbs-drv.XXXXXX")

@@ -175,8 +175,8 @@ fn cvt(ret: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
-/// The system page size.
-pub(super) fn os_page_size() -> usize {
+/// The system page size (also the unit of pagemap entries).
+pub(crate) fn os_page_size() -> usize {
     // SAFETY: sysconf has no memory-safety preconditions.
     let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
     if ps > 0 {
@@ -432,7 +432,7 @@ impl Pagemap {
     /// kernels without PAGEMAP_SCAN (before 6.7). `start` is base-page aligned.
     pub(crate) fn present_entries(&self, start: usize, out: &mut [bool]) -> io::Result<()> {
         use std::os::unix::fs::FileExt;
-        let base = base_page_size();
+        let base = os_page_size();
         let mut buf = vec![0u8; out.len() * 8];
         self.file.read_exact_at(&mut buf, (start / base * 8) as u64)?;
         for (o, e) in out.iter_mut().zip(buf.chunks_exact(8)) {
@@ -643,17 +643,6 @@ pub(super) fn populate_read_vm(start: usize, len: usize, os_page: usize) -> Resu
     Ok(())
 }
 
-/// The kernel's base page size (the unit of pagemap entries).
-pub(crate) fn base_page_size() -> usize {
-    // SAFETY: sysconf reads a constant of the running kernel.
-    let n = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    if n > 0 {
-        n as usize
-    } else {
-        4096
-    }
-}
-
 /// Whether the page at `addr` is present in this process's page tables (pagemap bit 63).
 #[cfg(test)]
 pub(super) fn page_present(addr: usize, os_page: usize) -> bool {
@@ -686,7 +675,7 @@ mod tests {
 
     #[test]
     fn present_entries_agree_with_pagemap_scan() {
-        let base = base_page_size();
+        let base = os_page_size();
         let len = 64 * base;
         // SAFETY: a fresh private anonymous mapping owned by this test, written only within
         // its length and unmapped at the end.

@@ -204,7 +204,7 @@ impl Placer {
         let total = self.views.last().map_or(0, |v| v.base + v.pages);
         let mut out = crate::PageBitmap::new(total);
         if !pm.supports_scan() {
-            let base = sys::base_page_size();
+            let base = sys::os_page_size();
             let mut present = vec![false; 4096];
             for v in &self.views {
                 let mut off = 0;
