@@ -4,6 +4,7 @@
 //! libraries without any of this.
 
 pub mod args;
+pub mod beside;
 pub mod cleanup;
 pub mod local;
 pub mod open;

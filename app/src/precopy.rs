@@ -14,6 +14,8 @@ use livemig_transport::{Access, CoalesceConfig, Region, RegionTable, TcpConfig};
 use livemig_engine::connect::{self, Listener, TransportChoice, TransportOptions};
 use livemig_engine::dirty::MemoryTracker;
 use livemig_engine::guest::{GuestControl, GuestMemory, Idle};
+
+use crate::beside::{Beside, WithBeside};
 use livemig_engine::policy::{KvmConfig, PolicyConfig, PolicyKind};
 use livemig_engine::postcopy::{self, Expansion, PushOrder};
 use livemig_engine::precopy::{self as engine_precopy, dest, source, IterationLine, Outcome};
@@ -188,6 +190,20 @@ pub struct MigrateArgs {
     /// hands it to the destination it starts).
     #[arg(long)]
     pub secret_file: Option<PathBuf>,
+    /// A disk that moves with the memory, as CONTROL=DEST: the control socket of its
+    /// `livemig disk serve` and its destination (a `disk receive --listen` address, or
+    /// NAME@ADDR for a daemon that receives it as NAME); repeat for several. The disks move
+    /// first; they are handed over while the guest is paused, before its last pages go, so
+    /// both switch over together. Needs --secret-file (the disk servers read it).
+    #[arg(long, value_name = "CONTROL=DEST", conflicts_with = "local")]
+    pub disk: Vec<String>,
+    /// How the disks move: hybrid (push, hand over, pull the rest) or precopy (rounds, the
+    /// last one inside the pause).
+    #[arg(long, default_value = "hybrid", value_parser = ["hybrid", "precopy"])]
+    pub disk_strategy: String,
+    /// The disks' sessions: tcp, verbs or auto (their destinations must listen on it).
+    #[arg(long, default_value = "tcp", value_parser = crate::args::transport_parser())]
+    pub disk_transport: TransportChoice,
     /// Machine-readable summary on stdout (progress lines go to stderr).
     #[arg(long)]
     pub json: bool,
@@ -378,6 +394,12 @@ pub fn run_migrate(a: &MigrateArgs) -> Result<()> {
 
 /// The source side against a listening destination at `to`.
 pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
+    run_source_with(a, to, secret, None)
+}
+
+/// The source side, with `beside` (the guest's disks) switched over inside the guest's
+/// pause; its report joins the summary (`beside`).
+pub fn run_source_with(a: &MigrateArgs, to: &str, secret: &Secret, beside: Option<&mut dyn Beside>) -> Result<()> {
     let ps = page_size(a.page_size)?;
     if a.size == 0 || a.size % ps as u64 != 0 {
         bail!("--size {} must be a positive multiple of the page size {ps}", a.size);
@@ -461,7 +483,7 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         _ => None,
     };
     if to_postcopy {
-        return run_postcopy_source(a, t, &region, workload.as_mut(), before, recovery);
+        return run_postcopy_source(a, t, &region, workload.as_mut(), before, recovery, beside);
     }
     let cfg = source::SourceConfig {
         policy: a.policy_config(),
@@ -491,8 +513,12 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         Some(w) => w,
         None => &mut idle,
     };
-    let res = source::migrate(t.as_mut(), &memory, guest, &mut dirty, &cfg, &mut on_line);
+    let (res, beside) =
+        with_beside(guest, beside, |g| source::migrate(t.as_mut(), &memory, g, &mut dirty, &cfg, &mut on_line));
     progress.bar.finish_and_clear();
+    if let Some(b) = &beside {
+        print_beside(b, json);
+    }
     let summary = match res {
         Ok(s) => s,
         Err(e) if e.in_doubt() => {
@@ -514,6 +540,9 @@ pub fn run_source(a: &MigrateArgs, to: &str, secret: &Secret) -> Result<()> {
         let mut v = serde_json::to_value(&summary)?;
         v["workload_before"] = serde_json::json!(before);
         v["during_percent_of_before"] = serde_json::json!(during_share);
+        if let Some(b) = beside {
+            v["beside"] = b;
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", summary.render());
@@ -536,6 +565,7 @@ fn run_postcopy_source(
     mut workload: Option<&mut Workload>,
     before: Option<f64>,
     recovery: Option<postcopy::Recovery>,
+    beside: Option<&mut dyn Beside>,
 ) -> Result<()> {
     let cfg = postcopy::PostcopyConfig {
         recovery,
@@ -558,13 +588,18 @@ fn run_postcopy_source(
         bar.set_position(p.sent);
         bar.set_message(p.demanded.to_string());
     };
-    let res = if a.strategy != StrategyChoice::Postcopy {
-        let mut dirty = MemoryTracker::open(&memory).context("opening the dirty tracker")?;
-        postcopy::migrate_hybrid(t.as_mut(), &memory, guest, &mut dirty, &cfg, &mut on_progress)
-    } else {
-        postcopy::migrate(t.as_mut(), &memory, guest, &cfg, &mut on_progress)
+    let mut dirty = match a.strategy {
+        StrategyChoice::Postcopy => None,
+        _ => Some(MemoryTracker::open(&memory).context("opening the dirty tracker")?),
     };
+    let (res, beside) = with_beside(guest, beside, |g| match dirty.as_mut() {
+        Some(d) => postcopy::migrate_hybrid(t.as_mut(), &memory, g, d, &cfg, &mut on_progress),
+        None => postcopy::migrate(t.as_mut(), &memory, g, &cfg, &mut on_progress),
+    });
     bar.finish_and_clear();
+    if let Some(b) = &beside {
+        print_beside(b, a.json);
+    }
     let summary = match res {
         Ok(s) => s,
         Err(e @ postcopy::PostcopyError::HandedOver(_)) => {
@@ -590,12 +625,79 @@ fn run_postcopy_source(
     if a.json {
         let mut v = serde_json::to_value(&summary)?;
         v["workload_before"] = serde_json::json!(before);
+        if let Some(b) = beside {
+            v["beside"] = b;
+        }
         println!("{}", serde_json::to_string_pretty(&v)?);
     } else {
         print!("{}", summary.render());
         println!("  source copy    released after the destination verified every page");
     }
     Ok(())
+}
+
+/// Runs `migrate` on `guest`, with `beside` switched over inside its pause; then waits for
+/// `beside` to end (cancelled first if it was not handed over) and returns its report with
+/// the switchover's duration.
+fn with_beside<R>(
+    guest: &mut dyn GuestControl,
+    beside: Option<&mut dyn Beside>,
+    migrate: impl FnOnce(&mut dyn GuestControl) -> R,
+) -> (R, Option<serde_json::Value>) {
+    let Some(b) = beside else {
+        return (migrate(guest), None);
+    };
+    let mut w = WithBeside::new(guest, b);
+    let r = migrate(&mut w);
+    let (handed_over, took) = (w.handed_over(), w.switchover);
+    if !handed_over {
+        b.cancel();
+    }
+    let report = serde_json::json!({
+        "handed_over": handed_over,
+        "switchover_ms": took.map(|d| d.as_secs_f64() * 1e3),
+        "moved": b.finish(),
+    });
+    (r, Some(report))
+}
+
+/// The report of what moved beside the memory: one line, then one per disk (stdout; stderr
+/// with `--json`, whose summary carries it as `beside`).
+fn print_beside(b: &serde_json::Value, json: bool) {
+    let mut lines = vec![format!(
+        "beside the memory: {}",
+        match b["switchover_ms"].as_f64() {
+            Some(ms) if b["handed_over"].as_bool() == Some(true) => format!("handed over in the pause ({ms:.1} ms)"),
+            _ if b["handed_over"].as_bool() == Some(true) => "handed over in part".to_string(),
+            _ => "not handed over (left at the source)".to_string(),
+        }
+    )];
+    for d in b["moved"].as_array().into_iter().flatten() {
+        let n = |k: &str| d["summary"][k].as_u64().unwrap_or(0);
+        lines.push(match d["ok"].as_bool() {
+            Some(true) => format!(
+                "  disk {} -> {}: {} chunks pushed, {} pulled, {} verified equal at both ends",
+                d["control"].as_str().unwrap_or("?"),
+                d["to"].as_str().unwrap_or("?"),
+                n("chunks_pushed"),
+                n("chunks_pulled"),
+                n("verified_chunks")
+            ),
+            _ => format!(
+                "  disk {} -> {}: FAILED: {}",
+                d["control"].as_str().unwrap_or("?"),
+                d["to"].as_str().unwrap_or("?"),
+                d["error"].as_str().unwrap_or("?")
+            ),
+        });
+    }
+    for l in lines {
+        if json {
+            eprintln!("{l}");
+        } else {
+            println!("{l}");
+        }
+    }
 }
 
 /// Post-copy's hand-over is in doubt: held like pre-copy's ([`hold_in_doubt`]).

@@ -135,6 +135,7 @@ fn run() -> anyhow::Result<()> {
     let cli = Cli::parse();
     livemig_app::args::set_tls(cli.tls.settings().map_err(anyhow::Error::msg)?);
     match cli.cmd {
+        Cmd::Migrate(a) if !a.disk.is_empty() => livemig_storage::cli::together::run_migrate(&a),
         Cmd::Migrate(a) => livemig_app::precopy::run_migrate(&a),
         Cmd::Receive(a) => livemig_app::precopy::run_receive(&a),
         Cmd::Bench { what: BenchCmd::Pages(a) } => livemig_bench::pages::run(livemig_bench::pages::PAGES, &a),

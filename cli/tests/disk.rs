@@ -701,3 +701,146 @@ fn a_full_disk_at_the_destination_is_reported_and_costs_the_source_nothing() {
     drop(u);
     let _ = std::fs::remove_dir_all(&d);
 }
+
+/// A host daemon started with `--receive-disks-dir`: its TCP address and the directory.
+struct Daemon {
+    child: Child,
+    addr: String,
+    recv: PathBuf,
+    err: PathBuf,
+    /// Its stdout, kept open (it prints a line for each disk it starts serving).
+    _out: std::io::BufReader<std::process::ChildStdout>,
+}
+
+impl Daemon {
+    fn start(dir: &Path) -> Daemon {
+        let recv = dir.join("received");
+        std::fs::create_dir_all(&recv).unwrap();
+        let err = dir.join("daemon.err");
+        let mut child = Command::new(BIN)
+            .args(["serve", "--listen", "127.0.0.1:0", "--secret-file", "secret"])
+            .arg("--receive-disks-dir")
+            .arg(&recv)
+            .current_dir(dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&err).unwrap())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::io::BufRead::read_line(&mut out, &mut line).unwrap();
+        let addr = line.split_whitespace().nth(1).unwrap_or_else(|| panic!("daemon said {line:?}")).to_string();
+        Daemon { child, addr, recv, err, _out: out }
+    }
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.err).unwrap_or_default()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `livemig migrate --disk`: a guest's memory (the synthetic workload) and its disk (a plain
+/// image served with `disk serve`, written before and during the migration) move to one host
+/// daemon, which receives the disk under a name and serves it over NBD. The disk is handed
+/// over inside the memory's pause: its switchover time lies within the downtime. The memory
+/// is verified by the engine, the disk chunk by chunk and here against the source's image
+/// with `qemu-img compare`. A disk the destination refuses stops the memory migration before
+/// it starts, and the source keeps serving the disk.
+#[test]
+fn memory_and_a_disk_move_together_into_a_daemon() {
+    if !tools() {
+        return;
+    }
+    let d = scratch("together");
+    run(Command::new(BIN).args(["secret", "new", "secret"]).current_dir(&d));
+    let daemon = Daemon::start(&d);
+    for (strategy, name) in [("precopy", "vm1"), ("postcopy", "vm2")] {
+        let img = format!("{name}-src.img");
+        let ctl = format!("{name}.ctl");
+        let data: Vec<u8> = (0..8 << 20).map(|i: usize| ((i * 2654435761usize) >> 11) as u8).collect();
+        std::fs::write(d.join(&img), &data).unwrap();
+        let socket = d.join(format!("{name}-src.sock"));
+        let src = spawn_listening(
+            Command::new(BIN)
+                .args(["disk", "serve", "--control", &ctl, "--socket"])
+                .arg(&socket)
+                .arg(&img)
+                .current_dir(&d)
+                .stderr(Stdio::piped()),
+        );
+        let src = Server { child: src.child, socket };
+        let o = qemu_io(&src.uri(), &["write -P 0x51 1M 300k"]);
+        assert!(o.status.success(), "{o:?}");
+        // Writes while the disk moves (before the memory's pause).
+        let writer = {
+            let uri = src.uri();
+            std::thread::spawn(move || {
+                (0..6u64)
+                    .filter(|i| qemu_io(&uri, &[&format!("write -P 0x6{i} {}k 64k", 2048 + i * 256)]).status.success())
+                    .count()
+                    == 6
+            })
+        };
+        let o = Command::new(BIN)
+            .args(["migrate", "--to", &daemon.addr, "--secret-file", "secret", "--size", "32M", "--workload", "random"])
+            .args(["--strategy", strategy, "--warmup", "0.3", "--after", "0.3", "--json", "--no-progress"])
+            .args(["--disk", &format!("{ctl}={name}@{}", daemon.addr)])
+            .current_dir(&d)
+            .output()
+            .unwrap();
+        let out = String::from_utf8_lossy(&o.stdout);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(o.status.success(), "{strategy}: {out}\n{err}\ndaemon:\n{}", daemon.log());
+        assert!(writer.join().unwrap(), "writes during the transfer");
+        let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+        let b = &v["beside"];
+        assert_eq!(b["handed_over"], true, "{v}");
+        assert_eq!(b["moved"][0]["ok"], true, "{b}");
+        assert!(b["moved"][0]["summary"]["verified_chunks"].as_u64().unwrap() >= 32, "{b}");
+        let (switch, down) = (b["switchover_ms"].as_f64().unwrap(), v["downtime_ms"].as_f64().unwrap());
+        assert!(switch <= down, "{strategy}: the disk's handover ({switch} ms) lies inside the pause ({down} ms)");
+        if strategy == "precopy" {
+            assert_eq!(v["outcome"], "completed", "{v}");
+            assert!(v["checksum"].is_string(), "memory verified: {v}");
+        }
+        // The daemon serves the disk as NAME; it equals the source's image.
+        let dst = format!("nbd+unix:///{name}?socket={}", daemon.recv.join(format!("{name}.sock")).display());
+        run(Command::new("qemu-img").args(["compare", "-f", "raw", "-F", "raw", &img, &dst]).current_dir(&d));
+        assert!(daemon.log().contains(&format!("disk-receive {name}")), "{}", daemon.log());
+        drop(src);
+    }
+
+    // The name is taken: the destination refuses the disk, the memory never moves, and the
+    // source serves its disk on.
+    let img = "vm3-src.img";
+    std::fs::write(d.join(img), vec![7u8; 1 << 20]).unwrap();
+    let socket = d.join("vm3-src.sock");
+    let src = spawn_listening(
+        Command::new(BIN)
+            .args(["disk", "serve", "--control", "vm3.ctl", "--socket"])
+            .arg(&socket)
+            .arg(img)
+            .current_dir(&d)
+            .stderr(Stdio::piped()),
+    );
+    let src = Server { child: src.child, socket };
+    let o = Command::new(BIN)
+        .args(["migrate", "--to", &daemon.addr, "--secret-file", "secret", "--size", "8M", "--json", "--no-progress"])
+        .args(["--disk", &format!("vm3.ctl=vm1@{}", daemon.addr)])
+        .current_dir(&d)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a refused disk fails the migration");
+    assert!(err.contains("already has a disk named \"vm1\""), "{err}");
+    let o = qemu_io(&src.uri(), &["read -P 7 0 1M", "write -P 8 0 4k"]);
+    assert!(o.status.success() && !String::from_utf8_lossy(&o.stdout).contains("fail"), "{o:?}");
+    drop(src);
+    drop(daemon);
+    let _ = std::fs::remove_dir_all(&d);
+}

@@ -230,20 +230,43 @@ fn migrate(dir: &Path, src: &Guest, to: &str, extra: &[&str]) -> std::process::O
 }
 
 fn qmp_status(q: &Path) -> String {
+    qmp(q, "query-status", "{}")
+}
+
+/// Runs one QMP command on the socket `q`; returns QEMU's reply line (`return` or `error`).
+fn qmp(q: &Path, command: &str, args: &str) -> String {
     use std::io::{BufRead, BufReader, Write};
     let mut s = std::os::unix::net::UnixStream::connect(q).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
     let mut r = BufReader::new(s.try_clone().unwrap());
     let mut line = String::new();
     r.read_line(&mut line).unwrap();
-    s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n{\"execute\":\"query-status\"}\n").unwrap();
+    s.write_all(b"{\"execute\":\"qmp_capabilities\"}\n").unwrap();
+    line.clear();
+    r.read_line(&mut line).unwrap();
+    writeln!(s, "{{\"execute\":\"{command}\",\"arguments\":{args}}}").unwrap();
     loop {
         line.clear();
-        r.read_line(&mut line).unwrap();
-        if line.contains("\"status\"") {
+        assert!(r.read_line(&mut line).unwrap() > 0, "QEMU closed QMP during {command}");
+        if line.contains("\"return\"") || line.contains("\"error\"") {
             return line;
         }
     }
+}
+
+/// Guest-physical memory `[0, len)` of a paused guest, through QMP's `pmemsave`.
+fn guest_memory(dir: &Path, g: &Guest, name: &str, len: u64) -> Vec<u8> {
+    let f = dir.join(format!("{name}.mem"));
+    let r = qmp(&g.qmp, "pmemsave", &format!("{{\"val\":0,\"size\":{len},\"filename\":\"{}\"}}", f.display()));
+    assert!(r.contains("\"return\""), "pmemsave on {name}: {r}");
+    let m = std::fs::read(&f).unwrap();
+    let _ = std::fs::remove_file(&f);
+    m
+}
+
+/// The pages (4 KiB) where `a` and `b` differ.
+fn differing_pages(a: &[u8], b: &[u8]) -> Vec<usize> {
+    a.chunks(4096).zip(b.chunks(4096)).enumerate().filter(|(_, (x, y))| x != y).map(|(i, _)| i).collect()
 }
 
 #[test]
@@ -277,8 +300,9 @@ fn a_qemu_guest_migrates_through_livemig_and_keeps_running() {
     assert!(qmp_status(&a.qmp).contains("postmigrate"), "A stopped after the migration");
 
     step("A→B migrated, B runs");
-    // B → C with multifd (3 connections).
-    let c = Guest::start(&dir, &guest, "c", true);
+    // B → C with multifd (3 connections), C started paused (-S): once the migration completed,
+    // C's guest memory must equal B's byte for byte before C runs.
+    let c = Guest::start_with(&dir, &guest, "c", true, "dirty=64,24,0", &["-S".to_string()]);
     let (mut cc, addr) = carrier(&dir, &c, "c");
     let o = migrate(&dir, &b, &addr, &["--max-bandwidth", "1G", "--multifd", "2"]);
     let out = String::from_utf8_lossy(&o.stdout);
@@ -286,9 +310,16 @@ fn a_qemu_guest_migrates_through_livemig_and_keeps_running() {
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(
         (v["status"].as_str(), v["dest_running"].as_bool(), v["channels"].as_u64()),
-        (Some("completed"), Some(true), Some(3))
+        (Some("completed"), Some(false), Some(3)),
+        "{v}"
     );
     assert!(cc.0.wait().unwrap().success());
+    let (mb, mc) = (guest_memory(&dir, &b, "b", 256 << 20), guest_memory(&dir, &c, "c", 256 << 20));
+    assert_eq!(mb.len(), 256 << 20);
+    let diff = differing_pages(&mb, &mc);
+    assert!(diff.is_empty(), "C's memory differs from B's in {} pages: {:?}", diff.len(), &diff[..diff.len().min(16)]);
+    drop((mb, mc));
+    assert!(qmp(&c.qmp, "cont", "{}").contains("\"return\""));
     c.wait_counter(after + 2, Duration::from_secs(30));
 
     step("B→C migrated, C runs");

@@ -53,6 +53,12 @@ pub struct DaemonConfig {
     /// `livemig image serve`; `image clone|commit --daemon` reach them by `name`.
     #[serde(default)]
     pub images: Vec<ImageConfig>,
+    /// Where disks migrated to this daemon (`disk migrate --to NAME@ADDR`, `migrate --disk
+    /// CONTROL=NAME@ADDR`) are kept: `NAME.img`, served over NBD on the unix socket
+    /// `NAME.sock` there from the handover on, until the daemon stops. Unset: the daemon
+    /// receives no disk.
+    #[serde(default)]
+    pub receive_disks_dir: Option<PathBuf>,
 }
 
 /// One image served by the daemon.
@@ -142,6 +148,7 @@ impl Default for DaemonConfig {
             stats_every_s: 0.0,
             disks: Vec::new(),
             images: Vec::new(),
+            receive_disks_dir: None,
         }
     }
 }

@@ -59,6 +59,10 @@ pub struct ServeArgs {
     /// Seconds a session may last (0: no limit).
     #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs)]
     pub max_session: Option<f64>,
+    /// Receive disks migrated to this daemon into DIR (replaces the file's
+    /// `receive_disks_dir`).
+    #[arg(long, value_name = "DIR")]
+    pub receive_disks_dir: Option<PathBuf>,
     /// Print the daemon's state every SECS seconds (0: never).
     #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs)]
     pub stats_every: Option<f64>,
@@ -91,6 +95,9 @@ impl ServeArgs {
         }
         if let Some(s) = self.max_session {
             c.max_session_s = s;
+        }
+        if let Some(d) = &self.receive_disks_dir {
+            c.receive_disks_dir = Some(d.clone());
         }
         c.check()?;
         Ok(c)
@@ -132,6 +139,8 @@ struct Daemon {
     held_bytes: AtomicU64,
     /// Disks and images served over NBD, by name (set before any session is accepted).
     served: std::sync::OnceLock<Vec<(String, Arc<livemig_storage::cli::Served>)>>,
+    /// Disks migrated here, by name: being received, or received and served.
+    received: std::sync::Mutex<Vec<(String, Option<Arc<livemig_storage::mirror::Mirror>>)>>,
 }
 
 /// Memory reserved for one session against `max_total_bytes`; released on drop.
@@ -192,6 +201,7 @@ pub fn run(a: &ServeArgs) -> Result<()> {
         refused: AtomicU64::new(0),
         held_bytes: AtomicU64::new(0),
         served: std::sync::OnceLock::new(),
+        received: std::sync::Mutex::new(Vec::new()),
     });
     let mut listeners = Vec::new();
     for addr in &d.cfg.listen {
@@ -248,12 +258,21 @@ pub fn run(a: &ServeArgs) -> Result<()> {
     // SIGINT/SIGTERM: save every disk's state, then exit.
     let mut signals = signal_hook::iterator::Signals::new([signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM])
         .context("installing signal handlers")?;
+    let d2 = d.clone();
     std::thread::Builder::new().name("livemig-signals".into()).spawn(move || {
         if let Some(sig) = signals.forever().next() {
             for (_, s) in &served {
                 match s.stop() {
                     Ok(summary) => eprintln!("disk {summary}"),
                     Err(e) => eprintln!("error: disk {}: {e:#}", s.endpoint),
+                }
+            }
+            for (name, m) in d2.received.lock().unwrap_or_else(|e| e.into_inner()).iter() {
+                if let Some(m) = m {
+                    match m.flush() {
+                        Ok(()) => eprintln!("received disk {name}: saved"),
+                        Err(e) => eprintln!("error: received disk {name}: {e:#}"),
+                    }
                 }
             }
             eprintln!("livemig serve: stopped on signal {sig}");
@@ -448,6 +467,84 @@ fn dispatch(streams: Vec<Admitted>, kind: TransportKind, d: &Arc<Daemon>) {
     }
 }
 
+/// The `disk-receive` service: the disk `name` arrives into `receive_disks_dir`, is served
+/// over NBD there from the handover on, and stays served until the daemon stops.
+fn receive_disk(id: u64, mut t: Box<dyn Transport>, kind: TransportKind, name: &str, d: &Daemon) -> Result<String> {
+    let Some(dir) = d.cfg.receive_disks_dir.clone() else {
+        return refuse(t.as_mut(), "this daemon receives no disks (receive_disks_dir is not set)".into());
+    };
+    let served = d.served.get().map(Vec::as_slice).unwrap_or_default();
+    {
+        let mut received = d.received.lock().unwrap_or_else(|e| e.into_inner());
+        if served.iter().any(|(n, _)| n == name) || received.iter().any(|(n, _)| n == name) {
+            drop(received);
+            return refuse(t.as_mut(), format!("this daemon already has a disk named {name:?}"));
+        }
+        received.push((name.to_string(), None));
+    }
+    // The name is taken until the disk is received and served; a failed transfer frees it.
+    let forget = || d.received.lock().unwrap_or_else(|e| e.into_inner()).retain(|(n, m)| n != name || m.is_some());
+    let file = dir.join(format!("{name}.img"));
+    if std::fs::metadata(&file).is_ok_and(|m| m.len() > 0) {
+        forget();
+        return refuse(t.as_mut(), format!("{} already exists here", file.display()));
+    }
+    if let Err(e) = reply(t.as_mut(), &OpenReply::Opened { session: id }) {
+        forget();
+        return Err(e);
+    }
+    let a = livemig_storage::cli::receive::DiskReceiveArgs {
+        file: file.clone(),
+        base: None,
+        base_dir: None,
+        listen: String::new(),
+        secret_file: None,
+        transport: match kind {
+            TransportKind::Tcp => TransportChoice::Tcp,
+            TransportKind::Verbs => TransportChoice::Verbs,
+        },
+        socket: Some(dir.join(format!("{name}.sock"))),
+        nbd_listen: None,
+        name: name.to_string(),
+        io_timeout: d.cfg.io_timeout_s,
+        pulls_in_flight: 4,
+        serve_early: false,
+        size: None,
+        exit_when_done: false,
+        json: false,
+    };
+    let r = livemig_storage::cli::receive::receive_on(&a, t, None, None);
+    match (r.outcome, r.served) {
+        (Ok(s), Some((m, endpoint))) => {
+            let mut received = d.received.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = received.iter_mut().find(|(n, _)| n == name) {
+                e.1 = Some(m);
+            }
+            Ok(format!("disk-receive {name}, served on {endpoint}: {}", livemig_storage::cli::receive::describe(&s)))
+        }
+        (Err(e), Some((m, endpoint))) => {
+            // Handed over: the disk is served here (reads of chunks that never came fail with
+            // EIO); it keeps its name.
+            let mut received = d.received.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(e) = received.iter_mut().find(|(n, _)| n == name) {
+                e.1 = Some(m);
+            }
+            Err(e.context(format!("disk {name} (still served on {endpoint})")))
+        }
+        (outcome, None) => {
+            // Never handed over: the source still serves the disk with every write; what
+            // arrived here is dropped, and the name is free again.
+            if let Some(m) = r.opened {
+                drop(m);
+            }
+            let _ = std::fs::remove_file(&file);
+            forget();
+            Err(outcome.err().unwrap_or_else(|| anyhow::anyhow!("the transfer ended before the handover")))
+                .with_context(|| format!("receiving disk {name}"))
+        }
+    }
+}
+
 fn reply(t: &mut dyn Transport, r: &OpenReply) -> Result<()> {
     t.send_message(&r.encode()).context("answering the service request")
 }
@@ -520,6 +617,7 @@ fn session(id: u64, streams: Vec<Admitted>, kind: TransportKind, d: &Daemon) -> 
             let _ = t.recv_message(Some(io_timeout));
             return Ok(format!("disk-control {}", req.disk));
         }
+        Service::DiskReceive => return receive_disk(id, t, kind, &req.disk, d),
         Service::Receive => {
             let dm = match DestMemory::new(req.size, req.page_size) {
                 Ok(m) => m,

@@ -26,6 +26,9 @@ pub enum Service {
     /// A control request (`clone`, `commit`, `status`, …) for a disk the daemon serves,
     /// answered with one message; no memory is involved.
     DiskControl,
+    /// The destination of a live disk transfer (`disk migrate`): the daemon keeps the disk
+    /// under the name `disk` and serves it over NBD from the handover on.
+    DiskReceive,
 }
 
 impl Service {
@@ -36,6 +39,7 @@ impl Service {
             Service::BenchPages => "bench-pages",
             Service::BenchChunks => "bench-chunks",
             Service::DiskControl => "disk-control",
+            Service::DiskReceive => "disk-receive",
         }
     }
 }
@@ -56,6 +60,8 @@ pub struct OpenRequest {
     #[serde(default)]
     pub after_s: f64,
     /// DiskControl: the served disk's name (its `name` in the daemon's configuration).
+    /// DiskReceive: the name the received disk gets (a file name: letters, digits, `.`, `_`,
+    /// `-`, not starting with `.`).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub disk: String,
     /// DiskControl: the request, as the disk's control socket takes it (one JSON value).
@@ -105,6 +111,12 @@ pub enum OpenError {
         "a disk-control request names a disk (at most 128 bytes) and a request, and no memory; other services neither"
     )]
     Control,
+    /// A disk-receive request without a valid disk name, or with memory or a request.
+    #[error(
+        "a disk-receive request names the disk (1-128 letters, digits, '.', '_' or '-', not starting with '.') \
+         and nothing else"
+    )]
+    Receive,
     /// `after_s` outside 0..=3600.
     #[error("after_s {0} must be between 0 and 3600")]
     After(f64),
@@ -131,6 +143,12 @@ impl OpenRequest {
             }
             return Ok(r);
         }
+        if r.service == Service::DiskReceive {
+            if r.size != 0 || r.page_size != 0 || r.request.is_some() || !is_disk_name(&r.disk) {
+                return Err(OpenError::Receive);
+            }
+            return Ok(r);
+        }
         if !r.disk.is_empty() || r.request.is_some() {
             return Err(OpenError::Control);
         }
@@ -143,6 +161,13 @@ impl OpenRequest {
         }
         Ok(r)
     }
+}
+
+/// A name a received disk may take: usable as a file name as it is.
+pub fn is_disk_name(n: &str) -> bool {
+    (1..=128).contains(&n.len())
+        && !n.starts_with('.')
+        && n.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
 impl OpenReply {
@@ -208,6 +233,25 @@ mod tests {
         assert_eq!(ctl(&|r| r.disk.clear()), Err(OpenError::Control));
         assert_eq!(ctl(&|r| r.request = None), Err(OpenError::Control));
         assert_eq!(ctl(&|r| r.size = 4096), Err(OpenError::Control));
+        let recv = |disk: &str, size: u64| {
+            OpenRequest::decode(
+                &OpenRequest {
+                    version: 1,
+                    service: Service::DiskReceive,
+                    size,
+                    page_size: 0,
+                    after_s: 0.0,
+                    disk: disk.into(),
+                    request: None,
+                }
+                .encode(),
+            )
+        };
+        assert!(recv("vm1-disk.img", 0).is_ok());
+        for bad in ["", "../etc/passwd", ".hidden", "a/b", "sp ace", &"x".repeat(129)] {
+            assert_eq!(recv(bad, 0), Err(OpenError::Receive), "{bad:?}");
+        }
+        assert_eq!(recv("vm1", 4096), Err(OpenError::Receive));
         assert!(matches!(OpenRequest::decode(b"{\"version\":1}"), Err(OpenError::Malformed(_))));
         assert!(matches!(OpenRequest::decode(&[b' '; 5000]), Err(OpenError::TooLong(5000))));
         let unknown = br#"{"version":1,"service":"receive","size":4096,"page_size":4096,"extra":1}"#;

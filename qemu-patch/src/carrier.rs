@@ -60,6 +60,10 @@ pub enum CarrierMsg {
         status: String,
         /// Whether the destination's guest runs.
         running: bool,
+        /// QEMU's run state there after the migration (`running`, or `paused` when that QEMU
+        /// was started with `-S`).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        runstate: Option<String>,
         /// QEMU's timestamp of the guest's `RESUME` there, seconds since the epoch.
         #[serde(default)]
         resumed_at: Option<f64>,
@@ -118,6 +122,17 @@ pub enum CarrierError {
     /// A disk moving with the guest failed.
     #[error("{0}")]
     Disk(String),
+}
+
+impl From<livemig_storage::cli::together::DisksError> for CarrierError {
+    fn from(e: livemig_storage::cli::together::DisksError) -> Self {
+        use livemig_storage::cli::together::DisksError as D;
+        match e {
+            D::Disk(m) => CarrierError::Disk(m),
+            D::Timeout(m) => CarrierError::Timeout(m),
+            D::Io { what, source } => CarrierError::Io { what, source },
+        }
+    }
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> CarrierError {
@@ -398,6 +413,8 @@ pub struct DestOutcome {
     pub status: String,
     /// Whether the guest runs here.
     pub running: bool,
+    /// QEMU's run state after the migration (`paused` when it was started with `-S`).
+    pub runstate: Option<String>,
     /// Channels connected to QEMU.
     pub channels: u64,
     /// Bytes into QEMU.
@@ -467,7 +484,7 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
     let stop = AtomicBool::new(false);
     let counters = Counters::default();
     let mut resumed_at = None;
-    let (status, running, relays) = std::thread::scope(|s| {
+    let (Watched { status, running, runstate }, relays) = std::thread::scope(|s| {
         let relays = s.spawn(|| dest_relays(&o.incoming, channels, &stop, &counters));
         let watched = match qmp.as_mut() {
             Some(q) => watch_dest(q, started, o.max_time, &counters.failed, &mut resumed_at),
@@ -475,7 +492,7 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
                 while !relays.is_finished() && started.elapsed() < o.max_time {
                     std::thread::sleep(Duration::from_millis(50));
                 }
-                Ok(("unknown".to_string(), false))
+                Ok(Watched { status: "unknown".to_string(), running: false, runstate: None })
             }
         };
         // The stream is over either way: relays still waiting for a first byte stop.
@@ -490,40 +507,51 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
         counters.abort_all();
         let r = relays.join().unwrap_or_else(|_| Err(CarrierError::Peer("relays panicked".into())));
         match watched {
-            Ok((st, run)) if st == "completed" => {
+            Ok(w) if w.status == "completed" => {
                 // The guest runs here: a relay that ended badly afterwards changes nothing.
                 if let Err(e) = &r {
                     tracing::warn!(error = %e, "a relay ended with an error after the migration completed");
                 }
-                (st, run, Ok(()))
+                (w, Ok(()))
             }
-            Ok((st, run)) => (st, run, r),
-            Err(e) => ("failed".to_string(), false, Err(e)),
+            Ok(w) => (w, r),
+            Err(e) => (Watched { status: "failed".to_string(), running: false, runstate: None }, Err(e)),
         }
     });
     let out = DestOutcome {
         status: status.clone(),
         running,
+        runstate: runstate.clone(),
         channels: counters.channels.load(Ordering::Acquire),
         bytes_in: counters.forward.load(Ordering::Acquire),
         bytes_back: counters.back.load(Ordering::Acquire),
         elapsed_s: started.elapsed().as_secs_f64(),
     };
-    let _ = send(&mut *t, &CarrierMsg::Finished { status, running, resumed_at, ram: None });
+    let _ = send(&mut *t, &CarrierMsg::Finished { status, running, runstate, resumed_at, ram: None });
     // Let the report leave before the session closes.
     let _ = t.recv_message(Some(Duration::from_millis(200)));
     relays.map(|()| out)
 }
 
-/// Waits for the destination QEMU's migration to end; returns its status and whether the
-/// guest runs, and notes when QEMU said it resumed the guest.
+/// How the destination QEMU's migration ended.
+pub(crate) struct Watched {
+    /// QEMU's migration status (`completed`, `failed`, …).
+    pub status: String,
+    /// Whether the guest runs.
+    pub running: bool,
+    /// QEMU's run state after it (`running`, `paused`, …), when QEMU answered.
+    pub runstate: Option<String>,
+}
+
+/// Waits for the destination QEMU's migration to end; returns how it ended, and notes when
+/// QEMU said it resumed the guest.
 pub(crate) fn watch_dest(
     q: &mut Qmp,
     started: Instant,
     max_time: Duration,
     relay_failed: &AtomicBool,
     resumed_at: &mut Option<f64>,
-) -> Result<(String, bool), CarrierError> {
+) -> Result<Watched, CarrierError> {
     loop {
         if started.elapsed() > max_time {
             return Err(CarrierError::Timeout(format!("the incoming migration took more than {max_time:?}")));
@@ -552,6 +580,7 @@ pub(crate) fn watch_dest(
         if matches!(status.as_str(), "completed" | "failed" | "cancelled") {
             // A completed incoming migration starts the guest (unless QEMU runs with -S).
             let mut running = false;
+            let mut runstate = None;
             for _ in 0..50 {
                 while let Some(e) = q.next_event(Duration::from_millis(1))? {
                     if e.name == "RESUME" {
@@ -560,12 +589,14 @@ pub(crate) fn watch_dest(
                 }
                 let st = q.execute("query-status", json!({}))?;
                 running = st.get("running").and_then(|r| r.as_bool()).unwrap_or(false);
-                if running || status != "completed" {
+                runstate = st.get("status").and_then(|r| r.as_str()).map(str::to_string);
+                // `paused`: that QEMU runs with -S and waits for `cont`.
+                if running || status != "completed" || runstate.as_deref() == Some("paused") {
                     break;
                 }
                 std::thread::sleep(Duration::from_millis(100));
             }
-            return Ok((status, running));
+            return Ok(Watched { status, running, runstate });
         }
     }
 }

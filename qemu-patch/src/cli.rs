@@ -110,7 +110,7 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
                 if out.running { ", guest running" } else { "" }
             );
         }
-        if a.dst_qmp.is_some() && !(out.status == "completed" && out.running) {
+        if a.dst_qmp.is_some() && !(out.status == "completed" && (out.running || dest_waits(out.runstate.as_deref()))) {
             bail!("the destination's migration ended {} (guest running: {})", out.status, out.running);
         }
         return Ok(());
@@ -303,7 +303,7 @@ pub struct QemuMigrateArgs {
     /// before the memory migration; while QEMU waits in pre-switchover (guest stopped) it is
     /// handed over, and QEMU goes on once the destination serves it. Needs --secret-file.
     #[arg(long, value_name = "CONTROL=ADDR", requires = "secret_file")]
-    pub disk: Vec<crate::disks::DiskSpec>,
+    pub disk: Vec<livemig_storage::cli::together::DiskSpec>,
     /// How the disks move: hybrid (push, hand over, pull the rest on demand and hottest
     /// first) or precopy (rounds; the last inside QEMU's downtime).
     #[arg(long, value_enum, default_value_t = livemig_storage::live::Strategy::Hybrid)]
@@ -457,11 +457,12 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         relay: a.relay,
         transport: a.transport,
         disks: a.disk.clone(),
-        disk_options: a.secret_file.as_ref().map(|f| crate::disks::DiskOptions {
+        disk_options: a.secret_file.as_ref().map(|f| livemig_storage::cli::together::DiskOptions {
             strategy: a.disk_strategy,
             threshold: a.disk_threshold,
             secret_file: f.clone(),
             io_timeout: Duration::from_secs_f64(a.io_timeout),
+            transport: livemig_engine::connect::TransportChoice::Tcp,
         }),
     };
     let json = a.json;
@@ -495,7 +496,13 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
             s.throughput_mib_s,
             s.ram_transferred as f64 / (1 << 20) as f64,
             s.dest_status,
-            if s.dest_running { ", guest running" } else { ", guest NOT running" }
+            if s.dest_running {
+                ", guest running"
+            } else if dest_waits(s.dest_runstate.as_deref()) {
+                ", guest paused (that QEMU runs with -S: `cont` starts it)"
+            } else {
+                ", guest NOT running"
+            }
         );
         if let (Some(by), Some(action)) = (&s.decided_by, &s.action) {
             println!("decided by {by}: {action}");
@@ -557,7 +564,7 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
             d.error.as_deref().unwrap_or("?")
         );
     }
-    if !s.dest_running {
+    if !s.dest_running && !dest_waits(s.dest_runstate.as_deref()) {
         bail!(
             "QEMU completed the migration at the source, but the destination's guest is not known to run ({}); \
              check the destination QEMU",
@@ -565,6 +572,12 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// A destination QEMU started with `-S` ends an incoming migration `paused`, waiting for
+/// `cont`: the migration succeeded, the guest just does not run yet.
+fn dest_waits(runstate: Option<&str>) -> bool {
+    runstate == Some("paused")
 }
 
 #[cfg(test)]

@@ -5,8 +5,8 @@
 //! - [`carrier`]: QEMU's migration connections as byte channels of one livemig session, and
 //!   the destination carrier that prepares its QEMU and reports how it ended.
 //! - [`controller`]: livemig's convergence policies fed with QEMU's per-pass figures.
-//! - [`disks`]: disks that move with the migration, handed over while QEMU waits in
-//!   `pre-switchover`.
+//! - Disks move with the migration through `livemig_storage::cli::together`, handed over
+//!   while QEMU waits in `pre-switchover`.
 //! - [`external`]: external RAM — QEMU's guest RAM moved by livemig's engine (needs QEMU with
 //!   livemig's patch), QEMU's stream carrying the device state.
 //! - [`migrate`]: `livemig qemu migrate` — the source QEMU driven over QMP through the carrier.
@@ -17,7 +17,6 @@
 pub mod carrier;
 pub mod cli;
 pub mod controller;
-pub mod disks;
 pub mod external;
 pub mod migrate;
 pub mod qmp;

@@ -17,8 +17,8 @@ use serde_json::{json, Map, Value};
 
 use crate::carrier::{self, CarrierError, CarrierMsg, Counters};
 use crate::controller::{Action, Controller, PassFigures, Switchover};
-use crate::disks::{DiskOptions, DiskOutcome, DiskSpec, Disks};
 use crate::qmp::Qmp;
+use livemig_storage::cli::together::{DiskOptions, DiskOutcome, DiskSpec, Disks};
 use livemig_storage::live::Strategy;
 
 /// What `qemu migrate` is told.
@@ -119,6 +119,9 @@ pub struct Summary {
     pub dest_status: String,
     /// Whether the destination's guest runs.
     pub dest_running: bool,
+    /// The destination QEMU's run state after the migration (`running`; `paused` when it was
+    /// started with `-S` and waits for `cont`).
+    pub dest_runstate: Option<String>,
     /// After a failed migration: whether the guest runs at the source.
     pub source_running: bool,
     /// The policy rule that decided pre-copy no longer pays, if one did.
@@ -465,7 +468,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         sum.channels = 1;
         sum.throughput_mib_s = sum.carried as f64 / (1 << 20) as f64 / (sum.wall_ms.max(1) as f64 / 1e3);
     }
-    if let Some(d) = disks {
+    if let Some(mut d) = disks {
         if !handed_over {
             // The disks stay with the guest at the source. (Handed over and the memory
             // migration failed after: each disk lives at its destination now, and its
@@ -504,9 +507,10 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
         return Ok(sum);
     }
     match carrier::recv(&mut *t, o.io_timeout + Duration::from_secs(10), "the destination's outcome") {
-        Ok(CarrierMsg::Finished { status, running, resumed_at, .. }) => {
+        Ok(CarrierMsg::Finished { status, running, runstate, resumed_at, .. }) => {
             sum.dest_status = status;
             sum.dest_running = running;
+            sum.dest_runstate = runstate;
             if let (Some(stop), Some(resume)) = (stopped_at, resumed_at) {
                 // Two QEMUs' clocks: the same host's here; across hosts, as good as their sync.
                 sum.stop_to_resume_ms = Some(((resume - stop) * 1e3).max(0.0));

@@ -287,7 +287,7 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
     reset_source(&mut q);
     let wait = o.max_time.saturating_sub(started.elapsed()).max(o.io_timeout);
     match recv_outcome(&mut *t, wait)? {
-        CarrierMsg::Finished { status, running, resumed_at, ram } => {
+        CarrierMsg::Finished { status, running, resumed_at, ram, .. } => {
             sum.dest_status = status;
             sum.dest_running = running;
             sum.dest_ram = ram;
@@ -583,7 +583,13 @@ pub fn receive_ram(
         Err(e) => {
             let _ = carrier::send(
                 &mut *t,
-                &CarrierMsg::Finished { status: "failed".into(), running: false, resumed_at: None, ram: None },
+                &CarrierMsg::Finished {
+                    status: "failed".into(),
+                    running: false,
+                    runstate: None,
+                    resumed_at: None,
+                    ram: None,
+                },
             );
             return Err(CarrierError::Peer(format!("receiving QEMU's RAM: {e}")));
         }
@@ -595,16 +601,24 @@ pub fn receive_ram(
     // migration of another kind must not skip its shared RAM.
     let _ = q.execute("x-livemig-detach", json!({}));
     let _ = q.set_capabilities(&[("x-ignore-shared", false)]);
-    let (status, running) = watched.unwrap_or_else(|e| (format!("failed: {e}"), false));
+    let carrier::Watched { status, running, runstate } =
+        watched.unwrap_or_else(|e| carrier::Watched { status: format!("failed: {e}"), running: false, runstate: None });
     let _ = carrier::send(
         &mut *t,
-        &CarrierMsg::Finished { status: status.clone(), running, resumed_at, ram: Some(report) },
+        &CarrierMsg::Finished {
+            status: status.clone(),
+            running,
+            runstate: runstate.clone(),
+            resumed_at,
+            ram: Some(report),
+        },
     );
     let _ = t.recv_message(Some(Duration::from_millis(200)));
     drop(regs);
     Ok(carrier::DestOutcome {
         status,
         running,
+        runstate,
         channels: 1,
         bytes_in: 0,
         bytes_back: 0,

@@ -437,6 +437,8 @@ fn run(
 
     // Hand-over: the guest stops here.
     let phase = PostcopyPhase::Handover;
+    // The downtime starts when the guest is asked to stop (the pause may hand disks over).
+    let paused = Instant::now();
     if let Err(e) = guest.pause() {
         if let Some(d) = dirty.as_deref_mut() {
             d.stop();
@@ -445,7 +447,6 @@ fn run(
             t.send_message(&Msg::Abort { reason: format!("pausing the guest failed: {}", error_chain(&e)) }.encode());
         return Err(PostcopyError::Guest(e));
     }
-    let paused = Instant::now();
     let mut prepager = Prepager::new(pages, cfg.order);
     let mut invalidated = 0u64;
     let handover = (|| -> Result<Vec<u8>, PostcopyError> {

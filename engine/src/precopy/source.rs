@@ -264,11 +264,16 @@ pub fn migrate(
                     sess.handle_timeout(now());
                     Ok(())
                 }
-                Action::PauseGuest => guest.pause().map_err(SourceError::Guest).map(|()| {
-                    summary.guest_rate_during = rate(progress0, guest.progress(), start.elapsed());
-                    tracing::info!("stop-and-copy: guest paused");
-                    sess.handle_paused(now())
-                }),
+                Action::PauseGuest => {
+                    // The downtime starts when the guest is asked to stop: whatever the pause
+                    // takes (draining I/O, handing disks over) is the guest's.
+                    let asked = now();
+                    guest.pause().map_err(SourceError::Guest).map(|()| {
+                        summary.guest_rate_during = rate(progress0, guest.progress(), start.elapsed());
+                        tracing::info!("stop-and-copy: guest paused");
+                        sess.handle_paused(asked)
+                    })
+                }
                 Action::SaveState => {
                     #[cfg(feature = "fault-injection")]
                     let r = fault::corrupt_in_flight(t, &mut s);

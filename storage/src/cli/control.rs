@@ -77,7 +77,8 @@ pub trait Snapshots: Send + Sync + std::fmt::Debug {
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MigrateRequest {
-    /// The destination (`livemig disk receive --listen`).
+    /// The destination: a `livemig disk receive --listen` address, or `NAME@ADDR` for a
+    /// daemon at ADDR that receives the disk as NAME.
     pub to: String,
     /// The shared secret's file (read by the server).
     pub secret_file: PathBuf,
@@ -272,7 +273,9 @@ pub struct DiskMigrateArgs {
     /// The control socket of the `livemig disk serve` that serves the disk.
     #[arg(long, value_name = "PATH")]
     pub control: PathBuf,
-    /// The destination: `livemig disk receive --listen ADDR` on the other host.
+    /// The destination: `livemig disk receive --listen ADDR` on the other host, or
+    /// `NAME@ADDR`: the host's daemon (`livemig serve` with `receive_disks_dir`) at ADDR
+    /// receives the disk and serves it as NAME.
     #[arg(long, value_name = "ADDR")]
     pub to: String,
     /// The shared secret's file (read by the serving process; the same file at both ends).

@@ -4,6 +4,7 @@
 
 pub mod control;
 pub mod receive;
+pub mod together;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};

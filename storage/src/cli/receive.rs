@@ -201,6 +201,71 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
     // Stray connections (scans, wrong secrets) cost a log line each; the first session that
     // authenticates is the transfer.
     let t = l.accept(&opts, &secret, &livemig_transport::RegionTable::new()).context("accepting the source")?;
+    let Received { outcome, served, opened } = receive_on(a, t, base, early.as_ref());
+    let outcome = match outcome {
+        Ok(s) if a.json => {
+            println!("{}", serde_json::to_string(&s)?);
+            Ok(())
+        }
+        Ok(s) => {
+            println!("{}", describe(&s));
+            Ok(())
+        }
+        Err(e) => Err(e),
+    };
+    std::io::stdout().flush()?;
+    let Some((mirror, endpoint)) = served else {
+        if let Some((d, _)) = &early {
+            d.fail("the transfer failed before the handover".into());
+        }
+        // Never handed over: nothing was served here; keep what arrived (the source still
+        // has everything).
+        if let Some(m) = opened {
+            m.flush().context("saving the disk state")?;
+        }
+        return outcome;
+    };
+    if let Err(e) = &outcome {
+        eprintln!("error: {e:#}");
+        eprintln!("disk receive: still serving {endpoint}; reads of the missing chunks fail with EIO");
+    }
+    if !a.exit_when_done {
+        let sig = super::wait_for_stop_signal()?;
+        eprintln!("disk receive: stopped on signal {sig}");
+    }
+    mirror.flush().context("saving the disk state")?;
+    if let Some(p) = &a.socket {
+        let _ = std::fs::remove_file(p);
+    }
+    if outcome.is_err() {
+        bail!("the transfer did not complete");
+    }
+    Ok(())
+}
+
+/// How a transfer received on a session ended.
+#[derive(Debug)]
+pub struct Received {
+    /// The transfer's end: its summary, or why it failed.
+    pub outcome: Result<dest::DestSummary>,
+    /// The disk and where it is served, once handed over (it is served on after the
+    /// transfer, failed or not: reads of chunks that never came fail with EIO).
+    pub served: Option<(Arc<Mirror>, String)>,
+    /// The disk opened for the transfer (to save when it was never handed over).
+    pub opened: Option<Arc<Mirror>>,
+}
+
+/// Receives one disk transfer on the authenticated session `t` (the `disk receive` command,
+/// and the daemon's `disk-receive` service): installs the pushed chunks, serves the disk
+/// over NBD where `a` says from the handover on (or makes the `early` export live), pulls the
+/// rest and prints the summary.
+pub fn receive_on(
+    a: &DiskReceiveArgs,
+    t: Box<dyn livemig_transport::Transport>,
+    base: Option<Box<dyn Base>>,
+    early: Option<&(Arc<Deferred>, String)>,
+) -> Received {
+    let io_timeout = Duration::from_secs_f64(a.io_timeout);
     let o = ReceiveOptions { io_timeout, pulls_in_flight: a.pulls_in_flight };
     let mut served: Option<(Arc<Mirror>, String)> = None;
     let mut opened: Option<Arc<Mirror>> = None;
@@ -248,61 +313,29 @@ pub fn run_receive(a: &DiskReceiveArgs) -> Result<()> {
             }
         },
     );
-    let outcome = match &res {
-        Ok(s) => {
-            if json {
-                println!("{}", serde_json::to_string(s)?);
-            } else {
-                println!(
-                    "disk received ({}): {:.2} s total, handover at {:.2} s, then {:.2} s of pulls; \
-                     {} chunks pushed ({:.1} MiB), {} left at the handover: {} pulled in the background, \
-                     {} on demand, {} cancelled by writes ({:.1} MiB pulled); {} chunks verified equal to the source's",
-                    s.strategy,
-                    s.total_s,
-                    s.handover_s,
-                    s.pull_s,
-                    s.chunks_pushed,
-                    s.bytes_pushed as f64 / (1 << 20) as f64,
-                    s.remaining_at_handover,
-                    s.chunks_pulled,
-                    s.chunks_pulled_urgent,
-                    s.pulls_cancelled,
-                    s.bytes_pulled as f64 / (1 << 20) as f64,
-                    s.verified_chunks
-                );
-            }
-            Ok(())
-        }
-        Err(e) => {
-            Err(anyhow::anyhow!("disk transfer failed: {}: {}", livemig_engine::precopy::error_chain(&e.cause), e))
-        }
-    };
-    std::io::stdout().flush()?;
-    let Some((mirror, endpoint)) = served else {
-        if let Some((d, _)) = &early {
-            d.fail("the transfer failed before the handover".into());
-        }
-        // Never handed over: nothing was served here; keep what arrived (the source still
-        // has everything).
-        if let Some(m) = opened {
-            m.flush().context("saving the disk state")?;
-        }
-        return outcome;
-    };
-    if let Err(e) = &outcome {
-        eprintln!("error: {e:#}");
-        eprintln!("disk receive: still serving {endpoint}; reads of the missing chunks fail with EIO");
-    }
-    if !a.exit_when_done {
-        let sig = super::wait_for_stop_signal()?;
-        eprintln!("disk receive: stopped on signal {sig}");
-    }
-    mirror.flush().context("saving the disk state")?;
-    if let Some(p) = &a.socket {
-        let _ = std::fs::remove_file(p);
-    }
-    if outcome.is_err() {
-        bail!("the transfer did not complete");
-    }
-    Ok(())
+    let outcome = res.map_err(|e| {
+        anyhow::anyhow!("disk transfer failed: {}: {}", livemig_engine::precopy::error_chain(&e.cause), e)
+    });
+    Received { outcome, served, opened }
+}
+
+/// One line on a received disk's transfer.
+pub fn describe(s: &dest::DestSummary) -> String {
+    format!(
+        "disk received ({}): {:.2} s total, handover at {:.2} s, then {:.2} s of pulls; \
+         {} chunks pushed ({:.1} MiB), {} left at the handover: {} pulled in the background, \
+         {} on demand, {} cancelled by writes ({:.1} MiB pulled); {} chunks verified equal to the source's",
+        s.strategy,
+        s.total_s,
+        s.handover_s,
+        s.pull_s,
+        s.chunks_pushed,
+        s.bytes_pushed as f64 / (1 << 20) as f64,
+        s.remaining_at_handover,
+        s.chunks_pulled,
+        s.chunks_pulled_urgent,
+        s.pulls_cancelled,
+        s.bytes_pulled as f64 / (1 << 20) as f64,
+        s.verified_chunks
+    )
 }

@@ -107,17 +107,35 @@ pub fn options(choice: TransportChoice, io_timeout: Duration) -> TransportOption
     TransportOptions { choice, io_timeout, tcp, verbs: Default::default() }
 }
 
-/// Connects a session with an urgent channel to `addr` over `choice` (`auto`: verbs when an
-/// RDMA device is up).
+/// Connects a session with an urgent channel to `to` over `choice` (`auto`: verbs when an
+/// RDMA device is up). `to` is the address of a `disk receive`, or `NAME@ADDR`: a daemon at
+/// ADDR that receives the disk under NAME.
 pub fn connect(
     choice: TransportChoice,
-    addr: &str,
+    to: &str,
     secret: &Secret,
     io_timeout: Duration,
 ) -> Result<Box<dyn Transport>, Error> {
+    let (name, addr) = match to.split_once('@') {
+        Some((n, a)) => (Some(n), a),
+        None => (None, to),
+    };
     let (kind, _) = livemig_engine::connect::resolve(choice);
-    livemig_engine::connect::connect(kind, addr, &options(choice, io_timeout), secret, &RegionTable::new())
-        .map_err(Error::Transport)
+    let mut t = livemig_engine::connect::connect(kind, addr, &options(choice, io_timeout), secret, &RegionTable::new())
+        .map_err(Error::Transport)?;
+    if let Some(name) = name {
+        let req = livemig_engine::open::OpenRequest {
+            version: livemig_engine::open::OPEN_VERSION,
+            service: livemig_engine::open::Service::DiskReceive,
+            size: 0,
+            page_size: 0,
+            after_s: 0.0,
+            disk: name.to_string(),
+            request: None,
+        };
+        livemig_app::open::open(t.as_mut(), &req, io_timeout).map_err(|e| Error::Refused(format!("{e:#}")))?;
+    }
+    Ok(t)
 }
 
 /// Sends one transfer message on the bulk stream.

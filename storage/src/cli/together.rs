@@ -1,23 +1,45 @@
-//! Disks that move with a QEMU migration. Each disk is served to the source QEMU by
-//! `livemig disk serve --control` and received by `livemig disk receive --serve-early` at the
-//! destination (whose QEMU opens it at start). Its live transfer runs beside the memory
-//! migration with the switchover left to this module: while QEMU waits in `pre-switchover`
-//! (the guest stopped, its disk I/O drained and flushed), every disk is handed over, and QEMU
-//! goes on only once every destination serves its disk. A disk that cannot be handed over
-//! cancels the migration: the guest runs on at the source with its disks intact.
+//! Disks that move together with a guest's memory (a QEMU migration, or livemig's own
+//! `migrate`). Each disk is served at the source by `livemig disk serve --control` (or an
+//! image serve, or the daemon) and received by `livemig disk receive` or a daemon at the
+//! destination. Its live transfer runs beside the memory migration with the switchover left
+//! to this module: while the guest is stopped (QEMU waiting in `pre-switchover`, its disk I/O
+//! drained and flushed; or the engine's pause), every disk is handed over, and the memory
+//! migration goes on only once every destination serves its disk. A disk that cannot be
+//! handed over cancels the migration: the guest runs on at the source with its disks intact.
 
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
-use livemig_storage::cli::control::{self, Client, MigrateRequest, Request};
-use livemig_storage::live::{Strategy, SwitchoverMode};
+use livemig_engine::connect::TransportChoice;
 use serde_json::Value;
 
-use crate::carrier::CarrierError;
+use super::control::{self, Client, MigrateRequest, Request};
+use crate::live::{Strategy, SwitchoverMode};
 
-/// One disk: the control socket of its `disk serve` and the address of its `disk receive`.
+/// Why the disks could not start moving, or did not converge.
+#[derive(Debug, thiserror::Error)]
+pub enum DisksError {
+    /// A disk's transfer could not start or ended early.
+    #[error("{0}")]
+    Disk(String),
+    /// A transfer did not start or converge in time.
+    #[error("{0}")]
+    Timeout(String),
+    /// A local file or thread.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One disk: the control socket of its `disk serve` and the address of its destination
+/// (`disk receive`, or a daemon: `NAME@ADDR` receives it as the daemon's disk NAME).
 #[derive(Debug, Clone, PartialEq)]
 pub struct DiskSpec {
     /// The source's control socket.
@@ -50,6 +72,8 @@ pub struct DiskOptions {
     pub secret_file: PathBuf,
     /// A silent peer is declared gone after this.
     pub io_timeout: Duration,
+    /// The sessions' backend (the destinations must listen on it).
+    pub transport: TransportChoice,
 }
 
 /// How one disk's transfer ended.
@@ -85,8 +109,8 @@ struct Run {
 impl Disks {
     /// Starts every disk's transfer (switchover on command) and returns once each is
     /// pushing, or the first failure (the ones started are cancelled).
-    pub fn start(specs: &[DiskSpec], o: &DiskOptions) -> Result<Disks, CarrierError> {
-        let secret_file = std::fs::canonicalize(&o.secret_file).map_err(|source| CarrierError::Io {
+    pub fn start(specs: &[DiskSpec], o: &DiskOptions) -> Result<Disks, DisksError> {
+        let secret_file = std::fs::canonicalize(&o.secret_file).map_err(|source| DisksError::Io {
             what: format!("the secret file {}", o.secret_file.display()),
             source,
         })?;
@@ -101,14 +125,14 @@ impl Disks {
                 max_downtime_ms: 300,
                 max_rounds: 30,
                 io_timeout_s: o.io_timeout.as_secs_f64(),
-                push_window_mib: livemig_storage::live::proto::PUSH_WINDOW >> 20,
-                transport: livemig_engine::connect::TransportChoice::Tcp,
+                push_window_mib: crate::live::proto::PUSH_WINDOW >> 20,
+                transport: o.transport,
             });
             let mut c = match Client::connect(&spec.control).and_then(|mut c| c.send(&req).map(|_| c)) {
                 Ok(c) => c,
                 Err(e) => {
                     d.cancel();
-                    return Err(CarrierError::Disk(format!("disk {}: {e:#}", spec.control.display())));
+                    return Err(DisksError::Disk(format!("disk {}: {e:#}", spec.control.display())));
                 }
             };
             let progress = Arc::new(Mutex::new(None));
@@ -118,7 +142,7 @@ impl Disks {
             let quiet = o.io_timeout + Duration::from_secs(1800);
             let p = progress.clone();
             let thread = std::thread::Builder::new()
-                .name("livemig-qemu-disk".into())
+                .name("livemig-disk-beside".into())
                 .spawn(move || loop {
                     let v = c.reply(Some(quiet)).map_err(|e| format!("{e:#}"))?;
                     if let Some(x) = v.get("progress") {
@@ -129,7 +153,7 @@ impl Disks {
                         return Ok(v.get("return").cloned().unwrap_or_default());
                     }
                 })
-                .map_err(|source| CarrierError::Io { what: "starting a disk thread".into(), source })?;
+                .map_err(|source| DisksError::Io { what: "starting a disk thread".into(), source })?;
             d.runs.push(Run { spec: spec.clone(), progress, thread: Some(thread) });
         }
         // Each transfer is under way once its server says so (the destination accepted).
@@ -144,7 +168,7 @@ impl Disks {
                     };
                     let what = format!("disk {} to {}: {why}", r.spec.control.display(), r.spec.to);
                     d.cancel();
-                    return Err(CarrierError::Disk(what));
+                    return Err(DisksError::Disk(what));
                 }
                 let state = control::call(&r.spec.control, &Request::Status, Duration::from_secs(5))
                     .map(|v| v.get("state").and_then(|s| s.as_str()).unwrap_or("").to_string());
@@ -154,7 +178,7 @@ impl Disks {
                 if Instant::now() > deadline {
                     let what = format!("disk {}: its transfer did not start ({state:?})", r.spec.control.display());
                     d.cancel();
-                    return Err(CarrierError::Timeout(what));
+                    return Err(DisksError::Timeout(what));
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -191,10 +215,10 @@ impl Disks {
     /// Waits until every transfer could hand over within its bound (pre-copy: its rounds
     /// converged), as libvirt waits for its mirror jobs to be ready before it migrates memory;
     /// at most until `deadline`.
-    pub fn wait_ready(&self, deadline: Instant) -> Result<(), CarrierError> {
+    pub fn wait_ready(&self, deadline: Instant) -> Result<(), DisksError> {
         loop {
             if let Some(why) = self.ended() {
-                return Err(CarrierError::Disk(why));
+                return Err(DisksError::Disk(why));
             }
             let ready = self.runs.iter().all(|r| {
                 r.progress
@@ -207,7 +231,7 @@ impl Disks {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(CarrierError::Timeout("the disks' transfers did not converge".into()));
+                return Err(DisksError::Timeout("the disks' transfers did not converge".into()));
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -270,7 +294,7 @@ impl Disks {
     }
 
     /// Waits for every transfer to end (after a handover: the pulls and the final check).
-    pub fn finish(mut self) -> Vec<DiskOutcome> {
+    pub fn finish(&mut self) -> Vec<DiskOutcome> {
         self.runs
             .iter_mut()
             .map(|r| {
@@ -286,6 +310,62 @@ impl Disks {
             })
             .collect()
     }
+}
+
+impl livemig_app::beside::Beside for Disks {
+    fn switch_over(&mut self) -> Result<(), livemig_app::beside::SwitchoverFailed> {
+        self.hand_over().map(|_| ()).map_err(|reason| livemig_app::beside::SwitchoverFailed {
+            reason,
+            all_at_source: Disks::all_at_source(&self.states()),
+        })
+    }
+
+    fn cancel(&mut self) {
+        Disks::cancel(self)
+    }
+
+    fn describe(&self) -> String {
+        format!("{} disk(s)", self.len())
+    }
+
+    fn finish(&mut self) -> Value {
+        serde_json::to_value(Disks::finish(self)).unwrap_or_default()
+    }
+}
+
+/// `livemig migrate --disk …`: the disks start moving first (as libvirt starts its mirror
+/// jobs), and once each could hand over within its bound the memory migration runs, the
+/// disks switched over inside its pause.
+pub fn run_migrate(a: &livemig_app::precopy::MigrateArgs) -> anyhow::Result<()> {
+    use anyhow::Context;
+    if a.local {
+        anyhow::bail!("--disk moves disks to another host: give --to, not --local");
+    }
+    let to = a.to.as_deref().context("give --to ADDR")?;
+    let Some(secret_file) = &a.secret_file else {
+        anyhow::bail!("--disk needs --secret-file: each disk's server reads the secret from it");
+    };
+    let specs =
+        a.disk.iter().map(|s| s.parse::<DiskSpec>()).collect::<Result<Vec<_>, _>>().map_err(anyhow::Error::msg)?;
+    let strategy = match a.disk_strategy.as_str() {
+        "precopy" => Strategy::Precopy,
+        _ => Strategy::Hybrid,
+    };
+    let io_timeout = Duration::from_secs_f64(a.io_timeout);
+    let o = DiskOptions {
+        strategy,
+        threshold: 2,
+        secret_file: secret_file.clone(),
+        io_timeout,
+        transport: a.disk_transport,
+    };
+    let secret = livemig_transport::auth::Secret::load(Some(secret_file)).context("loading the shared secret")?;
+    let t0 = Instant::now();
+    let mut disks = Disks::start(&specs, &o)?;
+    eprintln!("{} disk(s) moving; waiting until each could hand over", disks.len());
+    disks.wait_ready(Instant::now() + Duration::from_secs(a.max_time.max(600)))?;
+    eprintln!("disks ready after {:.2} s; migrating the memory", t0.elapsed().as_secs_f64());
+    livemig_app::precopy::run_source_with(a, to, &secret, Some(&mut disks))
 }
 
 impl Drop for Disks {
