@@ -7,9 +7,12 @@
 # then dirties WSS MiB flat out (WSS=0: idle after touching).
 #   qemu-tcp       QEMU direct tcp: (pre-copy, its default downtime rule), cancelled after MAX_TIME s
 #   qemu-postcopy  QEMU direct tcp:, postcopy started after the first pass
-#   lm-precopy     livemig moves the RAM: pre-copy, the ibrahim controller decides
+#   lm-precopy     livemig moves the RAM: pre-copy, the ibrahim controller decides (the
+#                  guest's writes tracked with userfaultfd write-protect + PAGEMAP_SCAN)
+#   lm-precopy-qlog   the same, the writes read from QEMU's own dirty log (x-livemig-dirty-sync)
 #   lm-pre-post    livemig: the same pre-copy, handing over to post-copy when the controller decides
 #   lm-hybrid      livemig: one pass, then post-copy
+#   lm-hybrid-qlog    the same with QEMU's dirty log
 #   lm-postcopy    livemig: post-copy at once
 # Prints total time, the guest's pause (source STOP to destination RESUME, QEMU's event
 # timestamps, for every run; QEMU's own `downtime` figure is kept in runs.jsonl), bytes, and
@@ -139,9 +142,11 @@ for mode in $MODES; do
   case $mode in
     qemu-tcp) r=$(qemu_direct "$cur" "g$n" 0 || true) ;;
     qemu-postcopy) r=$(qemu_direct "$cur" "g$n" 1 || true) ;;
-    lm-precopy) r=$(through_livemig "$cur" "g$n" --strategy precopy) ;;
+    lm-precopy) r=$(through_livemig "$cur" "g$n" --strategy precopy --dirty-log uffd) ;;
+    lm-precopy-qlog) r=$(through_livemig "$cur" "g$n" --strategy precopy --dirty-log qemu) ;;
     lm-pre-post) r=$(through_livemig "$cur" "g$n" --strategy precopy --switchover postcopy) ;;
-    lm-hybrid) r=$(through_livemig "$cur" "g$n" --strategy hybrid) ;;
+    lm-hybrid) r=$(through_livemig "$cur" "g$n" --strategy hybrid --dirty-log uffd) ;;
+    lm-hybrid-qlog) r=$(through_livemig "$cur" "g$n" --strategy hybrid --dirty-log qemu) ;;
     lm-postcopy) r=$(through_livemig "$cur" "g$n" --strategy postcopy) ;;
   esac
   [[ -n $r ]] || r='{"status": "failed"}'
@@ -156,11 +161,11 @@ for mode in $MODES; do
 done
 echo
 echo "== ${MEM} MiB guest, $DATA MiB touched, $WSS MiB dirtied flat out; link $LINK"
-printf '%-14s %-40s %9s %10s %9s %9s %9s  %s\n' mode status total_ms pause_ms MiB p50_us p99_us decided
+printf '%-16s %-40s %9s %10s %9s %9s %9s  %s\n' mode status total_ms pause_ms MiB p50_us p99_us decided
 jq -r '[.mode, .status, (.total_ms // "-" | if type == "number" then floor else . end),
         (.pause_ms // "-" | if type == "number" then (. * 10 | floor) / 10 else . end),
         (if .bytes then (.bytes / 1048576 | floor) else "-" end),
         (.fault_p50_us // "-" | if type == "number" then floor else . end),
         (.fault_p99_us // "-" | if type == "number" then floor else . end), (.decided_by // "-")] | @tsv' runs.jsonl |
-  awk -F'\t' '{ printf "%-14s %-40s %9s %10s %9s %9s %9s  %s\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
+  awk -F'\t' '{ printf "%-16s %-40s %9s %10s %9s %9s %9s  %s\n", $1, $2, $3, $4, $5, $6, $7, $8 }'
 echo "(runs in $OUT/runs.jsonl)"

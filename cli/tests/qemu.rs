@@ -687,13 +687,16 @@ fn qemus_ram_moved_by_livemig() {
     drop(b);
     step("livemig killed in pre-copy; A runs on");
 
-    // Pre-copy, hybrid, post-copy: each destination goes on from its source's counter.
+    // Pre-copy (the guest's writes tracked by userfaultfd, then by QEMU's own dirty log),
+    // hybrid, post-copy: each destination goes on from its source's counter.
     let mut src = a;
-    for (i, strategy) in ["precopy", "hybrid", "postcopy"].into_iter().enumerate() {
+    let runs = [("precopy", "uffd"), ("precopy", "qemu"), ("hybrid", "qemu"), ("postcopy", "auto")];
+    for (i, (strategy, log)) in runs.into_iter().enumerate() {
         let d = Guest::start_patched(&qemu, &dir, &guest, &format!("d{i}"), true);
         let (mut cd, addr) = carrier(&dir, &d, &format!("d{i}"));
         let before = src.counter().unwrap();
         let mut m = migrate_ram(&dir, &src, &addr, strategy);
+        m.args(["--dirty-log", log]);
         let cut = strategy == "postcopy" && livemig_engine::precopy::FAULT_INJECTION;
         if cut {
             // The link cut during the push (fault injection): a new session takes over.
@@ -708,8 +711,18 @@ fn qemus_ram_moved_by_livemig() {
         assert!(v["checksum"].as_str().is_some_and(|c| c.len() >= 16), "both ends agreed on every page: {v}");
         // QEMU's own stream carried no guest RAM: its firmware blocks and the device state only.
         assert!(v["qemu_stream_bytes"].as_u64().unwrap() < 4 << 20, "{v}");
-        if strategy != "postcopy" {
-            assert_eq!(v["tracker"], "uffd-wp-async+pagemap-scan", "{v}");
+        match log {
+            "uffd" => assert_eq!(v["tracker"], "uffd-wp-async+pagemap-scan", "{v}"),
+            "qemu" => {
+                assert_eq!(v["tracker"], "qemu-dirty-log", "{v}");
+                // The guest dirtied pages during the pass: QEMU's log reported them.
+                let dirtied = match strategy {
+                    "precopy" => v["engine"]["intervals"][0]["dirty"].as_u64(),
+                    _ => v["engine"]["invalidated_pages"].as_u64(),
+                };
+                assert!(dirtied.unwrap_or(0) > 0, "{v}");
+            }
+            _ => {}
         }
         if strategy != "precopy" {
             assert!(v["dest_ram"]["pages"].as_u64() == Some(65536), "{v}");
@@ -727,7 +740,7 @@ fn qemus_ram_moved_by_livemig() {
         assert!(qmp_status(&src.qmp).contains("postmigrate"), "the source stays stopped: {}", qmp_status(&src.qmp));
         d.wait_counter(before + 2, Duration::from_secs(30));
         step(&format!(
-            "{strategy}: paused {:.1} ms, {:.1} MiB sent by livemig",
+            "{strategy} ({log}): paused {:.1} ms, {:.1} MiB sent by livemig",
             v["stop_to_resume_ms"].as_f64().unwrap_or(-1.0),
             v["engine"]["bytes"].as_f64().unwrap_or(0.0) / (1 << 20) as f64
         ));

@@ -335,6 +335,12 @@ pub struct QemuMigrateArgs {
     /// misses are sent to the carrier at --to (which waits --recover-within for it).
     #[arg(long, value_name = "ID", value_parser = parse_migration_id)]
     pub take_over: Option<[u8; 16]>,
+    /// With --ram livemig, pre-copy and hybrid: how the guest's writes are tracked — uffd
+    /// (asynchronous userfaultfd write-protect read with PAGEMAP_SCAN, Linux 6.7+), qemu
+    /// (QEMU's own dirty log, read through livemig's patch each pass: any kernel), auto (uffd
+    /// where the kernel has it).
+    #[arg(long, value_enum, default_value_t = crate::ram::DirtyLogChoice::Auto)]
+    pub dirty_log: crate::ram::DirtyLogChoice,
     /// Machine-readable summary (JSON) on stdout; no per-pass lines.
     #[arg(long)]
     pub json: bool,
@@ -370,6 +376,7 @@ fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
         socket_dir: a.socket_dir.clone(),
         recover_within: Duration::from_secs_f64(a.recover_within),
         take_over: a.take_over,
+        dirty_log: a.dirty_log,
     };
     let json = a.json;
     let mut on_line = |l: &str| {

@@ -25,11 +25,11 @@ use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixListener;
 use std::path::Path;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use livemig_engine::guest::{Foreign, GuestControl, GuestError, GuestMemory};
-use livemig_transport::{Access, Region};
+use livemig_transport::{Access, PageBitmap, Region};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
@@ -127,6 +127,9 @@ pub enum ExternalError {
     /// The guest control failed.
     #[error("{0}")]
     Guest(String),
+    /// QEMU's dirty log (`x-livemig-dirty-*`) said something that does not add up.
+    #[error("QEMU's dirty log: {0}")]
+    DirtyLog(String),
 }
 
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ExternalError {
@@ -288,8 +291,8 @@ fn recv_line_with_fds(
 /// `migrate_cancel` (QEMU resumes the guest).
 #[derive(Debug)]
 pub struct QemuSource<'a> {
-    /// The source QEMU.
-    pub qmp: &'a mut Qmp,
+    /// The source QEMU (shared with a [`QemuDirtyLog`], which syncs through it too).
+    pub qmp: &'a Mutex<Qmp>,
     /// Where QEMU's stream goes (`fd:livemig`).
     pub uri: String,
     /// Bound on each wait.
@@ -306,12 +309,16 @@ pub struct QemuSource<'a> {
 
 impl<'a> QemuSource<'a> {
     /// Control of the QEMU behind `qmp`, which will migrate its device state to `uri`.
-    pub fn new(qmp: &'a mut Qmp, uri: String, timeout: Duration) -> Self {
+    pub fn new(qmp: &'a Mutex<Qmp>, uri: String, timeout: Duration) -> Self {
         QemuSource { qmp, uri, timeout, stopped_at: None, migrating: false, continued: None, paused: None }
     }
 
+    fn q(&self) -> std::sync::MutexGuard<'_, Qmp> {
+        self.qmp.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn status(&mut self) -> Result<String, QmpError> {
-        let m = self.qmp.execute("query-migrate", json!({}))?;
+        let m = self.q().execute("query-migrate", json!({}))?;
         Ok(m.get("status").and_then(|s| s.as_str()).unwrap_or("").to_string())
     }
 
@@ -329,7 +336,8 @@ impl<'a> QemuSource<'a> {
                     format!("QEMU still {st:?} after {:?} waiting for {what}", self.timeout),
                 ));
             }
-            match self.qmp.next_event(Duration::from_millis(20)) {
+            let ev = self.q().next_event(Duration::from_millis(20));
+            match ev {
                 Ok(Some(e)) if e.name == "STOP" => self.stopped_at = Some(e.at),
                 Ok(_) => {}
                 Err(e) => return Err(GuestError::new("pause", e)),
@@ -340,14 +348,16 @@ impl<'a> QemuSource<'a> {
 
 impl QemuSource<'_> {
     fn pause_inner(&mut self) -> Result<(), GuestError> {
-        self.qmp.execute("migrate", json!({ "uri": self.uri })).map_err(|e| GuestError::new("pause", e))?;
+        self.q().execute("migrate", json!({ "uri": self.uri })).map_err(|e| GuestError::new("pause", e))?;
         self.migrating = true;
         let st = self.wait_status(&["pre-switchover", "failed", "cancelled"], "pre-switchover")?;
         if st != "pre-switchover" {
             return Err(GuestError::new("pause", format!("QEMU's migration {st} before the switchover")));
         }
         // The STOP event precedes the status change.
-        while let Ok(Some(e)) = self.qmp.next_event(Duration::from_millis(1)) {
+        loop {
+            let ev = self.q().next_event(Duration::from_millis(1));
+            let Ok(Some(e)) = ev else { break };
             if e.name == "STOP" {
                 self.stopped_at = Some(e.at);
             }
@@ -364,7 +374,7 @@ impl QemuSource<'_> {
             return Err(GuestError::new("resume", "the device state went to the destination: not resuming here"));
         }
         if self.migrating {
-            let _ = self.qmp.execute("migrate_cancel", json!({}));
+            let _ = self.q().execute("migrate_cancel", json!({}));
             let deadline = Instant::now() + self.timeout;
             loop {
                 let st = self.status().map_err(|e| GuestError::new("resume", e))?;
@@ -376,11 +386,11 @@ impl QemuSource<'_> {
         }
         // QEMU resumes a guest whose migration was cancelled if it ran before; one left in
         // the migration's own stop state is started here (a guest the user paused stays so).
-        let st = self.qmp.execute("query-status", json!({})).map_err(|e| GuestError::new("resume", e))?;
+        let st = self.q().execute("query-status", json!({})).map_err(|e| GuestError::new("resume", e))?;
         let running = st.get("running").and_then(|r| r.as_bool()).unwrap_or(false);
         let status = st.get("status").and_then(|s| s.as_str()).unwrap_or("");
         if !running && self.migrating && status == "finish-migrate" {
-            self.qmp.execute("cont", json!({})).map_err(|e| GuestError::new("resume", e))?;
+            self.q().execute("cont", json!({})).map_err(|e| GuestError::new("resume", e))?;
         }
         Ok(())
     }
@@ -409,11 +419,75 @@ impl GuestControl for QemuSource<'_> {
     }
 
     fn handed_over(&mut self) {
-        let r = self.qmp.execute("migrate-continue", json!({ "state": "pre-switchover" }));
+        let r = self.q().execute("migrate-continue", json!({ "state": "pre-switchover" }));
         if let Err(e) = &r {
             tracing::error!(error = %e, "migrate-continue failed: the device state is not sent");
         }
         self.continued = Some(r.map(|_| ()).map_err(|e| e.to_string()));
+    }
+}
+
+/// QEMU's own dirty log of the shared RAM, read through livemig's patch
+/// (`x-livemig-dirty-start`/`-sync`/`-stop`) into a bitmap this process shares with QEMU: the
+/// dirty tracking of external RAM on kernels without asynchronous userfaultfd write-protect
+/// and `PAGEMAP_SCAN` (before 6.7), and with KVM's dirty log as with TCG. One bit per page of
+/// the attached blocks, in their order (the engine's page space).
+#[derive(Debug)]
+pub struct QemuDirtyLog {
+    bitmap: Region,
+    pages: usize,
+}
+
+impl QemuDirtyLog {
+    /// Starts QEMU's logging for the `pages` pages of the attached memory; writes before now
+    /// are forgotten.
+    pub fn start(qmp: &mut Qmp, pages: usize) -> Result<QemuDirtyLog, ExternalError> {
+        let bytes = (pages.div_ceil(64) * 8).next_multiple_of(4096) as u64;
+        let bitmap = Region::memfd(u32::MAX, bytes, 4096, Access::LOCAL)
+            .map_err(|e| io("the dirty bitmap")(std::io::Error::other(e)))?;
+        let fd = bitmap.fd().ok_or_else(|| ExternalError::DirtyLog("the bitmap has no descriptor".into()))?;
+        qmp.execute_with_fd("getfd", json!({ "fdname": "livemig-dirty" }), fd)?;
+        let info = qmp.execute("x-livemig-dirty-start", json!({ "fdname": "livemig-dirty" }))?;
+        let theirs = info.get("pages").and_then(|p| p.as_u64()).unwrap_or(0);
+        if theirs != pages as u64 {
+            let _ = qmp.execute("x-livemig-dirty-stop", json!({}));
+            return Err(ExternalError::DirtyLog(format!(
+                "QEMU tracks {theirs} pages of shared RAM, the attached memory has {pages}"
+            )));
+        }
+        Ok(QemuDirtyLog { bitmap, pages })
+    }
+
+    /// ORs into `into` the pages written since the previous sync (QEMU clears its log);
+    /// returns how many.
+    pub fn sync(&self, qmp: &mut Qmp, into: &mut PageBitmap) -> Result<usize, ExternalError> {
+        let info = qmp.execute("x-livemig-dirty-sync", json!({}))?;
+        let mut raw = vec![0u8; self.pages.div_ceil(64) * 8];
+        if !self.bitmap.read_at(0, &mut raw) {
+            return Err(ExternalError::DirtyLog("reading the bitmap failed".into()));
+        }
+        let mut n = 0;
+        for (w, b) in raw.chunks_exact(8).enumerate() {
+            let mut word = u64::from_le_bytes(b.try_into().expect("8 bytes"));
+            while word != 0 {
+                let page = w * 64 + word.trailing_zeros() as usize;
+                word &= word - 1;
+                if page < self.pages && page < into.len() {
+                    into.set(page);
+                    n += 1;
+                }
+            }
+        }
+        let said = info.get("dirty").and_then(|d| d.as_u64()).unwrap_or(0);
+        if said != n as u64 {
+            return Err(ExternalError::DirtyLog(format!("QEMU reported {said} dirty pages, the bitmap holds {n}")));
+        }
+        Ok(n)
+    }
+
+    /// Stops QEMU's logging.
+    pub fn stop(&self, qmp: &mut Qmp) {
+        let _ = qmp.execute("x-livemig-dirty-stop", json!({}));
     }
 }
 

@@ -22,12 +22,12 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use livemig_engine::connect::{TransportChoice, TransportOptions};
-use livemig_engine::dirty::{DirtySource, MemoryTracker};
+use livemig_engine::dirty::{DirtyError, DirtySource, ExternalDirtyLog, MemoryTracker};
 use livemig_engine::policy::PolicyKind;
 use livemig_engine::postcopy;
 use livemig_engine::precopy::{self, DestConfig, SourceConfig};
 use livemig_transport::auth::Secret;
-use livemig_transport::{Access, RegionTable, TcpConfig, Transport};
+use livemig_transport::{Access, PageBitmap, RegionTable, TcpConfig, Transport};
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
@@ -57,6 +57,21 @@ pub struct ExternalRam {
     pub blocks: Vec<(String, u64)>,
 }
 
+/// How the source tracks QEMU's writes during pre-copy passes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DirtyLogChoice {
+    /// userfaultfd write-protect where the kernel has it (6.7+), QEMU's dirty log elsewhere.
+    #[default]
+    Auto,
+    /// Asynchronous userfaultfd write-protect read with `PAGEMAP_SCAN` (no QMP round trip
+    /// per pass; Linux 6.7+).
+    Uffd,
+    /// QEMU's own dirty log through livemig's patch (`x-livemig-dirty-sync` each pass; any
+    /// kernel, TCG or KVM).
+    Qemu,
+}
+
 /// What `qemu migrate --ram livemig` is told.
 #[derive(Debug, Clone)]
 pub struct RamOptions {
@@ -84,6 +99,8 @@ pub struct RamOptions {
     /// Take over the post-copy migration with this id, whose livemig source process is gone
     /// (the source QEMU stays stopped with its RAM; see [`take_over_ram`]).
     pub take_over: Option<[u8; 16]>,
+    /// How pre-copy passes track QEMU's writes.
+    pub dirty_log: DirtyLogChoice,
 }
 
 /// The outcome.
@@ -189,23 +206,58 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
         transport: kind.to_string(),
         ..Default::default()
     };
-    let mut dirty: Option<MemoryTracker> = match strategy {
-        RamStrategy::Postcopy => None,
+    // Pre-copy passes track QEMU's writes: with asynchronous userfaultfd write-protect and
+    // PAGEMAP_SCAN (Linux 6.7; no QMP round trip per pass), or QEMU's own dirty log.
+    let (tracker, qemu_log) = match strategy {
+        RamStrategy::Postcopy => (None, None),
         _ => {
-            let f = att.foreign().ok_or_else(|| CarrierError::Peer("QEMU sent no userfaultfd".into()))?;
-            Some(
-                MemoryTracker::foreign(&att.memory, f)
-                    .map_err(|e| CarrierError::Peer(format!("tracking QEMU's writes: {}", precopy::error_chain(&e))))?,
-            )
+            let uffd = match o.dirty_log {
+                DirtyLogChoice::Qemu => None,
+                choice => {
+                    let f = att.foreign().ok_or_else(|| CarrierError::Peer("QEMU sent no userfaultfd".into()))?;
+                    match MemoryTracker::foreign(&att.memory, f) {
+                        Ok(t) => Some(t),
+                        Err(e) if choice == DirtyLogChoice::Auto => {
+                            on_line(&format!(
+                                "userfaultfd write-protect tracking unavailable ({}): QEMU's dirty log instead",
+                                precopy::error_chain(&e)
+                            ));
+                            None
+                        }
+                        Err(e) => {
+                            return Err(CarrierError::Peer(format!(
+                                "tracking QEMU's writes: {}",
+                                precopy::error_chain(&e)
+                            )))
+                        }
+                    }
+                }
+            };
+            match uffd {
+                Some(t) => (Some(t), None),
+                None => (None, Some(external::QemuDirtyLog::start(&mut q, att.memory.pages()).map_err(ext)?)),
+            }
         }
     };
-    sum.tracker = dirty.as_ref().map_or("none".into(), |d| d.mechanism().to_string());
     let memory = att.memory.clone();
-    let mut guest = QemuSource::new(&mut q, "fd:livemig".into(), o.io_timeout.max(Duration::from_secs(30)));
+    let qm = std::sync::Mutex::new(q);
+    let mut dirty: Option<Box<dyn DirtySource + '_>> = match (tracker, &qemu_log) {
+        (Some(t), _) => Some(Box::new(t)),
+        (None, Some(l)) => {
+            let qm = &qm;
+            Some(Box::new(ExternalDirtyLog::new(memory.pages(), "qemu-dirty-log", move |into: &mut PageBitmap| {
+                l.sync(&mut qm.lock().unwrap_or_else(|e| e.into_inner()), into)
+                    .map_err(|e| DirtyError::External(Box::new(e)))
+            })))
+        }
+        (None, None) => None,
+    };
+    sum.tracker = dirty.as_ref().map_or("none".into(), |d| d.mechanism().to_string());
+    let mut guest = QemuSource::new(&qm, "fd:livemig".into(), o.io_timeout.max(Duration::from_secs(30)));
     let engine: Result<(Value, Option<f64>, Option<String>), String> = match strategy {
         RamStrategy::Precopy => {
             let cfg = SourceConfig { policy: o.policy.default_config(), ..Default::default() };
-            let d = dirty.as_mut().expect("tracked for pre-copy");
+            let d = dirty.as_deref_mut().expect("tracked for pre-copy");
             precopy::migrate(&mut *t, &memory, &mut guest, d, &cfg, &mut |l| {
                 on_line(&format!(
                     "round {}: {} pages sent, {} zero, {} dirty, {:.0} ms",
@@ -232,7 +284,7 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
                     on_line(&format!("post-copy: {}/{} pages sent, {} on demand", p.sent, p.pages, p.demanded));
                 }
             };
-            let r = match dirty.as_mut() {
+            let r = match dirty.as_deref_mut() {
                 Some(d) => postcopy::migrate_hybrid(&mut *t, &memory, &mut guest, d, &cfg, &mut progress),
                 None => postcopy::migrate(&mut *t, &memory, &mut guest, &cfg, &mut progress),
             };
@@ -259,12 +311,20 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
         };
         drop(guest);
         drop(dirty);
+        let mut q = qm.into_inner().unwrap_or_else(|e| e.into_inner());
+        if let Some(l) = &qemu_log {
+            l.stop(&mut q);
+        }
         reset_source(&mut q);
         return Err(CarrierError::Peer(format!("{why}; {resumed}")));
     }
     let stopped_at = guest.stopped_at;
     drop(guest);
     drop(dirty);
+    let mut q = qm.into_inner().unwrap_or_else(|e| e.into_inner());
+    if let Some(l) = &qemu_log {
+        l.stop(&mut q);
+    }
     if let Some(n) = relink.as_ref().and_then(|l| l.take()) {
         t = n;
     }

@@ -3,8 +3,8 @@
 # run-qemu-tests.sh: one test guest (QEMU with livemig's patch, nested TCG, RAM in a shared
 # memfd) migrated along a chain of QEMUs on this guest's rxe device, each hop a different way:
 #   1. livemig's carrier over verbs, a single channel handed to QEMU (fd:)
-#   2. livemig's engine moving the RAM over verbs (external RAM, post-copy: pre-copy needs
-#      uffd-wp-async, which the guest's 6.1 kernel lacks)
+#   2. livemig's engine moving the RAM over verbs (external RAM): post-copy, then (2b)
+#      pre-copy with QEMU's own dirty log (the guest's 6.1 kernel lacks uffd-wp-async)
 #   3. QEMU's own tcp: URI (the baseline); the guest must then run on for SETTLE (15) ticks
 #   4. livemig's carrier over verbs, multifd (2 channels + main, relayed): outcome reported
 # After each carrier hop the destination (started with -S) must hold the same guest memory as
@@ -137,16 +137,17 @@ carrier_hop() {
   stop "$prev"; prev=$n
 }
 
-# ram_hop HOP NAME: livemig's engine moves the RAM over verbs by post-copy (QEMU's stream
-# carries the device state only). Pre-copy and hybrid track QEMU's writes with asynchronous
-# userfaultfd write-protect and PAGEMAP_SCAN, which this guest's kernel (6.1) does not have.
+# ram_hop HOP NAME STRATEGY: livemig's engine moves the RAM over verbs (QEMU's stream carries
+# the device state only), by post-copy or pre-copy. Pre-copy tracks QEMU's writes with QEMU's
+# own dirty log here (--dirty-log auto: this guest's 6.1 kernel has no asynchronous userfaultfd
+# write-protect nor PAGEMAP_SCAN).
 ram_hop() {
-  hop=$1; n=$2
-  say "hop $hop: $prev -> $n, livemig external RAM over verbs (post-copy)"
+  hop=$1; n=$2; strategy=$3
+  say "hop $hop: $prev -> $n, livemig external RAM over verbs ($strategy)"
   guest "$n" incoming || exit 1
   addr=$(carrier "$n") || return 1
   out=$($L qemu migrate --src-qmp "/tmp/$prev.qmp" --to "$addr" --secret-file /tmp/secret --transport verbs \
-     --socket-dir /tmp --max-time 240 --ram livemig --strategy postcopy --json 2> "/tmp/$n.migrate.err")
+     --socket-dir /tmp --max-time 240 --ram livemig --strategy "$strategy" --dirty-log auto --json 2> "/tmp/$n.migrate.err")
   rc=$?
   echo "$out"
   wait "$(cat "/tmp/$n.carrier.pid")" 2>/dev/null
@@ -154,7 +155,7 @@ ram_hop() {
     cat "/tmp/$n.migrate.err" "/tmp/$n.carrier.err"; return 1
   fi
   goes_on "$n" || return 1
-  echo "QEMU_HOP hop=$hop way=livemig-external-ram-postcopy-verbs total_ms=$(field "$out" total_ms) paused_ms=$(field "$out" stop_to_resume_ms)"
+  echo "QEMU_HOP hop=$hop way=livemig-external-ram-$strategy-verbs tracker=$(field "$out" tracker) total_ms=$(field "$out" total_ms) paused_ms=$(field "$out" stop_to_resume_ms)"
   stop "$prev"; prev=$n
 }
 
@@ -192,7 +193,8 @@ prev=a
 # Required: livemig's ways, then QEMU's tcp: (the baseline), and the guest runs on after.
 if carrier_hop 1 b; then hop_ok 1; else hop_failed 1; exit 1; fi
 if [ "$LAST_HOP" -ge 2 ] && [ "$CARRIER" = verbs ]; then
-  if ram_hop 2 c; then hop_ok 2; else hop_failed 2; exit 1; fi
+  if ram_hop 2 c postcopy; then hop_ok 2; else hop_failed 2; exit 1; fi
+  if ram_hop 2b c2 precopy; then hop_ok 2b; else hop_failed 2b; exit 1; fi
 fi
 if qemu_hop 3 d "tcp:127.0.0.1:4445"; then hop_ok 3; else cat /tmp/d.err; hop_failed 3; exit 1; fi
 c=$(counter "$prev")
