@@ -9,12 +9,15 @@
 #  - QEMU with livemig's patch (qemu-patch/qemu/build.sh): a deb-src entry for bookworm (added
 #    to /etc/apt/sources.list.d/ when none exists) and the build dependencies of a minimal build
 #    with QEMU's own rdma: migration (librdmacm-dev, libibumad-dev)
+#  - libvirt for the libvirt glue's test (tests/libvirt/run.sh): libvirt-daemon,
+#    libvirt-daemon-driver-qemu, libvirt-clients (no daemon is started or enabled here)
 #  - an S3 server for the image-repository tests and benchmarks: s3s-fs (crates.io, built with
 #    cargo install; the version is pinned to one that builds with this Rust)
 set -euo pipefail
 SUDO=; [[ $(id -u) -eq 0 ]] || SUDO=sudo
 PKGS=(build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev rdma-core ibverbs-providers
       ibverbs-utils perftest iproute2 iperf3 jq qemu-system-x86 linux-image-amd64 busybox-static cpio kmod python3 procps
+      libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
       qemu-utils libnbd-bin dpkg-dev ninja-build meson libglib2.0-dev libpixman-1-dev flex bison python3-venv
       zlib1g-dev libfdt-dev patch libibumad-dev)
 # Sources for the patched QEMU build (apt-get source qemu).

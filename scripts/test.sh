@@ -4,6 +4,7 @@
 #  1. unit + integration tests on the host (TCP backend, conformance, adversarial peers,
 #     two-process transfers, dirty tracking, workloads, policies, pre-copy migrations);
 #     verbs tests skip on the host with a visible message (no RDMA device here);
+#     then `virsh migrate --live` between two libvirt instances through livemig's carriers;
 #  2. every fuzz target for FUZZ_SECONDS (default 20) each;
 #  3. the verbs tests inside a Soft-RoCE guest (tests/rxe), where a missing device fails, and
 #     real QEMU migrations over verbs there (livemig's carrier, QEMU's rdma:, external RAM).
@@ -25,6 +26,8 @@ echo "== QEMU with livemig's patch" >&2
 LIVEMIG_QEMU_PATCHED=$(qemu-patch/qemu/build.sh)
 export LIVEMIG_QEMU_PATCHED
 cargo test --workspace --features livemig/fault-injection,livemig-tests/fault-injection
+echo "== libvirt migrations through livemig (qemu-patch/libvirt/)" >&2
+LIVEMIG_REQUIRE_LIBVIRT=1 tests/libvirt/run.sh
 echo "== fuzzing (${FUZZ_SECONDS:-20}s per target)" >&2
 fuzz/run.sh "${FUZZ_SECONDS:-20}"
 if [[ ${SKIP_RXE:-0} == 1 ]]; then

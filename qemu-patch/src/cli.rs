@@ -59,6 +59,24 @@ pub struct CarrierArgs {
     /// Machine-readable outcome (JSON) on stdout.
     #[arg(long)]
     pub json: bool,
+    /// Source: dial the destination carrier again for up to SECS while it is not there yet
+    /// (the unix socket is bound first; QEMU's connections wait in its backlog meanwhile).
+    /// For a destination carrier that is started only as the migration begins, by a libvirt
+    /// hook at the destination (`qemu-patch/libvirt/`). 0: one attempt.
+    #[arg(long, value_name = "SECS", value_parser = livemig_app::args::parse_secs, default_value_t = 0.0, requires = "unix")]
+    pub connect_within: f64,
+}
+
+/// Whether dialling failed because nothing listens at the address (yet).
+fn is_refused(e: &livemig_transport::TransportError) -> bool {
+    let mut cur: Option<&(dyn std::error::Error + 'static)> = Some(e);
+    while let Some(err) = cur {
+        if let Some(io) = err.downcast_ref::<std::io::Error>() {
+            return io.kind() == std::io::ErrorKind::ConnectionRefused;
+        }
+        cur = err.source();
+    }
+    false
 }
 
 /// Entry point of `livemig qemu carrier`.
@@ -120,8 +138,32 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
     };
     let (kind, note) = livemig_engine::connect::resolve(a.transport);
     let opts = options(a.transport, io_timeout, a.channels);
-    let mut t = livemig_engine::connect::connect(kind, to, &opts, &secret, &livemig_transport::RegionTable::new())
-        .with_context(|| format!("connecting to the destination carrier {to}"))?;
+    if std::fs::symlink_metadata(unix).is_ok() {
+        bail!("{} exists", unix.display());
+    }
+    // Bound before the destination is dialled: QEMU may connect as soon as it is told to
+    // migrate, and waits in the backlog until the session is up.
+    let l = std::os::unix::net::UnixListener::bind(unix).with_context(|| format!("binding {}", unix.display()))?;
+    struct Unlink<'a>(&'a std::path::Path);
+    impl Drop for Unlink<'_> {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(self.0);
+        }
+    }
+    let _unlink = Unlink(unix);
+    println!("listening {} qemu-carrier", unix.display());
+    std::io::stdout().flush()?;
+    let within = Duration::from_secs_f64(a.connect_within);
+    let t0 = std::time::Instant::now();
+    let mut t = loop {
+        match livemig_engine::connect::connect(kind, to, &opts, &secret, &livemig_transport::RegionTable::new()) {
+            Ok(t) => break t,
+            // Refused: nobody listens there yet. Anything else (a wrong secret, a timeout)
+            // is not going to get better.
+            Err(e) if t0.elapsed() < within && is_refused(&e) => std::thread::sleep(Duration::from_millis(100)),
+            Err(e) => return Err(e).with_context(|| format!("connecting to the destination carrier {to}")),
+        }
+    };
     eprintln!("{note}");
     let caps = a.capabilities.iter().map(|c| (c.clone(), true)).collect();
     let mut params = serde_json::Map::new();
@@ -136,12 +178,6 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
         CarrierMsg::Ready => {}
         m => bail!("the destination carrier answered {m:?}"),
     }
-    if std::fs::symlink_metadata(unix).is_ok() {
-        bail!("{} exists", unix.display());
-    }
-    let l = std::os::unix::net::UnixListener::bind(unix).with_context(|| format!("binding {}", unix.display()))?;
-    println!("listening {} qemu-carrier", unix.display());
-    std::io::stdout().flush()?;
     let chans = carrier::take_channels(&mut *t);
     let stop = AtomicBool::new(false);
     let counters = Counters::default();
@@ -161,7 +197,6 @@ pub fn run_carrier(a: &CarrierArgs) -> Result<()> {
         }
         relays.join().unwrap_or_else(|_| Err(carrier::CarrierError::Peer("relays panicked".into())))
     });
-    let _ = std::fs::remove_file(unix);
     res?;
     let fin = carrier::recv(&mut *t, io_timeout + Duration::from_secs(10), "the destination's outcome").ok();
     println!(
