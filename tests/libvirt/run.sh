@@ -13,6 +13,8 @@
 #                                libvirt-clients and qemu-system-x86: scripts/install-deps.sh)
 # Without libvirt it skips with a message, unless LIVEMIG_REQUIRE_LIBVIRT=1.
 set -euo pipefail
+# libvirtd, useradd and groupadd live in sbin, which a non-login PATH may lack.
+export PATH=$PATH:/usr/sbin:/sbin
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
 if ! command -v libvirtd > /dev/null || ! command -v virsh > /dev/null; then
