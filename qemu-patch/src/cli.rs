@@ -448,7 +448,13 @@ fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
             s.qemu_stream_bytes as f64 / 1024.0,
             s.checksum.as_deref().map_or("-", |c| &c[..c.len().min(16)]),
             s.dest_status,
-            if s.dest_running { ", guest running" } else { ", guest NOT running" }
+            if s.dest_running {
+                ", guest running"
+            } else if dest_waits(s.dest_runstate.as_deref()) {
+                ", guest paused (started with -S: `cont` runs it)"
+            } else {
+                ", guest NOT running"
+            }
         );
         if let Some(r) = s.engine.get("end_reason").and_then(|v| v.as_str()) {
             println!("pre-copy ended: {r}");
@@ -463,7 +469,7 @@ fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
             }
         }
     }
-    if s.status != "completed" || !s.dest_running {
+    if s.status != "completed" || !(s.dest_running || dest_waits(s.dest_runstate.as_deref())) {
         bail!(
             "QEMU's migration ended {} at the source and {} at the destination (guest running there: {})",
             s.status,

@@ -133,6 +133,9 @@ pub struct RamSummary {
     pub dest_status: String,
     /// Whether the destination's guest runs.
     pub dest_running: bool,
+    /// The destination's run state (`paused`: QEMU started with `-S` waits for `cont`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dest_runstate: Option<String>,
     /// The destination engine's report.
     pub dest_ram: Option<Value>,
     /// Post-copy: the migration's id (what `--take-over` needs if this process dies).
@@ -347,9 +350,10 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
     reset_source(&mut q);
     let wait = o.max_time.saturating_sub(started.elapsed()).max(o.io_timeout);
     match recv_outcome(&mut *t, wait)? {
-        CarrierMsg::Finished { status, running, resumed_at, ram, .. } => {
+        CarrierMsg::Finished { status, running, runstate, resumed_at, ram } => {
             sum.dest_status = status;
             sum.dest_running = running;
+            sum.dest_runstate = runstate;
             sum.dest_ram = ram;
             if let (Some(a), Some(b)) = (stopped_at, resumed_at) {
                 sum.stop_to_resume_ms = Some((b - a) * 1e3);
@@ -435,9 +439,10 @@ pub fn take_over_ram(
     };
     let wait = o.max_time.saturating_sub(started.elapsed()).max(o.io_timeout);
     match recv_outcome(&mut *t, wait)? {
-        CarrierMsg::Finished { status, running, ram, .. } => {
+        CarrierMsg::Finished { status, running, runstate, ram, .. } => {
             sum.dest_status = status;
             sum.dest_running = running;
+            sum.dest_runstate = runstate;
             sum.dest_ram = ram;
         }
         CarrierMsg::Failed { reason } => return Err(CarrierError::Peer(reason)),
