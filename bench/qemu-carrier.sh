@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # QEMU's own `tcp:` migration against QEMU migrating through livemig (`livemig qemu migrate`
-# + the destination carrier over one authenticated session: a single channel's connection is
-# handed to QEMU with getfd/fd:, multifd channels are relayed with splice; livemig-relay
-# forces the relay for a single channel too), the
+# + the destination carrier over one authenticated session: the channels' connections are
+# handed to QEMU with getfd/fd:, multifd's through x-livemig-channels when QEMU has livemig's
+# patch (QEMU=path of qemu-patch/qemu/build.sh's binary), else relayed with splice;
+# livemig-relay forces the relay), the
 # same guest migrated back and forth on this machine, single channel and multifd. The guest
 # (qemu-patch/guest/build.sh) is idle after touching DATA MiB of its MEM MiB. Each run starts
 # a fresh destination QEMU; modes are interleaved so drift hits both alike. Prints every run,
 # the medians (QEMU's RAM bytes over the time from `migrate` to completion seen on QMP, QEMU's
 # downtime) and livemig / tcp.
 #
-#   MEM=1024 DATA=768 RUNS=5 MULTIFD="0 4" bench/qemu-carrier.sh
+#   MEM=1024 DATA=768 RUNS=5 MULTIFD="0 4" [QEMU=…] bench/qemu-carrier.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MEM=${MEM:-1024}
@@ -17,6 +18,7 @@ DATA=${DATA:-768}
 RUNS=${RUNS:-5}
 MULTIFD=${MULTIFD:-"0 4"}
 BW=${BW:-100G}
+QEMU=${QEMU:-qemu-system-x86_64}
 cargo build --release -q -p livemig
 BIN=$PWD/target/release/livemig
 GUEST=$(qemu-patch/guest/build.sh)
@@ -28,7 +30,7 @@ cleanup() { for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done; }
 trap cleanup EXIT INT TERM
 
 qemu() { # $1 = name, $2 = extra
-  qemu-system-x86_64 -accel tcg -M q35 -m "$MEM" -smp 1 -display none -nodefaults -monitor none -no-reboot \
+  "$QEMU" -L /usr/share/qemu -L /usr/share/seabios -accel tcg -M q35 -m "$MEM" -smp 1 -display none -nodefaults -monitor none -no-reboot \
     -kernel "$GUEST/vmlinuz" -initrd "$GUEST/initramfs.cpio.gz" \
     -append "console=ttyS0 quiet panic=-1 dirty=$DATA,1,1" -serial "file:$1.serial" \
     -qmp "unix:$1.qmp,server=on,wait=off" $2 2>"$1.err" &
@@ -93,8 +95,7 @@ cur=g0
 : > runs.jsonl
 for run in $(seq "$RUNS"); do
   for mf in $MULTIFD; do
-    modes="tcp livemig"
-    [[ $mf == 0 ]] && modes="tcp livemig livemig-relay"
+    modes="tcp livemig livemig-relay"
     for mode in $modes; do
       n=$((n + 1))
       qemu "g$n" "-incoming defer"
@@ -112,7 +113,7 @@ for run in $(seq "$RUNS"); do
       while kill -0 "$old" 2>/dev/null; do sleep 0.1; done
       sleep 1
       echo "${r:-{\"status\": \"no result\"\}}" | jq -c --arg mode "$mode" --argjson mf "$mf" --argjson run "$run" \
-        '{mode: $mode, multifd: $mf, run: $run, status, wall_ms, total_ms, downtime_ms, ram_transferred,
+        '{mode: $mode, multifd: $mf, run: $run, status, wall_ms, total_ms, downtime_ms, ram_transferred, handoff,
           mib_s: (if (.wall_ms // 0) > 0 then .ram_transferred / 1048576 / (.wall_ms / 1000) else null end)}' | tee -a runs.jsonl >&2
     done
   done
@@ -127,5 +128,6 @@ jq -s -r 'map(select(.status == "completed" and .mib_s != null)) | group_by([.mu
 jq -s -r 'map(select(.status == "completed" and .mib_s != null)) | group_by(.multifd) | .[] | (map(select(.mode=="tcp").mib_s)|sort) as $a | (map(select(.mode=="livemig").mib_s)|sort) as $b |
   (map(select(.mode=="livemig-relay").mib_s)|sort) as $c |
   "multifd \(.[0].multifd): livemig / direct tcp = \((($b[($b|length)/2|floor]) / ($a[($a|length)/2|floor]))*100|round/100)" +
-  (if ($c|length) > 0 then ", relayed single channel / direct tcp = \((($c[($c|length)/2|floor]) / ($a[($a|length)/2|floor]))*100|round/100)" else "" end)' runs.jsonl
+  (if ($c|length) > 0 then ", relayed / direct tcp = \((($c[($c|length)/2|floor]) / ($a[($a|length)/2|floor]))*100|round/100)" else "" end)' runs.jsonl
+echo "QEMU: $("$QEMU" --version | head -1) ($QEMU); livemig runs handed the connections over: $(jq -s '[.[] | select(.mode == "livemig" and .handoff == true)] | length' runs.jsonl) of $(jq -s '[.[] | select(.mode == "livemig")] | length' runs.jsonl)"
 echo "runs left out (not completed): $(jq -s 'map(select(.status != "completed" or .mib_s == null)) | length' runs.jsonl) (runs in $OUT/runs.jsonl)"

@@ -623,6 +623,65 @@ fn a_guest_and_its_livemig_disk_move_together() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Multifd with every connection handed to QEMU (QEMU with livemig's patch at both ends:
+/// `x-livemig-channels`): nothing relays the stream, the destination (started paused) holds the
+/// source's guest memory byte for byte, and the guest runs on there. A destination QEMU
+/// without the patch is refused before anything moves, and the guest runs on at the source.
+#[test]
+fn multifd_connections_handed_to_patched_qemus() {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
+    if !available() {
+        return;
+    }
+    let Some(qemu) = patched_qemu() else { return };
+    let (dir, guest) = setup("livemig-qemu-multifd-fds");
+    let t0 = Instant::now();
+    let step = |what: &str| eprintln!("[{:6.1} s] {what}", t0.elapsed().as_secs_f64());
+    let a = Guest::start_patched(&qemu, &dir, &guest, "a", false);
+    let before = a.wait_counter(2, Duration::from_secs(90));
+    step("A booted");
+
+    // A destination QEMU without livemig's patch cannot take the channels: refused up front.
+    let stock = Guest::start_patched(Path::new("qemu-system-x86_64"), &dir, &guest, "stock", true);
+    let (mut cs, addr) = carrier(&dir, &stock, "stock");
+    let o = migrate(&dir, &a, &addr, &["--multifd", "2"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!o.status.success(), "a QEMU without x-livemig-channels must be refused: {err}");
+    assert!(err.contains("x-livemig-channels"), "{err}");
+    let _ = cs.0.wait();
+    assert!(is_running(&a), "A runs on: {}", qmp_status(&a.qmp));
+    drop(stock);
+    step("a destination QEMU without the patch was refused; A runs on");
+
+    let b = Guest::start_patched_with(&qemu, &dir, &guest, "b", true, &["-S".to_string()]);
+    let (mut cb, addr) = carrier(&dir, &b, "b");
+    let o = migrate(&dir, &a, &addr, &["--multifd", "2", "--max-bandwidth", "1G"]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(o.status.success(), "A→B: {out}\n{}", String::from_utf8_lossy(&o.stderr));
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        (v["status"].as_str(), v["handoff"].as_bool(), v["channels"].as_u64(), v["dest_runstate"].as_str()),
+        (Some("completed"), Some(true), Some(3), Some("paused")),
+        "{v}"
+    );
+    assert!(cb.0.wait().unwrap().success());
+    let carrier_out = std::fs::read_to_string(dir.join("b-carrier.out")).unwrap_or_default();
+    assert!(carrier_out.contains("\"bytes_in\":0,"), "nothing was relayed: {carrier_out}");
+    let (ma, mb) = (guest_memory(&dir, &a, "a", 256 << 20), guest_memory(&dir, &b, "b", 256 << 20));
+    let diff = differing_pages(&ma, &mb);
+    assert!(diff.is_empty(), "B's memory differs from A's in {} pages {:?}", diff.len(), &diff[..diff.len().min(16)]);
+    drop((ma, mb));
+    step(&format!(
+        "A→B, multifd (2 + main) handed to QEMU: {:.0} MiB/s, memory equal byte for byte",
+        v["throughput_mib_s"].as_f64().unwrap_or(0.0)
+    ));
+    assert!(qmp(&b.qmp, "cont", "{}").contains("\"return\""));
+    b.wait_counter(before + 2, Duration::from_secs(30));
+    step("B runs on");
+    drop((a, b));
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// QEMU with livemig's patch: `LIVEMIG_QEMU_PATCHED` (scripts/test.sh builds it with
 /// qemu-patch/qemu/build.sh). Required when LIVEMIG_REQUIRE_QEMU is set.
 fn patched_qemu() -> Option<PathBuf> {

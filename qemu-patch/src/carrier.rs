@@ -38,8 +38,9 @@ pub enum CarrierMsg {
         capabilities: Vec<(String, bool)>,
         /// Migration parameters (`migrate-set-parameters` arguments).
         parameters: serde_json::Map<String, Value>,
-        /// Hand the single channel's socket to QEMU itself (`getfd` + `fd:`), so QEMU speaks
-        /// on the authenticated connection with no relay; else relay every channel.
+        /// Hand every channel's socket to QEMU itself (`getfd` + `fd:`; multifd's through
+        /// `x-livemig-channels`, QEMU with livemig's patch), so QEMU speaks on the
+        /// authenticated connections with no relay; else relay every channel.
         #[serde(default)]
         handoff: bool,
         /// livemig moves the guest's RAM itself (QEMU with livemig's patch); QEMU's stream
@@ -388,6 +389,33 @@ pub fn take_channels(t: &mut dyn Transport) -> Vec<Box<dyn ByteChannel>> {
     (0..).map_while(|i| t.byte_channel(i).ok()).collect()
 }
 
+/// Hands the session's channels to QEMU: the first as `fd:livemig`'s descriptor, the others
+/// (multifd's) named `livemig-1`… and given to `channels_command` (`x-livemig-channels`),
+/// which a QEMU without livemig's patch lacks.
+pub(crate) fn hand_over(q: &mut Qmp, chans: &[Box<dyn ByteChannel>], channels_command: &str) -> Result<(), QmpError> {
+    let fds = chans
+        .iter()
+        .map(|c| c.raw_fd())
+        .collect::<Option<Vec<_>>>()
+        .filter(|f| !f.is_empty())
+        .ok_or_else(|| QmpError::Protocol("a channel has no descriptor to hand to QEMU".into()))?;
+    if fds.len() > 1 {
+        if !q.has_command(channels_command)? {
+            return Err(QmpError::Protocol(format!(
+                "this QEMU cannot take multifd channels handed over ({channels_command}: QEMU with livemig's \
+                 patch); relay them with --relay at the source"
+            )));
+        }
+        let names: Vec<String> = (1..fds.len()).map(|i| format!("livemig-{i}")).collect();
+        for (name, fd) in names.iter().zip(&fds[1..]) {
+            q.execute_with_fd("getfd", json!({ "fdname": name }), *fd)?;
+        }
+        q.execute(channels_command, json!({ "fdnames": names }))?;
+    }
+    q.execute_with_fd("getfd", json!({ "fdname": "livemig" }), fds[0])?;
+    Ok(())
+}
+
 /// Options of the destination carrier.
 #[derive(Debug, Clone)]
 pub struct DestOptions {
@@ -438,8 +466,8 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
     };
     let (caps, params, handoff) = (caps, params.0, params.1);
     let mut channels = take_channels(&mut *t);
-    if handoff && (o.qmp.is_none() || channels.len() != 1) {
-        let reason = "handing the connection to QEMU needs --dst-qmp and exactly one channel".to_string();
+    if handoff && (o.qmp.is_none() || channels.is_empty()) {
+        let reason = "handing the connections to QEMU needs --dst-qmp and a channel".to_string();
         let _ = send(&mut *t, &CarrierMsg::Failed { reason: reason.clone() });
         return Err(CarrierError::Peer(reason));
     }
@@ -455,10 +483,8 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
                     q.execute("migrate-set-parameters", Value::Object(params.clone()))?;
                 }
                 if handoff {
-                    // QEMU reads the stream straight from the authenticated connection.
-                    let fd =
-                        channels[0].raw_fd().ok_or_else(|| QmpError::Protocol("no descriptor to hand over".into()))?;
-                    q.execute_with_fd("getfd", json!({ "fdname": "livemig" }), fd)?;
+                    // QEMU reads the stream straight from the authenticated connections.
+                    hand_over(&mut q, &channels, "x-livemig-channels")?;
                     q.execute("migrate-incoming", json!({ "uri": "fd:livemig" }))?;
                 } else {
                     q.execute("migrate-incoming", json!({ "uri": format!("unix:{}", o.incoming.display()) }))?;

@@ -325,8 +325,9 @@ pub struct QemuMigrateArgs {
     /// Cap on the downtime limit the controller sets, ms.
     #[arg(long, value_name = "MS", default_value_t = 10_000)]
     pub max_downtime: u64,
-    /// Relay a single channel through a unix socket too (by default its authenticated
-    /// connection is handed to QEMU with getfd and `fd:`, so nothing is relayed).
+    /// Relay every channel through a unix socket (by default the authenticated connections
+    /// are handed to QEMU with getfd and `fd:`, so nothing is relayed: a single channel with
+    /// any QEMU, multifd's when QEMU has livemig's patch, `x-livemig-channels`).
     #[arg(long)]
     pub relay: bool,
     /// Directory for the carrier's unix socket.

@@ -101,9 +101,9 @@ pub struct Summary {
     pub carried: u64,
     /// Bytes back (return path).
     pub carried_back: u64,
-    /// Connections QEMU opened through the relay (0 when the connection was handed over).
+    /// QEMU's connections (main and multifd), relayed or handed over.
     pub channels: u64,
-    /// The single channel's connection was handed to QEMU (no relay).
+    /// The connections were handed to QEMU (no relay).
     pub handoff: bool,
     /// The session's backend (`tcp` or `verbs`).
     pub transport: String,
@@ -153,6 +153,9 @@ fn u(v: &Value, path: &[&str]) -> u64 {
     x.as_u64().unwrap_or(0)
 }
 
+/// The QMP command of livemig's patch that gives QEMU the multifd channels' connections.
+const CHANNELS_COMMAND: &str = "x-livemig-channels";
+
 /// Runs one migration; `on_pass` sees each pass as it is reported.
 pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pass)) -> Result<Summary, CarrierError> {
     if o.switchover == Switchover::Postcopy && !o.postcopy {
@@ -186,9 +189,10 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     tracing::info!("{note}");
     let mut t = livemig_engine::connect::connect(kind, &o.to, &opts, secret, &RegionTable::new())
         .map_err(CarrierError::Transport)?;
-    // A single channel is handed to QEMU itself at both ends: QEMU speaks on the
-    // authenticated connection and nothing is relayed.
-    let handoff = o.multifd == 0 && !o.relay;
+    // The channels are handed to QEMU itself at both ends: QEMU speaks on the authenticated
+    // connections and nothing is relayed. Multifd's need QEMU with livemig's patch
+    // (x-livemig-channels); without it they are relayed.
+    let handoff = !o.relay && (o.multifd == 0 || q.has_command(CHANNELS_COMMAND)?);
     carrier::send(
         &mut *t,
         &CarrierMsg::Prepare { capabilities: caps.clone(), parameters: params.clone(), handoff, external_ram: None },
@@ -227,12 +231,8 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     }
     let mut chans = carrier::take_channels(&mut *t);
     let uri = if handoff {
-        let fd = chans
-            .first()
-            .and_then(|c| c.raw_fd())
-            .ok_or_else(|| CarrierError::Peer("the session has no channel to hand to QEMU".into()))?;
-        q.execute_with_fd("getfd", json!({ "fdname": "livemig" }), fd)?;
-        // QEMU holds its own copy now.
+        carrier::hand_over(&mut q, &chans, CHANNELS_COMMAND)?;
+        // QEMU holds its own copies now.
         chans.clear();
         "fd:livemig".to_string()
     } else {
@@ -464,8 +464,12 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     sum.handoff = handoff;
     sum.transport = kind.to_string();
     if handoff {
+        if o.multifd > 0 {
+            // Connections QEMU did not use (a migration that failed early) are closed.
+            let _ = q.execute(CHANNELS_COMMAND, json!({ "fdnames": [] }));
+        }
         sum.carried = u(&q.execute("query-migrate", json!({}))?, &["ram", "transferred"]);
-        sum.channels = 1;
+        sum.channels = 1 + u64::from(o.multifd);
         sum.throughput_mib_s = sum.carried as f64 / (1 << 20) as f64 / (sum.wall_ms.max(1) as f64 / 1e3);
     }
     if let Some(mut d) = disks {

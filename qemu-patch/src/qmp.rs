@@ -197,6 +197,12 @@ impl Qmp {
         }
     }
 
+    /// Whether this QEMU has the QMP command `name` (`query-commands`).
+    pub fn has_command(&mut self, name: &str) -> Result<bool, QmpError> {
+        let list = self.execute("query-commands", json!({}))?;
+        Ok(list.as_array().is_some_and(|l| l.iter().any(|c| c["name"] == name)))
+    }
+
     /// Sets migration capabilities.
     pub fn set_capabilities(&mut self, caps: &[(&str, bool)]) -> Result<(), QmpError> {
         let list: Vec<Value> = caps.iter().map(|(c, s)| json!({ "capability": c, "state": s })).collect();

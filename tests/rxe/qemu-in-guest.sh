@@ -6,12 +6,12 @@
 #   2. livemig's engine moving the RAM over verbs (external RAM), post-copy; and 2b, pre-copy
 #      with QEMU's own dirty log (the 6.1 kernel lacks uffd-wp-async)
 #   3. QEMU's own tcp: URI (the baseline); the guest must then run on for SETTLE (15) ticks
-#   4. livemig's carrier over verbs, multifd (2 channels + main, relayed): outcome reported
+#   4. livemig's carrier over verbs, multifd (2 channels + main, all handed to QEMU)
 #   5. QEMU's own rdma: URI (rdma_cm on the same rxe device): outcome reported
 # After each carrier hop and hop 2b the destination (started with -S) must hold the same guest
 # memory as the source, byte for byte (QMP pmemsave at both ends), before it runs.
-# Hops 1, 2, 2b and 3 must complete and the destination's guest counter must go on after
-# each. Each hop prints a `QEMU_HOP` line with its figures. CARRIER=tcp LAST_HOP=1|3 LIVEMIG=…
+# Hops 1, 2, 2b, 3 and 4 must complete and the destination's guest counter must go on after
+# each. Each hop prints a `QEMU_HOP` line with its figures. CARRIER=tcp LAST_HOP=1|3|4 LIVEMIG=…
 # QEMU=… FW=… ADDR=127.0.0.1 run the carrier hops on a host without RDMA; LAST_HOP=0 only boots.
 # Files: /harness/bin/livemig, /harness/bin/qemu-system-x86_64, /harness/fw/* (firmware, the
 # test guest's vmlinuz and initramfs.cpio.gz).
@@ -133,7 +133,7 @@ carrier_hop() {
   say "guest memory of $n equals $prev's ($MEM MiB)"
   $L qemu qmp --qmp "/tmp/$n.qmp" cont > /dev/null || return 1
   goes_on "$n" || return 1
-  echo "QEMU_HOP hop=$hop way=livemig-$CARRIER${1:+-multifd$2} total_ms=$(field "$out" total_ms) downtime_ms=$(field "$out" downtime_ms) ram_bytes=$(field "$out" ram_transferred) mib_s=$(field "$out" throughput_mib_s)"
+  echo "QEMU_HOP hop=$hop way=livemig-$CARRIER${1:+-multifd$2} total_ms=$(field "$out" total_ms) downtime_ms=$(field "$out" downtime_ms) ram_bytes=$(field "$out" ram_transferred) mib_s=$(field "$out" throughput_mib_s) handoff=$(field "$out" handoff)"
   stop "$prev"; prev=$n
 }
 
@@ -212,36 +212,11 @@ else
 fi
 [ "$LAST_HOP" -le 3 ] && { stop "$prev"; say "done (fail=$fail)"; exit $fail; }
 
-# Reported, not required: the carrier's multifd over verbs, and QEMU's own rdma:. Each
-# outcome is printed.
-# running NAME: QEMU NAME is alive and its guest runs.
-running() {
-  kill -0 "$(cat "/tmp/$1.pid")" 2>/dev/null && $L qemu qmp --qmp "/tmp/$1.qmp" query-status | grep -q '"running":true'
-}
-# reported HOP NAME CMD...: a hop into NAME whose outcome is reported, not required, then
-# whether the guest runs on after it (15 more ticks). A carrier hop whose memory check failed
-# left NAME paused and the source stopped: NAME is started, so that the chain goes on.
-reported() {
-  hop=$1; n=$2; shift 2
-  running "$prev" || { echo "QEMU_HOP hop=$hop outcome=skipped (no running guest)"; return; }
-  if "$@"; then
-    c=$(counter "$prev")
-    if wait_counter "$prev" $((c + 15)) 60; then
-      echo "QEMU_HOP hop=$hop outcome=ok guest runs on (counter $(counter "$prev"))"
-    else
-      echo "QEMU_HOP hop=$hop outcome=destination-guest-stopped-after-the-hop"
-    fi
-  else
-    echo "QEMU_HOP hop=$hop outcome=failed"
-    if ! running "$prev" && kill -0 "$(cat "/tmp/$n.pid")" 2>/dev/null; then
-      $L qemu qmp --qmp "/tmp/$n.qmp" cont > /dev/null 2>&1 && { stop "$prev"; prev=$n; }
-    fi
-  fi
-}
-reported 4 e carrier_hop 4 e --multifd 2
-if ! running "$prev"; then
-  say "no running guest left for QEMU's rdma: hop"
-elif qemu_hop 5 f "rdma:$ADDR:4444"; then
+# Required too: the carrier's multifd over verbs, every connection handed to QEMU.
+if carrier_hop 4 e --multifd 2; then hop_ok 4; else hop_failed 4; exit 1; fi
+[ "$LAST_HOP" -le 4 ] && { stop "$prev"; say "done (fail=$fail)"; exit $fail; }
+# Reported, not required: QEMU's own rdma:.
+if qemu_hop 5 f "rdma:$ADDR:4444"; then
   say "hop 5 (QEMU's rdma:) ok"
 else
   say "hop 5 (QEMU's rdma:) did not succeed (reported above)"
