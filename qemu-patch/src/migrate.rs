@@ -164,7 +164,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     let mut q = Qmp::connect(&o.src_qmp, o.io_timeout)?;
     // Every capability that changes the connections is set either way: a guest that came in
     // by a multifd migration keeps the capability until it is cleared.
-    let caps: Vec<(String, bool)> = vec![
+    let mut caps: Vec<(String, bool)> = vec![
         ("events".into(), true),
         ("multifd".into(), o.multifd > 0),
         ("postcopy-ram".into(), o.postcopy),
@@ -193,6 +193,10 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     // connections and nothing is relayed. Multifd's need QEMU with livemig's patch
     // (x-livemig-channels); without it they are relayed.
     let handoff = !o.relay && (o.multifd == 0 || q.has_command(CHANNELS_COMMAND)?);
+    if handoff && o.multifd > 0 {
+        // Every given connection is a multifd channel at the destination: no preempt channel.
+        caps.push(("postcopy-preempt".into(), false));
+    }
     carrier::send(
         &mut *t,
         &CarrierMsg::Prepare { capabilities: caps.clone(), parameters: params.clone(), handoff, external_ram: None },
