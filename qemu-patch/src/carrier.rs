@@ -389,10 +389,14 @@ pub fn take_channels(t: &mut dyn Transport) -> Vec<Box<dyn ByteChannel>> {
     (0..).map_while(|i| t.byte_channel(i).ok()).collect()
 }
 
+/// The QMP command of livemig's QEMU patch that gives QEMU the multifd channels' connections.
+pub(crate) const CHANNELS_COMMAND: &str = "x-livemig-channels";
+
 /// Hands the session's channels to QEMU: the first as `fd:livemig`'s descriptor, the others
-/// (multifd's) named `livemig-1`… and given to `channels_command` (`x-livemig-channels`),
-/// which a QEMU without livemig's patch lacks.
-pub(crate) fn hand_over(q: &mut Qmp, chans: &[Box<dyn ByteChannel>], channels_command: &str) -> Result<(), QmpError> {
+/// (multifd's) named `livemig-1`… and given to [`CHANNELS_COMMAND`], which a QEMU without
+/// livemig's patch lacks.
+pub(crate) fn hand_over(q: &mut Qmp, chans: &[Box<dyn ByteChannel>]) -> Result<(), QmpError> {
+    let channels_command = CHANNELS_COMMAND;
     let fds = chans
         .iter()
         .map(|c| c.raw_fd())
@@ -484,7 +488,7 @@ pub fn run_dest(mut t: Box<dyn Transport>, o: &DestOptions) -> Result<DestOutcom
                 }
                 if handoff {
                     // QEMU reads the stream straight from the authenticated connections.
-                    hand_over(&mut q, &channels, "x-livemig-channels")?;
+                    hand_over(&mut q, &channels)?;
                     q.execute("migrate-incoming", json!({ "uri": "fd:livemig" }))?;
                 } else {
                     q.execute("migrate-incoming", json!({ "uri": format!("unix:{}", o.incoming.display()) }))?;

@@ -449,13 +449,7 @@ fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
             s.qemu_stream_bytes as f64 / 1024.0,
             s.checksum.as_deref().map_or("-", |c| &c[..c.len().min(16)]),
             s.dest_status,
-            if s.dest_running {
-                ", guest running"
-            } else if dest_waits(s.dest_runstate.as_deref()) {
-                ", guest paused (started with -S: `cont` runs it)"
-            } else {
-                ", guest NOT running"
-            }
+            dest_guest(s.dest_running, s.dest_runstate.as_deref())
         );
         if let Some(r) = s.engine.get("end_reason").and_then(|v| v.as_str()) {
             println!("pre-copy ended: {r}");
@@ -545,13 +539,7 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
             s.throughput_mib_s,
             s.ram_transferred as f64 / (1 << 20) as f64,
             s.dest_status,
-            if s.dest_running {
-                ", guest running"
-            } else if dest_waits(s.dest_runstate.as_deref()) {
-                ", guest paused (that QEMU runs with -S: `cont` starts it)"
-            } else {
-                ", guest NOT running"
-            }
+            dest_guest(s.dest_running, s.dest_runstate.as_deref())
         );
         if let (Some(by), Some(action)) = (&s.decided_by, &s.action) {
             println!("decided by {by}: {action}");
@@ -627,6 +615,17 @@ pub fn run_migrate(a: &QemuMigrateArgs) -> Result<()> {
 /// `cont`: the migration succeeded, the guest just does not run yet.
 fn dest_waits(runstate: Option<&str>) -> bool {
     runstate == Some("paused")
+}
+
+/// How the destination's guest ended, for the summary line.
+fn dest_guest(running: bool, runstate: Option<&str>) -> &'static str {
+    if running {
+        ", guest running"
+    } else if dest_waits(runstate) {
+        ", guest paused (that QEMU runs with -S: `cont` starts it)"
+    } else {
+        ", guest NOT running"
+    }
 }
 
 #[cfg(test)]

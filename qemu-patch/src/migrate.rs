@@ -153,9 +153,6 @@ fn u(v: &Value, path: &[&str]) -> u64 {
     x.as_u64().unwrap_or(0)
 }
 
-/// The QMP command of livemig's patch that gives QEMU the multifd channels' connections.
-const CHANNELS_COMMAND: &str = "x-livemig-channels";
-
 /// Runs one migration; `on_pass` sees each pass as it is reported.
 pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pass)) -> Result<Summary, CarrierError> {
     if o.switchover == Switchover::Postcopy && !o.postcopy {
@@ -192,7 +189,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     // The channels are handed to QEMU itself at both ends: QEMU speaks on the authenticated
     // connections and nothing is relayed. Multifd's need QEMU with livemig's patch
     // (x-livemig-channels); without it they are relayed.
-    let handoff = !o.relay && (o.multifd == 0 || q.has_command(CHANNELS_COMMAND)?);
+    let handoff = !o.relay && (o.multifd == 0 || q.has_command(carrier::CHANNELS_COMMAND)?);
     if handoff && o.multifd > 0 {
         // Every given connection is a multifd channel at the destination: no preempt channel.
         caps.push(("postcopy-preempt".into(), false));
@@ -235,7 +232,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     }
     let mut chans = carrier::take_channels(&mut *t);
     let uri = if handoff {
-        carrier::hand_over(&mut q, &chans, CHANNELS_COMMAND)?;
+        carrier::hand_over(&mut q, &chans)?;
         // QEMU holds its own copies now.
         chans.clear();
         "fd:livemig".to_string()
@@ -470,7 +467,7 @@ pub fn migrate(o: &MigrateOptions, secret: &Secret, on_pass: &mut dyn FnMut(&Pas
     if handoff {
         if o.multifd > 0 {
             // Connections QEMU did not use (a migration that failed early) are closed.
-            let _ = q.execute(CHANNELS_COMMAND, json!({ "fdnames": [] }));
+            let _ = q.execute(carrier::CHANNELS_COMMAND, json!({ "fdnames": [] }));
         }
         sum.carried = u(&q.execute("query-migrate", json!({}))?, &["ram", "transferred"]);
         sum.channels = 1 + u64::from(o.multifd);
