@@ -153,6 +153,13 @@ pub struct MigrateArgs {
     /// Post-copy bubbling: which way bubbles grow.
     #[arg(long, value_enum, default_value = "dual")]
     pub expansion: ExpansionChoice,
+    /// Post-copy: pages per push batch (one `Placed` message each).
+    #[arg(long, value_name = "PAGES", default_value_t = postcopy::DEFAULT_BATCH_PAGES)]
+    pub push_batch: usize,
+    /// Post-copy: most pushed pages not yet installed at the destination. A fault on a page
+    /// being pushed waits behind at most this many; larger pushes faster on fast links.
+    #[arg(long, value_name = "PAGES", default_value_t = postcopy::DEFAULT_PUSH_WINDOW)]
+    pub push_window: usize,
     /// SO_SNDBUF/SO_RCVBUF of the TCP streams (default: 256 KiB with post-copy, kernel
     /// autotuning with pre-copy).
     #[arg(long, value_parser = parse_size)]
@@ -567,9 +574,18 @@ fn run_postcopy_source(
     recovery: Option<postcopy::Recovery>,
     beside: Option<&mut dyn Beside>,
 ) -> Result<()> {
+    anyhow::ensure!(a.push_batch > 0, "--push-batch must be at least 1");
+    anyhow::ensure!(
+        a.push_window >= a.push_batch,
+        "--push-window ({}) must hold at least one batch (--push-batch {})",
+        a.push_window,
+        a.push_batch
+    );
     let cfg = postcopy::PostcopyConfig {
         recovery,
         order: a.push_order()?,
+        batch_pages: a.push_batch,
+        push_window: a.push_window,
         reply_timeout: engine_precopy::REPLY_TIMEOUT.max(secs(a.after * 2.0 + 10.0)),
         // Pre-copy rounds until the policy decides, then post-copy.
         rounds: (a.strategy == StrategyChoice::Precopy).then(|| a.policy_config()),

@@ -804,6 +804,8 @@ fn control(
     let mut last_progress = Instant::now();
     let mut last_bytes = t.stats().bytes_received;
     let mut last_installed = 0;
+    // Pushed pages installed in this session (acknowledged after each `Placed`).
+    let mut installed_here = 0;
     let check_runs =
         |runs: &[PageRun]| runs.iter().all(|r| r.first.checked_add(r.pages as u64).is_some_and(|e| e <= pages));
     let theirs = loop {
@@ -833,8 +835,12 @@ fn control(
             }
             Msg::Placed { runs } if check_runs(&runs) => {
                 for r in runs {
-                    *pushed += ctx.arrive(r.first as usize, r.pages as usize)?;
+                    let k = ctx.arrive(r.first as usize, r.pages as usize)?;
+                    *pushed += k;
+                    installed_here += k;
                 }
+                // The source pushes only so far ahead of this count.
+                t.send_message(&Msg::Installed { pages: installed_here }.encode()).map_err(PostcopyDestError::Link)?;
                 on_progress(ctx.states.installed() as u64, pages);
             }
             Msg::Final => {}

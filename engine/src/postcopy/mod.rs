@@ -26,5 +26,6 @@ pub use prepage::{Demand, Expansion, Prepager, PushOrder};
 pub use recover::{id_hex, new_id as new_migration_id, parse_id, Recovery, Relink, Relinked};
 pub use source::{
     migrate, migrate_hybrid, take_over, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress,
+    DEFAULT_BATCH_PAGES, DEFAULT_PUSH_WINDOW,
 };
 pub use uffd::{staging_aliases, Placer, PlacerError};

@@ -56,6 +56,11 @@ pub struct PostcopyConfig {
     pub batch_pages: usize,
     /// Pages per run taken from one bubble edge.
     pub run_pages: usize,
+    /// Most pushed pages not yet installed at the destination (its `Installed` count):
+    /// the push waits for room before it takes the next batch. A page the guest faults on
+    /// while it is pushed waits behind at most this many pages, and the next batch is taken
+    /// around the latest faults. At least one batch.
+    pub push_window: usize,
     /// How long to wait for each reply of the destination (`Accept`, `Resumed`, `Verified`).
     pub reply_timeout: Duration,
     /// Hybrid only: after the first pass, pre-copy rounds go on until this policy says
@@ -75,8 +80,9 @@ impl Default for PostcopyConfig {
     fn default() -> Self {
         PostcopyConfig {
             order: PushOrder::default(),
-            batch_pages: 64,
+            batch_pages: DEFAULT_BATCH_PAGES,
             run_pages: 64,
+            push_window: DEFAULT_PUSH_WINDOW,
             reply_timeout: crate::precopy::REPLY_TIMEOUT,
             rounds: None,
             recovery: None,
@@ -84,6 +90,13 @@ impl Default for PostcopyConfig {
         }
     }
 }
+
+/// [`PostcopyConfig::batch_pages`]'s default.
+pub const DEFAULT_BATCH_PAGES: usize = 16;
+/// [`PostcopyConfig::push_window`]'s default, pages: two batches in flight. With 4 KiB
+/// pages that is 128 KiB, a few hundred microseconds of the push where a faulted page may
+/// wait; a larger window pushes faster on fast links and serves such faults later.
+pub const DEFAULT_PUSH_WINDOW: usize = 2 * DEFAULT_BATCH_PAGES;
 
 /// Where a post-copy migration was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
@@ -1223,15 +1236,21 @@ fn push_phase(
     let mut batch: Vec<(usize, usize)> = Vec::new();
     let mut buf = vec![0u8; ps];
     let mut terms: Vec<(usize, u128)> = Vec::new();
+    let batch_pages = cfg.batch_pages.max(1);
+    let mut window = PushWindow::new(cfg.push_window.max(batch_pages) as u64);
     loop {
         if urgent_failed.load(Ordering::SeqCst) {
             return Err(urgent_broke(phase));
+        }
+        // Room in the window first: the batch is then taken around the latest faults.
+        window.take_replies(t, phase, None)?;
+        if !window.has_room() {
+            window.wait_room(t, phase, cfg.reply_timeout, urgent_failed)?;
         }
         batch.clear();
         let (sent, demanded) = {
             let mut g = lock(shared);
             let mut n = 0;
-            let batch_pages = cfg.batch_pages.max(1);
             while n < batch_pages {
                 match g.prepager.next_run(cfg.run_pages.max(1).min(batch_pages - n)) {
                     Some((f, k)) => {
@@ -1267,17 +1286,8 @@ fn push_phase(
         fault::corrupt_in_flight(t, memory, remotes, &batch)?;
         let runs = batch.iter().map(|&(f, k)| PageRun { first: f as u64, pages: k as u32 }).collect();
         send(t, phase, &Msg::Placed { runs })?;
+        window.pushed(batch.iter().map(|&(_, k)| k as u64).sum());
         on_progress(&PushProgress { sent, pages: total, demanded });
-        // An abort from the destination ends the push.
-        if let Some(b) =
-            t.recv_message(Some(Duration::ZERO)).map_err(|source| PostcopyError::Transport { phase, source })?
-        {
-            return Err(match proto::decode(&b) {
-                Ok(Msg::Abort { reason }) => PostcopyError::PeerAborted { phase, reason },
-                Ok(m) => PostcopyError::Unexpected { phase, got: m.name() },
-                Err(source) => PostcopyError::Protocol { phase, source },
-            });
-        }
     }
     t.flush().map_err(|source| PostcopyError::Transport { phase, source })?;
     st.pushed_at = Some(Instant::now());
@@ -1290,7 +1300,14 @@ fn push_phase(
     let phase = PostcopyPhase::Verify;
     send(t, phase, &Msg::Final)?;
     send(t, phase, &Msg::SourceChecksum { checksum: digest.to_bytes() })?;
-    match recv_watching(t, phase, "Verified", cfg.reply_timeout, urgent_failed)? {
+    let verdict = loop {
+        match recv_watching(t, phase, "Verified", cfg.reply_timeout, urgent_failed)? {
+            // The last batches' acknowledgements.
+            Msg::Installed { pages } => window.installed(phase, pages)?,
+            m => break m,
+        }
+    };
+    match verdict {
         Msg::Verified { ok: true, checksum } if Digest::from_bytes(&checksum) == digest => {}
         Msg::Verified { checksum, .. } => {
             let e = PostcopyError::ChecksumMismatch {
@@ -1308,6 +1325,86 @@ fn push_phase(
         tracing::debug!(error = %error_chain(&e), "Done after the verification did not go");
     }
     Ok(digest)
+}
+
+/// The push's pages in flight: pushed in this session and not yet acknowledged as
+/// installed by the destination (`Installed`).
+struct PushWindow {
+    limit: u64,
+    pushed: u64,
+    installed: u64,
+}
+
+impl PushWindow {
+    fn new(limit: u64) -> Self {
+        PushWindow { limit, pushed: 0, installed: 0 }
+    }
+
+    fn has_room(&self) -> bool {
+        self.pushed - self.installed < self.limit
+    }
+
+    fn pushed(&mut self, pages: u64) {
+        self.pushed += pages;
+    }
+
+    /// The destination's count: it only grows, and never beyond what was pushed.
+    fn installed(&mut self, phase: PostcopyPhase, pages: u64) -> Result<(), PostcopyError> {
+        if pages < self.installed || pages > self.pushed {
+            return Err(PostcopyError::Unexpected { phase, got: "Installed count out of order" });
+        }
+        self.installed = pages;
+        Ok(())
+    }
+
+    /// Takes the destination's messages already queued (or, with `wait`, the next one
+    /// within it): acknowledgements move the window; an abort or anything else ends the
+    /// push. False if `wait` passed with nothing.
+    fn take_replies(
+        &mut self,
+        t: &mut dyn Transport,
+        phase: PostcopyPhase,
+        wait: Option<Duration>,
+    ) -> Result<bool, PostcopyError> {
+        let mut wait = wait;
+        let mut any = false;
+        loop {
+            let b = t
+                .recv_message(Some(wait.take().unwrap_or(Duration::ZERO)))
+                .map_err(|source| PostcopyError::Transport { phase, source })?;
+            let Some(b) = b else { return Ok(any) };
+            any = true;
+            match proto::decode(&b) {
+                Ok(Msg::Installed { pages }) => self.installed(phase, pages)?,
+                Ok(Msg::Abort { reason }) => return Err(PostcopyError::PeerAborted { phase, reason }),
+                Ok(m) => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+                Err(source) => return Err(PostcopyError::Protocol { phase, source }),
+            }
+        }
+    }
+
+    /// Waits until the window has room: the destination acknowledges within `timeout` (in
+    /// short slices, so that a failed urgent channel ends the wait at once).
+    fn wait_room(
+        &mut self,
+        t: &mut dyn Transport,
+        phase: PostcopyPhase,
+        timeout: Duration,
+        urgent_failed: &AtomicBool,
+    ) -> Result<(), PostcopyError> {
+        let deadline = Instant::now() + timeout;
+        while !self.has_room() {
+            if urgent_failed.load(Ordering::SeqCst) {
+                return Err(urgent_broke(phase));
+            }
+            let left = recover::left(deadline, Duration::from_millis(200));
+            if left.is_zero() {
+                return Err(PostcopyError::Timeout { phase, expected: "Installed", timeout });
+            }
+            self.take_replies(t, phase, Some(left))?;
+        }
+        Ok(())
+    }
 }
 
 fn urgent_broke(phase: PostcopyPhase) -> PostcopyError {
@@ -1468,6 +1565,39 @@ mod fault {
         }])
         .map_err(|source| PostcopyError::Transport { phase, source })?;
         t.flush().map_err(|source| PostcopyError::Transport { phase, source })
+    }
+}
+
+#[cfg(test)]
+mod window_tests {
+    use super::{PostcopyError, PostcopyPhase, PushWindow};
+
+    #[test]
+    fn the_window_fills_with_pushed_pages_and_empties_with_the_destinations_count() {
+        let mut w = PushWindow::new(32);
+        assert!(w.has_room());
+        w.pushed(16);
+        assert!(w.has_room());
+        w.pushed(16);
+        assert!(!w.has_room(), "32 pages in flight fill a 32-page window");
+        w.installed(PostcopyPhase::Push, 16).unwrap();
+        assert!(w.has_room());
+        w.installed(PostcopyPhase::Push, 16).unwrap();
+        w.pushed(16);
+        w.installed(PostcopyPhase::Push, 48).unwrap();
+        assert!(w.has_room());
+    }
+
+    #[test]
+    fn a_count_that_goes_back_or_beyond_what_was_pushed_is_refused() {
+        let mut w = PushWindow::new(32);
+        w.pushed(16);
+        let over = w.installed(PostcopyPhase::Push, 17).unwrap_err();
+        assert!(matches!(over, PostcopyError::Unexpected { .. }), "{over:?}");
+        w.installed(PostcopyPhase::Push, 10).unwrap();
+        let back = w.installed(PostcopyPhase::Push, 9).unwrap_err();
+        assert!(matches!(back, PostcopyError::Unexpected { .. }), "{back:?}");
+        assert!(w.has_room(), "a refused count leaves the window as it was");
     }
 }
 

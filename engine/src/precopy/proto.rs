@@ -38,6 +38,8 @@
 //!  20 Reattach       id [16] (the first message of such a session)
 //!  21 Missing        last u8 (0|1) | runs   (destination → source, after `Reattach`: the
 //!                    pages that have not arrived; `last` ends the list)
+//!  22 Installed      pages u64 (post-copy, destination → source after each `Placed`: pushed
+//!                    pages installed in this session so far)
 //! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
 //! runs = n u32 (≤ MAX_RUNS) | n × (first_page u64 | pages u32 ≥ 1)
 //! checksum = a region digest (`integrity::Digest::to_bytes`): sum u128 | pages u64 | 0 u64
@@ -51,12 +53,13 @@
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"LMPC";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 5;
-/// Oldest version this build decodes. Version 4 could not resume a post-copy migration
+pub const VERSION: u8 = 6;
+/// Oldest version this build decodes. Version 5 did not acknowledge pushed pages
+/// (`Installed`), so a source could not bound the pages in flight; version 4 could not resume a post-copy migration
 /// over a new session (`Recoverable`, `Reattach`, `Missing`); version 3 had no strategy in `Begin` (pre-copy
 /// only); version 2 compared whole-region SHA-256 checksums and left zero pages unwritten
 /// at the destination; version 1 had no `Commit`.
-pub const MIN_VERSION: u8 = 5;
+pub const MIN_VERSION: u8 = 6;
 /// Most regions a migration carries.
 pub const MAX_REGIONS: usize = 256;
 /// Largest piece of device state in one `DeviceState` message.
@@ -234,6 +237,13 @@ pub enum Msg {
         /// Runs of pages (at most [`MAX_RUNS`]).
         runs: Vec<PageRun>,
     },
+    /// Destination → source (post-copy, after `Commit`), once a `Placed` message is
+    /// processed: the pushed pages installed in this session so far. The source keeps the
+    /// pages it pushed and this count does not cover within its push window.
+    Installed {
+        /// Pushed pages installed in this session.
+        pages: u64,
+    },
     /// Either way: the migration is abandoned.
     Abort {
         /// Why.
@@ -378,6 +388,7 @@ impl Msg {
             Msg::Recoverable { .. } => 19,
             Msg::Reattach { .. } => 20,
             Msg::Missing { .. } => 21,
+            Msg::Installed { .. } => 22,
         }
     }
 
@@ -405,6 +416,7 @@ impl Msg {
             Msg::Recoverable { .. } => "Recoverable",
             Msg::Reattach { .. } => "Reattach",
             Msg::Missing { .. } => "Missing",
+            Msg::Installed { .. } => "Installed",
         }
     }
 
@@ -453,7 +465,7 @@ impl Msg {
             }
             Msg::Recoverable { id } | Msg::Reattach { id } => out.extend_from_slice(id),
             Msg::IterationAck { iter } => out.extend_from_slice(&iter.to_le_bytes()),
-            Msg::Demand { page } => out.extend_from_slice(&page.to_le_bytes()),
+            Msg::Demand { page } | Msg::Installed { pages: page } => out.extend_from_slice(&page.to_le_bytes()),
             Msg::IterationDone { iter, pages, dirty } => {
                 out.extend_from_slice(&iter.to_le_bytes());
                 out.extend_from_slice(&pages.to_le_bytes());
@@ -541,6 +553,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
             let last = r.flag("last flag")?;
             Msg::Missing { last, runs: r.runs()? }
         }
+        22 => Msg::Installed { pages: r.u64()? },
         t => return Err(ProtoError::UnknownType(t)),
     };
     if r.pos != b.len() {
@@ -562,6 +575,7 @@ mod tests {
                 regions: vec![RegionDesc { len: 1, page_size: 1 }; MAX_REGIONS],
             },
             Msg::Demand { page: u64::MAX },
+            Msg::Installed { pages: 64 },
             Msg::Invalidate { runs: vec![PageRun { first: 3, pages: 2 }] },
             Msg::Recoverable { id: [7; 16] },
             Msg::Reattach { id: [9; 16] },
