@@ -11,14 +11,15 @@
 #  - lazy: `livemig image serve` on each host, QEMU on its NBD socket (chunks fetched on first
 #    touch); pre-propagation: `livemig image export` of the whole image to each host first, then
 #    QEMU on the local copy;
-#  - snapshot: the N lazy instances CLONE then COMMIT at once, against copying a full image per
+#  - snapshot (after each lazy run of the first chunk size, so for every N): the N lazy
+#    instances CLONE then COMMIT at once, against copying a full image per
 #    instance into the repository (N concurrent `image push` of one instance's whole disk, read
 #    once through NBD: the same bytes to move and store as N different full copies, without N
 #    local copies on this machine's disk).
 #
 # Traffic is the storage link's transmitted bytes (its counter); times are wall-clock from the
-# moment all hosts start. Prints tables and writes results.tsv/snapshot.tsv (+ a plot with
-# gnuplot if installed) in OUT.
+# moment all hosts start. Prints tables and writes results.tsv/snapshot.tsv (+ deploy.png and
+# snapshot.png with matplotlib) in OUT.
 #
 #   NS="1 4 10" CHUNKS="256K 512K 1M" LINK=1gbit IMG_SIZE=1G FILL_MIB=560 BOOT_MIB=64 bench/image-deploy.sh
 # (disk space: the cached image, one stored copy per chunk size, and N local copies at once
@@ -152,6 +153,44 @@ stop_run() { # $1 run, $2 N
   rm -f "$1"-h*.raw
 }
 
+# Snapshot: CLONE + COMMIT on every lazy instance of a run at once, vs pushing each full
+# image; one pair of rows per N (appended to snapshot.tsv).
+snapshot() { # $1 run, $2 N
+  local run=$1 n=$2 c=${CHUNKS%% *} i du0 du1 du2 du3 t0 t1 t2 t3 committed
+  local SP=()
+  du0=$(du -sb --apparent-size s3root/livemig | cut -f1)
+  t0=$(now)
+  for i in $(seq "$n"); do
+    ( ip netns exec "lmh$TAG-$i" "$BIN" image clone "os-$c" "snap$TAG-$n-$i" --control "$run-h$i.ctl" --json >"snap-$n-h$i.clone" &&
+      ip netns exec "lmh$TAG-$i" "$BIN" image commit "snap$TAG-$n-$i" --control "$run-h$i.ctl" --json >"snap-$n-h$i.commit" ) &
+    SP+=($!)
+  done
+  wait "${SP[@]}" || echo "a snapshot failed (snap-$n-h*.clone/commit)" >&2
+  t1=$(now)
+  du1=$(du -sb --apparent-size s3root/livemig | cut -f1)
+  committed=$(cat snap-"$n"-h*.commit | jq -s 'map(.chunks_written) | add')
+  # Baseline: a full copy per instance pushed into the repository as a new image, all at once
+  # (instance 1's whole disk stands for every instance's: the same bytes to move and store).
+  nbdcopy "nbd+unix:///?socket=$OUT/$run-h1.sock" full.raw
+  du2=$(du -sb --apparent-size s3root/livemig | cut -f1)
+  t2=$(now)
+  SP=()
+  for i in $(seq "$n"); do
+    ip netns exec "lmh$TAG-$i" "$BIN" image push full.raw "full$TAG-$n-$i" --chunk-size "$c" --json >"full-$n-h$i.push" &
+    SP+=($!)
+  done
+  wait "${SP[@]}" || echo "a full push failed (full-$n-h*.push)" >&2
+  t3=$(now)
+  du3=$(du -sb --apparent-size s3root/livemig | cut -f1)
+  rm -f full.raw
+  awk -v n="$n" -v t="$(awk -v a="$t1" -v b="$t0" 'BEGIN{print a-b}')" -v d=$((du1 - du0)) -v k="$committed" \
+    'BEGIN { printf "clone+commit\t%d\t%.2f\t%.1f\t%.2f\t%d\n", n, t, d / 1048576, d / 1048576 / n, k }' >>snapshot.tsv
+  awk -v n="$n" -v t="$(awk -v a="$t3" -v b="$t2" 'BEGIN{print a-b}')" -v d=$((du3 - du2)) \
+    'BEGIN { printf "full copy\t%d\t%.2f\t%.1f\t%.2f\t-\n", n, t, d / 1048576, d / 1048576 / n }' >>snapshot.tsv
+  tail -2 snapshot.tsv >&2
+}
+
+printf 'method\tN\ttime_s\tstorage_added_mib\tper_instance_mib\tchunks_committed\n' >snapshot.tsv
 printf 'chunk\tmode\tN\tfirst_boot_s\tlast_boot_s\tcopy_s\ttraffic_mib\tpct_of_image\tbooted\n' >results.tsv
 for c in $CHUNKS; do
   for n in $NS; do
@@ -172,8 +211,9 @@ for c in $CHUNKS; do
       pct=$(awk -v b=$((b1 - b0)) -v s="$IMG_BYTES" -v n="$n" 'BEGIN { printf "%.1f", 100 * b / s / n }')
       printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s/%s\n' "$c" "$mode" "$n" "${first:-}" "${last:-}" "${copy:--}" "$mib" "$pct" "$ok" "$n" >>results.tsv
       tail -1 results.tsv >&2
-      # The largest lazy run stays up for the snapshot experiment.
-      if [[ $mode == lazy && $n == "$MAXN" && $c == "${CHUNKS%% *}" ]]; then SNAP_RUN=$run; else stop_run "$run" "$n"; fi
+      # Every lazy run of the first chunk size is snapshotted before it stops.
+      if [[ $mode == lazy && $c == "${CHUNKS%% *}" ]]; then snapshot "$run" "$n"; fi
+      stop_run "$run" "$n"
     done
   done
 done
@@ -182,48 +222,12 @@ echo
 echo "== deployment: $MAXN hosts at most, image $((IMG_BYTES >> 20)) MiB ($((STORED >> 20)) MiB stored), link $LINK shared at the storage host"
 echo "   traffic: bytes the storage link sent; pct: per host, of the image size"
 column -t -s $'\t' results.tsv
-
-# Snapshot: CLONE + COMMIT on every lazy instance at once, vs pushing each full image.
-if [[ -n ${SNAP_RUN:-} ]]; then
-  c=${CHUNKS%% *}
-  du0=$(du -sb --apparent-size s3root/livemig | cut -f1)
-  t0=$(now)
-  SP=()
-  for i in $(seq "$MAXN"); do
-    ( ip netns exec "lmh$TAG-$i" "$BIN" image clone "os-$c" "snap$TAG-$i" --control "$SNAP_RUN-h$i.ctl" --json >"snap-h$i.clone" &&
-      ip netns exec "lmh$TAG-$i" "$BIN" image commit "snap$TAG-$i" --control "$SNAP_RUN-h$i.ctl" --json >"snap-h$i.commit" ) &
-    SP+=($!)
-  done
-  wait "${SP[@]}" || echo "a snapshot failed (snap-h*.clone/commit)" >&2
-  t1=$(now)
-  du1=$(du -sb --apparent-size s3root/livemig | cut -f1)
-  committed=$(cat snap-h*.commit | jq -s 'map(.chunks_written) | add')
-  # Baseline: a full copy per instance pushed into the repository as a new image, all at once
-  # (instance 1's whole disk stands for every instance's: the same bytes to move and store).
-  nbdcopy "nbd+unix:///?socket=$OUT/$SNAP_RUN-h1.sock" full.raw
-  du2=$(du -sb --apparent-size s3root/livemig | cut -f1)
-  t2=$(now)
-  SP=()
-  for i in $(seq "$MAXN"); do
-    ip netns exec "lmh$TAG-$i" "$BIN" image push full.raw "full$TAG-$i" --chunk-size "$c" --json >"full-h$i.push" &
-    SP+=($!)
-  done
-  wait "${SP[@]}" || echo "a full push failed (full-h*.push)" >&2
-  t3=$(now)
-  du3=$(du -sb --apparent-size s3root/livemig | cut -f1)
-  stop_run "$SNAP_RUN" "$MAXN"
-  rm -f full.raw
-  {
-    printf 'method\tN\ttime_s\tstorage_added_mib\tper_instance_mib\n'
-    awk -v n="$MAXN" -v t="$(awk -v a="$t1" -v b="$t0" 'BEGIN{print a-b}')" -v d=$((du1 - du0)) \
-      'BEGIN { printf "clone+commit\t%d\t%.2f\t%.1f\t%.2f\n", n, t, d / 1048576, d / 1048576 / n }'
-    awk -v n="$MAXN" -v t="$(awk -v a="$t3" -v b="$t2" 'BEGIN{print a-b}')" -v d=$((du3 - du2)) \
-      'BEGIN { printf "full copy\t%d\t%.2f\t%.1f\t%.2f\n", n, t, d / 1048576, d / 1048576 / n }'
-  } >snapshot.tsv
+if [[ $(wc -l <snapshot.tsv) -gt 1 ]]; then
   echo
-  echo "== snapshot of $MAXN instances ($committed chunks of $c committed in all; each wrote $WRITE_MIB MiB plus what its boot wrote)"
+  echo "== snapshot: every lazy instance CLONE + COMMIT at once (each wrote $WRITE_MIB MiB plus what its boot wrote; ${CHUNKS%% *} chunks), vs a full copy per instance"
   column -t -s $'\t' snapshot.tsv
-  awk -F'\t' 'NR == 2 { a = $3; s = $4 } NR == 3 { printf "full copy / clone+commit: %.1fx the time, %.1fx the storage\n", $3 / a, $4 / s }' snapshot.tsv
+  awk -F'\t' '$1 == "clone+commit" { a[$2] = $3; s[$2] = $4 } $1 == "full copy" && a[$2] > 0 && s[$2] > 0 {
+    printf "N=%s: full copy / clone+commit %.1fx the time, %.1fx the storage\n", $2, $3 / a[$2], $4 / s[$2] }' snapshot.tsv
 fi
 
 /usr/bin/python3 -c 'import matplotlib' 2>/dev/null || {
@@ -249,5 +253,18 @@ b.set_xlabel("hosts"); b.set_ylabel("storage link traffic (MiB)"); b.legend()
 fig.tight_layout()
 fig.savefig(f"{out}/deploy.png", dpi=100)
 print(f"plot: {out}/deploy.png")
+snaps = list(csv.DictReader(open(f"{out}/snapshot.tsv"), delimiter="\t"))
+if snaps:
+    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    for method in ("clone+commit", "full copy"):
+        rs = sorted((r for r in snaps if r["method"] == method), key=lambda r: int(r["N"]))
+        n = [int(r["N"]) for r in rs]
+        a.plot(n, [float(r["time_s"]) for r in rs], marker="o", label=method)
+        b.plot(n, [float(r["storage_added_mib"]) for r in rs], marker="o", label=method)
+    a.set_xlabel("instances"); a.set_ylabel("snapshot time (s)"); a.legend()
+    b.set_xlabel("instances"); b.set_ylabel("storage added (MiB)"); b.set_yscale("log"); b.legend()
+    fig.tight_layout()
+    fig.savefig(f"{out}/snapshot.png", dpi=100)
+    print(f"plot: {out}/snapshot.png")
 PY
 echo "results in $OUT"
