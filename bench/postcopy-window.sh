@@ -8,7 +8,7 @@
 # only by the transport, as before the window existed); ratios are against it.
 #
 #   bench/postcopy-window.sh [LIVEMIG_BIN] ; env: LINKS="none 1gbit 10gbit" SIZE=256M
-#   WORKLOAD=random RUNS=3 CONFIGS="16/32 64/128 64/1048576" (batch/window in pages; the last
+#   WORKLOAD=random RUNS=3 CONFIGS="16/32 16/64 64/128 64/1048576" (batch/window in pages; the last
 #   is the baseline)
 set -euo pipefail
 BIN=${1:-${LIVEMIG_BIN:-target/release/livemig}}
@@ -16,7 +16,7 @@ LINKS=${LINKS:-none 1gbit 10gbit}
 SIZE=${SIZE:-256M}
 WORKLOAD=${WORKLOAD:-random}
 RUNS=${RUNS:-3}
-CONFIGS=${CONFIGS:-16/32 64/128 64/1048576}
+CONFIGS=${CONFIGS:-16/32 16/64 64/128 64/1048576}
 OUT=$(mktemp -d)
 trap 'rm -rf "$OUT"' EXIT
 

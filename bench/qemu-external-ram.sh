@@ -121,7 +121,8 @@ through_livemig() { # $1 = src, $2 = dst, then qemu migrate flags
   PIDS+=("$cp")
   for _ in $(seq 100); do grep -q listening "$dst.carrier" 2>/dev/null && break; sleep 0.05; done
   ip netns exec "$SNS" "$BIN" qemu migrate --src-qmp "$src.qmp" --to "$DIP:7882" --secret-file secret \
-    --socket-dir "$OUT" --ram livemig --max-time "$MAX_TIME" --json "$@" 2>"$dst.migrate.err" |
+    --socket-dir "$OUT" --ram livemig --max-time "$MAX_TIME" --json ${PUSH_WINDOW:+--push-window "$PUSH_WINDOW"} \
+    "$@" 2>"$dst.migrate.err" |
     jq -c '{status, total_ms, pause_ms: .stop_to_resume_ms, bytes: .engine.bytes,
             fault_p50_us: .dest_ram.fault_p50_us, fault_p99_us: .dest_ram.fault_p99_us,
             decided_by: (.engine.decided_by // .engine.end_rule)}' || true

@@ -377,6 +377,14 @@ pub struct QemuMigrateArgs {
     /// where the kernel has it).
     #[arg(long, value_enum, default_value_t = crate::ram::DirtyLogChoice::Auto)]
     pub dirty_log: crate::ram::DirtyLogChoice,
+    /// With --ram livemig, post-copy and hybrid: pages per push batch.
+    #[arg(long, value_name = "PAGES", default_value_t = livemig_engine::postcopy::DEFAULT_BATCH_PAGES)]
+    pub push_batch: usize,
+    /// With --ram livemig, post-copy and hybrid: most pushed pages the destination has not
+    /// yet acknowledged as installed (a vCPU faulting on a page on its way waits behind at
+    /// most this many).
+    #[arg(long, value_name = "PAGES", default_value_t = livemig_engine::postcopy::DEFAULT_PUSH_WINDOW)]
+    pub push_window: usize,
     /// Machine-readable summary (JSON) on stdout; no per-pass lines.
     #[arg(long)]
     pub json: bool,
@@ -397,6 +405,13 @@ pub enum RamMover {
 
 /// `livemig qemu migrate --ram livemig`.
 fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
+    if a.push_batch == 0 || a.push_window < a.push_batch {
+        bail!(
+            "--push-window ({}) must hold at least one batch (--push-batch {}, at least 1)",
+            a.push_window,
+            a.push_batch
+        );
+    }
     if a.multifd > 0 || a.postcopy || !a.disk.is_empty() || a.relay {
         bail!("--ram livemig moves the RAM itself: --multifd, --postcopy, --disk and --relay do not apply");
     }
@@ -413,6 +428,8 @@ fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
         recover_within: Duration::from_secs_f64(a.recover_within),
         take_over: a.take_over,
         dirty_log: a.dirty_log,
+        push_batch: a.push_batch,
+        push_window: a.push_window,
     };
     let json = a.json;
     let mut on_line = |l: &str| {

@@ -101,6 +101,10 @@ pub struct RamOptions {
     pub take_over: Option<[u8; 16]>,
     /// How pre-copy passes track QEMU's writes.
     pub dirty_log: DirtyLogChoice,
+    /// Post-copy: pages per push batch.
+    pub push_batch: usize,
+    /// Post-copy: most pushed pages the destination has not acknowledged as installed.
+    pub push_window: usize,
 }
 
 /// The outcome.
@@ -279,7 +283,14 @@ pub fn migrate_ram(o: &RamOptions, secret: &Secret, on_line: &mut dyn FnMut(&str
                  `livemig qemu migrate --ram livemig --take-over {0} …` goes on from the stopped source QEMU)",
                 postcopy::id_hex(&id)
             ));
-            let cfg = postcopy::PostcopyConfig { rounds, recovery, id: Some(id), ..Default::default() };
+            let cfg = postcopy::PostcopyConfig {
+                rounds,
+                recovery,
+                id: Some(id),
+                batch_pages: o.push_batch,
+                push_window: o.push_window,
+                ..Default::default()
+            };
             let mut last = Instant::now();
             let mut progress = |p: &postcopy::PushProgress| {
                 if last.elapsed() >= Duration::from_millis(250) {
@@ -390,6 +401,8 @@ pub fn take_over_ram(
     let cfg = postcopy::PostcopyConfig {
         recovery: Some(postcopy::Recovery::shared(relink.clone(), within, 10)),
         id: Some(id),
+        batch_pages: o.push_batch,
+        push_window: o.push_window,
         ..Default::default()
     };
     let mut last = Instant::now();

@@ -3,21 +3,24 @@
 //! Three threads share the [`PageStates`] and the [`Placer`]:
 //! - the **fault handler** reads the guest's userfaultfd faults and sends a demand request
 //!   on the urgent channel for each page not asked for yet (a page already requested or
-//!   arriving just waits; one installed meanwhile is woken);
+//!   arriving just waits; a pushed page that landed is installed at once; one installed
+//!   meanwhile is woken);
 //! - the **urgent installer** receives the answers (urgent writes into the staging alias),
 //!   hashes each page and installs it with `UFFDIO_CONTINUE`, which wakes the faulting
 //!   thread; it times fault → wake;
 //! - the **control loop** (the calling thread) runs the session: `Begin`, the device state,
 //!   `Commit` (arm userfaultfd, start the guest, `Resumed`), then `Zero` and `Placed` runs
-//!   from the push (hashed and installed the same way), and the final digest comparison once
-//!   every page is installed.
+//!   from the push: every queued message is read before each installation step, so pushed
+//!   pages land (see [`PageStates`]) as soon as their `Placed` is here and are then hashed and
+//!   installed in turn, each step acknowledged (`Installed`) to bound the source's push; and
+//!   the final digest comparison once every page is installed.
 //!
 //! A failure after the guest started leaves it unable to go on (its missing pages will not
 //! come): the placer is kept registered, so the guest's threads stay blocked on those pages
 //! rather than read wrong memory, and [`PostcopyDestError::GuestLost`] tells the caller,
 //! who must not let that guest run again (e.g. exit the process).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -25,7 +28,7 @@ use std::time::{Duration, Instant};
 use livemig_transport::{Region, Transport, TransportError, UrgentChannel, UrgentEvent};
 use serde::Serialize;
 
-use super::pages::{OnArrival, OnFault, OnZero, PageStates};
+use super::pages::{OnArrival, OnFault, OnLanded, OnZero, PageStates};
 use super::recover::{self, Recovery};
 use super::uffd::{Placer, PlacerError};
 use crate::guest::{Foreign, GuestError, GuestMemory};
@@ -232,40 +235,65 @@ impl Ctx<'_> {
         Ok(())
     }
 
-    /// Installs the arrived pages `[first, first+n)` whose content is in the alias (or zero
-    /// pages): each claimed once, hashed, installed, timed if a fault asked for it.
+    /// Installs the pages `[first, first+n)` that arrived on the urgent channel (their
+    /// content is in the alias): each claimed once, hashed, installed, timed if a fault
+    /// asked for it.
     fn arrive(&self, first: usize, n: usize) -> Result<u64, PostcopyDestError> {
-        let mut installed = 0;
-        let mut p = first;
-        let end = first + n;
-        let mut buf = vec![0u8; self.page_size];
-        while p < end {
-            // A stretch of pages this call claims.
-            let mut claimed = Vec::new();
-            while p < end {
-                match self.states.on_arrival(p) {
-                    OnArrival::Install { requested } => claimed.push((p, requested)),
-                    OnArrival::Duplicate => {
-                        return Err(PostcopyDestError::Violation(format!("page {p} arrived twice")))
-                    }
-                    OnArrival::OutOfRange => {
-                        return Err(PostcopyDestError::Violation(format!("page {p} is outside the guest memory")))
-                    }
-                }
-                p += 1;
-                if claimed.len() >= 256 {
-                    break;
+        let mut claimed = Vec::with_capacity(n);
+        for p in first..first + n {
+            match self.states.on_arrival(p) {
+                OnArrival::Install { requested } => claimed.push((p, requested)),
+                OnArrival::Duplicate => return Err(PostcopyDestError::Violation(format!("page {p} arrived twice"))),
+                OnArrival::OutOfRange => {
+                    return Err(PostcopyDestError::Violation(format!("page {p} is outside the guest memory")))
                 }
             }
-            let (f, k) = (claimed[0].0, claimed.len());
+        }
+        self.install_claimed(&claimed)?;
+        Ok(n as u64)
+    }
+
+    /// Pushed pages `[first, first+n)` landed (their `Placed` message was read): marked, so
+    /// that a fault on one installs it at once; those a fault had requested are installed now.
+    fn land(&self, first: usize, n: usize) -> Result<(), PostcopyDestError> {
+        let mut now = Vec::new();
+        for p in first..first + n {
+            match self.states.on_landed(p) {
+                OnLanded::Landed => {}
+                OnLanded::InstallNow => now.push((p, true)),
+                OnLanded::Duplicate => return Err(PostcopyDestError::Violation(format!("page {p} arrived twice"))),
+                OnLanded::OutOfRange => {
+                    return Err(PostcopyDestError::Violation(format!("page {p} is outside the guest memory")))
+                }
+            }
+        }
+        self.install_claimed(&now)
+    }
+
+    /// Installs the landed pages of `[first, first+n)` that no fault installed first.
+    fn install_landed(&self, first: usize, n: usize) -> Result<(), PostcopyDestError> {
+        let claimed: Vec<(usize, bool)> =
+            (first..first + n).filter(|&p| self.states.claim_landed(p)).map(|p| (p, false)).collect();
+        self.install_claimed(&claimed)
+    }
+
+    /// Hashes and installs pages this thread claimed (in ascending order; `true`: a fault
+    /// requested it, time it), in stretches of consecutive pages.
+    fn install_claimed(&self, claimed: &[(usize, bool)]) -> Result<(), PostcopyDestError> {
+        let mut buf = vec![0u8; self.page_size];
+        let mut rest = claimed;
+        while !rest.is_empty() {
+            let k = (1..rest.len()).find(|&i| rest[i].0 != rest[0].0 + i || i >= 256).unwrap_or(rest.len());
+            let (stretch, tail) = rest.split_at(k);
+            rest = tail;
             let mut terms = Vec::with_capacity(k);
             // Hash before installing: until then the guest cannot touch the page.
-            for &(q, _) in &claimed {
+            for &(q, _) in stretch {
                 let (alias, local) = self.placer.alias_of(q).expect("claimed pages are in range");
                 alias.read_at((local * self.page_size) as u64, &mut buf);
                 terms.push((q, PageDigests::page_term(q, &buf)));
             }
-            self.placer.install(f, k).map_err(PostcopyDestError::Install)?;
+            self.placer.install(stretch[0].0, k).map_err(PostcopyDestError::Install)?;
             let now = Instant::now();
             // Terms first: once the last page counts as installed, the digest is taken.
             {
@@ -274,7 +302,7 @@ impl Ctx<'_> {
                     d.record_term(q, term);
                 }
             }
-            for &(q, requested) in &claimed {
+            for &(q, requested) in stretch {
                 self.states.installed_now(q);
                 if requested {
                     if let Some(t) = self.requested_at.lock().unwrap_or_else(|e| e.into_inner()).remove(&q) {
@@ -282,9 +310,8 @@ impl Ctx<'_> {
                     }
                 }
             }
-            installed += k as u64;
         }
-        Ok(installed)
+        Ok(())
     }
 }
 
@@ -605,6 +632,9 @@ fn receive_with(
     r
 }
 
+/// Landed pages the control loop installs between reads of the source's messages.
+const INSTALL_STEP: usize = 16;
+
 /// Most times one migration is taken over by a new session.
 const MAX_RECOVERIES: u32 = 8;
 
@@ -804,7 +834,11 @@ fn control(
     let mut last_progress = Instant::now();
     let mut last_bytes = t.stats().bytes_received;
     let mut last_installed = 0;
-    // Pushed pages installed in this session (acknowledged after each `Placed`).
+    // Landed runs to install in turn: those a broken session left, then this session's
+    // (`true`: acknowledged to the source once installed).
+    let mut pending: VecDeque<(usize, usize, bool)> =
+        ctx.states.landed_runs().into_iter().map(|(f, n)| (f, n, false)).collect();
+    // This session's pushed pages installed (by their turn or by a fault).
     let mut installed_here = 0;
     let check_runs =
         |runs: &[PageRun]| runs.iter().all(|r| r.first.checked_add(r.pages as u64).is_some_and(|e| e <= pages));
@@ -812,8 +846,27 @@ fn control(
         if failed.load(Ordering::SeqCst) {
             return Err(helper_failed());
         }
-        let m = match t.recv_message(Some(Duration::from_millis(200))).map_err(PostcopyDestError::Link)? {
+        // Messages first (every queued one is read before the next installation step, so a
+        // page lands as soon as its `Placed` is here); with nothing queued, one step.
+        let wait = if pending.is_empty() { Duration::from_millis(200) } else { Duration::ZERO };
+        let m = match t.recv_message(Some(wait)).map_err(PostcopyDestError::Link)? {
             Some(b) => proto::decode(&b).map_err(|e| PostcopyDestError::Violation(e.to_string()))?,
+            None if !pending.is_empty() => {
+                let (f, n, ours) = pending.pop_front().expect("not empty");
+                let k = n.min(INSTALL_STEP);
+                if k < n {
+                    pending.push_front((f + k, n - k, ours));
+                }
+                ctx.install_landed(f, k)?;
+                if ours {
+                    installed_here += k as u64;
+                    // The source pushes only so far ahead of this count.
+                    t.send_message(&Msg::Installed { pages: installed_here }.encode())
+                        .map_err(PostcopyDestError::Link)?;
+                }
+                on_progress(ctx.states.installed() as u64, pages);
+                continue;
+            }
             None => {
                 let (bytes, inst) = (t.stats().bytes_received, ctx.states.installed());
                 if bytes != last_bytes || inst != last_installed {
@@ -835,13 +888,11 @@ fn control(
             }
             Msg::Placed { runs } if check_runs(&runs) => {
                 for r in runs {
-                    let k = ctx.arrive(r.first as usize, r.pages as usize)?;
-                    *pushed += k;
-                    installed_here += k;
+                    let (f, n) = (r.first as usize, r.pages as usize);
+                    ctx.land(f, n)?;
+                    *pushed += n as u64;
+                    pending.push_back((f, n, true));
                 }
-                // The source pushes only so far ahead of this count.
-                t.send_message(&Msg::Installed { pages: installed_here }.encode()).map_err(PostcopyDestError::Link)?;
-                on_progress(ctx.states.installed() as u64, pages);
             }
             Msg::Final => {}
             Msg::SourceChecksum { checksum } => break Digest::from_bytes(&checksum),
@@ -849,6 +900,9 @@ fn control(
             m => return Err(PostcopyDestError::Violation(format!("unexpected {}", m.name()))),
         }
     };
+    while let Some((f, n, _)) = pending.pop_front() {
+        ctx.install_landed(f, n)?;
+    }
     // Urgent pages may still be landing: wait for every page (bounded).
     let deadline = Instant::now() + cfg.reply_timeout;
     while !ctx.states.complete() {
@@ -913,6 +967,11 @@ fn handle_faults(
                 OnFault::InstallStaged => {
                     ctx.placer.install(p, 1).map_err(PostcopyDestError::Install)?;
                     ctx.states.lazy_installed(p);
+                }
+                // Pushed and not installed yet: installed here, without waiting for its turn.
+                OnFault::InstallLanded => {
+                    counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+                    ctx.install_claimed(&[(p, false)])?;
                 }
                 OnFault::OutOfRange => {}
             }

@@ -4,11 +4,18 @@
 //!
 //! ```text
 //!   Missing ──fault──▶ Requested ──arrives──▶ Installing ──mapped──▶ Installed
-//!      ├────────────────────arrives (pushed)────────┘                   ▲
+//!      ├────────────────────arrives (urgent)────────┘                   ▲
+//!      └──pushed (Placed)──▶ Landed ──fault, or the installer's turn──▶ Installing
 //!      ├──announced zero──▶ Zero ──fault──▶ Installing (zero) ──────────┤
 //!      └──pre-copied─────▶ Staged ─fault──▶ Installing (staged) ────────┘
 //!   Zero / Staged ──invalidated (written again at the source)──▶ Missing
 //! ```
+//!
+//! A pushed page is *landed* as soon as its `Placed` message is read (its bytes are in the
+//! staging alias; nothing may write it again) and installed in turn by the control loop,
+//! unless a fault gets there first and installs it at once: a fault never waits behind the
+//! push's backlog of pages to hash and map. A page a fault had already requested is
+//! installed as soon as it lands.
 //!
 //! A fault on a requested or installing page waits (the installation wakes it); a fault on an
 //! installed page — one whose event was queued before the installation — is only woken. A
@@ -25,6 +32,7 @@ const INSTALLING: u8 = 2;
 const INSTALLED: u8 = 3;
 const ZERO: u8 = 4;
 const STAGED: u8 = 5;
+const LANDED: u8 = 6;
 
 /// What the fault handler does with a fault.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -41,6 +49,9 @@ pub enum OnFault {
     /// A staged page (its content is in the page cache): map it now (claimed by this
     /// call), then [`PageStates::lazy_installed`].
     InstallStaged,
+    /// A landed page (pushed, its bytes in the staging alias, not installed yet): hash and
+    /// install it now (claimed by this call), then [`PageStates::installed_now`].
+    InstallLanded,
     /// Not a page of the guest memory.
     OutOfRange,
 }
@@ -54,6 +65,19 @@ pub enum OnArrival {
         requested: bool,
     },
     /// It arrived before (the source sent a page twice: a protocol violation).
+    Duplicate,
+    /// Not a page of the guest memory.
+    OutOfRange,
+}
+
+/// What a pushed page finds when its `Placed` message is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OnLanded {
+    /// Landed: installed later by the installer's turn or by the first fault.
+    Landed,
+    /// A fault asked for it: install it now (claimed), then [`PageStates::installed_now`].
+    InstallNow,
+    /// It arrived before (a protocol violation).
     Duplicate,
     /// Not a page of the guest memory.
     OutOfRange,
@@ -111,9 +135,10 @@ impl PageStates {
         match s.compare_exchange(MISSING, REQUESTED, Ordering::AcqRel, Ordering::Acquire) {
             Ok(_) => OnFault::Request,
             Err(INSTALLED) => OnFault::Wake,
-            Err(lazy @ (ZERO | STAGED)) => {
+            Err(lazy @ (ZERO | STAGED | LANDED)) => {
                 match s.compare_exchange(lazy, INSTALLING, Ordering::AcqRel, Ordering::Acquire) {
                     Ok(_) if lazy == ZERO => OnFault::InstallZero,
+                    Ok(_) if lazy == LANDED => OnFault::InstallLanded,
                     Ok(_) => OnFault::InstallStaged,
                     Err(INSTALLED) => OnFault::Wake,
                     Err(_) => OnFault::Wait,
@@ -139,6 +164,46 @@ impl PageStates {
                 Err(now) => cur = now,
             }
         }
+    }
+
+    /// Pushed `page`'s `Placed` message was read: its bytes are in the staging alias.
+    pub fn on_landed(&self, page: usize) -> OnLanded {
+        let Some(s) = self.s.get(page) else { return OnLanded::OutOfRange };
+        match s.compare_exchange(MISSING, LANDED, Ordering::AcqRel, Ordering::Acquire) {
+            Ok(_) => OnLanded::Landed,
+            Err(REQUESTED) => match s.compare_exchange(REQUESTED, INSTALLING, Ordering::AcqRel, Ordering::Acquire) {
+                Ok(_) => OnLanded::InstallNow,
+                Err(_) => OnLanded::Duplicate,
+            },
+            Err(_) => OnLanded::Duplicate,
+        }
+    }
+
+    /// Claims landed `page` for installation (then [`installed_now`](Self::installed_now));
+    /// false if a fault claimed it first (or it is not landed).
+    pub fn claim_landed(&self, page: usize) -> bool {
+        self.s
+            .get(page)
+            .is_some_and(|s| s.compare_exchange(LANDED, INSTALLING, Ordering::AcqRel, Ordering::Acquire).is_ok())
+    }
+
+    /// The runs of landed pages not installed yet, in order (what a broken session left to
+    /// install).
+    pub fn landed_runs(&self) -> Vec<(usize, usize)> {
+        self.runs_where(|st| st == LANDED)
+    }
+
+    fn runs_where(&self, pick: impl Fn(u8) -> bool) -> Vec<(usize, usize)> {
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for (p, s) in self.s.iter().enumerate() {
+            if pick(s.load(Ordering::Acquire)) {
+                match runs.last_mut() {
+                    Some((f, n)) if *f + *n == p => *n += 1,
+                    _ => runs.push((p, 1)),
+                }
+            }
+        }
+        runs
     }
 
     /// Whether `page` has arrived (or is arriving): a second arrival would be a duplicate.
@@ -208,16 +273,7 @@ impl PageStates {
     /// source that takes the migration over must send again. Meaningful while no page is
     /// arriving (between sessions).
     pub fn missing_runs(&self) -> Vec<(usize, usize)> {
-        let mut runs: Vec<(usize, usize)> = Vec::new();
-        for (p, s) in self.s.iter().enumerate() {
-            if matches!(s.load(Ordering::Acquire), MISSING | REQUESTED) {
-                match runs.last_mut() {
-                    Some((f, n)) if *f + *n == p => *n += 1,
-                    _ => runs.push((p, 1)),
-                }
-            }
-        }
-        runs
+        self.runs_where(|st| matches!(st, MISSING | REQUESTED))
     }
 
     /// Pages a fault asked for that have not arrived: their demand requests must be sent
@@ -305,6 +361,33 @@ mod tests {
         assert_eq!(p.on_arrival(1), OnArrival::Install { requested: true });
         assert_eq!(p.on_arrival(2), OnArrival::Install { requested: false });
         assert!(!p.invalidate(0), "installed pages are not invalidated");
+    }
+
+    #[test]
+    fn landed_pages_are_installed_by_their_turn_or_by_a_fault_and_requested_ones_at_once() {
+        let p = PageStates::new(5);
+        assert_eq!(p.on_fault(1), OnFault::Request);
+        for q in 0..4 {
+            let expect = if q == 1 { OnLanded::InstallNow } else { OnLanded::Landed };
+            assert_eq!(p.on_landed(q), expect, "page {q}");
+        }
+        assert_eq!(p.on_landed(2), OnLanded::Duplicate, "landed twice");
+        assert_eq!(p.on_landed(9), OnLanded::OutOfRange);
+        assert_eq!(p.on_arrival(3), OnArrival::Duplicate, "pushed, then sent urgently");
+        assert!(p.has_arrived(0), "nothing may write a landed page");
+        assert_eq!(p.landed_runs(), vec![(0, 1), (2, 2)]);
+        assert_eq!(p.missing_runs(), vec![(4, 1)], "landed pages are not sent again");
+        // A fault takes page 2 first; the installer's turn then skips it.
+        assert_eq!(p.on_fault(2), OnFault::InstallLanded);
+        assert!(!p.claim_landed(2));
+        assert!(p.claim_landed(0) && p.claim_landed(3));
+        assert!(!p.claim_landed(4), "missing, not landed");
+        for q in 0..4 {
+            p.installed_now(q);
+        }
+        assert_eq!(p.installed(), 4);
+        assert_eq!(p.on_fault(2), OnFault::Wake);
+        assert!(p.landed_runs().is_empty());
     }
 
     #[test]
