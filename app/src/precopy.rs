@@ -1017,7 +1017,8 @@ fn run_postcopy_receive(
         let us = |v: Option<f64>| v.map_or("-".into(), |v| format!("{v:.0}"));
         eprintln!(
             "destination: post-copy verified {} ({} pages: {} pushed, {} on demand, {} zero) in {:.1} ms after the start; \
-             {} demand requests, fault service p50 {} µs, p99 {} µs, max {} µs; workload {}",
+             {} demand requests ({} faults installed a pushed page at once), fault service p50 {} µs, p99 {} µs, \
+             max {} µs; workload {}",
             &rep.checksum[..16],
             rep.pages,
             rep.pushed_pages,
@@ -1025,6 +1026,7 @@ fn run_postcopy_receive(
             rep.zero_pages,
             rep.complete_ms,
             rep.demand_requests,
+            rep.landed_faults,
             us(rep.fault_p50_us),
             us(rep.fault_p99_us),
             us(rep.fault_max_us),

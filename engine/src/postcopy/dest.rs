@@ -64,6 +64,9 @@ pub struct PostcopyDestReport {
     pub demand_requests: u64,
     /// Faults on pages already requested or arriving (they waited, no request).
     pub waited_faults: u64,
+    /// Faults on pushed pages that had landed but were not installed yet: installed by the
+    /// fault handler at once (no request, no wait for the push's turn).
+    pub landed_faults: u64,
     /// Pages installed from the urgent channel.
     pub urgent_pages: u64,
     /// Pages installed from the push.
@@ -174,6 +177,15 @@ pub enum PostcopyDestError {
         /// Ours (hex).
         dest_sum: String,
     },
+}
+
+/// What the fault handler and the urgent installer count.
+#[derive(Debug, Default, Clone, Copy)]
+struct Counts {
+    demand_requests: u64,
+    waited_faults: u64,
+    landed_faults: u64,
+    urgent_pages: u64,
 }
 
 struct Ctx<'a> {
@@ -500,7 +512,7 @@ fn receive_with(
         return Err(e);
     }
     let ctx = ctx!(&placer);
-    let counts = Mutex::new((0u64, 0u64, 0u64)); // demand requests, waited faults, urgent pages
+    let counts = Mutex::new(Counts::default());
     let started = Instant::now();
     // The guest was started here / the source was told so.
     let (mut guest_started, mut resumed_sent) = (false, false);
@@ -545,6 +557,11 @@ fn receive_with(
             None => t.shutdown(),
         }
         let broke = Instant::now();
+        // Pages whose bytes are here are installed now, not after the next session came:
+        // the guest's threads wait only for pages that really are missing.
+        if let Err(e) = states.landed_runs().into_iter().try_for_each(|(f, n)| ctx.install_landed(f, n)) {
+            break Err(e);
+        }
         tracing::warn!(
             error = %error_chain(&e),
             within = ?rec.0.within,
@@ -588,7 +605,8 @@ fn receive_with(
             // cache directly) before anything else.
             drop(placer);
             let _ = t.send_message(&Msg::Done.encode());
-            let (demand_requests, waited_faults, urgent_pages) = *counts.lock().unwrap_or_else(|e| e.into_inner());
+            let Counts { demand_requests, waited_faults, landed_faults, urgent_pages } =
+                *counts.lock().unwrap_or_else(|e| e.into_inner());
             let mut l = latencies.into_inner().unwrap_or_else(|e| e.into_inner());
             l.sort();
             let pct =
@@ -597,6 +615,7 @@ fn receive_with(
                 pages: pages as u64,
                 demand_requests,
                 waited_faults,
+                landed_faults,
                 urgent_pages,
                 pushed_pages: pushed,
                 zero_pages: zero,
@@ -651,7 +670,7 @@ fn dest_session(
     ctx: &Ctx<'_>,
     urgent: &dyn UrgentChannel,
     cfg: &PostcopyDestConfig,
-    counts: &Mutex<(u64, u64, u64)>,
+    counts: &Mutex<Counts>,
     starting: Option<(Vec<u8>, Starter<'_>)>,
     started: &mut bool,
     resumed_sent: &mut bool,
@@ -941,7 +960,7 @@ fn handle_faults(
     ctx: &Ctx<'_>,
     urgent: &dyn UrgentChannel,
     stop: &AtomicBool,
-    counts: &Mutex<(u64, u64, u64)>,
+    counts: &Mutex<Counts>,
 ) -> Result<(), PostcopyDestError> {
     let mut faults = Vec::new();
     // Lazy zero pages may fault after every page has arrived: serve until told to stop.
@@ -949,13 +968,22 @@ fn handle_faults(
         faults.clear();
         ctx.placer.wait_faults(Duration::from_millis(50), &mut faults).map_err(PostcopyDestError::Install)?;
         for &p in &faults {
-            match ctx.states.on_fault(p) {
+            // The request's time is recorded under the map's lock taken before the state
+            // changes: a page that lands and is installed at once finds it there.
+            let on_fault = {
+                let mut at = ctx.requested_at.lock().unwrap_or_else(|e| e.into_inner());
+                let f = ctx.states.on_fault(p);
+                if f == OnFault::Request {
+                    at.insert(p, Instant::now());
+                }
+                f
+            };
+            match on_fault {
                 OnFault::Request => {
-                    ctx.requested_at.lock().unwrap_or_else(|e| e.into_inner()).insert(p, Instant::now());
-                    counts.lock().unwrap_or_else(|e| e.into_inner()).0 += 1;
+                    counts.lock().unwrap_or_else(|e| e.into_inner()).demand_requests += 1;
                     urgent.send_message(&Msg::Demand { page: p as u64 }.encode()).map_err(PostcopyDestError::Link)?;
                 }
-                OnFault::Wait => counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1,
+                OnFault::Wait => counts.lock().unwrap_or_else(|e| e.into_inner()).waited_faults += 1,
                 // Installed, yet it faulted: either the event predates the installation (the
                 // page is mapped: EEXIST, just wake) or the page lost its mapping since
                 // (reclaim, the embedder's MADV_DONTNEED): map it again.
@@ -970,7 +998,7 @@ fn handle_faults(
                 }
                 // Pushed and not installed yet: installed here, without waiting for its turn.
                 OnFault::InstallLanded => {
-                    counts.lock().unwrap_or_else(|e| e.into_inner()).1 += 1;
+                    counts.lock().unwrap_or_else(|e| e.into_inner()).landed_faults += 1;
                     ctx.install_claimed(&[(p, false)])?;
                 }
                 OnFault::OutOfRange => {}
@@ -985,7 +1013,7 @@ fn install_urgent(
     ctx: &Ctx<'_>,
     urgent: &dyn UrgentChannel,
     stop: &AtomicBool,
-    counts: &Mutex<(u64, u64, u64)>,
+    counts: &Mutex<Counts>,
 ) -> Result<(), PostcopyDestError> {
     while !stop.load(Ordering::SeqCst) && !ctx.states.complete() {
         match urgent.recv(Some(Duration::from_millis(50))) {
@@ -1004,7 +1032,7 @@ fn install_urgent(
                 })?;
                 let n = (len as u64 / ps) as usize;
                 let k = ctx.arrive(first, n)?;
-                counts.lock().unwrap_or_else(|e| e.into_inner()).2 += k;
+                counts.lock().unwrap_or_else(|e| e.into_inner()).urgent_pages += k;
             }
             Ok(Some(UrgentEvent::Message(_))) => {
                 return Err(PostcopyDestError::Violation("a message from the source on the urgent channel".into()))

@@ -1238,14 +1238,14 @@ fn push_phase(
     let mut buf = vec![0u8; ps];
     let mut terms: Vec<(usize, u128)> = Vec::new();
     let batch_pages = cfg.batch_pages.max(1);
-    let mut window = PushWindow::new(cfg.push_window.max(batch_pages) as u64);
+    let mut window = PushWindow::new(cfg.push_window as u64, batch_pages as u64);
     loop {
         if urgent_failed.load(Ordering::SeqCst) {
             return Err(urgent_broke(phase));
         }
         // Room in the window first: the batch is then taken around the latest faults.
         window.take_replies(t, phase, None)?;
-        if !window.has_room() {
+        if !window.has_room() && lock(shared).prepager.remaining() > 0 {
             window.wait_room(t, phase, cfg.reply_timeout, urgent_failed)?;
         }
         batch.clear();
@@ -1332,17 +1332,20 @@ fn push_phase(
 /// installed by the destination (`Installed`).
 struct PushWindow {
     limit: u64,
+    batch: u64,
     pushed: u64,
     installed: u64,
 }
 
 impl PushWindow {
-    fn new(limit: u64) -> Self {
-        PushWindow { limit, pushed: 0, installed: 0 }
+    /// At most `limit` pages unacknowledged, batches of at most `batch` pages (`batch ≤ limit`).
+    fn new(limit: u64, batch: u64) -> Self {
+        PushWindow { limit: limit.max(batch), batch, pushed: 0, installed: 0 }
     }
 
+    /// Whether a whole batch fits.
     fn has_room(&self) -> bool {
-        self.pushed - self.installed < self.limit
+        self.pushed - self.installed + self.batch <= self.limit
     }
 
     fn pushed(&mut self, pages: u64) {
@@ -1575,23 +1578,25 @@ mod window_tests {
 
     #[test]
     fn the_window_fills_with_pushed_pages_and_empties_with_the_destinations_count() {
-        let mut w = PushWindow::new(32);
+        let mut w = PushWindow::new(32, 16);
         assert!(w.has_room());
         w.pushed(16);
         assert!(w.has_room());
         w.pushed(16);
         assert!(!w.has_room(), "32 pages in flight fill a 32-page window");
+        w.installed(PostcopyPhase::Push, 10).unwrap();
+        assert!(!w.has_room(), "22 in flight: another batch of 16 would make 38");
         w.installed(PostcopyPhase::Push, 16).unwrap();
         assert!(w.has_room());
-        w.installed(PostcopyPhase::Push, 16).unwrap();
         w.pushed(16);
         w.installed(PostcopyPhase::Push, 48).unwrap();
         assert!(w.has_room());
+        assert!(PushWindow::new(8, 16).has_room(), "a window smaller than a batch still takes one");
     }
 
     #[test]
     fn a_count_that_goes_back_or_beyond_what_was_pushed_is_refused() {
-        let mut w = PushWindow::new(32);
+        let mut w = PushWindow::new(32, 16);
         w.pushed(16);
         let over = w.installed(PostcopyPhase::Push, 17).unwrap_err();
         assert!(matches!(over, PostcopyError::Unexpected { .. }), "{over:?}");
