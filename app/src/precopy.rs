@@ -574,13 +574,7 @@ fn run_postcopy_source(
     recovery: Option<postcopy::Recovery>,
     beside: Option<&mut dyn Beside>,
 ) -> Result<()> {
-    anyhow::ensure!(a.push_batch > 0, "--push-batch must be at least 1");
-    anyhow::ensure!(
-        a.push_window >= a.push_batch,
-        "--push-window ({}) must hold at least one batch (--push-batch {})",
-        a.push_window,
-        a.push_batch
-    );
+    postcopy::check_push(a.push_batch, a.push_window).context("--push-batch / --push-window")?;
     let cfg = postcopy::PostcopyConfig {
         recovery,
         order: a.push_order()?,

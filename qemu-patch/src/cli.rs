@@ -405,13 +405,7 @@ pub enum RamMover {
 
 /// `livemig qemu migrate --ram livemig`.
 fn run_migrate_ram(a: &QemuMigrateArgs, secret: &Secret) -> Result<()> {
-    if a.push_batch == 0 || a.push_window < a.push_batch {
-        bail!(
-            "--push-window ({}) must hold at least one batch (--push-batch {}, at least 1)",
-            a.push_window,
-            a.push_batch
-        );
-    }
+    livemig_engine::postcopy::check_push(a.push_batch, a.push_window).context("--push-batch / --push-window")?;
     if a.multifd > 0 || a.postcopy || !a.disk.is_empty() || a.relay {
         bail!("--ram livemig moves the RAM itself: --multifd, --postcopy, --disk and --relay do not apply");
     }

@@ -654,6 +654,56 @@ fn receive_with(
 /// Landed pages the control loop installs between reads of the source's messages.
 const INSTALL_STEP: usize = 16;
 
+/// The landed runs a session's control loop installs in turn (a fault may install a page
+/// first), and the count it acknowledges to the source: only this session's pushed pages
+/// count, not those a broken session left.
+#[derive(Debug, Default)]
+struct InstallQueue {
+    /// First page, pages, pushed in this session.
+    runs: VecDeque<(usize, usize, bool)>,
+    /// This session's pushed pages taken off the queue.
+    installed: u64,
+}
+
+/// One installation step.
+#[derive(Debug, PartialEq, Eq)]
+struct InstallStep {
+    first: usize,
+    pages: usize,
+    /// This session's count once the step is done (`None`: pages a broken session left).
+    acknowledge: Option<u64>,
+}
+
+impl InstallQueue {
+    /// A queue that starts with the runs a broken session left.
+    fn left_by(runs: Vec<(usize, usize)>) -> Self {
+        InstallQueue { runs: runs.into_iter().map(|(f, n)| (f, n, false)).collect(), installed: 0 }
+    }
+
+    /// This session's pushed pages `[first, first+n)` landed.
+    fn landed(&mut self, first: usize, n: usize) {
+        self.runs.push_back((first, n, true));
+    }
+
+    fn is_empty(&self) -> bool {
+        self.runs.is_empty()
+    }
+
+    /// The next at most `max` pages of the first run.
+    fn next_step(&mut self, max: usize) -> Option<InstallStep> {
+        let (first, n, ours) = self.runs.pop_front()?;
+        let pages = n.min(max.max(1));
+        if pages < n {
+            self.runs.push_front((first + pages, n - pages, ours));
+        }
+        let acknowledge = ours.then(|| {
+            self.installed += pages as u64;
+            self.installed
+        });
+        Some(InstallStep { first, pages, acknowledge })
+    }
+}
+
 /// Most times one migration is taken over by a new session.
 const MAX_RECOVERIES: u32 = 8;
 
@@ -853,12 +903,7 @@ fn control(
     let mut last_progress = Instant::now();
     let mut last_bytes = t.stats().bytes_received;
     let mut last_installed = 0;
-    // Landed runs to install in turn: those a broken session left, then this session's
-    // (`true`: acknowledged to the source once installed).
-    let mut pending: VecDeque<(usize, usize, bool)> =
-        ctx.states.landed_runs().into_iter().map(|(f, n)| (f, n, false)).collect();
-    // This session's pushed pages installed (by their turn or by a fault).
-    let mut installed_here = 0;
+    let mut pending = InstallQueue::left_by(ctx.states.landed_runs());
     let check_runs =
         |runs: &[PageRun]| runs.iter().all(|r| r.first.checked_add(r.pages as u64).is_some_and(|e| e <= pages));
     let theirs = loop {
@@ -871,17 +916,11 @@ fn control(
         let m = match t.recv_message(Some(wait)).map_err(PostcopyDestError::Link)? {
             Some(b) => proto::decode(&b).map_err(|e| PostcopyDestError::Violation(e.to_string()))?,
             None if !pending.is_empty() => {
-                let (f, n, ours) = pending.pop_front().expect("not empty");
-                let k = n.min(INSTALL_STEP);
-                if k < n {
-                    pending.push_front((f + k, n - k, ours));
-                }
-                ctx.install_landed(f, k)?;
-                if ours {
-                    installed_here += k as u64;
+                let step = pending.next_step(INSTALL_STEP).expect("not empty");
+                ctx.install_landed(step.first, step.pages)?;
+                if let Some(pages) = step.acknowledge {
                     // The source pushes only so far ahead of this count.
-                    t.send_message(&Msg::Installed { pages: installed_here }.encode())
-                        .map_err(PostcopyDestError::Link)?;
+                    t.send_message(&Msg::Installed { pages }.encode()).map_err(PostcopyDestError::Link)?;
                 }
                 on_progress(ctx.states.installed() as u64, pages);
                 continue;
@@ -910,7 +949,7 @@ fn control(
                     let (f, n) = (r.first as usize, r.pages as usize);
                     ctx.land(f, n)?;
                     *pushed += n as u64;
-                    pending.push_back((f, n, true));
+                    pending.landed(f, n);
                 }
             }
             Msg::Final => {}
@@ -919,8 +958,8 @@ fn control(
             m => return Err(PostcopyDestError::Violation(format!("unexpected {}", m.name()))),
         }
     };
-    while let Some((f, n, _)) = pending.pop_front() {
-        ctx.install_landed(f, n)?;
+    while let Some(step) = pending.next_step(usize::MAX) {
+        ctx.install_landed(step.first, step.pages)?;
     }
     // Urgent pages may still be landing: wait for every page (bounded).
     let deadline = Instant::now() + cfg.reply_timeout;
@@ -1043,4 +1082,28 @@ fn install_urgent(
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod install_queue_tests {
+    use super::{InstallQueue, InstallStep};
+
+    fn step(first: usize, pages: usize, acknowledge: Option<u64>) -> Option<InstallStep> {
+        Some(InstallStep { first, pages, acknowledge })
+    }
+
+    #[test]
+    fn steps_split_runs_and_only_this_sessions_pages_are_acknowledged() {
+        let mut q = InstallQueue::left_by(vec![(100, 20)]);
+        q.landed(0, 16);
+        q.landed(40, 3);
+        assert_eq!(q.next_step(16), step(100, 16, None), "a broken session's pages come first, unacknowledged");
+        assert_eq!(q.next_step(16), step(116, 4, None));
+        assert_eq!(q.next_step(16), step(0, 16, Some(16)));
+        assert_eq!(q.next_step(16), step(40, 3, Some(19)), "the count is cumulative");
+        assert!(q.is_empty());
+        assert_eq!(q.next_step(16), None);
+        q.landed(50, 5);
+        assert_eq!(q.next_step(0), step(50, 1, Some(20)), "a step takes at least one page");
+    }
 }

@@ -25,7 +25,7 @@ pub use pages::{OnArrival, OnFault, OnLanded, OnZero, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
 pub use recover::{id_hex, new_id as new_migration_id, parse_id, Recovery, Relink, Relinked};
 pub use source::{
-    migrate, migrate_hybrid, take_over, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary, PushProgress,
-    DEFAULT_BATCH_PAGES, DEFAULT_PUSH_WINDOW,
+    check_push, migrate, migrate_hybrid, take_over, PostcopyConfig, PostcopyError, PostcopyPhase, PostcopySummary,
+    PushProgress, PushSettingsError, DEFAULT_BATCH_PAGES, DEFAULT_PUSH_WINDOW,
 };
 pub use uffd::{staging_aliases, Placer, PlacerError};

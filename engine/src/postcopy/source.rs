@@ -99,6 +99,25 @@ pub const DEFAULT_BATCH_PAGES: usize = 16;
 /// where the destination keeps up (on loopback, 64 pages pushed 1.2× faster).
 pub const DEFAULT_PUSH_WINDOW: usize = 2 * DEFAULT_BATCH_PAGES;
 
+/// Push settings that cannot work: a batch of no pages, or a window that cannot hold one.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("the push window ({window} pages) must hold at least one batch (of {batch} pages, at least 1)")]
+pub struct PushSettingsError {
+    /// Pages per batch.
+    pub batch: usize,
+    /// Pages in the window.
+    pub window: usize,
+}
+
+/// Checks [`PostcopyConfig::batch_pages`] and [`PostcopyConfig::push_window`] as a user gave
+/// them (the engine itself rounds a window up to one batch).
+pub fn check_push(batch: usize, window: usize) -> Result<(), PushSettingsError> {
+    if batch == 0 || window < batch {
+        return Err(PushSettingsError { batch, window });
+    }
+    Ok(())
+}
+
 /// Where a post-copy migration was.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
@@ -1244,9 +1263,9 @@ fn push_phase(
             return Err(urgent_broke(phase));
         }
         // Room in the window first: the batch is then taken around the latest faults.
-        window.take_replies(t, phase, None)?;
+        take_replies(&mut window, t, phase, None)?;
         if !window.has_room() && lock(shared).prepager.remaining() > 0 {
-            window.wait_room(t, phase, cfg.reply_timeout, urgent_failed)?;
+            wait_room(&mut window, t, phase, cfg.reply_timeout, urgent_failed)?;
         }
         batch.clear();
         let (sent, demanded) = {
@@ -1329,7 +1348,8 @@ fn push_phase(
 }
 
 /// The push's pages in flight: pushed in this session and not yet acknowledged as
-/// installed by the destination (`Installed`).
+/// installed by the destination (`Installed`). Bookkeeping only; [`take_replies`] and
+/// [`wait_room`] feed it from the session.
 struct PushWindow {
     limit: u64,
     batch: u64,
@@ -1360,55 +1380,52 @@ impl PushWindow {
         self.installed = pages;
         Ok(())
     }
+}
 
-    /// Takes the destination's messages already queued (or, with `wait`, the next one
-    /// within it): acknowledgements move the window; an abort or anything else ends the
-    /// push. False if `wait` passed with nothing.
-    fn take_replies(
-        &mut self,
-        t: &mut dyn Transport,
-        phase: PostcopyPhase,
-        wait: Option<Duration>,
-    ) -> Result<bool, PostcopyError> {
-        let mut wait = wait;
-        let mut any = false;
-        loop {
-            let b = t
-                .recv_message(Some(wait.take().unwrap_or(Duration::ZERO)))
-                .map_err(|source| PostcopyError::Transport { phase, source })?;
-            let Some(b) = b else { return Ok(any) };
-            any = true;
-            match proto::decode(&b) {
-                Ok(Msg::Installed { pages }) => self.installed(phase, pages)?,
-                Ok(Msg::Abort { reason }) => return Err(PostcopyError::PeerAborted { phase, reason }),
-                Ok(m) => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
-                Err(source) => return Err(PostcopyError::Protocol { phase, source }),
-            }
+/// Takes the destination's messages already queued (or, with `wait`, the next one within
+/// it): acknowledgements move `window`; an abort or anything else ends the push.
+fn take_replies(
+    window: &mut PushWindow,
+    t: &mut dyn Transport,
+    phase: PostcopyPhase,
+    wait: Option<Duration>,
+) -> Result<(), PostcopyError> {
+    let mut wait = wait;
+    loop {
+        let b = t
+            .recv_message(Some(wait.take().unwrap_or(Duration::ZERO)))
+            .map_err(|source| PostcopyError::Transport { phase, source })?;
+        let Some(b) = b else { return Ok(()) };
+        match proto::decode(&b) {
+            Ok(Msg::Installed { pages }) => window.installed(phase, pages)?,
+            Ok(Msg::Abort { reason }) => return Err(PostcopyError::PeerAborted { phase, reason }),
+            Ok(m) => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+            Err(source) => return Err(PostcopyError::Protocol { phase, source }),
         }
     }
+}
 
-    /// Waits until the window has room: the destination acknowledges within `timeout` (in
-    /// short slices, so that a failed urgent channel ends the wait at once).
-    fn wait_room(
-        &mut self,
-        t: &mut dyn Transport,
-        phase: PostcopyPhase,
-        timeout: Duration,
-        urgent_failed: &AtomicBool,
-    ) -> Result<(), PostcopyError> {
-        let deadline = Instant::now() + timeout;
-        while !self.has_room() {
-            if urgent_failed.load(Ordering::SeqCst) {
-                return Err(urgent_broke(phase));
-            }
-            let left = recover::left(deadline, Duration::from_millis(200));
-            if left.is_zero() {
-                return Err(PostcopyError::Timeout { phase, expected: "Installed", timeout });
-            }
-            self.take_replies(t, phase, Some(left))?;
+/// Waits until `window` has room: the destination acknowledges within `timeout` (in short
+/// slices, so that a failed urgent channel ends the wait at once).
+fn wait_room(
+    window: &mut PushWindow,
+    t: &mut dyn Transport,
+    phase: PostcopyPhase,
+    timeout: Duration,
+    urgent_failed: &AtomicBool,
+) -> Result<(), PostcopyError> {
+    let deadline = Instant::now() + timeout;
+    while !window.has_room() {
+        if urgent_failed.load(Ordering::SeqCst) {
+            return Err(urgent_broke(phase));
         }
-        Ok(())
+        let left = recover::left(deadline, Duration::from_millis(200));
+        if left.is_zero() {
+            return Err(PostcopyError::Timeout { phase, expected: "Installed", timeout });
+        }
+        take_replies(window, t, phase, Some(left))?;
     }
+    Ok(())
 }
 
 fn urgent_broke(phase: PostcopyPhase) -> PostcopyError {
