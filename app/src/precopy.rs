@@ -986,7 +986,11 @@ fn run_postcopy_receive(
     bar.set_message("hand-over");
     let mut workload = None;
     let mut start = livemig_workload::starter(region.clone(), &mut workload);
-    let cfg = postcopy::PostcopyDestConfig { reply_timeout: secs(a.io_timeout).max(Duration::from_secs(10)), recovery };
+    let cfg = postcopy::PostcopyDestConfig {
+        reply_timeout: secs(a.io_timeout).max(Duration::from_secs(10)),
+        recovery,
+        running: None,
+    };
     let res = postcopy::receive(t, Some(first), memory, aliases, &mut start, &cfg, &mut |done, pages| {
         bar.set_message(format!("the guest runs here; {done}/{pages} pages installed"));
     });

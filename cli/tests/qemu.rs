@@ -810,6 +810,10 @@ fn qemus_ram_moved_by_livemig() {
         }
         if strategy != "precopy" {
             assert!(v["dest_ram"]["pages"].as_u64() == Some(65536), "{v}");
+            // The push started when the destination QEMU had loaded the device state (its
+            // RESUME, or the end of its incoming migration under -S), not at the bound.
+            assert_eq!(v["dest_ram"]["running_by_bound"], false, "{v}");
+            assert!(v["engine"]["push_held_ms"].as_f64().is_some(), "{v}");
         }
         if cut {
             assert_eq!(v["engine"]["recoveries"], 1, "the cut link was recovered: {v}");

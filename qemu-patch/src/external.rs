@@ -354,10 +354,11 @@ impl QemuSource<'_> {
         if st != "pre-switchover" {
             return Err(GuestError::new("pause", format!("QEMU's migration {st} before the switchover")));
         }
-        // The STOP event precedes the status change.
+        // QEMU sends the STOP event before the status change, so it was read before the reply
+        // that reported `pre-switchover`. No wait here: the guest is stopped, and a socket
+        // timeout is rounded up to the kernel's tick (4 ms and more).
         loop {
-            let ev = self.q().next_event(Duration::from_millis(1));
-            let Ok(Some(e)) = ev else { break };
+            let Some(e) = self.q().queued_event() else { break };
             if e.name == "STOP" {
                 self.stopped_at = Some(e.at);
             }

@@ -133,6 +133,7 @@ impl Qmp {
                     + t.get("microseconds").and_then(|s| s.as_f64()).unwrap_or(0.0) / 1e6
             })
             .unwrap_or(0.0);
+        tracing::debug!(qmp = %self.path, event = name, at, "QMP event");
         self.events.push_back(Event { name: name.into(), data: v.get("data").cloned().unwrap_or(Value::Null), at });
         true
     }
@@ -161,6 +162,7 @@ impl Qmp {
             Some(fd) => send_with_fd(&self.w, &line, fd),
         };
         sent.map_err(|source| QmpError::Io { path: self.path.clone(), source })?;
+        tracing::debug!(qmp = %self.path, command, "QMP command sent");
         let deadline = Instant::now() + self.timeout;
         loop {
             let v = self.read_value(deadline, command)?;
@@ -171,6 +173,7 @@ impl Qmp {
                 continue; // a reply to nothing we asked
             }
             if let Some(r) = v.get("return") {
+                tracing::debug!(qmp = %self.path, command, "QMP command returned");
                 return Ok(r.clone());
             }
             let e = v.get("error").cloned().unwrap_or_default();
@@ -180,6 +183,16 @@ impl Qmp {
                 desc: e.get("desc").and_then(|c| c.as_str()).unwrap_or("?").into(),
             });
         }
+    }
+
+    /// The next event already read (while a command waited for its reply), without waiting.
+    pub fn queued_event(&mut self) -> Option<Event> {
+        self.events.pop_front()
+    }
+
+    /// Puts `e` back: the next [`Qmp::queued_event`] or [`Qmp::next_event`] returns it.
+    pub fn requeue_event(&mut self, e: Event) {
+        self.events.push_front(e);
     }
 
     /// The next event, waiting up to `wait`; `None` if none came.

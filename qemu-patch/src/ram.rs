@@ -19,6 +19,8 @@
 //! 6. the destination reports how its QEMU ended (`Finished`, with the engine's report).
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use livemig_engine::connect::{TransportChoice, TransportOptions};
@@ -614,6 +616,8 @@ pub fn receive_ram(
     carrier::send(&mut *t, &CarrierMsg::Ready)?;
     let memory = att.memory.clone();
     let mut start = |_state: Vec<u8>| Ok(());
+    // QEMU's RESUME, when seen while the pages still came.
+    let mut resumed_early = None;
     let report: Result<Value, String> = match ram.strategy {
         RamStrategy::Precopy => {
             let cfg =
@@ -641,13 +645,24 @@ pub fn receive_ram(
                         let dial = r.link.clone();
                         (postcopy::Relinked::new(move |until: Instant| dial.relink(until)), r.within, r.tries)
                     });
+                    // QEMU runs the guest once it loaded the device state, which its stream
+                    // carries after the hand-over: the push waits for that (see RunningGate).
+                    let gate = postcopy::RunningGate { running: Arc::new(AtomicBool::new(false)), within: START_GATE };
                     let cfg = postcopy::PostcopyDestConfig {
                         reply_timeout: o.timeout.max(Duration::from_secs(10)),
                         recovery: relink.as_ref().map(|(l, w, n)| postcopy::Recovery::shared(l.clone(), *w, *n)),
+                        running: Some(gate.clone()),
                     };
-                    let r = postcopy::receive_foreign(&mut *t, None, &memory, f, &mut start, &cfg, &mut |_, _| {})
-                        .map(|r| serde_json::to_value(&r).unwrap_or_default())
-                        .map_err(|e| precopy::error_chain(&e));
+                    let received = AtomicBool::new(false);
+                    let r = std::thread::scope(|s| {
+                        let watcher = s.spawn(|| watch_resume(&mut q, &gate.running, &received));
+                        let r = postcopy::receive_foreign(&mut *t, None, &memory, f, &mut start, &cfg, &mut |_, _| {});
+                        received.store(true, Ordering::SeqCst);
+                        resumed_early = watcher.join().unwrap_or(None);
+                        r
+                    })
+                    .map(|r| serde_json::to_value(&r).unwrap_or_default())
+                    .map_err(|e| precopy::error_chain(&e));
                     if let Some(n) = relink.and_then(|(l, _, _)| l.take()) {
                         t = n;
                     }
@@ -672,7 +687,7 @@ pub fn receive_ram(
             return Err(CarrierError::Peer(format!("receiving QEMU's RAM: {e}")));
         }
     };
-    let mut resumed_at = None;
+    let mut resumed_at = resumed_early;
     let watched =
         carrier::watch_dest(&mut q, started, o.max_time, &std::sync::atomic::AtomicBool::new(false), &mut resumed_at);
     // Every page is in place: QEMU's userfaultfd has nothing more to serve, and a later
@@ -702,4 +717,38 @@ pub fn receive_ram(
         bytes_back: 0,
         elapsed_s: started.elapsed().as_secs_f64(),
     })
+}
+
+/// Longest the destination withholds its push acknowledgements waiting for QEMU to run the
+/// guest (its device state loaded).
+const START_GATE: Duration = Duration::from_secs(2);
+
+/// Sets `running` when the destination QEMU reports `RESUME` (returns its timestamp) or that
+/// its incoming migration ended (a QEMU started with `-S` loads the device state and waits
+/// for `cont`: the pages may come); gives up once `done` is set (the pages all came, or the
+/// engine failed) or on a QMP failure (the gate then opens by its bound).
+fn watch_resume(q: &mut Qmp, running: &AtomicBool, done: &AtomicBool) -> Option<f64> {
+    while !done.load(Ordering::SeqCst) {
+        match q.next_event(Duration::from_millis(50)) {
+            Ok(Some(e)) if e.name == "RESUME" => {
+                running.store(true, Ordering::SeqCst);
+                return Some(e.at);
+            }
+            Ok(Some(e))
+                if e.name == "MIGRATION"
+                    && matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")) =>
+            {
+                running.store(true, Ordering::SeqCst);
+                // The end is what the carrier's watch waits for next.
+                q.requeue_event(e);
+                return None;
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(error = %e, "watching the destination QEMU for its RESUME");
+                return None;
+            }
+        }
+    }
+    None
 }

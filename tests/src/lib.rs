@@ -378,10 +378,18 @@ pub fn postcopy_pair_with(
     recover: Recover,
     wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
 ) -> PostcopyRun {
-    postcopy_pair_over(TransportKind::Tcp, len, params, cfg, filled, hybrid, recover, wrap)
+    postcopy_pair_over(TransportKind::Tcp, len, params, cfg, filled, hybrid, recover, wrap, None)
 }
 
-/// [`postcopy_pair_with`] over backend `kind` (verbs needs an RDMA device).
+/// [`postcopy_pair_filled`] (post-copy over TCP, no workload) whose destination says its
+/// guest runs through `running` (see [`livemig_engine::postcopy::RunningGate`]).
+pub fn postcopy_pair_gated(len: u64, filled: u64, running: livemig_engine::postcopy::RunningGate) -> PostcopyRun {
+    let cfg = livemig_engine::postcopy::PostcopyConfig::default();
+    postcopy_pair_over(TransportKind::Tcp, len, None, &cfg, filled, false, Recover::Off, |t| t, Some(running))
+}
+
+/// [`postcopy_pair_with`] over backend `kind` (verbs needs an RDMA device), the destination's
+/// guest saying it runs through `running` if given.
 #[allow(clippy::too_many_arguments)]
 pub fn postcopy_pair_over(
     kind: TransportKind,
@@ -392,6 +400,7 @@ pub fn postcopy_pair_over(
     hybrid: bool,
     recover: Recover,
     wrap: impl FnOnce(Box<dyn Transport>) -> Box<dyn Transport>,
+    running: Option<livemig_engine::postcopy::RunningGate>,
 ) -> PostcopyRun {
     use livemig_engine::postcopy::{self, PostcopyDestConfig, Recovery};
     let io = Duration::from_secs(10);
@@ -427,7 +436,7 @@ pub fn postcopy_pair_over(
         let mut t = l.accept(&o, &s, &table).expect("accept");
         let mut workload = None;
         let mut start = livemig_workload::starter(view.clone(), &mut workload);
-        let dcfg = PostcopyDestConfig { reply_timeout: Duration::from_secs(20), recovery: dest_recovery };
+        let dcfg = PostcopyDestConfig { reply_timeout: Duration::from_secs(20), recovery: dest_recovery, running };
         let r = postcopy::receive(t.as_mut(), None, &memory, &aliases, &mut start, &dcfg, &mut |_, _| {});
         drop(start);
         (r, workload)

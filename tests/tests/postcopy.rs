@@ -109,3 +109,33 @@ fn precopy_rounds_hand_over_to_postcopy_when_the_policy_decides() {
     assert_eq!(w.state(), RunState::Running);
     assert!(makes_progress(&w, Duration::from_millis(100)));
 }
+
+#[test]
+fn the_push_waits_for_the_destination_guest_to_run_within_a_bound() {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use livemig_engine::postcopy::RunningGate;
+    let filled = 2048;
+    // The embedder says at once that its guest runs: no wait for the bound.
+    let gate = RunningGate { running: Arc::new(AtomicBool::new(true)), within: Duration::from_secs(30) };
+    let run = livemig_tests::postcopy_pair_gated(16 * MIB, filled, gate);
+    let s = run.source.unwrap_or_else(|e| panic!("source: {}", livemig_tests::error_chain(&e)));
+    let d = run.dest.unwrap_or_else(|e| panic!("destination: {}", livemig_tests::error_chain(&e)));
+    assert_eq!(d.checksum, run.source_digest);
+    assert!(!d.running_by_bound, "{d:?}");
+    assert!(s.total_s < 30.0, "{s:?}");
+    // It never does: the destination sends `Running` at the bound, and the source pushed
+    // nothing before (the push was held that long), yet every page arrived and verified.
+    let within = Duration::from_millis(300);
+    let gate = RunningGate { running: Arc::new(AtomicBool::new(false)), within };
+    let run = livemig_tests::postcopy_pair_gated(16 * MIB, filled, gate);
+    let s = run.source.unwrap_or_else(|e| panic!("source: {}", livemig_tests::error_chain(&e)));
+    let d = run.dest.unwrap_or_else(|e| panic!("destination: {}", livemig_tests::error_chain(&e)));
+    assert_eq!((s.checksum.as_str(), d.checksum.as_str()), (run.source_digest.as_str(), run.source_digest.as_str()));
+    assert!(d.running_by_bound, "{d:?}");
+    assert!(d.running_wait_ms >= within.as_secs_f64() * 1e3, "{d:?}");
+    assert!(s.push_held_ms >= within.as_secs_f64() * 1e3, "the source held its push until Running: {s:?}");
+    assert_eq!(s.pushed_pages + s.demanded_pages, filled, "{s:?}");
+}

@@ -40,6 +40,7 @@ fn verbs_postcopy_link_cut_during_the_push_is_recovered() {
         false,
         Recover::Within(Duration::from_secs(30)),
         cut("Placed#4"),
+        None,
     );
     let s = run.source.unwrap_or_else(|e| panic!("source: {}", livemig_tests::error_chain(&e)));
     let d = run.dest.unwrap_or_else(|e| panic!("destination: {}", livemig_tests::error_chain(&e)));

@@ -47,12 +47,28 @@ pub struct PostcopyDestConfig {
     /// the migration over (see [`super::recover`]); the guest's faults block meanwhile.
     /// `None` (or a source that did not offer it): a broken link loses the guest.
     pub recovery: Option<Recovery>,
+    /// For a VMM whose guest runs only some time after the hand-over (QEMU loads its device
+    /// state from its own stream once the source knows the guest may run here): the
+    /// embedder's word that it runs. `None`: it runs once the starter returned.
+    pub running: Option<RunningGate>,
 }
 
 impl Default for PostcopyDestConfig {
     fn default() -> Self {
-        PostcopyDestConfig { reply_timeout: crate::precopy::REPLY_TIMEOUT, recovery: None }
+        PostcopyDestConfig { reply_timeout: crate::precopy::REPLY_TIMEOUT, recovery: None, running: None }
     }
+}
+
+/// Set by the embedder once its guest runs here. Until then the destination does not send
+/// `Running`, so the source does not push (it answers demands): the push does not compete
+/// with the guest's start (the device state crossing and loading) for the link and the
+/// CPUs. After `within` the destination sends `Running` anyway.
+#[derive(Debug, Clone)]
+pub struct RunningGate {
+    /// Set once the guest runs.
+    pub running: Arc<AtomicBool>,
+    /// Longest the acknowledgements are withheld.
+    pub within: Duration,
 }
 
 /// What the destination saw.
@@ -84,6 +100,11 @@ pub struct PostcopyDestReport {
     pub device_state_bytes: u64,
     /// From starting the guest to the last page installed, ms.
     pub complete_ms: f64,
+    /// `Resumed` to `Running`, ms: how long the push waited for the guest to run (see
+    /// [`RunningGate`]; about 0 without one).
+    pub running_wait_ms: f64,
+    /// The gate's bound ended that wait (the embedder never said the guest runs).
+    pub running_by_bound: bool,
     /// Times the link broke and a new session took the migration over.
     pub recoveries: u32,
     /// From each break to its new session, summed, ms (the guest's faults waited).
@@ -186,6 +207,9 @@ struct Counts {
     waited_faults: u64,
     landed_faults: u64,
     urgent_pages: u64,
+    /// `Resumed` to `Running` (see [`RunningGate`]), and whether the gate's bound ended it.
+    running_wait: Duration,
+    running_by_bound: bool,
 }
 
 struct Ctx<'a> {
@@ -494,7 +518,10 @@ fn receive_with(
                 }
                 Msg::DeviceState { bytes, .. } => state.extend_from_slice(&bytes),
                 Msg::Recoverable { id } => recover_id = Some(id),
-                Msg::Commit => return Ok(()),
+                Msg::Commit => {
+                    tracing::debug!("Commit received");
+                    return Ok(());
+                }
                 m => return violation(format!("unexpected {} before Commit", m.name())),
             }
         }
@@ -506,11 +533,15 @@ fn receive_with(
         return Err(e);
     }
     let device_state_bytes = state.len() as u64;
-    if let Err(e) = placer.arm().and_then(|()| punch_missing(&placer, &states)) {
+    if let Err(e) = placer.arm().and_then(|()| {
+        tracing::debug!("userfaultfd armed");
+        punch_missing(&placer, &states)
+    }) {
         let e = PostcopyDestError::Placer(e);
         let _ = t.send_message(&Msg::Abort { reason: error_chain(&e) }.encode());
         return Err(e);
     }
+    tracing::debug!("pages not here removed from the mappings");
     let ctx = ctx!(&placer);
     let counts = Mutex::new(Counts::default());
     let started = Instant::now();
@@ -605,7 +636,7 @@ fn receive_with(
             // cache directly) before anything else.
             drop(placer);
             let _ = t.send_message(&Msg::Done.encode());
-            let Counts { demand_requests, waited_faults, landed_faults, urgent_pages } =
+            let Counts { demand_requests, waited_faults, landed_faults, urgent_pages, running_wait, running_by_bound } =
                 *counts.lock().unwrap_or_else(|e| e.into_inner());
             let mut l = latencies.into_inner().unwrap_or_else(|e| e.into_inner());
             l.sort();
@@ -624,6 +655,8 @@ fn receive_with(
                 fault_max_us: l.last().map(|d| d.as_secs_f64() * 1e6),
                 device_state_bytes,
                 complete_ms,
+                running_wait_ms: running_wait.as_secs_f64() * 1e3,
+                running_by_bound,
                 recoveries,
                 recovery_ms: recovery_time.as_secs_f64() * 1e3,
                 checksum,
@@ -756,6 +789,25 @@ fn dest_session(
                     *started = true;
                     t.send_message(&Msg::Resumed.encode()).map_err(PostcopyDestError::Link)?;
                     *resumed_sent = true;
+                    // The push starts once the guest really runs (bounded wait; faults are
+                    // served meanwhile by the other threads).
+                    if let Some(g) = &cfg.running {
+                        let since = Instant::now();
+                        let until = since + g.within;
+                        while !g.running.load(Ordering::SeqCst) {
+                            if failed.load(Ordering::SeqCst) {
+                                return Err(PostcopyDestError::Violation("a fault-handling thread failed".into()));
+                            }
+                            if Instant::now() >= until {
+                                tracing::warn!(within = ?g.within, "the guest did not start: pushing anyway");
+                                lock_counts(counts).running_by_bound = true;
+                                break;
+                            }
+                            std::thread::sleep(Duration::from_millis(1));
+                        }
+                        lock_counts(counts).running_wait = since.elapsed();
+                    }
+                    t.send_message(&Msg::Running.encode()).map_err(PostcopyDestError::Link)?;
                 }
                 None => {
                     for p in ctx.states.requested() {
@@ -904,6 +956,7 @@ fn control(
     let mut last_bytes = t.stats().bytes_received;
     let mut last_installed = 0;
     let mut pending = InstallQueue::left_by(ctx.states.landed_runs());
+
     let check_runs =
         |runs: &[PageRun]| runs.iter().all(|r| r.first.checked_add(r.pages as u64).is_some_and(|e| e <= pages));
     let theirs = loop {
@@ -940,9 +993,11 @@ fn control(
         last_progress = Instant::now();
         match m {
             Msg::Zero { runs } if check_runs(&runs) => {
+                let (t0, z0) = (Instant::now(), *zero);
                 for r in runs {
                     *zero += ctx.zero(r.first as usize, r.pages as usize)?;
                 }
+                tracing::debug!(pages = *zero - z0, us = t0.elapsed().as_micros() as u64, "zero runs installed");
             }
             Msg::Placed { runs } if check_runs(&runs) => {
                 for r in runs {
@@ -1082,6 +1137,10 @@ fn install_urgent(
         }
     }
     Ok(())
+}
+
+fn lock_counts(c: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
+    c.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 #[cfg(test)]

@@ -20,7 +20,7 @@ pub mod recover;
 pub mod source;
 pub mod uffd;
 
-pub use dest::{receive, receive_foreign, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport};
+pub use dest::{receive, receive_foreign, PostcopyDestConfig, PostcopyDestError, PostcopyDestReport, RunningGate};
 pub use pages::{OnArrival, OnFault, OnLanded, OnZero, PageStates};
 pub use prepage::{Demand, Expansion, Prepager, PushOrder};
 pub use recover::{id_hex, new_id as new_migration_id, parse_id, Recovery, Relink, Relinked};

@@ -290,6 +290,9 @@ pub struct PostcopySummary {
     pub downtime_ms: f64,
     /// `Resumed` to the last page sent, ms.
     pub push_ms: f64,
+    /// `Resumed` to `Running`, ms: the push waited for the guest to run at the destination
+    /// (a VMM's device state crossing and loading).
+    pub push_held_ms: f64,
     /// Bytes of device state.
     pub device_state_bytes: u64,
     /// Pages announced as zero.
@@ -338,6 +341,9 @@ impl PostcopySummary {
             self.downtime_ms, self.device_state_bytes
         );
         s += &format!("  push           {:.1} ms after the resume\n", self.push_ms);
+        if self.push_held_ms >= 0.05 {
+            s += &format!("  push held      {:.1} ms (until the guest ran at the destination)\n", self.push_held_ms);
+        }
         s += &format!(
             "  pages          {} pushed, {} on demand ({} demands for pages already sent), {} zero\n",
             self.pushed_pages, self.demanded_pages, self.ignored_demands, self.zero_pages
@@ -480,6 +486,7 @@ fn run(
             t.send_message(&Msg::Abort { reason: format!("pausing the guest failed: {}", error_chain(&e)) }.encode());
         return Err(PostcopyError::Guest(e));
     }
+    tracing::debug!("paused");
     let mut prepager = Prepager::new(pages, cfg.order);
     let mut invalidated = 0u64;
     let handover = (|| -> Result<Vec<u8>, PostcopyError> {
@@ -535,14 +542,9 @@ fn run(
     // while its pages follow.
     let mut handed = false;
     let mut on_resumed = || {
-        // The hand-over first: a VMM's device state is on the downtime's path, while
-        // un-protecting the memory is not.
         if resumed.load(Ordering::SeqCst) && !handed {
             handed = true;
             guest.handed_over();
-        }
-        if let Some(d) = dirty.as_deref_mut() {
-            d.stop();
         }
     };
     let res = drive(
@@ -559,6 +561,12 @@ fn run(
         &mut on_resumed,
     );
     on_resumed();
+    // Tracking stops once the pages went: un-protecting the memory takes CPU time (tens of
+    // ms for a GiB) that a VMM sending and loading its device state needs more, and the
+    // paused guest writes nothing meanwhile.
+    if let Some(d) = dirty {
+        d.stop();
+    }
     if let Err(e @ PostcopyError::PeerAborted { phase: PostcopyPhase::Handover, .. }) = &res {
         // An explicit refusal to start instead of Resumed: nothing runs there.
         resume_after(guest, e);
@@ -590,6 +598,7 @@ fn run(
         total_s: t0.elapsed().as_secs_f64(),
         downtime_ms: (resumed_at - paused).as_secs_f64() * 1e3,
         push_ms: pushed_at.saturating_duration_since(resumed_at).as_secs_f64() * 1e3,
+        push_held_ms: st.held.as_secs_f64() * 1e3,
         device_state_bytes: state.len() as u64,
         zero_pages: st.zero_announced.count_ones() as u64,
         pushed_pages: ps_stats.pushed,
@@ -774,6 +783,7 @@ pub fn take_over(
         total_s: t0.elapsed().as_secs_f64(),
         downtime_ms: 0.0,
         push_ms: st.pushed_at.unwrap_or(resumed_at).saturating_duration_since(resumed_at).as_secs_f64() * 1e3,
+        push_held_ms: st.held.as_secs_f64() * 1e3,
         device_state_bytes: 0,
         zero_pages: st.zero_announced.count_ones() as u64,
         pushed_pages: ps_stats.pushed,
@@ -802,6 +812,8 @@ struct PushState {
     resumed_at: Option<Instant>,
     /// When the last page went.
     pushed_at: Option<Instant>,
+    /// How long the push waited for `Running`.
+    held: Duration,
     recoveries: u32,
     recovery: Duration,
     resent: u64,
@@ -816,6 +828,7 @@ impl PushState {
             committed: false,
             resumed_at: None,
             pushed_at: None,
+            held: Duration::ZERO,
             recoveries: 0,
             recovery: Duration::ZERO,
             resent: 0,
@@ -1208,6 +1221,7 @@ fn push_phase(
         // session then finds out whether the guest runs there.
         st.committed = true;
         send(t, phase, &Msg::Commit)?;
+        tracing::debug!("Commit sent");
     }
     if st.resumed_at.is_none() {
         match recv_watching(t, phase, "Resumed", cfg.reply_timeout, urgent_failed)? {
@@ -1221,13 +1235,26 @@ fn push_phase(
         resumed_flag.store(true, Ordering::SeqCst);
         on_resumed();
         tracing::info!(downtime_ms = (resumed - paused).as_secs_f64() * 1e3, "the guest runs at the destination");
+        // The push (and finding the zero pages) waits until the guest really runs there: a
+        // VMM may still be loading its device state, which the push would slow down. Demands
+        // are answered meanwhile. (A session that takes over after a broken link does not
+        // wait: the destination says `Running` once.)
+        match recv_watching(t, phase, "Running", cfg.reply_timeout, urgent_failed)? {
+            Msg::Running => {}
+            Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase, reason }),
+            m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
+        }
+        st.held = resumed.elapsed();
+        tracing::debug!(held_ms = st.held.as_secs_f64() * 1e3, "the guest runs at the destination: pushing");
     }
     // Pages never populated are known zero without reading them (the source is frozen; this
     // runs while the guest already runs at the destination, off the downtime). Pages sent
     // otherwise meanwhile (the responder's, or ones the destination holds) are left out.
     let mut zero_runs: Vec<PageRun> = Vec::new();
     if st.find_zero {
+        let t0 = Instant::now();
         let zero = st.zero.get_or_insert_with(|| memory.known_zero_pages());
+        tracing::debug!(us = t0.elapsed().as_micros() as u64, "zero pages found");
         let mut g = lock(shared);
         for (f, n) in zero.runs() {
             let mut p = f;

@@ -40,6 +40,8 @@
 //!                    pages that have not arrived; `last` ends the list)
 //!  22 Installed      pages u64 (post-copy, destination → source after each `Placed`: pushed
 //!                    pages installed in this session so far)
+//!  23 Running        (post-copy, destination → source after `Resumed`, once the guest
+//!                    actually runs: the push may start)
 //! text = len u16 (≤ MAX_TEXT) | UTF-8 bytes
 //! runs = n u32 (≤ MAX_RUNS) | n × (first_page u64 | pages u32 ≥ 1)
 //! checksum = a region digest (`integrity::Digest::to_bytes`): sum u128 | pages u64 | 0 u64
@@ -53,13 +55,14 @@
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"LMPC";
 /// Protocol version this build speaks.
-pub const VERSION: u8 = 6;
-/// Oldest version this build decodes. Version 5 did not acknowledge pushed pages
+pub const VERSION: u8 = 7;
+/// Oldest version this build decodes. Version 6 pushed pages as soon as the guest was
+/// handed over (no `Running`), competing with a VMM's device state; version 5 did not acknowledge pushed pages
 /// (`Installed`), so a source could not bound the pages in flight; version 4 could not resume a post-copy migration
 /// over a new session (`Recoverable`, `Reattach`, `Missing`); version 3 had no strategy in `Begin` (pre-copy
 /// only); version 2 compared whole-region SHA-256 checksums and left zero pages unwritten
 /// at the destination; version 1 had no `Commit`.
-pub const MIN_VERSION: u8 = 6;
+pub const MIN_VERSION: u8 = 7;
 /// Most regions a migration carries.
 pub const MAX_REGIONS: usize = 256;
 /// Largest piece of device state in one `DeviceState` message.
@@ -244,6 +247,10 @@ pub enum Msg {
         /// Pushed pages installed in this session.
         pages: u64,
     },
+    /// Destination → source (post-copy, once, after `Resumed`): the guest runs here now (a
+    /// VMM may load its device state after `Resumed`); the source pushes from here on and,
+    /// until then, only answers demands.
+    Running,
     /// Either way: the migration is abandoned.
     Abort {
         /// Why.
@@ -389,6 +396,7 @@ impl Msg {
             Msg::Reattach { .. } => 20,
             Msg::Missing { .. } => 21,
             Msg::Installed { .. } => 22,
+            Msg::Running => 23,
         }
     }
 
@@ -417,6 +425,7 @@ impl Msg {
             Msg::Reattach { .. } => "Reattach",
             Msg::Missing { .. } => "Missing",
             Msg::Installed { .. } => "Installed",
+            Msg::Running => "Running",
         }
     }
 
@@ -438,7 +447,7 @@ impl Msg {
                     out.extend_from_slice(&r.page_size.to_le_bytes());
                 }
             }
-            Msg::Accept | Msg::Resumed | Msg::Done | Msg::Commit | Msg::Alive | Msg::Final => {}
+            Msg::Accept | Msg::Resumed | Msg::Done | Msg::Commit | Msg::Alive | Msg::Final | Msg::Running => {}
             Msg::DeviceState { last, bytes } => {
                 debug_assert!(bytes.len() <= MAX_STATE_CHUNK);
                 out.push(*last as u8);
@@ -554,6 +563,7 @@ pub fn decode(b: &[u8]) -> Result<Msg, ProtoError> {
             Msg::Missing { last, runs: r.runs()? }
         }
         22 => Msg::Installed { pages: r.u64()? },
+        23 => Msg::Running,
         t => return Err(ProtoError::UnknownType(t)),
     };
     if r.pos != b.len() {
@@ -576,6 +586,7 @@ mod tests {
             },
             Msg::Demand { page: u64::MAX },
             Msg::Installed { pages: 64 },
+            Msg::Running,
             Msg::Invalidate { runs: vec![PageRun { first: 3, pages: 2 }] },
             Msg::Recoverable { id: [7; 16] },
             Msg::Reattach { id: [9; 16] },
@@ -695,7 +706,7 @@ mod tests {
                 if n >= 6 && rng.gen_bool(0.5) {
                     b[..4].copy_from_slice(&MAGIC);
                     b[4] = VERSION;
-                    b[5] = rng.gen_range(0..18);
+                    b[5] = rng.gen_range(0..26);
                 }
                 b
             };
