@@ -719,8 +719,8 @@ pub fn receive_ram(
     })
 }
 
-/// Longest the destination withholds its push acknowledgements waiting for QEMU to run the
-/// guest (its device state loaded).
+/// Longest the destination withholds `Running` (the source's push) waiting for QEMU to run
+/// the guest (its device state loaded).
 const START_GATE: Duration = Duration::from_secs(2);
 
 /// Sets `running` when the destination QEMU reports `RESUME` (returns its timestamp) or that

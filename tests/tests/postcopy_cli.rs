@@ -81,3 +81,27 @@ fn postcopy_refused_by_a_smaller_destination_leaves_the_source_running() {
     assert!(stderr.contains("smaller than the source region"), "{stderr}");
     assert!(stderr.contains("source workload: running"), "{stderr}");
 }
+
+#[test]
+fn postcopy_link_cut_between_the_start_and_the_push_is_taken_over() {
+    let Some(bin) = livemig_bin() else { return };
+    // The destination process drops its link instead of sending `Running` (its guest runs,
+    // the source waits to push): the source dials again and a new session takes over.
+    let out = Command::new(&bin)
+        .args(["migrate", "--local", "--transport", "tcp", "--size", "32M", "--wss", "8M"])
+        .args(["--warmup", "0.3", "--after", "0.3", "--json", "--strategy", "postcopy", "--workload", "random"])
+        .env("LIVEMIG_CUT_AT", "Running")
+        .output()
+        .expect("running livemig");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("no fault injection") {
+        eprintln!("skipped: {} was built without fault injection", bin.display());
+        return;
+    }
+    assert!(out.status.success(), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let v: serde_json::Value = serde_json::from_str(&stdout).expect("one JSON summary on stdout");
+    assert_eq!(v["recoveries"], 1, "{v}\n{stderr}");
+    let sum = v["checksum"].as_str().expect("a digest");
+    assert!(stderr.contains(sum), "both ends report the same digest:\n{stderr}");
+}

@@ -9,7 +9,8 @@
 //!   hashes each page and installs it with `UFFDIO_CONTINUE`, which wakes the faulting
 //!   thread; it times fault → wake;
 //! - the **control loop** (the calling thread) runs the session: `Begin`, the device state,
-//!   `Commit` (arm userfaultfd, start the guest, `Resumed`), then `Zero` and `Placed` runs
+//!   `Commit` (arm userfaultfd, start the guest, `Resumed`; `Running` once the guest runs, see
+//!   [`RunningGate`]), then `Zero` and `Placed` runs
 //!   from the push: every queued message is read before each installation step, so pushed
 //!   pages land (see [`PageStates`]) as soon as their `Placed` is here and are then hashed and
 //!   installed in turn, each step acknowledged (`Installed`) to bound the source's push; and
@@ -67,7 +68,8 @@ impl Default for PostcopyDestConfig {
 pub struct RunningGate {
     /// Set once the guest runs.
     pub running: Arc<AtomicBool>,
-    /// Longest the acknowledgements are withheld.
+    /// Longest `Running` is withheld (at most half the destination's `reply_timeout`, so
+    /// that the source, which waits as long as that, does not give up first).
     pub within: Duration,
 }
 
@@ -793,17 +795,32 @@ fn dest_session(
                     // served meanwhile by the other threads).
                     if let Some(g) = &cfg.running {
                         let since = Instant::now();
-                        let until = since + g.within;
+                        let within = g.within.min(cfg.reply_timeout / 2);
                         while !g.running.load(Ordering::SeqCst) {
                             if failed.load(Ordering::SeqCst) {
                                 return Err(PostcopyDestError::Violation("a fault-handling thread failed".into()));
                             }
-                            if Instant::now() >= until {
-                                tracing::warn!(within = ?g.within, "the guest did not start: pushing anyway");
+                            if since.elapsed() >= within {
+                                tracing::warn!(?within, "the guest did not start: pushing anyway");
                                 lock_counts(counts).running_by_bound = true;
                                 break;
                             }
-                            std::thread::sleep(Duration::from_millis(1));
+                            // The source sends nothing before `Running`: reading the link
+                            // finds a broken one at once (a new session may take over).
+                            match t.recv_message(Some(Duration::from_millis(1))) {
+                                Ok(None) => {}
+                                Ok(Some(b)) => {
+                                    let m =
+                                        proto::decode(&b).map_err(|e| PostcopyDestError::Violation(e.to_string()))?;
+                                    if !matches!(m, Msg::Alive) {
+                                        return Err(PostcopyDestError::Violation(format!(
+                                            "unexpected {} before Running",
+                                            m.name()
+                                        )));
+                                    }
+                                }
+                                Err(e) => return Err(PostcopyDestError::Link(e)),
+                            }
                         }
                         lock_counts(counts).running_wait = since.elapsed();
                     }

@@ -10,6 +10,7 @@
 //!   DeviceState{…} ──────────────────────────────────▶ kept
 //!   Commit ──────────────────────────────────────────▶ arms userfaultfd, starts the guest
 //!   ◀──────────────────────────────────────────────── Resumed   (downtime ends)
+//!   (demands answered, nothing pushed yet) ◀──────────── Running   (the guest runs there)
 //!   Zero{runs}  (pages never populated) ─────────────▶ zero-filled and installed
 //!   push thread: runs of pages ──(bulk writes)───────▶ into the staging alias
 //!                Placed{runs} ───────────────────────▶ hashed, installed (UFFDIO_CONTINUE)
@@ -1052,6 +1053,7 @@ fn drain(t: &mut dyn Transport, reply_timeout: Duration) -> Result<(), PostcopyE
     send(t, phase, &Msg::IterationDone { iter: 0, pages: 0, dirty: 0 })?;
     match recv(t, phase, "IterationAck", reply_timeout)? {
         Msg::IterationAck { iter: 0 } => Ok(()),
+        Msg::Abort { reason } => Err(PostcopyError::PeerAborted { phase, reason }),
         m => Err(PostcopyError::Unexpected { phase, got: m.name() }),
     }
 }
@@ -1121,6 +1123,7 @@ impl Rounds<'_> {
             send(t, phase, &Msg::IterationDone { iter, pages: n as u64, dirty: pending.count_ones() as u64 })?;
             match recv(t, phase, "IterationAck", reply_timeout)? {
                 Msg::IterationAck { iter: i } if i == iter => {}
+                Msg::Abort { reason } => return Err(PostcopyError::PeerAborted { phase, reason }),
                 m => return Err(PostcopyError::Unexpected { phase, got: m.name() }),
             }
             let post_start = Instant::now();

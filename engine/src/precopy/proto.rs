@@ -168,7 +168,9 @@ pub enum Msg {
     },
     /// Source → destination: one pre-copy interval is complete.
     IterationDone {
-        /// Interval number, from 1.
+        /// Interval number, from 1; 0 (post-copy's hybrid strategies, before the pause):
+        /// not an interval, only asks for the acknowledgement that everything sent so far
+        /// was processed.
         iter: u32,
         /// Data pages written in it.
         pages: u64,
@@ -247,9 +249,10 @@ pub enum Msg {
         /// Pushed pages installed in this session.
         pages: u64,
     },
-    /// Destination → source (post-copy, once, after `Resumed`): the guest runs here now (a
-    /// VMM may load its device state after `Resumed`); the source pushes from here on and,
-    /// until then, only answers demands.
+    /// Destination → source (post-copy, right after `Resumed`, in that session only): the
+    /// guest runs here now (a VMM may load its device state after `Resumed`), or the
+    /// destination stopped waiting for it; the source pushes from here on and, until then,
+    /// only answers demands. A session that takes over after a broken link has none.
     Running,
     /// Either way: the migration is abandoned.
     Abort {
