@@ -391,6 +391,8 @@ fn page_size(p: u64) -> Result<u32> {
 
 /// Entry point of `livemig migrate`.
 pub fn run_migrate(a: &MigrateArgs) -> Result<()> {
+    // Before anything starts (a --local destination would only see the source go).
+    postcopy::check_push(a.push_batch, a.push_window).context("--push-batch / --push-window")?;
     if a.local {
         return crate::local::run(a);
     }

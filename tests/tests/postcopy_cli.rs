@@ -105,3 +105,18 @@ fn postcopy_link_cut_between_the_start_and_the_push_is_taken_over() {
     let sum = v["checksum"].as_str().expect("a digest");
     assert!(stderr.contains(sum), "both ends report the same digest:\n{stderr}");
 }
+
+#[test]
+fn bad_push_settings_are_refused_before_anything_starts() {
+    let Some(bin) = livemig_bin() else { return };
+    let out = Command::new(&bin)
+        .args(["migrate", "--local", "--transport", "tcp", "--size", "8M", "--strategy", "postcopy"])
+        .args(["--push-batch", "32", "--push-window", "16"])
+        .output()
+        .expect("running livemig");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--push-batch / --push-window"), "{stderr}");
+    // No destination was started to see its source go.
+    assert!(!stderr.contains("disconnected") && !stderr.contains("destination"), "{stderr}");
+}
