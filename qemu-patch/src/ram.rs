@@ -730,20 +730,20 @@ const START_GATE: Duration = Duration::from_secs(2);
 fn watch_resume(q: &mut Qmp, running: &AtomicBool, done: &AtomicBool) -> Option<f64> {
     while !done.load(Ordering::SeqCst) {
         match q.next_event(Duration::from_millis(50)) {
-            Ok(Some(e)) if e.name == "RESUME" => {
-                running.store(true, Ordering::SeqCst);
-                return Some(e.at);
-            }
-            Ok(Some(e))
-                if e.name == "MIGRATION"
-                    && matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")) =>
-            {
-                running.store(true, Ordering::SeqCst);
-                // The end is what the carrier's watch waits for next.
-                q.requeue_event(e);
-                return None;
-            }
-            Ok(_) => {}
+            Ok(Some(e)) => match starts_push(&e) {
+                Some(StartSeen::Resumed) => {
+                    running.store(true, Ordering::SeqCst);
+                    return Some(e.at);
+                }
+                Some(StartSeen::Ended) => {
+                    running.store(true, Ordering::SeqCst);
+                    // The end is what the carrier's watch waits for next.
+                    q.requeue_event(e);
+                    return None;
+                }
+                None => {}
+            },
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(error = %e, "watching the destination QEMU for its RESUME");
                 return None;
@@ -751,4 +751,47 @@ fn watch_resume(q: &mut Qmp, running: &AtomicBool, done: &AtomicBool) -> Option<
         }
     }
     None
+}
+
+/// What in the destination QEMU's events lets the push start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StartSeen {
+    /// `RESUME`: the guest runs.
+    Resumed,
+    /// The incoming migration ended (with `-S` the guest waits for `cont`, its device state
+    /// loaded; or the load failed): nothing more to wait for.
+    Ended,
+}
+
+/// Whether `e` lets the push start. Pure.
+fn starts_push(e: &crate::qmp::Event) -> Option<StartSeen> {
+    match e.name.as_str() {
+        "RESUME" => Some(StartSeen::Resumed),
+        "MIGRATION" if matches!(e.data["status"].as_str(), Some("completed" | "failed" | "cancelled")) => {
+            Some(StartSeen::Ended)
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod start_tests {
+    use serde_json::json;
+
+    use super::{starts_push, StartSeen};
+    use crate::qmp::Event;
+
+    fn ev(name: &str, data: serde_json::Value) -> Event {
+        Event { name: name.into(), data, at: 1.0 }
+    }
+
+    #[test]
+    fn the_push_starts_on_resume_or_the_end_of_the_incoming_migration() {
+        assert_eq!(starts_push(&ev("RESUME", json!(null))), Some(StartSeen::Resumed));
+        assert_eq!(starts_push(&ev("MIGRATION", json!({"status": "completed"}))), Some(StartSeen::Ended));
+        assert_eq!(starts_push(&ev("MIGRATION", json!({"status": "failed"}))), Some(StartSeen::Ended));
+        assert_eq!(starts_push(&ev("MIGRATION", json!({"status": "active"}))), None);
+        assert_eq!(starts_push(&ev("MIGRATION", json!({}))), None);
+        assert_eq!(starts_push(&ev("STOP", json!(null))), None);
+    }
 }

@@ -73,6 +73,13 @@ pub struct RunningGate {
     pub within: Duration,
 }
 
+impl RunningGate {
+    /// How long the destination waits at most, given its `reply_timeout`.
+    pub fn bound(&self, reply_timeout: Duration) -> Duration {
+        self.within.min(reply_timeout / 2)
+    }
+}
+
 /// What the destination saw.
 #[derive(Debug, Clone, Serialize)]
 pub struct PostcopyDestReport {
@@ -794,35 +801,9 @@ fn dest_session(
                     // The push starts once the guest really runs (bounded wait; faults are
                     // served meanwhile by the other threads).
                     if let Some(g) = &cfg.running {
-                        let since = Instant::now();
-                        let within = g.within.min(cfg.reply_timeout / 2);
-                        while !g.running.load(Ordering::SeqCst) {
-                            if failed.load(Ordering::SeqCst) {
-                                return Err(PostcopyDestError::Violation("a fault-handling thread failed".into()));
-                            }
-                            if since.elapsed() >= within {
-                                tracing::warn!(?within, "the guest did not start: pushing anyway");
-                                lock_counts(counts).running_by_bound = true;
-                                break;
-                            }
-                            // The source sends nothing before `Running`: reading the link
-                            // finds a broken one at once (a new session may take over).
-                            match t.recv_message(Some(Duration::from_millis(1))) {
-                                Ok(None) => {}
-                                Ok(Some(b)) => {
-                                    let m =
-                                        proto::decode(&b).map_err(|e| PostcopyDestError::Violation(e.to_string()))?;
-                                    if !matches!(m, Msg::Alive) {
-                                        return Err(PostcopyDestError::Violation(format!(
-                                            "unexpected {} before Running",
-                                            m.name()
-                                        )));
-                                    }
-                                }
-                                Err(e) => return Err(PostcopyDestError::Link(e)),
-                            }
-                        }
-                        lock_counts(counts).running_wait = since.elapsed();
+                        let (wait, by_bound) = await_running(t, g, cfg.reply_timeout, failed)?;
+                        let mut c = lock_counts(counts);
+                        (c.running_wait, c.running_by_bound) = (wait, by_bound);
                     }
                     t.send_message(&Msg::Running.encode()).map_err(PostcopyDestError::Link)?;
                 }
@@ -1156,6 +1137,38 @@ fn install_urgent(
     Ok(())
 }
 
+/// Waits until the embedder says its guest runs, or the gate's bound passed; returns how
+/// long that took and whether the bound ended it. The source sends nothing before
+/// `Running`, so the link is read meanwhile: a broken one is found at once (a new session
+/// may take the migration over) and anything but `Alive` is a protocol violation.
+fn await_running(
+    t: &mut dyn Transport,
+    g: &RunningGate,
+    reply_timeout: Duration,
+    failed: &AtomicBool,
+) -> Result<(Duration, bool), PostcopyDestError> {
+    let since = Instant::now();
+    let within = g.bound(reply_timeout);
+    while !g.running.load(Ordering::SeqCst) {
+        if failed.load(Ordering::SeqCst) {
+            return Err(PostcopyDestError::Violation("a fault-handling thread failed".into()));
+        }
+        if since.elapsed() >= within {
+            tracing::warn!(?within, "the guest did not start: pushing anyway");
+            return Ok((since.elapsed(), true));
+        }
+        match t.recv_message(Some(Duration::from_millis(1))) {
+            Ok(None) => {}
+            Ok(Some(b)) => match proto::decode(&b).map_err(|e| PostcopyDestError::Violation(e.to_string()))? {
+                Msg::Alive => {}
+                m => return Err(PostcopyDestError::Violation(format!("unexpected {} before Running", m.name()))),
+            },
+            Err(e) => return Err(PostcopyDestError::Link(e)),
+        }
+    }
+    Ok((since.elapsed(), false))
+}
+
 fn lock_counts(c: &Mutex<Counts>) -> std::sync::MutexGuard<'_, Counts> {
     c.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -1181,5 +1194,21 @@ mod install_queue_tests {
         assert_eq!(q.next_step(16), None);
         q.landed(50, 5);
         assert_eq!(q.next_step(0), step(50, 1, Some(20)), "a step takes at least one page");
+    }
+}
+
+#[cfg(test)]
+mod running_gate_tests {
+    use std::sync::atomic::AtomicBool;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::RunningGate;
+
+    #[test]
+    fn the_wait_is_bounded_by_half_the_reply_timeout() {
+        let g = RunningGate { running: Arc::new(AtomicBool::new(false)), within: Duration::from_secs(30) };
+        assert_eq!(g.bound(Duration::from_secs(20)), Duration::from_secs(10), "the source must not give up first");
+        assert_eq!(g.bound(Duration::from_secs(120)), Duration::from_secs(30));
     }
 }

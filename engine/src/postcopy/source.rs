@@ -498,7 +498,7 @@ fn run(
     let handover = (|| -> Result<Vec<u8>, PostcopyError> {
         if let Some(d) = dirty.as_deref_mut() {
             // Every page written since the pass started is stale at the destination.
-            // (Tracking is stopped after the hand-over: un-protecting the memory takes time
+            // (Tracking is stopped once the pages went: un-protecting the memory takes time
             // and the paused guest writes nothing meanwhile.)
             let mut written = pending.clone();
             d.collect(&mut written).map_err(PostcopyError::Dirty)?;
